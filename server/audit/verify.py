@@ -322,9 +322,15 @@ def _leftover_names(session: Session) -> dict[int, tuple[str | None, str | None]
 
 def _check_projections(session: Session, documents: Sequence[Mapping[str, Any]]) -> list[Problem]:
     expected: dict[type[Base], dict[tuple[Any, ...], dict[str, Any]]] = {model: {} for model in PROJECTION_MODELS}
+    signed_names: dict[int, tuple[str | None, str | None]] = {}
     for document in documents:
+        signed_names[document["seq"]] = (document["kind"], document["body"].get("version"))
         for model, row in projection_rows(document):
             expected[model][primary_key(model, row)] = row
+
+    def names(model: type[Base], row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        return signed_names.get(row["seq"]) or _row_names(model, row)
+
     problems = []
     for model in PROJECTION_MODELS:
         table = model.__table__.name
@@ -334,28 +340,24 @@ def _check_projections(session: Session, documents: Sequence[Mapping[str, Any]])
         for stored in session.execute(select(model.__table__)).mappings():
             key = primary_key(model, stored)
             seen.add(key)
-            kind, version = _row_names(model, stored)
             signed = wanted.get(key)
             if signed is None:
                 problems.append(
-                    Problem(INSERTED, stored["seq"], kind, version, f"a row in {table} that no signed entry backs")
+                    Problem(
+                        INSERTED, stored["seq"], *names(model, stored), f"a row in {table} that no signed entry backs"
+                    )
                 )
                 continue
             changed = [name for name in columns if signed[name] != stored[name]]
             if changed:
                 details = ", ".join(f"{name} {signed[name]!r} -> {stored[name]!r}" for name in changed)
                 problems.append(
-                    Problem(EDITED, signed["seq"], *_row_names(model, signed), f"{table} was changed: {details}")
+                    Problem(EDITED, signed["seq"], *names(model, signed), f"{table} was changed: {details}")
                 )
         for key, signed in wanted.items():
             if key not in seen:
                 problems.append(
-                    Problem(
-                        DELETED,
-                        signed["seq"],
-                        *_row_names(model, signed),
-                        f"its row in {table} was deleted",
-                    )
+                    Problem(DELETED, signed["seq"], *names(model, signed), f"its row in {table} was deleted")
                 )
     return problems
 
