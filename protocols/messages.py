@@ -1,0 +1,626 @@
+"""Everything that crosses the wire between coordinator and clinics, and its validation.
+
+One module defines every Flower message QANA-FL sends: message types, record names, array
+names with dtype and shape, config keys, metric keys and the protocol version. The ServerApp
+builds and checks messages with it, the ClientApp does the same, so a mismatch is a
+`ProtocolError` with a one-line reason instead of a silent mis-aggregation.
+
+What may cross the wire (and nothing else; `validate_*` refuse unknown records and keys):
+
+  coordinator -> clinic
+    query.hello   config{protocol-version, bundle-id}
+    query.deploy  config{protocol-version, bundle-id} + bundle{bundle-id, data=<packed bundle>}
+                  (only to clinics whose hello said they lack that bundle id)
+    train         arrays{weights f32 (D,C), bias f32 (C,)} + config{round settings}
+    evaluate      arrays{weights, bias} + config{protocol-version, bundle-id, server-round, head-sha256}
+
+  clinic -> coordinator
+    query.hello   clinic{protocol-version, clinic-id, cached-bundles, device}
+    query.deploy  clinic{protocol-version, clinic-id, bundle-id, device}
+    train         head{weights-q int8 (D,C), bias-q int32 (C,), scale f32 (1,)}
+                  + metrics{num-examples, ...} + clinic{protocol-version, clinic-id, bundle-id}
+    evaluate      metrics{num-examples, top1, ...} + clinic{protocol-version, clinic-id, bundle-id, head-sha256}
+
+Clinics never send images, features, per-sample labels or predictions: the only arrays a
+clinic sends are the quantized head, and metrics are aggregates.
+
+Units. The global head travels as floats in *scaled-feature units* (weights x feature_scale,
+see `qana.head.Head.feature_scale`), the space local training works in, so server-side
+optimisers (FedAdam's eta, ...) see well-conditioned numbers. A clinic's update travels as
+the head the Akida chip stores: int8 weights, integer bias and one float scale
+(`qana.head.QuantizedHead`), which is the tight encoding (weight bits / 8 bytes per weight
+for the v2 target). The coordinator dequantizes each update back to scaled-feature floats
+before Flower's strategy aggregates it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from qana.head import TARGET_WEIGHT_BITS, Head, QuantizedHead
+
+PROTOCOL_VERSION = 1
+
+# Flower message types ("<category>.<action>"; categories train/evaluate/query are Flower's).
+MSG_HELLO = "query.hello"
+MSG_DEPLOY = "query.deploy"
+MSG_TRAIN = "train"
+MSG_EVALUATE = "evaluate"
+
+# Record names.
+REC_ARRAYS = "arrays"  # global head (Flower strategies' default `arrayrecord_key`)
+REC_CONFIG = "config"  # instructions (Flower strategies' default `configrecord_key`)
+REC_BUNDLE = "bundle"  # packed bundle, deploy only
+REC_HEAD = "head"  # a clinic's quantized head update
+REC_METRICS = "metrics"
+REC_CLINIC = "clinic"  # who answered, for which bundle
+
+# Array names.
+ARR_WEIGHTS = "weights"
+ARR_BIAS = "bias"
+ARR_WEIGHTS_Q = "weights-q"
+ARR_BIAS_Q = "bias-q"
+ARR_SCALE = "scale"
+
+# Config keys.
+K_PROTOCOL = "protocol-version"
+K_BUNDLE_ID = "bundle-id"
+K_BUNDLE_DATA = "data"
+K_ROUND = "server-round"  # injected by Flower's strategies
+K_HEAD_ID = "head-sha256"
+K_EPOCHS = "local-epochs"
+K_LR = "learning-rate"
+K_BATCH = "batch-size"
+K_L2 = "l2"
+K_SMOTE = "smote"
+K_SEED = "seed"
+K_PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
+K_CLINIC_ID = "clinic-id"
+K_CACHED = "cached-bundles"
+K_DEVICE = "device"
+
+# Metric keys.
+M_NUM_EXAMPLES = "num-examples"  # Flower strategies' default `weighted_by_key`
+M_TRAIN_TOP1 = "train-top1"
+M_NUM_SYNTHETIC = "num-synthetic"
+M_DEVICE_AGREEMENT = "device-agreement"
+M_TOP1 = "top1"
+M_MACRO_F1 = "macro-f1"
+M_BALANCED_ACCURACY = "balanced-accuracy"
+
+TRAIN_METRICS = (M_NUM_EXAMPLES, M_TRAIN_TOP1, M_NUM_SYNTHETIC, M_DEVICE_AGREEMENT)
+EVALUATE_METRICS = (M_NUM_EXAMPLES, M_TOP1, M_MACRO_F1, M_BALANCED_ACCURACY, M_DEVICE_AGREEMENT)
+TRAIN_SETTINGS = (K_EPOCHS, K_LR, K_BATCH, K_L2, K_SMOTE, K_SEED)
+
+BIAS_Q_DTYPE = np.dtype(np.int32)
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message does not match the QANA-FL protocol; the message says exactly how."""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The shape every head in a run must have: D features, C classes, target bit width."""
+
+    num_features: int
+    num_classes: int
+    target: str
+    feature_scale: float
+    classes: tuple[str, ...]
+
+    @property
+    def weight_bits(self) -> int:
+        return TARGET_WEIGHT_BITS[self.target]
+
+    @property
+    def num_parameters(self) -> int:
+        return self.num_features * self.num_classes + self.num_classes
+
+    @property
+    def lower_bound_bytes(self) -> float:
+        """Information lower bound of one update: parameters x weight bits / 8."""
+        return self.num_parameters * self.weight_bits / 8
+
+    @classmethod
+    def from_head(cls, head: Head, target: str) -> HeadSpec:
+        if target not in TARGET_WEIGHT_BITS:
+            raise ProtocolError(f"unknown target {target!r}")
+        return cls(head.num_features, head.num_classes, target, float(head.feature_scale), head.classes)
+
+
+@dataclass(frozen=True)
+class ClinicInfo:
+    """The `clinic` record of a reply."""
+
+    clinic_id: str
+    protocol_version: int
+    bundle_id: str | None = None
+    cached_bundles: tuple[str, ...] = ()
+    device: str = ""
+    head_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local-training instructions of one round (what the clinic may not choose itself)."""
+
+    server_round: int
+    bundle_id: str
+    head_id: str
+    local_epochs: int = 20
+    learning_rate: float = 0.01
+    batch_size: int = 64
+    l2: float = 1e-4
+    smote: bool = True
+    seed: int = 0
+    proximal_mu: float = 0.0
+
+    def to_config(self) -> ConfigRecord:
+        """The round config (without server-round and proximal-mu, which Flower's strategies add)."""
+        return ConfigRecord(
+            {
+                K_PROTOCOL: PROTOCOL_VERSION,
+                K_BUNDLE_ID: self.bundle_id,
+                K_HEAD_ID: self.head_id,
+                K_EPOCHS: int(self.local_epochs),
+                K_LR: float(self.learning_rate),
+                K_BATCH: int(self.batch_size),
+                K_L2: float(self.l2),
+                K_SMOTE: bool(self.smote),
+                K_SEED: int(self.seed),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    server_round: int
+    bundle_id: str
+    head_id: str
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord(
+            {K_PROTOCOL: PROTOCOL_VERSION, K_BUNDLE_ID: self.bundle_id, K_HEAD_ID: self.head_id}
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _records(content: RecordDict, what: str, expected: Mapping[str, type]) -> None:
+    """Exactly the expected records, each of the expected kind."""
+    names = set(content.keys())
+    unknown = sorted(names - set(expected))
+    if unknown:
+        raise ProtocolError(f"{what} carries record(s) the protocol does not allow: {', '.join(unknown)}")
+    missing = sorted(set(expected) - names)
+    if missing:
+        raise ProtocolError(f"{what} lacks record(s) {', '.join(missing)}")
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            raise ProtocolError(f"{what}: record {name!r} must be a {kind.__name__}, got {type(content[name]).__name__}")
+
+
+def _keys(record: Mapping[str, Any], what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    keys = set(record.keys())
+    unknown = sorted(keys - set(required) - set(optional))
+    if unknown:
+        raise ProtocolError(f"{what} has key(s) the protocol does not allow: {', '.join(unknown)}")
+    missing = [k for k in required if k not in keys]
+    if missing:
+        raise ProtocolError(f"{what} lacks key(s) {', '.join(missing)}")
+
+
+def _typed(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = record[key]
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ProtocolError(f"{what}: {key!r} must be a number, got a bool")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ProtocolError(f"{what}: {key!r} must be {name}, got {type(value).__name__}")
+    return value
+
+
+def _protocol(record: Mapping[str, Any], what: str) -> int:
+    version = _typed(record, K_PROTOCOL, int, what)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what}: protocol version {version}, this side speaks {PROTOCOL_VERSION}; upgrade qana-fl")
+    return version
+
+
+def _array(record: ArrayRecord, name: str, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
+    arr = record[name]
+    if not isinstance(arr, Array):
+        raise ProtocolError(f"{what}: {name!r} is not an Array")
+    if arr.stype != "numpy.ndarray":
+        raise ProtocolError(f"{what}: {name!r} has serialisation {arr.stype!r}, expected numpy.ndarray")
+    if np.dtype(arr.dtype) != dtype:
+        raise ProtocolError(f"{what}: {name!r} has dtype {arr.dtype}, expected {dtype.name}")
+    if tuple(arr.shape) != shape:
+        raise ProtocolError(f"{what}: {name!r} has shape {tuple(arr.shape)}, expected {shape}")
+    try:
+        value = arr.numpy()
+    except (ValueError, TypeError, OSError) as exc:
+        raise ProtocolError(f"{what}: {name!r} cannot be decoded ({exc})") from None
+    if value.dtype != dtype or value.shape != shape:
+        raise ProtocolError(f"{what}: {name!r} decodes to {value.dtype} {value.shape}, not its declared {dtype.name} {shape}")
+    return value
+
+
+def _finite(value: np.ndarray, name: str, what: str) -> None:
+    if not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).sum())
+        raise ProtocolError(f"{what}: {name!r} contains {bad} NaN/Inf value(s)")
+
+
+def _clinic_id(record: Mapping[str, Any], what: str) -> str:
+    clinic = _typed(record, K_CLINIC_ID, str, what)
+    if not clinic.strip() or len(clinic) > 200:
+        raise ProtocolError(f"{what}: clinic-id must be a non-empty name of at most 200 characters")
+    return clinic
+
+
+def _metrics(record: MetricRecord, what: str, allowed: tuple[str, ...]) -> dict[str, float]:
+    _keys(record, what, (M_NUM_EXAMPLES,), tuple(k for k in allowed if k != M_NUM_EXAMPLES))
+    out: dict[str, float] = {}
+    for key in record.keys():
+        value = record[key]
+        if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{what}: metric {key!r} must be a single number, got {type(value).__name__}")
+        if not math.isfinite(float(value)):
+            raise ProtocolError(f"{what}: metric {key!r} is {value}")
+        out[key] = value
+    n = record[M_NUM_EXAMPLES]
+    if not isinstance(n, int) or n <= 0:
+        raise ProtocolError(f"{what}: num-examples must be a positive integer, got {n!r}")
+    for key in (M_TOP1, M_MACRO_F1, M_BALANCED_ACCURACY, M_DEVICE_AGREEMENT, M_TRAIN_TOP1):
+        if key in out and not 0.0 <= out[key] <= 1.0:
+            raise ProtocolError(f"{what}: metric {key!r}={out[key]} is outside [0, 1]")
+    return out
+
+
+# --------------------------------------------------------------------------- head encodings
+
+
+def global_head_record(head: Head) -> ArrayRecord:
+    """The global head as it travels to clinics and through Flower's strategies."""
+    return ArrayRecord(
+        {
+            ARR_WEIGHTS: Array(np.ascontiguousarray(head.weights * np.float32(head.feature_scale), dtype=np.float32)),
+            ARR_BIAS: Array(np.ascontiguousarray(head.bias, dtype=np.float32)),
+        }
+    )
+
+
+def head_from_global_record(record: ArrayRecord, spec: HeadSpec, what: str = "global head") -> Head:
+    """Inverse of `global_head_record`, checked against the run's head shape."""
+    _keys(record, what, (ARR_WEIGHTS, ARR_BIAS))
+    weights = _array(record, ARR_WEIGHTS, np.dtype(np.float32), (spec.num_features, spec.num_classes), what)
+    bias = _array(record, ARR_BIAS, np.dtype(np.float32), (spec.num_classes,), what)
+    return _head_from_scaled(weights, bias, spec, what)
+
+
+def head_from_aggregate(record: ArrayRecord, spec: HeadSpec) -> Head:
+    """The head a Flower strategy aggregated (some return float64, e.g. FedAdam), checked."""
+    what = "aggregated head"
+    _keys(record, what, (ARR_WEIGHTS, ARR_BIAS))
+    arrays = {}
+    for name, shape in ((ARR_WEIGHTS, (spec.num_features, spec.num_classes)), (ARR_BIAS, (spec.num_classes,))):
+        dtype = np.dtype(record[name].dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ProtocolError(f"{what}: {name!r} has dtype {dtype}, expected a float")
+        arrays[name] = _array(record, name, dtype, shape, what).astype(np.float32)
+    return _head_from_scaled(arrays[ARR_WEIGHTS], arrays[ARR_BIAS], spec, what)
+
+
+def _head_from_scaled(weights: np.ndarray, bias: np.ndarray, spec: HeadSpec, what: str) -> Head:
+    _finite(weights, ARR_WEIGHTS, what)
+    _finite(bias, ARR_BIAS, what)
+    return Head(weights / np.float32(spec.feature_scale), bias, spec.classes, spec.feature_scale)
+
+
+def update_record(qhead: QuantizedHead) -> ArrayRecord:
+    """A clinic's update: the quantized head exactly as the Akida layer stores it."""
+    if np.abs(qhead.bias).max(initial=0) > np.iinfo(BIAS_Q_DTYPE).max:
+        raise ProtocolError("quantized bias does not fit int32")
+    return ArrayRecord(
+        {
+            ARR_WEIGHTS_Q: Array(np.ascontiguousarray(qhead.weights, dtype=np.int8)),
+            ARR_BIAS_Q: Array(np.ascontiguousarray(qhead.bias, dtype=BIAS_Q_DTYPE)),
+            ARR_SCALE: Array(np.array([qhead.scale], dtype=np.float32)),
+        }
+    )
+
+
+def quantized_from_update(record: ArrayRecord, spec: HeadSpec, what: str = "update") -> QuantizedHead:
+    """Decode and check a clinic's update (shape, dtype, range, finiteness)."""
+    _keys(record, what, (ARR_WEIGHTS_Q, ARR_BIAS_Q, ARR_SCALE))
+    d, c = spec.num_features, spec.num_classes
+    w = _array(record, ARR_WEIGHTS_Q, np.dtype(np.int8), (d, c), what)
+    b = _array(record, ARR_BIAS_Q, BIAS_Q_DTYPE, (c,), what)
+    s = _array(record, ARR_SCALE, np.dtype(np.float32), (1,), what)
+    _finite(s, ARR_SCALE, what)
+    scale = float(s[0])
+    if not scale > 0:
+        raise ProtocolError(f"{what}: scale must be positive, got {scale}")
+    qmax = 2 ** (spec.weight_bits - 1) - 1
+    if np.abs(w.astype(np.int16)).max(initial=0) > qmax:
+        raise ProtocolError(f"{what}: weights exceed the {spec.weight_bits}-bit range of target {spec.target}")
+    return QuantizedHead(w, b.astype(np.int64), scale, spec.weight_bits, spec.classes)
+
+
+def dequantized_record(qhead: QuantizedHead, spec: HeadSpec) -> ArrayRecord:
+    """What Flower's strategy aggregates for one update: scaled-feature float32 arrays."""
+    weights = qhead.weights.astype(np.float64) * qhead.scale * spec.feature_scale
+    bias = qhead.bias.astype(np.float64) * qhead.scale
+    if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
+        raise ProtocolError("update overflows when dequantized (scale too large)")
+    return ArrayRecord(
+        {ARR_WEIGHTS: Array(weights.astype(np.float32)), ARR_BIAS: Array(bias.astype(np.float32))}
+    )
+
+
+# --------------------------------------------------------------------------- server -> clinic
+
+
+def hello_content(bundle_id: str) -> RecordDict:
+    return RecordDict({REC_CONFIG: ConfigRecord({K_PROTOCOL: PROTOCOL_VERSION, K_BUNDLE_ID: bundle_id})})
+
+
+def deploy_content(bundle_id: str, packed: bytes) -> RecordDict:
+    return RecordDict(
+        {
+            REC_CONFIG: ConfigRecord({K_PROTOCOL: PROTOCOL_VERSION, K_BUNDLE_ID: bundle_id}),
+            REC_BUNDLE: ConfigRecord({K_BUNDLE_ID: bundle_id, K_BUNDLE_DATA: packed}),
+        }
+    )
+
+
+def validate_hello_ins(content: RecordDict) -> str:
+    """Clinic side: the bundle id the coordinator will use."""
+    what = "hello instruction"
+    _records(content, what, {REC_CONFIG: ConfigRecord})
+    cfg = content[REC_CONFIG]
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID))
+    _protocol(cfg, what)
+    return _bundle_id(cfg, what)
+
+
+def _sha256(cfg: Mapping[str, Any], key: str, what: str) -> str:
+    value = _typed(cfg, key, str, what)
+    if len(value) != 64 or any(ch not in "0123456789abcdef" for ch in value):
+        raise ProtocolError(f"{what}: {key} must be a sha256 hex digest, got {value[:20]!r}")
+    return value
+
+
+def _bundle_id(cfg: Mapping[str, Any], what: str) -> str:
+    return _sha256(cfg, K_BUNDLE_ID, what)
+
+
+def validate_deploy_ins(content: RecordDict) -> tuple[str, bytes]:
+    """Clinic side: (bundle id, packed bundle bytes)."""
+    what = "deploy instruction"
+    _records(content, what, {REC_CONFIG: ConfigRecord, REC_BUNDLE: ConfigRecord})
+    cfg, bundle = content[REC_CONFIG], content[REC_BUNDLE]
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID))
+    _protocol(cfg, what)
+    _keys(bundle, what + " bundle", (K_BUNDLE_ID, K_BUNDLE_DATA))
+    bundle_id = _bundle_id(cfg, what)
+    if _bundle_id(bundle, what) != bundle_id:
+        raise ProtocolError(f"{what}: the bundle record and the config name different bundles")
+    data = _typed(bundle, K_BUNDLE_DATA, bytes, what)
+    if not data or len(data) > MAX_BUNDLE_BYTES:
+        raise ProtocolError(f"{what}: packed bundle of {len(data)} bytes is empty or too large")
+    return bundle_id, data
+
+
+def train_content(head: Head, settings: TrainSettings) -> RecordDict:
+    """What Flower's strategies would build, for tests and tools that bypass a strategy."""
+    config = settings.to_config()
+    config[K_ROUND] = settings.server_round
+    if settings.proximal_mu:
+        config[K_PROXIMAL_MU] = settings.proximal_mu
+    return RecordDict({REC_ARRAYS: global_head_record(head), REC_CONFIG: config})
+
+
+def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, TrainSettings]:
+    """Clinic side: the global head and this round's local-training settings."""
+    what = "train instruction"
+    _records(content, what, {REC_ARRAYS: ArrayRecord, REC_CONFIG: ConfigRecord})
+    cfg = content[REC_CONFIG]
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID, *TRAIN_SETTINGS), (K_PROXIMAL_MU,))
+    _protocol(cfg, what)
+    settings = TrainSettings(
+        server_round=_typed(cfg, K_ROUND, int, what),
+        bundle_id=_bundle_id(cfg, what),
+        head_id=_sha256(cfg, K_HEAD_ID, what),
+        local_epochs=_typed(cfg, K_EPOCHS, int, what),
+        learning_rate=float(_typed(cfg, K_LR, (int, float), what)),
+        batch_size=_typed(cfg, K_BATCH, int, what),
+        l2=float(_typed(cfg, K_L2, (int, float), what)),
+        smote=_typed(cfg, K_SMOTE, bool, what),
+        seed=_typed(cfg, K_SEED, int, what),
+        proximal_mu=float(_typed(cfg, K_PROXIMAL_MU, (int, float), what)) if K_PROXIMAL_MU in cfg else 0.0,
+    )
+    if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
+        raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
+    if not (0 < settings.learning_rate < 10 and settings.l2 >= 0 and settings.proximal_mu >= 0):
+        raise ProtocolError(f"{what}: learning-rate/l2/proximal-mu out of range")
+    return head_from_global_record(content[REC_ARRAYS], spec, what), settings
+
+
+def evaluate_content(head: Head, settings: EvaluateSettings) -> RecordDict:
+    config = settings.to_config()
+    config[K_ROUND] = settings.server_round
+    return RecordDict({REC_ARRAYS: global_head_record(head), REC_CONFIG: config})
+
+
+def validate_evaluate_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, EvaluateSettings]:
+    what = "evaluate instruction"
+    _records(content, what, {REC_ARRAYS: ArrayRecord, REC_CONFIG: ConfigRecord})
+    cfg = content[REC_CONFIG]
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID))
+    _protocol(cfg, what)
+    settings = EvaluateSettings(
+        _typed(cfg, K_ROUND, int, what), _bundle_id(cfg, what), _sha256(cfg, K_HEAD_ID, what)
+    )
+    return head_from_global_record(content[REC_ARRAYS], spec, what), settings
+
+
+def peek_bundle_id(content: RecordDict) -> str:
+    """The bundle id an instruction refers to, before the head shape is known (clinic side)."""
+    cfg = content.get(REC_CONFIG)
+    if not isinstance(cfg, ConfigRecord) or K_BUNDLE_ID not in cfg:
+        raise ProtocolError("instruction has no config record with a bundle-id")
+    if K_PROTOCOL in cfg:
+        _protocol(cfg, "instruction")
+    return _bundle_id(cfg, "instruction")
+
+
+# --------------------------------------------------------------------------- clinic -> server
+
+
+def clinic_record(info: ClinicInfo) -> ConfigRecord:
+    record = ConfigRecord({K_PROTOCOL: PROTOCOL_VERSION, K_CLINIC_ID: info.clinic_id})
+    if info.bundle_id is not None:
+        record[K_BUNDLE_ID] = info.bundle_id
+    if info.cached_bundles:
+        record[K_CACHED] = list(info.cached_bundles)
+    if info.device:
+        record[K_DEVICE] = info.device
+    if info.head_id is not None:
+        record[K_HEAD_ID] = info.head_id
+    return record
+
+
+def hello_reply_content(info: ClinicInfo) -> RecordDict:
+    return RecordDict({REC_CLINIC: clinic_record(info)})
+
+
+def deploy_reply_content(info: ClinicInfo) -> RecordDict:
+    return RecordDict({REC_CLINIC: clinic_record(info)})
+
+
+def train_reply_content(qhead: QuantizedHead, metrics: Mapping[str, int | float], info: ClinicInfo) -> RecordDict:
+    return RecordDict(
+        {REC_HEAD: update_record(qhead), REC_METRICS: MetricRecord(dict(metrics)), REC_CLINIC: clinic_record(info)}
+    )
+
+
+def evaluate_reply_content(metrics: Mapping[str, int | float], info: ClinicInfo) -> RecordDict:
+    return RecordDict({REC_METRICS: MetricRecord(dict(metrics)), REC_CLINIC: clinic_record(info)})
+
+
+def _clinic(content: RecordDict, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> ClinicInfo:
+    cfg = content[REC_CLINIC]
+    _keys(cfg, what + " clinic record", (K_PROTOCOL, K_CLINIC_ID, *required), optional)
+    _protocol(cfg, what)
+    cached: tuple[str, ...] = ()
+    if K_CACHED in cfg:
+        value = cfg[K_CACHED]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ProtocolError(f"{what}: cached-bundles must be a list of bundle ids")
+        cached = tuple(value)
+    return ClinicInfo(
+        clinic_id=_clinic_id(cfg, what),
+        protocol_version=PROTOCOL_VERSION,
+        bundle_id=_bundle_id(cfg, what) if K_BUNDLE_ID in cfg else None,
+        cached_bundles=cached,
+        device=str(_typed(cfg, K_DEVICE, str, what)) if K_DEVICE in cfg else "",
+        head_id=_sha256(cfg, K_HEAD_ID, what) if K_HEAD_ID in cfg else None,
+    )
+
+
+def validate_hello_reply(content: RecordDict) -> ClinicInfo:
+    what = "hello reply"
+    _records(content, what, {REC_CLINIC: ConfigRecord})
+    return _clinic(content, what, (), (K_CACHED, K_DEVICE))
+
+
+def validate_deploy_reply(content: RecordDict, bundle_id: str) -> ClinicInfo:
+    what = "deploy reply"
+    _records(content, what, {REC_CLINIC: ConfigRecord})
+    info = _clinic(content, what, (K_BUNDLE_ID,), (K_DEVICE,))
+    if info.bundle_id != bundle_id:
+        raise ProtocolError(f"{what}: clinic installed bundle {str(info.bundle_id)[:12]}…, not {bundle_id[:12]}…")
+    return info
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    clinic: ClinicInfo
+    qhead: QuantizedHead
+    metrics: dict[str, float]
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.metrics[M_NUM_EXAMPLES])
+
+
+def validate_train_reply(content: RecordDict, spec: HeadSpec, bundle_id: str) -> TrainReply:
+    """Server side: refuse anything but a well-formed quantized head for the current backbone."""
+    what = "train reply"
+    _records(content, what, {REC_HEAD: ArrayRecord, REC_METRICS: MetricRecord, REC_CLINIC: ConfigRecord})
+    info = _clinic(content, what, (K_BUNDLE_ID,))
+    if info.bundle_id != bundle_id:
+        raise ProtocolError(
+            f"{what}: update was trained on backbone {str(info.bundle_id)[:12]}…, the run uses {bundle_id[:12]}…"
+        )
+    qhead = quantized_from_update(content[REC_HEAD], spec, what)
+    metrics = _metrics(content[REC_METRICS], what + " metrics", TRAIN_METRICS)
+    return TrainReply(info, qhead, metrics)
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    clinic: ClinicInfo
+    metrics: dict[str, float]
+
+
+def validate_evaluate_reply(content: RecordDict, bundle_id: str, head_id: str) -> EvaluateReply:
+    what = "evaluate reply"
+    _records(content, what, {REC_METRICS: MetricRecord, REC_CLINIC: ConfigRecord})
+    info = _clinic(content, what, (K_BUNDLE_ID, K_HEAD_ID))
+    if info.bundle_id != bundle_id:
+        raise ProtocolError(f"{what}: evaluated on backbone {str(info.bundle_id)[:12]}…, the run uses {bundle_id[:12]}…")
+    if info.head_id != head_id:
+        raise ProtocolError(f"{what}: evaluated head {str(info.head_id)[:12]}…, expected {head_id[:12]}…")
+    metrics = _metrics(content[REC_METRICS], what + " metrics", EVALUATE_METRICS)
+    return EvaluateReply(info, metrics)
+
+
+def describe_content(content: RecordDict) -> dict[str, Any]:
+    """A structural description of a message's content (record kinds, keys, dtypes, shapes, sizes).
+
+    Used for the coordinator's wire log and by tests that check what really crossed the wire.
+    """
+    out: dict[str, Any] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {
+                "kind": "arrays",
+                "items": {
+                    key: {"dtype": str(arr.dtype), "shape": list(arr.shape), "stype": arr.stype, "nbytes": len(arr.data)}
+                    for key, arr in record.items()
+                },
+            }
+        elif isinstance(record, MetricRecord):
+            out[name] = {"kind": "metrics", "items": {k: type(v).__name__ for k, v in record.items()}}
+        elif isinstance(record, ConfigRecord):
+            out[name] = {
+                "kind": "config",
+                "items": {
+                    k: (f"bytes[{len(v)}]" if isinstance(v, bytes) else type(v).__name__) for k, v in record.items()
+                },
+            }
+        else:  # pragma: no cover - Flower has only these three record kinds
+            out[name] = {"kind": type(record).__name__}
+    return out

@@ -1,0 +1,633 @@
+"""The coordinator's federation loop, on Flower's Grid and Flower's strategies.
+
+Why not `Strategy.start()`: the coordinator must do things between Flower's steps that
+`start()` has no hook for: make sure each clinic has the backbone before it is asked to
+train (hello, and a deploy only to clinics that lack the bundle's sha256), refuse malformed
+updates one by one (wrong shape/dtype, NaN/Inf, wrong backbone) and record why, dequantize
+the clinics' int8 heads before aggregation, and record every new head in the audit log. So
+this loop calls the strategy's own `configure_train` / `aggregate_train` /
+`configure_evaluate` / `aggregate_evaluate` (Flower's implementations, unchanged) and
+`grid.send_and_receive`, in the same order `start()` does.
+
+A clinic that fails, sends garbage or never answers within `round_timeout` is left out of
+that round; the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
+from flwr.serverapp.strategy import Strategy
+
+from protocols.messages import (
+    MSG_DEPLOY,
+    MSG_HELLO,
+    REC_METRICS,
+    EvaluateSettings,
+    HeadSpec,
+    ProtocolError,
+    TrainSettings,
+    deploy_content,
+    dequantized_record,
+    describe_content,
+    global_head_record,
+    head_from_aggregate,
+    hello_content,
+    validate_deploy_reply,
+    validate_evaluate_reply,
+    validate_hello_reply,
+    validate_train_reply,
+)
+from qana.bundle import Bundle, load_bundle, pack_bundle
+from qana.head import Head, head_from_npz, head_to_npz, init_head
+from server.audit.errors import UnknownVersionError
+from server.strategies import build_strategy, canonical_name, parse_options
+
+class FederationError(RuntimeError):
+    """The federation cannot start or continue; the message says why."""
+
+
+class AuditSink(Protocol):
+    """The part of `server.audit.AuditLog` the coordinator uses."""
+
+    def record_backbone(self, data: bytes, sha256: str | None = None, **kwargs: Any) -> Any: ...
+    def record_head(self, run_id: str, round: int, data: bytes, sha256: str | None = None, **kwargs: Any) -> Any: ...
+    def record_rejection(self, run_id: str, round: int, clinic_id: str, reason: str) -> Any: ...
+    def record_deployment(self, clinic_id: str, version: str) -> Any: ...
+    def current_version(self, kind: str = "head") -> str | None: ...
+    def version(self, reference: str) -> Any: ...
+    def resolve_version(self, reference: str) -> str: ...
+    def artifact_of(self, version: str) -> bytes: ...
+
+
+# --------------------------------------------------------------------------- settings
+
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "bundle": "",  # path of the bundle directory ("" = the package's default v2 bundle)
+    "num-rounds": 3,
+    "strategy": "fedavg",
+    "strategy-options": "",  # "key=value,key=value" for the strategy constructor
+    "min-clinics": 2,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,
+    "round-timeout": 600.0,
+    "wait-for-clinics": 600.0,
+    "local-epochs": 20,
+    "learning-rate": 0.01,
+    "batch-size": 64,
+    "l2": 1e-4,
+    "smote": True,
+    "seed": 0,
+    "initial-head": "auto",  # auto | bundle | random
+    "audit-db": "",  # SQLAlchemy URL ("" = $QANA_AUDIT_DB or ~/.qana/audit.db)
+    "audit-key": "",  # signing key path ("" = $QANA_AUDIT_KEY or ~/.qana/audit_key.pem)
+    "state-dir": "",  # where status.json and wire.jsonl go ("" = none)
+    "wire-log": False,  # log the structure and size of every message to state-dir/wire.jsonl
+}
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """What a run does; read from Flower's run config (`[tool.flwr.app.config]` + overrides)."""
+
+    run_id: str
+    bundle: Path | None = None
+    num_rounds: int = 3
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float | int] = field(default_factory=dict)
+    min_clinics: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_timeout: float = 600.0
+    wait_for_clinics: float = 600.0
+    local_epochs: int = 20
+    learning_rate: float = 0.01
+    batch_size: int = 64
+    l2: float = 1e-4
+    smote: bool = True
+    seed: int = 0
+    initial_head: str = "auto"
+    audit_db: str | None = None
+    audit_key: Path | None = None
+    state_dir: Path | None = None
+    wire_log: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], run_id: str) -> FederationSettings:
+        """Check every key; a wrong value is a FederationError naming the key."""
+        cfg = dict(RUN_CONFIG_DEFAULTS)
+        unknown = sorted(set(run_config) - set(cfg))
+        if unknown:
+            raise FederationError(f"unknown run-config key(s): {', '.join(unknown)}")
+        cfg.update(run_config)
+
+        def number(key: str, kind: type, low: float, high: float = float("inf")) -> Any:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FederationError(f"run-config {key}={value!r} must be a number")
+            if kind is int and int(value) != value:
+                raise FederationError(f"run-config {key}={value!r} must be an integer")
+            if not low <= value <= high:
+                raise FederationError(f"run-config {key}={value!r} must be between {low} and {high}")
+            return kind(value)
+
+        initial = str(cfg["initial-head"])
+        if initial not in ("auto", "bundle", "random"):
+            raise FederationError(f"run-config initial-head={initial!r}: use auto, bundle or random")
+        try:
+            strategy = canonical_name(str(cfg["strategy"]))
+            options = parse_options(str(cfg["strategy-options"]))
+        except ValueError as exc:
+            raise FederationError(str(exc)) from None
+        return cls(
+            run_id=run_id,
+            bundle=Path(str(cfg["bundle"])).expanduser() if cfg["bundle"] else None,
+            num_rounds=number("num-rounds", int, 1, 10_000),
+            strategy=strategy,
+            strategy_options=options,
+            min_clinics=number("min-clinics", int, 1, 100_000),
+            fraction_train=number("fraction-train", float, 0.0, 1.0),
+            fraction_evaluate=number("fraction-evaluate", float, 0.0, 1.0),
+            round_timeout=number("round-timeout", float, 1.0),
+            wait_for_clinics=number("wait-for-clinics", float, 0.0),
+            local_epochs=number("local-epochs", int, 1, 1000),
+            learning_rate=number("learning-rate", float, 1e-9, 10.0),
+            batch_size=number("batch-size", int, 1, 1 << 16),
+            l2=number("l2", float, 0.0),
+            smote=bool(cfg["smote"]),
+            seed=number("seed", int, 0, 2**31 - 1),
+            initial_head=initial,
+            audit_db=str(cfg["audit-db"]) or None,
+            audit_key=Path(str(cfg["audit-key"])).expanduser() if cfg["audit-key"] else None,
+            state_dir=Path(str(cfg["state-dir"])).expanduser() if cfg["state-dir"] else None,
+            wire_log=bool(cfg["wire-log"]),
+        )
+
+    def strategy_config(self) -> dict[str, Any]:
+        """What the audit log records as the round's strategy configuration."""
+        return {
+            "strategy": self.strategy,
+            "options": dict(self.strategy_options),
+            "min_clinics": self.min_clinics,
+            "fraction_train": self.fraction_train,
+            "fraction_evaluate": self.fraction_evaluate,
+            "local_epochs": self.local_epochs,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+            "l2": self.l2,
+            "smote": self.smote,
+            "seed": self.seed,
+        }
+
+
+# --------------------------------------------------------------------------- clinics
+
+
+@dataclass
+class ClinicState:
+    node_id: int
+    clinic_id: str
+    device: str = ""
+    has_bundle: bool = False
+    last_seen: float = 0.0
+    rounds_trained: int = 0
+    rejections: int = 0
+
+
+class ReadyGrid(Grid):
+    """The run's Grid, showing strategies only the clinics that hold the run's backbone.
+
+    Flower's strategies sample from `grid.get_node_ids()`; a clinic that connected a second
+    ago has no bundle yet and would fail the round, so it is hidden until it is ready.
+    """
+
+    def __init__(self, grid: Grid, ready: Iterable[int]) -> None:
+        self._grid = grid
+        self._ready = set(ready)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n in self._ready]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RoundResult:
+    round: int
+    head_version: str | None
+    participants: list[str]
+    rejected: dict[str, str]
+    failed: dict[str, str]
+    train_metrics: dict[str, float]
+    evaluate_metrics: dict[str, float]
+    seconds: float
+    server_seconds: float  # coordinator time: validation, aggregation, audit (not waiting for clinics)
+
+
+@dataclass
+class FederationResult:
+    run_id: str
+    bundle_id: str
+    backbone_version: str
+    initial_head_version: str
+    final_head_version: str
+    rounds: list[RoundResult]
+
+
+def head_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wire_bytes(message: Message) -> int:
+    """Bytes of a message as Flower transfers it: the sum of its deflated objects."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values()))
+
+
+class Coordinator:
+    """One federated run: backbone distribution, rounds, validation, aggregation, audit."""
+
+    def __init__(self, grid: Grid, settings: FederationSettings, audit: AuditSink) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.audit = audit
+        self.clinics: dict[int, ClinicState] = {}
+        self.status: dict[str, Any] = {"run_id": settings.run_id, "history": []}
+        self.strategy: Strategy = build_strategy(
+            settings.strategy,
+            settings.strategy_options,
+            min_clinics=settings.min_clinics,
+            fraction_train=settings.fraction_train,
+            fraction_evaluate=settings.fraction_evaluate,
+        )
+        self._server_time = 0.0
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _clinic_name(self, node_id: int) -> str:
+        state = self.clinics.get(node_id)
+        return state.clinic_id if state else f"node-{node_id}"
+
+    def _write_status(self, **fields: Any) -> None:
+        self.status.update(fields)
+        self.status["updated_at"] = time.time()
+        self.status["clinics"] = {str(k): asdict(v) for k, v in self.clinics.items()}
+        if self.settings.state_dir is None:
+            return
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.settings.state_dir / "status.json"
+        tmp = path.with_name(f".status.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.status, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+
+    def _wire(self, round_: int, direction: str, message: Message) -> None:
+        if not (self.settings.wire_log and self.settings.state_dir is not None):
+            return
+        entry: dict[str, Any] = {
+            "run_id": self.settings.run_id,
+            "round": round_,
+            "direction": direction,
+            "message_type": message.metadata.message_type,
+            "node_id": message.metadata.dst_node_id if direction == "out" else message.metadata.src_node_id,
+        }
+        if message.has_error():
+            entry["error"] = message.error.reason
+        else:
+            entry["content"] = describe_content(message.content)
+            entry["wire_bytes"] = wire_bytes(message)
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.settings.state_dir / "wire.jsonl").open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def _send(self, round_: int, messages: list[Message], timeout: float) -> list[Message]:
+        for m in messages:
+            self._wire(round_, "out", m)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        for r in replies:
+            self._wire(round_, "in", r)
+        return replies
+
+    def _message(self, content: RecordDict, node_id: int, message_type: str, round_: int) -> Message:
+        return Message(content, dst_node_id=node_id, message_type=message_type, group_id=str(round_))
+
+    # ------------------------------------------------------------------ versions
+
+    def _backbone(self, bundle: Bundle, packed: bytes) -> str:
+        """The audit version of this bundle, recording it the first time it is used."""
+        digest = hashlib.sha256(packed).hexdigest()
+        try:
+            return self.audit.resolve_version(digest)
+        except UnknownVersionError:  # not recorded yet
+            pass
+        info = self.audit.record_backbone(
+            packed,
+            digest,
+            run_id=self.settings.run_id,
+            note=f"bundle {bundle.bundle_id} (target {bundle.target}, {len(bundle.classes)} classes, "
+            f"{bundle.feature_dim} features)",
+        )
+        log(INFO, "Recorded backbone %s (bundle %s…)", info.version, bundle.bundle_id[:12])
+        return str(info.version)
+
+    def _initial_head(self, bundle: Bundle, spec: HeadSpec, backbone: str) -> tuple[Head, str | None, bytes]:
+        """Start from the current audited head for this backbone, else from the bundle's head."""
+        mode = self.settings.initial_head
+        if mode == "auto":
+            current = self.audit.current_version("head")
+            if current is not None:
+                info = self.audit.version(current)
+                if info.backbone == backbone:
+                    data = self.audit.artifact_of(current)
+                    head = head_from_npz(data)
+                    if head.num_features == spec.num_features and head.classes == spec.classes:
+                        log(INFO, "Starting from the current head %s", current)
+                        return head, current, data
+                log(INFO, "Current head %s belongs to another backbone or shape; starting from the bundle's head", current)
+        if mode == "random":
+            head = init_head(spec.num_features, spec.classes, spec.feature_scale, seed=self.settings.seed)
+            return head, None, head_to_npz(head)
+        data = bundle.head_path.read_bytes()
+        return head_from_npz(data), None, data
+
+    # ------------------------------------------------------------------ clinics
+
+    def _ensure_ready(self, round_: int, bundle: Bundle, packed: bytes) -> list[int]:
+        """Greet new nodes; deploy the bundle to those that lack it; return ready node ids."""
+        connected = list(self.grid.get_node_ids())
+        new = [n for n in connected if n not in self.clinics or not self.clinics[n].has_bundle]
+        if new:
+            msgs = [self._message(hello_content(bundle.bundle_id), n, MSG_HELLO, round_) for n in new]
+            for reply in self._send(round_, msgs, timeout=min(self.settings.round_timeout, 120.0)):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log(WARNING, "Clinic %s did not answer hello: %s", self._clinic_name(node), reply.error.reason)
+                    continue
+                try:
+                    info = validate_hello_reply(reply.content)
+                except ProtocolError as exc:
+                    log(WARNING, "Node %s: invalid hello reply: %s", node, exc)
+                    continue
+                self.clinics[node] = ClinicState(
+                    node, info.clinic_id, info.device, bundle.bundle_id in info.cached_bundles, time.time()
+                )
+            lacking = [n for n in new if n in self.clinics and not self.clinics[n].has_bundle]
+            if lacking:
+                log(INFO, "Deploying bundle %s… (%d bytes) to %d clinic(s)", bundle.bundle_id[:12], len(packed), len(lacking))
+                msgs = [self._message(deploy_content(bundle.bundle_id, packed), n, MSG_DEPLOY, round_) for n in lacking]
+                for reply in self._send(round_, msgs, timeout=self.settings.round_timeout):
+                    node = reply.metadata.src_node_id
+                    if reply.has_error():
+                        log(WARNING, "Clinic %s could not install the bundle: %s", self._clinic_name(node), reply.error.reason)
+                        continue
+                    try:
+                        info = validate_deploy_reply(reply.content, bundle.bundle_id)
+                    except ProtocolError as exc:
+                        log(WARNING, "Clinic %s: invalid deploy reply: %s", self._clinic_name(node), exc)
+                        continue
+                    state = self.clinics[node]
+                    state.has_bundle, state.device, state.last_seen = True, info.device, time.time()
+                    self.audit.record_deployment(state.clinic_id, self.backbone_version)
+        connected_now = set(self.grid.get_node_ids())
+        return [n for n, s in self.clinics.items() if s.has_bundle and n in connected_now]
+
+    def _wait_for_clinics(self, round_: int, bundle: Bundle, packed: bytes) -> list[int]:
+        deadline = time.monotonic() + self.settings.wait_for_clinics
+        while True:
+            ready = self._ensure_ready(round_, bundle, packed)
+            if len(ready) >= self.settings.min_clinics:
+                return ready
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(ready)} clinic(s) ready after {self.settings.wait_for_clinics:.0f}s; "
+                    f"need {self.settings.min_clinics}"
+                )
+            log(INFO, "Waiting for clinics: %d ready, %d needed", len(ready), self.settings.min_clinics)
+            self._write_status(phase="waiting for clinics")
+            time.sleep(2.0)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _train(self, round_: int, arrays: ArrayRecord, grid: Grid, head_sha: str, spec: HeadSpec, bundle_id: str):
+        s = self.settings
+        config = TrainSettings(
+            round_, bundle_id, head_sha, s.local_epochs, s.learning_rate, s.batch_size, s.l2, s.smote, s.seed
+        ).to_config()
+        msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
+        replies = self._send(round_, msgs, timeout=s.round_timeout)
+        t0 = time.perf_counter()
+        accepted: list[Message] = []
+        participants: list[dict[str, Any]] = []
+        rejected: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        answered = {r.metadata.src_node_id for r in replies}
+        for m in msgs:
+            if m.metadata.dst_node_id not in answered:
+                failed[self._clinic_name(m.metadata.dst_node_id)] = f"no reply within {s.round_timeout:.0f}s"
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            name = self._clinic_name(node)
+            if reply.has_error():
+                failed[name] = reply.error.reason
+                continue
+            try:
+                update = validate_train_reply(reply.content, spec, bundle_id)
+                if update.clinic.clinic_id != name and node in self.clinics:
+                    raise ProtocolError(f"reply names clinic {update.clinic.clinic_id!r}, node belongs to {name!r}")
+                floats = dequantized_record(update.qhead, spec)
+            except ProtocolError as exc:
+                rejected[name] = str(exc)
+                if node in self.clinics:
+                    self.clinics[node].rejections += 1
+                    if "backbone" in str(exc):
+                        self.clinics[node].has_bundle = False  # greet it again next round
+                log(WARNING, "Round %d: rejected the update of %s: %s", round_, name, exc)
+                self.audit.record_rejection(s.run_id, round_, name, str(exc))
+                continue
+            reply.content = RecordDict({"arrays": floats, REC_METRICS: MetricRecord(dict(update.metrics))})
+            accepted.append(reply)
+            participants.append({"clinic_id": name, "num_examples": update.num_examples, "metrics": dict(update.metrics)})
+            if node in self.clinics:
+                self.clinics[node].rounds_trained += 1
+                self.clinics[node].last_seen = time.time()
+        for name, reason in failed.items():
+            log(WARNING, "Round %d: no update from %s: %s", round_, name, reason)
+        agg_arrays, agg_metrics = None, None
+        if accepted:
+            try:
+                agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
+            except (InconsistentMessageReplies, AggregationError) as exc:
+                log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
+        self._server_time += time.perf_counter() - t0
+        return agg_arrays, dict(agg_metrics or {}), participants, rejected, failed
+
+    def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
+        config = EvaluateSettings(round_, bundle_id, head_sha).to_config()
+        msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
+        replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
+        t0 = time.perf_counter()
+        accepted: list[Message] = []
+        evaluated: list[str] = []
+        per_clinic: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            name = self._clinic_name(node)
+            if reply.has_error():
+                log(WARNING, "Round %d: %s could not evaluate: %s", round_, name, reply.error.reason)
+                continue
+            try:
+                result = validate_evaluate_reply(reply.content, bundle_id, head_sha)
+            except ProtocolError as exc:
+                log(WARNING, "Round %d: ignored the evaluation of %s: %s", round_, name, exc)
+                continue
+            reply.content = RecordDict({REC_METRICS: MetricRecord(dict(result.metrics))})
+            accepted.append(reply)
+            evaluated.append(name)
+            per_clinic[name] = dict(result.metrics)
+        metrics: dict[str, float] = {}
+        if accepted:
+            try:
+                metrics = dict(self.strategy.aggregate_evaluate(round_, accepted) or {})
+            except InconsistentMessageReplies as exc:
+                log(WARNING, "Round %d: evaluation aggregation failed: %s", round_, exc.reason)
+            metrics["num-examples"] = sum(int(m["num-examples"]) for m in per_clinic.values())
+        self._server_time += time.perf_counter() - t0
+        return metrics, evaluated, per_clinic
+
+    def _record(self, round_: int, data: bytes, parent: str | None, participants, metrics, note: str | None) -> str:
+        info = self.audit.record_head(
+            self.settings.run_id,
+            round_,
+            data,
+            head_id(data),
+            parent=parent,
+            strategy=self.settings.strategy,
+            strategy_config=self.settings.strategy_config(),
+            participants=participants,
+            aggregate_metrics=metrics,
+            backbone=self.backbone_version,
+            note=note,
+        )
+        return str(info.version)
+
+    def run(self) -> FederationResult:
+        s = self.settings
+        from qana.bundle import load_default_bundle
+
+        bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v2")
+        base = bundle.load_head()
+        spec = HeadSpec.from_head(base, bundle.target)
+        packed = pack_bundle(bundle)
+        self.backbone_version = self._backbone(bundle, packed)
+        head, head_version, head_bytes = self._initial_head(bundle, spec, self.backbone_version)
+        sha = head_id(head_bytes)
+        self._write_status(
+            phase="starting", bundle_id=bundle.bundle_id, backbone_version=self.backbone_version,
+            num_rounds=s.num_rounds, strategy=s.strategy, round=0,
+        )
+        log(INFO, "QANA-FL run %s: %s, %d round(s), bundle %s…", s.run_id, s.strategy, s.num_rounds, bundle.bundle_id[:12])
+
+        ready = self._wait_for_clinics(0, bundle, packed)
+        t_round = time.perf_counter()
+        self._server_time = 0.0
+        eval_metrics, evaluated, per_clinic = self._evaluate(0, head, sha, ReadyGrid(self.grid, ready), bundle.bundle_id)
+        if head_version is None:
+            head_version = self._record(
+                0, head_bytes, None, [], {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic},
+                note=f"initial head ({s.initial_head}) for bundle {bundle.bundle_id}",
+            )
+        for name in evaluated:
+            self.audit.record_deployment(name, head_version)
+        initial_version = head_version
+        rounds = [RoundResult(0, head_version, [], {}, {}, {}, eval_metrics, time.perf_counter() - t_round, self._server_time)]
+        self.status["history"].append({"round": 0, "head_version": head_version, "evaluate": eval_metrics})
+        self._write_status(phase="round 0 done", head_version=head_version)
+
+        for round_ in range(1, s.num_rounds + 1):
+            t_round = time.perf_counter()
+            self._server_time = 0.0
+            ready = self._wait_for_clinics(round_, bundle, packed)
+            grid = ReadyGrid(self.grid, ready)
+            self._write_status(phase=f"round {round_}: training", round=round_)
+            agg, train_metrics, participants, rejected, failed = self._train(
+                round_, global_head_record(head), grid, sha, spec, bundle.bundle_id
+            )
+            if agg is None:
+                log(WARNING, "Round %d: no valid update; the head stays %s", round_, head_version)
+                rounds.append(RoundResult(round_, None, [], rejected, failed, {}, {}, time.perf_counter() - t_round, self._server_time))
+                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
+                continue
+            t0 = time.perf_counter()
+            try:
+                new_head = head_from_aggregate(agg, spec)
+            except ProtocolError as exc:
+                log(WARNING, "Round %d: the aggregate is unusable (%s); the head stays %s", round_, exc, head_version)
+                continue
+            new_bytes = head_to_npz(new_head)
+            new_sha = head_id(new_bytes)
+            self._server_time += time.perf_counter() - t0
+            self._write_status(phase=f"round {round_}: evaluating")
+            eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, grid, bundle.bundle_id)
+            t0 = time.perf_counter()
+            metrics = {
+                "train": train_metrics,
+                "evaluate": eval_metrics,
+                "evaluate_by_clinic": per_clinic,
+                "rejected": rejected,
+                "failed": failed,
+            }
+            new_version = self._record(round_, new_bytes, head_version, participants, metrics, note=None)
+            for name in evaluated:
+                self.audit.record_deployment(name, new_version)
+            self._server_time += time.perf_counter() - t0
+            log(
+                INFO, "Round %d: head %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",
+                round_, new_version, len(participants), len(rejected), len(failed),
+                f"{eval_metrics['top1']:.3f}" if "top1" in eval_metrics else "n/a",
+            )
+            head, head_version, sha = new_head, new_version, new_sha
+            rounds.append(
+                RoundResult(
+                    round_, new_version, [p["clinic_id"] for p in participants], rejected, failed,
+                    train_metrics, eval_metrics, time.perf_counter() - t_round, self._server_time,
+                )
+            )
+            self.status["history"].append(
+                {"round": round_, "head_version": new_version, "evaluate": eval_metrics, "participants": len(participants),
+                 "rejected": rejected, "failed": failed}
+            )
+            self._write_status(phase=f"round {round_} done", head_version=new_version)
+        self._write_status(phase="finished")
+        return FederationResult(s.run_id, bundle.bundle_id, self.backbone_version, str(initial_version), str(head_version), rounds)

@@ -1,0 +1,117 @@
+"""Aggregation strategies by name: Flower's own `flwr.serverapp.strategy` classes, not rewritten.
+
+`qana-server start --strategy fedprox --strategy-option proximal_mu=0.1` picks a class here
+and passes options to its constructor. Options are checked against the constructor's real
+signature (read with `inspect`), so a typo is a clear error instead of a silently ignored
+setting. The keys that tie a strategy to the QANA-FL protocol (record names, the weighting
+metric, the metric aggregation functions) and the sampling settings are set by the
+coordinator and cannot be overridden.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+
+from protocols.messages import M_NUM_EXAMPLES, REC_ARRAYS, REC_CONFIG
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+DEFAULT_STRATEGY = "fedavg"
+
+# Set by the coordinator from its own settings; not user options.
+_RESERVED = {
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+}
+
+
+class StrategyError(ValueError):
+    """Unknown strategy or option; the message lists what is valid."""
+
+
+def canonical_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    if key not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return key
+
+
+def strategy_options(name: str) -> dict[str, Any]:
+    """The tunable constructor arguments of a strategy and their defaults."""
+    cls = STRATEGIES[canonical_name(name)]
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        p.name: p.default
+        for p in params.values()
+        if p.name != "self" and p.name not in _RESERVED and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+def parse_options(text: str) -> dict[str, float | int]:
+    """`"eta=0.05, tau=1e-3"` -> {"eta": 0.05, "tau": 0.001} (numbers only; strategies take numbers)."""
+    out: dict[str, float | int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise StrategyError(f"strategy option {part!r} is not key=value")
+        try:
+            number: float | int = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise StrategyError(f"strategy option {key}={value!r} is not a number") from None
+        out[key] = number
+    return out
+
+
+def build_strategy(
+    name: str,
+    options: Mapping[str, float | int] | None = None,
+    *,
+    min_clinics: int = 2,
+    fraction_train: float = 1.0,
+    fraction_evaluate: float = 1.0,
+) -> Strategy:
+    """Instantiate Flower's strategy `name`, wired to the QANA-FL record and metric names."""
+    key = canonical_name(name)
+    allowed = strategy_options(key)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v})" for k, v in allowed.items()) or "none"
+        raise StrategyError(f"{key} does not take option(s) {', '.join(unknown)}; valid options: {valid}")
+    if min_clinics < 1:
+        raise StrategyError("min_clinics must be at least 1")
+    try:
+        return STRATEGIES[key](
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_clinics,
+            min_evaluate_nodes=min_clinics,
+            min_available_nodes=min_clinics,
+            weighted_by_key=M_NUM_EXAMPLES,
+            arrayrecord_key=REC_ARRAYS,
+            configrecord_key=REC_CONFIG,
+            **options,
+        )
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"{key}: {exc}") from None

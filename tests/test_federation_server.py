@@ -1,0 +1,206 @@
+"""The coordinator loop on an in-process Grid: rounds, strategies, rejections, dropouts, audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord
+
+from fed_helpers import (
+    FEATURES,
+    NumpyClinic,
+    add_record,
+    head_accuracy,
+    make_numpy_bundle,
+    replace_head_array,
+    set_clinic_key,
+    set_metric,
+)
+from protocols import messages as P
+from qana.head import head_from_npz
+from server.audit import AuditLog, EntryFilter
+from server.federation import Coordinator, FederationError, FederationSettings
+from server.loopback import LoopbackGrid
+from server.strategies import STRATEGIES, StrategyError, build_strategy
+
+
+@pytest.fixture
+def bundle(tmp_path: Path):
+    return make_numpy_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def audit(tmp_path: Path):
+    log = AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}", tmp_path / "audit_key.pem")
+    yield log
+    log.close()
+
+
+def settings(tmp_path: Path, bundle, **overrides) -> FederationSettings:
+    config = {
+        "bundle": str(bundle.path),
+        "num-rounds": 2,
+        "local-epochs": 8,
+        "learning-rate": 0.05,
+        "state-dir": str(tmp_path / "state"),
+        "wire-log": True,
+        "round-timeout": 5.0,
+        "wait-for-clinics": 0.0,
+    }
+    config.update(overrides)
+    return FederationSettings.from_run_config(config, run_id="run-1")
+
+
+def clinics(bundle, n: int = 3, **kw) -> dict[int, NumpyClinic]:
+    return {100 + i: NumpyClinic(f"clinic-{i}", bundle, seed=i, **kw) for i in range(n)}
+
+
+def test_rounds_improve_the_head_and_every_version_is_audited(tmp_path, bundle, audit) -> None:
+    nodes = clinics(bundle)
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle), audit).run()
+    heads = [e for e in audit.entries() if e.kind == "head"]
+    assert [e.version for e in heads] == ["h1", "h2", "h3"]
+    assert [r.head_version for r in result.rounds] == ["h1", "h2", "h3"]
+    first = head_from_npz(audit.artifact_of("h1"))
+    last = head_from_npz(audit.artifact_of("h3"))
+    assert head_accuracy(last) > head_accuracy(first) + 0.3
+    assert result.rounds[-1].evaluate_metrics["top1"] > result.rounds[0].evaluate_metrics["top1"] + 0.3
+    h3 = audit.version("h3")
+    assert h3.parent == "h2" and h3.backbone == "b1" and h3.round == 2 and h3.strategy == "fedavg"
+    assert sorted(p.clinic_id for p in h3.participants) == ["clinic-0", "clinic-1", "clinic-2"]
+    assert h3.aggregate_metrics["evaluate"]["top1"] == pytest.approx(result.rounds[-1].evaluate_metrics["top1"])
+    # the backbone went to every clinic once and each evaluated head was deployed
+    deployments = audit.deployments()
+    assert sum(d.version == "b1" for d in deployments) == 3
+    assert sum(d.version == "h3" for d in deployments) == 3
+    assert audit.verify().ok
+
+
+def test_bundle_only_sent_to_clinics_that_lack_it(tmp_path, bundle, audit) -> None:
+    nodes = clinics(bundle)
+    nodes[100].has_bundle = True
+    Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    deploys = {n: sum(m.metadata.message_type == P.MSG_DEPLOY for m in c.received) for n, c in nodes.items()}
+    assert deploys == {100: 0, 101: 1, 102: 1}
+    hellos = {n: sum(m.metadata.message_type == P.MSG_HELLO for m in c.received) for n, c in nodes.items()}
+    assert hellos == {100: 1, 101: 1, 102: 1}  # known clinics are not greeted again every round
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (replace_head_array(P.ARR_WEIGHTS_Q, np.zeros((FEATURES, 6), np.int8)), "shape"),
+        (replace_head_array(P.ARR_WEIGHTS_Q, np.zeros((FEATURES, 7), np.float32)), "dtype float32"),
+        (replace_head_array(P.ARR_SCALE, np.array([np.nan], np.float32)), "NaN/Inf"),
+        (set_clinic_key(P.K_BUNDLE_ID, "0" * 64), "backbone"),
+        (set_metric(P.M_NUM_EXAMPLES, -3), "num-examples"),
+        (add_record("features", ArrayRecord()), "does not allow: features"),
+    ],
+)
+def test_malformed_update_is_rejected_logged_recorded_and_round_continues(tmp_path, bundle, audit, tamper, reason) -> None:
+    nodes = clinics(bundle)
+    nodes[102].tamper = tamper
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    round1 = result.rounds[1]
+    assert round1.head_version == "h2"
+    assert sorted(round1.participants) == ["clinic-0", "clinic-1"]
+    assert reason in round1.rejected["clinic-2"]
+    rejections = audit.entries(EntryFilter(kinds=("rejection",)))
+    assert len(rejections) == 1
+    assert rejections[0].body["clinic_id"] == "clinic-2" and reason in rejections[0].body["reason"]
+    assert [p.clinic_id for p in audit.version("h2").participants] == ["clinic-0", "clinic-1"]
+
+
+def test_failed_and_vanished_clinics_do_not_stop_the_round(tmp_path, bundle, audit) -> None:
+    nodes = clinics(bundle, n=4)
+    nodes[101].fail_train = True
+    grid = LoopbackGrid(nodes)
+
+    class VanishAfterRoundOne(Coordinator):
+        def _train(self, round_, *args, **kwargs):
+            if round_ == 2:
+                grid.handlers.pop(103)  # killed: it never answers again
+            return super()._train(round_, *args, **kwargs)
+
+    # min-clinics 2: the run goes on with whoever is left
+    result = VanishAfterRoundOne(grid, settings(tmp_path, bundle, **{"min-clinics": 2}), audit).run()
+    r1, r2 = result.rounds[1], result.rounds[2]
+    assert sorted(r1.participants) == ["clinic-0", "clinic-2", "clinic-3"]
+    assert "clinic crashed" in r1.failed["clinic-1"]
+    assert sorted(r2.participants) == ["clinic-0", "clinic-2"]
+    assert r2.head_version == "h3"
+
+
+def test_round_without_valid_updates_keeps_the_head(tmp_path, bundle, audit) -> None:
+    nodes = clinics(bundle, n=2)
+    for c in nodes.values():
+        c.tamper = replace_head_array(P.ARR_SCALE, np.array([np.inf], np.float32))
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    assert result.rounds[1].head_version is None and result.final_head_version == "h1"
+    assert len(audit.entries(EntryFilter(kinds=("rejection",)))) == 2
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_runs_through_flower(tmp_path, bundle, audit, name) -> None:
+    options = {"fedprox": "proximal_mu=0.01", "fedadam": "eta=0.05,eta_l=0.05", "fedtrimmedavg": "beta=0.2"}.get(name, "")
+    cfg = settings(tmp_path, bundle, strategy=name, **{"strategy-options": options, "num-rounds": 2})
+    result = Coordinator(LoopbackGrid(clinics(bundle, n=4)), cfg, audit).run()
+    assert result.final_head_version == "h3"
+    assert audit.version("h3").strategy == name
+    assert result.rounds[-1].evaluate_metrics["top1"] > result.rounds[0].evaluate_metrics["top1"]
+
+
+def test_fedprox_sends_proximal_mu_to_clinics(tmp_path, bundle, audit) -> None:
+    nodes = clinics(bundle, n=2)
+    cfg = settings(tmp_path, bundle, strategy="FedProx", **{"strategy-options": "proximal_mu=0.25", "num-rounds": 1})
+    Coordinator(LoopbackGrid(nodes), cfg, audit).run()
+    train = [m for m in nodes[100].received if m.metadata.message_type == P.MSG_TRAIN][0]
+    assert train.content[P.REC_CONFIG][P.K_PROXIMAL_MU] == 0.25
+
+
+def test_next_run_starts_from_the_current_head_and_respects_rollback(tmp_path, bundle, audit) -> None:
+    Coordinator(LoopbackGrid(clinics(bundle, n=2)), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    audit.rollback("h1", reason="test")
+    nodes = clinics(bundle, n=2)
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    assert result.initial_head_version == "h1"
+    assert audit.version(result.final_head_version).parent == "h1"
+    assert len([e for e in audit.entries() if e.kind == "backbone"]) == 1  # same bundle, one backbone version
+
+
+def test_wire_log_shows_only_head_arrays_from_clinics(tmp_path, bundle, audit) -> None:
+    Coordinator(LoopbackGrid(clinics(bundle)), settings(tmp_path, bundle), audit).run()
+    entries = [json.loads(line) for line in (tmp_path / "state" / "wire.jsonl").read_text().splitlines()]
+    replies = [e for e in entries if e["direction"] == "in"]
+    assert {e["message_type"] for e in replies} == {"query.hello", "query.deploy", "train", "evaluate"}
+    for e in replies:
+        arrays = {name: rec for name, rec in e["content"].items() if rec["kind"] == "arrays"}
+        if e["message_type"] == "train":
+            assert set(arrays) == {"head"}
+            assert {k: (v["dtype"], v["shape"]) for k, v in arrays["head"]["items"].items()} == {
+                "weights-q": ("int8", [FEATURES, 7]), "bias-q": ("int32", [7]), "scale": ("float32", [1])
+            }
+        else:
+            assert arrays == {}
+    status = json.loads((tmp_path / "state" / "status.json").read_text())
+    assert status["phase"] == "finished" and status["head_version"] == "h3"
+    assert {c["clinic_id"] for c in status["clinics"].values()} == {"clinic-0", "clinic-1", "clinic-2"}
+
+
+def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
+    with pytest.raises(FederationError, match="unknown run-config key"):
+        FederationSettings.from_run_config({"num-round": 3}, "r")
+    with pytest.raises(FederationError, match="num-rounds"):
+        FederationSettings.from_run_config({"num-rounds": 0}, "r")
+    with pytest.raises(FederationError, match="unknown strategy 'fedsgd'"):
+        FederationSettings.from_run_config({"strategy": "fedsgd"}, "r")
+    with pytest.raises(StrategyError, match="does not take option"):
+        build_strategy("fedavg", {"eta": 0.1})
+
+
+def test_too_few_clinics_is_a_clear_error(tmp_path, bundle, audit) -> None:
+    with pytest.raises(FederationError, match="only 1 clinic"):
+        Coordinator(LoopbackGrid(clinics(bundle, n=1)), settings(tmp_path, bundle, **{"min-clinics": 2}), audit).run()

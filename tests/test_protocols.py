@@ -1,0 +1,171 @@
+"""The wire protocol: round trips through Flower's serialisation, and every refusal path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from protocols import messages as P
+from qana.head import Head, dequantize, init_head, quantize_head
+
+CLASSES = ("a", "b", "c")
+BUNDLE = "ab" * 32
+HEAD_SHA = "cd" * 32
+
+
+@pytest.fixture
+def head() -> Head:
+    h = init_head(8, CLASSES, feature_scale=0.05, seed=1)
+    rng = np.random.default_rng(0)
+    return Head(rng.normal(0, 0.3, (8, 3)).astype(np.float32), np.array([0.5, -1.0, 0.2], np.float32), CLASSES, h.feature_scale)
+
+
+@pytest.fixture
+def spec(head: Head) -> P.HeadSpec:
+    return P.HeadSpec.from_head(head, "v2")
+
+
+def test_global_head_roundtrip_is_exact(head: Head, spec: P.HeadSpec) -> None:
+    back = P.head_from_global_record(P.global_head_record(head), spec)
+    np.testing.assert_allclose(back.weights, head.weights, rtol=1e-6)
+    np.testing.assert_array_equal(back.bias, head.bias)
+    assert back.classes == head.classes and back.feature_scale == head.feature_scale
+
+
+def test_update_carries_exactly_the_quantized_head(head: Head, spec: P.HeadSpec) -> None:
+    q = quantize_head(head, "v2")
+    decoded = P.quantized_from_update(P.update_record(q), spec)
+    np.testing.assert_array_equal(decoded.weights, q.weights)
+    np.testing.assert_array_equal(decoded.bias, q.bias)
+    assert decoded.scale == pytest.approx(q.scale, rel=1e-7)
+    # dequantized for aggregation == the float head the quantized one represents, in scaled units
+    floats = P.dequantized_record(decoded, spec)
+    expected = dequantize(q, spec.feature_scale)
+    np.testing.assert_allclose(floats[P.ARR_WEIGHTS].numpy(), expected.weights * spec.feature_scale, rtol=1e-5)
+    np.testing.assert_allclose(floats[P.ARR_BIAS].numpy(), expected.bias, rtol=1e-5, atol=1e-6)
+
+
+def _train_reply(head: Head, **metric_overrides) -> RecordDict:
+    q = quantize_head(head, "v2")
+    metrics = {P.M_NUM_EXAMPLES: 10, P.M_TRAIN_TOP1: 0.5, P.M_NUM_SYNTHETIC: 0, P.M_DEVICE_AGREEMENT: 1.0}
+    metrics.update(metric_overrides)
+    return P.train_reply_content(q, metrics, P.ClinicInfo("clinic-a", 1, bundle_id=BUNDLE))
+
+
+def test_valid_train_reply_is_accepted(head: Head, spec: P.HeadSpec) -> None:
+    reply = P.validate_train_reply(_train_reply(head), spec, BUNDLE)
+    assert reply.clinic.clinic_id == "clinic-a" and reply.num_examples == 10
+
+
+def _with_array(content: RecordDict, name: str, value: np.ndarray) -> RecordDict:
+    arrays = dict(content[P.REC_HEAD].items())
+    arrays[name] = Array(value)
+    return RecordDict({P.REC_HEAD: ArrayRecord(arrays), P.REC_METRICS: content[P.REC_METRICS], P.REC_CLINIC: content[P.REC_CLINIC]})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        (P.ARR_WEIGHTS_Q, np.zeros((8, 4), np.int8), "shape (8, 4), expected (8, 3)"),
+        (P.ARR_WEIGHTS_Q, np.zeros((8, 3), np.float32), "dtype float32, expected int8"),
+        (P.ARR_BIAS_Q, np.zeros(3, np.int64), "dtype int64, expected int32"),
+        (P.ARR_SCALE, np.array([np.nan], np.float32), "NaN/Inf"),
+        (P.ARR_SCALE, np.array([np.inf], np.float32), "NaN/Inf"),
+        (P.ARR_SCALE, np.array([-1.0], np.float32), "scale must be positive"),
+        (P.ARR_WEIGHTS_Q, np.full((8, 3), -128, np.int8), "exceed the 8-bit range"),
+    ],
+)
+def test_malformed_updates_are_refused_with_a_reason(head, spec, name, value, reason) -> None:
+    content = _with_array(_train_reply(head), name, value)
+    with pytest.raises(P.ProtocolError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        P.validate_train_reply(content, spec, BUNDLE)
+
+
+def test_wrong_backbone_is_refused(head, spec) -> None:
+    with pytest.raises(P.ProtocolError, match="backbone"):
+        P.validate_train_reply(_train_reply(head), spec, "ef" * 32)
+
+
+def test_extra_records_and_keys_are_refused(head, spec) -> None:
+    content = _train_reply(head)
+    extra = RecordDict({**dict(content.items()), "features": ArrayRecord({"x": Array(np.zeros((10, 8), np.int16))})})
+    with pytest.raises(P.ProtocolError, match="does not allow: features"):
+        P.validate_train_reply(extra, spec, BUNDLE)
+    arrays = dict(content[P.REC_HEAD].items())
+    arrays["labels"] = Array(np.zeros(10, np.int64))
+    smuggled = RecordDict({P.REC_HEAD: ArrayRecord(arrays), P.REC_METRICS: content[P.REC_METRICS], P.REC_CLINIC: content[P.REC_CLINIC]})
+    with pytest.raises(P.ProtocolError, match="does not allow: labels"):
+        P.validate_train_reply(smuggled, spec, BUNDLE)
+    metrics = MetricRecord(dict(content[P.REC_METRICS]))
+    metrics["predictions"] = [0.0, 1.0]
+    with pytest.raises(P.ProtocolError, match="does not allow: predictions"):
+        P.validate_train_reply(
+            RecordDict({P.REC_HEAD: content[P.REC_HEAD], P.REC_METRICS: metrics, P.REC_CLINIC: content[P.REC_CLINIC]}), spec, BUNDLE
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [({P.M_NUM_EXAMPLES: 0}, "num-examples must be a positive integer"), ({P.M_TRAIN_TOP1: float("nan")}, "is nan"), ({P.M_TRAIN_TOP1: 1.5}, "outside")],
+)
+def test_bad_metrics_are_refused(head, spec, overrides, reason) -> None:
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.validate_train_reply(_train_reply(head, **overrides), spec, BUNDLE)
+
+
+def test_protocol_version_mismatch_is_a_clear_error(head, spec) -> None:
+    content = _train_reply(head)
+    clinic = ConfigRecord(dict(content[P.REC_CLINIC]))
+    clinic[P.K_PROTOCOL] = 99
+    bad = RecordDict({P.REC_HEAD: content[P.REC_HEAD], P.REC_METRICS: content[P.REC_METRICS], P.REC_CLINIC: clinic})
+    with pytest.raises(P.ProtocolError, match="protocol version 99"):
+        P.validate_train_reply(bad, spec, BUNDLE)
+
+
+def test_train_instruction_roundtrip_and_checks(head, spec) -> None:
+    settings = P.TrainSettings(3, BUNDLE, HEAD_SHA, local_epochs=4, learning_rate=0.05, proximal_mu=0.1)
+    got_head, got = P.validate_train_ins(P.train_content(head, settings), spec)
+    assert got == settings
+    np.testing.assert_allclose(got_head.weights, head.weights, rtol=1e-6)
+    content = P.train_content(head, settings)
+    content[P.REC_CONFIG][P.K_EPOCHS] = 0
+    with pytest.raises(P.ProtocolError, match="out of range"):
+        P.validate_train_ins(content, spec)
+    content = P.train_content(head, settings)
+    content[P.REC_CONFIG]["data-dir"] = "/etc"
+    with pytest.raises(P.ProtocolError, match="does not allow: data-dir"):
+        P.validate_train_ins(content, spec)
+
+
+def test_global_head_with_nan_is_refused(head, spec) -> None:
+    record = P.global_head_record(head)
+    w = record[P.ARR_WEIGHTS].numpy().copy()
+    w[0, 0] = np.nan
+    record[P.ARR_WEIGHTS] = Array(w)
+    with pytest.raises(P.ProtocolError, match="NaN/Inf"):
+        P.head_from_global_record(record, spec)
+
+
+def test_deploy_instruction_checks_the_announced_id() -> None:
+    content = P.deploy_content(BUNDLE, b"tar bytes")
+    assert P.validate_deploy_ins(content) == (BUNDLE, b"tar bytes")
+    content[P.REC_BUNDLE][P.K_BUNDLE_ID] = "ef" * 32
+    with pytest.raises(P.ProtocolError, match="different bundles"):
+        P.validate_deploy_ins(content)
+
+
+def test_hello_and_evaluate_replies() -> None:
+    info = P.validate_hello_reply(P.hello_reply_content(P.ClinicInfo("c1", 1, cached_bundles=(BUNDLE,), device="software")))
+    assert info.cached_bundles == (BUNDLE,) and info.device == "software"
+    metrics = {P.M_NUM_EXAMPLES: 5, P.M_TOP1: 0.8, P.M_MACRO_F1: 0.7, P.M_BALANCED_ACCURACY: 0.6, P.M_DEVICE_AGREEMENT: 1.0}
+    content = P.evaluate_reply_content(metrics, P.ClinicInfo("c1", 1, bundle_id=BUNDLE, head_id=HEAD_SHA))
+    assert P.validate_evaluate_reply(content, BUNDLE, HEAD_SHA).metrics[P.M_TOP1] == 0.8
+    with pytest.raises(P.ProtocolError, match="evaluated head"):
+        P.validate_evaluate_reply(content, BUNDLE, "ef" * 32)
+
+
+def test_lower_bound_is_parameters_times_bits(spec) -> None:
+    assert spec.num_parameters == 8 * 3 + 3
+    assert spec.lower_bound_bytes == 27.0
+    assert P.HeadSpec(8, 3, "v1", 1.0, CLASSES).lower_bound_bytes == 13.5
