@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from server.audit.cli import audit_app, rollback_command
+from server.federation_cli import certs_command, nodes_app, start_command, status_command
 
 app = typer.Typer(
     name="qana-server",
@@ -17,6 +18,10 @@ app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.command("rollback")(rollback_command)
+app.command("start")(start_command)
+app.command("certs")(certs_command)
+app.add_typer(nodes_app, name="nodes")
+app.command("status")(status_command)
 
 if __name__ == "__main__":
     app()

@@ -74,8 +74,14 @@ class AuditSink(Protocol):
 
 # --------------------------------------------------------------------------- settings
 
+# Settings clinics must not see travel as environment variables of the ServerApp process
+# (`qana-server start` sets them on the SuperLink); the run config is visible to ClientApps.
+ENV_BUNDLE = "QANA_BUNDLE"
+ENV_STATE_DIR = "QANA_SERVER_STATE_DIR"
+ENV_WIRE_LOG = "QANA_WIRE_LOG"
+
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "bundle": "",  # path of the bundle directory ("" = the package's default v2 bundle)
+    "bundle": "",  # bundle directory ("" = $QANA_BUNDLE, else the package's default v2 bundle)
     "num-rounds": 3,
     "strategy": "fedavg",
     "strategy-options": "",  # "key=value,key=value" for the strategy constructor
@@ -93,8 +99,8 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "initial-head": "auto",  # auto | bundle | random
     "audit-db": "",  # SQLAlchemy URL ("" = $QANA_AUDIT_DB or ~/.qana/audit.db)
     "audit-key": "",  # signing key path ("" = $QANA_AUDIT_KEY or ~/.qana/audit_key.pem)
-    "state-dir": "",  # where status.json and wire.jsonl go ("" = none)
-    "wire-log": False,  # log the structure and size of every message to state-dir/wire.jsonl
+    "state-dir": "",  # where status.json and wire.jsonl go ("" = $QANA_SERVER_STATE_DIR, else none)
+    "wire-log": False,  # log every message's structure and size to state-dir/wire.jsonl (or $QANA_WIRE_LOG=1)
 }
 
 
@@ -151,9 +157,11 @@ class FederationSettings:
             options = parse_options(str(cfg["strategy-options"]))
         except ValueError as exc:
             raise FederationError(str(exc)) from None
+        bundle = str(cfg["bundle"]) or os.environ.get(ENV_BUNDLE, "")
+        state_dir = str(cfg["state-dir"]) or os.environ.get(ENV_STATE_DIR, "")
         return cls(
             run_id=run_id,
-            bundle=Path(str(cfg["bundle"])).expanduser() if cfg["bundle"] else None,
+            bundle=Path(bundle).expanduser() if bundle else None,
             num_rounds=number("num-rounds", int, 1, 10_000),
             strategy=strategy,
             strategy_options=options,
@@ -171,8 +179,8 @@ class FederationSettings:
             initial_head=initial,
             audit_db=str(cfg["audit-db"]) or None,
             audit_key=Path(str(cfg["audit-key"])).expanduser() if cfg["audit-key"] else None,
-            state_dir=Path(str(cfg["state-dir"])).expanduser() if cfg["state-dir"] else None,
-            wire_log=bool(cfg["wire-log"]),
+            state_dir=Path(state_dir).expanduser() if state_dir else None,
+            wire_log=bool(cfg["wire-log"]) or os.environ.get(ENV_WIRE_LOG) == "1",
         )
 
     def strategy_config(self) -> dict[str, Any]:

@@ -1,0 +1,182 @@
+"""``qana-client``: a clinic joins a federation by running a Flower SuperNode with the QANA ClientApp.
+
+`start` checks everything it can locally first (data folder readable, CA certificate and
+auth key parse, Akida device choice), says which Akida device will be used, then runs
+`flower-supernode` with the clinic's settings as node config. The SuperNode starts the QANA
+ClientApp (`client.app`, this installed package) for each message the coordinator sends.
+Mistakes print one ``error: ...`` line and exit with status 2.
+
+Nothing on this path imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import client
+
+EXIT_ERROR = 2
+REPO_ROOT = Path(client.__file__).resolve().parents[1]
+
+app = typer.Typer(
+    name="qana-client",
+    no_args_is_help=True,
+    help="QANA-FL clinic: join a federation; only the trained projection head ever leaves this machine.",
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    from client.clinic import ClinicError
+    from protocols.auth import AuthError
+    from qana.data import DataError
+
+    try:
+        yield
+    except (AuthError, ClinicError, DataError) as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (JSON escaping is valid TOML for basic strings)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def node_config_string(config: dict[str, Any]) -> str:
+    """`--node-config` for flower-supernode: space-separated key=value with TOML values."""
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={_toml_string(str(value))}")
+    return " ".join(parts)
+
+
+def supernode_command(
+    server: str,
+    node_config: dict[str, Any],
+    root_certificates: Path | None,
+    auth_key: Path | None,
+    insecure: bool,
+    runtime_port: int,
+) -> list[str]:
+    """The flower-supernode command line (flags as in `flower-supernode --help` of flwr 1.41)."""
+    exe = Path(sys.executable).parent / "flower-supernode"
+    cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode")]
+    cmd += ["--superlink", server, "--node-config", node_config_string(node_config)]
+    cmd += ["--host", "127.0.0.1", "--port", str(runtime_port)]
+    if insecure:
+        cmd.append("--insecure")
+    elif root_certificates is not None:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+@app.command("start")
+def start(
+    server: Annotated[str, typer.Option("--server", metavar="HOST:PORT", help="The coordinator's SuperLink address.")],
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg.")],
+    clinic_id: Annotated[str, typer.Option("--clinic-id", metavar="NAME", help="This clinic's id (as registered by the coordinator).")],
+    root_certificates: Annotated[Path | None, typer.Option("--root-certificates", metavar="CA", help="The federation's CA certificate (ca.pem from the coordinator).")] = None,
+    auth_key: Annotated[Path | None, typer.Option("--auth-key", metavar="KEY", help="This clinic's SuperNode private key (from `qana-client keygen`).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto: an Akida device if one is found, else the software backend; software: always the software backend.")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", metavar="DIR", help="Received bundles, image and feature caches (default ~/.cache/qana/clinics/NAME).")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of lesions held out for local evaluation.")] = 0.2,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS (only to a coordinator started with --insecure).")] = False,
+    runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local port of the SuperNode's ClientApp API (distinct per clinic on one machine).")] = 9094,
+) -> None:
+    """Run a Flower SuperNode for this clinic until stopped (Ctrl-C)."""
+    from client.clinic import ClinicConfig, ClinicError
+    from protocols.auth import check_clinic_name, load_private_key
+    from qana.data import METADATA_FILE, read_metadata
+    from qana.runtime import RuntimeErrorQana, choose_device
+
+    with _reported_errors():
+        check_clinic_name(clinic_id)
+        data = data.expanduser().resolve()
+        if not data.is_dir():
+            raise _fail(f"data folder not found: {data}")
+        records = read_metadata(data / METADATA_FILE)
+        if root_certificates is not None:
+            root_certificates = root_certificates.expanduser().resolve()
+            if not root_certificates.is_file():
+                raise _fail(f"CA certificate not found: {root_certificates}")
+        if insecure and auth_key is not None:
+            raise _fail("--auth-key needs TLS; drop --insecure")
+        if not insecure and root_certificates is None:
+            typer.echo("note: no --root-certificates; the coordinator's certificate must be trusted by this system's CA store", err=True)
+        if auth_key is not None:
+            auth_key = auth_key.expanduser().resolve()
+            load_private_key(auth_key)
+        try:
+            choice = choose_device(device)
+        except RuntimeErrorQana as exc:
+            raise ClinicError(str(exc)) from None
+        node_config: dict[str, Any] = {"data-dir": str(data), "clinic-id": clinic_id, "device": device, "eval-fraction": eval_fraction}
+        if cache_dir is not None:
+            node_config["cache-dir"] = str(cache_dir.expanduser().resolve())
+        config = ClinicConfig.from_node_config(node_config)
+        config.cache.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"clinic {clinic_id}: {len(records)} images listed in {data}")
+    typer.echo(f"Akida: {choice.description}")
+    typer.echo(f"connecting to {server} ({'INSECURE' if insecure else 'TLS'}{', authenticated' if auth_key else ''}); cache {config.cache}")
+
+    env = dict(os.environ)
+    env.setdefault("FLWR_HOME", str(config.cache / "flwr-home"))
+    parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    cmd = supernode_command(server, node_config, root_certificates, auth_key, insecure, runtime_port)
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    code = process.wait()
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM) else code)
+
+
+@app.command("keygen")
+def keygen(
+    out: Annotated[Path, typer.Option("--out", metavar="KEY", help="Private key file; the public key is written to KEY.pub.")] = Path.home() / ".qana" / "clinic" / "node.key",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing key pair.")] = False,
+) -> None:
+    """Make this clinic's SuperNode key pair; send only the .pub file to the coordinator."""
+    from protocols.auth import create_node_keys, key_fingerprint, load_public_key
+
+    with _reported_errors():
+        private, public = create_node_keys(out.expanduser(), overwrite=overwrite)
+        fingerprint = key_fingerprint(load_public_key(public))
+    typer.echo(f"private key {private} (keep it here; mode 0600)")
+    typer.echo(f"public key  {public} ({fingerprint}): send this file to the coordinator")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,80 @@
+"""Backbone features, computed once per backbone version and cached on disk.
+
+The backbone is frozen during federation, so a clinic runs it over its images once per
+bundle and reuses the integer features every round; each round only trains the head. The
+cache is keyed by the sha256 of each image's JPEG bytes (`Dataset.content_hashes`) and the
+bundle id, so a folder that grows only sends its new images through the backbone, and a
+renamed file is not recomputed. One file per bundle, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qana.bundle import Bundle
+from qana.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class FeatureExtractor(Protocol):
+    def features(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class FeatureCache:
+    """Features of one bundle's backbone, by image content hash."""
+
+    def __init__(self, root: Path | str, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.path = Path(root) / "features" / f"{bundle.bundle_id}.npz"
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        empty = (np.zeros(0, dtype="U64"), np.zeros((0, self.bundle.feature_dim), np.int16))
+        if not self.path.is_file():
+            return empty
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                hashes, feats = z["hashes"], z["features"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("feature cache %s is unreadable (%s); recomputing it", self.path, exc)
+            return empty
+        if feats.ndim != 2 or feats.shape != (len(hashes), self.bundle.feature_dim):
+            log.warning("feature cache %s has shape %s; recomputing it", self.path, feats.shape)
+            return empty
+        return hashes, feats
+
+    def _save(self, hashes: np.ndarray, feats: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            np.savez(handle, hashes=hashes, features=feats)
+        os.replace(tmp, self.path)
+
+    def features(self, dataset: Dataset, extractor: FeatureExtractor) -> tuple[np.ndarray, int]:
+        """Features aligned with `dataset` rows, and how many had to be computed now."""
+        hashes, feats = self._load()
+        index = {h: i for i, h in enumerate(hashes.tolist())}
+        wanted = dataset.content_hashes.tolist()
+        missing_rows = [i for i, h in enumerate(wanted) if h not in index]
+        unique_missing: dict[str, int] = {}
+        for i in missing_rows:
+            unique_missing.setdefault(wanted[i], i)
+        if unique_missing:
+            rows = np.array(list(unique_missing.values()), dtype=np.int64)
+            new = np.asarray(extractor.features(dataset.images[rows]))
+            new = new.reshape(len(rows), -1)
+            if new.shape[1] != self.bundle.feature_dim:
+                raise ValueError(
+                    f"backbone produced {new.shape[1]} features per image, bundle declares {self.bundle.feature_dim}"
+                )
+            hashes = np.concatenate([hashes, np.array(list(unique_missing), dtype="U64")])
+            feats = np.concatenate([feats, new.astype(np.int16)])
+            self._save(hashes, feats)
+            index = {h: i for i, h in enumerate(hashes.tolist())}
+        aligned = feats[[index[h] for h in wanted]] if wanted else feats[:0]
+        return aligned, len(unique_missing)

@@ -1,0 +1,97 @@
+"""Clinic identity: clinic ids and SuperNode authentication keys, shared by both sides.
+
+Flower authenticates SuperNodes with EC key pairs (NIST curves): the clinic keeps the
+private key (OpenSSH format, what `flower-supernode --auth-supernode-private-key` loads) and
+the coordinator registers the public key (`flwr supernode register`, wrapped by
+`qana-server nodes register`). Key generation lives here so that a clinic can make its own
+key pair (`qana-client keygen`) without the private key ever leaving the clinic, and the
+coordinator can make pilot keys (`qana-server certs --clinic`), with one implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+CLINIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AuthError(ValueError):
+    """A clinic id or key is unusable; the message names the file or value."""
+
+
+def check_clinic_name(name: str) -> str:
+    """Clinic ids become file names, node names and audit-log keys: letters, digits, '_', '.', '-'."""
+    if not CLINIC_NAME.match(name or ""):
+        raise AuthError(f"invalid clinic id {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
+    return name
+
+
+def _write(path: Path, data: bytes, private: bool, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise AuthError(f"{path} already exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
+    """A clinic's SuperNode key pair: OpenSSH EC P-384 private key (0600) and `<name>.pub`."""
+    private_path = Path(private_path)
+    public_path = private_path.with_name(private_path.name + ".pub")
+    if not overwrite:
+        for path in (private_path, public_path):
+            if path.exists():
+                raise AuthError(f"{path} already exists; refusing to overwrite it")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(private_path, private, private=True, overwrite=overwrite)
+    _write(public_path, public + b"\n", private=False, overwrite=overwrite)
+    return private_path, public_path
+
+
+def load_private_key(path: Path | str) -> ec.EllipticCurvePrivateKey:
+    """Check a SuperNode private key before handing it to Flower (which exits without detail)."""
+    path = Path(path).expanduser()
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except FileNotFoundError:
+        raise AuthError(f"auth key not found: {path}") from None
+    except (ValueError, UnsupportedAlgorithm, TypeError) as exc:
+        raise AuthError(f"{path} is not an unencrypted OpenSSH private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AuthError(f"{path} is not an EC key; make one with `qana-client keygen`")
+    return key
+
+
+def load_public_key(path: Path | str) -> ec.EllipticCurvePublicKey:
+    """Read a clinic's `.pub` file (OpenSSH EC public key)."""
+    path = Path(path).expanduser()
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise AuthError(f"public key not found: {path}") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise AuthError(f"{path} is not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise AuthError(f"{path} is not an EC public key; make one with `qana-client keygen`")
+    return key
+
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA256 of the OpenSSH public key blob, as `ssh-keygen -l` prints it (without padding)."""
+    import base64
+
+    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
