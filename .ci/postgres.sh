@@ -151,8 +151,9 @@ EOF
     for attempt in $(seq 1 40); do
         candidate=$((20000 + (RANDOM * 32768 + RANDOM) % 30000))
         port_busy "$candidate" && continue
+        # 9>&-: the server daemon must not inherit (and hold forever) this script's lock.
         if as_pg "$bindir/pg_ctl" -D "$datadir" -l "$workdir/server.log" -w -t 60 \
-            -o "-p $candidate" start >/dev/null 2>&1; then
+            -o "-p $candidate" start >/dev/null 2>&1 9>&-; then
             port=$candidate
             break
         fi
@@ -182,6 +183,12 @@ EOF
     log "PostgreSQL $("$bindir/postgres" -V | awk '{print $3}') listening on 127.0.0.1:$port; URL in $env_file"
     printf '%s\n' "$url"
 }
+
+# Two CI steps calling this at once must not both start a server for one env file.
+if command -v flock >/dev/null; then
+    exec 9>"$env_file.lock"
+    flock 9
+fi
 
 case "$action" in
     start) start_server ;;
