@@ -101,10 +101,13 @@ class Problem:
     detail: str
 
     def describe(self) -> str:
-        place = f"entry #{self.seq}" if self.seq is not None else "the log"
-        names = " ".join(name for name in (self.kind, self.version) if name)
-        if names:
-            place = f"{place} ({names})"
+        if self.kind == "chain head":
+            place = "the chain head record" + (f" (names entry #{self.seq})" if self.seq is not None else "")
+        else:
+            place = f"entry #{self.seq}" if self.seq is not None else "the log"
+            names = " ".join(name for name in (self.kind, self.version) if name)
+            if names:
+                place = f"{place} ({names})"
         return f"{place}: {self.problem}: {self.detail}"
 
     def to_dict(self) -> dict[str, Any]:
