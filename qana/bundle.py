@@ -1,0 +1,213 @@
+"""Model bundles: the directory every component loads, with no TensorFlow needed.
+
+    <bundle>/bundle.json   what it is: classes, input size, preprocessing, target IP version,
+                           akida version, bit widths, sha256 of every file, how it was made, metrics
+    <bundle>/model.fbz     the converted Akida model (backbone + head layer)
+    <bundle>/head.npz      the float head (see qana.head) the Akida head layer was written from
+
+Every file's sha256 is checked on load; a file that does not match is refused with an error
+that names it. A bundle's identity (`bundle_id`) is the sha256 of its canonical bundle.json,
+which covers every file through their hashes; clinics cache backbones by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+MODEL_FILE = "model.fbz"
+HEAD_FILE = "head.npz"
+PACKAGE_BUNDLES = Path(__file__).parent / "bundles"
+REQUIRED_KEYS = ("format_version", "target", "classes", "input_shape", "files", "feature_dim")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed or has been tampered with; the message says which file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bundle_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.manifest)).hexdigest()
+
+    @property
+    def target(self) -> str:
+        return str(self.manifest["target"])
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.manifest["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        h, w, c = self.manifest["input_shape"]
+        return int(h), int(w), int(c)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.manifest["feature_dim"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def head_path(self) -> Path:
+        return self.path / HEAD_FILE
+
+    def load_head(self):  # -> qana.head.Head (imported lazily: bundle stays dependency-light)
+        from qana.head import head_from_npz
+
+        return head_from_npz(self.head_path.read_bytes())
+
+
+def write_bundle(
+    path: Path | str,
+    model_file: Path,
+    head_bytes: bytes,
+    manifest: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+) -> Bundle:
+    """Create a bundle directory atomically (written beside, then renamed into place).
+
+    `extra_files` (e.g. the float and quantized Keras models, for `qana evaluate --backend
+    float|quantized`) are hashed like the rest but are optional on load and never sent to clinics.
+    """
+    path = Path(path)
+    missing = [k for k in REQUIRED_KEYS if k not in manifest and k not in ("files", "format_version")]
+    if missing:
+        raise BundleError(f"manifest lacks {', '.join(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shutil.copyfile(model_file, tmp / MODEL_FILE)
+        (tmp / HEAD_FILE).write_bytes(head_bytes)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        full = dict(manifest)
+        full["format_version"] = FORMAT_VERSION
+        names = (MODEL_FILE, HEAD_FILE, *(extra_files or {}))
+        full["files"] = {name: sha256_file(tmp / name) for name in names}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_bundle(path)
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load and verify a bundle; raise BundleError naming the first problem."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"not a model bundle: {path} has no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path}: 'files' must map file names to sha256")
+    for name in (MODEL_FILE, HEAD_FILE):
+        if name not in files:
+            raise BundleError(f"{manifest_path}: no sha256 recorded for {name}")
+    for name, expected in files.items():
+        file_path = path / name
+        if not file_path.is_file():
+            if name in (MODEL_FILE, HEAD_FILE):
+                raise BundleError(f"bundle file missing: {file_path}")
+            continue  # optional extras (Keras models) are not shipped to clinics
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle file {file_path} has been modified: sha256 {actual[:12]}… does not match "
+                f"the recorded {expected[:12]}…; refusing to load it"
+            )
+    return Bundle(path, manifest)
+
+
+def default_bundle_path(target: str = "v2") -> Path:
+    """The bundle shipped inside the package for a target ('v2' or 'v1')."""
+    if target not in ("v2", "v1"):
+        raise BundleError(f"unknown target {target!r}: expected 'v2' or 'v1'")
+    return PACKAGE_BUNDLES / target
+
+
+def load_default_bundle(target: str = "v2") -> Bundle:
+    return load_bundle(default_bundle_path(target))
+
+
+def pack_bundle(bundle: Bundle) -> bytes:
+    """The bundle as one tar archive (what the coordinator sends to a clinic that lacks it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in (MANIFEST, MODEL_FILE, HEAD_FILE):
+            tar.add(bundle.path / name, arcname=name)
+    return buf.getvalue()
+
+
+def unpack_bundle(data: bytes, dest: Path | str, expected_id: str | None = None) -> Bundle:
+    """Unpack a packed bundle into dest and verify it (and its id, when one is expected)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                names = set(tar.getnames())
+                if names != {MANIFEST, MODEL_FILE, HEAD_FILE}:
+                    raise BundleError(f"packed bundle holds unexpected files: {sorted(names)}")
+                tar.extractall(tmp, filter="data")
+        except tarfile.TarError as exc:
+            raise BundleError(f"packed bundle is not a valid archive: {exc}") from None
+        bundle = load_bundle(tmp)
+        if expected_id is not None and bundle.bundle_id != expected_id:
+            raise BundleError(f"received bundle {bundle.bundle_id[:12]}… but {expected_id[:12]}… was announced")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_bundle(dest)

@@ -1,0 +1,139 @@
+"""`qana`: train, evaluate and inspect QANA model bundles.
+
+    qana train --data DIR --run-dir runs/v2 [--target v2|v1] [--weight-bits 8|4] ...
+    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE]
+    qana info [BUNDLE]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="QANA model pipeline: HAM10000 images -> quantized QANA network -> Akida model bundle.",
+)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it."),
+    run_dir: Path = typer.Option(Path("runs/qana-v2"), help="Where every stage's output goes; rerun to resume."),
+    target: str = typer.Option("v2", help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features)."),
+    weight_bits: int = typer.Option(8, help="Backbone weight bits: 8 or 4 (v1 needs 4)."),
+    epochs: int = typer.Option(20, help="Float training epochs."),
+    qat_epochs: int = typer.Option(3, help="Quantization-aware fine-tuning epochs."),
+    batch_size: int = typer.Option(64),
+    learning_rate: float = typer.Option(2e-3),
+    width: int = typer.Option(32, help="Channels of the first stage (later stages double)."),
+    feature_dim: int = typer.Option(256, help="Features before the head."),
+    attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
+    class_weighting: str = typer.Option("sqrt", help="Backbone loss class weights: sqrt | balanced | none."),
+    head_smote: str = typer.Option("auto", help="Head: SMOTE on PCA-whitened features: auto (keep if it helps on validation) | on | off."),
+    seed: int = typer.Option(0),
+    limit: int = typer.Option(0, help="Use only N images (smoke tests); 0 = all."),
+    bundle_out: Optional[Path] = typer.Option(None, help="Where to write the bundle (default RUN_DIR/bundle)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore finished stages in RUN_DIR and redo everything."),
+) -> None:
+    """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from qana.data import DataError
+    from qana.train import TrainOptions, run
+
+    if target not in ("v2", "v1"):
+        _fail(f"--target must be v2 or v1, not {target!r}")
+    if weight_bits not in (4, 8):
+        _fail(f"--weight-bits must be 4 or 8, not {weight_bits}")
+    if target == "v1" and weight_bits != 4:
+        _fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
+    opts = TrainOptions(
+        data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
+        batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
+        class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        resume=not fresh,
+    )
+    try:
+        infos = run(opts, progress=lambda msg: typer.echo(msg))
+    except DataError as exc:
+        _fail(str(exc))
+    test = infos["bundle"]["metrics"]["test"]
+    typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
+    typer.echo(f"bundle: {infos['bundle']['bundle']}")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Option(..., help="HAM10000-style folder to evaluate on (every readable image is used)."),
+    model: Optional[Path] = typer.Option(None, help="Bundle directory; default: the shipped v2 bundle."),
+    backend: str = typer.Option("akida", help="akida (the converted model) | quantized | float (Keras models in the bundle)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Confusion-matrix PNG (default: beside --json)."),
+) -> None:
+    """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
+    from qana.bundle import BundleError, load_bundle, load_default_bundle
+    from qana.data import DataError, describe_skipped, load_dataset
+    from qana.evaluate import evaluate_bundle, plot_confusion
+
+    try:
+        bundle = load_bundle(model) if model else load_default_bundle("v2")
+        dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
+        result = evaluate_bundle(bundle, dataset, backend)
+    except (BundleError, DataError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}")
+    typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
+    for name, pc in result["per_class"].items():
+        typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+        typer.echo(f"metrics: {json_out}")
+        plot = plot or json_out.with_suffix(".png")
+    if plot:
+        plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
+        typer.echo(f"confusion matrix: {plot}")
+
+
+@app.command()
+def info(bundle_path: Optional[Path] = typer.Argument(None, help="Bundle directory (default: the shipped v2 bundle).")) -> None:
+    """Print a bundle's manifest after verifying every file's sha256."""
+    from qana.bundle import BundleError, load_bundle, load_default_bundle
+
+    try:
+        bundle = load_bundle(bundle_path) if bundle_path else load_default_bundle("v2")
+    except BundleError as exc:
+        _fail(str(exc))
+    m = bundle.manifest
+    typer.echo(f"bundle     {bundle.path}")
+    typer.echo(f"id         {bundle.bundle_id}")
+    typer.echo(f"target     Akida {m['target']} ({m.get('ip_version', '?')}), akida {m.get('akida_version', '?')}")
+    typer.echo(f"classes    {', '.join(m['classes'])}")
+    typer.echo(f"input      {m['input_shape']} {m.get('input_dtype', 'uint8')}; features {m['feature_dim']}")
+    typer.echo(f"bits       {json.dumps(m.get('bits', {}))}")
+    for name, digest in m["files"].items():
+        typer.echo(f"file       {name}  sha256 {digest}")
+    training = m.get("training", {})
+    if training:
+        typer.echo(f"trained by {training.get('command', '?')}")
+    test = m.get("metrics", {}).get("test", {})
+    for backend in ("float", "quantized", "akida"):
+        if backend in test:
+            r = test[backend]
+            typer.echo(f"test {backend:9s} top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}  balanced_acc {r['balanced_accuracy']:.4f}  n {r['n']}")
+    typer.echo("verified: every file matches its recorded sha256")
+
+
+if __name__ == "__main__":
+    app()

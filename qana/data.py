@@ -1,0 +1,252 @@
+"""Reading a HAM10000-style folder: metadata, image discovery, decoding, and the on-disk cache.
+
+A folder is valid when it holds `HAM10000_metadata.csv` (the Harvard Dataverse columns) and
+`ISIC_*.jpg` files anywhere below it (`images/`, or the official `HAM10000_images_part_1/2`).
+Images that are missing, unreadable or corrupt are skipped and reported by name, so one bad
+file never stops a clinic's run half-way. A missing or malformed metadata file is a
+`DataError` with a message that says what is wrong.
+
+Decoded 64x64 uint8 images are cached per image, keyed by the sha256 of the JPEG bytes and
+the preprocessing parameters: a second run, or a folder that has grown, decodes only new files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from qana.classes import CLASS_NAMES
+
+METADATA_FILE = "HAM10000_metadata.csv"
+REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_CACHE_DIR = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana"))
+
+
+class DataError(ValueError):
+    """The data folder cannot be used as it is; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image's metadata row."""
+
+    image_id: str
+    lesion_id: str
+    dx: str
+    centre: str
+
+
+@dataclass
+class Dataset:
+    """Decoded images with their labels and grouping keys, aligned by index."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64 indices into class_names
+    lesion_ids: np.ndarray  # (N,) str
+    centres: np.ndarray  # (N,) str
+    image_ids: np.ndarray  # (N,) str
+    content_hashes: np.ndarray  # (N,) str, sha256 of the JPEG bytes
+    class_names: tuple[str, ...] = CLASS_NAMES
+    skipped: dict[str, str] = field(default_factory=dict)  # image_id -> reason
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray) -> "Dataset":
+        """The rows at `index`, as a new Dataset (skipped files are kept for reporting)."""
+        return Dataset(
+            images=self.images[index],
+            labels=self.labels[index],
+            lesion_ids=self.lesion_ids[index],
+            centres=self.centres[index],
+            image_ids=self.image_ids[index],
+            content_hashes=self.content_hashes[index],
+            class_names=self.class_names,
+            skipped=dict(self.skipped),
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(c) for name, c in zip(self.class_names, counts)}
+
+
+def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
+    """Parse the metadata CSV; raise DataError naming the line or column that is wrong."""
+    if not path.is_file():
+        raise DataError(f"metadata file not found: {path} (expected {METADATA_FILE} in the data folder)")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {header}")
+            records = []
+            seen: set[str] = set()
+            for line_no, row in enumerate(reader, start=2):
+                image_id = (row.get("image_id") or "").strip()
+                lesion_id = (row.get("lesion_id") or "").strip()
+                dx = (row.get("dx") or "").strip()
+                if not image_id or not lesion_id:
+                    raise DataError(f"{path}:{line_no}: empty image_id or lesion_id")
+                if dx not in class_names:
+                    raise DataError(f"{path}:{line_no}: unknown diagnosis {dx!r}; expected one of {', '.join(class_names)}")
+                if image_id in seen:
+                    raise DataError(f"{path}:{line_no}: image {image_id} is listed twice")
+                seen.add(image_id)
+                records.append(Record(image_id, lesion_id, dx, (row.get("dataset") or "unknown").strip() or "unknown"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+    if not records:
+        raise DataError(f"{path}: no rows")
+    return records
+
+
+def find_images(root: Path) -> dict[str, Path]:
+    """Map image_id -> path for every ISIC_*.jpg below root (any sub-folder layout)."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("ISIC_*.jp*g")):
+        found.setdefault(path.stem, path)
+    return found
+
+
+def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """JPEG bytes -> (size, size, 3) uint8: centre square crop, then area resize.
+
+    The centre square keeps the lesion's aspect ratio (HAM10000 lesions are centred);
+    the same function runs at the clinic, so training and deployment see identical pixels.
+    """
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    width, height = rgb.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = rgb.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+
+
+class ImageCache:
+    """Per-image cache of decoded arrays, content-addressed by sha256 of the JPEG bytes."""
+
+    def __init__(self, cache_dir: Path | None = DEFAULT_CACHE_DIR, size: int = DEFAULT_IMAGE_SIZE) -> None:
+        self.size = size
+        self.root = None if cache_dir is None else Path(cache_dir) / f"images-v1-{size}px-centre"
+
+    def _path(self, digest: str) -> Path:
+        assert self.root is not None
+        return self.root / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        if self.root is None:
+            return None
+        path = self._path(digest)
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError):
+            return None
+        return arr if arr.shape == (self.size, self.size, 3) and arr.dtype == np.uint8 else None
+
+    def put(self, digest: str, image: np.ndarray) -> None:
+        if self.root is None:
+            return
+        path = self._path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            np.save(handle, image)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written entry
+
+
+def load_images(
+    paths: Iterable[tuple[str, Path]],
+    size: int = DEFAULT_IMAGE_SIZE,
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Decode (or fetch from cache) each (image_id, path).
+
+    Returns (arrays by id, content hash by id, skipped id -> reason).
+    """
+    cache = ImageCache(cache_dir, size)
+    items = list(paths)
+    iterator: Iterable[tuple[str, Path]] = items
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(items, desc="images", unit="img", leave=False)
+    arrays: dict[str, np.ndarray] = {}
+    hashes: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    for image_id, path in iterator:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            skipped[image_id] = f"unreadable: {exc.strerror or exc}"
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        image = cache.get(digest)
+        if image is None:
+            try:
+                image = decode_image(data, size)
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                skipped[image_id] = f"corrupt image: {exc}"
+                continue
+            cache.put(digest, image)
+        arrays[image_id] = image
+        hashes[image_id] = digest
+    return arrays, hashes, skipped
+
+
+def load_dataset(
+    root: Path | str,
+    size: int = DEFAULT_IMAGE_SIZE,
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+    progress: bool = False,
+) -> Dataset:
+    """Load a HAM10000-style folder into memory; skipped images are listed in `Dataset.skipped`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    records = read_metadata(root / METADATA_FILE, class_names)
+    files = find_images(root)
+    skipped: dict[str, str] = {r.image_id: "missing: no image file found" for r in records if r.image_id not in files}
+    present = [r for r in records if r.image_id in files]
+    arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)
+    skipped.update(bad)
+    kept = [r for r in present if r.image_id in arrays]
+    if not kept:
+        raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read")
+    index = {name: i for i, name in enumerate(class_names)}
+    return Dataset(
+        images=np.stack([arrays[r.image_id] for r in kept]),
+        labels=np.array([index[r.dx] for r in kept], dtype=np.int64),
+        lesion_ids=np.array([r.lesion_id for r in kept]),
+        centres=np.array([r.centre for r in kept]),
+        image_ids=np.array([r.image_id for r in kept]),
+        content_hashes=np.array([hashes[r.image_id] for r in kept]),
+        class_names=class_names,
+        skipped=skipped,
+    )
+
+
+def describe_skipped(skipped: dict[str, str], limit: int = 10) -> str:
+    """A short human report of skipped images, naming the first few."""
+    if not skipped:
+        return "all images read"
+    names = ", ".join(f"{k} ({v})" for k, v in list(skipped.items())[:limit])
+    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} image(s): {names}{more}"

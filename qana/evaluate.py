@@ -1,0 +1,73 @@
+"""Evaluating a bundle on a folder of images, on the Akida model or the Keras models it ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qana.bundle import Bundle
+from qana.data import Dataset
+from qana.metrics import classification_metrics
+
+BACKENDS = ("akida", "quantized", "float")
+
+
+def predict_bundle(bundle: Bundle, images: np.ndarray, backend: str = "akida") -> np.ndarray:
+    """Class indices for uint8 images with the chosen backend."""
+    if backend == "akida":
+        from qana.runtime import AkidaRuntime
+
+        return AkidaRuntime(bundle, device="auto").logits(images).argmax(1)
+    if backend in ("quantized", "float"):
+        path = bundle.path / f"{backend}.h5"
+        if not path.is_file():
+            raise ValueError(f"this bundle does not carry the {backend} Keras model ({path.name}); use --backend akida")
+        if backend == "float":
+            import tf_keras as keras
+
+            model = keras.models.load_model(path, compile=False)
+        else:
+            from quantizeml import load_model
+
+            model = load_model(str(path), compile_model=False)
+        return model.predict(images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
+    raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def evaluate_bundle(bundle: Bundle, dataset: Dataset, backend: str = "akida") -> dict[str, Any]:
+    """The metrics JSON of `qana evaluate` (keys: top1, macro_f1, balanced_accuracy, per_class,
+    confusion, n, backend)."""
+    if tuple(dataset.class_names) != bundle.classes[: len(dataset.class_names)]:
+        raise ValueError(f"dataset classes {dataset.class_names} do not match the bundle's {bundle.classes}")
+    pred = predict_bundle(bundle, dataset.images, backend)
+    result = classification_metrics(dataset.labels, pred, bundle.classes)
+    result["backend"] = backend
+    return result
+
+
+def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: Path, title: str = "") -> None:
+    """Row-normalised confusion matrix with counts, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

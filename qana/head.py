@@ -1,0 +1,277 @@
+"""The projection head: the one implementation of its math, shared by client, server and simulation.
+
+The backbone runs on Akida and emits integer features `f` (int8/uint8 activations; 1-bit for
+the Akida 1.0 target). The head is a linear classifier on those integers:
+
+    logits = f @ W + b            (float head, `Head`)
+
+It is trained in floating point (softmax regression in numpy, so clinics need no TensorFlow)
+and quantized for the chip (`QuantizedHead`):
+
+    potential = f @ W_q + b_q     (integers: exactly what the Akida layer accumulates)
+    logits    = potential * scale
+
+with one per-tensor `scale`, so the arg-max of the integer potentials is the arg-max of the
+logits (Akida 1.0 has no dequantizer; both targets then decide identically). `b_q` is restricted
+to what the target can store: int8 << shift on Akida 2.0 `Dense1D`, an int32 threshold on
+Akida 1.0 `FullyConnected`. `quantized_logits` is the reference the chip must agree with.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import numpy as np
+
+TARGET_WEIGHT_BITS = {"v2": 8, "v1": 4}
+
+
+@dataclass(frozen=True)
+class Head:
+    """Float head on integer features: logits = features @ weights + bias."""
+
+    weights: np.ndarray  # (D, C) float32
+    bias: np.ndarray  # (C,) float32
+    classes: tuple[str, ...]
+    feature_scale: float = 1.0  # typical magnitude of 1 feature unit, for well-conditioned training
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.weights, dtype=np.float32)
+        b = np.asarray(self.bias, dtype=np.float32)
+        if w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[1] != len(self.classes):
+            raise ValueError(
+                f"inconsistent head: weights {w.shape}, bias {b.shape}, {len(self.classes)} classes"
+            )
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise ValueError("head contains NaN or Inf")
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "bias", b)
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def num_features(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[1])
+
+
+@dataclass(frozen=True)
+class QuantizedHead:
+    """Integer head as the Akida layer stores it."""
+
+    weights: np.ndarray  # (D, C) int8, within +-(2**(bits-1) - 1)
+    bias: np.ndarray  # (C,) int64, representable on the target
+    scale: float  # logits = potential * scale
+    weight_bits: int
+    classes: tuple[str, ...]
+
+
+def init_head(num_features: int, classes: Iterable[str], feature_scale: float = 1.0, seed: int = 0) -> Head:
+    """Small random head (used when no trained head exists yet)."""
+    classes = tuple(classes)
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0.0, 0.01, (num_features, len(classes))) / max(feature_scale, 1e-12)
+    return Head(w.astype(np.float32), np.zeros(len(classes), np.float32), classes, feature_scale)
+
+
+def logits(head: Head, features: np.ndarray) -> np.ndarray:
+    """Float logits for integer features of shape (N, D) (any trailing 1x1 dims are flattened)."""
+    f = _flatten(features, head.num_features).astype(np.float32)
+    return f @ head.weights + head.bias
+
+
+def _flatten(features: np.ndarray, num_features: int) -> np.ndarray:
+    f = np.asarray(features)
+    f = f.reshape(f.shape[0], -1)
+    if f.shape[1] != num_features:
+        raise ValueError(f"features have {f.shape[1]} dimensions, the head expects {num_features}")
+    return f
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class TrainConfig:
+    """Local head training settings (the round config from the server may override them)."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 0.01
+    l2: float = 1e-4
+    class_weighting: str = "balanced"  # "balanced" | "none"
+    proximal_mu: float = 0.0  # FedProx: pull towards the weights the round started from
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") -> np.ndarray:
+    """Per-class loss weights; 'balanced' = n / (k * count) over the classes present."""
+    if mode == "none":
+        return np.ones(num_classes, np.float32)
+    if mode != "balanced":
+        raise ValueError(f"unknown class weighting {mode!r} (use 'balanced' or 'none')")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w.astype(np.float32)
+
+
+def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: TrainConfig | None = None) -> Head:
+    """Softmax regression with Adam, weighted cross-entropy, L2 and an optional proximal term.
+
+    Training runs on features multiplied by `feature_scale` so learning rates do not depend
+    on the backbone's integer range; the result is mapped back to integer-feature units.
+    """
+    cfg = config or TrainConfig()
+    labels = np.asarray(labels, dtype=np.int64)
+    x = _flatten(features, head.num_features).astype(np.float32) * head.feature_scale
+    if x.shape[0] != labels.shape[0]:
+        raise ValueError(f"{x.shape[0]} feature rows but {labels.shape[0]} labels")
+    if x.shape[0] == 0:
+        return head
+    if labels.min() < 0 or labels.max() >= head.num_classes:
+        raise ValueError(f"labels must be in [0, {head.num_classes}); got {labels.min()}..{labels.max()}")
+    k = head.feature_scale
+    w = head.weights * k  # weights in scaled-feature units
+    b = head.bias.copy()
+    w0, b0 = w.copy(), b.copy()
+    cw = class_weights(labels, head.num_classes, cfg.class_weighting)
+    onehot = np.eye(head.num_classes, dtype=np.float32)[labels]
+    rng = np.random.default_rng(cfg.seed)
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    beta1, beta2, eps, step = 0.9, 0.999, 1e-8, 0
+    n = x.shape[0]
+    for _ in range(cfg.epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            xb, yb = x[idx], onehot[idx]
+            sw = cw[labels[idx]]
+            p = _softmax(xb @ w + b)
+            g = (p - yb) * sw[:, None] / max(sw.sum(), 1e-12)
+            gw = xb.T @ g + cfg.l2 * w + cfg.proximal_mu * (w - w0)
+            gb = g.sum(axis=0) + cfg.proximal_mu * (b - b0)
+            step += 1
+            for i, (param, grad) in enumerate(((w, gw), (b, gb))):
+                m[i] = beta1 * m[i] + (1 - beta1) * grad
+                v[i] = beta2 * v[i] + (1 - beta2) * grad * grad
+                mhat = m[i] / (1 - beta1**step)
+                vhat = v[i] / (1 - beta2**step)
+                param -= cfg.learning_rate * mhat / (np.sqrt(vhat) + eps)
+    return replace(head, weights=(w / k).astype(np.float32), bias=b.astype(np.float32))
+
+
+def split_bias_v2(bias_acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulator-domain biases -> (int8 mantissa, shift): Akida 2.0 Dense1D stores bias << shift.
+
+    The shift is the smallest that brings the mantissa into int8; rounding happens here, so
+    `mantissa << shift` is the bias the chip really adds (and what the reference must use).
+    """
+    bias_acc = np.asarray(bias_acc, dtype=np.int64)
+    shift = np.zeros(bias_acc.shape, dtype=np.int64)
+    while np.any(np.abs(bias_acc) / (1 << shift) > 127):
+        shift += (np.abs(bias_acc) / (1 << shift) > 127).astype(np.int64)
+    mantissa = np.clip(np.round(bias_acc / (1 << shift)), -128, 127).astype(np.int64)
+    return mantissa.astype(np.int8), shift.astype(np.uint8)
+
+
+def _encode_bias_v2(bias_acc: np.ndarray) -> np.ndarray:
+    mantissa, shift = split_bias_v2(bias_acc)
+    return mantissa.astype(np.int64) << shift.astype(np.int64)
+
+
+def quantize_head(head: Head, target: str = "v2", weight_bits: int | None = None) -> QuantizedHead:
+    """Per-tensor symmetric quantization of the weights; bias in the accumulator domain."""
+    if target not in TARGET_WEIGHT_BITS:
+        raise ValueError(f"unknown target {target!r}; expected one of {sorted(TARGET_WEIGHT_BITS)}")
+    bits = weight_bits or TARGET_WEIGHT_BITS[target]
+    qmax = 2 ** (bits - 1) - 1
+    max_abs = float(np.abs(head.weights).max())
+    scale = max_abs / qmax if max_abs > 0 else 1.0
+    w_q = np.clip(np.round(head.weights / scale), -qmax, qmax).astype(np.int8)
+    bias_acc = np.round(head.bias / scale).astype(np.int64)
+    bias_acc = _encode_bias_v2(bias_acc) if target == "v2" else np.clip(bias_acc, -(2**31) + 1, 2**31 - 1)
+    return QuantizedHead(w_q, bias_acc, float(scale), bits, head.classes)
+
+
+def quantized_potentials(qhead: QuantizedHead, features: np.ndarray) -> np.ndarray:
+    """Exact integer potentials the chip computes: features @ W_q + b_q."""
+    f = _flatten(features, qhead.weights.shape[0]).astype(np.int64)
+    return f @ qhead.weights.astype(np.int64) + qhead.bias
+
+
+def quantized_logits(qhead: QuantizedHead, features: np.ndarray) -> np.ndarray:
+    """Reference logits of the quantized head (what on-device predictions must agree with)."""
+    return quantized_potentials(qhead, features).astype(np.float64) * qhead.scale
+
+
+def dequantize(qhead: QuantizedHead, feature_scale: float = 1.0) -> Head:
+    """The float head that the quantized one represents exactly."""
+    return Head(
+        qhead.weights.astype(np.float32) * qhead.scale,
+        (qhead.bias.astype(np.float64) * qhead.scale).astype(np.float32),
+        qhead.classes,
+        feature_scale,
+    )
+
+
+def predict(head: Head | QuantizedHead, features: np.ndarray) -> np.ndarray:
+    """Class indices."""
+    z = quantized_potentials(head, features) if isinstance(head, QuantizedHead) else logits(head, features)
+    return np.argmax(z, axis=1)
+
+
+def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
+    """Class-incremental growth: keep existing columns, append new classes in the given order.
+
+    New columns start from the mean of the old ones (so a new class is not favoured before it
+    has been learned) with a small random perturbation.
+    """
+    classes = tuple(classes)
+    if classes[: head.num_classes] != head.classes:
+        raise ValueError(f"new class list {classes} must start with the existing classes {head.classes}")
+    extra = len(classes) - head.num_classes
+    if extra == 0:
+        return head
+    rng = np.random.default_rng(seed)
+    base_w = head.weights.mean(axis=1, keepdims=True)
+    new_w = base_w + rng.normal(0, 1e-3, (head.num_features, extra)) / max(head.feature_scale, 1e-12)
+    new_b = np.full(extra, float(head.bias.mean()) - 1.0)
+    return Head(
+        np.concatenate([head.weights, new_w.astype(np.float32)], axis=1),
+        np.concatenate([head.bias, new_b.astype(np.float32)]),
+        classes,
+        head.feature_scale,
+    )
+
+
+def head_to_npz(head: Head) -> bytes:
+    """Serialise a head (for bundles and the audit log's artefact store)."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        weights=head.weights,
+        bias=head.bias,
+        classes=np.array(head.classes),
+        feature_scale=np.array(head.feature_scale, dtype=np.float64),
+    )
+    return buf.getvalue()
+
+
+def head_from_npz(data: bytes) -> Head:
+    """Inverse of head_to_npz, with a clear error for a file that is not a head."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return Head(z["weights"], z["bias"], tuple(str(c) for c in z["classes"]), float(z["feature_scale"]))
+    except (KeyError, ValueError, OSError) as exc:
+        raise ValueError(f"not a valid head file: {exc}") from None

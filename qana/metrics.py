@@ -1,0 +1,65 @@
+"""Classification metrics in plain numpy, shared by evaluation, clients, server and simulation.
+
+Written out rather than taken from scikit-learn so that a clinic's install and the
+Flower messages use exactly the same definitions, including for classes that have no
+examples at one clinic (they are left out of the macro averages, not counted as zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"labels and predictions differ in shape: {y_true.shape} vs {y_pred.shape}")
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def metrics_from_confusion(cm: np.ndarray, class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """top-1, macro-F1, balanced accuracy and per-class precision/recall/F1 from a confusion matrix.
+
+    Macro averages run over the classes that occur in the true labels, so a clinic that
+    never saw `df` is not penalised for a class it could not have predicted correctly.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum()
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    per_class = {
+        str(name): {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    return {
+        "top1": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "per_class": per_class,
+        "confusion": cm.astype(np.int64).tolist(),
+        "n": int(n),
+    }
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """All metrics for one set of predictions (see metrics_from_confusion)."""
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(class_names)), class_names)

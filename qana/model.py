@@ -1,0 +1,90 @@
+"""The QANA networks for the two Akida targets.
+
+v2 (Akida 2.0): stem conv -> three QANA stages (Ghost module, attention, residual) with
+strided convolutions between them -> a last conv with global average pooling (on an 8x8 map,
+inside the W*H < 144 hardware limit, stride 1 because a CNP cannot pool and stride at once)
+-> the projection head, a Dense layer producing the logits.
+
+v1 (Akida 1.0 / AKD1000): sequential only (no Add, no Concatenate), so the Ghost and attention
+blocks are replaced by fused separable convolutions with max-pooling; every ReLU is bounded and
+the last one is quantized to 1 bit, so the head sees binary spikes and can also be learned
+on-chip with Akida's edge learning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tf_keras as keras
+from tf_keras import layers
+
+from qana.blocks import conv_bn_act, qana_stage, separable_bn_act
+
+FEATURE_LAYER = "features"  # the last bounded ReLU before the head (after pooling)
+HEAD_LAYER = "head"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `build_model` makes; recorded in bundles and run directories."""
+
+    target: str = "v2"
+    input_size: int = 64
+    num_classes: int = 7
+    width: int = 32  # channels of the first stage; later stages double
+    feature_dim: int = 256
+    attention: str = "both"  # v2: "both" (SECA in stages 1-2, SE in stage 3) | "seca" | "se" | "none"
+    dropout: float = 0.2
+
+
+def _attention_for_stage(spec: ModelSpec, stage: int) -> str:
+    if spec.attention == "none":
+        return "none"
+    if spec.attention == "both":
+        return "se" if stage == 2 else "seca"
+    return spec.attention
+
+
+def build_v2(spec: ModelSpec) -> keras.Model:
+    inputs = keras.Input((spec.input_size, spec.input_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = conv_bn_act(x, spec.width, strides=2, name="stem")  # 32x32
+    widths = (spec.width, spec.width * 2, spec.width * 4)
+    for stage, channels in enumerate(widths):
+        if stage > 0:
+            x = conv_bn_act(x, channels, strides=2, name=f"down{stage}")  # 16x16, 8x8
+        x = qana_stage(x, channels, name=f"stage{stage + 1}", attention=_attention_for_stage(spec, stage))
+    x = layers.Conv2D(spec.feature_dim, 3, padding="same", use_bias=False, name="last_conv")(x)
+    x = layers.BatchNormalization(name="last_bn")(x)
+    x = layers.ReLU(6.0, name="last_relu")(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
+    if spec.dropout:
+        x = layers.Dropout(spec.dropout, name="dropout")(x)
+    outputs = layers.Dense(spec.num_classes, name=HEAD_LAYER)(x)
+    return keras.Model(inputs, outputs, name="qana_v2")
+
+
+def build_v1(spec: ModelSpec) -> keras.Model:
+    inputs = keras.Input((spec.input_size, spec.input_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = conv_bn_act(x, spec.width, strides=2, name="stem")  # 32x32
+    x = separable_bn_act(x, spec.width * 2, name="sep1", pool=True)  # 16x16
+    x = separable_bn_act(x, spec.width * 2, name="sep2")
+    x = separable_bn_act(x, spec.width * 4, name="sep3", pool=True)  # 8x8
+    x = separable_bn_act(x, spec.width * 4, name="sep4")
+    x = layers.SeparableConv2D(spec.feature_dim, 3, padding="same", use_bias=False, name="last_sep")(x)
+    x = layers.GlobalAveragePooling2D(name="last_pool")(x)
+    x = layers.BatchNormalization(name="last_bn")(x)
+    x = layers.ReLU(1.0, name=FEATURE_LAYER)(x)  # quantized to 1 bit: binary features
+    if spec.dropout:
+        x = layers.Dropout(spec.dropout, name="dropout")(x)
+    outputs = layers.Dense(spec.num_classes, name=HEAD_LAYER)(x)
+    return keras.Model(inputs, outputs, name="qana_v1")
+
+
+def build_model(spec: ModelSpec) -> keras.Model:
+    if spec.target == "v2":
+        return build_v2(spec)
+    if spec.target == "v1":
+        return build_v1(spec)
+    raise ValueError(f"unknown target {spec.target!r}: expected 'v2' or 'v1'")

@@ -1,0 +1,443 @@
+"""`qana train`: HAM10000 folder -> float QANA model -> quantization-aware fine-tuning ->
+Akida conversion -> head on Akida features -> evaluated bundle.
+
+Each stage writes its output into the run directory and a `<stage>.json` marker when it has
+finished; `--resume` skips finished stages, so an interrupted run continues from the last one.
+The held-out test part is touched only by the final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from qana import head as head_math
+from qana.bundle import write_bundle
+from qana.classes import CLASS_NAMES
+from qana.convert import QuantSpec
+from qana.data import DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
+from qana.metrics import classification_metrics
+from qana.model import ModelSpec
+from qana.splits import train_val_test
+
+log = logging.getLogger("qana.train")
+STAGES = ("split", "float", "quantized", "akida", "head", "bundle")
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    run_dir: Path
+    target: str = "v2"
+    weight_bits: int = 8
+    epochs: int = 20
+    qat_epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    width: int = 32
+    feature_dim: int = 256
+    attention: str = "both"
+    class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
+    head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
+    image_size: int = 64
+    cache_dir: Path | None = DEFAULT_CACHE_DIR
+    limit: int = 0  # use only this many images (tests / smoke runs); 0 = all
+    resume: bool = True
+    bundle_out: Path | None = None
+    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in sys.argv))
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(
+            target=self.target,
+            input_size=self.image_size,
+            num_classes=len(CLASS_NAMES),
+            width=self.width,
+            feature_dim=self.feature_dim,
+            attention=self.attention,
+        )
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.target, self.weight_bits)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _marker(run_dir: Path, stage: str) -> Path:
+    return run_dir / f"{stage}.json"
+
+
+def _done(opts: TrainOptions, stage: str) -> dict | None:
+    path = _marker(opts.run_dir, stage)
+    if opts.resume and path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def _finish(opts: TrainOptions, stage: str, info: dict) -> dict:
+    tmp = _marker(opts.run_dir, stage).with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, _marker(opts.run_dir, stage))
+    return info
+
+
+def set_seeds(seed: int) -> None:
+    import random
+
+    import tensorflow as tf
+
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+def sample_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
+    """Per-class loss weights for backbone training ('sqrt' tempers 'balanced' for rare classes)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    counts[counts == 0] = 1
+    if mode == "none":
+        w = np.ones(num_classes)
+    elif mode == "balanced":
+        w = counts.sum() / (num_classes * counts)
+    elif mode == "sqrt":
+        w = np.sqrt(counts.sum() / (num_classes * counts))
+    else:
+        raise ValueError(f"unknown class weighting {mode!r}")
+    return (w / w[labels].mean()).astype(np.float32)
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None):
+    """tf.data pipeline: flips and luminance/contrast jitter (no hue shifts: colour is diagnostic)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels) if weights is None else (images, labels, weights))
+    if augment:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+
+        def aug(x, y, *w):
+            x = tf.cast(x, tf.float32)
+            x = tf.image.random_flip_left_right(x, seed=seed)
+            x = tf.image.random_flip_up_down(x, seed=seed)
+            k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed)
+            x = tf.image.rot90(x, k)
+            x = tf.image.random_brightness(x, 20.0, seed=seed)
+            x = tf.image.random_contrast(x, 0.8, 1.2, seed=seed)
+            x = tf.clip_by_value(x, 0.0, 255.0)
+            return (x, y, *w)
+
+        ds = ds.map(aug, num_parallel_calls=2)
+    else:
+        ds = ds.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w))
+    return ds.batch(batch).prefetch(2)
+
+
+class _MacroF1Checkpoint:
+    """Keep the weights with the best validation balanced accuracy (the imbalance-aware choice)."""
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path) -> None:
+        import tf_keras as keras
+
+        outer = self
+
+        class _CB(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                pred = self.model.predict(x_val.astype(np.float32), batch_size=256, verbose=0).argmax(1)
+                m = classification_metrics(y_val, pred, CLASS_NAMES)
+                score = m["balanced_accuracy"] + m["macro_f1"]
+                log.info("epoch %d: val top1 %.3f macro-F1 %.3f bal-acc %.3f", epoch + 1, m["top1"], m["macro_f1"], m["balanced_accuracy"])
+                print(f"  val: top1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced acc {m['balanced_accuracy']:.3f}", flush=True)
+                outer.history.append({"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}})
+                if score > outer.best:
+                    outer.best = score
+                    self.model.save_weights(str(path))
+
+        self.best = -1.0
+        self.history: list[dict] = []
+        self.callback = _CB()
+
+
+def _fit(model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path) -> list[dict]:
+    import tf_keras as keras
+
+    cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
+    ds = make_dataset(train.images, train.labels, opts.batch_size, True, opts.seed, cw[train.labels])
+    steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
+    schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=["accuracy"],
+    )
+    ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
+    model.fit(ds, epochs=epochs, verbose=2, callbacks=[ckpt.callback])
+    if weights_path.exists():
+        model.load_weights(str(weights_path))
+    return ckpt.history
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_split(opts: TrainOptions, dataset: Dataset) -> dict:
+    train_idx, val_idx, test_idx = train_val_test(
+        dataset.labels, dataset.lesion_ids, opts.val_fraction, opts.test_fraction, opts.seed
+    )
+    np.savez(opts.run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
+    return {
+        "n_images": len(dataset),
+        "n_lesions": int(len(np.unique(dataset.lesion_ids))),
+        "train": int(len(train_idx)),
+        "val": int(len(val_idx)),
+        "test": int(len(test_idx)),
+        "skipped": dataset.skipped,
+        "class_counts": dataset.class_counts(),
+    }
+
+
+def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, Dataset]:
+    with np.load(opts.run_dir / "split.npz") as z:
+        if not np.array_equal(z["image_ids"], dataset.image_ids):
+            raise RuntimeError(
+                f"the data in {opts.data} changed since this run was split; start a new run directory"
+            )
+        return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
+
+
+def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
+    from qana.model import build_model
+
+    set_seeds(opts.seed)
+    model = build_model(opts.model_spec())
+    t0 = time.time()
+    history = _fit(model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5")
+    model.save(opts.run_dir / "float.h5")
+    return {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
+
+
+def load_float(opts: TrainOptions):
+    import tf_keras as keras
+
+    return keras.models.load_model(opts.run_dir / "float.h5", compile=False)
+
+
+def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
+    from qana.convert import quantize_model
+
+    set_seeds(opts.seed)
+    model = load_float(opts)
+    rng = np.random.default_rng(opts.seed)
+    calib = train.images[rng.permutation(len(train))[: min(1024, len(train))]]
+    qmodel = quantize_model(model, opts.quant_spec(), calib)
+    t0 = time.time()
+    history: list[dict] = []
+    if opts.qat_epochs > 0:
+        history = _fit(qmodel, train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5")
+    qmodel.save(opts.run_dir / "quantized.h5")
+    return {"seconds": round(time.time() - t0, 1), "history": history, **opts.quant_spec().describe()}
+
+
+def load_quantized(opts: TrainOptions):
+    from quantizeml import load_model
+
+    return load_model(str(opts.run_dir / "quantized.h5"), compile_model=False)
+
+
+def stage_akida(opts: TrainOptions) -> dict:
+    import akida
+
+    from qana.convert import convert_checked
+
+    qmodel = load_quantized(opts)
+    akida_model = convert_checked(qmodel, opts.target)
+    (opts.run_dir / "akida").mkdir(exist_ok=True)
+    akida_model.save(str(opts.run_dir / "akida" / "model.fbz"))
+    return {
+        "layers": [layer.name for layer in akida_model.layers],
+        "ip_version": str(akida_model.ip_version),
+        "akida_version": akida.__version__,
+        "hw_only_mapping": "ok",
+        "macs": int(getattr(akida_model, "macs", 0) or 0),
+    }
+
+
+def head_from_akida_model(model_path: Path, target: str, feature_scale: float):
+    """Read the converted head layer back as a float Head in integer-feature units."""
+    import akida
+
+    model = akida.Model(str(model_path))
+    layer = [l for l in model.layers if str(l.parameters.layer_type).endswith(("Dense1D", "FullyConnected"))][-1]
+    w = layer.get_variable("weights")
+    w = w.reshape(-1, w.shape[-1]).astype(np.float64)
+    if target == "v2":
+        bias = layer.get_variable("bias").astype(np.float64) * (2.0 ** layer.get_variable("bias_shift").astype(np.float64))
+        deq = [l for l in model.layers if str(l.parameters.layer_type).endswith("Dequantizer")][-1]
+        scales = deq.get_variable("scales").astype(np.float64)
+        return head_math.Head(w * scales, bias * scales, CLASS_NAMES, feature_scale)
+    act_step = layer.get_variable("act_step").astype(np.float64)
+    threshold = layer.get_variable("threshold").astype(np.float64)
+    return head_math.Head(w / act_step, -threshold / act_step, CLASS_NAMES, feature_scale)
+
+
+def _akida_runtime(opts: TrainOptions, folder: Path):
+    from qana.bundle import Bundle
+    from qana.runtime import AkidaRuntime
+
+    manifest = {"input_shape": [opts.image_size, opts.image_size, 3], "feature_dim": opts.feature_dim}
+    return AkidaRuntime(Bundle(folder, manifest), device="software")
+
+
+FEATURE_SCALE = {"v2": 1.0 / 64.0, "v1": 1.0}
+
+
+def fit_head(
+    initial: head_math.Head, feats: np.ndarray, labels: np.ndarray, smote: bool, seed: int, epochs: int = 30
+) -> head_math.Head:
+    """Train the projection head on backbone features (SMOTE on PCA-whitened features if asked).
+
+    The same function clinics use for their local rounds (client code calls it too).
+    """
+    from qana.imbalance import smote_whitened
+
+    x, y = (smote_whitened(feats, labels, seed=seed) if smote else (feats, labels))
+    cfg = head_math.TrainConfig(
+        epochs=epochs, learning_rate=0.003, class_weighting="none" if smote else "balanced", seed=seed
+    )
+    return head_math.train_head(initial, x, y, cfg)
+
+
+def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
+    """Head on Akida features: keep the converted head or a retrained one, by validation score.
+
+    Candidates: the head converted from the QAT model; softmax regression on Akida features
+    with balanced class weights; the same after SMOTE on PCA-whitened features. The choice
+    (and every candidate's score) is recorded: this is the head-level imbalance ablation.
+    """
+    rt = _akida_runtime(opts, opts.run_dir / "akida")
+    f_train, f_val = rt.features(train.images), rt.features(val.images)
+    converted = head_from_akida_model(opts.run_dir / "akida" / "model.fbz", opts.target, FEATURE_SCALE[opts.target])
+    candidates = {"converted": converted}
+    if opts.head_smote in ("auto", "off"):
+        candidates["retrained"] = fit_head(converted, f_train, train.labels, smote=False, seed=opts.seed)
+    if opts.head_smote in ("auto", "on"):
+        candidates["retrained+smote"] = fit_head(converted, f_train, train.labels, smote=True, seed=opts.seed)
+    scores = {}
+    for name, h in candidates.items():
+        q = head_math.quantize_head(h, opts.target)
+        m = classification_metrics(val.labels, head_math.predict(q, f_val), CLASS_NAMES)
+        scores[name] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}
+    best = max(scores, key=lambda n: scores[n]["macro_f1"] + scores[n]["balanced_accuracy"])
+    chosen = candidates[best]
+    qhead = head_math.quantize_head(chosen, opts.target)
+    rt.write_head(qhead)
+    final_dir = opts.run_dir / "final"
+    final_dir.mkdir(exist_ok=True)
+    rt.model.save(str(final_dir / "model.fbz"))
+    (final_dir / "head.npz").write_bytes(head_math.head_to_npz(chosen))
+    # The chip must agree with the integer reference on the same features.
+    ref = head_math.predict(qhead, f_val)
+    chip = rt.logits(val.images).argmax(1)
+    agreement = float((ref == chip).mean()) if len(ref) else 1.0
+    return {"candidates": scores, "chosen": best, "chip_vs_reference_agreement": agreement}
+
+
+def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
+    """float, quantized (Keras), Akida with the converted head, and the final Akida bundle head."""
+    out: dict[str, Any] = {}
+    x = part.images.astype(np.float32)
+    float_pred = load_float(opts).predict(x, batch_size=256, verbose=0).argmax(1)
+    q_pred = load_quantized(opts).predict(x, batch_size=256, verbose=0).argmax(1)
+    conv_pred = _akida_runtime(opts, opts.run_dir / "akida").logits(part.images).argmax(1)
+    final_pred = _akida_runtime(opts, opts.run_dir / "final").logits(part.images).argmax(1)
+    for name, pred in (("float", float_pred), ("quantized", q_pred), ("akida_converted_head", conv_pred), ("akida", final_pred)):
+        m = classification_metrics(part.labels, pred, CLASS_NAMES)
+        out[name] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy", "n")}
+    out["agreement_quantized_vs_akida"] = float((q_pred == conv_pred).mean())
+    out["akida_full"] = classification_metrics(part.labels, final_pred, CLASS_NAMES)
+    return out
+
+
+def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test: Dataset) -> dict:
+    import akida
+
+    metrics = {"val": evaluate_all(opts, val), "test": evaluate_all(opts, test)}
+    manifest = {
+        "name": f"qana-{opts.target}-w{opts.weight_bits}",
+        "target": opts.target,
+        "ip_version": infos["akida"]["ip_version"],
+        "akida_version": akida.__version__,
+        "classes": list(CLASS_NAMES),
+        "input_shape": [opts.image_size, opts.image_size, 3],
+        "input_dtype": "uint8",
+        "preprocessing": {
+            "decode": "RGB",
+            "crop": "centre square",
+            "resize": f"{opts.image_size}x{opts.image_size} box filter",
+            "scaling": "none: uint8 pixels straight into the Akida input layer",
+        },
+        "feature_dim": opts.feature_dim,
+        "feature_scale": FEATURE_SCALE[opts.target],
+        "bits": opts.quant_spec().describe(),
+        "model_spec": asdict(opts.model_spec()),
+        "training": {
+            "command": opts.command,
+            "seed": opts.seed,
+            "data": str(opts.data),
+            "split": {k: infos["split"][k] for k in ("n_images", "n_lesions", "train", "val", "test")},
+            "split_method": "grouped by lesion_id, stratified by dx (qana.splits.train_val_test)",
+            "head": infos["head"]["chosen"],
+        },
+        "metrics": metrics,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = opts.bundle_out or (opts.run_dir / "bundle")
+    extras = {"float.h5": opts.run_dir / "float.h5", "quantized.h5": opts.run_dir / "quantized.h5"}
+    bundle = write_bundle(out, opts.run_dir / "final" / "model.fbz", (opts.run_dir / "final" / "head.npz").read_bytes(), manifest, extras)
+    return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "metrics": metrics}
+
+
+def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every stage not yet finished; returns each stage's recorded info."""
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    (opts.run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
+    progress(f"loading {opts.data} ...")
+    dataset = load_dataset(opts.data, size=opts.image_size, cache_dir=opts.cache_dir, progress=True)
+    progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
+    if opts.limit:
+        dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
+    infos: dict[str, dict] = {}
+    for stage in STAGES:
+        done = _done(opts, stage)
+        if done is not None:
+            progress(f"[{stage}] already finished (resume)")
+            infos[stage] = done
+            continue
+        progress(f"[{stage}] running ...")
+        if stage == "split":
+            info = stage_split(opts, dataset)
+        else:
+            train, val, test = load_split(opts, dataset)
+            if stage == "float":
+                info = stage_float(opts, train, val)
+            elif stage == "quantized":
+                info = stage_quantized(opts, train, val)
+            elif stage == "akida":
+                info = stage_akida(opts)
+            elif stage == "head":
+                info = stage_head(opts, train, val)
+            else:
+                info = stage_bundle(opts, infos, val, test)
+        infos[stage] = _finish(opts, stage, info)
+        progress(f"[{stage}] done")
+    return infos
