@@ -107,6 +107,7 @@ def write_bundle(
         raise BundleError(f"manifest lacks {', '.join(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others
     try:
         shutil.copyfile(model_file, tmp / MODEL_FILE)
         (tmp / HEAD_FILE).write_bytes(head_bytes)

@@ -1,0 +1,60 @@
+"""The Akida runtime: features, writing a head on-chip, and agreement with the integer reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qana import head as head_math
+from qana.bundle import load_bundle
+from qana.runtime import AkidaRuntime, RuntimeErrorQana
+
+BUNDLES = Path(__file__).parent / "fixtures" / "bundles"
+
+
+@pytest.fixture(params=["v2", "v1"])
+def runtime(request) -> AkidaRuntime:
+    return AkidaRuntime(load_bundle(BUNDLES / f"tiny-{request.param}"), device="software")
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    noise = rng.integers(-30, 30, (n, size, size, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def test_features_are_integers_of_the_declared_width(runtime: AkidaRuntime) -> None:
+    feats = runtime.features(_images(10))
+    assert feats.shape == (10, runtime.bundle.feature_dim)
+    assert np.issubdtype(feats.dtype, np.integer)
+    if runtime.bundle.target == "v1":
+        assert set(np.unique(feats)) <= {0, 1}, "Akida 1.0 features must be binary spikes"
+
+
+def test_written_head_on_chip_agrees_with_reference(runtime: AkidaRuntime) -> None:
+    images = _images(64, seed=1)
+    feats = runtime.features(images)
+    labels = np.arange(64) % 7
+    trained = head_math.train_head(runtime.bundle.load_head(), feats, labels, head_math.TrainConfig(epochs=5))
+    q = head_math.quantize_head(trained, runtime.bundle.target)
+    runtime.write_head(q)
+    chip = runtime.logits(images)
+    reference = head_math.quantized_logits(q, feats)
+    np.testing.assert_allclose(chip, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    assert (chip.argmax(1) == head_math.predict(q, feats)).all()
+
+
+def test_wrong_images_are_refused_with_a_clear_error(runtime: AkidaRuntime) -> None:
+    with pytest.raises(RuntimeErrorQana, match="uint8"):
+        runtime.features(np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(RuntimeErrorQana, match="images must be"):
+        runtime.features(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_a_head_of_the_wrong_shape_is_refused(runtime: AkidaRuntime) -> None:
+    grown = head_math.grow_head(runtime.bundle.load_head(), (*runtime.bundle.classes, "new"))
+    with pytest.raises(RuntimeErrorQana, match="does not fit"):
+        runtime.write_head(head_math.quantize_head(grown, runtime.bundle.target))
