@@ -1,0 +1,75 @@
+"""Bundles: verified loading, tamper refusal, packing for the wire."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qana.bundle import BundleError, load_bundle, pack_bundle, unpack_bundle
+
+TINY = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(TINY, tmp_path / "b"))
+
+
+def test_loads_and_reports_identity(bundle_dir: Path) -> None:
+    b = load_bundle(bundle_dir)
+    assert b.target == "v2" and len(b.classes) == 7 and b.feature_dim == 32
+    assert len(b.bundle_id) == 64
+    assert b.load_head().num_features == 32
+
+
+@pytest.mark.parametrize("name", ["model.fbz", "head.npz"])
+def test_a_tampered_file_is_refused_by_name(bundle_dir: Path, name: str) -> None:
+    path = bundle_dir / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} has been modified"):
+        load_bundle(bundle_dir)
+
+
+def test_missing_or_broken_manifest(bundle_dir: Path, tmp_path: Path) -> None:
+    (bundle_dir / "head.npz").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_dir)
+    (bundle_dir / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="has no bundle.json"):
+        load_bundle(tmp_path)
+
+
+def test_pack_unpack_round_trip_and_wrong_id(bundle_dir: Path, tmp_path: Path) -> None:
+    b = load_bundle(bundle_dir)
+    data = pack_bundle(b)
+    copy = unpack_bundle(data, tmp_path / "copy", expected_id=b.bundle_id)
+    assert copy.bundle_id == b.bundle_id
+    with pytest.raises(BundleError, match="was announced"):
+        unpack_bundle(data, tmp_path / "other", expected_id="0" * 64)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(BundleError, match="not a valid archive"):
+        unpack_bundle(b"garbage", tmp_path / "junk")
+
+
+def test_unpack_keeps_the_existing_copy_when_the_new_one_is_bad(bundle_dir: Path, tmp_path: Path) -> None:
+    good = unpack_bundle(pack_bundle(load_bundle(bundle_dir)), tmp_path / "dest")
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["files"]["head.npz"] = "0" * 64
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("bundle.json", "model.fbz", "head.npz"):
+            tar.add(bundle_dir / name, arcname=name)
+    with pytest.raises(BundleError, match="modified"):
+        unpack_bundle(buf.getvalue(), tmp_path / "dest")
+    assert load_bundle(tmp_path / "dest").bundle_id == good.bundle_id

@@ -1,0 +1,90 @@
+"""A tiny QANA model quantizes, converts with no software remainder, maps onto hardware, and
+Akida's outputs match the quantized Keras model. Also: the training pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+pytest.importorskip("tensorflow")
+
+from qana.convert import ConversionError, QuantSpec, check_hardware_mapping, convert_checked, quantize_model  # noqa: E402
+from qana.model import ModelSpec, build_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "target, bits, attention",
+    [("v2", 8, "both"), ("v2", 8, "none"), ("v1", 4, "none")],
+)
+def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: str) -> None:
+    spec = ModelSpec(target=target, input_size=32, width=8, feature_dim=32, attention=attention)
+    qmodel = quantize_model(build_model(spec), QuantSpec(target, bits), _images(32, 32))
+    akida_model = convert_checked(qmodel, target)
+    backends = check_hardware_mapping(akida_model, target)
+    assert backends and all("Hardware" in b for b in backends)
+    x = _images(16, 32, seed=1)
+    keras_out = qmodel.predict(x.astype(np.float32), verbose=0)
+    akida_out = akida_model.predict(x).reshape(keras_out.shape)
+    np.testing.assert_allclose(akida_out, keras_out, rtol=1e-4, atol=1e-4 * np.abs(keras_out).max())
+    assert (akida_out.argmax(1) == keras_out.argmax(1)).all()
+
+
+def test_a_layer_akida_cannot_run_is_a_conversion_error() -> None:
+    import tf_keras as keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(x)
+    x = keras.layers.ReLU(6.0)(x)
+    gate = keras.layers.Activation("sigmoid")(keras.layers.Conv2D(8, 1)(x))
+    x = keras.layers.Multiply()([x, gate])  # textbook SE gating: not convertible
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(7, name="head")(x))
+    with pytest.raises(Exception) as info:
+        convert_checked(quantize_model(model, QuantSpec("v2", 8), _images(16, 32)), "v2")
+    assert not isinstance(info.value, AssertionError)
+
+
+def test_v2_4bit_is_refused_by_the_hardware_check_not_silently_accepted() -> None:
+    spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32)
+    qmodel = quantize_model(build_model(spec), QuantSpec("v2", 4), _images(32, 32))
+    with pytest.raises(ConversionError, match="does not map"):
+        convert_checked(qmodel, "v2")
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
+    from qana.bundle import load_bundle
+    from qana.train import TrainOptions, run
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=140, image_size=40, seed=0)
+    opts = TrainOptions(
+        data=clinic.root, run_dir=tmp_path / "run", image_size=32, width=8, feature_dim=32,
+        epochs=2, qat_epochs=1, batch_size=32, cache_dir=tmp_path / "cache", command="test",
+    )
+    infos = run(opts, progress=lambda m: None)
+    bundle = load_bundle(infos["bundle"]["bundle"])
+    assert bundle.target == "v2" and bundle.feature_dim == 32
+    test = bundle.manifest["metrics"]["test"]
+    assert set(test) >= {"float", "quantized", "akida", "agreement_quantized_vs_akida"}
+    assert test["agreement_quantized_vs_akida"] == 1.0
+    assert infos["head"]["chip_vs_reference_agreement"] == 1.0
+    # Resuming finds every stage done and changes nothing.
+    before = (opts.run_dir / "float.json").read_text()
+    messages: list[str] = []
+    run(opts, progress=messages.append)
+    assert sum("already finished" in m for m in messages) == 6
+    assert (opts.run_dir / "float.json").read_text() == before
+    assert json.loads((opts.run_dir / "split.json").read_text())["n_images"] == 140

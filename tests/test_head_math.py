@@ -1,0 +1,83 @@
+"""The shared head math: training, quantization for both targets, growth, serialisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qana import head as H
+from qana.imbalance import smote_whitened
+from qana.metrics import classification_metrics
+
+
+def _separable(n: int = 700, d: int = 24, k: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(10, 100, (k, d))
+    y = rng.integers(0, k, n)
+    x = np.clip(centres[y] + rng.normal(0, 12, (n, d)), 0, 127).astype(np.int32)
+    return x, y
+
+
+@pytest.mark.parametrize("target", ["v2", "v1"])
+def test_trained_and_quantized_head_classifies_a_separable_set(target: str) -> None:
+    x, y = _separable()
+    head = H.train_head(H.init_head(x.shape[1], "abcd", feature_scale=1 / 64), x, y, H.TrainConfig(epochs=15))
+    q = H.quantize_head(head, target)
+    assert (H.predict(head, x) == y).mean() > 0.95
+    assert (H.predict(q, x) == y).mean() > 0.9
+    assert np.abs(q.weights).max() <= 2 ** (q.weight_bits - 1) - 1
+
+
+def test_v2_bias_is_storable_as_int8_shifted() -> None:
+    head = H.Head(np.ones((3, 2), np.float32), np.array([1000.0, -3.0], np.float32), ("a", "b"))
+    q = H.quantize_head(head, "v2")
+    mantissa, shift = H.split_bias_v2(q.bias)
+    assert np.array_equal(mantissa.astype(np.int64) << shift.astype(np.int64), q.bias)
+    assert np.abs(mantissa).max() <= 128
+
+
+def test_proximal_term_keeps_weights_near_the_start() -> None:
+    x, y = _separable(seed=1)
+    start = H.init_head(x.shape[1], "abcd", feature_scale=1 / 64)
+    free = H.train_head(start, x, y, H.TrainConfig(epochs=5))
+    held = H.train_head(start, x, y, H.TrainConfig(epochs=5, proximal_mu=10.0))
+    assert np.linalg.norm(held.weights - start.weights) < np.linalg.norm(free.weights - start.weights)
+
+
+def test_growth_keeps_old_columns_and_class_order() -> None:
+    head = H.init_head(5, ("a", "b"), seed=1)
+    grown = H.grow_head(head, ("a", "b", "c"))
+    assert grown.classes == ("a", "b", "c")
+    np.testing.assert_array_equal(grown.weights[:, :2], head.weights)
+    with pytest.raises(ValueError, match="must start with"):
+        H.grow_head(head, ("b", "a", "c"))
+
+
+def test_npz_round_trip_and_bad_input() -> None:
+    head = H.init_head(4, ("a", "b", "c"), feature_scale=0.5, seed=2)
+    back = H.head_from_npz(H.head_to_npz(head))
+    np.testing.assert_array_equal(back.weights, head.weights)
+    assert back.classes == head.classes and back.feature_scale == 0.5
+    with pytest.raises(ValueError, match="not a valid head"):
+        H.head_from_npz(b"not a head")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        H.Head(np.full((2, 2), np.nan), np.zeros(2), ("a", "b"))
+
+
+def test_smote_balances_classes_and_stays_in_range() -> None:
+    x, y = _separable(seed=3)
+    keep = (y != 3) | (np.arange(len(y)) % 20 == 0)
+    x, y = x[keep], y[keep]
+    xr, yr = smote_whitened(x, y, seed=0)
+    counts = np.bincount(yr)
+    assert counts.min() == counts.max()
+    assert xr.min() >= x.min() and xr.max() <= x.max()
+    np.testing.assert_array_equal(xr[: len(x)], x)
+
+
+def test_metrics_ignore_absent_classes_in_macro_averages() -> None:
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ("a", "b", "c"))
+    assert m["top1"] == 0.75
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["per_class"]["c"]["support"] == 0
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
