@@ -144,7 +144,11 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch: int, augment: bo
 
 
 class _MacroF1Checkpoint:
-    """Keep the weights with the best validation balanced accuracy (the imbalance-aware choice)."""
+    """Keep the weights with the best validation macro-F1 + top-1.
+
+    Macro-F1 weighs every class equally (so melanoma and the rare classes count), top-1 keeps
+    the majority class honest; both are the figures the model is judged on.
+    """
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path) -> None:
         import tf_keras as keras
@@ -155,7 +159,7 @@ class _MacroF1Checkpoint:
             def on_epoch_end(self, epoch, logs=None):
                 pred = self.model.predict(x_val.astype(np.float32), batch_size=256, verbose=0).argmax(1)
                 m = classification_metrics(y_val, pred, CLASS_NAMES)
-                score = m["balanced_accuracy"] + m["macro_f1"]
+                score = m["top1"] + m["macro_f1"]
                 log.info("epoch %d: val top1 %.3f macro-F1 %.3f bal-acc %.3f", epoch + 1, m["top1"], m["macro_f1"], m["balanced_accuracy"])
                 print(f"  val: top1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced acc {m['balanced_accuracy']:.3f}", flush=True)
                 outer.history.append({"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}})
@@ -337,7 +341,7 @@ def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         q = head_math.quantize_head(h, opts.target)
         m = classification_metrics(val.labels, head_math.predict(q, f_val), CLASS_NAMES)
         scores[name] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}
-    best = max(scores, key=lambda n: scores[n]["macro_f1"] + scores[n]["balanced_accuracy"])
+    best = max(scores, key=lambda n: scores[n]["macro_f1"] + scores[n]["top1"])
     chosen = candidates[best]
     qhead = head_math.quantize_head(chosen, opts.target)
     rt.write_head(qhead)
