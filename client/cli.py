@@ -148,19 +148,112 @@ def start(
     env.setdefault("FLWR_HOME", str(config.cache / "flwr-home"))
     parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    # Flower starts flower-superexec / flwr-clientapp by name: this environment's scripts first.
+    paths = [str(Path(sys.executable).parent)] + [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(paths))
     cmd = supernode_command(server, node_config, root_certificates, auth_key, insecure, runtime_port)
-    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    code = run_supernode(cmd, env)
+    raise typer.Exit(code)
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids, from /proc (Linux); empty elsewhere."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(stat.parent.name))
+    return tree
+
+
+def terminate_tree(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM a process and its descendants, SIGKILL what is left after `grace` seconds."""
+    import time
+
+    tree = _children()
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(tree.get(current, []))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+# Flower exits with status 1 for every error and prints its own code; 305 is
+# ExitCode.SUPERNODE_CONNECTION_ERROR (SuperLink unreachable, or this node's key unknown to it).
+CONNECTION_ERROR_MARK = "Exit Code: 305"
+MAX_BACKOFF = 60.0
+
+
+def run_supernode(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the SuperNode until stopped; rejoin when it gives up connecting.
+
+    Flower's SuperNode exits (its code 305) when the SuperLink is unreachable or does not (yet)
+    know this clinic's key, e.g. when the clinic starts before the coordinator has registered
+    it. A clinic should keep trying to join, so it is restarted with a growing pause.
+    Any other exit, or Ctrl-C / SIGTERM, ends the command.
+    """
+    import time
+
+    stopping = False
+    process: subprocess.Popen | None = None
 
     def forward(signum: int, _frame: Any) -> None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        nonlocal stopping
+        stopping = True
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    code = process.wait()
-    raise typer.Exit(0 if code in (0, -signal.SIGTERM) else code)
+    backoff = 5.0
+    while True:
+        # Same process group as this command: Ctrl-C in the terminal (or killing the group)
+        # also stops the SuperNode and the ClientApp processes it started.
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        connection_error = False
+        assert process.stdout is not None
+        for raw in process.stdout:  # pass the SuperNode's log through, watching for its exit code
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            if not connection_error and CONNECTION_ERROR_MARK.encode() in raw:
+                connection_error = True
+                # Flower leaves its SuperExec retrying after this; end the whole tree.
+                terminate_tree(process.pid)
+        code = process.wait()
+        if stopping:
+            return 0
+        if not connection_error:
+            return code
+        typer.echo(
+            f"could not join the federation (coordinator unreachable, or this clinic's key is not registered yet); "
+            f"retrying in {backoff:.0f}s",
+            err=True,
+        )
+        deadline = time.monotonic() + backoff
+        while time.monotonic() < deadline and not stopping:
+            time.sleep(0.2)
+        if stopping:
+            return 0
+        backoff = min(backoff * 2, MAX_BACKOFF)
 
 
 @app.command("keygen")

@@ -59,10 +59,16 @@ def executable(name: str) -> str:
 
 
 def python_path_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: they must import this very qana-fl code."""
+    """Environment for Flower's processes: they must import this very qana-fl code.
+
+    Flower starts its helpers (`flower-superexec`, `flwr-serverapp`) by name from PATH, so
+    this environment's script directory goes first even when the venv is not activated.
+    """
     env = dict(os.environ)
     parts = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
+    paths = [str(Path(sys.executable).parent)] + [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.update(extra or {})
     return env
 

@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -214,6 +215,26 @@ class ClinicState:
     rejections: int = 0
 
 
+@contextmanager
+def sampling_floor(strategy: Strategy, available: int) -> Iterator[None]:
+    """Let a Flower strategy sample from the `available` clinics when fewer than its minimum remain.
+
+    Flower's `sample_nodes` waits (forever) until `min_available_nodes` are connected. When a
+    clinic dies in the middle of a round the coordinator must go on with the others, so for
+    the duration of one configure call the minimums are lowered to what is available.
+    """
+    names = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+    saved = {n: getattr(strategy, n) for n in names if hasattr(strategy, n)}
+    try:
+        for name, value in saved.items():
+            if value > available:
+                setattr(strategy, name, max(available, 0))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(strategy, name, value)
+
+
 class ReadyGrid(Grid):
     """The run's Grid, showing strategies only the clinics that hold the run's backbone.
 
@@ -302,6 +323,7 @@ class Coordinator:
             fraction_evaluate=settings.fraction_evaluate,
         )
         self._server_time = 0.0
+        self.unresponsive: set[int] = set()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -453,7 +475,8 @@ class Coordinator:
         config = TrainSettings(
             round_, bundle_id, head_sha, s.local_epochs, s.learning_rate, s.batch_size, s.l2, s.smote, s.seed
         ).to_config()
-        msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
+        with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
+            msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
         replies = self._send(round_, msgs, timeout=s.round_timeout)
         t0 = time.perf_counter()
         accepted: list[Message] = []
@@ -461,9 +484,14 @@ class Coordinator:
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
         answered = {r.metadata.src_node_id for r in replies}
+        self.unresponsive = set()
         for m in msgs:
-            if m.metadata.dst_node_id not in answered:
-                failed[self._clinic_name(m.metadata.dst_node_id)] = f"no reply within {s.round_timeout:.0f}s"
+            node = m.metadata.dst_node_id
+            if node not in answered:
+                failed[self._clinic_name(node)] = f"no reply within {s.round_timeout:.0f}s"
+                # Not asked to evaluate this round, and greeted again before it trains next time.
+                self.unresponsive.add(node)
+                self.clinics.pop(node, None)
         for reply in replies:
             node = reply.metadata.src_node_id
             name = self._clinic_name(node)
@@ -503,7 +531,8 @@ class Coordinator:
 
     def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
         config = EvaluateSettings(round_, bundle_id, head_sha).to_config()
-        msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
+        with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
+            msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
         replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
         t0 = time.perf_counter()
         accepted: list[Message] = []
@@ -607,7 +636,8 @@ class Coordinator:
             new_sha = head_id(new_bytes)
             self._server_time += time.perf_counter() - t0
             self._write_status(phase=f"round {round_}: evaluating")
-            eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, grid, bundle.bundle_id)
+            responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
+            eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, responsive, bundle.bundle_id)
             t0 = time.perf_counter()
             metrics = {
                 "train": train_metrics,

@@ -48,6 +48,7 @@ class LoopbackGrid(Grid):
 
     def __init__(self, handlers: dict[int, Handler], run_id: int = 1) -> None:
         self.handlers = dict(handlers)
+        self.silent: set[int] = set()  # connected but never answering (a killed process the SuperLink still lists)
         self.traffic = Traffic()
         self._run: Any = None
         TaskIdentity.run_id = run_id  # messages created by the coordinator need an identity
@@ -78,7 +79,7 @@ class LoopbackGrid(Grid):
         for message in messages:
             node = message.metadata.dst_node_id
             handler = self.handlers.get(node)
-            if handler is None:  # node gone: like a SuperLink timeout, no reply at all
+            if handler is None or node in self.silent:  # like a SuperLink timeout: no reply at all
                 continue
             received, size = roundtrip(message)
             self.traffic.down_bytes[node] = self.traffic.down_bytes.get(node, 0) + size

@@ -134,6 +134,27 @@ def test_failed_and_vanished_clinics_do_not_stop_the_round(tmp_path, bundle, aud
     assert r2.head_version == "h3"
 
 
+@pytest.mark.timeout(60)
+def test_clinic_that_goes_silent_mid_run_is_left_out_even_below_min_clinics(tmp_path, bundle, audit) -> None:
+    """Killed after the hello: still listed by the Grid, never answers. The round must not hang."""
+    nodes = clinics(bundle, n=3)
+    grid = LoopbackGrid(nodes)
+
+    class SilentInRoundTwo(Coordinator):
+        def _train(self, round_, *args, **kwargs):
+            if round_ == 2:
+                grid.silent.add(102)
+            return super()._train(round_, *args, **kwargs)
+
+    result = SilentInRoundTwo(grid, settings(tmp_path, bundle, **{"min-clinics": 3}), audit).run()
+    r2 = result.rounds[2]
+    assert r2.head_version == "h3" and sorted(r2.participants) == ["clinic-0", "clinic-1"]
+    assert "no reply" in r2.failed["clinic-2"]
+    evaluations = [m for m in nodes[102].received if m.metadata.message_type == P.MSG_EVALUATE]
+    assert len(evaluations) == 2  # rounds 0 and 1; not asked again after it stopped answering
+    assert sorted(audit.version("h3").aggregate_metrics["evaluate_by_clinic"]) == ["clinic-0", "clinic-1"]
+
+
 def test_round_without_valid_updates_keeps_the_head(tmp_path, bundle, audit) -> None:
     nodes = clinics(bundle, n=2)
     for c in nodes.values():
