@@ -74,7 +74,7 @@ def init_head(num_features: int, classes: Iterable[str], feature_scale: float = 
     """Small random head (used when no trained head exists yet)."""
     classes = tuple(classes)
     rng = np.random.default_rng(seed)
-    w = rng.normal(0.0, 0.01, (num_features, len(classes))) / max(feature_scale, 1e-12)
+    w = rng.normal(0.0, 0.01, (num_features, len(classes))) * feature_scale  # small in scaled-feature units
     return Head(w.astype(np.float32), np.zeros(len(classes), np.float32), classes, feature_scale)
 
 
@@ -141,7 +141,7 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
     if labels.min() < 0 or labels.max() >= head.num_classes:
         raise ValueError(f"labels must be in [0, {head.num_classes}); got {labels.min()}..{labels.max()}")
     k = head.feature_scale
-    w = head.weights * k  # weights in scaled-feature units
+    w = head.weights / k  # weights in scaled-feature units: (f * k) @ (W / k) == f @ W
     b = head.bias.copy()
     w0, b0 = w.copy(), b.copy()
     cw = class_weights(labels, head.num_classes, cfg.class_weighting)
@@ -168,7 +168,7 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
                 mhat = m[i] / (1 - beta1**step)
                 vhat = v[i] / (1 - beta2**step)
                 param -= cfg.learning_rate * mhat / (np.sqrt(vhat) + eps)
-    return replace(head, weights=(w / k).astype(np.float32), bias=b.astype(np.float32))
+    return replace(head, weights=(w * k).astype(np.float32), bias=b.astype(np.float32))
 
 
 def split_bias_v2(bias_acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +245,7 @@ def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
         return head
     rng = np.random.default_rng(seed)
     base_w = head.weights.mean(axis=1, keepdims=True)
-    new_w = base_w + rng.normal(0, 1e-3, (head.num_features, extra)) / max(head.feature_scale, 1e-12)
+    new_w = base_w + rng.normal(0, 1e-3, (head.num_features, extra)) * head.feature_scale
     new_b = np.full(extra, float(head.bias.mean()) - 1.0)
     return Head(
         np.concatenate([head.weights, new_w.astype(np.float32)], axis=1),
