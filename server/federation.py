@@ -366,6 +366,10 @@ class Coordinator:
         for m in messages:
             self._wire(round_, "out", m)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        # Replies arrive in network order; Flower's strategies sum updates in list order, and
+        # float addition is not associative. In clinic order, the same updates always give
+        # the same aggregate, bit for bit (reproducible runs and simulations).
+        replies.sort(key=lambda r: (self._clinic_name(r.metadata.src_node_id), r.metadata.src_node_id))
         for r in replies:
             self._wire(round_, "in", r)
         return replies
