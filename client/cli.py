@@ -56,8 +56,19 @@ def _reported_errors() -> Iterator[None]:
 
 
 def _toml_string(value: str) -> str:
-    """A TOML basic string (JSON escaping is valid TOML for basic strings)."""
-    return json.dumps(value, ensure_ascii=False)
+    """A TOML string Flower's `--node-config` parser accepts.
+
+    Flower splits the option with a regex that takes a quoted value up to the next quote of
+    the same kind, so a basic string ("...", JSON escaping is valid TOML) works unless the
+    value holds a double quote; then a literal string ('...', no escapes) is used.
+    """
+    from client.clinic import ClinicError
+
+    if '"' not in value:
+        return json.dumps(value, ensure_ascii=False)
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    raise ClinicError(f"cannot pass {value!r} to the SuperNode: it contains both kinds of quotes")
 
 
 def node_config_string(config: dict[str, Any]) -> str:

@@ -24,8 +24,9 @@ What may cross the wire (and nothing else; `validate_*` refuse unknown records a
 Clinics never send images, features, per-sample labels or predictions: the only arrays a
 clinic sends are the quantized head, and metrics are aggregates.
 
-Units. The global head travels as floats in *scaled-feature units* (weights x feature_scale,
-see `qana.head.Head.feature_scale`), the space local training works in, so server-side
+Units. The global head travels as floats in *scaled-feature units* (the head on features x
+feature_scale, i.e. weights / feature_scale; see `qana.head.Head.feature_scale`), the space
+local training works in, so server-side
 optimisers (FedAdam's eta, ...) see well-conditioned numbers. A clinic's update travels as
 the head the Akida chip stores: int8 weights, integer bias and one float scale
 (`qana.head.QuantizedHead`), which is the tight encoding (weight bits / 8 bytes per weight
@@ -294,7 +295,7 @@ def global_head_record(head: Head) -> ArrayRecord:
     """The global head as it travels to clinics and through Flower's strategies."""
     return ArrayRecord(
         {
-            ARR_WEIGHTS: Array(np.ascontiguousarray(head.weights * np.float32(head.feature_scale), dtype=np.float32)),
+            ARR_WEIGHTS: Array(np.ascontiguousarray(head.weights / np.float32(head.feature_scale), dtype=np.float32)),
             ARR_BIAS: Array(np.ascontiguousarray(head.bias, dtype=np.float32)),
         }
     )
@@ -324,7 +325,7 @@ def head_from_aggregate(record: ArrayRecord, spec: HeadSpec) -> Head:
 def _head_from_scaled(weights: np.ndarray, bias: np.ndarray, spec: HeadSpec, what: str) -> Head:
     _finite(weights, ARR_WEIGHTS, what)
     _finite(bias, ARR_BIAS, what)
-    return Head(weights / np.float32(spec.feature_scale), bias, spec.classes, spec.feature_scale)
+    return Head(weights * np.float32(spec.feature_scale), bias, spec.classes, spec.feature_scale)
 
 
 def update_record(qhead: QuantizedHead) -> ArrayRecord:
@@ -359,7 +360,7 @@ def quantized_from_update(record: ArrayRecord, spec: HeadSpec, what: str = "upda
 
 def dequantized_record(qhead: QuantizedHead, spec: HeadSpec) -> ArrayRecord:
     """What Flower's strategy aggregates for one update: scaled-feature float32 arrays."""
-    weights = qhead.weights.astype(np.float64) * qhead.scale * spec.feature_scale
+    weights = qhead.weights.astype(np.float64) * qhead.scale / spec.feature_scale
     bias = qhead.bias.astype(np.float64) * qhead.scale
     if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
         raise ProtocolError("update overflows when dequantized (scale too large)")

@@ -42,7 +42,7 @@ def test_update_carries_exactly_the_quantized_head(head: Head, spec: P.HeadSpec)
     # dequantized for aggregation == the float head the quantized one represents, in scaled units
     floats = P.dequantized_record(decoded, spec)
     expected = dequantize(q, spec.feature_scale)
-    np.testing.assert_allclose(floats[P.ARR_WEIGHTS].numpy(), expected.weights * spec.feature_scale, rtol=1e-5)
+    np.testing.assert_allclose(floats[P.ARR_WEIGHTS].numpy(), expected.weights / spec.feature_scale, rtol=1e-5)
     np.testing.assert_allclose(floats[P.ARR_BIAS].numpy(), expected.bias, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,246 @@
+"""The clinic side on the real tiny Akida bundle: ClientApp messages, caches, local learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from client.app import app as client_app
+from client.bundle_cache import BundleCache
+from client.clinic import ClinicConfig, ClinicError
+from client.features import FeatureCache
+from client.learning import train_local_head
+from protocols import messages as P
+from qana.bundle import BundleError, load_bundle, pack_bundle
+from qana.data import load_dataset
+from qana.head import TrainConfig, init_head, predict
+from server.loopback import LoopbackGrid
+from synthetic import make_synthetic_ham
+
+TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+HEAD_SHA = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(TINY_V2)
+
+
+@pytest.fixture
+def clinic_dir(tmp_path: Path, bundle) -> Path:
+    make_synthetic_ham(tmp_path / "data", n_images=40, image_size=bundle.input_shape[0], seed=5, n_corrupt=1)
+    return tmp_path / "data"
+
+
+def context(tmp_path: Path, data: Path, **extra) -> Context:
+    config = {"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(tmp_path / "cache"), **extra}
+    return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+
+
+def send(content: RecordDict, message_type: str, ctx: Context) -> Message:
+    """Through Flower's serialisation both ways, as on the wire; an exception becomes an error reply."""
+    grid = LoopbackGrid({7: lambda msg: client_app(msg, ctx)})
+    (reply,) = grid.send_and_receive([Message(content, dst_node_id=7, message_type=message_type)])
+    return reply
+
+
+# --------------------------------------------------------------------------- node config
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"clinic-id": "a"}, "lacks data-dir"),
+        ({"data-dir": "/d"}, "lacks clinic-id"),
+        ({"data-dir": "/d", "clinic-id": "a", "device": "gpu"}, "device='gpu'"),
+        ({"data-dir": "/d", "clinic-id": "a", "eval-fraction": 1.5}, "eval-fraction"),
+        ({"data-dir": "/d", "clinic-id": "a", "datadir": "/x"}, "unknown node-config key"),
+    ],
+)
+def test_node_config_errors_name_the_key(config, reason) -> None:
+    with pytest.raises(ClinicError, match=reason):
+        ClinicConfig.from_node_config(config)
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def test_bundle_cache_verifies_id_and_files(tmp_path, bundle) -> None:
+    cache = BundleCache(tmp_path)
+    packed = pack_bundle(bundle)
+    with pytest.raises(BundleError, match="was announced"):
+        cache.install("0" * 64, packed)
+    assert cache.ids() == []
+    installed = cache.install(bundle.bundle_id, packed)
+    assert installed.bundle_id == bundle.bundle_id and cache.ids() == [bundle.bundle_id]
+    (installed.path / "head.npz").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="modified"):
+        cache.get(bundle.bundle_id)
+    assert not cache.has(bundle.bundle_id)
+    with pytest.raises(BundleError, match="deploy it first"):
+        cache.get("1" * 64)
+
+
+class CountingExtractor:
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.rows = 0
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        self.rows += len(images)
+        return self.runtime.features(images)
+
+
+def test_features_are_computed_once_and_only_for_new_images(tmp_path, bundle, clinic_dir) -> None:
+    from qana.runtime import AkidaRuntime
+
+    extractor = CountingExtractor(AkidaRuntime(bundle, "software"))
+    cache = FeatureCache(tmp_path / "cache", bundle)
+    size = bundle.input_shape[0]
+    data = load_dataset(clinic_dir, size=size, cache_dir=None)
+    first, computed = cache.features(data, extractor)
+    assert computed == len(data) == extractor.rows
+    again, computed = cache.features(data, extractor)
+    assert computed == 0 and extractor.rows == len(data)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, extractor.runtime.features(data.images))
+    # the folder grows: only the new images go through the backbone
+    make_synthetic_ham(clinic_dir.parent / "more", n_images=6, image_size=size, seed=77)
+    for jpg in (clinic_dir.parent / "more" / "images").glob("*.jpg"):
+        (clinic_dir / "images" / jpg.name).write_bytes(jpg.read_bytes())
+    lines = (clinic_dir.parent / "more" / "HAM10000_metadata.csv").read_text().splitlines()[1:]
+    with (clinic_dir / "HAM10000_metadata.csv").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    grown = load_dataset(clinic_dir, size=size, cache_dir=None)
+    _, computed = cache.features(grown, extractor)
+    assert computed == 6 and extractor.rows == len(data) + 6
+
+
+# --------------------------------------------------------------------------- local learning
+
+
+def test_local_training_reports_what_smote_added() -> None:
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 40, (4, 16))
+    y = np.array([0] * 40 + [1] * 6 + [2] * 3 + [3] * 1)
+    x = np.clip(np.round(means[y] + rng.normal(0, 5, (len(y), 16))), 0, None).astype(np.int16)
+    head = init_head(16, ("a", "b", "c", "d"), feature_scale=1 / 40)
+    _, report = train_local_head(head, x, y, TrainConfig(epochs=2), smote=True)
+    # class 3 has a single example: SMOTE cannot interpolate it
+    assert report.smote_classes == (1, 2) and report.num_synthetic == (40 - 6) + (40 - 3)
+    _, plain = train_local_head(head, x, y, TrainConfig(epochs=2), smote=False)
+    assert plain.num_synthetic == 0 and plain.num_examples == 50
+
+
+def test_local_training_learns_minority_classes_better_with_smote() -> None:
+    rng = np.random.default_rng(1)
+    means = rng.normal(0, 12, (3, 16))
+    y = np.array([0] * 90 + [1] * 6 + [2] * 4)
+    x = np.round(means[y] + rng.normal(0, 10, (len(y), 16))).astype(np.int16)
+    yt = np.repeat([0, 1, 2], 200)
+    xt = np.round(means[yt] + rng.normal(0, 10, (len(yt), 16))).astype(np.int16)
+    head = init_head(16, ("a", "b", "c"), feature_scale=1 / 12)
+    cfg = TrainConfig(epochs=30, learning_rate=0.05, class_weighting="none")
+    plain, _ = train_local_head(head, x, y, cfg, smote=False)
+    balanced, report = train_local_head(head, x, y, cfg, smote=True)
+    assert report.num_synthetic == (90 - 6) + (90 - 4) and report.num_examples == 100
+    minority = yt > 0
+    assert np.mean(predict(balanced, xt[minority]) == yt[minority]) > np.mean(predict(plain, xt[minority]) == yt[minority])
+
+
+# --------------------------------------------------------------------------- the ClientApp
+
+
+def test_clientapp_protocol_and_replies_carry_only_the_head(tmp_path, bundle, clinic_dir) -> None:
+    ctx = context(tmp_path, clinic_dir)
+    spec = P.HeadSpec.from_head(bundle.load_head(), bundle.target)
+
+    hello = send(P.hello_content(bundle.bundle_id), P.MSG_HELLO, ctx)
+    info = P.validate_hello_reply(hello.content)
+    assert info.clinic_id == "clinic-x" and info.cached_bundles == () and "software" in info.device
+
+    # training before the bundle arrived is an error reply, not a crash
+    settings = P.TrainSettings(1, bundle.bundle_id, HEAD_SHA, local_epochs=30, learning_rate=0.05)
+    early = send(P.train_content(bundle.load_head(), settings), P.MSG_TRAIN, ctx)
+    assert early.has_error() and "deploy it first" in early.error.reason
+
+    deployed = send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    assert P.validate_deploy_reply(deployed.content, bundle.bundle_id).clinic_id == "clinic-x"
+    assert P.validate_hello_reply(send(P.hello_content(bundle.bundle_id), P.MSG_HELLO, ctx).content).cached_bundles == (bundle.bundle_id,)
+
+    reply = send(P.train_content(bundle.load_head(), settings), P.MSG_TRAIN, ctx)
+    update = P.validate_train_reply(reply.content, spec, bundle.bundle_id)
+    # Exactly the declared records, arrays, keys; nothing shaped like per-sample data.
+    content = reply.content
+    assert set(content.keys()) == {P.REC_HEAD, P.REC_METRICS, P.REC_CLINIC}
+    assert set(content.array_records) == {P.REC_HEAD}
+    arrays = content[P.REC_HEAD]
+    assert {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()} == {
+        P.ARR_WEIGHTS_Q: ("int8", (spec.num_features, spec.num_classes)),
+        P.ARR_BIAS_Q: ("int32", (spec.num_classes,)),
+        P.ARR_SCALE: ("float32", (1,)),
+    }
+    payload = sum(a.numpy().nbytes for a in arrays.values())
+    assert payload == spec.num_features * spec.num_classes + 4 * spec.num_classes + 4
+    assert set(content[P.REC_METRICS].keys()) == set(P.TRAIN_METRICS)
+    assert all(not isinstance(v, list) for v in content[P.REC_METRICS].values())
+    assert set(content[P.REC_CLINIC].keys()) == {P.K_PROTOCOL, P.K_CLINIC_ID, P.K_BUNDLE_ID}
+    assert update.num_examples > 0 and update.metrics[P.M_DEVICE_AGREEMENT] == 1.0
+
+    ev_settings = P.EvaluateSettings(1, bundle.bundle_id, HEAD_SHA)
+    head = P.head_from_global_record(P.dequantized_record(update.qhead, spec), spec)
+    ev = send(P.evaluate_content(head, ev_settings), P.MSG_EVALUATE, ctx)
+    result = P.validate_evaluate_reply(ev.content, bundle.bundle_id, HEAD_SHA)
+    assert set(ev.content.keys()) == {P.REC_METRICS, P.REC_CLINIC} and not ev.content.array_records
+    assert result.metrics[P.M_DEVICE_AGREEMENT] == 1.0
+    assert result.metrics[P.M_NUM_EXAMPLES] + update.num_examples == 40  # the corrupt file was skipped
+    deployed_dir = tmp_path / "cache" / "deployed" / bundle.bundle_id
+    assert (deployed_dir / "model.fbz").is_file() and (deployed_dir / "deployed.json").is_file()
+
+
+def test_on_device_predictions_agree_with_the_reference_head(tmp_path, bundle, clinic_dir) -> None:
+    """What the clinic checks before replying, checked here independently on the saved model."""
+    import akida
+
+    from client.clinic import Clinic
+    from qana.head import quantize_head, quantized_potentials
+
+    clinic = Clinic(ClinicConfig.from_node_config(context(tmp_path, clinic_dir).node_config))
+    clinic.deploy(bundle.bundle_id, pack_bundle(bundle))
+    settings = P.TrainSettings(1, bundle.bundle_id, HEAD_SHA, local_epochs=20, learning_rate=0.05)
+    qhead, _ = clinic.train(bundle.load_head(), settings)
+    head = P.head_from_global_record(P.dequantized_record(qhead, P.HeadSpec.from_head(bundle.load_head(), "v2")), P.HeadSpec.from_head(bundle.load_head(), "v2"))
+    clinic.evaluate(head, P.EvaluateSettings(1, bundle.bundle_id, HEAD_SHA))
+    saved = akida.Model(str(tmp_path / "cache" / "deployed" / bundle.bundle_id / "model.fbz"))
+    prep = clinic.prepare(bundle.bundle_id)
+    chip = np.argmax(saved.predict(prep.dataset.images).reshape(len(prep.dataset), -1), axis=1)
+    reference = np.argmax(quantized_potentials(quantize_head(head, "v2"), prep.features), axis=1)
+    np.testing.assert_array_equal(chip, reference)
+
+
+def test_wrong_bundle_and_malformed_instructions_are_error_replies(tmp_path, bundle, clinic_dir) -> None:
+    ctx = context(tmp_path, clinic_dir)
+    wrong = send(P.deploy_content("0" * 64, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    assert wrong.has_error() and "was announced" in wrong.error.reason
+    send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    content = P.train_content(bundle.load_head(), P.TrainSettings(1, bundle.bundle_id, HEAD_SHA))
+    content[P.REC_CONFIG]["data-dir"] = "/etc"  # the coordinator cannot redirect a clinic
+    bad = send(content, P.MSG_TRAIN, ctx)
+    assert bad.has_error() and "does not allow: data-dir" in bad.error.reason
+
+
+def test_a_bundle_corrupted_in_transit_is_refused(tmp_path, bundle) -> None:
+    import io
+    import tarfile
+
+    packed = bytearray(pack_bundle(bundle))
+    with tarfile.open(fileobj=io.BytesIO(bytes(packed))) as tar:
+        model = tar.getmember("model.fbz")
+    packed[model.offset_data + model.size // 2] ^= 0xFF  # one flipped bit-pattern inside the model
+    cache = BundleCache(tmp_path)
+    with pytest.raises(BundleError, match="model.fbz"):
+        cache.install(bundle.bundle_id, bytes(packed))
+    assert cache.ids() == []

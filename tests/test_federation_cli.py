@@ -1,0 +1,121 @@
+"""qana-server certs/nodes/start/status and qana-client keygen/start: files made, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+from typer.testing import CliRunner
+
+from client.cli import app as client_cli
+from client.cli import node_config_string
+from server.cli import app as server_cli
+from synthetic import make_synthetic_ham
+
+TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+runner = CliRunner()
+
+
+def run(app, *args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_certs_make_a_ca_a_server_cert_for_the_hosts_and_clinic_keys(tmp_path) -> None:
+    out = tmp_path / "certs"
+    result = run(server_cli, "certs", "--out", out, "--host", "coord.example.org", "--host", "10.0.0.5", "--clinic", "c1")
+    assert result.exit_code == 0, result.output
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    assert cert.issuer == ca.subject
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(cert.signature_hash_algorithm))
+    san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    names = {str(v) for v in san.get_values_for_type(x509.DNSName)} | {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    assert {"coord.example.org", "10.0.0.5", "localhost", "127.0.0.1"} <= names
+    for private in (out / "ca.key", out / "server.key", out / "clinics" / "c1" / "node.key"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    again = run(server_cli, "certs", "--out", out)
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output
+
+
+def test_node_registry_without_a_running_superlink(tmp_path) -> None:
+    state = tmp_path / "state"
+    assert run(client_cli, "keygen", "--out", tmp_path / "a" / "node.key").exit_code == 0
+    assert run(client_cli, "keygen", "--out", tmp_path / "b" / "node.key").exit_code == 0
+    ok = run(server_cli, "nodes", "register", tmp_path / "a" / "node.key.pub", "--clinic", "clinic-a", "--state-dir", state)
+    assert ok.exit_code == 0 and "applied when the SuperLink starts" in ok.output, ok.output
+    dup = run(server_cli, "nodes", "register", tmp_path / "a" / "node.key.pub", "--clinic", "clinic-b", "--state-dir", state)
+    assert dup.exit_code == 2 and "already registered for clinic 'clinic-a'" in dup.output
+    other = run(server_cli, "nodes", "register", tmp_path / "b" / "node.key.pub", "--clinic", "clinic-a", "--state-dir", state)
+    assert other.exit_code == 2 and "registered with another key" in other.output
+    bad = run(server_cli, "nodes", "register", tmp_path / "a" / "node.key", "--clinic", "clinic-c", "--state-dir", state)
+    assert bad.exit_code == 2 and "not an OpenSSH public key" in bad.output
+    listed = json.loads(run(server_cli, "nodes", "list", "--json", "--state-dir", state).output)
+    assert [r["clinic"] for r in listed] == ["clinic-a"]
+    assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 0
+    assert json.loads(run(server_cli, "nodes", "list", "--json", "--state-dir", state).output)[0]["status"] == "revoked"
+    assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
+        (["--strategy", "fedavg", "--strategy-option", "eta=0.1"], "fedavg does not take option(s) eta"),
+        (["--run-config", "num-round=3"], "unknown run-config key"),
+        (["--run-config", 'audit-db="postgresql://u:secret@h/db"'], "--run-config audit-db: use the --audit-db option"),
+        (["--bundle", "/nonexistent"], "not a model bundle"),
+        ([], "ca.pem not found"),  # TLS by default: certificates are required
+    ],
+)
+def test_start_refuses_bad_settings_before_starting_anything(tmp_path, args, message) -> None:
+    state = tmp_path / "state"
+    base = ["start", "--state-dir", state, "--bundle", TINY_V2, "--audit-db", f"sqlite:///{tmp_path / 'a.db'}", "--audit-key", tmp_path / "k.pem"]
+    result = run(server_cli, *base, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert not (state / "superlink.db").exists()
+
+
+def test_the_generated_flower_app_is_valid_for_flwr(tmp_path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    from server.deployment import StateDir, write_flower_app
+
+    app_dir = write_flower_app(StateDir(tmp_path), {"num-rounds": 4, "strategy": "fedprox", "strategy-options": "proximal_mu=0.1"})
+    config, _warnings = load_and_validate(app_dir / "pyproject.toml", check_module=True)
+    app = config["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["config"]["num-rounds"] == 4 and app["config"]["audit-db"] == ""
+    assert sorted(p.name for p in app_dir.iterdir()) == ["pyproject.toml"]  # no code travels to clinics
+
+
+def test_status_without_a_coordinator_is_a_clear_error(tmp_path) -> None:
+    result = run(server_cli, "status", "--state-dir", tmp_path / "nothing")
+    assert result.exit_code == 2 and "no coordinator state" in result.output
+
+
+def test_client_start_checks_before_connecting(tmp_path) -> None:
+    data = tmp_path / "data"
+    make_synthetic_ham(data, n_images=4, image_size=16, seed=1)
+    missing = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", tmp_path / "nope", "--clinic-id", "c")
+    assert missing.exit_code == 2 and "data folder not found" in missing.output
+    (tmp_path / "bad.key").write_text("not a key")
+    badkey = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--auth-key", tmp_path / "bad.key")
+    assert badkey.exit_code == 2 and "not an unencrypted OpenSSH private key" in badkey.output
+    badca = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--root-certificates", tmp_path / "ca.pem")
+    assert badca.exit_code == 2 and "CA certificate not found" in badca.output
+    (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id\n")
+    badcsv = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c")
+    assert badcsv.exit_code == 2 and "missing column(s) dx" in badcsv.output
+
+
+def test_node_config_string_round_trips_through_flowers_parser() -> None:
+    from flwr.common.config import parse_config_args
+
+    config = {"data-dir": "/data/with space/ünï", "cache-dir": 'C:\\cache\\"q"', "clinic-id": "c-1", "eval-fraction": 0.25}
+    assert parse_config_args([node_config_string(config)]) == config
