@@ -28,8 +28,8 @@ Methods, all on the same features and splits:
   * central               both heads trained on all centres' training data pooled (upper reference)
 
 Edge settings are chosen by every centre on its own training data (qana.edge.choose_edge_params)
-and combined as a federation would: median num_weights and neurons per class, most frequent
-learning competition. Prints macro-F1 and balanced accuracy on all centres' test images pooled,
+and combined as a federation would (qana.edge.federation_edge_params: median num_weights and
+neurons per class, most frequent learning competition). Prints macro-F1 and balanced accuracy on all centres' test images pooled,
 and the mean over centres of each centre's own test images.
 """
 
@@ -41,7 +41,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -213,9 +212,8 @@ def main() -> None:
     for c in centres:
         rows = local_train[c]
         chosen[c] = edge.choose_edge_params(feats[rows], y[rows], classes, groups=dataset.lesion_ids[rows], seed=args.seed)
-    nw = int(np.median([p.num_weights for p in chosen.values()]))
-    npc = int(np.median([p.neurons_per_class for p in chosen.values()]))
-    comp = Counter(p.learning_competition for p in chosen.values()).most_common(1)[0][0]
+    federation = edge.federation_edge_params(list(chosen.values()))
+    nw, npc, comp = federation.num_weights, federation.neurons_per_class, federation.learning_competition
     timings["choose_edge_params"] = time.perf_counter() - t0
     for c, p in chosen.items():
         print(f"  {c:14s} chose num_weights={p.num_weights} neurons/class={p.neurons_per_class} competition={p.learning_competition} (median spikes {p.median_active:.0f})")

@@ -754,6 +754,26 @@ def choose_edge_params(
     return EdgeParams(num_weights, int(top["neurons_per_class"]), float(top["learning_competition"]), median_active, tuple(sweep))
 
 
+def federation_edge_params(choices: Sequence[EdgeParams]) -> EdgeParams:
+    """One learning configuration for a federation from every clinic's own `choose_edge_params`.
+
+    Merging needs one num_weights (potentials of neurons with different weight counts are not
+    comparable) and one neurons-per-class layout (so merged heads can be written back and go on
+    learning). Clinics report only these three numbers, never data: the federation takes the
+    median num_weights and neurons per class (robust to one unusual clinic) and the most common
+    learning_competition (the smaller one on ties).
+    """
+    if not choices:
+        raise ValueError("no clinic reported edge parameters")
+    nw = int(round(float(np.median([c.num_weights for c in choices]))))
+    npc = int(round(float(np.median([c.neurons_per_class for c in choices]))))
+    counts: dict[float, int] = {}
+    for c in choices:
+        counts[float(c.learning_competition)] = counts.get(float(c.learning_competition), 0) + 1
+    comp = min(counts, key=lambda v: (-counts[v], v))
+    return EdgeParams(nw, max(1, npc), comp, float(np.median([c.median_active for c in choices])))
+
+
 # --------------------------------------------------------------------------- federated merge
 
 

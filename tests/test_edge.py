@@ -307,6 +307,16 @@ def test_choose_edge_params_from_data(clinics) -> None:
         edge.choose_edge_params(np.zeros_like(x), y, CLASSES)
 
 
+def test_federation_edge_params_takes_medians_and_the_common_competition() -> None:
+    choices = [edge.EdgeParams(20, 2, 0.1, 17.0), edge.EdgeParams(30, 8, 0.1, 25.0), edge.EdgeParams(24, 4, 0.3, 20.0)]
+    got = edge.federation_edge_params(choices)
+    assert (got.num_weights, got.neurons_per_class, got.learning_competition) == (24, 4, 0.1)
+    tie = edge.federation_edge_params([edge.EdgeParams(20, 2, 0.3, 17.0), edge.EdgeParams(20, 2, 0.0, 17.0)])
+    assert tie.learning_competition == 0.0
+    with pytest.raises(ValueError, match="no clinic"):
+        edge.federation_edge_params([])
+
+
 # --------------------------------------------------------------------------- the real backbone
 
 
