@@ -364,6 +364,10 @@ class Coordinator:
 
     def _send(self, round_: int, messages: list[Message], timeout: float) -> list[Message]:
         for m in messages:
+            # Flower's strategies leave group_id empty; the round number makes the SuperNodes'
+            # logs ("[RUN r, ROUND n]") and the wire log line up with the audit log.
+            if not m.metadata.group_id:
+                m.metadata.group_id = str(round_)
             self._wire(round_, "out", m)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
         # Replies arrive in network order; Flower's strategies sum updates in list order, and

@@ -40,6 +40,7 @@ class Traffic:
     down_bytes: dict[int, int] = field(default_factory=dict)
     up_bytes: dict[int, int] = field(default_factory=dict)
     handler_seconds: float = 0.0
+    handler_seconds_by_group: dict[str, float] = field(default_factory=dict)  # group id = round
     replies: list[Message] = field(default_factory=list)
 
 
@@ -88,7 +89,10 @@ class LoopbackGrid(Grid):
                 reply = handler(received)
             except Exception as exc:  # the ClientApp raised: Flower sends an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
-            self.traffic.handler_seconds += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.traffic.handler_seconds += spent
+            group = received.metadata.group_id
+            self.traffic.handler_seconds_by_group[group] = self.traffic.handler_seconds_by_group.get(group, 0.0) + spent
             decoded, size = roundtrip(reply)
             self.traffic.up_bytes[node] = self.traffic.up_bytes.get(node, 0) + size
             self.traffic.replies.append(decoded)
