@@ -1,0 +1,90 @@
+"""The embedded HAM10000 sample: a few hundred real images shipped inside the package, so the
+main job (`qana-sim run` without --data) needs nothing but a fresh install.
+
+The images come from the *test* part of the shipped model's lesion-grouped split (the backbone
+never saw them), from all four source centres, centre-cropped and stored at 64x64 as JPEG
+(quality 95: a re-encoding, so pixels differ slightly from decoding the 200x150 originals).
+Licence: CC BY-NC 4.0, Tschandl et al. 2018 (see the README beside the images).
+
+    python -m qana.sample --data ../shared/data/ham10000 --split runs/v2/split.npz --out qana/samples/ham10000-sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from qana.data import METADATA_FILE, find_images, decode_image, read_metadata
+
+SAMPLE_DIR = Path(__file__).parent / "samples" / "ham10000-sample"
+
+SAMPLE_README = """# Embedded HAM10000 sample
+
+{n} real dermatoscopic images from HAM10000 (Tschandl, Rosendahl, Kittler, "The HAM10000
+dataset, a large collection of multi-source dermatoscopic images of common pigmented skin
+lesions", Scientific Data 5, 180161, 2018). Licence: CC BY-NC 4.0 (non-commercial use only).
+
+Drawn (seed {seed}) from the lesion-grouped *test* part of the shipped model's split, so the
+shipped backbone never trained on them; centre-cropped and stored at 64x64 (JPEG quality 95).
+`HAM10000_metadata.csv` holds their original Dataverse metadata rows, including `dataset` (the
+source centre). Made by: `{command}`.
+"""
+
+
+def make_sample(data: Path, split_file: Path, out: Path, per_centre: int = 200, seed: int = 0, command: str = "") -> int:
+    """Write the sample folder; returns the number of images."""
+    with np.load(split_file) as z:
+        image_ids = z["image_ids"]
+        test_ids = set(str(i) for i in image_ids[z["test"]])
+    rows = {}
+    with (data / METADATA_FILE).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames
+        for row in reader:
+            rows[row["image_id"]] = row
+    records = [r for r in read_metadata(data / METADATA_FILE) if r.image_id in test_ids]
+    files = find_images(data)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for centre in sorted({r.centre for r in records}):
+        members = [r for r in records if r.centre == centre and r.image_id in files]
+        take = rng.permutation(len(members))[: min(per_centre, len(members))]
+        chosen.extend(members[i] for i in sorted(take))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for record in chosen:
+        pixels = decode_image(files[record.image_id].read_bytes(), 64)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+        (out / "images" / f"{record.image_id}.jpg").write_bytes(buf.getvalue())
+    with (out / METADATA_FILE).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        for record in chosen:
+            writer.writerow(rows[record.image_id])
+    (out / "README.md").write_text(SAMPLE_README.format(n=len(chosen), seed=seed, command=command))
+    return len(chosen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--split", type=Path, required=True, help="split.npz of the shipped model's training run")
+    parser.add_argument("--out", type=Path, default=SAMPLE_DIR)
+    parser.add_argument("--per-centre", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    command = (
+        f"python -m qana.sample --data {args.data} --split {args.split} --out {args.out} "
+        f"--per-centre {args.per_centre} --seed {args.seed}"
+    )
+    n = make_sample(args.data, args.split, args.out, args.per_centre, args.seed, command)
+    print(f"{n} images written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
