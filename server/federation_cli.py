@@ -312,7 +312,10 @@ def start_command(
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
+    # Explicit handlers: a process started in the background by a script inherits an ignored
+    # SIGINT, and the SuperLink must be stopped on SIGTERM (systemd, docker stop) as well.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     run_id = None
     try:
         with _reported_errors():
