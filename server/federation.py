@@ -639,6 +639,8 @@ class Coordinator:
                 new_head = head_from_aggregate(agg, spec)
             except ProtocolError as exc:
                 log(WARNING, "Round %d: the aggregate is unusable (%s); the head stays %s", round_, exc, head_version)
+                rounds.append(RoundResult(round_, None, [], rejected, failed, train_metrics, {}, time.perf_counter() - t_round, self._server_time))
+                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
                 continue
             new_bytes = head_to_npz(new_head)
             new_sha = head_id(new_bytes)
