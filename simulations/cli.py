@@ -1,0 +1,129 @@
+"""``qana-sim``: what would this consortium of clinics get? Simulated on Flower's Simulation Engine.
+
+`qana-sim run` splits a HAM10000-style dataset into clinics, runs the deployment's ServerApp
+and ClientApp on Flower's simulation engine, trains pooled and local-only baselines on the
+same features, and writes config, metrics (CSV/JSON), plots and report.md to --out. Without
+--data it uses the embedded sample of real HAM10000 images and the shipped v2 bundle.
+
+Flags override the --config TOML file, which overrides the defaults. Mistakes print one
+``error: ...`` line and exit with status 2; Ctrl-C writes what finished and exits with 130.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="qana-sim",
+    no_args_is_help=True,
+    add_completion=False,
+    help="Simulated QANA-FL federations on Flower's Simulation Engine: the deployment's ServerApp and ClientApp, "
+    "pooled and local-only baselines, results with plots.",
+)
+
+
+@app.callback()
+def _main() -> None:
+    """Simulated federations for experiments."""
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+@app.command("run")
+def run(
+    data: Annotated[Optional[Path], typer.Option("--data", help="HAM10000-style folder (default: the embedded sample of real HAM10000 images)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="experiment TOML file (flat keys named like these flags)")] = None,
+    clinics: Annotated[Optional[int], typer.Option("--clinics", help="number of clinics (centre split: one per source centre)")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="centre | dirichlet | iid | pathological (default centre)")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="Dirichlet concentration for --split dirichlet (default 0.5)")] = None,
+    classes_per_clinic: Annotated[Optional[int], typer.Option("--classes-per-clinic", help="k for --split pathological (default 2)")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="federated rounds (default 10)")] = None,
+    strategy: Annotated[Optional[str], typer.Option("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")] = None,
+    strategy_options: Annotated[Optional[str], typer.Option("--strategy-options", help='strategy constructor options, e.g. "proximal_mu=0.1"')] = None,
+    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", help="local head-training epochs per round (default 5)")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="head learning rate (default 0.01)")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="probability that a clinic's update is lost in a round (default 0)")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="each clinic's local test part, by lesion (default 0.2)")] = None,
+    initial_head: Annotated[Optional[str], typer.Option("--initial-head", help="random (default) | bundle: the head all methods start from")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results)")] = None,
+    keep_work: Annotated[Optional[bool], typer.Option("--keep-work/--no-keep-work", help="keep the clinics' folders and caches under OUT/work")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Simulate a federation and compare it with pooled and local-only training."""
+    from simulations.config import ConfigError, resolve
+    from simulations.experiment import run_experiment
+    from simulations.partition import PartitionError
+    from simulations.workspace import SourceError
+
+    flags: dict[str, Any] = {
+        "data": str(data) if data is not None else None,
+        "clinics": clinics,
+        "split": split,
+        "alpha": alpha,
+        "classes_per_clinic": classes_per_clinic,
+        "rounds": rounds,
+        "strategy": strategy,
+        "strategy_options": strategy_options,
+        "local_epochs": local_epochs,
+        "learning_rate": learning_rate,
+        "dropout": dropout,
+        "eval_fraction": eval_fraction,
+        "initial_head": initial_head,
+        "bundle": str(bundle) if bundle is not None else None,
+        "seed": seed,
+        "out": str(out) if out is not None else None,
+        "keep_work": keep_work,
+    }
+    try:
+        cfg = resolve(config, flags)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
+    except (SourceError, PartitionError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    head = result.headline()
+    out_dir = Path(cfg.out).expanduser().resolve()
+    if head["round"] is not None and head["metrics"]:
+        typer.echo(f"Round {head['round']}, all clinics' test parts ({head['metrics'].get('pooled', {}).get('n', '?')} images):")
+        for method, label in (("federated", "federated"), ("pooled", "pooled"), ("local_only", "local-only")):
+            m = head["metrics"].get(method)
+            if m:
+                typer.echo(f"  {label:<11} top-1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}")
+        ratio = head["ratios"].get("federated/pooled")
+        if ratio:
+            typer.echo(
+                "  federated/pooled: "
+                + ", ".join(f"{k.replace('_', '-')} {v * 100:.1f} %" for k, v in ratio.items() if v is not None)
+            )
+    fed = result.federated
+    if fed is not None and not fed.consistency["ok"]:
+        typer.echo("warning: the clinics' on-chip evaluations differ from the driver's scores; see report.md", err=True)
+    typer.echo(f"Results: {out_dir / 'report.md'}")
+    if result.status == "interrupted":
+        typer.echo(f"interrupted: {result.message}; partial results written", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.status != "finished":
+        detail = (fed.error or "").strip().splitlines()[-1:] if fed else []
+        raise _fail(f"{result.message}{': ' + detail[0] if detail else ''} (log: {fed.log if fed else '-'})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,185 @@
+"""An experiment's settings: defaults, then an `exp.toml`, then command-line flags.
+
+The TOML file holds flat keys named like the flags (`clinics = 16`, `split = "dirichlet"`,
+`local-epochs = 5`; `_` and `-` are interchangeable). A key this module does not know is an
+error, not silently ignored: a typo in an experiment file must not produce a run with
+default settings that looks like the intended one. The resolved settings are written into
+the results (`config.toml`, loadable again with `--config`), so every result says exactly
+what produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from simulations.partition import SPLITS
+
+DEVICES = ("software", "auto")
+INITIAL_HEADS = ("random", "bundle")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that determines a simulated federation's result."""
+
+    data: str | None = None  # HAM10000-style folder; None = the embedded sample
+    bundle: str | None = None  # model bundle; None = the shipped v2 bundle
+    clinics: int | None = None  # None = one per centre (split centre), else 4
+    split: str = "centre"
+    alpha: float = 0.5  # Dirichlet concentration (split dirichlet)
+    classes_per_clinic: int = 2  # k (split pathological)
+    eval_fraction: float = 0.2  # each clinic's local test part (by lesion)
+    rounds: int = 10
+    strategy: str = "fedavg"
+    strategy_options: str = ""  # "key=value,..." for the Flower strategy, e.g. "proximal_mu=0.1"
+    local_epochs: int = 5
+    learning_rate: float = 0.01
+    batch_size: int = 64
+    l2: float = 1e-4
+    smote: bool = True
+    dropout: float = 0.0  # probability that a clinic's training update is lost in a round
+    initial_head: str = "random"  # random (all methods start untrained) | bundle (the bundle's head)
+    device: str = "software"  # Akida device of the simulated clinics
+    seed: int = 0
+    out: str = "qana-sim-results"
+    keep_work: bool = False  # keep the clinics' folders and caches under OUT/work
+
+    @property
+    def num_clinics(self) -> int | None:
+        """Clinics to simulate (None: one per centre, decided by the data)."""
+        if self.clinics is not None:
+            return self.clinics
+        return None if self.split == "centre" else 4
+
+    def validate(self) -> SimConfig:
+        """Raise ConfigError for the first setting that is out of range; return self."""
+        from server.strategies import StrategyError, canonical_name, parse_options, strategy_options
+
+        if self.split not in SPLITS:
+            raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha}: the Dirichlet concentration must be > 0")
+        if self.clinics is not None and self.clinics < 1:
+            raise ConfigError(f"clinics={self.clinics}: need at least 1 clinic")
+        if self.classes_per_clinic < 1:
+            raise ConfigError(f"classes-per-clinic={self.classes_per_clinic}: must be at least 1")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError(f"eval-fraction={self.eval_fraction}: must be between 0 and 1")
+        if not 1 <= self.rounds <= 10_000:
+            raise ConfigError(f"rounds={self.rounds}: must be between 1 and 10000")
+        if not 1 <= self.local_epochs <= 1000:
+            raise ConfigError(f"local-epochs={self.local_epochs}: must be between 1 and 1000")
+        if not 0.0 < self.learning_rate <= 10.0:
+            raise ConfigError(f"learning-rate={self.learning_rate}: must be in (0, 10]")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size={self.batch_size}: must be at least 1")
+        if self.l2 < 0:
+            raise ConfigError(f"l2={self.l2}: must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
+        if self.initial_head not in INITIAL_HEADS:
+            raise ConfigError(f"initial-head={self.initial_head!r}: use {' or '.join(INITIAL_HEADS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}: use {' or '.join(DEVICES)}")
+        if not 0 <= self.seed <= 2**31 - 1:
+            raise ConfigError(f"seed={self.seed}: must be between 0 and 2147483647")
+        try:
+            name = canonical_name(self.strategy)
+            options = parse_options(self.strategy_options)
+        except StrategyError as exc:
+            raise ConfigError(str(exc)) from None
+        unknown = sorted(set(options) - set(strategy_options(name)))
+        if unknown:
+            valid = ", ".join(strategy_options(name)) or "none"
+            raise ConfigError(f"strategy {name} does not take option(s) {', '.join(unknown)}; valid: {valid}")
+        return replace(self, strategy=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The settings as a TOML file that `--config` reads back (unset values are left out)."""
+        lines = ["# qana-sim resolved configuration (qana-sim run --config this-file reproduces the run)"]
+        for key, value in asdict(self).items():
+            if value is None:
+                lines.append(f"# {key.replace('_', '-')} = (default)")
+                continue
+            lines.append(f"{key.replace('_', '-')} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # JSON string escaping is valid TOML
+
+
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    f.name: {
+        "str | None": (str,),
+        "int | None": (int,),
+        "str": (str,),
+        "int": (int,),
+        "float": (float, int),
+        "bool": (bool,),
+    }[str(f.type)]
+    for f in fields(SimConfig)
+}
+
+
+def _key(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _checked(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Normalise key spelling and check every key and type; ConfigError names the culprit."""
+    out: dict[str, Any] = {}
+    unknown = sorted(k for k in values if _key(k) not in FIELD_TYPES)
+    if unknown:
+        known = ", ".join(k.replace("_", "-") for k in FIELD_TYPES)
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {known}")
+    for raw, value in values.items():
+        key = _key(raw)
+        kinds = FIELD_TYPES[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{source}: {raw} = {value!r} must be {kinds[0].__name__}")
+        if not isinstance(value, kinds):
+            raise ConfigError(f"{source}: {raw} = {value!r} must be {kinds[0].__name__}")
+        out[key] = float(value) if kinds[0] is float else value
+    return out
+
+
+def load_toml(path: Path | str) -> dict[str, Any]:
+    """Read an experiment file; ConfigError for a missing file, bad TOML, unknown keys or wrong types."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    nested = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if nested:
+        raise ConfigError(f"{path}: tables are not used ({', '.join(nested)}); write the keys at the top level")
+    return _checked(data, str(path))
+
+
+def resolve(config_file: Path | str | None, flags: Mapping[str, Any]) -> SimConfig:
+    """Defaults, then the TOML file, then the flags that were given (None = not given); validated."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_toml(config_file))
+    values.update(_checked({k: v for k, v in flags.items() if v is not None}, "command line"))
+    return SimConfig(**values).validate()

@@ -1,0 +1,259 @@
+"""One `qana-sim run`: data, clinics, baselines, the simulated federation, results.
+
+Order matters for Ctrl-C: the backbone features and both baselines come first (they take
+seconds once features are cached), then the federation. An interrupted federation therefore
+still yields a complete comparison at the last finished round, and every phase writes its
+results before the next starts being needed. Used by `simulations.cli` and
+`benchmarks/simulation.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from simulations import baselines
+from simulations.config import SimConfig
+from simulations.engine import Job, Progress, run_federation
+from simulations.partition import Partition, make_partition
+from simulations.report import ExperimentResult, write_results
+from simulations.results import collect
+from simulations.workspace import Source, build_clinics, load_source, source_features
+
+Echo = Callable[[str], None]
+
+
+def run_id_for(cfg: SimConfig) -> int:
+    """A run id derived from the settings, so the same settings give the same audit records and outputs."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "keep_work")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def server_run_config(cfg: SimConfig, source: Source, num_clinics: int, run_dir: Path) -> dict[str, Any]:
+    """The ServerApp's run config (what `[tool.flwr.app.config]` + `--run-config` give a deployment)."""
+    return {
+        "bundle": str(source.bundle.path),
+        "num-rounds": cfg.rounds,
+        "strategy": cfg.strategy,
+        "strategy-options": cfg.strategy_options,
+        "min-clinics": num_clinics,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 1.0,
+        "round-timeout": 3600.0,
+        "wait-for-clinics": 600.0,
+        "local-epochs": cfg.local_epochs,
+        "learning-rate": cfg.learning_rate,
+        "batch-size": cfg.batch_size,
+        "l2": cfg.l2,
+        "smote": cfg.smote,
+        "seed": cfg.seed,
+        "initial-head": cfg.initial_head,
+        "audit-db": f"sqlite:///{run_dir / 'audit.db'}",
+        "audit-key": str(run_dir / "audit_key.pem"),
+        "state-dir": str(run_dir / "server"),
+        "wire-log": True,
+    }
+
+
+def partition_table(partition: Partition, source: Source) -> list[dict[str, Any]]:
+    ds = source.dataset
+    rows = []
+    for p in partition.clinics:
+        counts = np.bincount(ds.labels[p.rows], minlength=len(ds.class_names))
+        rows.append(
+            {
+                "clinic": p.clinic_id,
+                "images": int(len(p.rows)),
+                "lesions": int(len(np.unique(ds.lesion_ids[p.rows]))),
+                "train_images": int(len(p.train)),
+                "test_images": int(len(p.test)),
+                "class_counts": {c: int(n) for c, n in zip(ds.class_names, counts)},
+            }
+        )
+    return rows
+
+
+class _RoundBars:
+    """One progress bar per federated round, counting the clinics' replies."""
+
+    def __init__(self, num_clinics: int, rounds: int, enabled: bool) -> None:
+        self.n = num_clinics
+        self.rounds = rounds
+        self.enabled = enabled
+        self.bar: Any = None
+        self.round = -1
+        self.shown: tuple[int, int, str] | None = None
+
+    def _open(self, r: int) -> None:
+        from tqdm import tqdm
+
+        self.close()
+        self.round = r
+        self.shown = None
+        label = "round 0 (hello, bundle, first evaluation)" if r == 0 else f"round {r}/{self.rounds}"
+        self.bar = tqdm(total=(3 if r == 0 else 2) * self.n, desc=label, unit="reply", leave=True, dynamic_ncols=True)
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and p.round != self.round:
+            self._show(p)
+            self._finish(p)
+        if self.bar is None or p.round != self.round:
+            self._open(p.round)
+        self._show(p)
+
+    def _show(self, p: Progress) -> None:
+        sent, got = p.sent.get(self.round, 0), p.received.get(self.round, 0)
+        if (sent, got, p.phase) == self.shown:
+            return
+        self.shown = (sent, got, p.phase)
+        if sent > self.bar.total:
+            self.bar.total = sent
+        self.bar.n = got
+        self.bar.set_postfix_str(p.phase, refresh=False)
+        self.bar.refresh()
+
+    def _finish(self, p: Progress) -> None:
+        e = p.evaluations.get(self.round)
+        if e:
+            self.bar.set_postfix_str(
+                f"clinics' mean: top1 {e.get('top1', 0):.3f}, macro-F1 {e.get('macro-f1', 0):.3f}, "
+                f"bal-acc {e.get('balanced-accuracy', 0):.3f}",
+                refresh=False,
+            )
+        self.bar.refresh()
+
+    def done(self, p: Progress | None) -> None:
+        if self.bar is not None and p is not None:
+            self._show(p)
+            self._finish(p)
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def _phase(seconds: dict[str, float], name: str, state: dict[str, str]) -> Iterator[None]:
+    state["phase"] = name
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - t0
+
+
+def run_experiment(
+    cfg: SimConfig,
+    *,
+    cache_root: Path | None = None,
+    echo: Echo = print,
+    progress: bool = True,
+    command: str = "",
+) -> ExperimentResult:
+    """Run everything and write the results under cfg.out; returns them (status says if it finished).
+
+    Decoded images and backbone features are cached under `cache_root` (default: qana's cache,
+    $QANA_CACHE_DIR or ~/.cache/qana). Ctrl-C is caught: whatever finished is written and the result's status is 'interrupted'.
+    Errors in the data or settings raise (SourceError, PartitionError) before anything runs.
+    """
+    from tqdm import tqdm
+
+    import qana.data
+
+    cache_root = Path(cache_root) if cache_root is not None else qana.data.DEFAULT_CACHE_DIR
+    out = Path(cfg.out).expanduser().resolve()
+    run_dir, work = out / "run", out / "work"
+    for old in (run_dir, work, out / "plots"):
+        shutil.rmtree(old, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    state = {"phase": "loading data"}
+    t_start = time.perf_counter()
+
+    with _phase(seconds, "loading data", state):
+        source = load_source(cfg, cache_root, progress=progress)
+    echo(f"Data: {source.description}")
+    echo(f"Bundle: {source.bundle.path} (target {source.bundle.target}, {source.bundle.feature_dim} features)")
+    ds = source.dataset
+    partition = make_partition(
+        ds.labels, ds.lesion_ids, ds.centres,
+        split=cfg.split, num_clinics=cfg.num_clinics, alpha=cfg.alpha,
+        classes_per_clinic=cfg.classes_per_clinic, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
+    )
+    notes = list(partition.notes)
+    if partition.moved_lesions:
+        notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")
+    n = len(partition.clinics)
+    echo(f"Federation: {n} clinics ({cfg.split} split), {cfg.strategy}, {cfg.rounds} rounds x {cfg.local_epochs} local epochs; results in {out}")
+    result = ExperimentResult(
+        cfg=cfg, status="interrupted", data=source.description,
+        bundle={"path": str(source.bundle.path), "id": source.bundle.bundle_id, "target": source.bundle.target,
+                "feature_dim": source.bundle.feature_dim, "input_shape": list(source.bundle.input_shape)},
+        classes=tuple(ds.class_names), partition=partition_table(partition, source), partition_notes=notes,
+        seconds=seconds, command=command,
+    )
+    federation_progress: Progress | None = None
+    try:
+        with _phase(seconds, "backbone features", state):
+            with tqdm(total=len(ds), desc="backbone features", unit="img", disable=not progress, leave=False) as bar:
+                features, computed = source_features(source, cache_root, cfg.device, advance=bar.update)
+            result.features_computed = computed
+        echo(f"Backbone features: {computed} of {len(ds)} images computed now, the rest from the feature cache")
+        with _phase(seconds, "clinic folders", state):
+            sites = build_clinics(source, partition, features, work, cache_root)
+        start = baselines.initial_head(cfg, source.bundle.load_head())
+        target = source.bundle.target
+        with _phase(seconds, "baselines", state):
+            with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
+                result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+                result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+        run_id = run_id_for(cfg)
+        job = Job(
+            run_id=run_id,
+            node_configs=[s.node_config(cfg) for s in sites],
+            run_config=server_run_config(cfg, source, n, run_dir),
+            dropout=cfg.dropout,
+            seed=cfg.seed,
+            timings=str(run_dir / "timings.json"),
+        )
+        bars = _RoundBars(n, cfg.rounds, progress)
+
+        def on_progress(p: Progress) -> None:
+            nonlocal federation_progress
+            federation_progress = p
+            bars(p)
+
+        with _phase(seconds, "federation (Flower simulation, incl. Ray start)", state):
+            echo("Federation: starting Flower's simulation engine (Ray, 2 CPUs, 1 per ClientApp) with the deployment's ServerApp and ClientApp")
+            try:
+                run = run_federation(job, run_dir, on_progress=on_progress)
+            finally:
+                bars.done(federation_progress)
+        with _phase(seconds, "results and report", state):
+            result.federated = collect(run, str(run_id), target, features, ds.labels, partition, result.classes)
+            if run.status == "finished":
+                result.status = "finished"
+            elif run.status == "interrupted":
+                result.status, result.message = "interrupted", "interrupted (Ctrl-C) during the federation"
+            else:
+                result.status, result.message = "failed", "the simulated federation failed"
+    except KeyboardInterrupt:
+        result.status, result.message = "interrupted", f"interrupted (Ctrl-C) during {state['phase']}"
+    seconds["total"] = time.perf_counter() - t_start
+    write_results(result, out)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
