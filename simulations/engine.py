@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -250,7 +251,7 @@ class FederationRun:
     error: str | None = None
 
 
-def _tensorflow_blocker(run_dir: Path) -> Path:
+def _tensorflow_blocker(where: Path) -> Path:
     """A directory whose `tensorflow` package refuses to import, for the simulation's processes.
 
     `flwr.simulation.ray_transport.utils` does `try: import tensorflow` (for GPU memory growth)
@@ -259,7 +260,7 @@ def _tensorflow_blocker(run_dir: Path) -> Path:
     path never uses TensorFlow (tests/test_import_boundaries.py). Flower handles the
     ModuleNotFoundError as "TensorFlow not installed".
     """
-    package = run_dir / "no-tensorflow" / "tensorflow"
+    package = where / "no-tensorflow" / "tensorflow"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text(
         'raise ModuleNotFoundError("TensorFlow is not used by qana-sim\'s simulation processes", name="tensorflow")\n'
@@ -311,7 +312,8 @@ def run_federation(
     state_dir = Path(job.run_config["state-dir"])
     log_path = run_dir / "simulation.log"
     env = dict(os.environ)
-    blocker = _tensorflow_blocker(run_dir)
+    blocker_dir = tempfile.TemporaryDirectory(prefix="qana-sim-")
+    blocker = _tensorflow_blocker(Path(blocker_dir.name))
     env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage telemetry from simulations
     env.setdefault("RAY_DEDUP_LOGS", "0")
@@ -344,6 +346,7 @@ def run_federation(
             status = "interrupted"
         finally:
             _terminate(proc)
+            blocker_dir.cleanup()
     _update(progress, wire, state_dir, node_names)
     status_json = read_json(state_dir / "status.json")
     error = None

@@ -146,6 +146,24 @@ class _RoundBars:
 
 
 @contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """One BLAS/OpenMP thread for the baselines' small matrices.
+
+    Measured here (2 cores shared with other jobs): an SVD of a 540x256 matrix, as in the
+    SMOTE whitening, takes 4.3 s with OpenBLAS's 2 threads and 0.03 s with 1 (the threads
+    spin waiting for each other). Ray already gives each ClientApp one thread (OMP_NUM_THREADS=1).
+    """
+    # threadpoolctl limits only libraries already loaded: load SMOTE's and PCA's first.
+    import imblearn.over_sampling  # noqa: F401
+    import scipy.linalg  # noqa: F401
+    import sklearn.decomposition  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+@contextmanager
 def _phase(seconds: dict[str, float], name: str, state: dict[str, str]) -> Iterator[None]:
     state["phase"] = name
     t0 = time.perf_counter()
@@ -216,7 +234,7 @@ def run_experiment(
             sites = build_clinics(source, partition, features, work, cache_root)
         start = baselines.initial_head(cfg, source.bundle.load_head())
         target = source.bundle.target
-        with _phase(seconds, "baselines", state):
+        with _phase(seconds, "baselines", state), _single_threaded_blas():
             with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
                 result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
                 result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())

@@ -347,7 +347,7 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
     for phase, sec in result.seconds.items():
         lines.append(f"- {phase}: {sec:.1f} s")
     if fed is not None and fed.startup_seconds is not None:
-        lines.append(f"- of which starting Ray in the simulation process: {fed.startup_seconds:.1f} s")
+        lines.append(f"- of which starting the simulation process and Ray: {fed.startup_seconds:.1f} s")
     lines.append(f"- backbone feature extraction: {result.features_computed} image(s) computed now (the rest came from the feature cache)")
     lines.append("")
     if plots:

@@ -70,7 +70,7 @@ class Federated:
     rounds: list[FederatedRound]
     heads: dict[int, Head]
     run_id: str
-    startup_seconds: float | None  # child process start until Ray was up
+    startup_seconds: float | None  # from starting the simulation process until Ray was up
     wall_seconds: float  # the whole federation, child process start to end
     consistency: dict[str, Any]
     error: str | None = None
@@ -152,7 +152,7 @@ def collect(
     last_round = max([*heads_by_round, *history], default=-1)
     rounds: list[FederatedRound] = []
     heads: dict[int, Head] = {}
-    previous_time = run.timings.get("started") or run.started
+    previous_time: float | None = run.started  # round 0 includes starting the simulation process and Ray
     current: Head | None = None
     worst = 0.0
     mismatches: list[str] = []
@@ -212,7 +212,6 @@ def collect(
                 finished_at=finished_at,
             )
         )
-    started = run.timings.get("started")
     ray_ready = run.timings.get("ray_ready")
     consistency = {
         "checked": sum(len(r.reported_by_clinic) for r in rounds),
@@ -225,7 +224,7 @@ def collect(
         rounds=rounds,
         heads=heads,
         run_id=run_id,
-        startup_seconds=(ray_ready - started) if started and ray_ready else None,
+        startup_seconds=(ray_ready - run.started) if ray_ready else None,
         wall_seconds=run.ended - run.started,
         consistency=consistency,
         error=run.error,

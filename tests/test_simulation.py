@@ -167,6 +167,8 @@ def test_two_round_simulation_finishes_and_writes_every_result(two_runs) -> None
     # round 0 carries the bundle to every clinic; later rounds only heads
     assert fed.rounds[0].bytes_sent > 4 * TINY_V2.joinpath("model.fbz").stat().st_size
     assert 0 < fed.rounds[1].bytes_sent < fed.rounds[0].bytes_sent and fed.rounds[1].bytes_received > 0
+    # Flower's Ray utilities import TensorFlow when installed; the simulation processes must not
+    assert "tensorflow/core" not in (out / "run" / "simulation.log").read_text()
     assert "HAM10000-style folder" in data["data"] and "160 images" in data["data"]
     assert f"**Data**: {data['data']}" in (out / "report.md").read_text()
 
