@@ -267,6 +267,87 @@ def run_supernode(cmd: list[str], env: dict[str, str]) -> int:
         backoff = min(backoff * 2, MAX_BACKOFF)
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _change(label: str, before: Any, after: Any) -> str:
+    """One line: accuracy of a group of images before -> after the update."""
+    if before is None or before.n == 0:
+        return f"{label}: no images"
+    return (
+        f"{label} ({before.n} images): top-1 {_pct(before.top1)} -> {_pct(after.top1)}, "
+        f"balanced accuracy {_pct(before.balanced_accuracy)} -> {_pct(after.balanced_accuracy)}"
+    )
+
+
+@app.command("learn")
+def learn(
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="The clinic's HAM10000-style folder, including the images that arrived since.")],
+    clinic_id: Annotated[str, typer.Option("--clinic-id", metavar="NAME", help="This clinic's id (names its default cache).")],
+    bundle: Annotated[str | None, typer.Option("--bundle", metavar="DIR|ID", help="A bundle folder, or the id of a bundle in the clinic's cache (default: the one deployed here).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto: an Akida device if one is found, else the software backend; software: always the software backend.")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", metavar="DIR", help="The clinic's cache (default ~/.cache/qana/clinics/NAME), as for `start`.")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of *new* lesions held out; earlier lesions keep their side.")] = 0.2,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over old + new training features.")] = 20,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9)] = 0.01,
+    proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
+    smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Update this clinic's deployed head from images added to its folder, outside a round.
+
+    Reports accuracy on the earlier held-out images before and after the update, so a new
+    batch that makes the head forget shows up here.
+    """
+    from client.clinic import Clinic, ClinicConfig, ClinicError
+    from protocols.auth import check_clinic_name
+    from qana.bundle import BundleError, load_bundle
+    from qana.head import TrainConfig
+    from qana.runtime import RuntimeErrorQana
+
+    with _reported_errors():
+        check_clinic_name(clinic_id)
+        data = data.expanduser().resolve()
+        if not data.is_dir():
+            raise _fail(f"data folder not found: {data}")
+        node_config: dict[str, Any] = {"data-dir": str(data), "clinic-id": clinic_id, "device": device, "eval-fraction": eval_fraction}
+        if cache_dir is not None:
+            node_config["cache-dir"] = str(cache_dir.expanduser().resolve())
+        clinic = Clinic(ClinicConfig.from_node_config(node_config))
+        try:
+            if bundle is not None and Path(bundle).expanduser().is_dir():
+                bundle_id = clinic.adopt_bundle(load_bundle(Path(bundle).expanduser()))
+            elif bundle is not None:
+                matches = [b for b in clinic.bundles.ids() if b.startswith(bundle.lower())]
+                if len(matches) != 1:
+                    raise ClinicError(f"--bundle {bundle}: not a folder, and matches {len(matches)} bundle(s) in {clinic.bundles.root}")
+                bundle_id = matches[0]
+            else:
+                deployed = clinic.deployed_bundle_ids()
+                if len(deployed) != 1:
+                    found = "no bundle is" if not deployed else f"{len(deployed)} bundles are"
+                    raise ClinicError(f"{found} deployed in {clinic.config.cache}; name one with --bundle DIR|ID")
+                bundle_id = deployed[0]
+            config = TrainConfig(epochs=epochs, learning_rate=learning_rate, proximal_mu=proximal_mu, seed=seed)
+            report = clinic.learn(bundle_id, config, smote=smote)
+        except (BundleError, RuntimeErrorQana) as exc:
+            raise ClinicError(str(exc)) from None
+    old = report.images - report.new_images
+    typer.echo(f"clinic {clinic_id}: bundle {report.bundle_id[:12]}…; starting from the {report.start}")
+    typer.echo(
+        f"images: {report.images} ({report.new_images} new, {report.computed} through the backbone; "
+        f"{old} from the feature cache); new lesions: {report.new_lesions} ({report.new_lesions_held_out} held out)"
+    )
+    if not report.updated:
+        typer.echo("nothing new since the features were last computed; the deployed head is unchanged")
+        return
+    typer.echo(f"trained on {report.train_examples} images (+{report.num_synthetic} SMOTE), old and new, {epochs} epochs, proximal mu {proximal_mu}")
+    typer.echo(_change("earlier held-out", report.earlier_before, report.earlier_after))
+    typer.echo(_change(f"new {report.new_kind}", report.new_before, report.new_after))
+    typer.echo(f"on-device agreement {_pct(report.device_agreement)}; deployed model updated in {report.saved_to}")
+
+
 @app.command("keygen")
 def keygen(
     out: Annotated[Path, typer.Option("--out", metavar="KEY", help="Private key file; the public key is written to KEY.pub.")] = Path.home() / ".qana" / "clinic" / "node.key",

@@ -9,7 +9,14 @@ Per backbone version the clinic runs the backbone once over its images (cached f
 per round it trains only the head (SMOTE on PCA-whitened features, `client.learning`),
 quantizes it for the Akida target, writes it into the Akida model and checks that the
 chip's predictions agree with the reference quantized head before anything is sent.
-Evaluation uses a held-out, lesion-grouped part of the clinic's own data.
+Evaluation uses a held-out, lesion-grouped part of the clinic's own data. Each lesion's side
+(training or held-out) is decided once and kept in the clinic's state (`split.json` in its
+cache), so a folder that grows only assigns its new lesions and no lesion ever moves between
+training and evaluation (that would leak evaluation images into training).
+
+`Clinic.learn` is the on-demand, data-incremental update (`qana-client learn`): new images go
+through the backbone, the head is trained from the deployed one on old and new features, and
+accuracy on the earlier held-out images is reported before and after (the forgetting measure).
 """
 
 from __future__ import annotations
@@ -40,14 +47,17 @@ from protocols.messages import (
     HeadSpec,
     TrainSettings,
 )
-from qana.bundle import Bundle
+from qana.bundle import Bundle, pack_bundle
 from qana.data import Dataset, load_dataset
-from qana.head import Head, QuantizedHead, TrainConfig, head_to_npz, predict, quantize_head
+from qana.head import Head, QuantizedHead, TrainConfig, head_from_npz, head_to_npz, predict, quantize_head
 from qana.metrics import classification_metrics
 from qana.splits import grouped_split
 
 DEFAULT_CACHE_ROOT = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana")) / "clinics"
 NODE_CONFIG_KEYS = ("data-dir", "clinic-id", "device", "cache-dir", "eval-fraction", "split-seed")
+SPLIT_FILE = "split.json"
+SPLIT_FORMAT = 1
+TRAIN, HELD_OUT = "train", "eval"
 
 
 class ClinicError(RuntimeError):
@@ -110,6 +120,104 @@ class Prepared:
     eval_idx: np.ndarray
     computed: int  # images that went through the backbone just now
     runtime: Any  # qana.runtime.AkidaRuntime
+    new_rows: np.ndarray | None = None  # bool per row: features were not cached before this call
+    new_lesions: int = 0  # lesions assigned to a side just now
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` in one step, so a crash never leaves a half-written state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def persistent_split(
+    path: Path, labels: np.ndarray, lesion_ids: np.ndarray, eval_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Lesion-grouped train / held-out rows that stay put as the folder grows.
+
+    Lesions already recorded in `path` keep their side; only lesions seen for the first time
+    are split (`grouped_split` over their rows, stratified by diagnosis) and recorded. On the
+    first call every lesion is new, so the split is exactly `grouped_split` of all rows (the
+    same split `simulations.partition` reproduces). Recomputing the whole split instead would
+    let a lesion move from held-out to training when images are added, so the "earlier
+    held-out accuracy" would be measured partly on training images.
+
+    Returns (train rows, held-out rows, number of lesions assigned now). A state file that
+    cannot be read is an error, never silently replaced: the assignment it holds is the point.
+    """
+    lesions = np.asarray(lesion_ids).astype(str)
+    recorded: dict[str, str] = {}
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if state.get("format") != SPLIT_FORMAT or not isinstance(state.get("lesions"), dict):
+                raise ValueError("unexpected content")
+            recorded = {str(k): str(v) for k, v in state["lesions"].items()}
+            if set(recorded.values()) - {TRAIN, HELD_OUT}:
+                raise ValueError("unknown side")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ClinicError(
+                f"held-out split file {path} is unreadable ({exc}); move it away to re-split "
+                "(held-out lesions may then change)"
+            ) from None
+    new_rows = np.flatnonzero([lesion not in recorded for lesion in lesions.tolist()])
+    assigned_now = 0
+    if len(new_rows):
+        train_part, eval_part = grouped_split(
+            np.asarray(labels)[new_rows], lesions[new_rows], (1.0 - eval_fraction, eval_fraction), seed=seed
+        )
+        fresh: dict[str, str] = {}
+        for part, side in ((train_part, TRAIN), (eval_part, HELD_OUT)):
+            for lesion in lesions[new_rows[part]].tolist():
+                fresh[lesion] = side
+        assigned_now = len(fresh)
+        recorded.update(fresh)
+        state = {"format": SPLIT_FORMAT, "eval_fraction": eval_fraction, "seed": seed, "lesions": recorded}
+        _write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+    sides = np.array([recorded[lesion] for lesion in lesions.tolist()], dtype=object)
+    return np.flatnonzero(sides == TRAIN), np.flatnonzero(sides == HELD_OUT), assigned_now
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Accuracy of one head on one group of images (None when the group is empty)."""
+
+    n: int
+    top1: float | None
+    balanced_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class LearnReport:
+    """What `Clinic.learn` did, for `qana-client learn` to print (and tests to check)."""
+
+    bundle_id: str
+    start: str  # "deployed head" or "bundle head"
+    images: int
+    new_images: int  # rows whose features were not cached: the data that arrived
+    computed: int  # distinct images the backbone ran over now
+    new_lesions: int
+    new_lesions_held_out: int
+    updated: bool  # False when there was nothing new (the deployed files are untouched)
+    train_examples: int = 0
+    num_synthetic: int = 0
+    earlier_before: SplitMetrics | None = None  # earlier held-out images, deployed head
+    earlier_after: SplitMetrics | None = None  # earlier held-out images, updated head
+    new_kind: str = ""  # "held-out" if new lesions were held out, else "training"
+    new_before: SplitMetrics | None = None
+    new_after: SplitMetrics | None = None
+    device_agreement: float | None = None
+    saved_to: Path | None = None
+
+
+def _split_metrics(qhead: QuantizedHead, features: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> SplitMetrics:
+    """Accuracy of the quantized head's reference predictions (the chip's, by `_on_device`)."""
+    if len(labels) == 0:
+        return SplitMetrics(0, None, None)
+    result = classification_metrics(labels, predict(qhead, features), classes)
+    return SplitMetrics(int(result["n"]), float(result["top1"]), float(result["balanced_accuracy"]))
 
 
 def head_spec(bundle: Bundle) -> HeadSpec:
@@ -155,7 +263,11 @@ class Clinic:
         return replace(self.info(bundle_id), device=self.device_description())
 
     def prepare(self, bundle_id: str) -> Prepared:
-        """Load the bundle, the data and the (cached) features; split train/held-out by lesion."""
+        """Load the bundle, the data and the (cached) features; split train/held-out by lesion.
+
+        The split is the clinic's persistent one (`persistent_split`): lesions keep their side
+        across calls and only lesions new to the folder are assigned.
+        """
         from qana.runtime import AkidaRuntime
 
         bundle = self.bundles.get(bundle_id)
@@ -165,14 +277,17 @@ class Clinic:
             raise ClinicError(f"bundle input {bundle.input_shape} is not a square RGB image")
         dataset = load_dataset(self.config.data_dir, size=h, cache_dir=self.config.cache, class_names=bundle.classes)
         runtime = AkidaRuntime(bundle, self.config.device)
-        features, computed = FeatureCache(self.config.cache, bundle).features(dataset, runtime)
-        train_idx, eval_idx = grouped_split(
+        cache = FeatureCache(self.config.cache, bundle)
+        new_rows = ~cache.cached(dataset.content_hashes)
+        features, computed = cache.features(dataset, runtime)
+        train_idx, eval_idx, new_lesions = persistent_split(
+            self.config.cache / SPLIT_FILE,
             dataset.labels,
             dataset.lesion_ids,
-            (1.0 - self.config.eval_fraction, self.config.eval_fraction),
-            seed=self.config.split_seed,
+            self.config.eval_fraction,
+            self.config.split_seed,
         )
-        return Prepared(bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime)
+        return Prepared(bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, new_lesions)
 
     # ------------------------------------------------------------------ rounds
 
@@ -241,17 +356,124 @@ class Clinic:
 
     def _save_deployed(self, prep: Prepared, head: Head, settings: EvaluateSettings) -> None:
         """Keep the Akida model with the current global head for the clinic's own inference."""
-        out = self.config.cache / "deployed" / prep.bundle.bundle_id
+        self._write_deployed(prep, head, {"head_id": settings.head_id, "server_round": settings.server_round})
+
+    def deployed_dir(self, bundle_id: str) -> Path:
+        return self.config.cache / "deployed" / bundle_id
+
+    def _write_deployed(self, prep: Prepared, head: Head, fields: Mapping[str, Any]) -> Path:
+        """Write model.fbz, head.npz and deployed.json, each replaced in one step."""
+        out = self.deployed_dir(prep.bundle.bundle_id)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".model.{os.getpid()}.fbz"
         prep.runtime.model.save(str(tmp))
         os.replace(tmp, out / "model.fbz")
-        (out / "head.npz").write_bytes(head_to_npz(head))
+        _write_atomic(out / "head.npz", head_to_npz(head))
         info = {
             "bundle_id": prep.bundle.bundle_id,
-            "head_id": settings.head_id,
-            "server_round": settings.server_round,
+            **fields,
             "device": prep.runtime.device_description,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        (out / "deployed.json").write_text(json.dumps(info, indent=2) + "\n")
+        _write_atomic(out / "deployed.json", (json.dumps(info, indent=2) + "\n").encode())
+        return out
+
+    # ------------------------------------------------------------------ on-demand learning
+
+    def deployed_bundle_ids(self) -> list[str]:
+        """Bundles with a deployed head in this clinic's cache."""
+        root = self.config.cache / "deployed"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "head.npz").is_file())
+
+    def adopt_bundle(self, bundle: Bundle) -> str:
+        """Put a bundle given on the command line into the clinic's verified bundle cache."""
+        if not self.bundles.has(bundle.bundle_id):
+            self.bundles.install(bundle.bundle_id, pack_bundle(bundle))
+        return bundle.bundle_id
+
+    def current_head(self, bundle_id: str, spec: HeadSpec) -> tuple[Head, str]:
+        """The head the clinic runs now: the deployed one, else the bundle's own head."""
+        path = self.deployed_dir(bundle_id) / "head.npz"
+        if not path.is_file():
+            return self.bundles.get(bundle_id).load_head(), "bundle head"
+        try:
+            head = head_from_npz(path.read_bytes())
+        except ValueError as exc:
+            raise ClinicError(f"deployed head {path}: {exc}") from None
+        if head.num_features != spec.num_features or head.classes != spec.classes:
+            raise ClinicError(f"deployed head {path} does not fit bundle {bundle_id[:12]}… (features/classes)")
+        return head, "deployed head"
+
+    def learn(self, bundle_id: str, config: TrainConfig, smote: bool = True) -> LearnReport:
+        """Data-incremental update of the deployed head from images that arrived since.
+
+        Only images whose features are not cached go through the backbone. The head is trained
+        from the current one on the training rows of old *and* new images (a replay of the
+        cached old features, plus `config.proximal_mu` pulling towards the current weights),
+        so a small new batch cannot simply overwrite what the head knew. The updated head is
+        written into the Akida model and must agree with the reference on the chip before the
+        deployed files are replaced; anything failing before that leaves them as they were.
+        Accuracy is reported on the earlier held-out images before and after (forgetting), and
+        on the new images.
+        """
+        prep = self.prepare(bundle_id)
+        head, start = self.current_head(bundle_id, prep.spec)
+        assert prep.new_rows is not None
+        new_rows = prep.new_rows
+        is_eval = np.zeros(len(prep.dataset), dtype=bool)
+        is_eval[prep.eval_idx] = True
+        new_lesion_ids = set(prep.dataset.lesion_ids[new_rows].tolist())
+        held_lesions = set(prep.dataset.lesion_ids[prep.eval_idx].tolist())
+        report = LearnReport(
+            bundle_id=bundle_id,
+            start=start,
+            images=len(prep.dataset),
+            new_images=int(new_rows.sum()),
+            computed=prep.computed,
+            new_lesions=prep.new_lesions,
+            new_lesions_held_out=len(new_lesion_ids & held_lesions),
+            updated=False,
+        )
+        if not new_rows.any():
+            return report
+        if len(prep.train_idx) == 0:
+            raise ClinicError("no local training images after the held-out split")
+        x, y = prep.features[prep.train_idx], prep.dataset.labels[prep.train_idx]
+        trained, local = train_local_head(head, x, y, config, smote=smote)
+        before = quantize_head(head, prep.bundle.target)
+        after = quantize_head(trained, prep.bundle.target)
+        _, agreement = self._on_device(prep, after)
+
+        classes = prep.bundle.classes
+        feats, labels = prep.features, prep.dataset.labels
+        earlier = np.flatnonzero(is_eval & ~new_rows)
+        new_eval = np.flatnonzero(is_eval & new_rows)
+        new_kind = "held-out" if len(new_eval) else "training"
+        new_idx = new_eval if len(new_eval) else np.flatnonzero(new_rows)
+        saved = self._write_deployed(
+            prep,
+            trained,
+            {
+                "head_id": None,
+                "server_round": None,
+                "source": "qana-client learn",
+                "started_from": start,
+                "new_images": int(new_rows.sum()),
+                "train_examples": int(local.num_examples),
+            },
+        )
+        return replace(
+            report,
+            updated=True,
+            train_examples=local.num_examples,
+            num_synthetic=local.num_synthetic,
+            earlier_before=_split_metrics(before, feats[earlier], labels[earlier], classes),
+            earlier_after=_split_metrics(after, feats[earlier], labels[earlier], classes),
+            new_kind=new_kind,
+            new_before=_split_metrics(before, feats[new_idx], labels[new_idx], classes),
+            new_after=_split_metrics(after, feats[new_idx], labels[new_idx], classes),
+            device_agreement=agreement,
+            saved_to=saved,
+        )

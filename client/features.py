@@ -55,6 +55,15 @@ class FeatureCache:
             np.savez(handle, hashes=hashes, features=feats)
         os.replace(tmp, self.path)
 
+    def cached(self, hashes: np.ndarray) -> np.ndarray:
+        """Which of these image content hashes already have features (bool mask, nothing computed).
+
+        `qana-client learn` uses it to tell the clinic's earlier images from the ones that
+        arrived since, before `features` fills the cache in.
+        """
+        known = set(self._load()[0].tolist())
+        return np.array([h in known for h in np.asarray(hashes).tolist()], dtype=bool)
+
     def features(self, dataset: Dataset, extractor: FeatureExtractor) -> tuple[np.ndarray, int]:
         """Features aligned with `dataset` rows, and how many had to be computed now."""
         hashes, feats = self._load()

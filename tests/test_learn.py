@@ -1,0 +1,180 @@
+"""Data-incremental learning at a clinic: `qana-client learn`, the feature cache, the stable split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import app
+from client.clinic import SPLIT_FILE, ClinicError, persistent_split
+from client.features import FeatureCache
+from qana.bundle import load_bundle
+from qana.data import load_dataset
+from qana.head import head_from_npz, predict, quantize_head
+from qana.splits import grouped_split
+from synthetic import make_synthetic_ham
+
+TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(TINY_V2)
+
+
+def grow(folder: Path, n_images: int, size: int, seed: int) -> list[str]:
+    """Add images (new lesions, new ids) to a synthetic clinic folder, as new arrivals would."""
+    extra = make_synthetic_ham(folder.parent / f"more-{seed}", n_images=n_images, image_size=size, seed=seed, image_id_offset=500_000)
+    for image_id in extra.image_ids:
+        (folder / "images" / f"{image_id}.jpg").write_bytes((extra.root / "images" / f"{image_id}.jpg").read_bytes())
+    lines = extra.metadata.read_text().splitlines()[1:]
+    with (folder / "HAM10000_metadata.csv").open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return extra.image_ids
+
+
+class BackboneSpy:
+    """Counts the images that go through the Akida backbone (AkidaRuntime.features)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from qana.runtime import AkidaRuntime
+
+        self.calls: list[int] = []
+        real = AkidaRuntime.features
+
+        def spy(runtime, images, *args, **kwargs):
+            self.calls.append(len(images))
+            return real(runtime, images, *args, **kwargs)
+
+        monkeypatch.setattr(AkidaRuntime, "features", spy)
+
+
+def learn(*args) -> object:
+    return runner.invoke(app, ["learn", "--device", "software", "--epochs", "5", *[str(a) for a in args]])
+
+
+# --------------------------------------------------------------------------- the held-out split
+
+
+def test_split_is_kept_when_the_folder_grows(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    lesions = np.array([f"L{i:03d}" for i in range(60) for _ in range(int(rng.integers(1, 3)))])
+    labels = np.array([int(lesion[1:]) % 3 for lesion in lesions])
+    path = tmp_path / SPLIT_FILE
+    train, held, assigned = persistent_split(path, labels, lesions, 0.25, seed=0)
+    assert assigned == 60
+    # the first split is exactly the plain grouped split (what simulations reproduce)
+    ref_train, ref_held = grouped_split(labels, lesions, (0.75, 0.25), seed=0)
+    np.testing.assert_array_equal(train, ref_train)
+    np.testing.assert_array_equal(held, ref_held)
+    side = {lesion: "eval" for lesion in lesions[held]} | {lesion: "train" for lesion in lesions[train]}
+
+    # the folder grows: new lesions, and a new image of an old lesion, inserted before the old rows
+    new_lesions = np.array([f"N{i:03d}" for i in range(20)] + ["L000"])
+    grown_lesions = np.concatenate([new_lesions, lesions])
+    grown_labels = np.concatenate([np.arange(21) % 3, labels])
+    # recomputing the split moves lesions between sides: the bug this state file prevents
+    moved_train, _ = grouped_split(grown_labels, grown_lesions, (0.75, 0.25), seed=0)
+    recomputed = set(grown_lesions[moved_train].tolist())
+    assert any((lesion in recomputed) != (s == "train") for lesion, s in side.items())
+
+    train2, held2, assigned2 = persistent_split(path, grown_labels, grown_lesions, 0.25, seed=0)
+    assert assigned2 == 20
+    assert sorted(np.concatenate([train2, held2]).tolist()) == list(range(len(grown_lesions)))
+    for rows, name in ((train2, "train"), (held2, "eval")):
+        for lesion in grown_lesions[rows].tolist():
+            if lesion.startswith("L"):
+                assert side[lesion] == name, lesion
+    assert any(lesion.startswith("N") for lesion in grown_lesions[held2])  # new lesions are held out too
+    # a third call with nothing new changes nothing
+    before = path.read_bytes()
+    train3, held3, assigned3 = persistent_split(path, grown_labels, grown_lesions, 0.25, seed=0)
+    assert assigned3 == 0 and path.read_bytes() == before
+    np.testing.assert_array_equal(train3, train2)
+    np.testing.assert_array_equal(held3, held2)
+
+
+def test_an_unreadable_split_file_is_an_error_not_a_silent_resplit(tmp_path) -> None:
+    path = tmp_path / SPLIT_FILE
+    path.write_text("{not json")
+    with pytest.raises(ClinicError, match="split file .* is unreadable"):
+        persistent_split(path, np.array([0, 1]), np.array(["a", "b"]), 0.5, seed=0)
+    assert path.read_text() == "{not json"
+
+
+# --------------------------------------------------------------------------- qana-client learn
+
+
+def test_learn_runs_the_backbone_only_on_new_images_and_measures_forgetting(tmp_path, bundle, monkeypatch) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=40, image_size=size, seed=5).root
+    cache = tmp_path / "cache"
+    spy = BackboneSpy(monkeypatch)
+
+    first = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2)
+    assert first.exit_code == 0, first.output
+    assert sum(spy.calls) == 40 and "40 new" in first.output and "starting from the bundle head" in first.output
+    deployed = cache / "deployed" / bundle.bundle_id
+    head_1 = head_from_npz((deployed / "head.npz").read_bytes())
+    split_1 = json.loads((cache / SPLIT_FILE).read_text())["lesions"]
+
+    new_ids = grow(data, 8, size, seed=77)
+    spy.calls.clear()
+    second = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)  # the deployed bundle
+    assert second.exit_code == 0, second.output
+    assert sum(spy.calls) == 8, spy.calls  # a cache hit skips the backbone: only the new images ran
+    assert "48 (8 new, 8 through the backbone; 40 from the feature cache)" in second.output
+    assert "starting from the deployed head" in second.output
+    split_2 = json.loads((cache / SPLIT_FILE).read_text())["lesions"]
+    assert {k: split_2[k] for k in split_1} == split_1 and len(split_2) > len(split_1)
+    head_2 = head_from_npz((deployed / "head.npz").read_bytes())
+    assert not np.array_equal(head_1.weights, head_2.weights)
+    info = json.loads((deployed / "deployed.json").read_text())
+    assert info["source"] == "qana-client learn" and info["new_images"] == 8
+
+    # the reported before/after numbers are those of the two heads on the earlier held-out images
+    dataset = load_dataset(data, size=size, cache_dir=None, class_names=bundle.classes)
+    feats, computed = FeatureCache(cache, bundle).features(dataset, extractor=None)  # all cached: no extractor needed
+    assert computed == 0
+    earlier = np.array(
+        [split_2[lesion] == "eval" and image not in new_ids for lesion, image in zip(dataset.lesion_ids, dataset.image_ids)]
+    )
+    assert earlier.any()
+    top1 = [float(np.mean(predict(quantize_head(h, bundle.target), feats[earlier]) == dataset.labels[earlier])) for h in (head_1, head_2)]
+    expected = f"earlier held-out ({int(earlier.sum())} images): top-1 {100 * top1[0]:.1f}% -> {100 * top1[1]:.1f}%"
+    assert expected in second.output, second.output
+    assert "on-device agreement 100.0%" in second.output
+
+    # nothing new: nothing runs, nothing changes
+    spy.calls.clear()
+    before = (deployed / "head.npz").read_bytes()
+    third = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert third.exit_code == 0 and sum(spy.calls) == 0 and "unchanged" in third.output
+    assert (deployed / "head.npz").read_bytes() == before
+
+
+def test_learn_on_bad_input_is_one_error_line_and_keeps_the_deployed_model(tmp_path, bundle) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=3).root
+    cache = tmp_path / "cache"
+    missing = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert missing.exit_code == 2 and "no bundle is deployed" in missing.output
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    deployed = cache / "deployed" / bundle.bundle_id
+    saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
+
+    (data / "HAM10000_metadata.csv").unlink()
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "HAM10000_metadata.csv" in errors[0], result.output
+    assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+
+    wrong = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", tmp_path)
+    assert wrong.exit_code == 2 and wrong.output.startswith("error: ")
+    assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
