@@ -56,7 +56,7 @@ class TrainOptions:
     limit: int = 0  # use only this many images (tests / smoke runs); 0 = all
     resume: bool = True
     bundle_out: Path | None = None
-    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in sys.argv))
+    command: str = field(default_factory=lambda: " ".join(["qana", *(shlex.quote(a) for a in sys.argv[1:])]))
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(

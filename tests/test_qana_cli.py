@@ -1,0 +1,56 @@
+"""`qana evaluate` and `qana info` as a person would run them (tiny real bundle, synthetic images)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from qana.cli import app
+from tests.synthetic import make_synthetic_ham
+
+TINY = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+runner = CliRunner()
+
+
+def test_evaluate_writes_exactly_the_documented_json_and_a_plot(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=40, seed=0, n_corrupt=1)
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"top1", "macro_f1", "balanced_accuracy", "per_class", "confusion", "n", "backend"}
+    assert metrics["n"] == 30 and metrics["backend"] == "akida"
+    assert len(metrics["confusion"]) == 7 and sum(map(sum, metrics["confusion"])) == 30
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "skipped 1 image" in result.output
+
+
+def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "none"), "--model", str(TINY)])
+    assert result.exit_code == 2 and "data folder not found" in result.output
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=10, image_size=40, seed=1)
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "float"])
+    assert result.exit_code == 2 and "does not carry the float Keras model" in result.output
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "gpu"])
+    assert result.exit_code == 2 and "unknown backend" in result.output
+
+
+def test_info_verifies_and_refuses_a_tampered_bundle(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", str(TINY)])
+    assert result.exit_code == 0 and "verified" in result.output and "tiny" in result.output
+    copy = Path(shutil.copytree(TINY, tmp_path / "b"))
+    (copy / "head.npz").write_bytes(b"tampered")
+    result = runner.invoke(app, ["info", str(copy)])
+    assert result.exit_code == 2 and "head.npz has been modified" in result.output
+
+
+def test_shipped_bundles_verify() -> None:
+    for target in ("v2", "v1"):
+        path = Path(__file__).resolve().parents[1] / "qana" / "bundles" / target
+        if not path.exists():
+            continue
+        result = runner.invoke(app, ["info", str(path)])
+        assert result.exit_code == 0, result.output
