@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -253,6 +253,77 @@ def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
         classes,
         head.feature_scale,
     )
+
+
+def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[str, ...], list[Head]]:
+    """Class-incremental alignment: every head re-laid onto one class list, columns matched by name.
+
+    The class list is `base` (the federation's global order) followed by every class some head
+    has and `base` lacks, in first-seen order (head by head, each head's own order). So a clinic
+    that grew its head with `grow_head` keeps the global classes where they were and its new
+    class lands after them, and every clinic receives the same order and shape.
+
+    A head lacking a class gets that column as `grow_head` would start it (mean of the head's
+    own columns, bias one below their mean, no noise): what a clinic that has never seen the
+    class would predict with. `merge_aligned` does not average such filled columns in; a
+    clinic without a class contributes no weight to it.
+
+    Heads must agree on the feature dimension and feature scale (one backbone); a head with
+    duplicate class names is refused (columns could not be matched by name).
+    """
+    if not heads:
+        raise ValueError("no heads to align")
+    first = heads[0]
+    classes: list[str] = list(dict.fromkeys(base))
+    if len(classes) != len(tuple(base)):
+        raise ValueError(f"duplicate class names in the global order {tuple(base)}")
+    for i, head in enumerate(heads):
+        if len(set(head.classes)) != head.num_classes:
+            raise ValueError(f"head {i} lists a class twice: {head.classes}")
+        if head.num_features != first.num_features or head.feature_scale != first.feature_scale:
+            raise ValueError(
+                f"head {i} has {head.num_features} features (scale {head.feature_scale}), head 0 has "
+                f"{first.num_features} (scale {first.feature_scale}): heads of different backbones cannot be merged"
+            )
+        classes.extend(c for c in head.classes if c not in classes)
+    order = tuple(classes)
+    aligned = []
+    for head in heads:
+        column = {c: j for j, c in enumerate(head.classes)}
+        fill_w = head.weights.mean(axis=1)
+        fill_b = float(head.bias.mean()) - 1.0
+        w = np.stack([head.weights[:, column[c]] if c in column else fill_w for c in order], axis=1)
+        b = np.array([head.bias[column[c]] if c in column else fill_b for c in order], dtype=np.float32)
+        aligned.append(Head(w, b, order, head.feature_scale))
+    return order, aligned
+
+
+def merge_aligned(heads: Sequence[Head], weights: Sequence[float], base: Sequence[str] = ()) -> Head:
+    """Weighted average of heads whose class sets may differ, per class column.
+
+    Column c is the average over the heads that have class c, weighted by `weights` (their
+    number of training examples, as in FedAvg) renormalised over those heads. With equal class
+    sets this is exactly FedAvg of the heads. Caveat: softmax columns are only defined up to a
+    shift common to all columns of one head; columns averaged over different sets of clinics
+    mix those shifts. L2 regularisation keeps every head near the same (zero-mean) gauge, so
+    the effect is small, but a new class known to one clinic carries that clinic's offset.
+    """
+    if len(heads) != len(weights):
+        raise ValueError(f"{len(heads)} heads but {len(weights)} weights")
+    weight = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0) or not weight.sum() > 0:
+        raise ValueError(f"weights must be non-negative, finite and not all zero: {list(weights)}")
+    classes, aligned = align_heads(heads, base)
+    has = np.array([[c in head.classes for c in classes] for head in heads], dtype=np.float64)  # (H, C)
+    per_column = has * weight[:, None]
+    total = per_column.sum(axis=0)
+    if np.any(total <= 0):
+        missing = [c for c, t in zip(classes, total) if t <= 0]
+        raise ValueError(f"no head with positive weight has class(es) {missing}")
+    share = per_column / total  # (H, C), columns sum to 1
+    w = sum(share[i][None, :] * aligned[i].weights.astype(np.float64) for i in range(len(heads)))
+    b = sum(share[i] * aligned[i].bias.astype(np.float64) for i in range(len(heads)))
+    return Head(np.asarray(w, np.float32), np.asarray(b, np.float32), classes, heads[0].feature_scale)
 
 
 def head_to_npz(head: Head) -> bytes:
