@@ -72,7 +72,7 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     clinic = make_synthetic_ham(tmp_path / "ham", n_images=140, image_size=40, seed=0)
     opts = TrainOptions(
         data=clinic.root, run_dir=tmp_path / "run", image_size=32, width=8, feature_dim=32,
-        epochs=2, qat_epochs=1, batch_size=32, cache_dir=tmp_path / "cache", command="test",
+        epochs=1, qat_epochs=1, batch_size=32, cache_dir=tmp_path / "cache", command="test",
     )
     infos = run(opts, progress=lambda m: None)
     bundle = load_bundle(infos["bundle"]["bundle"])
