@@ -296,11 +296,13 @@ class Clinic:
 
         The chip must decide exactly as the reference quantized head does on the same
         features; if it does not, nothing is sent (a clinic never reports numbers its device
-        would not reproduce).
+        would not reproduce). The head layers run on the device on the backbone features the
+        device already produced (cached per image), which gives exactly the full model's
+        logits (`AkidaRuntime.head_logits`) without running the backbone again every round.
         """
         prep.runtime.write_head(qhead)
         idx = prep.eval_idx if len(prep.eval_idx) else prep.train_idx
-        chip = np.argmax(prep.runtime.logits(prep.dataset.images[idx]), axis=1)
+        chip = np.argmax(prep.runtime.head_logits(prep.features[idx]), axis=1)
         reference = predict(qhead, prep.features[idx])
         agreement = float(np.mean(chip == reference)) if len(idx) else 1.0
         if agreement < 1.0:

@@ -47,6 +47,29 @@ def test_written_head_on_chip_agrees_with_reference(runtime: AkidaRuntime) -> No
     assert (chip.argmax(1) == head_math.predict(q, feats)).all()
 
 
+def test_head_layers_on_cached_features_give_the_full_models_logits(runtime: AkidaRuntime) -> None:
+    """What the clinic checks every round without running the backbone again."""
+    images = _images(48, seed=2)
+    feats = runtime.features(images).astype(np.int16)  # as the clinic's feature cache stores them
+    base = runtime.bundle.load_head()
+    for seed in (3, 4):  # a second head must be seen too: the head model is not a stale copy
+        rng = np.random.default_rng(seed)
+        head = head_math.Head(
+            rng.normal(0, 1, base.weights.shape).astype(np.float32) * float(np.abs(base.weights).max()),
+            rng.normal(0, 1, base.bias.shape).astype(np.float32),
+            base.classes,
+            base.feature_scale,
+        )
+        q = head_math.quantize_head(head, runtime.bundle.target)
+        runtime.write_head(q)
+        full = runtime.logits(images)
+        from_features = runtime.head_logits(feats)
+        assert np.array_equal(from_features, full)
+        assert (from_features.argmax(1) == head_math.predict(q, feats)).all()
+    with pytest.raises(RuntimeErrorQana, match="features must be"):
+        runtime.head_logits(feats[:, :-1])
+
+
 def test_wrong_images_are_refused_with_a_clear_error(runtime: AkidaRuntime) -> None:
     with pytest.raises(RuntimeErrorQana, match="uint8"):
         runtime.features(np.zeros((2, 32, 32, 3), np.float32))
