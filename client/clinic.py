@@ -268,7 +268,7 @@ class Clinic:
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
         across calls and only lesions new to the folder are assigned.
         """
-        from qana.runtime import AkidaRuntime
+        from qana.runtime import shared_runtime
 
         bundle = self.bundles.get(bundle_id)
         spec = head_spec(bundle)
@@ -276,7 +276,7 @@ class Clinic:
         if h != w or c != 3:
             raise ClinicError(f"bundle input {bundle.input_shape} is not a square RGB image")
         dataset = load_dataset(self.config.data_dir, size=h, cache_dir=self.config.cache, class_names=bundle.classes)
-        runtime = AkidaRuntime(bundle, self.config.device)
+        runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
         features, computed = cache.features(dataset, runtime)

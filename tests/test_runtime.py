@@ -81,3 +81,14 @@ def test_a_head_of_the_wrong_shape_is_refused(runtime: AkidaRuntime) -> None:
     grown = head_math.grow_head(runtime.bundle.load_head(), (*runtime.bundle.classes, "new"))
     with pytest.raises(RuntimeErrorQana, match="does not fit"):
         runtime.write_head(head_math.quantize_head(grown, runtime.bundle.target))
+
+
+def test_one_shared_runtime_per_bundle_and_device_in_a_process() -> None:
+    """Long-lived processes (Ray workers of the simulation) must not load the model per message."""
+    from qana.runtime import shared_runtime
+
+    v2, v1 = load_bundle(BUNDLES / "tiny-v2"), load_bundle(BUNDLES / "tiny-v1")
+    a = shared_runtime(v2, "software")
+    assert shared_runtime(load_bundle(BUNDLES / "tiny-v2"), "software") is a
+    assert shared_runtime(v1, "software") is not a
+    assert shared_runtime(v2, "auto") is not a
