@@ -229,7 +229,10 @@ def run_experiment(
             with tqdm(total=len(ds), desc="backbone features", unit="img", disable=not progress, leave=False) as bar:
                 features, computed = source_features(source, cache_root, cfg.device, advance=bar.update)
             result.features_computed = computed
-        echo(f"Backbone features: {computed} of {len(ds)} images computed now, the rest from the feature cache")
+        echo(
+            f"Backbone features: the backbone ran on {computed} image(s) now; the other {len(ds) - computed} "
+            "came from the feature cache (or repeat an image's content)"
+        )
         with _phase(seconds, "clinic folders", state):
             sites = build_clinics(source, partition, features, work, cache_root)
         start = baselines.initial_head(cfg, source.bundle.load_head())

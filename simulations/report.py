@@ -348,7 +348,7 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
         lines.append(f"- {phase}: {sec:.1f} s")
     if fed is not None and fed.startup_seconds is not None:
         lines.append(f"- of which starting the simulation process and Ray: {fed.startup_seconds:.1f} s")
-    lines.append(f"- backbone feature extraction: {result.features_computed} image(s) computed now (the rest came from the feature cache)")
+    lines.append(f"- backbone: ran on {result.features_computed} image(s) in this run; every other feature came from the feature cache")
     lines.append("")
     if plots:
         lines += ["## Plots", ""]
