@@ -177,7 +177,6 @@ def main() -> None:
 
     from qana.bundle import load_bundle
     from qana.data import load_dataset
-    from qana.splits import grouped_split
 
     bundle = load_bundle(args.bundle)
     if bundle.target != "v1":
@@ -290,7 +289,7 @@ def main() -> None:
     for name, res in results.items():
         a, o = res["all_test"], res["own_centre_mean"]
         print(f"{name:40s} {a['macro_f1']:22.3f} {a['balanced_accuracy']:8.3f}   {o['macro_f1']:21.3f} {o['balanced_accuracy']:8.3f}")
-    print(f"\nlocal-only 'all centres' = mean over the four local heads; 'own centre' = mean over centres of their own test images.")
+    print("\nlocal-only 'all centres' = mean over the four local heads; 'own centre' = mean over centres of their own test images.")
     print(f"edge head on the wire: {merged.num_neurons} neurons x {merged.num_features} bits -> {wire} bytes (npz); "
           f"central edge settings: num_weights={central_params.num_weights}, neurons/class={central_params.neurons_per_class}, "
           f"competition={central_params.learning_competition}")
