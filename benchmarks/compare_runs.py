@@ -45,7 +45,7 @@ def main() -> None:
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
         opts = TrainOptions(data=args.data, run_dir=run, image_size=options["image_size"])
         _, val, test_part = load_split(opts, dataset)
-        described = f"{options['target']} w{options['width']} att={options['attention']} ep={options['epochs']}"
+        described = f"{options['target']} width {options['width']} {options['weight_bits']}-bit att={options['attention']} ep={options['epochs']}"
         for part_name, part in (("val", val), ("test", test_part)):
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():

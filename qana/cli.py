@@ -49,6 +49,7 @@ def train(
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from qana.convert import ConversionError
     from qana.data import DataError
     from qana.train import TrainOptions, run
 
@@ -68,6 +69,8 @@ def train(
         infos = run(opts, progress=lambda msg: typer.echo(msg))
     except DataError as exc:
         _fail(str(exc))
+    except ConversionError as exc:
+        _fail(f"{exc} (finished stages are kept in {run_dir})")
     test = infos["bundle"]["metrics"]["test"]
     typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")
