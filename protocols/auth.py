@@ -33,9 +33,9 @@ def check_clinic_name(name: str) -> str:
     return name
 
 
-def _write(path: Path, data: bytes, private: bool, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise AuthError(f"{path} already exists; refusing to overwrite it")
+def write_key_file(path: Path, data: bytes, private: bool) -> None:
+    """Write key or certificate bytes atomically; private files are created 0600 from the start
+    (never world-readable, not even for a moment). Shared by clinic keys and pilot certificates."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
@@ -55,8 +55,8 @@ def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(private_path, private, private=True, overwrite=overwrite)
-    _write(public_path, public + b"\n", private=False, overwrite=overwrite)
+    write_key_file(private_path, private, private=True)
+    write_key_file(public_path, public + b"\n", private=False)
     return private_path, public_path
 
 

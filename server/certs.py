@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocols.auth import AuthError, check_clinic_name, create_node_keys
+from protocols.auth import AuthError, check_clinic_name, create_node_keys, write_key_file
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -50,12 +49,7 @@ class CertPaths:
 def _write(path: Path, data: bytes, private: bool, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise CertError(f"{path} already exists; refusing to overwrite it (use --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    write_key_file(path, data, private)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
