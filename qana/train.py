@@ -276,45 +276,43 @@ def stage_akida(opts: TrainOptions) -> dict:
     }
 
 
-def akida_head_logits(model_path: Path, features: np.ndarray) -> np.ndarray:
-    """What the Akida head layer computes on backbone features, from its own integer variables.
+def _read_akida_head(model_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Akida head layer's own integers: (weights (D, C), potential offset (C,), output scale (C,)).
 
-    Dense1D (Akida 2.0): (f @ W + (bias << bias_shift)) * dequantizer scales.
-    FullyConnected (Akida 1.0): (f @ W - threshold) / act_step.
-    Running the whole model costs a backbone pass per image; this reproduces the head exactly
-    from features already computed on Akida (checked against the full model in `evaluate_all`).
+    Dense1D (Akida 2.0): offset = bias << bias_shift, scale = the Dequantizer's scales.
+    FullyConnected (Akida 1.0): offset = -threshold, scale = 1 / act_step.
+    In both, logits = (f @ weights + offset) * scale.
     """
     import akida
 
     model = akida.Model(str(model_path))
-    layer = [l for l in model.layers if str(l.parameters.layer_type).endswith(("Dense1D", "FullyConnected"))][-1]
+    kinds = [(l, str(l.parameters.layer_type)) for l in model.layers]
+    layer, kind = [(l, k) for l, k in kinds if k.endswith(("Dense1D", "FullyConnected"))][-1]
     w = layer.get_variable("weights")
     w = w.reshape(-1, w.shape[-1]).astype(np.int64)
+    if kind.endswith("Dense1D"):
+        offset = layer.get_variable("bias").astype(np.int64) << layer.get_variable("bias_shift").astype(np.int64)
+        deq = [l for l, k in kinds if k.endswith("Dequantizer")][-1]
+        return w, offset, deq.get_variable("scales").astype(np.float64)
+    offset = -layer.get_variable("threshold").astype(np.int64)
+    return w, offset, 1.0 / layer.get_variable("act_step").astype(np.float64)
+
+
+def akida_head_logits(model_path: Path, features: np.ndarray) -> np.ndarray:
+    """What the Akida head layer computes on backbone features, from its own integer variables.
+
+    Running the whole model costs a backbone pass per image; this reproduces the head exactly
+    from features already computed on Akida (checked against the full model in `evaluate_all`).
+    """
+    w, offset, scale = _read_akida_head(model_path)
     f = np.asarray(features).reshape(len(features), -1).astype(np.int64)
-    if str(layer.parameters.layer_type).endswith("Dense1D"):
-        bias = layer.get_variable("bias").astype(np.int64) << layer.get_variable("bias_shift").astype(np.int64)
-        deq = [l for l in model.layers if str(l.parameters.layer_type).endswith("Dequantizer")][-1]
-        return (f @ w + bias).astype(np.float64) * deq.get_variable("scales").astype(np.float64)
-    threshold = layer.get_variable("threshold").astype(np.int64)
-    return (f @ w - threshold).astype(np.float64) / layer.get_variable("act_step").astype(np.float64)
+    return (f @ w + offset).astype(np.float64) * scale
 
 
-def head_from_akida_model(model_path: Path, target: str, feature_scale: float):
+def head_from_akida_model(model_path: Path, feature_scale: float) -> head_math.Head:
     """Read the converted head layer back as a float Head in integer-feature units."""
-    import akida
-
-    model = akida.Model(str(model_path))
-    layer = [l for l in model.layers if str(l.parameters.layer_type).endswith(("Dense1D", "FullyConnected"))][-1]
-    w = layer.get_variable("weights")
-    w = w.reshape(-1, w.shape[-1]).astype(np.float64)
-    if target == "v2":
-        bias = layer.get_variable("bias").astype(np.float64) * (2.0 ** layer.get_variable("bias_shift").astype(np.float64))
-        deq = [l for l in model.layers if str(l.parameters.layer_type).endswith("Dequantizer")][-1]
-        scales = deq.get_variable("scales").astype(np.float64)
-        return head_math.Head(w * scales, bias * scales, CLASS_NAMES, feature_scale)
-    act_step = layer.get_variable("act_step").astype(np.float64)
-    threshold = layer.get_variable("threshold").astype(np.float64)
-    return head_math.Head(w / act_step, -threshold / act_step, CLASS_NAMES, feature_scale)
+    w, offset, scale = _read_akida_head(model_path)
+    return head_math.Head(w * scale, offset * scale, CLASS_NAMES, feature_scale)
 
 
 def _akida_runtime(opts: TrainOptions, folder: Path):
@@ -353,7 +351,7 @@ def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     """
     rt = _akida_runtime(opts, opts.run_dir / "akida")
     f_train, f_val = akida_features(opts, train), akida_features(opts, val)
-    converted = head_from_akida_model(opts.run_dir / "akida" / "model.fbz", opts.target, FEATURE_SCALE[opts.target])
+    converted = head_from_akida_model(opts.run_dir / "akida" / "model.fbz", FEATURE_SCALE[opts.target])
     candidates = {"converted": converted}
     if opts.head_smote in ("auto", "off"):
         candidates["retrained"] = fit_head(converted, f_train, train.labels, smote=False, seed=opts.seed)
