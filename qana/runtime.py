@@ -101,17 +101,78 @@ class AkidaRuntime:
             feats = feats << self._input_shift[None, :]
         return feats
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the model's head layer has now (more than the bundle's after class growth)."""
+        return int(self.head_layer.get_variable("weights").shape[-1])
+
+    def _rebuild_head(self, num_classes: int) -> None:
+        """Give the model a head layer with `num_classes` outputs (class-incremental learning).
+
+        An Akida layer's output count is fixed, so a head that grew (or shrank) by a class
+        needs a new layer: the backbone is loaded again, the head layers are popped, and a
+        layer of the same kind and bit widths, with the new unit count, is added (plus a new
+        Dequantizer on Akida 2.0). Per-input settings (Akida 2.0's `input_shift`) and the
+        output rescaling are copied from the old layer, so `write_head` then stores the
+        quantized head exactly as before and `qana.head.quantized_logits` stays the reference.
+        """
+        import akida
+
+        old = self.head_layer
+        kind = _layer_type(old)
+        params = old.parameters
+        model = akida.Model(str(self.bundle.model_path))
+        while model.layers and _layer_type(model.layers[-1]) in HEAD_LAYER_TYPES:
+            model.pop_layer()
+        if kind == "Dense1D":
+            for name in ("output_scales", "output_shift"):
+                values = old.get_variable(name)
+                if len(np.unique(values)) > 1:
+                    raise RuntimeErrorQana(f"head layer {old.name}: per-class {name} cannot be carried over to a grown head")
+            model.add(
+                akida.Dense1D(
+                    units=num_classes, output_bits=params.output_bits, buffer_bits=params.buffer_bits,
+                    post_op_buffer_bits=params.post_op_buffer_bits, activation=params.activation,
+                    weights_bits=params.weights_bits, name=old.name,
+                )
+            )
+            new = model.layers[-1]
+            new.set_variable("input_shift", old.get_variable("input_shift"))
+            for name in ("output_scales", "output_shift"):
+                template = new.get_variable(name)
+                new.set_variable(name, np.full(template.shape, old.get_variable(name)[0], template.dtype))
+            if self.dequantizer is not None:
+                model.add(akida.Dequantizer(name=self.dequantizer.name))
+        elif kind == "FullyConnected":
+            model.add(
+                akida.FullyConnected(
+                    units=num_classes, name=old.name, weights_bits=params.weights_bits,
+                    activation=params.activation, act_bits=params.act_bits,
+                )
+            )
+        else:  # pragma: no cover - __init__ accepts only these two kinds
+            raise RuntimeErrorQana(f"cannot rebuild a head layer of type {kind}")
+        if self.choice.device is not None:
+            model.map(self.choice.device)
+        self.model = model
+        self.head_layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
+        deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
+        self.dequantizer = deq[-1] if deq else None
+
     def write_head(self, qhead: QuantizedHead) -> None:
-        """Store a quantized head in the Akida head layer (so on-chip predictions use it)."""
+        """Store a quantized head in the Akida head layer (so on-chip predictions use it).
+
+        A head with a different class count than the layer (a class was added) first gets a
+        head layer of the right size (`_rebuild_head`); the backbone is untouched.
+        """
+        w = qhead.weights
+        if w.ndim != 2 or w.shape[0] != self.bundle.feature_dim:
+            raise RuntimeErrorQana(f"head weights {w.shape} do not fit the backbone's {self.bundle.feature_dim} features")
+        if w.shape[1] != self.num_classes:
+            self._rebuild_head(int(w.shape[1]))
         layer = self.head_layer
         kind = _layer_type(layer)
         current = layer.get_variable("weights")
-        w = qhead.weights
-        if current.size != w.size or current.shape[-1] != w.shape[1]:
-            raise RuntimeErrorQana(
-                f"head shape {w.shape} does not fit the model's head layer {current.shape}; "
-                "a grown head needs a model rebuilt for the new class count"
-            )
         layer.set_variable("weights", w.reshape(current.shape).astype(current.dtype))
         if kind == "Dense1D":
             b_int, shift = split_bias_v2(qhead.bias)
@@ -160,7 +221,7 @@ class AkidaRuntime:
             raise RuntimeErrorQana(f"features outside the head input's {bits}-bit {'signed' if signed else 'unsigned'} range")
         x = feats.astype(np.int8 if signed else np.uint8).reshape(len(feats), 1, 1, -1)
         if not len(x):
-            return np.zeros((0, len(self.bundle.classes)), np.float32)
+            return np.zeros((0, self.num_classes), np.float32)
         out = [head.predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(out).reshape(len(x), -1)
 

@@ -77,10 +77,39 @@ def test_wrong_images_are_refused_with_a_clear_error(runtime: AkidaRuntime) -> N
         runtime.features(np.zeros((2, 16, 16, 3), np.uint8))
 
 
-def test_a_head_of_the_wrong_shape_is_refused(runtime: AkidaRuntime) -> None:
-    grown = head_math.grow_head(runtime.bundle.load_head(), (*runtime.bundle.classes, "new"))
-    with pytest.raises(RuntimeErrorQana, match="does not fit"):
-        runtime.write_head(head_math.quantize_head(grown, runtime.bundle.target))
+def test_a_head_for_other_features_is_refused(runtime: AkidaRuntime) -> None:
+    base = runtime.bundle.load_head()
+    other = head_math.Head(np.zeros((base.num_features + 1, base.num_classes), np.float32), base.bias, base.classes, base.feature_scale)
+    with pytest.raises(RuntimeErrorQana, match="do not fit"):
+        runtime.write_head(head_math.quantize_head(other, runtime.bundle.target))
+
+
+def test_a_grown_head_gets_a_head_layer_of_its_size_and_matches_the_reference(runtime: AkidaRuntime) -> None:
+    """Class-incremental learning: the chip runs a head with more classes than the bundle's."""
+    images = _images(48, seed=5)
+    feats = runtime.features(images)
+    base = runtime.bundle.load_head()
+    classes = (*runtime.bundle.classes, "scc", "new2")
+    rng = np.random.default_rng(6)
+    grown = head_math.Head(
+        rng.normal(0, 1, (base.num_features, len(classes))).astype(np.float32) * float(np.abs(base.weights).max()),
+        rng.normal(0, 1, len(classes)).astype(np.float32),
+        classes,
+        base.feature_scale,
+    )
+    q = head_math.quantize_head(grown, runtime.bundle.target)
+    runtime.write_head(q)
+    assert runtime.num_classes == len(classes)
+    reference = head_math.quantized_logits(q, feats)
+    for chip in (runtime.logits(images), runtime.head_logits(feats)):
+        assert chip.shape == (48, len(classes))
+        np.testing.assert_allclose(chip, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    # and back to the bundle's class count: the backbone's features are unchanged throughout
+    q7 = head_math.quantize_head(base, runtime.bundle.target)
+    runtime.write_head(q7)
+    assert runtime.num_classes == base.num_classes
+    np.testing.assert_array_equal(runtime.features(images), feats)
+    np.testing.assert_allclose(runtime.logits(images), head_math.quantized_logits(q7, feats), rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 def test_one_shared_runtime_per_bundle_and_device_in_a_process() -> None:
