@@ -40,6 +40,8 @@ def train(
     width: int = typer.Option(32, help="Channels of the first stage (later stages double)."),
     feature_dim: int = typer.Option(256, help="Features before the head."),
     attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
+    blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
+    zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
     class_weighting: str = typer.Option("sqrt", help="Backbone loss class weights: sqrt | balanced | none."),
     head_smote: str = typer.Option("auto", help="Head: SMOTE on PCA-whitened features: auto (keep if it helps on validation) | on | off."),
     seed: int = typer.Option(0),
@@ -57,12 +59,16 @@ def train(
         _fail(f"--target must be v2 or v1, not {target!r}")
     if weight_bits not in (4, 8):
         _fail(f"--weight-bits must be 4 or 8, not {weight_bits}")
+    if blocks < 1:
+        _fail(f"--blocks must be at least 1, not {blocks}")
+    if not 0.0 <= zoom < 1.0:
+        _fail(f"--zoom must be in [0, 1), not {zoom}")
     if target == "v1" and weight_bits != 4:
         _fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:

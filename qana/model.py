@@ -35,6 +35,7 @@ class ModelSpec:
     feature_dim: int = 256
     attention: str = "both"  # v2: "both" (SECA in stages 1-2, SE in stage 3) | "seca" | "se" | "none"
     dropout: float = 0.2
+    blocks: int = 1  # v2: QANA blocks per stage (the first sets the width, the rest are residual)
 
 
 def _attention_for_stage(spec: ModelSpec, stage: int) -> str:
@@ -53,7 +54,10 @@ def build_v2(spec: ModelSpec) -> keras.Model:
     for stage, channels in enumerate(widths):
         if stage > 0:
             x = conv_bn_act(x, channels, strides=2, name=f"down{stage}")  # 16x16, 8x8
-        x = qana_stage(x, channels, name=f"stage{stage + 1}", attention=_attention_for_stage(spec, stage))
+        for block in range(spec.blocks):
+            # the first block keeps the names of the one-block model (shipped bundles, ablations)
+            name = f"stage{stage + 1}" if block == 0 else f"stage{stage + 1}b{block + 1}"
+            x = qana_stage(x, channels, name=name, attention=_attention_for_stage(spec, stage))
     x = layers.Conv2D(spec.feature_dim, 3, padding="same", use_bias=False, name="last_conv")(x)
     x = layers.BatchNormalization(name="last_bn")(x)
     x = layers.ReLU(6.0, name="last_relu")(x)
@@ -83,6 +87,8 @@ def build_v1(spec: ModelSpec) -> keras.Model:
 
 
 def build_model(spec: ModelSpec) -> keras.Model:
+    if spec.blocks < 1:
+        raise ValueError(f"blocks per stage must be at least 1, got {spec.blocks}")
     if spec.target == "v2":
         return build_v2(spec)
     if spec.target == "v1":

@@ -49,6 +49,8 @@ class TrainOptions:
     width: int = 32
     feature_dim: int = 256
     attention: str = "both"
+    blocks: int = 1
+    zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
     head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
     image_size: int = 64
@@ -66,6 +68,7 @@ class TrainOptions:
             width=self.width,
             feature_dim=self.feature_dim,
             attention=self.attention,
+            blocks=self.blocks,
         )
 
     def quant_spec(self) -> QuantSpec:
@@ -118,8 +121,12 @@ def sample_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.
     return (w / w[labels].mean()).astype(np.float32)
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None):
-    """tf.data pipeline: flips and luminance/contrast jitter (no hue shifts: colour is diagnostic)."""
+def make_dataset(
+    images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None, zoom: float = 0.0
+):
+    """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
+    back: lesions vary in size and position) and luminance/contrast jitter (no hue shifts: colour
+    is diagnostic)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if weights is None else (images, labels, weights))
@@ -132,6 +139,12 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch: int, augment: bo
             x = tf.image.random_flip_up_down(x, seed=seed)
             k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed)
             x = tf.image.rot90(x, k)
+            if zoom > 0:
+                side = tf.shape(x)[0]
+                scale = tf.random.uniform([], 1.0 - zoom, 1.0, seed=seed)
+                crop = tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32)
+                x = tf.image.random_crop(x, tf.stack([crop, crop, 3]), seed=seed)
+                x = tf.image.resize(x, tf.stack([side, side]))
             x = tf.image.random_brightness(x, 20.0, seed=seed)
             x = tf.image.random_contrast(x, 0.8, 1.2, seed=seed)
             x = tf.clip_by_value(x, 0.0, 255.0)
@@ -176,7 +189,7 @@ def _fit(model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, l
     import tf_keras as keras
 
     cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
-    ds = make_dataset(train.images, train.labels, opts.batch_size, True, opts.seed, cw[train.labels])
+    ds = make_dataset(train.images, train.labels, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom)
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(
