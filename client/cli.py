@@ -116,6 +116,7 @@ def start(
     device: Annotated[str, typer.Option("--device", help="auto: an Akida device if one is found, else the software backend; software: always the software backend.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", metavar="DIR", help="Received bundles, image and feature caches (default ~/.cache/qana/clinics/NAME).")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of lesions held out for local evaluation.")] = 0.2,
+    new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic introduces to the federation; its images must be in --data. Repeatable.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS (only to a coordinator started with --insecure).")] = False,
     runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local port of the SuperNode's ClientApp API (distinct per clinic on one machine).")] = 9094,
 ) -> None:
@@ -147,6 +148,8 @@ def start(
         except RuntimeErrorQana as exc:
             raise ClinicError(str(exc)) from None
         node_config: dict[str, Any] = {"data-dir": str(data), "clinic-id": clinic_id, "device": device, "eval-fraction": eval_fraction}
+        if new_class:
+            node_config["new-classes"] = ",".join(new_class)
         if cache_dir is not None:
             node_config["cache-dir"] = str(cache_dir.expanduser().resolve())
         config = ClinicConfig.from_node_config(node_config)
@@ -289,6 +292,7 @@ def learn(
     device: Annotated[str, typer.Option("--device", help="auto: an Akida device if one is found, else the software backend; software: always the software backend.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", metavar="DIR", help="The clinic's cache (default ~/.cache/qana/clinics/NAME), as for `start`.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of *new* lesions held out; earlier lesions keep their side.")] = 0.2,
+    new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic adds to the deployed head; its images must be in --data. Repeatable.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over old + new training features.")] = 20,
     learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9)] = 0.01,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
@@ -312,6 +316,8 @@ def learn(
         if not data.is_dir():
             raise _fail(f"data folder not found: {data}")
         node_config: dict[str, Any] = {"data-dir": str(data), "clinic-id": clinic_id, "device": device, "eval-fraction": eval_fraction}
+        if new_class:
+            node_config["new-classes"] = ",".join(new_class)
         if cache_dir is not None:
             node_config["cache-dir"] = str(cache_dir.expanduser().resolve())
         clinic = Clinic(ClinicConfig.from_node_config(node_config))
@@ -342,6 +348,8 @@ def learn(
     if not report.updated:
         typer.echo("nothing new since the features were last computed; the deployed head is unchanged")
         return
+    if report.added_classes:
+        typer.echo(f"new class(es) added to the head: {', '.join(report.added_classes)}")
     typer.echo(f"trained on {report.train_examples} images (+{report.num_synthetic} SMOTE), old and new, {epochs} epochs, proximal mu {proximal_mu}")
     typer.echo(_change("earlier held-out", report.earlier_before, report.earlier_after))
     typer.echo(_change(f"new {report.new_kind}", report.new_before, report.new_after))

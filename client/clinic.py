@@ -45,16 +45,20 @@ from protocols.messages import (
     ClinicInfo,
     EvaluateSettings,
     HeadSpec,
+    ProtocolError,
     TrainSettings,
+    check_class_list,
 )
 from qana.bundle import Bundle, pack_bundle
 from qana.data import Dataset, load_dataset
-from qana.head import Head, QuantizedHead, TrainConfig, head_from_npz, head_to_npz, predict, quantize_head
+from qana.head import Head, QuantizedHead, TrainConfig, grow_head, head_from_npz, head_to_npz, predict, quantize_head
 from qana.metrics import classification_metrics
 from qana.splits import grouped_split
 
 DEFAULT_CACHE_ROOT = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana")) / "clinics"
-NODE_CONFIG_KEYS = ("data-dir", "clinic-id", "device", "cache-dir", "eval-fraction", "split-seed")
+NODE_CONFIG_KEYS = (
+    "data-dir", "clinic-id", "device", "cache-dir", "eval-fraction", "split-seed", "new-classes", "new-classes-from-round",
+)
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
@@ -74,6 +78,10 @@ class ClinicConfig:
     cache_dir: Path | None = None
     eval_fraction: float = 0.2
     split_seed: int = 0
+    # Class-incremental: classes this clinic brings in (its metadata's dx names), added to the
+    # global head in its training rounds from `new_classes_from_round` on.
+    new_classes: tuple[str, ...] = ()
+    new_classes_from_round: int = 1
 
     @property
     def cache(self) -> Path:
@@ -98,6 +106,18 @@ class ClinicConfig:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ClinicError(f"node-config split-seed={seed!r}: must be an integer")
         cache = node_config.get("cache-dir")
+        new_classes: tuple[str, ...] = ()
+        text = node_config.get("new-classes", "")
+        if not isinstance(text, str):
+            raise ClinicError(f"node-config new-classes={text!r}: must be a string such as \"scc\" or \"scc,df\"")
+        if text.strip():
+            try:
+                new_classes = check_class_list([c.strip() for c in text.split(",")], "node-config new-classes")
+            except ProtocolError as exc:
+                raise ClinicError(str(exc)) from None
+        from_round = node_config.get("new-classes-from-round", 1)
+        if isinstance(from_round, bool) or not isinstance(from_round, int) or from_round < 1:
+            raise ClinicError(f"node-config new-classes-from-round={from_round!r}: must be a round number >= 1")
         return cls(
             data_dir=Path(str(node_config["data-dir"])).expanduser(),
             clinic_id=str(node_config["clinic-id"]),
@@ -105,6 +125,8 @@ class ClinicConfig:
             cache_dir=Path(str(cache)).expanduser() if cache else None,
             eval_fraction=float(fraction),
             split_seed=int(seed),
+            new_classes=new_classes,
+            new_classes_from_round=int(from_round),
         )
 
 
@@ -210,14 +232,29 @@ class LearnReport:
     new_after: SplitMetrics | None = None
     device_agreement: float | None = None
     saved_to: Path | None = None
+    added_classes: tuple[str, ...] = ()  # classes the head gained (--new-class)
 
 
 def _split_metrics(qhead: QuantizedHead, features: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> SplitMetrics:
     """Accuracy of the quantized head's reference predictions (the chip's, by `_on_device`)."""
+    known = np.asarray(labels) >= 0  # images of classes neither head has are not scored
+    features, labels = features[known], np.asarray(labels)[known]
     if len(labels) == 0:
         return SplitMetrics(0, None, None)
     result = classification_metrics(labels, predict(qhead, features), classes)
     return SplitMetrics(int(result["n"]), float(result["top1"]), float(result["balanced_accuracy"]))
+
+
+def labels_for(dataset: Dataset, classes: tuple[str, ...]) -> np.ndarray:
+    """Each image's label as a column of a head with `classes`; -1 for a class the head lacks.
+
+    The clinic's data may hold diagnoses the global head does not have (yet): a class this
+    clinic will introduce, or one the federation has not agreed on. Those images are left
+    out of training and evaluation until the head has the class.
+    """
+    column = {name: j for j, name in enumerate(classes)}
+    lookup = np.array([column.get(name, -1) for name in dataset.class_names], dtype=np.int64)
+    return lookup[dataset.labels] if len(dataset.labels) else np.zeros(0, np.int64)
 
 
 def head_spec(bundle: Bundle) -> HeadSpec:
@@ -262,11 +299,16 @@ class Clinic:
         self.prepare(bundle_id)
         return replace(self.info(bundle_id), device=self.device_description())
 
-    def prepare(self, bundle_id: str) -> Prepared:
+    def vocabulary(self, bundle: Bundle, classes: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Diagnoses the clinic's metadata may use: the bundle's, the head's, its own new classes."""
+        return tuple(dict.fromkeys((*bundle.classes, *classes, *self.config.new_classes)))
+
+    def prepare(self, bundle_id: str, classes: tuple[str, ...] = ()) -> Prepared:
         """Load the bundle, the data and the (cached) features; split train/held-out by lesion.
 
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
-        across calls and only lesions new to the folder are assigned.
+        across calls and only lesions new to the folder are assigned. `classes` are the global
+        head's (they may include classes the bundle was not trained on).
         """
         from qana.runtime import shared_runtime
 
@@ -275,7 +317,9 @@ class Clinic:
         h, w, c = bundle.input_shape
         if h != w or c != 3:
             raise ClinicError(f"bundle input {bundle.input_shape} is not a square RGB image")
-        dataset = load_dataset(self.config.data_dir, size=h, cache_dir=self.config.cache, class_names=bundle.classes)
+        dataset = load_dataset(
+            self.config.data_dir, size=h, cache_dir=self.config.cache, class_names=self.vocabulary(bundle, classes)
+        )
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
@@ -314,11 +358,12 @@ class Clinic:
 
     def train(self, head: Head, settings: TrainSettings) -> tuple[QuantizedHead, dict[str, int | float]]:
         """One round of local head training; returns the quantized head and aggregate metrics."""
-        prep = self.prepare(settings.bundle_id)
+        prep = self.prepare(settings.bundle_id, head.classes)
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
-        if head.num_features != prep.spec.num_features or head.classes != prep.spec.classes:
+        if head.num_features != prep.spec.num_features:
             raise ClinicError("global head does not fit this bundle")
+        head = self._with_new_classes(head, prep, settings)
         config = TrainConfig(
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
@@ -327,7 +372,10 @@ class Clinic:
             proximal_mu=settings.proximal_mu,
             seed=settings.seed + settings.server_round,
         )
-        x, y = prep.features[prep.train_idx], prep.dataset.labels[prep.train_idx]
+        train_idx = prep.train_idx[labels_for(prep.dataset, head.classes)[prep.train_idx] >= 0]
+        if len(train_idx) == 0:
+            raise ClinicError(f"none of the local training images has a class of the global head ({', '.join(head.classes)})")
+        x, y = prep.features[train_idx], labels_for(prep.dataset, head.classes)[train_idx]
         trained, report = train_local_head(head, x, y, config, smote=settings.smote)
         qhead = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, qhead)
@@ -339,14 +387,37 @@ class Clinic:
         }
         return qhead, metrics
 
+    def _with_new_classes(self, head: Head, prep: Prepared, settings: TrainSettings | None) -> Head:
+        """The head grown by this clinic's new classes, once it is their round (always for `learn`).
+
+        A new class is added only when the clinic has training images of it; its column starts
+        as `qana.head.grow_head` starts one (no preference before training).
+        """
+        if settings is not None and settings.server_round < self.config.new_classes_from_round:
+            return head
+        names = prep.dataset.class_names
+        present = {names[i] for i in np.unique(prep.dataset.labels[prep.train_idx])}
+        extra = [c for c in self.config.new_classes if c not in head.classes and c in present]
+        if not extra:
+            return head
+        seed = 0 if settings is None else settings.seed + settings.server_round
+        return grow_head(head, (*head.classes, *extra), seed=seed)
+
     def evaluate(self, head: Head, settings: EvaluateSettings) -> dict[str, int | float]:
-        """Put the global head on the chip, evaluate it on held-out images, keep it deployed."""
-        prep = self.prepare(settings.bundle_id)
+        """Put the global head on the chip, evaluate it on held-out images, keep it deployed.
+
+        Held-out images of classes the head does not have (yet) are left out of the metrics.
+        """
+        prep = self.prepare(settings.bundle_id, head.classes)
         if len(prep.eval_idx) == 0:
             raise ClinicError("no held-out images to evaluate on (the clinic has too few lesions)")
         qhead = quantize_head(head, prep.bundle.target)
         chip, agreement = self._on_device(prep, qhead)
-        result = classification_metrics(prep.dataset.labels[prep.eval_idx], chip, prep.bundle.classes)
+        labels = labels_for(prep.dataset, head.classes)[prep.eval_idx]
+        known = labels >= 0
+        if not known.any():
+            raise ClinicError(f"none of the held-out images has a class of the global head ({', '.join(head.classes)})")
+        result = classification_metrics(labels[known], chip[known], head.classes)
         self._save_deployed(prep, head, settings)
         return {
             M_NUM_EXAMPLES: int(result["n"]),
@@ -404,8 +475,8 @@ class Clinic:
             head = head_from_npz(path.read_bytes())
         except ValueError as exc:
             raise ClinicError(f"deployed head {path}: {exc}") from None
-        if head.num_features != spec.num_features or head.classes != spec.classes:
-            raise ClinicError(f"deployed head {path} does not fit bundle {bundle_id[:12]}… (features/classes)")
+        if head.num_features != spec.num_features or head.feature_scale != spec.feature_scale:
+            raise ClinicError(f"deployed head {path} does not fit bundle {bundle_id[:12]}… (features)")
         return head, "deployed head"
 
     def learn(self, bundle_id: str, config: TrainConfig, smote: bool = True) -> LearnReport:
@@ -420,8 +491,8 @@ class Clinic:
         Accuracy is reported on the earlier held-out images before and after (forgetting), and
         on the new images.
         """
-        prep = self.prepare(bundle_id)
-        head, start = self.current_head(bundle_id, prep.spec)
+        head, start = self.current_head(bundle_id, head_spec(self.bundles.get(bundle_id)))
+        prep = self.prepare(bundle_id, head.classes)
         assert prep.new_rows is not None
         new_rows = prep.new_rows
         is_eval = np.zeros(len(prep.dataset), dtype=bool)
@@ -442,14 +513,17 @@ class Clinic:
             return report
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
-        x, y = prep.features[prep.train_idx], prep.dataset.labels[prep.train_idx]
-        trained, local = train_local_head(head, x, y, config, smote=smote)
+        grown = self._with_new_classes(head, prep, None)
+        labels = labels_for(prep.dataset, grown.classes)
+        train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
+        x, y = prep.features[train_idx], labels[train_idx]
+        trained, local = train_local_head(grown, x, y, config, smote=smote)
         before = quantize_head(head, prep.bundle.target)
         after = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, after)
 
-        classes = prep.bundle.classes
-        feats, labels = prep.features, prep.dataset.labels
+        classes = grown.classes
+        feats = prep.features  # labels are columns of the grown head: the old head cannot name a new class
         earlier = np.flatnonzero(is_eval & ~new_rows)
         new_eval = np.flatnonzero(is_eval & new_rows)
         new_kind = "held-out" if len(new_eval) else "training"
@@ -478,4 +552,5 @@ class Clinic:
             new_after=_split_metrics(after, feats[new_idx], labels[new_idx], classes),
             device_agreement=agreement,
             saved_to=saved,
+            added_classes=tuple(grown.classes[head.num_classes :]),
         )

@@ -11,15 +11,23 @@ What may cross the wire (and nothing else; `validate_*` refuse unknown records a
     query.hello   config{protocol-version, bundle-id}
     query.deploy  config{protocol-version, bundle-id} + bundle{bundle-id, data=<packed bundle>}
                   (only to clinics whose hello said they lack that bundle id)
-    train         arrays{weights f32 (D,C), bias f32 (C,)} + config{round settings}
-    evaluate      arrays{weights, bias} + config{protocol-version, bundle-id, server-round, head-sha256}
+    train         arrays{weights f32 (D,C), bias f32 (C,)} + config{round settings, classes}
+    evaluate      arrays{weights, bias} + config{protocol-version, bundle-id, server-round, head-sha256, classes}
 
   clinic -> coordinator
     query.hello   clinic{protocol-version, clinic-id, cached-bundles, device}
     query.deploy  clinic{protocol-version, clinic-id, bundle-id, device}
-    train         head{weights-q int8 (D,C), bias-q int32 (C,), scale f32 (1,)}
-                  + metrics{num-examples, ...} + clinic{protocol-version, clinic-id, bundle-id}
+    train         head{weights-q int8 (D,C'), bias-q int32 (C',), scale f32 (1,)}
+                  + metrics{num-examples, ...} + clinic{protocol-version, clinic-id, bundle-id, classes}
     evaluate      metrics{num-examples, top1, ...} + clinic{protocol-version, clinic-id, bundle-id, head-sha256}
+
+Classes. The global head's class list travels with every train and evaluate instruction
+(`classes`, in column order), so the class set is the run's state, not the bundle's: a
+federation may start with fewer classes than the backbone was trained on and grow. A train
+reply names its head's classes: the instruction's list, in the same order, optionally
+followed by classes the clinic introduces (class-incremental learning, `--new-class`); the
+coordinator merges heads whose class lists differ by class name
+(`server.class_incremental`).
 
 Clinics never send images, features, per-sample labels or predictions: the only arrays a
 clinic sends are the quantized head, and metrics are aggregates.
@@ -38,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,7 +54,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from qana.head import TARGET_WEIGHT_BITS, Head, QuantizedHead
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: class lists travel with heads (class-incremental rounds)
 
 # Flower message types ("<category>.<action>"; categories train/evaluate/query are Flower's).
 MSG_HELLO = "query.hello"
@@ -85,6 +93,7 @@ K_PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 K_CLINIC_ID = "clinic-id"
 K_CACHED = "cached-bundles"
 K_DEVICE = "device"
+K_CLASSES = "classes"  # the head's class names in column order
 
 # Metric keys.
 M_NUM_EXAMPLES = "num-examples"  # Flower strategies' default `weighted_by_key`
@@ -101,6 +110,9 @@ TRAIN_SETTINGS = (K_EPOCHS, K_LR, K_BATCH, K_L2, K_SMOTE, K_SEED)
 
 BIAS_Q_DTYPE = np.dtype(np.int32)
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+MAX_CLASSES = 1000
+MAX_NEW_CLASSES = 16  # classes one reply may add in one round
+CLASS_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
 
 
 class ProtocolError(ValueError):
@@ -130,6 +142,10 @@ class HeadSpec:
         """Information lower bound of one update: parameters x weight bits / 8."""
         return self.num_parameters * self.weight_bits / 8
 
+    def with_classes(self, classes: tuple[str, ...]) -> HeadSpec:
+        """The same backbone's head with another class list (the run's current one)."""
+        return HeadSpec(self.num_features, len(classes), self.target, self.feature_scale, tuple(classes))
+
     @classmethod
     def from_head(cls, head: Head, target: str) -> HeadSpec:
         if target not in TARGET_WEIGHT_BITS:
@@ -147,6 +163,7 @@ class ClinicInfo:
     cached_bundles: tuple[str, ...] = ()
     device: str = ""
     head_id: str | None = None
+    classes: tuple[str, ...] = ()  # train replies: the classes of the head sent
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,7 @@ class TrainSettings:
     smote: bool = True
     seed: int = 0
     proximal_mu: float = 0.0
+    classes: tuple[str, ...] = ()  # the global head's classes (column order)
 
     def to_config(self) -> ConfigRecord:
         """The round config (without server-round and proximal-mu, which Flower's strategies add)."""
@@ -171,6 +189,7 @@ class TrainSettings:
                 K_PROTOCOL: PROTOCOL_VERSION,
                 K_BUNDLE_ID: self.bundle_id,
                 K_HEAD_ID: self.head_id,
+                K_CLASSES: list(check_class_list(self.classes, "train settings")),
                 K_EPOCHS: int(self.local_epochs),
                 K_LR: float(self.learning_rate),
                 K_BATCH: int(self.batch_size),
@@ -186,14 +205,37 @@ class EvaluateSettings:
     server_round: int
     bundle_id: str
     head_id: str
+    classes: tuple[str, ...] = ()
 
     def to_config(self) -> ConfigRecord:
         return ConfigRecord(
-            {K_PROTOCOL: PROTOCOL_VERSION, K_BUNDLE_ID: self.bundle_id, K_HEAD_ID: self.head_id}
+            {
+                K_PROTOCOL: PROTOCOL_VERSION,
+                K_BUNDLE_ID: self.bundle_id,
+                K_HEAD_ID: self.head_id,
+                K_CLASSES: list(check_class_list(self.classes, "evaluate settings")),
+            }
         )
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def check_class_list(classes: Any, what: str) -> tuple[str, ...]:
+    """A head's class list: 1..MAX_CLASSES distinct short names of letters, digits and _.-+"""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)):
+        raise ProtocolError(f"{what}: classes must be a list of class names, got {type(classes).__name__}")
+    if not 0 < len(classes) <= MAX_CLASSES:
+        raise ProtocolError(f"{what}: {len(classes)} classes; a head has 1 to {MAX_CLASSES}")
+    for name in classes:
+        if not isinstance(name, str) or not 0 < len(name) <= 64 or not set(name) <= CLASS_NAME_CHARS:
+            raise ProtocolError(
+                f"{what}: class name {name!r} must be 1-64 letters, digits or _.-+ (as in the metadata's dx column)"
+            )
+    if len(set(classes)) != len(classes):
+        dupes = sorted({c for c in classes if list(classes).count(c) > 1})
+        raise ProtocolError(f"{what}: class(es) listed twice: {', '.join(dupes)}")
+    return tuple(classes)
 
 
 def _records(content: RecordDict, what: str, expected: Mapping[str, type]) -> None:
@@ -423,8 +465,18 @@ def validate_deploy_ins(content: RecordDict) -> tuple[str, bytes]:
     return bundle_id, data
 
 
+def _with_classes_of(head: Head, settings: Any) -> Any:
+    """Settings naming the head's classes (filled in when the caller left them empty)."""
+    if not settings.classes:
+        return replace(settings, classes=tuple(head.classes))
+    if tuple(settings.classes) != tuple(head.classes):
+        raise ProtocolError(f"settings name classes {list(settings.classes)}, the head has {list(head.classes)}")
+    return settings
+
+
 def train_content(head: Head, settings: TrainSettings) -> RecordDict:
     """What Flower's strategies would build, for tests and tools that bypass a strategy."""
+    settings = _with_classes_of(head, settings)
     config = settings.to_config()
     config[K_ROUND] = settings.server_round
     if settings.proximal_mu:
@@ -433,12 +485,16 @@ def train_content(head: Head, settings: TrainSettings) -> RecordDict:
 
 
 def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, TrainSettings]:
-    """Clinic side: the global head and this round's local-training settings."""
+    """Clinic side: the global head and this round's local-training settings.
+
+    `spec` is the bundle's (features, target, scale); the class list comes with the message.
+    """
     what = "train instruction"
     _records(content, what, {REC_ARRAYS: ArrayRecord, REC_CONFIG: ConfigRecord})
     cfg = content[REC_CONFIG]
-    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID, *TRAIN_SETTINGS), (K_PROXIMAL_MU,))
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID, K_CLASSES, *TRAIN_SETTINGS), (K_PROXIMAL_MU,))
     _protocol(cfg, what)
+    classes = check_class_list(cfg[K_CLASSES], what)
     settings = TrainSettings(
         server_round=_typed(cfg, K_ROUND, int, what),
         bundle_id=_bundle_id(cfg, what),
@@ -450,15 +506,17 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
         smote=_typed(cfg, K_SMOTE, bool, what),
         seed=_typed(cfg, K_SEED, int, what),
         proximal_mu=float(_typed(cfg, K_PROXIMAL_MU, (int, float), what)) if K_PROXIMAL_MU in cfg else 0.0,
+        classes=classes,
     )
     if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
         raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
     if not (0 < settings.learning_rate < 10 and settings.l2 >= 0 and settings.proximal_mu >= 0):
         raise ProtocolError(f"{what}: learning-rate/l2/proximal-mu out of range")
-    return head_from_global_record(content[REC_ARRAYS], spec, what), settings
+    return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 
 def evaluate_content(head: Head, settings: EvaluateSettings) -> RecordDict:
+    settings = _with_classes_of(head, settings)
     config = settings.to_config()
     config[K_ROUND] = settings.server_round
     return RecordDict({REC_ARRAYS: global_head_record(head), REC_CONFIG: config})
@@ -468,12 +526,13 @@ def validate_evaluate_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Ev
     what = "evaluate instruction"
     _records(content, what, {REC_ARRAYS: ArrayRecord, REC_CONFIG: ConfigRecord})
     cfg = content[REC_CONFIG]
-    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID))
+    _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID, K_CLASSES))
     _protocol(cfg, what)
+    classes = check_class_list(cfg[K_CLASSES], what)
     settings = EvaluateSettings(
-        _typed(cfg, K_ROUND, int, what), _bundle_id(cfg, what), _sha256(cfg, K_HEAD_ID, what)
+        _typed(cfg, K_ROUND, int, what), _bundle_id(cfg, what), _sha256(cfg, K_HEAD_ID, what), classes
     )
-    return head_from_global_record(content[REC_ARRAYS], spec, what), settings
+    return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 
 def peek_bundle_id(content: RecordDict) -> str:
@@ -499,6 +558,8 @@ def clinic_record(info: ClinicInfo) -> ConfigRecord:
         record[K_DEVICE] = info.device
     if info.head_id is not None:
         record[K_HEAD_ID] = info.head_id
+    if info.classes:
+        record[K_CLASSES] = list(info.classes)
     return record
 
 
@@ -511,6 +572,7 @@ def deploy_reply_content(info: ClinicInfo) -> RecordDict:
 
 
 def train_reply_content(qhead: QuantizedHead, metrics: Mapping[str, int | float], info: ClinicInfo) -> RecordDict:
+    info = replace(info, classes=tuple(qhead.classes))
     return RecordDict(
         {REC_HEAD: update_record(qhead), REC_METRICS: MetricRecord(dict(metrics)), REC_CLINIC: clinic_record(info)}
     )
@@ -537,6 +599,7 @@ def _clinic(content: RecordDict, what: str, required: tuple[str, ...], optional:
         cached_bundles=cached,
         device=str(_typed(cfg, K_DEVICE, str, what)) if K_DEVICE in cfg else "",
         head_id=_sha256(cfg, K_HEAD_ID, what) if K_HEAD_ID in cfg else None,
+        classes=check_class_list(cfg[K_CLASSES], what) if K_CLASSES in cfg else (),
     )
 
 
@@ -567,15 +630,25 @@ class TrainReply:
 
 
 def validate_train_reply(content: RecordDict, spec: HeadSpec, bundle_id: str) -> TrainReply:
-    """Server side: refuse anything but a well-formed quantized head for the current backbone."""
+    """Server side: refuse anything but a well-formed quantized head for the current backbone.
+
+    `spec` holds the round's global classes; the reply's head must list them first, in the
+    same order, and may append at most MAX_NEW_CLASSES classes the clinic introduces.
+    """
     what = "train reply"
     _records(content, what, {REC_HEAD: ArrayRecord, REC_METRICS: MetricRecord, REC_CLINIC: ConfigRecord})
-    info = _clinic(content, what, (K_BUNDLE_ID,))
+    info = _clinic(content, what, (K_BUNDLE_ID, K_CLASSES))
     if info.bundle_id != bundle_id:
         raise ProtocolError(
             f"{what}: update was trained on backbone {str(info.bundle_id)[:12]}…, the run uses {bundle_id[:12]}…"
         )
-    qhead = quantized_from_update(content[REC_HEAD], spec, what)
+    if info.classes[: spec.num_classes] != spec.classes:
+        raise ProtocolError(
+            f"{what}: head classes {list(info.classes)} do not start with the round's classes {list(spec.classes)}"
+        )
+    if len(info.classes) - spec.num_classes > MAX_NEW_CLASSES:
+        raise ProtocolError(f"{what}: adds {len(info.classes) - spec.num_classes} classes at once (at most {MAX_NEW_CLASSES})")
+    qhead = quantized_from_update(content[REC_HEAD], spec.with_classes(info.classes), what)
     metrics = _metrics(content[REC_METRICS], what + " metrics", TRAIN_METRICS)
     return TrainReply(info, qhead, metrics)
 

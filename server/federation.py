@@ -31,15 +31,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from protocols.messages import (
     MSG_DEPLOY,
     MSG_HELLO,
+    M_NUM_EXAMPLES,
     REC_METRICS,
     EvaluateSettings,
     HeadSpec,
     ProtocolError,
     TrainSettings,
+    check_class_list,
     deploy_content,
     dequantized_record,
     describe_content,
@@ -52,8 +55,9 @@ from protocols.messages import (
     validate_train_reply,
 )
 from qana.bundle import Bundle, load_bundle, pack_bundle
-from qana.head import Head, head_from_npz, head_to_npz, init_head
+from qana.head import Head, dequantize, head_from_npz, head_to_npz, init_head
 from server.audit.errors import UnknownVersionError
+from server.class_incremental import ClinicHead, merge_class_incremental
 from server.strategies import build_strategy, canonical_name, parse_options
 
 class FederationError(RuntimeError):
@@ -81,6 +85,7 @@ ENV_BUNDLE = "QANA_BUNDLE"
 ENV_STATE_DIR = "QANA_SERVER_STATE_DIR"
 ENV_WIRE_LOG = "QANA_WIRE_LOG"
 
+LEARNING_MODES = ("gradient", "akida-edge")
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "bundle": "",  # bundle directory ("" = $QANA_BUNDLE, else the package's default v2 bundle)
     "num-rounds": 3,
@@ -98,10 +103,12 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "smote": True,
     "seed": 0,
     "initial-head": "auto",  # auto | bundle | random
+    "initial-classes": "",  # "a,b,c": the classes the federation starts with ("" = the bundle's)
     "audit-db": "",  # SQLAlchemy URL ("" = $QANA_AUDIT_DB or ~/.qana/audit.db)
     "audit-key": "",  # signing key path ("" = $QANA_AUDIT_KEY or ~/.qana/audit_key.pem)
     "state-dir": "",  # where status.json and wire.jsonl go ("" = $QANA_SERVER_STATE_DIR, else none)
     "wire-log": False,  # log every message's structure and size to state-dir/wire.jsonl (or $QANA_WIRE_LOG=1)
+    "learning": "gradient",  # gradient (Flower strategy on quantized heads) | akida-edge (server.edge_rounds, v1 bundle)
 }
 
 
@@ -126,10 +133,12 @@ class FederationSettings:
     smote: bool = True
     seed: int = 0
     initial_head: str = "auto"
+    initial_classes: tuple[str, ...] = ()  # () = the bundle's classes
     audit_db: str | None = None
     audit_key: Path | None = None
     state_dir: Path | None = None
     wire_log: bool = False
+    learning: str = "gradient"
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], run_id: str) -> FederationSettings:
@@ -150,6 +159,9 @@ class FederationSettings:
                 raise FederationError(f"run-config {key}={value!r} must be between {low} and {high}")
             return kind(value)
 
+        learning = str(cfg["learning"])
+        if learning not in LEARNING_MODES:
+            raise FederationError(f"run-config learning={learning!r}: use {' or '.join(LEARNING_MODES)}")
         initial = str(cfg["initial-head"])
         if initial not in ("auto", "bundle", "random"):
             raise FederationError(f"run-config initial-head={initial!r}: use auto, bundle or random")
@@ -158,6 +170,13 @@ class FederationSettings:
             options = parse_options(str(cfg["strategy-options"]))
         except ValueError as exc:
             raise FederationError(str(exc)) from None
+        classes_text = str(cfg["initial-classes"]).strip()
+        initial_classes: tuple[str, ...] = ()
+        if classes_text:
+            try:
+                initial_classes = check_class_list([c.strip() for c in classes_text.split(",")], "run-config initial-classes")
+            except ProtocolError as exc:
+                raise FederationError(str(exc)) from None
         bundle = str(cfg["bundle"]) or os.environ.get(ENV_BUNDLE, "")
         state_dir = str(cfg["state-dir"]) or os.environ.get(ENV_STATE_DIR, "")
         return cls(
@@ -178,10 +197,12 @@ class FederationSettings:
             smote=bool(cfg["smote"]),
             seed=number("seed", int, 0, 2**31 - 1),
             initial_head=initial,
+            initial_classes=initial_classes,
             audit_db=str(cfg["audit-db"]) or None,
             audit_key=Path(str(cfg["audit-key"])).expanduser() if cfg["audit-key"] else None,
             state_dir=Path(state_dir).expanduser() if state_dir else None,
             wire_log=bool(cfg["wire-log"]) or os.environ.get(ENV_WIRE_LOG) == "1",
+            learning=learning,
         )
 
     def strategy_config(self) -> dict[str, Any]:
@@ -315,15 +336,16 @@ class Coordinator:
         self.audit = audit
         self.clinics: dict[int, ClinicState] = {}
         self.status: dict[str, Any] = {"run_id": settings.run_id, "history": []}
-        self.strategy: Strategy = build_strategy(
-            settings.strategy,
-            settings.strategy_options,
-            min_clinics=settings.min_clinics,
-            fraction_train=settings.fraction_train,
-            fraction_evaluate=settings.fraction_evaluate,
-        )
+        self.strategy: Strategy = self._build_strategy()
         self._server_time = 0.0
         self.unresponsive: set[int] = set()
+
+    def _build_strategy(self) -> Strategy:
+        s = self.settings
+        return build_strategy(
+            s.strategy, s.strategy_options, min_clinics=s.min_clinics,
+            fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -401,8 +423,16 @@ class Coordinator:
         return str(info.version)
 
     def _initial_head(self, bundle: Bundle, spec: HeadSpec, backbone: str) -> tuple[Head, str | None, bytes]:
-        """Start from the current audited head for this backbone, else from the bundle's head."""
+        """Start from the current audited head for this backbone, else from the bundle's head.
+
+        With `initial-classes` the federation starts with those classes only (columns of the
+        bundle's head, or a random head over them): classes the backbone knows but the
+        federation has not agreed on yet can then enter later, class-incrementally. The
+        current audited head is continued whatever its classes (it may have grown), unless
+        `initial-classes` asks for other ones.
+        """
         mode = self.settings.initial_head
+        wanted = self.settings.initial_classes
         if mode == "auto":
             current = self.audit.current_version("head")
             if current is not None:
@@ -410,15 +440,27 @@ class Coordinator:
                 if info.backbone == backbone:
                     data = self.audit.artifact_of(current)
                     head = head_from_npz(data)
-                    if head.num_features == spec.num_features and head.classes == spec.classes:
-                        log(INFO, "Starting from the current head %s", current)
+                    if head.num_features == spec.num_features and (not wanted or head.classes == wanted):
+                        log(INFO, "Starting from the current head %s (%d classes)", current, head.num_classes)
                         return head, current, data
-                log(INFO, "Current head %s belongs to another backbone or shape; starting from the bundle's head", current)
+                log(INFO, "Current head %s belongs to another backbone or class list; starting from the bundle's head", current)
+        classes = wanted or spec.classes
         if mode == "random":
-            head = init_head(spec.num_features, spec.classes, spec.feature_scale, seed=self.settings.seed)
+            head = init_head(spec.num_features, classes, spec.feature_scale, seed=self.settings.seed)
             return head, None, head_to_npz(head)
         data = bundle.head_path.read_bytes()
-        return head_from_npz(data), None, data
+        if not wanted:
+            return head_from_npz(data), None, data
+        base = head_from_npz(data)
+        missing = [c for c in wanted if c not in base.classes]
+        if missing:
+            raise FederationError(
+                f"initial-classes {', '.join(missing)} are not classes of the bundle's head ({', '.join(base.classes)}); "
+                "use initial-head=random, or let a clinic introduce them with --new-class"
+            )
+        cols = [base.classes.index(c) for c in wanted]
+        head = Head(base.weights[:, cols], base.bias[cols], wanted, base.feature_scale)
+        return head, None, head_to_npz(head)
 
     # ------------------------------------------------------------------ clinics
 
@@ -479,15 +521,26 @@ class Coordinator:
     # ------------------------------------------------------------------ rounds
 
     def _train(self, round_: int, arrays: ArrayRecord, grid: Grid, head_sha: str, spec: HeadSpec, bundle_id: str):
+        """One training round; returns (aggregate, grown head or None, metrics, participants, rejected, failed).
+
+        When every accepted head has the round's classes, Flower's strategy aggregates them
+        (the aggregate ArrayRecord is returned). When some clinic introduced a class, the heads
+        are merged by class name instead (`server.class_incremental`: each column averaged over
+        the clinics that have that class, weighted by their examples) and the grown head is
+        returned; the additions go to the audit log, and the strategy is rebuilt because its
+        state (FedAdam's moments, ...) has the old shape.
+        """
         s = self.settings
         config = TrainSettings(
-            round_, bundle_id, head_sha, s.local_epochs, s.learning_rate, s.batch_size, s.l2, s.smote, s.seed
+            round_, bundle_id, head_sha, s.local_epochs, s.learning_rate, s.batch_size, s.l2, s.smote, s.seed,
+            classes=spec.classes,
         ).to_config()
         with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
             msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
         replies = self._send(round_, msgs, timeout=s.round_timeout)
         t0 = time.perf_counter()
         accepted: list[Message] = []
+        heads: list[ClinicHead] = []
         participants: list[dict[str, Any]] = []
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
@@ -522,23 +575,30 @@ class Coordinator:
                 continue
             reply.content = RecordDict({"arrays": floats, REC_METRICS: MetricRecord(dict(update.metrics))})
             accepted.append(reply)
+            heads.append(ClinicHead(name, dequantize(update.qhead, spec.feature_scale), update.num_examples))
             participants.append({"clinic_id": name, "num_examples": update.num_examples, "metrics": dict(update.metrics)})
             if node in self.clinics:
                 self.clinics[node].rounds_trained += 1
                 self.clinics[node].last_seen = time.time()
         for name, reason in failed.items():
             log(WARNING, "Round %d: no update from %s: %s", round_, name, reason)
-        agg_arrays, agg_metrics = None, None
-        if accepted:
+        agg_arrays, agg_metrics, grown = None, None, None
+        if any(h.head.classes != spec.classes for h in heads):
+            grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_)
+            agg_metrics = aggregate_metricrecords([m.content for m in accepted], M_NUM_EXAMPLES)
+            for name, clinic in additions:
+                log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
+            self.strategy = self._build_strategy()
+        elif accepted:
             try:
                 agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
             except (InconsistentMessageReplies, AggregationError) as exc:
                 log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
         self._server_time += time.perf_counter() - t0
-        return agg_arrays, dict(agg_metrics or {}), participants, rejected, failed
+        return agg_arrays, grown, dict(agg_metrics or {}), participants, rejected, failed
 
     def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
-        config = EvaluateSettings(round_, bundle_id, head_sha).to_config()
+        config = EvaluateSettings(round_, bundle_id, head_sha, head.classes).to_config()
         with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
             msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
         replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
@@ -593,10 +653,10 @@ class Coordinator:
 
         bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v2")
         base = bundle.load_head()
-        spec = HeadSpec.from_head(base, bundle.target)
         packed = pack_bundle(bundle)
         self.backbone_version = self._backbone(bundle, packed)
-        head, head_version, head_bytes = self._initial_head(bundle, spec, self.backbone_version)
+        head, head_version, head_bytes = self._initial_head(bundle, HeadSpec.from_head(base, bundle.target), self.backbone_version)
+        spec = HeadSpec.from_head(head, bundle.target)  # the run's classes: they may grow
         sha = head_id(head_bytes)
         self._write_status(
             phase="starting", bundle_id=bundle.bundle_id, backbone_version=self.backbone_version,
@@ -626,17 +686,17 @@ class Coordinator:
             ready = self._wait_for_clinics(round_, bundle, packed)
             grid = ReadyGrid(self.grid, ready)
             self._write_status(phase=f"round {round_}: training", round=round_)
-            agg, train_metrics, participants, rejected, failed = self._train(
+            agg, grown, train_metrics, participants, rejected, failed = self._train(
                 round_, global_head_record(head), grid, sha, spec, bundle.bundle_id
             )
-            if agg is None:
+            if agg is None and grown is None:
                 log(WARNING, "Round %d: no valid update; the head stays %s", round_, head_version)
                 rounds.append(RoundResult(round_, None, [], rejected, failed, {}, {}, time.perf_counter() - t_round, self._server_time))
                 self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
                 continue
             t0 = time.perf_counter()
             try:
-                new_head = head_from_aggregate(agg, spec)
+                new_head = grown if grown is not None else head_from_aggregate(agg, spec)
             except ProtocolError as exc:
                 log(WARNING, "Round %d: the aggregate is unusable (%s); the head stays %s", round_, exc, head_version)
                 rounds.append(RoundResult(round_, None, [], rejected, failed, train_metrics, {}, time.perf_counter() - t_round, self._server_time))
@@ -656,7 +716,12 @@ class Coordinator:
                 "rejected": rejected,
                 "failed": failed,
             }
-            new_version = self._record(round_, new_bytes, head_version, participants, metrics, note=None)
+            note = None
+            if new_head.classes != spec.classes:
+                added = [c for c in new_head.classes if c not in spec.classes]
+                note = f"class-incremental merge: added {', '.join(added)}; classes now {', '.join(new_head.classes)}"
+                spec = spec.with_classes(new_head.classes)
+            new_version = self._record(round_, new_bytes, head_version, participants, metrics, note=note)
             for name in evaluated:
                 self.audit.record_deployment(name, new_version)
             self._server_time += time.perf_counter() - t0

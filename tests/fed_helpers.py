@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from protocols import messages as P
 from qana.bundle import Bundle, write_bundle
 from qana.classes import CLASS_NAMES
-from qana.head import Head, TrainConfig, head_to_npz, init_head, predict, quantize_head, train_head
+from qana.head import Head, TrainConfig, grow_head, head_to_npz, init_head, predict, quantize_head, train_head
 
 FEATURES = 24
 FEATURE_SCALE = 1 / 40
@@ -67,14 +67,18 @@ class NumpyClinic:
     has_bundle: bool = False
     tamper: Tamper | None = None
     fail_train: bool = False
+    data_classes: tuple[int, ...] | None = None  # label ids (CLASS_NAMES order) in this clinic's data
+    new_class: str | None = None  # class this clinic introduces (as client.clinic does) ...
+    new_from_round: int = 1  # ... from this round on
 
     def __post_init__(self) -> None:
-        x, y = clinic_data(self.n, self.seed)
+        x, y = clinic_data(self.n, self.seed, self.data_classes)
         cut = int(0.8 * self.n)
         self.x_train, self.y_train, self.x_eval, self.y_eval = x[:cut], y[:cut], x[cut:], y[cut:]
         head = self.bundle.load_head()
         self.spec = P.HeadSpec.from_head(head, self.bundle.target)
         self.received: list[Message] = []
+        self.evaluated_classes: list[tuple[str, ...]] = []
 
     def info(self, **kw) -> P.ClinicInfo:
         return P.ClinicInfo(self.name, P.PROTOCOL_VERSION, **kw)
@@ -95,11 +99,15 @@ class NumpyClinic:
             if self.fail_train:
                 raise RuntimeError("clinic crashed during training")
             head, s = P.validate_train_ins(msg.content, self.spec)
+            if self.new_class and s.server_round >= self.new_from_round and self.new_class not in head.classes:
+                head = grow_head(head, (*head.classes, self.new_class), seed=s.seed)
             cfg = TrainConfig(epochs=s.local_epochs, learning_rate=s.learning_rate, batch_size=s.batch_size,
                               l2=s.l2, proximal_mu=s.proximal_mu, seed=s.seed + s.server_round)
-            trained = train_head(head, self.x_train, self.y_train, cfg)
+            y = columns(self.y_train, head.classes)
+            keep = y >= 0
+            trained = train_head(head, self.x_train[keep], y[keep], cfg)
             q = quantize_head(trained, self.spec.target)
-            metrics = {P.M_NUM_EXAMPLES: len(self.y_train), P.M_TRAIN_TOP1: float(np.mean(predict(q, self.x_train) == self.y_train)),
+            metrics = {P.M_NUM_EXAMPLES: int(keep.sum()), P.M_TRAIN_TOP1: float(np.mean(predict(q, self.x_train[keep]) == y[keep])),
                        P.M_NUM_SYNTHETIC: 0, P.M_DEVICE_AGREEMENT: 1.0}
             content = P.train_reply_content(q, metrics, self.info(bundle_id=s.bundle_id))
             if self.tamper is not None:
@@ -107,12 +115,21 @@ class NumpyClinic:
             return Message(content, reply_to=msg)
         if kind == P.MSG_EVALUATE:
             head, s = P.validate_evaluate_ins(msg.content, self.spec)
+            self.evaluated_classes.append(head.classes)
             q = quantize_head(head, self.spec.target)
-            pred = predict(q, self.x_eval)
-            metrics = {P.M_NUM_EXAMPLES: len(self.y_eval), P.M_TOP1: float(np.mean(pred == self.y_eval)),
+            y = columns(self.y_eval, head.classes)
+            keep = y >= 0
+            pred = predict(q, self.x_eval[keep])
+            metrics = {P.M_NUM_EXAMPLES: int(keep.sum()), P.M_TOP1: float(np.mean(pred == y[keep])),
                        P.M_MACRO_F1: 0.0, P.M_BALANCED_ACCURACY: 0.0, P.M_DEVICE_AGREEMENT: 1.0}
             return Message(P.evaluate_reply_content(metrics, self.info(bundle_id=s.bundle_id, head_id=s.head_id)), reply_to=msg)
         raise ValueError(f"unexpected message type {kind}")
+
+
+def columns(labels: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """Label ids (CLASS_NAMES order) as columns of a head with `classes`; -1 where it lacks the class."""
+    lookup = np.array([classes.index(c) if c in classes else -1 for c in CLASS_NAMES])
+    return lookup[labels]
 
 
 def replace_head_array(name: str, value: np.ndarray) -> Tamper:

@@ -187,7 +187,8 @@ def test_clientapp_protocol_and_replies_carry_only_the_head(tmp_path, bundle, cl
     assert payload == spec.num_features * spec.num_classes + 4 * spec.num_classes + 4
     assert set(content[P.REC_METRICS].keys()) == set(P.TRAIN_METRICS)
     assert all(not isinstance(v, list) for v in content[P.REC_METRICS].values())
-    assert set(content[P.REC_CLINIC].keys()) == {P.K_PROTOCOL, P.K_CLINIC_ID, P.K_BUNDLE_ID}
+    assert set(content[P.REC_CLINIC].keys()) == {P.K_PROTOCOL, P.K_CLINIC_ID, P.K_BUNDLE_ID, P.K_CLASSES}
+    assert tuple(content[P.REC_CLINIC][P.K_CLASSES]) == bundle.classes
     assert update.num_examples > 0 and update.metrics[P.M_DEVICE_AGREEMENT] == 1.0
 
     ev_settings = P.EvaluateSettings(1, bundle.bundle_id, HEAD_SHA)
@@ -244,3 +245,58 @@ def test_a_bundle_corrupted_in_transit_is_refused(tmp_path, bundle) -> None:
     with pytest.raises(BundleError, match="model.fbz"):
         cache.install(bundle.bundle_id, bytes(packed))
     assert cache.ids() == []
+
+
+# --------------------------------------------------------------------------- class-incremental
+
+
+def _relabel(data: Path, old: str, new: str) -> None:
+    meta = data / "HAM10000_metadata.csv"
+    meta.write_text(meta.read_text().replace(f",{old},", f",{new},"))
+
+
+def test_a_clinic_introduces_a_new_class_and_the_chip_runs_the_grown_head(tmp_path, bundle) -> None:
+    """`--new-class scc`: the reply's head has the global classes then scc; the chip agrees."""
+    data = tmp_path / "data"
+    make_synthetic_ham(data, n_images=60, image_size=bundle.input_shape[0], seed=8)
+    _relabel(data, "df", "scc")
+    ctx = context(tmp_path, data, **{"new-classes": "scc"})
+    send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    settings = P.TrainSettings(1, bundle.bundle_id, HEAD_SHA, local_epochs=20, learning_rate=0.05)
+    base_spec = P.HeadSpec.from_head(bundle.load_head(), bundle.target)
+    reply = send(P.train_content(bundle.load_head(), settings), P.MSG_TRAIN, ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    update = P.validate_train_reply(reply.content, base_spec, bundle.bundle_id)
+    assert update.qhead.classes == (*bundle.classes, "scc")
+    assert update.metrics[P.M_DEVICE_AGREEMENT] == 1.0
+    # the merged (grown) head comes back for evaluation: 8 columns on the chip, scc images scored
+    from qana.head import dequantize
+
+    grown = dequantize(update.qhead, base_spec.feature_scale)
+    ev = send(P.evaluate_content(grown, P.EvaluateSettings(1, bundle.bundle_id, HEAD_SHA)), P.MSG_EVALUATE, ctx)
+    assert not ev.has_error(), ev.error.reason if ev.has_error() else ""
+    result = P.validate_evaluate_reply(ev.content, bundle.bundle_id, HEAD_SHA)
+    assert result.metrics[P.M_DEVICE_AGREEMENT] == 1.0
+    deployed = ClinicConfig.from_node_config(ctx.node_config).cache / "deployed" / bundle.bundle_id
+    from qana.head import head_from_npz
+
+    assert head_from_npz((deployed / "head.npz").read_bytes()).classes == (*bundle.classes, "scc")
+
+
+def test_new_class_waits_for_its_round_and_undeclared_classes_are_a_clear_error(tmp_path, bundle) -> None:
+    data = tmp_path / "data"
+    make_synthetic_ham(data, n_images=40, image_size=bundle.input_shape[0], seed=9)
+    _relabel(data, "df", "scc")
+    ctx = context(tmp_path, data, **{"new-classes": "scc", "new-classes-from-round": 3})
+    send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    base_spec = P.HeadSpec.from_head(bundle.load_head(), bundle.target)
+    settings = P.TrainSettings(2, bundle.bundle_id, HEAD_SHA, local_epochs=5, learning_rate=0.05)
+    update = P.validate_train_reply(send(P.train_content(bundle.load_head(), settings), P.MSG_TRAIN, ctx).content, base_spec, bundle.bundle_id)
+    assert update.qhead.classes == bundle.classes  # round 2 < 3: scc images are left out
+    undeclared = context(tmp_path / "other", data)
+    reply = send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, undeclared)
+    assert reply.has_error() and "scc" in reply.error.reason
+    with pytest.raises(ClinicError, match="new-classes"):
+        ClinicConfig.from_node_config({"data-dir": "/d", "clinic-id": "a", "new-classes": "a b"})
+    with pytest.raises(ClinicError, match="new-classes-from-round"):
+        ClinicConfig.from_node_config({"data-dir": "/d", "clinic-id": "a", "new-classes-from-round": 0})

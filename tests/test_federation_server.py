@@ -225,3 +225,48 @@ def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
 def test_too_few_clinics_is_a_clear_error(tmp_path, bundle, audit) -> None:
     with pytest.raises(FederationError, match="only 1 clinic"):
         Coordinator(LoopbackGrid(clinics(bundle, n=1)), settings(tmp_path, bundle, **{"min-clinics": 2}), audit).run()
+
+
+def test_a_class_introduced_by_one_clinic_reaches_every_clinic_and_the_audit_log(tmp_path, bundle, audit) -> None:
+    """Class-incremental live rounds: the federation starts without df; clinic-0 brings it in round 2."""
+    from fed_helpers import clinic_data, columns
+    from qana.classes import CLASS_NAMES
+    from qana.head import predict
+
+    df = CLASS_NAMES.index("df")
+    without_df = tuple(i for i in range(len(CLASS_NAMES)) if i != df)
+    nodes = {
+        100: NumpyClinic("clinic-0", bundle, seed=0, n=200, new_class="df", new_from_round=2),
+        101: NumpyClinic("clinic-1", bundle, seed=1, data_classes=without_df),
+        102: NumpyClinic("clinic-2", bundle, seed=2, data_classes=without_df),
+    }
+    old = tuple(c for c in CLASS_NAMES if c != "df")
+    cfg = settings(tmp_path, bundle, **{"num-rounds": 3, "initial-classes": ",".join(old), "initial-head": "random"})
+    result = Coordinator(LoopbackGrid(nodes), cfg, audit).run()
+    heads = {e.version: head_from_npz(audit.artifact_of(e.version)) for e in audit.entries() if e.kind == "head"}
+    assert [heads[r.head_version].classes for r in result.rounds] == [old, old, (*old, "df"), (*old, "df")]
+    # every clinic evaluated the grown head from round 2 on (the new class reached all of them)
+    for clinic in nodes.values():
+        assert clinic.evaluated_classes[-2:] == [(*old, "df"), (*old, "df")]
+    additions = [e for e in audit.entries() if e.kind == "class_addition"]
+    assert [(e.body["class_name"], e.body["clinic_id"], e.body["round"]) for e in additions] == [("df", "clinic-0", 2)]
+    grown_round = result.rounds[2]
+    assert "df" in audit.version(grown_round.head_version).note
+    assert audit.verify().ok
+    # the merged head recognises df, and the old classes stay as good as before it arrived
+    x, y = clinic_data(600, seed=999)
+    final, before = heads[result.rounds[-1].head_version], heads[result.rounds[1].head_version]
+    is_df = y == df
+    assert np.mean(predict(final, x[is_df]) == final.classes.index("df")) > 0.7
+    old_cols = columns(y[~is_df], old)
+    acc_before = np.mean(predict(before, x[~is_df]) == old_cols)
+    acc_after = np.mean(predict(final, x[~is_df]) == old_cols)
+    assert acc_after >= acc_before - 0.03, (acc_before, acc_after)
+
+
+def test_initial_classes_must_be_classes_of_the_bundle_head(tmp_path, bundle, audit) -> None:
+    cfg = settings(tmp_path, bundle, **{"initial-classes": "nv,scc", "initial-head": "bundle"})
+    with pytest.raises(FederationError, match="scc"):
+        Coordinator(LoopbackGrid(clinics(bundle)), cfg, audit).run()
+    with pytest.raises(FederationError, match="listed twice"):
+        settings(tmp_path, bundle, **{"initial-classes": "nv,nv"})

@@ -126,7 +126,7 @@ def test_protocol_version_mismatch_is_a_clear_error(head, spec) -> None:
 def test_train_instruction_roundtrip_and_checks(head, spec) -> None:
     settings = P.TrainSettings(3, BUNDLE, HEAD_SHA, local_epochs=4, learning_rate=0.05, proximal_mu=0.1)
     got_head, got = P.validate_train_ins(P.train_content(head, settings), spec)
-    assert got == settings
+    assert got == P.TrainSettings(3, BUNDLE, HEAD_SHA, local_epochs=4, learning_rate=0.05, proximal_mu=0.1, classes=CLASSES)
     np.testing.assert_allclose(got_head.weights, head.weights, rtol=1e-6)
     content = P.train_content(head, settings)
     content[P.REC_CONFIG][P.K_EPOCHS] = 0
@@ -169,3 +169,62 @@ def test_lower_bound_is_parameters_times_bits(spec) -> None:
     assert spec.num_parameters == 8 * 3 + 3
     assert spec.lower_bound_bytes == 27.0
     assert P.HeadSpec(8, 3, "v1", 1.0, CLASSES).lower_bound_bytes == 13.5
+
+
+# --------------------------------------------------------------------------- class lists
+
+
+def test_instructions_carry_the_heads_class_list(head, spec) -> None:
+    """The class set is the run's state: a head with other classes than the bundle's travels."""
+    fewer = Head(head.weights[:, :2], head.bias[:2], ("a", "b"), head.feature_scale)
+    got_head, settings = P.validate_train_ins(P.train_content(fewer, P.TrainSettings(1, BUNDLE, HEAD_SHA)), spec)
+    assert got_head.classes == ("a", "b") and settings.classes == ("a", "b") and got_head.weights.shape == (8, 2)
+    got_head, ev = P.validate_evaluate_ins(P.evaluate_content(fewer, P.EvaluateSettings(1, BUNDLE, HEAD_SHA)), spec)
+    assert got_head.classes == ev.classes == ("a", "b")
+    # a class list that does not match the arrays is refused
+    content = P.train_content(fewer, P.TrainSettings(1, BUNDLE, HEAD_SHA))
+    content[P.REC_CONFIG][P.K_CLASSES] = ["a", "b", "c"]
+    with pytest.raises(P.ProtocolError, match="shape"):
+        P.validate_train_ins(content, spec)
+
+
+@pytest.mark.parametrize(
+    ("classes", "reason"),
+    [([], "1 to"), (["a", "a"], "listed twice"), (["a", "b c"], "class name"), ("abc", "list of class names"), (["x" * 65], "class name")],
+)
+def test_bad_class_lists_are_refused(head, spec, classes, reason) -> None:
+    content = P.train_content(head, P.TrainSettings(1, BUNDLE, HEAD_SHA))
+    content[P.REC_CONFIG][P.K_CLASSES] = classes
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.validate_train_ins(content, spec)
+
+
+def _reply_with_classes(head: Head, classes: tuple[str, ...]) -> RecordDict:
+    rng = np.random.default_rng(1)
+    grown = Head(
+        rng.normal(0, 0.3, (8, len(classes))).astype(np.float32), np.zeros(len(classes), np.float32), classes, head.feature_scale
+    )
+    metrics = {P.M_NUM_EXAMPLES: 10, P.M_TRAIN_TOP1: 0.5, P.M_NUM_SYNTHETIC: 0, P.M_DEVICE_AGREEMENT: 1.0}
+    return P.train_reply_content(quantize_head(grown, "v2"), metrics, P.ClinicInfo("clinic-a", 1, bundle_id=BUNDLE))
+
+
+def test_a_reply_may_append_new_classes_after_the_rounds_classes(head, spec) -> None:
+    reply = P.validate_train_reply(_reply_with_classes(head, (*CLASSES, "scc")), spec, BUNDLE)
+    assert reply.qhead.classes == (*CLASSES, "scc") and reply.qhead.weights.shape == (8, 4)
+    assert reply.clinic.classes == (*CLASSES, "scc")
+
+
+@pytest.mark.parametrize(
+    ("classes", "reason"),
+    [(("b", "a", "c"), "do not start with"), (("a", "b"), "do not start with"), (("a", "b", "c", "a"), "listed twice")],
+)
+def test_a_reply_that_reorders_or_drops_classes_is_refused(head, spec, classes, reason) -> None:
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.validate_train_reply(_reply_with_classes(head, classes), spec, BUNDLE)
+
+
+def test_a_reply_whose_arrays_do_not_match_its_class_list_is_refused(head, spec) -> None:
+    content = _reply_with_classes(head, (*CLASSES, "scc"))
+    content[P.REC_CLINIC][P.K_CLASSES] = list(CLASSES)
+    with pytest.raises(P.ProtocolError, match="shape"):
+        P.validate_train_reply(content, spec, BUNDLE)
