@@ -131,10 +131,13 @@ class StateDir:
 
 def write_flower_app(state: StateDir, run_config: dict[str, Any]) -> Path:
     """The Flower App directory `flwr run` packages: a pyproject.toml, nothing else."""
-    unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
+    from server.edge_rounds import EDGE_RUN_CONFIG_DEFAULTS
+
+    defaults = {**RUN_CONFIG_DEFAULTS, **EDGE_RUN_CONFIG_DEFAULTS}  # Flower only overrides keys the app declares
+    unknown = sorted(set(run_config) - set(defaults))
     if unknown:
         raise DeploymentError(f"unknown run-config key(s): {', '.join(unknown)}")
-    config = dict(RUN_CONFIG_DEFAULTS)
+    config = dict(defaults)
     config.update(run_config)
     document = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},

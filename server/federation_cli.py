@@ -228,6 +228,7 @@ def start_command(
     wait_for_clinics: Annotated[float, typer.Option("--wait-for-clinics", help="Seconds to wait for --min-clinics clinics before giving up.")] = 3600.0,
     local_epochs: Annotated[int, typer.Option("--local-epochs", min=1)] = 20,
     learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.01,
+    learning: Annotated[str, typer.Option("--learning", help="gradient (train the head, Flower strategy) or akida-edge (Akida 1.0 on-chip learning, v1 bundle; edge-* keys via --run-config).")] = "gradient",
     run_config: Annotated[list[str] | None, typer.Option("--run-config", metavar="KEY=VALUE", help="Any other run-config key (see server.federation.RUN_CONFIG_DEFAULTS), TOML value syntax.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0 for clinics on other machines).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="SuperLink port (Fleet, Control and Runtime APIs share it).")] = 9092,
@@ -253,7 +254,7 @@ def start_command(
         write_flower_app,
         write_flwr_config,
     )
-    from server.federation import ENV_BUNDLE, ENV_STATE_DIR, ENV_WIRE_LOG, FederationSettings
+    from server.federation import ENV_BUNDLE, ENV_STATE_DIR, ENV_WIRE_LOG
     from server.strategies import build_strategy, parse_options
 
     state = _state(state_dir)
@@ -270,6 +271,7 @@ def start_command(
             "wait-for-clinics": float(wait_for_clinics),
             "local-epochs": local_epochs,
             "learning-rate": float(learning_rate),
+            "learning": learning,
         }
         try:
             config.update(parse_config_args(run_config or []))
@@ -278,10 +280,14 @@ def start_command(
         for secret in ("audit-db", "audit-key", "state-dir", "bundle"):
             if secret in config:
                 raise _fail(f"--run-config {secret}: use the --{secret} option instead (the run config is visible to clinics)")
-        FederationSettings.from_run_config(config, run_id="check")
+        from server.edge_rounds import check_edge_bundle, read_run_config
+
+        settings, _edge = read_run_config(config, run_id="check")
         from qana.bundle import load_bundle, load_default_bundle
 
-        loaded = load_bundle(bundle) if bundle else load_default_bundle("v2")
+        loaded = load_bundle(bundle) if bundle else load_default_bundle("v1" if settings.learning == "akida-edge" else "v2")
+        if settings.learning == "akida-edge":
+            check_edge_bundle(loaded)
         tls: tuple[Path, Path, Path] | None = None
         if not insecure:
             cdir = (certs or state.certs).expanduser().resolve()

@@ -1,0 +1,519 @@
+"""The coordinator's round loop for `learning = "akida-edge"`: federated Akida 1.0 on-chip learning.
+
+Same run as the gradient mode (`server.federation.Coordinator`, whose machinery this reuses:
+waiting for clinics, hello and bundle deployment, the ReadyGrid, sending with the wire log,
+audit records, status.json), with three differences:
+
+- the head is an `qana.edge.EdgeHead` (binary prototypes learned by Akida's own algorithm) and
+  travels as `protocols.edge_messages` (`train.edge`, `evaluate.edge`);
+- the merge is `qana.edge.merge_edge_heads` (usage-weighted Hamming k-medoids per class: the
+  kept neurons are real neurons some clinic learned, bits are never averaged), behind a small
+  strategy object with Flower's configure/aggregate shape (`EdgeMerge`); Flower's own
+  strategies average arrays, which would destroy binary prototypes;
+- it needs the v1 bundle (only Akida 1.0 learns on-chip, from 1-bit spikes).
+
+Edge settings. One federation needs one num_weights and one neurons-per-class layout (merged
+heads must be comparable and go on learning on-chip) and one learning_competition. They come
+from the run config (`edge-num-weights`, `edge-neurons-per-class`, `edge-learning-competition`;
+0 / 0 / -1 mean `auto`, the default). If any is auto, round 0 asks every ready clinic to choose
+its own settings on its own training part (`qana.edge.choose_edge_params`: num_weights from the
+median spike count, neurons and competition by a small validation sweep) and takes
+`qana.edge.federation_edge_params` of the replies (medians; the most common competition). Only
+those numbers and the median spike count cross the wire. Explicit values override the auto ones.
+The chosen settings, and each clinic's choice, go into the audit record of the initial head.
+
+Initial head. `initial-head = auto` continues from the current audited head if it is an edge
+head for this backbone with the run's classes and settings; otherwise (and for `random`) the run
+starts from fresh neurons (seeded random weights, Akida's unlearned state), as Akida itself
+starts. `bundle` is refused: a v1 bundle's head is a gradient-trained layer, not edge neurons.
+
+Audit. Every merged head is recorded with `record_head` (kind "head", data = `EdgeHead.to_npz()`),
+strategy "akida-edge-kmedoids" and the edge settings as its strategy configuration; a rejected
+reply is recorded with `record_rejection`, exactly as in the gradient mode.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from protocols.edge_messages import (
+    MSG_EDGE_PARAMS,
+    MSG_EVALUATE_EDGE,
+    MSG_TRAIN_EDGE,
+    EdgeEvaluateSettings,
+    EdgeSpec,
+    EdgeTrainReply,
+    EdgeTrainSettings,
+    edge_params_content,
+    evaluate_edge_content,
+    train_edge_content,
+    validate_edge_params_reply,
+    validate_train_edge_reply,
+)
+from protocols.messages import (
+    M_NUM_EXAMPLES,
+    REC_METRICS,
+    ProtocolError,
+    validate_evaluate_reply,
+)
+from qana.bundle import Bundle, load_bundle, pack_bundle
+from qana.edge import (
+    FRESH_ACT_STEP,
+    FRESH_THRESHOLD,
+    FRESH_THRESHOLD_LEARNING,
+    EdgeHead,
+    EdgeParams,
+    federation_edge_params,
+    merge_edge_heads,
+    random_neurons,
+)
+from server.federation import (
+    Coordinator,
+    FederationError,
+    FederationResult,
+    FederationSettings,
+    ReadyGrid,
+    RoundResult,
+    head_id,
+)
+
+STRATEGY_NAME = "akida-edge-kmedoids"
+AUTO = "auto"
+
+# Run-config keys of the akida-edge mode (0 / 0 / -1 = auto). They are not FederationSettings
+# keys: `split_run_config` takes them out before FederationSettings.from_run_config sees the rest.
+EDGE_RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "edge-num-weights": 0,  # ones per neuron; 0 = auto (clinics' choices)
+    "edge-neurons-per-class": 0,  # neurons per class = the merge's budget; 0 = auto
+    "edge-learning-competition": -1.0,  # Akida's learning_competition; < 0 = auto
+    "edge-epochs": 1,  # passes over the local data per round (one is Akida's usual regime)
+}
+
+
+def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(FederationSettings' keys, the edge keys) of a run config."""
+    fed = {k: v for k, v in run_config.items() if k not in EDGE_RUN_CONFIG_DEFAULTS}
+    edge = {k: v for k, v in run_config.items() if k in EDGE_RUN_CONFIG_DEFAULTS}
+    return fed, edge
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """The akida-edge keys of the run config; None = auto (chosen by the clinics in round 0)."""
+
+    num_weights: int | None = None
+    neurons_per_class: int | None = None
+    learning_competition: float | None = None
+    epochs: int = 1
+
+    @property
+    def needs_clinics(self) -> bool:
+        return None in (self.num_weights, self.neurons_per_class, self.learning_competition)
+
+    @classmethod
+    def from_run_config(cls, edge_config: Mapping[str, Any]) -> EdgeSettings:
+        cfg = dict(EDGE_RUN_CONFIG_DEFAULTS)
+        unknown = sorted(set(edge_config) - set(cfg))
+        if unknown:
+            raise FederationError(f"unknown edge run-config key(s): {', '.join(unknown)}")
+        cfg.update(edge_config)
+
+        def integer(key: str, low: int, high: int) -> int:
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise FederationError(f"run-config {key}={value!r} must be an integer between {low} and {high}")
+            return value
+
+        comp = cfg["edge-learning-competition"]
+        if isinstance(comp, bool) or not isinstance(comp, (int, float)) or not np.isfinite(comp):
+            raise FederationError(f"run-config edge-learning-competition={comp!r} must be a number (< 0 = auto)")
+        nw = integer("edge-num-weights", 0, 1 << 20)
+        npc = integer("edge-neurons-per-class", 0, 1024)
+        return cls(
+            num_weights=nw or None,
+            neurons_per_class=npc or None,
+            learning_competition=float(comp) if comp >= 0 else None,
+            epochs=integer("edge-epochs", 1, 100),
+        )
+
+
+def fresh_edge_head(num_features: int, classes: tuple[str, ...], params: EdgeParams, seed: int) -> EdgeHead:
+    """Unlearned neurons as Akida starts them (seeded random weights, fresh per-neuron state)."""
+    if not 1 <= params.num_weights <= num_features:
+        raise FederationError(f"edge num-weights {params.num_weights} must be in [1, {num_features}] (the backbone's features)")
+    n = len(classes) * params.neurons_per_class
+    weights = random_neurons(n, num_features, params.num_weights, np.random.default_rng(seed))
+    return EdgeHead(
+        weights_packed=np.packbits(weights, axis=1),
+        num_features=num_features,
+        neuron_classes=np.repeat(np.arange(len(classes), dtype=np.int32), params.neurons_per_class),
+        threshold=np.full(n, FRESH_THRESHOLD, np.int32),
+        act_step=np.full(n, FRESH_ACT_STEP, np.float32),
+        threshold_learning=np.full(n, FRESH_THRESHOLD_LEARNING, np.int32),
+        thswap=np.full(n, params.num_weights, np.int32),
+        usage=np.zeros(n, np.int64),
+        classes=tuple(classes),
+        num_weights=params.num_weights,
+        learning_competition=params.learning_competition,
+    )
+
+
+def check_edge_bundle(bundle: Bundle) -> None:
+    if bundle.target != "v1":
+        raise FederationError(
+            f"learning akida-edge needs a v1 bundle (Akida 1.0 learns on-chip from 1-bit spikes); "
+            f"{bundle.path} targets {bundle.target!r}. Pass --bundle with a v1 bundle (the package ships qana/bundles/v1)"
+        )
+
+
+def weighted_metrics(metrics: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Flower's weighted mean of every metric by num-examples (as the gradient mode's strategies report), plus their sum."""
+    records = [RecordDict({REC_METRICS: MetricRecord(dict(m))}) for m in metrics]
+    if not records:
+        return {}
+    out = dict(aggregate_metricrecords(records, M_NUM_EXAMPLES))
+    out[M_NUM_EXAMPLES] = sum(int(r[REC_METRICS][M_NUM_EXAMPLES]) for r in records)
+    return out
+
+
+@dataclass
+class EdgeMerge:
+    """The akida-edge "strategy": which clinics take part, and how their neurons become one head.
+
+    Same shape as Flower's strategies (configure_* builds the messages, aggregate_* combines
+    the validated replies), so the round loop reads like the gradient one. Sampling follows
+    Flower's rule (fraction of the ready clinics, at least `min_clinics` of them when there are
+    that many), seeded per round so a run is reproducible.
+    """
+
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clinics: int = 2
+    seed: int = 0
+
+    def _sample(self, server_round: int, grid: Grid, fraction: float, salt: int) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        if fraction == 0.0 or not nodes:
+            return []
+        k = min(len(nodes), max(int(len(nodes) * fraction), self.min_clinics))
+        return sorted(random.Random(f"{self.seed}-{server_round}-{salt}").sample(nodes, k))
+
+    def configure_train(self, server_round: int, content: RecordDict, grid: Grid) -> list[Message]:
+        return [
+            Message(content, dst_node_id=n, message_type=MSG_TRAIN_EDGE, group_id=str(server_round))
+            for n in self._sample(server_round, grid, self.fraction_train, 0)
+        ]
+
+    def aggregate_train(self, server_round: int, replies: list[EdgeTrainReply], spec: EdgeSpec) -> EdgeHead:
+        """merge_edge_heads of the clinics' learned neurons, the round's neurons-per-class as the budget."""
+        if not replies:
+            raise ValueError("no edge heads to merge")
+        return merge_edge_heads(
+            [r.head for r in replies], budget_per_class=spec.neurons_per_class, seed=self.seed + server_round, classes=spec.classes
+        )
+
+    def configure_evaluate(self, server_round: int, content: RecordDict, grid: Grid) -> list[Message]:
+        return [
+            Message(content, dst_node_id=n, message_type=MSG_EVALUATE_EDGE, group_id=str(server_round))
+            for n in self._sample(server_round, grid, self.fraction_evaluate, 1)
+        ]
+
+    def aggregate_evaluate(self, server_round: int, metrics: Iterable[Mapping[str, float]]) -> dict[str, float]:
+        return weighted_metrics(metrics)
+
+
+@dataclass
+class _Start:
+    head: EdgeHead
+    version: str | None  # audited version when continuing from one
+    data: bytes
+    source: str  # how the settings were decided
+    clinic_choices: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class EdgeCoordinator(Coordinator):
+    """One akida-edge run: the gradient coordinator's machinery with edge heads and the k-medoids merge."""
+
+    def __init__(self, grid: Grid, settings: FederationSettings, audit: Any, edge: EdgeSettings | None = None) -> None:
+        if settings.initial_head == "bundle":
+            raise FederationError(
+                "initial-head bundle does not apply to akida-edge: the v1 bundle's head is a gradient-trained layer, "
+                "not edge neurons; use auto (continue the audited edge head) or random (fresh neurons)"
+            )
+        super().__init__(grid, settings, audit)
+        self.edge = edge or EdgeSettings()
+        self.merge = EdgeMerge(settings.fraction_train, settings.fraction_evaluate, settings.min_clinics, settings.seed)
+
+    # ------------------------------------------------------------------ settings and the first head
+
+    def _strategy_config(self, spec: EdgeSpec, source: str) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "learning": "akida-edge",
+            "merge": "usage-weighted Hamming k-medoids per class (qana.edge.merge_edge_heads)",
+            "num_weights": spec.num_weights,
+            "neurons_per_class": spec.neurons_per_class,
+            "learning_competition": spec.learning_competition,
+            "edge_epochs": self.edge.epochs,
+            "settings_from": source,
+            "min_clinics": s.min_clinics,
+            "fraction_train": s.fraction_train,
+            "fraction_evaluate": s.fraction_evaluate,
+            "seed": s.seed,
+        }
+
+    def _ask_clinics(self, ready: list[int], bundle: Bundle) -> tuple[EdgeParams, dict[str, dict[str, float]]]:
+        """Round 0: every ready clinic's own choice of settings, combined by federation_edge_params."""
+        msgs = [self._message(edge_params_content(bundle.bundle_id, self.settings.seed), n, MSG_EDGE_PARAMS, 0) for n in ready]
+        choices: list[EdgeParams] = []
+        by_clinic: dict[str, dict[str, float]] = {}
+        for reply in self._send(0, msgs, timeout=self.settings.round_timeout):
+            name = self._clinic_name(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "Clinic %s could not choose edge settings: %s", name, reply.error.reason)
+                continue
+            try:
+                got = validate_edge_params_reply(reply.content, bundle.bundle_id, bundle.feature_dim)
+            except ProtocolError as exc:
+                log(WARNING, "Clinic %s: invalid edge-params reply: %s", name, exc)
+                self.audit.record_rejection(self.settings.run_id, 0, name, str(exc))
+                continue
+            choices.append(EdgeParams(got.num_weights, got.neurons_per_class, got.learning_competition, got.median_active))
+            by_clinic[name] = {
+                "num_examples": got.num_examples, "num_weights": got.num_weights,
+                "neurons_per_class": got.neurons_per_class, "learning_competition": got.learning_competition,
+                "median_active": got.median_active,
+            }
+        if not choices:
+            raise FederationError(
+                "no clinic reported edge-learning settings; set edge-num-weights, edge-neurons-per-class and "
+                "edge-learning-competition in the run config"
+            )
+        return federation_edge_params(choices), by_clinic
+
+    def _settle_params(self, ready: list[int], bundle: Bundle) -> tuple[EdgeParams, str, dict[str, dict[str, float]]]:
+        e = self.edge
+        by_clinic: dict[str, dict[str, float]] = {}
+        if e.needs_clinics:
+            chosen, by_clinic = self._ask_clinics(ready, bundle)
+            source = f"auto: federation_edge_params of {len(by_clinic)} clinic(s)' choose_edge_params"
+        else:
+            chosen, source = EdgeParams(0, 0, 0.0, 0.0), "run config"
+        params = EdgeParams(
+            e.num_weights if e.num_weights is not None else chosen.num_weights,
+            e.neurons_per_class if e.neurons_per_class is not None else chosen.neurons_per_class,
+            e.learning_competition if e.learning_competition is not None else chosen.learning_competition,
+            chosen.median_active,
+        )
+        if e.needs_clinics and not all(v is None for v in (e.num_weights, e.neurons_per_class, e.learning_competition)):
+            source += " (run-config values kept where given)"
+        return params, source, by_clinic
+
+    def _resumable(self, bundle: Bundle) -> tuple[EdgeHead, str, bytes] | None:
+        """The current audited head, if it is an edge head for this backbone and these classes."""
+        current = self.audit.current_version("head")
+        if current is None or self.audit.version(current).backbone != self.backbone_version:
+            return None
+        data = self.audit.artifact_of(current)
+        try:
+            head = EdgeHead.from_npz(data)
+        except ValueError:
+            return None  # a gradient head of the same backbone
+        if head.num_features != bundle.feature_dim or head.classes != bundle.classes or not head.is_uniform:
+            return None
+        e = self.edge
+        wanted = (e.num_weights, e.neurons_per_class, e.learning_competition)
+        have = (head.num_weights, head.neurons_per_class, head.learning_competition)
+        if any(w is not None and w != h for w, h in zip(wanted, have)):
+            log(INFO, "Current edge head %s has settings %s, the run config asks %s; starting fresh", current, have, wanted)
+            return None
+        return head, current, data
+
+    def _start(self, ready: list[int], bundle: Bundle) -> _Start:
+        if self.settings.initial_head == "auto":
+            found = self._resumable(bundle)
+            if found is not None:
+                head, version, data = found
+                log(INFO, "Starting from the current edge head %s", version)
+                return _Start(head, version, data, f"continued from {version}")
+        params, source, by_clinic = self._settle_params(ready, bundle)
+        head = fresh_edge_head(bundle.feature_dim, bundle.classes, params, self.settings.seed)
+        return _Start(head, None, head.to_npz(), source, by_clinic)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _record_edge(self, round_: int, data: bytes, parent: str | None, participants, metrics, spec: EdgeSpec, source: str, note: str | None) -> str:
+        info = self.audit.record_head(
+            self.settings.run_id, round_, data, head_id(data), parent=parent, strategy=STRATEGY_NAME,
+            strategy_config=self._strategy_config(spec, source), participants=participants,
+            aggregate_metrics=metrics, backbone=self.backbone_version, note=note,
+        )
+        return str(info.version)
+
+    def _train_edge(self, round_: int, head: EdgeHead, sha: str, spec: EdgeSpec, grid: Grid, bundle_id: str):
+        s = self.settings
+        settings = EdgeTrainSettings(
+            round_, bundle_id, sha, spec.num_weights, spec.neurons_per_class, spec.learning_competition, self.edge.epochs, s.seed
+        )
+        msgs = self.merge.configure_train(round_, train_edge_content(head, settings), grid)
+        replies = self._send(round_, msgs, timeout=s.round_timeout)
+        t0 = time.perf_counter()
+        accepted: list[EdgeTrainReply] = []
+        participants: list[dict[str, Any]] = []
+        rejected: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        answered = {r.metadata.src_node_id for r in replies}
+        self.unresponsive = set()
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if node not in answered:
+                failed[self._clinic_name(node)] = f"no reply within {s.round_timeout:.0f}s"
+                self.unresponsive.add(node)
+                self.clinics.pop(node, None)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            name = self._clinic_name(node)
+            if reply.has_error():
+                failed[name] = reply.error.reason
+                continue
+            try:
+                update = validate_train_edge_reply(reply.content, spec, bundle_id)
+                if update.clinic.clinic_id != name and node in self.clinics:
+                    raise ProtocolError(f"reply names clinic {update.clinic.clinic_id!r}, node belongs to {name!r}")
+            except ProtocolError as exc:
+                rejected[name] = str(exc)
+                if node in self.clinics:
+                    self.clinics[node].rejections += 1
+                    if "backbone" in str(exc):
+                        self.clinics[node].has_bundle = False
+                log(WARNING, "Round %d: rejected the edge update of %s: %s", round_, name, exc)
+                self.audit.record_rejection(s.run_id, round_, name, str(exc))
+                continue
+            accepted.append(update)
+            participants.append({"clinic_id": name, "num_examples": update.num_examples, "metrics": dict(update.metrics)})
+            if node in self.clinics:
+                self.clinics[node].rounds_trained += 1
+                self.clinics[node].last_seen = time.time()
+        for name, reason in failed.items():
+            log(WARNING, "Round %d: no edge update from %s: %s", round_, name, reason)
+        merged = self.merge.aggregate_train(round_, accepted, spec) if accepted else None
+        self._server_time += time.perf_counter() - t0
+        return merged, weighted_metrics(u.metrics for u in accepted), participants, rejected, failed
+
+    def _evaluate_edge(self, round_: int, head: EdgeHead, sha: str, grid: Grid, bundle_id: str):
+        msgs = self.merge.configure_evaluate(round_, evaluate_edge_content(head, EdgeEvaluateSettings(round_, bundle_id, sha)), grid)
+        replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
+        t0 = time.perf_counter()
+        per_clinic: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            name = self._clinic_name(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "Round %d: %s could not evaluate: %s", round_, name, reply.error.reason)
+                continue
+            try:
+                result = validate_evaluate_reply(reply.content, bundle_id, sha)
+            except ProtocolError as exc:
+                log(WARNING, "Round %d: ignored the evaluation of %s: %s", round_, name, exc)
+                continue
+            per_clinic[name] = dict(result.metrics)
+        metrics = self.merge.aggregate_evaluate(round_, per_clinic.values())
+        self._server_time += time.perf_counter() - t0
+        return metrics, list(per_clinic), per_clinic
+
+    def run(self) -> FederationResult:
+        s = self.settings
+        from qana.bundle import load_default_bundle
+
+        bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v1")
+        check_edge_bundle(bundle)
+        packed = pack_bundle(bundle)
+        self.backbone_version = self._backbone(bundle, packed)
+        self._write_status(
+            phase="starting", bundle_id=bundle.bundle_id, backbone_version=self.backbone_version,
+            num_rounds=s.num_rounds, strategy=STRATEGY_NAME, learning="akida-edge", round=0,
+        )
+        log(INFO, "QANA-FL akida-edge run %s: %d round(s), bundle %s…", s.run_id, s.num_rounds, bundle.bundle_id[:12])
+        ready = self._wait_for_clinics(0, bundle, packed)
+        t_round = time.perf_counter()
+        self._server_time = 0.0
+        start = self._start(ready, bundle)
+        head, head_version, sha = start.head, start.version, head_id(start.data)
+        spec = EdgeSpec(bundle.feature_dim, bundle.classes, head.num_weights, head.neurons_per_class, head.learning_competition)
+        log(INFO, "Edge settings (%s): %d weights, %d neurons/class, competition %g", start.source,
+            spec.num_weights, spec.neurons_per_class, spec.learning_competition)
+        self._write_status(edge_settings={**self._strategy_config(spec, start.source), "clinic_choices": start.clinic_choices})
+        eval_metrics, evaluated, per_clinic = self._evaluate_edge(0, head, sha, ReadyGrid(self.grid, ready), bundle.bundle_id)
+        if head_version is None:
+            head_version = self._record_edge(
+                0, start.data, None, [],
+                {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic, "edge_clinic_choices": start.clinic_choices},
+                spec, start.source, note=f"initial edge head (fresh neurons, seed {s.seed}) for bundle {bundle.bundle_id}",
+            )
+        for name in evaluated:
+            self.audit.record_deployment(name, head_version)
+        initial_version = head_version
+        rounds = [RoundResult(0, head_version, [], {}, {}, {}, eval_metrics, time.perf_counter() - t_round, self._server_time)]
+        self.status["history"].append({"round": 0, "head_version": head_version, "evaluate": eval_metrics})
+        self._write_status(phase="round 0 done", head_version=head_version)
+
+        for round_ in range(1, s.num_rounds + 1):
+            t_round = time.perf_counter()
+            self._server_time = 0.0
+            ready = self._wait_for_clinics(round_, bundle, packed)
+            self._write_status(phase=f"round {round_}: edge learning", round=round_)
+            merged, train_metrics, participants, rejected, failed = self._train_edge(
+                round_, head, sha, spec, ReadyGrid(self.grid, ready), bundle.bundle_id
+            )
+            if merged is None:
+                log(WARNING, "Round %d: no valid edge update; the head stays %s", round_, head_version)
+                rounds.append(RoundResult(round_, None, [], rejected, failed, {}, {}, time.perf_counter() - t_round, self._server_time))
+                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
+                continue
+            new_bytes = merged.to_npz()
+            new_sha = head_id(new_bytes)
+            self._write_status(phase=f"round {round_}: evaluating")
+            responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
+            eval_metrics, evaluated, per_clinic = self._evaluate_edge(round_, merged, new_sha, responsive, bundle.bundle_id)
+            t0 = time.perf_counter()
+            metrics = {"train": train_metrics, "evaluate": eval_metrics, "evaluate_by_clinic": per_clinic,
+                       "rejected": rejected, "failed": failed}
+            new_version = self._record_edge(round_, new_bytes, head_version, participants, metrics, spec, start.source, note=None)
+            for name in evaluated:
+                self.audit.record_deployment(name, new_version)
+            self._server_time += time.perf_counter() - t0
+            log(INFO, "Round %d: edge head %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",
+                round_, new_version, len(participants), len(rejected), len(failed),
+                f"{eval_metrics['top1']:.3f}" if "top1" in eval_metrics else "n/a")
+            head, head_version, sha = merged, new_version, new_sha
+            rounds.append(RoundResult(round_, new_version, [p["clinic_id"] for p in participants], rejected, failed,
+                                      train_metrics, eval_metrics, time.perf_counter() - t_round, self._server_time))
+            self.status["history"].append({"round": round_, "head_version": new_version, "evaluate": eval_metrics,
+                                           "participants": len(participants), "rejected": rejected, "failed": failed})
+            self._write_status(phase=f"round {round_} done", head_version=new_version)
+        self._write_status(phase="finished")
+        return FederationResult(s.run_id, bundle.bundle_id, self.backbone_version, str(initial_version), str(head_version), rounds)
+
+
+def read_run_config(run_config: Mapping[str, Any], run_id: str) -> tuple[FederationSettings, EdgeSettings | None]:
+    """The run's settings, and its edge settings when learning is akida-edge (None for gradient runs).
+
+    Edge keys in a gradient run are an error: they would otherwise be silently ignored.
+    """
+    fed, edge = split_run_config(run_config)
+    settings = FederationSettings.from_run_config(fed, run_id=run_id)
+    if settings.learning == "akida-edge":
+        return settings, EdgeSettings.from_run_config(edge)
+    if edge:
+        raise FederationError(f"run-config {', '.join(sorted(edge))} only apply to learning akida-edge (learning is {settings.learning!r})")
+    return settings, None

@@ -1,0 +1,381 @@
+"""`learning = akida-edge` on the wire and on the coordinator: edge messages, rejections, the k-medoids rounds.
+
+Clinics here are numpy/Akida-software stand-ins on binary toy spikes (no backbone): they speak
+`protocols.edge_messages` both ways and learn with `qana.edge.learn_edge_head`, as
+`client.edge_learning` does, so the coordinator receives what a real clinic sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from protocols import edge_messages as E
+from protocols import messages as P
+from qana import edge
+from qana.bundle import Bundle, write_bundle
+from qana.head import head_to_npz, init_head
+from server.audit import AuditLog, EntryFilter
+from server.edge_rounds import EdgeCoordinator, EdgeSettings, read_run_config
+from server.federation import FederationError
+from server.loopback import LoopbackGrid, roundtrip
+
+# Toy spikes: 3 classes on 4 blocks of 15 bits (D = 60, so packing leaves 4 padding bits per row).
+# Each class has two modes of two lit blocks; the non-IID clinics see different modes.
+BLOCK = 15
+D = 4 * BLOCK
+MODES = {0: ((0, 1), (2, 3)), 1: ((0, 2), (1, 3)), 2: ((0, 3), (1, 2))}
+CLASSES = ("akiec", "bcc", "bkl")
+CLINIC_MODES = ({0: (0,), 1: (0,), 2: (0,)}, {0: (1,), 1: (1,), 2: (1,)}, {0: (0, 1), 1: (0, 1), 2: (0, 1)})
+
+
+def toy(n: int, modes: dict[int, tuple[int, ...]], seed: int, flip: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = np.zeros((n, D), np.uint8)
+    for i, c in enumerate(y):
+        for block in MODES[int(c)][rng.choice(modes[int(c)])]:
+            x[i, block * BLOCK : (block + 1) * BLOCK] = 1
+    x ^= (rng.random((n, D)) < flip).astype(np.uint8)
+    return x, y
+
+
+def v1_bundle(path: Path, target: str = "v1") -> Bundle:
+    """A bundle whose model file is a placeholder: the coordinator never runs the backbone."""
+    model = path.parent / f".{path.name}-model.fbz"
+    model.write_bytes(b"placeholder v1 model for edge coordinator tests")
+    head = init_head(D, CLASSES, 1.0, seed=0)
+    manifest = {"target": target, "classes": list(CLASSES), "input_shape": [16, 16, 3], "feature_dim": D, "note": "test"}
+    return write_bundle(path, model, head_to_npz(head), manifest)
+
+
+Tamper = Callable[[RecordDict], RecordDict]
+
+
+@dataclass
+class EdgeToyClinic:
+    """A protocol-speaking akida-edge clinic on toy spikes (train 80% / evaluate 20%)."""
+
+    name: str
+    bundle: Bundle
+    modes: dict[int, tuple[int, ...]]
+    seed: int
+    n: int = 150
+    tamper: Tamper | None = None
+    received: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        x, y = toy(self.n, self.modes, self.seed)
+        cut = int(0.8 * self.n)
+        self.x_train, self.y_train, self.x_eval, self.y_eval = x[:cut], y[:cut], x[cut:], y[cut:]
+
+    def info(self, **kw) -> P.ClinicInfo:
+        return P.ClinicInfo(self.name, P.PROTOCOL_VERSION, **kw)
+
+    def __call__(self, msg: Message) -> Message:
+        kind = msg.metadata.message_type
+        self.received.append(kind)
+        if kind == P.MSG_HELLO:
+            P.validate_hello_ins(msg.content)
+            return Message(P.hello_reply_content(self.info(cached_bundles=(self.bundle.bundle_id,), device="toy")), reply_to=msg)
+        if kind == E.MSG_EDGE_PARAMS:
+            bundle_id, seed = E.validate_edge_params_ins(msg.content)
+            p = edge.choose_edge_params(self.x_train, self.y_train, CLASSES, seed=seed)
+            content = E.edge_params_reply_content(
+                len(self.y_train), p.num_weights, p.neurons_per_class, p.learning_competition, p.median_active, self.info(bundle_id=bundle_id)
+            )
+            return Message(content, reply_to=msg)
+        if kind == E.MSG_TRAIN_EDGE:
+            head, s = E.validate_train_edge_ins(msg.content, D, CLASSES)
+            learned = edge.learn_edge_head(
+                self.x_train, self.y_train, CLASSES, s.neurons_per_class, s.num_weights, s.learning_competition,
+                seed=s.seed + s.server_round, init=head, epochs=s.epochs,
+            )
+            metrics = {P.M_NUM_EXAMPLES: len(self.y_train), P.M_TRAIN_TOP1: 1.0, P.M_DEVICE_AGREEMENT: 1.0}
+            content = E.train_edge_reply_content(learned, metrics, self.info(bundle_id=s.bundle_id))
+            return Message(self.tamper(content) if self.tamper else content, reply_to=msg)
+        if kind == E.MSG_EVALUATE_EDGE:
+            head, s = E.validate_evaluate_edge_ins(msg.content, D, CLASSES)
+            pred = edge.predict_edge_reference(head, self.x_eval)
+            top1 = float(np.mean(pred == self.y_eval))
+            metrics = {P.M_NUM_EXAMPLES: len(self.y_eval), P.M_TOP1: top1, P.M_MACRO_F1: top1, P.M_BALANCED_ACCURACY: top1,
+                       P.M_DEVICE_AGREEMENT: 1.0}
+            return Message(P.evaluate_reply_content(metrics, self.info(bundle_id=s.bundle_id, head_id=s.head_id)), reply_to=msg)
+        raise ValueError(f"unexpected message type {kind}")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages built outside a Grid need Flower's task identity (LoopbackGrid sets it)."""
+    LoopbackGrid({})
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Bundle:
+    return v1_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture
+def audit(tmp_path: Path):
+    log = AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}", tmp_path / "audit_key.pem")
+    yield log
+    log.close()
+
+
+def run_config(tmp_path: Path, bundle: Bundle, **overrides) -> dict:
+    config = {
+        "bundle": str(bundle.path), "num-rounds": 2, "learning": "akida-edge", "initial-head": "random",
+        "state-dir": str(tmp_path / "state"), "round-timeout": 30.0, "wait-for-clinics": 0.0, "min-clinics": 2,
+    }
+    config.update(overrides)
+    return config
+
+
+def coordinator(tmp_path, bundle, audit, nodes, **overrides) -> EdgeCoordinator:
+    settings, edge_settings = read_run_config(run_config(tmp_path, bundle, **overrides), run_id="edge-run")
+    assert edge_settings is not None
+    return EdgeCoordinator(LoopbackGrid(nodes), settings, audit, edge_settings)
+
+
+ALL_MODES = {0: (0, 1), 1: (0, 1), 2: (0, 1)}
+
+
+def toy_clinics(bundle: Bundle, modes=CLINIC_MODES, **kw) -> dict[int, EdgeToyClinic]:
+    return {200 + i: EdgeToyClinic(f"clinic-{i}", bundle, m, seed=i, **kw) for i, m in enumerate(modes)}
+
+
+def accuracy(head: edge.EdgeHead) -> float:
+    x, y = toy(900, ALL_MODES, seed=99)
+    return float(np.mean(edge.predict_edge_reference(head, x) == y))
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@pytest.fixture(scope="module")
+def learned() -> edge.EdgeHead:
+    x, y = toy(120, CLINIC_MODES[2], seed=5)
+    return edge.learn_edge_head(x, y, CLASSES, 3, 25, 0.1, seed=1)
+
+
+def spec_of(head: edge.EdgeHead) -> E.EdgeSpec:
+    return E.EdgeSpec(D, CLASSES, head.num_weights, head.neurons_per_class, head.learning_competition)
+
+
+def reply(head: edge.EdgeHead, n: int | None = None) -> RecordDict:
+    metrics = {P.M_NUM_EXAMPLES: int(head.usage.sum()) if n is None else n, P.M_TRAIN_TOP1: 0.9, P.M_DEVICE_AGREEMENT: 1.0}
+    return E.train_edge_reply_content(head, metrics, P.ClinicInfo("clinic-x", P.PROTOCOL_VERSION, bundle_id="ab" * 32))
+
+
+def test_edge_head_crosses_the_wire_exactly_and_only_as_typed_arrays(learned) -> None:
+    msg = Message(reply(learned), dst_node_id=1, message_type=E.MSG_TRAIN_EDGE)
+    decoded, size = roundtrip(msg)
+    got = E.validate_train_edge_reply(decoded.content, spec_of(learned), "ab" * 32)
+    for k in ("weights_packed", "neuron_classes", "threshold", "act_step", "threshold_learning", "thswap", "usage"):
+        assert np.array_equal(getattr(got.head, k), getattr(learned, k)), k
+        assert getattr(got.head, k).dtype == getattr(learned, k).dtype, k
+    assert (got.head.num_weights, got.head.learning_competition) == (learned.num_weights, learned.learning_competition)
+    assert got.head.classes == CLASSES and got.num_examples == int(learned.usage.sum())
+    described = P.describe_content(decoded.content)
+    assert set(described) == {E.REC_EDGE, E.REC_EDGE_META, P.REC_METRICS, P.REC_CLINIC}
+    items = described[E.REC_EDGE]["items"]
+    assert items[E.ARR_WEIGHTS_PACKED] == {"dtype": "uint8", "shape": [9, 8], "stype": "numpy.ndarray", "nbytes": items[E.ARR_WEIGHTS_PACKED]["nbytes"]}
+    assert {k: v["dtype"] for k, v in items.items()} == {k: str(v) for k, v in E.EDGE_ARRAYS.items()}
+    # one bit per weight: the packed weights are D/8 bytes per neuron, the whole message stays small
+    assert size < 8_000
+    # the instruction direction too
+    settings = E.EdgeTrainSettings(3, "ab" * 32, "cd" * 32, 25, 3, 0.1, 1, 7)
+    ins, _ = roundtrip(Message(E.train_edge_content(learned, settings), dst_node_id=1, message_type=E.MSG_TRAIN_EDGE))
+    head, got_settings = E.validate_train_edge_ins(ins.content, D, CLASSES)
+    assert got_settings == settings and np.array_equal(head.weights, learned.weights)
+
+
+def _replace_array(name: str, value: np.ndarray) -> Tamper:
+    def tamper(content: RecordDict) -> RecordDict:
+        arrays = dict(content[E.REC_EDGE].items())
+        arrays[name] = Array(value)
+        out = RecordDict(dict(content.items()))
+        out[E.REC_EDGE] = ArrayRecord(arrays)
+        return out
+
+    return tamper
+
+
+def _set_meta(key: str, value) -> Tamper:
+    def tamper(content: RecordDict) -> RecordDict:
+        meta = ConfigRecord(dict(content[E.REC_EDGE_META].items()))
+        meta[key] = value
+        out = RecordDict(dict(content.items()))
+        out[E.REC_EDGE_META] = meta
+        return out
+
+    return tamper
+
+
+def _set_metric(key: str, value) -> Tamper:
+    def tamper(content: RecordDict) -> RecordDict:
+        metrics = MetricRecord(dict(content[P.REC_METRICS].items()))
+        metrics[key] = value
+        out = RecordDict(dict(content.items()))
+        out[P.REC_METRICS] = metrics
+        return out
+
+    return tamper
+
+
+def _extra_record(content: RecordDict) -> RecordDict:
+    out = RecordDict(dict(content.items()))
+    out["features"] = ArrayRecord({"x": Array(np.zeros((2, D), np.uint8))})
+    return out
+
+
+def _bit(learned: edge.EdgeHead, row: int, col: int) -> np.ndarray:
+    w = learned.weights.copy()
+    w[row, col] ^= 1
+    return np.packbits(w, axis=1)
+
+
+def _padding_bit(learned: edge.EdgeHead) -> np.ndarray:
+    packed = learned.weights_packed.copy()
+    packed[0, -1] |= 1  # bit 63 > D = 60
+    return packed
+
+
+MALFORMED = [
+    ("dtype", lambda h: _replace_array(E.ARR_WEIGHTS_PACKED, h.weights_packed.astype(np.int8))),
+    ("exactly num-weights=25 ones", lambda h: _replace_array(E.ARR_WEIGHTS_PACKED, _bit(h, 0, int(np.flatnonzero(h.weights[0] == 0)[0])))),
+    ("beyond the 60 features", lambda h: _replace_array(E.ARR_WEIGHTS_PACKED, _padding_bit(h))),
+    ("act-step must be finite", lambda h: _replace_array(E.ARR_ACT_STEP, np.where(np.arange(9) == 2, np.nan, h.act_step).astype(np.float32))),
+    ("class-major layout", lambda h: _replace_array(E.ARR_NEURON_CLASSES, h.neuron_classes[::-1].copy())),
+    ("shape (6,)", lambda h: _replace_array(E.ARR_THRESHOLD, h.threshold[:6].copy())),
+    ("usage cannot be negative", lambda h: _replace_array(E.ARR_USAGE, -h.usage)),
+    ("neuron usage sums to", lambda h: _replace_array(E.ARR_USAGE, h.usage * 10)),
+    ("not the run's classes", lambda h: _set_meta(E.K_CLASSES, ["akiec", "bcc", "mel"])),
+    ("num-weights 24, the round uses 25", lambda h: _set_meta(E.K_NUM_WEIGHTS, 24)),
+    ("does not allow: colour", lambda h: _set_meta("colour", "red")),
+    ("does not allow: features", lambda h: _extra_record),
+    ("num-examples", lambda h: _set_metric(P.M_NUM_EXAMPLES, -1)),
+]
+
+
+@pytest.mark.parametrize(("reason", "make"), MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_edge_update_is_a_protocol_error_naming_the_problem(learned, reason, make) -> None:
+    content = make(learned)(reply(learned))
+    decoded, _ = roundtrip(Message(content, dst_node_id=1, message_type=E.MSG_TRAIN_EDGE))
+    with pytest.raises(P.ProtocolError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        E.validate_train_edge_reply(decoded.content, spec_of(learned), "ab" * 32)
+
+
+def test_neurons_per_class_of_the_round_is_enforced(learned) -> None:
+    other = E.EdgeSpec(D, CLASSES, learned.num_weights, 4, learned.learning_competition)
+    with pytest.raises(P.ProtocolError, match="3 neurons per class, the round uses 4"):
+        E.validate_train_edge_reply(reply(learned), other, "ab" * 32)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_run_config_learning_and_edge_keys_are_checked(tmp_path, bundle) -> None:
+    settings, e = read_run_config({"learning": "akida-edge", "edge-num-weights": 20, "edge-learning-competition": 0.3}, "r")
+    assert settings.learning == "akida-edge"
+    assert e == EdgeSettings(num_weights=20, neurons_per_class=None, learning_competition=0.3, epochs=1) and e.needs_clinics
+    assert read_run_config({}, "r") == (read_run_config({"learning": "gradient"}, "r")[0], None)
+    with pytest.raises(FederationError, match="learning='edge': use gradient or akida-edge"):
+        read_run_config({"learning": "edge"}, "r")
+    with pytest.raises(FederationError, match="edge-num-weights only apply to learning akida-edge"):
+        read_run_config({"edge-num-weights": 20}, "r")
+    with pytest.raises(FederationError, match="edge-neurons-per-class=-2"):
+        read_run_config({"learning": "akida-edge", "edge-neurons-per-class": -2}, "r")
+
+
+def test_akida_edge_needs_a_v1_bundle_and_fresh_or_audited_neurons(tmp_path, audit) -> None:
+    v2 = v1_bundle(tmp_path / "v2bundle", target="v2")
+    with pytest.raises(FederationError, match="needs a v1 bundle"):
+        coordinator(tmp_path, v2, audit, {}).run()
+    with pytest.raises(FederationError, match="initial-head bundle does not apply"):
+        coordinator(tmp_path, v2, audit, {}, **{"initial-head": "bundle"})
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def test_edge_rounds_choose_settings_merge_neurons_and_audit_every_head(tmp_path, bundle, audit) -> None:
+    nodes = toy_clinics(bundle, modes=(ALL_MODES,) * 3)  # every clinic sees both modes: each asks for >= 2 neurons
+    result = coordinator(tmp_path, bundle, audit, nodes).run()
+    heads = [e for e in audit.entries() if e.kind == "head"]
+    assert [e.version for e in heads] == ["h1", "h2", "h3"] == [r.head_version for r in result.rounds]
+    # round 0 asked the clinics for their settings (auto) and recorded them with the fresh head
+    assert all(n.received.count(E.MSG_EDGE_PARAMS) == 1 for n in nodes.values())
+    h1 = audit.version("h1")
+    cfg = h1.strategy_config
+    assert h1.strategy == "akida-edge-kmedoids" and cfg["settings_from"].startswith("auto")
+    choices = [edge.choose_edge_params(n.x_train, n.y_train, CLASSES, seed=0) for n in nodes.values()]
+    expected = edge.federation_edge_params(choices)
+    assert (cfg["num_weights"], cfg["neurons_per_class"], cfg["learning_competition"]) == (
+        expected.num_weights, expected.neurons_per_class, expected.learning_competition)
+    assert sorted(h1.aggregate_metrics["edge_clinic_choices"]) == ["clinic-0", "clinic-1", "clinic-2"]
+    first = edge.EdgeHead.from_npz(audit.artifact_of("h1"))
+    last = edge.EdgeHead.from_npz(audit.artifact_of("h3"))
+    assert not first.learned.any() and last.is_uniform and last.neurons_per_class == expected.neurons_per_class
+    assert expected.neurons_per_class >= 2
+    # fresh neurons are at chance (1/3); two rounds of learning and merging separate the classes
+    assert accuracy(last) > max(0.75, accuracy(first) + 0.3), (accuracy(first), accuracy(last))
+    assert result.rounds[-1].evaluate_metrics["top1"] > 0.75
+    assert result.rounds[-1].evaluate_metrics["num-examples"] == 3 * 30
+    h3 = audit.version("h3")
+    assert h3.parent == "h2" and h3.backbone == "b1" and h3.round == 2
+    assert sorted(p.clinic_id for p in h3.participants) == ["clinic-0", "clinic-1", "clinic-2"]
+    assert sum(d.version == "h3" for d in audit.deployments()) == 3
+    assert audit.verify().ok
+
+
+def test_merged_neurons_are_learned_neurons_never_averaged(tmp_path, bundle, audit) -> None:
+    nodes = toy_clinics(bundle)
+    sent: list[edge.EdgeHead] = []
+
+    def spy(clinic: EdgeToyClinic):
+        def handler(msg: Message) -> Message:
+            out = clinic(msg)
+            if msg.metadata.message_type == E.MSG_TRAIN_EDGE:
+                sent.append(E.edge_head_from_records(out.content, "spy", D, CLASSES))
+            return out
+        return handler
+
+    grid_nodes = {k: spy(v) for k, v in nodes.items()}
+    coordinator(tmp_path, bundle, audit, grid_nodes, **{"num-rounds": 1, "edge-num-weights": 25,
+                "edge-neurons-per-class": 2, "edge-learning-competition": 0.1}).run()
+    merged = edge.EdgeHead.from_npz(audit.artifact_of("h2"))
+    pool = {row.tobytes() for h in sent for row in h.weights[h.usage > 0]}
+    used = merged.usage > 0
+    assert used.any() and all(row.tobytes() in pool for row in merged.weights[used])
+    # clinics 0 and 1 each saw one mode per class: the merge keeps a neuron for each mode
+    assert accuracy(merged) > 0.9, accuracy(merged)
+    # explicit settings: nobody was asked
+    assert all(E.MSG_EDGE_PARAMS not in n.received for n in nodes.values())
+    assert audit.version("h1").strategy_config["settings_from"] == "run config"
+
+
+def test_a_malformed_edge_update_is_rejected_recorded_and_the_round_goes_on(tmp_path, bundle, audit) -> None:
+    nodes = toy_clinics(bundle)
+    nodes[202].tamper = _replace_array(E.ARR_ACT_STEP, np.full(6, -1.0, np.float32))
+    result = coordinator(tmp_path, bundle, audit, nodes, **{"num-rounds": 1, "edge-num-weights": 25,
+                         "edge-neurons-per-class": 2, "edge-learning-competition": 0.1}).run()
+    r1 = result.rounds[1]
+    assert r1.head_version == "h2" and sorted(r1.participants) == ["clinic-0", "clinic-1"]
+    assert "act-step must be finite and positive" in r1.rejected["clinic-2"]
+    rejections = audit.entries(EntryFilter(kinds=("rejection",)))
+    assert [r.body["clinic_id"] for r in rejections] == ["clinic-2"]
+
+
+def test_initial_head_auto_continues_the_audited_edge_head(tmp_path, bundle, audit) -> None:
+    nodes = toy_clinics(bundle)
+    fixed = {"num-rounds": 1, "edge-num-weights": 25, "edge-neurons-per-class": 2, "edge-learning-competition": 0.1}
+    coordinator(tmp_path, bundle, audit, nodes, **fixed).run()
+    again = coordinator(tmp_path, bundle, audit, toy_clinics(bundle), **{**fixed, "initial-head": "auto", "edge-num-weights": 0}).run()
+    assert again.initial_head_version == "h2" and again.final_head_version == "h3"
+    assert audit.version("h3").parent == "h2"
