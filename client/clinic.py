@@ -154,6 +154,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed: int) -> None:
+    """Record each lesion's side (TRAIN or HELD_OUT) in the clinic's split file.
+
+    `persistent_split` keeps recorded lesions where they are, so a split written here in
+    advance is the one the clinic uses (the simulation writes its partition's split this way).
+    """
+    if set(sides.values()) - {TRAIN, HELD_OUT}:
+        raise ClinicError(f"split sides must be {TRAIN!r} or {HELD_OUT!r}")
+    state = {"format": SPLIT_FORMAT, "eval_fraction": eval_fraction, "seed": seed, "lesions": dict(sides)}
+    _write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+
+
 def persistent_split(
     path: Path, labels: np.ndarray, lesion_ids: np.ndarray, eval_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -196,8 +208,7 @@ def persistent_split(
                 fresh[lesion] = side
         assigned_now = len(fresh)
         recorded.update(fresh)
-        state = {"format": SPLIT_FORMAT, "eval_fraction": eval_fraction, "seed": seed, "lesions": recorded}
-        _write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+        write_split(path, recorded, eval_fraction, seed)
     sides = np.array([recorded[lesion] for lesion in lesions.tolist()], dtype=object)
     return np.flatnonzero(sides == TRAIN), np.flatnonzero(sides == HELD_OUT), assigned_now
 
