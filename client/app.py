@@ -77,3 +77,57 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = clinic.evaluate(head, settings)
     log(INFO, "[%s] round %d: %s top1=%.3f", clinic.config.clinic_id, settings.server_round, settings.head_id, metrics["top1"])
     return Message(evaluate_reply_content(metrics, clinic.info(settings.bundle_id, settings.head_id)), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- akida-edge learning
+# The `--learning akida-edge` mode's messages (protocols.edge_messages); the work is in
+# client.edge_learning.EdgeClinic. Imported inside the handlers so this block stays apart
+# from the gradient handlers above (and a gradient-only clinic never loads it).
+
+
+def _edge_clinic(context: Context) -> "EdgeClinic":  # noqa: F821
+    from client.edge_learning import EdgeClinic
+
+    return EdgeClinic(clinic_from_context(context))
+
+
+@app.query("edge_params")
+def edge_params(msg: Message, context: Context) -> Message:
+    """Choose this clinic's own edge-learning settings on its training part; send only the three numbers."""
+    from protocols.edge_messages import edge_params_reply_content, validate_edge_params_ins
+
+    bundle_id, seed = validate_edge_params_ins(msg.content)
+    edge = _edge_clinic(context)
+    params, n = edge.choose_params(bundle_id, seed)
+    log(INFO, "[%s] edge settings: %d weights, %d neurons/class, competition %.2f", edge.clinic.config.clinic_id,
+        params.num_weights, params.neurons_per_class, params.learning_competition)
+    content = edge_params_reply_content(
+        n, params.num_weights, params.neurons_per_class, params.learning_competition, params.median_active, edge.clinic.info(bundle_id)
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.train("edge")
+def train_edge(msg: Message, context: Context) -> Message:
+    """One akida-edge round: continue Akida learning from the global neurons; send the learned neurons."""
+    from protocols.edge_messages import train_edge_reply_content, validate_train_edge_ins
+
+    edge = _edge_clinic(context)
+    bundle = edge.clinic.bundles.get(peek_bundle_id(msg.content))
+    head, settings = validate_train_edge_ins(msg.content, bundle.feature_dim, bundle.classes)
+    learned, metrics = edge.train(head, settings)
+    log(INFO, "[%s] round %d: edge learning on %d images", edge.clinic.config.clinic_id, settings.server_round, metrics["num-examples"])
+    return Message(train_edge_reply_content(learned, metrics, edge.clinic.info(settings.bundle_id)), reply_to=msg)
+
+
+@app.evaluate("edge")
+def evaluate_edge(msg: Message, context: Context) -> Message:
+    """Evaluate the global edge head with Akida on the held-out images."""
+    from protocols.edge_messages import validate_evaluate_edge_ins
+
+    edge = _edge_clinic(context)
+    bundle = edge.clinic.bundles.get(peek_bundle_id(msg.content))
+    head, settings = validate_evaluate_edge_ins(msg.content, bundle.feature_dim, bundle.classes)
+    metrics = edge.evaluate(head, settings)
+    log(INFO, "[%s] round %d: edge head %s top1=%.3f", edge.clinic.config.clinic_id, settings.server_round, settings.head_id[:12], metrics["top1"])
+    return Message(evaluate_reply_content(metrics, edge.clinic.info(settings.bundle_id, settings.head_id)), reply_to=msg)

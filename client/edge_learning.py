@@ -1,0 +1,142 @@
+"""A clinic's side of `akida-edge` rounds: Akida 1.0 on-chip learning on its cached spikes.
+
+The v1 bundle's backbone runs once per image (the clinic's feature cache, via
+`Clinic.prepare`); every round then learns on those binary features with Akida's own
+algorithm (`qana.edge.learn_edge_head`, a 1-layer Akida model in the software backend, which
+gives bit for bit the state that learning on the images through the whole bundle model gives).
+Learning continues from the global head the coordinator sent: its neurons and their learning
+state are written into the layer, so each round refines the federation's prototypes instead of
+starting over. The reply is the learned neurons with their usage (how many local training
+samples each won), nothing else.
+
+Before anything is sent or reported, the Akida model's decisions on the clinic's features must
+equal the numpy reference (`predict_edge` vs `predict_edge_reference`), as in the gradient mode:
+a clinic never reports numbers its device would not reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.clinic import Clinic, ClinicError, Prepared, _write_atomic
+from protocols.edge_messages import EdgeEvaluateSettings, EdgeTrainSettings
+from protocols.messages import (
+    M_BALANCED_ACCURACY,
+    M_DEVICE_AGREEMENT,
+    M_MACRO_F1,
+    M_NUM_EXAMPLES,
+    M_TOP1,
+    M_TRAIN_TOP1,
+)
+from qana.edge import (
+    EdgeHead,
+    EdgeParams,
+    as_binary_features,
+    choose_edge_params,
+    learn_edge_head,
+    predict_edge,
+    predict_edge_reference,
+)
+from qana.metrics import classification_metrics
+
+DEPLOYED_EDGE_DIR = "deployed-edge"
+
+
+@dataclass
+class EdgeClinic:
+    """Edge-learning rounds for one clinic (its data, caches and split are the `Clinic`'s)."""
+
+    clinic: Clinic
+
+    def prepare(self, bundle_id: str) -> tuple[Prepared, np.ndarray]:
+        """The bundle's cached features as 0/1 spikes; a clear error for a bundle that cannot learn on-chip."""
+        prep = self.clinic.prepare(bundle_id)
+        if prep.bundle.target != "v1":
+            raise ClinicError(
+                f"akida-edge learning needs a v1 bundle (Akida 1.0 learns on-chip); bundle {bundle_id[:12]}… targets {prep.bundle.target!r}"
+            )
+        try:
+            spikes = as_binary_features(prep.features, prep.bundle.feature_dim, "backbone features")
+        except ValueError as exc:
+            raise ClinicError(str(exc)) from None
+        return prep, spikes
+
+    def _agreement(self, head: EdgeHead, spikes: np.ndarray) -> tuple[np.ndarray, float]:
+        """Akida's predictions and their agreement with the reference; ClinicError if they differ."""
+        chip = predict_edge(head, spikes)
+        reference = predict_edge_reference(head, spikes)
+        agreement = float(np.mean(chip == reference)) if len(spikes) else 1.0
+        if agreement < 1.0:
+            raise ClinicError(
+                f"Akida's edge-head predictions disagree with the reference on {int(np.sum(chip != reference))} "
+                f"of {len(spikes)} images; not sending this head"
+            )
+        return chip, agreement
+
+    def choose_params(self, bundle_id: str, seed: int) -> tuple[EdgeParams, int]:
+        """This clinic's own choice of edge settings on its training part (`qana.edge.choose_edge_params`)."""
+        prep, spikes = self.prepare(bundle_id)
+        if len(prep.train_idx) < 2:
+            raise ClinicError("too few local training images to choose edge-learning settings")
+        idx = prep.train_idx
+        try:
+            params = choose_edge_params(
+                spikes[idx], prep.dataset.labels[idx], prep.bundle.classes, groups=prep.dataset.lesion_ids[idx], seed=seed
+            )
+        except ValueError as exc:
+            raise ClinicError(f"cannot choose edge-learning settings: {exc}") from None
+        return params, len(idx)
+
+    def train(self, head: EdgeHead, settings: EdgeTrainSettings) -> tuple[EdgeHead, dict[str, int | float]]:
+        """One round: continue Akida learning from the global head on the local training spikes."""
+        prep, spikes = self.prepare(settings.bundle_id)
+        if len(prep.train_idx) == 0:
+            raise ClinicError("no local training images after the held-out split")
+        x, y = spikes[prep.train_idx], prep.dataset.labels[prep.train_idx]
+        try:
+            learned = learn_edge_head(
+                x, y, prep.bundle.classes, settings.neurons_per_class, settings.num_weights,
+                settings.learning_competition, seed=settings.seed + settings.server_round, init=head, epochs=settings.epochs,
+            )
+        except ValueError as exc:
+            raise ClinicError(f"edge learning failed: {exc}") from None
+        _, agreement = self._agreement(learned, x)
+        metrics: dict[str, int | float] = {
+            M_NUM_EXAMPLES: len(y),
+            M_TRAIN_TOP1: float(np.mean(predict_edge_reference(learned, x) == y)),
+            M_DEVICE_AGREEMENT: agreement,
+        }
+        return learned, metrics
+
+    def evaluate(self, head: EdgeHead, settings: EdgeEvaluateSettings) -> dict[str, int | float]:
+        """The global head's Akida predictions on the held-out images; the head is kept as deployed."""
+        prep, spikes = self.prepare(settings.bundle_id)
+        if len(prep.eval_idx) == 0:
+            raise ClinicError("no held-out images to evaluate on (the clinic has too few lesions)")
+        chip, agreement = self._agreement(head, spikes[prep.eval_idx])
+        result = classification_metrics(prep.dataset.labels[prep.eval_idx], chip, prep.bundle.classes)
+        self._save_deployed(prep, head, settings)
+        return {
+            M_NUM_EXAMPLES: int(result["n"]),
+            M_TOP1: float(result["top1"]),
+            M_MACRO_F1: float(result["macro_f1"]),
+            M_BALANCED_ACCURACY: float(result["balanced_accuracy"]),
+            M_DEVICE_AGREEMENT: agreement,
+        }
+
+    def _save_deployed(self, prep: Prepared, head: EdgeHead, settings: EdgeEvaluateSettings) -> None:
+        """Keep the current global edge head (`qana.edge.edge_bundle_model` turns it into the chip model)."""
+        out = self.clinic.config.cache / DEPLOYED_EDGE_DIR / prep.bundle.bundle_id
+        _write_atomic(out / "edge_head.npz", head.to_npz())
+        info = {
+            "bundle_id": prep.bundle.bundle_id,
+            "head_id": settings.head_id,
+            "server_round": settings.server_round,
+            "learning": "akida-edge",
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_atomic(out / "deployed.json", (json.dumps(info, indent=2) + "\n").encode())
