@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from client.learning import train_local_head
+from qana.edge import EdgeHead, predict_edge_reference
 from qana.head import Head, TrainConfig, init_head, predict, quantize_head
 from qana.metrics import classification_metrics
 from simulations.config import SimConfig
@@ -71,7 +72,7 @@ def _summary(result: dict[str, Any]) -> dict[str, float]:
 
 
 def score(
-    heads: Callable[[str], Head],
+    heads: Callable[[str], Head | EdgeHead],
     target: str,
     features: np.ndarray,
     labels: np.ndarray,
@@ -86,9 +87,9 @@ def score(
     for part in partition.clinics:
         head = heads(part.clinic_id)
         q = quantized.get(id(head))
-        if q is None:
-            q = quantized[id(head)] = quantize_head(head, target)
-        pred = predict(q, features[part.test])
+        if q is None:  # an akida-edge head is scored as it is: its neurons are what the chip holds
+            q = quantized[id(head)] = head if isinstance(head, EdgeHead) else quantize_head(head, target)
+        pred = predict_edge_reference(q, features[part.test]) if isinstance(q, EdgeHead) else predict(q, features[part.test])
         truth = labels[part.test]
         by_clinic[part.clinic_id] = _summary(classification_metrics(truth, pred, classes))
         y_true.append(truth)

@@ -56,7 +56,8 @@ def run(
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="probability that a clinic's update is lost in a round (default 0)")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="each clinic's local test part, by lesion (default 0.2)")] = None,
     initial_head: Annotated[Optional[str], typer.Option("--initial-head", help="random (default) | bundle: the head all methods start from")] = None,
-    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle)")] = None,
+    learning: Annotated[Optional[str], typer.Option("--learning", help="gradient (default) | akida-edge: Akida 1.0 on-chip learning of the head (v1 bundle)")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle; v1 for --learning akida-edge)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results)")] = None,
     keep_work: Annotated[Optional[bool], typer.Option("--keep-work/--no-keep-work", help="keep the clinics' folders and caches under OUT/work")] = None,
@@ -64,6 +65,7 @@ def run(
 ) -> None:
     """Simulate a federation and compare it with pooled and local-only training."""
     from simulations.config import ConfigError, resolve
+    from simulations.edge_baselines import EdgeSimError
     from simulations.experiment import run_experiment
     from simulations.partition import PartitionError
     from simulations.workspace import SourceError
@@ -82,6 +84,7 @@ def run(
         "dropout": dropout,
         "eval_fraction": eval_fraction,
         "initial_head": initial_head,
+        "learning": learning,
         "bundle": str(bundle) if bundle is not None else None,
         "seed": seed,
         "out": str(out) if out is not None else None,
@@ -94,7 +97,7 @@ def run(
     command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
-    except (SourceError, PartitionError) as exc:
+    except (SourceError, PartitionError, EdgeSimError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -20,6 +20,7 @@ from simulations.partition import SPLITS
 
 DEVICES = ("software", "auto")
 INITIAL_HEADS = ("random", "bundle")
+LEARNINGS = ("gradient", "akida-edge")  # akida-edge: Akida 1.0 on-chip learning (v1 bundle), simulations.edge_baselines
 
 
 class ConfigError(ValueError):
@@ -31,7 +32,7 @@ class SimConfig:
     """Everything that determines a simulated federation's result."""
 
     data: str | None = None  # HAM10000-style folder; None = the embedded sample
-    bundle: str | None = None  # model bundle; None = the shipped v2 bundle
+    bundle: str | None = None  # model bundle; None = the shipped v2 bundle (v1 for learning akida-edge)
     clinics: int | None = None  # None = one per centre (split centre), else 4
     split: str = "centre"
     alpha: float = 0.5  # Dirichlet concentration (split dirichlet)
@@ -48,6 +49,7 @@ class SimConfig:
     dropout: float = 0.0  # probability that a clinic's training update is lost in a round
     initial_head: str = "random"  # random (all methods start untrained) | bundle (the bundle's head)
     device: str = "software"  # Akida device of the simulated clinics
+    learning: str = "gradient"  # gradient | akida-edge
     seed: int = 0
     out: str = "qana-sim-results"
     keep_work: bool = False  # keep the clinics' folders and caches under OUT/work
@@ -87,6 +89,10 @@ class SimConfig:
             raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
         if self.initial_head not in INITIAL_HEADS:
             raise ConfigError(f"initial-head={self.initial_head!r}: use {' or '.join(INITIAL_HEADS)}")
+        if self.learning not in LEARNINGS:
+            raise ConfigError(f"learning={self.learning!r}: use {' or '.join(LEARNINGS)}")
+        if self.learning == "akida-edge" and self.initial_head == "bundle":
+            raise ConfigError("initial-head='bundle' does not apply to learning akida-edge (the bundle's head is not edge neurons); use random")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r}: use {' or '.join(DEVICES)}")
         if not 0 <= self.seed <= 2**31 - 1:

@@ -75,7 +75,8 @@ class SimulatedClinics(ClientApp):
 
         partition = int(context.node_config[PARTITION_ID])
         node_config = self.node_configs[partition]
-        if message.metadata.message_type == MSG_TRAIN and self.dropout > 0.0:
+        is_train = message.metadata.message_type.split(".")[0] == MSG_TRAIN  # "train" and "train.edge"
+        if is_train and self.dropout > 0.0:
             server_round = int(message.content[REC_CONFIG][K_ROUND])
             if dropped_out(self.seed, server_round, partition, self.dropout):
                 raise DroppedOut(

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from simulations import baselines
+from simulations import baselines, edge_baselines
 from simulations.config import SimConfig
 from simulations.engine import Job, Progress, run_federation
 from simulations.partition import Partition, make_partition
@@ -57,6 +57,7 @@ def server_run_config(cfg: SimConfig, source: Source, num_clinics: int, run_dir:
         "smote": cfg.smote,
         "seed": cfg.seed,
         "initial-head": cfg.initial_head,
+        "learning": cfg.learning,
         "audit-db": f"sqlite:///{run_dir / 'audit.db'}",
         "audit-key": str(run_dir / "audit_key.pem"),
         "state-dir": str(run_dir / "server"),
@@ -235,17 +236,28 @@ def run_experiment(
         )
         with _phase(seconds, "clinic folders", state):
             sites = build_clinics(source, partition, features, work, cache_root)
-        start = baselines.initial_head(cfg, source.bundle.load_head())
         target = source.bundle.target
-        with _phase(seconds, "baselines", state), _single_threaded_blas():
-            with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
-                result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
-                result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+        edge_config: dict[str, Any] = {}
+        if cfg.learning == "akida-edge":  # simulations.edge_baselines: Akida on-chip learning instead of head training
+            with _phase(seconds, "baselines", state):
+                params, choices = edge_baselines.federation_params(cfg, features, ds.labels, ds.lesion_ids, partition, result.classes)
+                echo(f"Edge settings (clinics' choices combined): {params.num_weights} weights, {params.neurons_per_class} neurons/class, competition {params.learning_competition}")
+                result.partition_notes.append(f"akida-edge settings {edge_baselines.run_config(params)}; each clinic's choice: {choices}")
+                edge_config = edge_baselines.run_config(params)
+                with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
+                    result.pooled = edge_baselines.pooled(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
+                    result.local_only = edge_baselines.local_only(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
+        else:
+            start = baselines.initial_head(cfg, source.bundle.load_head())
+            with _phase(seconds, "baselines", state), _single_threaded_blas():
+                with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
+                    result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+                    result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
         run_id = run_id_for(cfg)
         job = Job(
             run_id=run_id,
             node_configs=[s.node_config(cfg) for s in sites],
-            run_config=server_run_config(cfg, source, n, run_dir),
+            run_config={**server_run_config(cfg, source, n, run_dir), **edge_config},
             dropout=cfg.dropout,
             seed=cfg.seed,
             timings=str(run_dir / "timings.json"),

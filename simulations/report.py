@@ -195,7 +195,7 @@ def write_plots(result: ExperimentResult, out: Path) -> list[str]:
             if curve:
                 ax.plot(range(len(curve)), [s.overall[key] for s in curve], "s--" if method == "pooled" else "^:", color=colours[method], label=METHOD_LABELS[method])
         ax.set_title(LABELS[key])
-        ax.set_xlabel(f"round ({result.cfg.local_epochs} local epochs each)")
+        ax.set_xlabel("round (one Akida learning pass each)" if result.cfg.learning == "akida-edge" else f"round ({result.cfg.local_epochs} local epochs each)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right")
@@ -284,8 +284,10 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
         f"- **Federation**: {len(result.partition)} clinics, split `{cfg.split}`"
         + (f" (alpha {cfg.alpha})" if cfg.split == "dirichlet" else "")
         + (f" ({cfg.classes_per_clinic} classes per clinic)" if cfg.split == "pathological" else "")
-        + f", strategy `{cfg.strategy}`{(' (' + cfg.strategy_options + ')') if cfg.strategy_options else ''}, {cfg.rounds} rounds x {cfg.local_epochs} local epochs, "
-        f"dropout {cfg.dropout}, initial head `{cfg.initial_head}`, seed {cfg.seed}",
+        + (f", learning `akida-edge` (Akida 1.0 on-chip learning, usage-weighted k-medoids merge), {cfg.rounds} rounds x 1 learning pass, "
+           if cfg.learning == "akida-edge" else
+           f", strategy `{cfg.strategy}`{(' (' + cfg.strategy_options + ')') if cfg.strategy_options else ''}, {cfg.rounds} rounds x {cfg.local_epochs} local epochs, ")
+        + f"dropout {cfg.dropout}, initial head `{cfg.initial_head}`, seed {cfg.seed}",
         f"- **Command**: `{result.command}`" if result.command else "",
         "- Resolved configuration: [config.toml](config.toml); all numbers: [results.json](results.json), "
         "[rounds.csv](rounds.csv), [clinics.csv](clinics.csv), [partition.csv](partition.csv)",
@@ -301,8 +303,10 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
         lines.append("")
         for name, ratio in head["ratios"].items():
             lines.append(f"- **{name.replace('_', '-')}**: " + ", ".join(f"{LABELS[k]} {_fmt(v * 100 if v is not None else None, 1)} %" for k, v in ratio.items()))
-        lines += ["", "Local-only: each clinic's own head on its own test part. Scores use the quantized head's integer "
-                  "arithmetic, which is what the Akida chip computes.", ""]
+        arithmetic = ("the edge neurons' potentials (f.w - threshold) / act_step" if cfg.learning == "akida-edge"
+                      else "the quantized head's integer arithmetic")
+        lines += ["", f"Local-only: each clinic's own head on its own test part. Scores use {arithmetic}, "
+                  "which is what the Akida chip computes.", ""]
     if fed is not None:
         c = fed.consistency
         lines += ["## Federated rounds", "",

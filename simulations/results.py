@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from qana.head import Head, head_from_npz
+from qana.head import Head
 from simulations.baselines import METRICS, Scores, score
+from simulations.edge_baselines import head_from_artifact
 from simulations.engine import FederationRun
 from simulations.partition import Partition
 
@@ -166,7 +167,7 @@ def collect(
         if recorded is not None:
             info, data = recorded
             version = info.version
-            current = head_from_npz(data)
+            current = head_from_artifact(data)  # a gradient or an akida-edge head
             metrics = dict(info.aggregate_metrics)
             participants = [p.clinic_id for p in info.participants]
             finished_at = info.created_at.timestamp()

@@ -51,19 +51,23 @@ class Source:
 
 
 def resolve_bundle(cfg: SimConfig) -> Bundle:
-    """The bundle named in the config, or the shipped v2 bundle; SourceError if it is missing or altered."""
-    path = (Path(cfg.bundle).expanduser() if cfg.bundle else default_bundle_path("v2")).resolve()
+    """The bundle named in the config, or the shipped v2 (akida-edge: v1) bundle; SourceError if it is missing, altered or unfit."""
+    edge = cfg.learning == "akida-edge"
+    path = (Path(cfg.bundle).expanduser() if cfg.bundle else default_bundle_path("v1" if edge else "v2")).resolve()
     if not (path / "bundle.json").is_file():
         if cfg.bundle:
             raise SourceError(f"no model bundle at {path} (expected bundle.json, model.fbz, head.npz)")
         raise SourceError(
-            f"the shipped v2 bundle is not installed ({path} is missing); pass --bundle DIR "
+            f"the shipped {'v1' if edge else 'v2'} bundle is not installed ({path} is missing); pass --bundle DIR "
             "(e.g. tests/fixtures/bundles/tiny-v2 for a smoke test)"
         )
     try:
-        return load_bundle(path)
+        bundle = load_bundle(path)
     except BundleError as exc:
         raise SourceError(str(exc)) from None
+    if edge and bundle.target != "v1":
+        raise SourceError(f"--learning akida-edge needs a v1 bundle (Akida 1.0 learns on-chip); {path} targets {bundle.target!r}")
+    return bundle
 
 
 def load_source(cfg: SimConfig, cache_root: Path, progress: bool = False) -> Source:
