@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from qana.edge import EdgeHead, EdgeParams, choose_edge_params, federation_edge_params, learn_edge_head
+from qana.edge import (
+    EdgeHead,
+    EdgeParams,
+    choose_edge_params,
+    federation_edge_params,
+    learn_edge_head,
+)
 from qana.head import Head, head_from_npz
 from server.edge_rounds import fresh_edge_head
 from simulations.baselines import Scores, score

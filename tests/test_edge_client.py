@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
+from synthetic import make_synthetic_ham
 
 from client.app import app as client_app
 from client.features import FeatureCache
@@ -24,7 +25,6 @@ from qana.bundle import load_bundle, pack_bundle
 from qana.data import load_dataset
 from server.edge_rounds import fresh_edge_head
 from server.loopback import LoopbackGrid
-from synthetic import make_synthetic_ham
 
 BUNDLES = Path(__file__).parent / "fixtures" / "bundles"
 HEAD_SHA = "cd" * 32

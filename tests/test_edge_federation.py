@@ -379,3 +379,44 @@ def test_initial_head_auto_continues_the_audited_edge_head(tmp_path, bundle, aud
     again = coordinator(tmp_path, bundle, audit, toy_clinics(bundle), **{**fixed, "initial-head": "auto", "edge-num-weights": 0}).run()
     assert again.initial_head_version == "h2" and again.final_head_version == "h3"
     assert audit.version("h3").parent == "h2"
+
+
+# --------------------------------------------------------------------------- qana-server start --learning
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bundles"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--learning", "akida-edge", "--bundle", str(FIXTURES / "tiny-v2")], "learning akida-edge needs a v1 bundle"),
+        (["--learning", "edge", "--bundle", str(FIXTURES / "tiny-v1")], "learning='edge': use gradient or akida-edge"),
+        (["--bundle", str(FIXTURES / "tiny-v2"), "--run-config", "edge-num-weights=20"], "only apply to learning akida-edge"),
+        # valid edge settings get as far as the certificates (TLS by default)
+        (["--learning", "akida-edge", "--bundle", str(FIXTURES / "tiny-v1"), "--run-config", "edge-num-weights=20"], "ca.pem not found"),
+    ],
+)
+def test_server_start_checks_the_learning_mode_before_starting_anything(tmp_path, args, message) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app as server_cli
+
+    state = tmp_path / "state"
+    base = ["start", "--state-dir", str(state), "--audit-db", f"sqlite:///{tmp_path / 'a.db'}", "--audit-key", str(tmp_path / "k.pem")]
+    result = CliRunner().invoke(server_cli, [*base, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (state / "superlink.db").exists()
+
+
+def test_the_flower_app_declares_the_edge_keys(tmp_path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    from server.deployment import StateDir, write_flower_app
+
+    app_dir = write_flower_app(StateDir(tmp_path), {"learning": "akida-edge", "edge-neurons-per-class": 4})
+    config, _ = load_and_validate(app_dir / "pyproject.toml", check_module=True)
+    declared = config["tool"]["flwr"]["app"]["config"]
+    assert declared["learning"] == "akida-edge" and declared["edge-neurons-per-class"] == 4 and declared["edge-num-weights"] == 0
+    settings, e = read_run_config(declared, "r")  # what the ServerApp reads back
+    assert settings.learning == "akida-edge" and e.neurons_per_class == 4 and e.num_weights is None

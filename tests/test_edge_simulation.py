@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from synthetic import make_synthetic_ham
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_V1 = REPO / "tests" / "fixtures" / "bundles" / "tiny-v1"
