@@ -42,6 +42,10 @@ def train(
     attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
     blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
     zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
+    saliency_teacher: Optional[str] = typer.Option(
+        None, help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file "
+        "(e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.",
+    ),
     class_weighting: str = typer.Option("sqrt", help="Backbone loss class weights: sqrt | balanced | none."),
     head_smote: str = typer.Option("auto", help="Head: SMOTE on PCA-whitened features: auto (keep if it helps on validation) | on | off."),
     seed: int = typer.Option(0),
@@ -53,6 +57,7 @@ def train(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from qana.convert import ConversionError
     from qana.data import DataError
+    from qana.saliency import SaliencyError
     from qana.train import TrainOptions, run
 
     if target not in ("v2", "v1"):
@@ -68,7 +73,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:
@@ -77,6 +82,8 @@ def train(
         _fail(str(exc))
     except ConversionError as exc:
         _fail(f"{exc} (finished stages are kept in {run_dir})")
+    except SaliencyError as exc:
+        _fail(f"--saliency-teacher: {exc}")
     test = infos["bundle"]["metrics"]["test"]
     typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")

@@ -30,7 +30,7 @@ from qana.model import ModelSpec
 from qana.splits import train_val_test
 
 log = logging.getLogger("qana.train")
-STAGES = ("split", "float", "quantized", "akida", "head", "bundle")
+STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "bundle")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TrainOptions:
     attention: str = "both"
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
+    saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
     head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
     image_size: int = 64
@@ -232,13 +233,61 @@ def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, 
         return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
 
 
+def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict:
+    """Grad-CAM crops of the training images from a frozen teacher (qana.saliency), saved for training.
+
+    Crops are cut from the images decoded at twice the model's input size (or the teacher's,
+    if larger), so a crop keeps detail. Only training images are cropped: validation, test
+    and deployment see the uncropped preprocessing (see qana.saliency for why).
+    """
+    if not opts.saliency_teacher:
+        return {"enabled": False}
+    from qana.saliency import crop_images, gradcam, load_teacher, saliency_boxes
+
+    teacher = load_teacher(opts.saliency_teacher)
+    source_size = max(teacher.size, 2 * opts.image_size)
+    sources = load_dataset(opts.data, size=source_size, cache_dir=opts.cache_dir, progress=True)
+    by_id = {image_id: i for i, image_id in enumerate(sources.image_ids.tolist())}
+    rows = np.array([by_id[i] for i in train.image_ids.tolist()])
+    src = sources.images[rows]
+    teacher_input = train.images if teacher.size == opts.image_size else crop_images(src, np.tile([0.0, 0.0, 1.0], (len(src), 1)), teacher.size)
+    t0 = time.time()
+    cams = gradcam(teacher, teacher_input)
+    boxes = saliency_boxes(cams)
+    crops = crop_images(src, boxes, opts.image_size)
+    np.savez(opts.run_dir / "saliency.npz", image_ids=train.image_ids, boxes=boxes, crops=crops)
+    return {
+        "enabled": True,
+        "teacher": teacher.description,
+        "layer": teacher.layer,
+        "images": int(len(crops)),
+        "mean_crop_side": float(boxes[:, 2].mean()),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def with_saliency_crops(opts: TrainOptions, train: Dataset) -> Dataset:
+    """The training set plus each image's salient crop (same label and lesion), when enabled."""
+    path = opts.run_dir / "saliency.npz"
+    if not opts.saliency_teacher or not path.is_file():
+        return train
+    with np.load(path) as z:
+        if not np.array_equal(z["image_ids"], train.image_ids):
+            raise RuntimeError(f"{path} belongs to another training split; start a new run directory")
+        crops = z["crops"]
+    both = np.concatenate([np.arange(len(train)), np.arange(len(train))])
+    out = train.subset(both)
+    out.images = np.concatenate([train.images, crops])
+    return out
+
+
 def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     from qana.model import build_model
 
     set_seeds(opts.seed)
     model = build_model(opts.model_spec())
     t0 = time.time()
-    history = _fit(model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5")
+    history = _fit(model, with_saliency_crops(opts, train), val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5")
     model.save(opts.run_dir / "float.h5")
     return {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
 
@@ -260,7 +309,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     t0 = time.time()
     history: list[dict] = []
     if opts.qat_epochs > 0:
-        history = _fit(qmodel, train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5")
+        history = _fit(qmodel, with_saliency_crops(opts, train), val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5")
     qmodel.save(opts.run_dir / "quantized.h5")
     return {"seconds": round(time.time() - t0, 1), "history": history, **opts.quant_spec().describe()}
 
@@ -503,7 +552,9 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
             info = stage_split(opts, dataset)
         else:
             train, val, test = load_split(opts, dataset)
-            if stage == "float":
+            if stage == "saliency":
+                info = stage_saliency(opts, dataset, train)
+            elif stage == "float":
                 info = stage_float(opts, train, val)
             elif stage == "quantized":
                 info = stage_quantized(opts, train, val)

@@ -85,6 +85,6 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     before = (opts.run_dir / "float.json").read_text()
     messages: list[str] = []
     run(opts, progress=messages.append)
-    assert sum("already finished" in m for m in messages) == 6
+    assert sum("already finished" in m for m in messages) == 7
     assert (opts.run_dir / "float.json").read_text() == before
     assert json.loads((opts.run_dir / "split.json").read_text())["n_images"] == 140

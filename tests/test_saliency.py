@@ -1,0 +1,100 @@
+"""Grad-CAM saliency crops: the map follows what the teacher looks at, boxes and crops are right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf_keras = pytest.importorskip("tf_keras")
+
+from qana.saliency import SaliencyError, Teacher, crop_images, gradcam, load_teacher, saliency_boxes  # noqa: E402
+
+
+def _red_teacher(size: int = 32):
+    """A teacher whose class-0 score is the mean 'redness' of a 3x3-smoothed map: Grad-CAM = the red blob."""
+    keras = tf_keras
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    red = keras.layers.Conv2D(1, 1, use_bias=False, name="red")(x)
+    fmap = keras.layers.ReLU(name="fmap")(red)
+    pooled = keras.layers.GlobalAveragePooling2D()(fmap)
+    out = keras.layers.Dense(2, name="scores")(pooled)
+    model = keras.Model(inputs, out)
+    model.get_layer("red").set_weights([np.array([1.0, -1.0, -1.0], np.float32).reshape(1, 1, 3, 1)])
+    model.get_layer("scores").set_weights([np.array([[1.0, -1.0]], np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+def _blob_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    rng = np.random.default_rng(seed)
+    images = np.full((n, size, size, 3), 60, np.uint8)
+    centres = []
+    for i in range(n):
+        cy, cx = (int(v) for v in rng.integers(6, size - 6, 2))
+        images[i, cy - 3 : cy + 3, cx - 3 : cx + 3] = (230, 20, 20)
+        centres.append((cy, cx))
+    return images, centres
+
+
+def test_gradcam_and_box_follow_the_region_the_teacher_uses() -> None:
+    images, centres = _blob_images(6)
+    teacher = Teacher(_red_teacher(), 32, "fmap", "none", "test")
+    cams = gradcam(teacher, images)
+    assert cams.shape == (6, 32, 32) and cams.min() >= 0 and cams.max() <= 1
+    boxes = saliency_boxes(cams, threshold=0.5, margin=0.1, min_side=0.3)
+    for (cy, cx), (top, left, side) in zip(centres, boxes):
+        assert top * 32 <= cy <= (top + side) * 32 and left * 32 <= cx <= (left + side) * 32
+        assert side == pytest.approx(0.3)  # the 6-pixel blob is smaller than min_side
+    crops = crop_images(images, boxes, 16)
+    assert crops.shape == (6, 16, 16, 3)
+    # the crop is lesion-centred: far more of it is the red blob than of the full image
+    red_share = lambda a: float(np.mean(a[..., 0] > 150))  # noqa: E731
+    assert red_share(crops) > 3 * red_share(images)
+
+
+def test_boxes_stay_inside_the_image_and_bad_settings_are_refused() -> None:
+    cam = np.zeros((1, 10, 10))
+    cam[0, 0, 0] = 1.0  # salient corner: the box is moved inside, not cut
+    (top, left, side), = saliency_boxes(cam, min_side=0.5)
+    assert top == 0 and left == 0 and side == 0.5
+    flat = saliency_boxes(np.zeros((1, 8, 8)))
+    assert flat[0, 2] == 1.0  # nothing salient: keep the whole image
+    with pytest.raises(SaliencyError):
+        saliency_boxes(cam, threshold=0)
+
+
+def test_teacher_files_are_local_and_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(SaliencyError, match="not found"):
+        load_teacher(str(tmp_path / "missing.h5"))
+    with pytest.raises(SaliencyError, match="no download"):
+        load_teacher(f"resnet50:{tmp_path / 'nope.h5'}")
+    model = _red_teacher()
+    model.save(tmp_path / "teacher.h5")
+    teacher = load_teacher(str(tmp_path / "teacher.h5"))
+    assert teacher.size == 32 and teacher.layer == "fmap"
+
+
+def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None:
+    from qana.data import load_dataset
+    from qana.train import TrainOptions, stage_saliency, with_saliency_crops
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=24, image_size=40, seed=3)
+    _red_teacher(32).save(tmp_path / "teacher.h5")
+    opts = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, cache_dir=tmp_path / "cache",
+                        saliency_teacher=str(tmp_path / "teacher.h5"), command="test")
+    opts.run_dir.mkdir()
+    dataset = load_dataset(clinic.root, size=32, cache_dir=opts.cache_dir)
+    train = dataset.subset(np.arange(16))
+    info = stage_saliency(opts, dataset, train)
+    assert info["enabled"] and info["images"] == 16
+    augmented = with_saliency_crops(opts, train)
+    assert len(augmented) == 32
+    np.testing.assert_array_equal(augmented.images[:16], train.images)
+    np.testing.assert_array_equal(augmented.labels[16:], train.labels)
+    assert not np.array_equal(augmented.images[16:], train.images)
+    off = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", command="test")
+    assert stage_saliency(off, dataset, train) == {"enabled": False}
+    assert with_saliency_crops(off, train) is train
