@@ -11,6 +11,7 @@ allows. An exception becomes Flower's error reply, whose reason the coordinator 
 from __future__ import annotations
 
 from logging import INFO
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -85,7 +86,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 # from the gradient handlers above (and a gradient-only clinic never loads it).
 
 
-def _edge_clinic(context: Context) -> "EdgeClinic":  # noqa: F821
+if TYPE_CHECKING:
+    from client.edge_learning import EdgeClinic
+
+
+def _edge_clinic(context: Context) -> EdgeClinic:
     from client.edge_learning import EdgeClinic
 
     return EdgeClinic(clinic_from_context(context))
@@ -94,7 +99,10 @@ def _edge_clinic(context: Context) -> "EdgeClinic":  # noqa: F821
 @app.query("edge_params")
 def edge_params(msg: Message, context: Context) -> Message:
     """Choose this clinic's own edge-learning settings on its training part; send only the three numbers."""
-    from protocols.edge_messages import edge_params_reply_content, validate_edge_params_ins
+    from protocols.edge_messages import (
+        edge_params_reply_content,
+        validate_edge_params_ins,
+    )
 
     bundle_id, seed = validate_edge_params_ins(msg.content)
     edge = _edge_clinic(context)
@@ -110,7 +118,10 @@ def edge_params(msg: Message, context: Context) -> Message:
 @app.train("edge")
 def train_edge(msg: Message, context: Context) -> Message:
     """One akida-edge round: continue Akida learning from the global neurons; send the learned neurons."""
-    from protocols.edge_messages import train_edge_reply_content, validate_train_edge_ins
+    from protocols.edge_messages import (
+        train_edge_reply_content,
+        validate_train_edge_ins,
+    )
 
     edge = _edge_clinic(context)
     bundle = edge.clinic.bundles.get(peek_bundle_id(msg.content))

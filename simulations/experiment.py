@@ -216,7 +216,9 @@ def run_experiment(
     if partition.moved_lesions:
         notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")
     n = len(partition.clinics)
-    echo(f"Federation: {n} clinics ({cfg.split} split), {cfg.strategy}, {cfg.rounds} rounds x {cfg.local_epochs} local epochs; results in {out}")
+    method = "akida-edge learning, k-medoids merge" if cfg.learning == "akida-edge" else cfg.strategy
+    per_round = "1 Akida learning pass" if cfg.learning == "akida-edge" else f"{cfg.local_epochs} local epochs"
+    echo(f"Federation: {n} clinics ({cfg.split} split), {method}, {cfg.rounds} rounds x {per_round}; results in {out}")
     result = ExperimentResult(
         cfg=cfg, status="interrupted", data=source.description,
         bundle={"path": str(source.bundle.path), "id": source.bundle.bundle_id, "target": source.bundle.target,
