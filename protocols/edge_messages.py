@@ -43,6 +43,12 @@ An edge head on the wire (N neurons, class-major, D binary features):
                                                                   sample is won by one neuron)
   edge-head (config)  num-features, num-weights, learning-competition, classes (list of names)
 
+Class-incremental rounds: `classes` is the federation's current class list (run config
+`initial-classes` may start it with fewer than the bundle's). A train reply lists the round's
+classes first, in order, and may append up to MAX_NEW_CLASSES classes the clinic introduces
+(node-config `new-classes`), each with the round's neurons per class; the coordinator merges
+differing lists by name (`qana.edge.merge_edge_heads`: global order first, new classes appended).
+
 So a clinic sends its binary prototypes, their Akida per-neuron parameters and how many of its
 own training samples each prototype won; never images, features, labels or predictions. The
 coordinator merges these with `qana.edge.merge_edge_heads` (bits are never averaged).
@@ -71,6 +77,7 @@ from protocols.messages import (
     M_DEVICE_AGREEMENT,
     M_NUM_EXAMPLES,
     M_TRAIN_TOP1,
+    MAX_NEW_CLASSES,
     PROTOCOL_VERSION,
     REC_CLINIC,
     REC_CONFIG,
@@ -86,6 +93,7 @@ from protocols.messages import (
     _records,
     _sha256,
     _typed,
+    check_class_list,
     clinic_record,
 )
 from qana.edge import EdgeHead
@@ -246,26 +254,38 @@ def _head_meta(meta: Mapping[str, Any], what: str) -> tuple[int, int, float, tup
     d = _typed(meta, K_NUM_FEATURES, int, what)
     nw = _typed(meta, K_NUM_WEIGHTS, int, what)
     comp = float(_typed(meta, K_COMPETITION, (int, float), what))
-    classes = meta[K_CLASSES]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ProtocolError(f"{what}: classes must be a non-empty list of class names")
-    if len(classes) > MAX_CLASSES or any(not c.strip() or len(c) > 100 for c in classes):
-        raise ProtocolError(f"{what}: classes must be at most {MAX_CLASSES} non-empty names of at most 100 characters")
-    if len(set(classes)) != len(classes):
-        raise ProtocolError(f"{what}: duplicate class names in {classes}")
+    # the gradient mode's rule for class names, so a class can move between the two modes' heads
+    classes = check_class_list(meta[K_CLASSES], what)
     if d < 1:
         raise ProtocolError(f"{what}: num-features must be positive, got {d}")
-    return d, nw, comp, tuple(classes)
+    return d, nw, comp, classes
+
+
+def check_reply_classes(reply_classes: tuple[str, ...], round_classes: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """A reply's class list: the round's classes first, in order, then at most MAX_NEW_CLASSES new ones.
+
+    The same rule as the gradient mode's `validate_train_reply`, so that the merge can keep the
+    global order (kept neurons stay under their class) and only append what a clinic introduces.
+    """
+    n = len(round_classes)
+    if tuple(reply_classes[:n]) != tuple(round_classes):
+        raise ProtocolError(f"{what}: head classes {list(reply_classes)} do not start with the round's classes {list(round_classes)}")
+    if len(reply_classes) - n > MAX_NEW_CLASSES:
+        raise ProtocolError(f"{what}: adds {len(reply_classes) - n} classes at once (at most {MAX_NEW_CLASSES})")
+    return tuple(reply_classes)
 
 
 def edge_head_from_records(
     content: RecordDict,
     what: str,
     num_features: int,
-    classes: tuple[str, ...],
+    classes: tuple[str, ...] | None = None,
     spec: EdgeSpec | None = None,
 ) -> EdgeHead:
-    """Decode and check a head against the bundle (features, class order) and, if given, the round's settings.
+    """Decode and check a head against the bundle's features, `classes` (exactly, if given) and the round's settings.
+
+    `classes=None` takes the head's own class list (checked as names): instructions carry the
+    federation's current classes, which may differ from the bundle's in class-incremental runs.
 
     Checks: dtypes and shapes of every array, no bit past D, exactly num-weights ones per neuron,
     the class-major uniform layout (`neuron-classes` = 0..C-1 each repeated neurons-per-class
@@ -276,7 +296,7 @@ def edge_head_from_records(
     d, nw, comp, head_classes = _head_meta(meta, what)
     if d != num_features:
         raise ProtocolError(f"{what}: edge head has {d} features, the bundle's backbone emits {num_features}")
-    if head_classes != tuple(classes):
+    if classes is not None and head_classes != tuple(classes):
         raise ProtocolError(f"{what}: edge head classes {list(head_classes)} are not the run's classes {list(classes)}")
     if spec is not None:
         if nw != spec.num_weights:
@@ -358,8 +378,14 @@ def train_edge_content(head: EdgeHead, settings: EdgeTrainSettings) -> RecordDic
     return RecordDict({**edge_head_records(head), REC_CONFIG: settings.to_config()})
 
 
-def validate_train_edge_ins(content: RecordDict, num_features: int, classes: tuple[str, ...]) -> tuple[EdgeHead, EdgeTrainSettings]:
-    """Clinic side: the global edge head and this round's settings, checked against its bundle."""
+def validate_train_edge_ins(
+    content: RecordDict, num_features: int, classes: tuple[str, ...] | None = None
+) -> tuple[EdgeHead, EdgeTrainSettings]:
+    """Clinic side: the global edge head and this round's settings, checked against its bundle.
+
+    The head's class list is the federation's current one (it may lack bundle classes or hold
+    classes a clinic introduced); pass `classes` only to require an exact list.
+    """
     what = "edge train instruction"
     _records(content, what, {REC_EDGE: ArrayRecord, REC_EDGE_META: ConfigRecord, REC_CONFIG: ConfigRecord})
     cfg = content[REC_CONFIG]
@@ -377,7 +403,8 @@ def validate_train_edge_ins(content: RecordDict, num_features: int, classes: tup
     )
     if not 1 <= settings.epochs <= MAX_EDGE_EPOCHS:
         raise ProtocolError(f"{what}: edge-epochs {settings.epochs} must be in [1, {MAX_EDGE_EPOCHS}]")
-    spec = settings.spec(num_features, classes).check(what)
+    head_classes = _head_meta(content[REC_EDGE_META], what)[3]
+    spec = settings.spec(num_features, head_classes).check(what)
     return edge_head_from_records(content, what, num_features, classes, spec), settings
 
 
@@ -385,7 +412,10 @@ def evaluate_edge_content(head: EdgeHead, settings: EdgeEvaluateSettings) -> Rec
     return RecordDict({**edge_head_records(head), REC_CONFIG: settings.to_config()})
 
 
-def validate_evaluate_edge_ins(content: RecordDict, num_features: int, classes: tuple[str, ...]) -> tuple[EdgeHead, EdgeEvaluateSettings]:
+def validate_evaluate_edge_ins(
+    content: RecordDict, num_features: int, classes: tuple[str, ...] | None = None
+) -> tuple[EdgeHead, EdgeEvaluateSettings]:
+    """Clinic side: the head to evaluate (with the federation's current class list) and the round."""
     what = "edge evaluate instruction"
     _records(content, what, {REC_EDGE: ArrayRecord, REC_EDGE_META: ConfigRecord, REC_CONFIG: ConfigRecord})
     cfg = content[REC_CONFIG]
@@ -464,6 +494,9 @@ class EdgeTrainReply:
 def validate_train_edge_reply(content: RecordDict, spec: EdgeSpec, bundle_id: str) -> EdgeTrainReply:
     """Server side: only a well-formed head in the round's layout, learned on the run's backbone.
 
+    `spec.classes` are the round's classes: the reply's head must list them first, in the same
+    order, and may append at most MAX_NEW_CLASSES classes the clinic introduces (each with
+    the round's neurons per class, as Akida's `add_classes` grows the layer).
     The usage counts must add up to num-examples: usage is the merge's weight, so a clinic
     cannot claim more samples for its neurons than it trained on (and reported).
     """
@@ -475,7 +508,8 @@ def validate_train_edge_reply(content: RecordDict, spec: EdgeSpec, bundle_id: st
     if info.bundle_id != bundle_id:
         raise ProtocolError(f"{what}: head was learned on backbone {str(info.bundle_id)[:12]}…, the run uses {bundle_id[:12]}…")
     metrics = _metrics(content[REC_METRICS], what + " metrics", EDGE_TRAIN_METRICS)
-    head = edge_head_from_records(content, what, spec.num_features, spec.classes, spec)
+    classes = check_reply_classes(_head_meta(content[REC_EDGE_META], what)[3], spec.classes, what)
+    head = edge_head_from_records(content, what, spec.num_features, classes, spec)
     total = int(head.usage.sum())
     if total != int(metrics[M_NUM_EXAMPLES]):
         raise ProtocolError(f"{what}: neuron usage sums to {total}, but the clinic reports {int(metrics[M_NUM_EXAMPLES])} training examples")

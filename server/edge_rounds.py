@@ -27,6 +27,14 @@ head for this backbone with the run's classes and settings; otherwise (and for `
 starts from fresh neurons (seeded random weights, Akida's unlearned state), as Akida itself
 starts. `bundle` is refused: a v1 bundle's head is a gradient-trained layer, not edge neurons.
 
+Classes. Run config `initial-classes` starts the federation with a subset of the bundle's
+classes (fresh neurons for those only). Clinics may introduce classes (node-config
+`new-classes`): their replies list the round's classes then the new ones, and the merge keeps
+the global order and appends new classes in clinic-id order (`merge_edge_heads` over replies
+sorted by clinic id, so arrival order does not matter). Each added class is an audit
+`class_addition` entry and is named in the head version's note; the next rounds and every
+evaluation use the grown head.
+
 Audit. Every merged head is recorded with `record_head` (kind "head", data = `EdgeHead.to_npz()`),
 strategy "akida-edge-kmedoids" and the edge settings as its strategy configuration; a rejected
 reply is recorded with `record_rejection`, exactly as in the gradient mode.
@@ -177,6 +185,34 @@ def check_edge_bundle(bundle: Bundle) -> None:
         )
 
 
+def initial_edge_classes(bundle: Bundle, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The classes the federation starts with: run config `initial-classes` (known to the bundle), else the bundle's.
+
+    Fresh neurons could be made for any name, but a class the backbone was not trained on
+    belongs in a clinic's `new-classes` (it brings the images); a typo here would otherwise
+    start a federation with a class nobody has.
+    """
+    if not wanted:
+        return bundle.classes
+    unknown = [c for c in wanted if c not in bundle.classes]
+    if unknown:
+        raise FederationError(
+            f"initial-classes {', '.join(unknown)} are not classes of the bundle ({', '.join(bundle.classes)}); "
+            "a clinic introduces other classes with node-config new-classes"
+        )
+    return tuple(wanted)
+
+
+def class_additions(global_classes: tuple[str, ...], replies: Iterable[EdgeTrainReply]) -> list[tuple[str, str]]:
+    """(class, clinic) for every class not in `global_classes`: the first clinic in id order that brought it."""
+    additions: dict[str, str] = {}
+    for r in sorted(replies, key=lambda r: r.clinic.clinic_id):
+        for name in r.head.classes:
+            if name not in global_classes and name not in additions:
+                additions[name] = r.clinic.clinic_id
+    return list(additions.items())
+
+
 def weighted_metrics(metrics: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Flower's weighted mean of every metric by num-examples (as the gradient mode's strategies report), plus their sum."""
     records = [RecordDict({REC_METRICS: MetricRecord(dict(m))}) for m in metrics]
@@ -216,11 +252,17 @@ class EdgeMerge:
         ]
 
     def aggregate_train(self, server_round: int, replies: list[EdgeTrainReply], spec: EdgeSpec) -> EdgeHead:
-        """merge_edge_heads of the clinics' learned neurons, the round's neurons-per-class as the budget."""
+        """merge_edge_heads of the clinics' learned neurons, the round's neurons-per-class as the budget.
+
+        Replies are taken in clinic-id order, so the merged head (and the order of classes
+        clinics introduce: appended after the round's classes, first seen in that order) does
+        not depend on the order in which replies arrived.
+        """
         if not replies:
             raise ValueError("no edge heads to merge")
+        ordered = sorted(replies, key=lambda r: r.clinic.clinic_id)
         return merge_edge_heads(
-            [r.head for r in replies], budget_per_class=spec.neurons_per_class, seed=self.seed + server_round, classes=spec.classes
+            [r.head for r in ordered], budget_per_class=spec.neurons_per_class, seed=self.seed + server_round, classes=spec.classes
         )
 
     def configure_evaluate(self, server_round: int, content: RecordDict, grid: Grid) -> list[Message]:
@@ -321,7 +363,7 @@ class EdgeCoordinator(Coordinator):
         return params, source, by_clinic
 
     def _resumable(self, bundle: Bundle) -> tuple[EdgeHead, str, bytes] | None:
-        """The current audited head, if it is an edge head for this backbone and these classes."""
+        """The current audited head, if it is an edge head for this backbone (with `initial-classes`, exactly those)."""
         current = self.audit.current_version("head")
         if current is None or self.audit.version(current).backbone != self.backbone_version:
             return None
@@ -330,8 +372,9 @@ class EdgeCoordinator(Coordinator):
             head = EdgeHead.from_npz(data)
         except ValueError:
             return None  # a gradient head of the same backbone
-        if head.num_features != bundle.feature_dim or head.classes != bundle.classes or not head.is_uniform:
-            return None
+        wanted = self.settings.initial_classes
+        if head.num_features != bundle.feature_dim or not head.is_uniform or (wanted and head.classes != wanted):
+            return None  # (without initial-classes the head is continued whatever its classes: it may have grown)
         e = self.edge
         wanted = (e.num_weights, e.neurons_per_class, e.learning_competition)
         have = (head.num_weights, head.neurons_per_class, head.learning_competition)
@@ -347,8 +390,9 @@ class EdgeCoordinator(Coordinator):
                 head, version, data = found
                 log(INFO, "Starting from the current edge head %s", version)
                 return _Start(head, version, data, f"continued from {version}")
+        classes = initial_edge_classes(bundle, self.settings.initial_classes)
         params, source, by_clinic = self._settle_params(ready, bundle)
-        head = fresh_edge_head(bundle.feature_dim, bundle.classes, params, self.settings.seed)
+        head = fresh_edge_head(bundle.feature_dim, classes, params, self.settings.seed)
         return _Start(head, None, head.to_npz(), source, by_clinic)
 
     # ------------------------------------------------------------------ rounds
@@ -408,6 +452,10 @@ class EdgeCoordinator(Coordinator):
         for name, reason in failed.items():
             log(WARNING, "Round %d: no edge update from %s: %s", round_, name, reason)
         merged = self.merge.aggregate_train(round_, accepted, spec) if accepted else None
+        if merged is not None:
+            for name, clinic in class_additions(spec.classes, accepted):
+                self.audit.record_class_addition(s.run_id, round_, name, clinic)
+                log(INFO, "Round %d: class %r added by %s; the edge head now has %d classes", round_, name, clinic, merged.num_classes)
         self._server_time += time.perf_counter() - t0
         return merged, weighted_metrics(u.metrics for u in accepted), participants, rejected, failed
 
@@ -437,6 +485,7 @@ class EdgeCoordinator(Coordinator):
 
         bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v1")
         check_edge_bundle(bundle)
+        initial_edge_classes(bundle, s.initial_classes)  # a wrong class name fails before any clinic is waited for
         packed = pack_bundle(bundle)
         self.backbone_version = self._backbone(bundle, packed)
         self._write_status(
@@ -449,7 +498,7 @@ class EdgeCoordinator(Coordinator):
         self._server_time = 0.0
         start = self._start(ready, bundle)
         head, head_version, sha = start.head, start.version, head_id(start.data)
-        spec = EdgeSpec(bundle.feature_dim, bundle.classes, head.num_weights, head.neurons_per_class, head.learning_competition)
+        spec = EdgeSpec(bundle.feature_dim, head.classes, head.num_weights, head.neurons_per_class, head.learning_competition)
         log(INFO, "Edge settings (%s): %d weights, %d neurons/class, competition %g", start.source,
             spec.num_weights, spec.neurons_per_class, spec.learning_competition)
         self._write_status(edge_settings={**self._strategy_config(spec, start.source), "clinic_choices": start.clinic_choices})
@@ -458,7 +507,8 @@ class EdgeCoordinator(Coordinator):
             head_version = self._record_edge(
                 0, start.data, None, [],
                 {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic, "edge_clinic_choices": start.clinic_choices},
-                spec, start.source, note=f"initial edge head (fresh neurons, seed {s.seed}) for bundle {bundle.bundle_id}",
+                spec, start.source, note=f"initial edge head (fresh neurons, seed {s.seed}) for bundle {bundle.bundle_id}"
+                + (f", classes {', '.join(head.classes)} (initial-classes)" if s.initial_classes else ""),
             )
         for name in evaluated:
             self.audit.record_deployment(name, head_version)
@@ -488,7 +538,12 @@ class EdgeCoordinator(Coordinator):
             t0 = time.perf_counter()
             metrics = {"train": train_metrics, "evaluate": eval_metrics, "evaluate_by_clinic": per_clinic,
                        "rejected": rejected, "failed": failed}
-            new_version = self._record_edge(round_, new_bytes, head_version, participants, metrics, spec, start.source, note=None)
+            note = None
+            if merged.classes != spec.classes:
+                added = [c for c in merged.classes if c not in spec.classes]
+                note = f"class-incremental merge: added {', '.join(added)}; classes now {', '.join(merged.classes)}"
+                spec = EdgeSpec(spec.num_features, merged.classes, spec.num_weights, spec.neurons_per_class, spec.learning_competition)
+            new_version = self._record_edge(round_, new_bytes, head_version, participants, metrics, spec, start.source, note=note)
             for name in evaluated:
                 self.audit.record_deployment(name, new_version)
             self._server_time += time.perf_counter() - t0

@@ -21,7 +21,14 @@ from qana import edge
 from qana.bundle import Bundle, write_bundle
 from qana.head import head_to_npz, init_head
 from server.audit import AuditLog, EntryFilter
-from server.edge_rounds import EdgeCoordinator, EdgeSettings, read_run_config
+from server.edge_rounds import (
+    EdgeCoordinator,
+    EdgeMerge,
+    EdgeSettings,
+    class_additions,
+    fresh_edge_head,
+    read_run_config,
+)
 from server.federation import FederationError
 from server.loopback import LoopbackGrid, roundtrip
 
@@ -34,9 +41,11 @@ CLASSES = ("akiec", "bcc", "bkl")
 CLINIC_MODES = ({0: (0,), 1: (0,), 2: (0,)}, {0: (1,), 1: (1,), 2: (1,)}, {0: (0, 1), 1: (0, 1), 2: (0, 1)})
 
 
-def toy(n: int, modes: dict[int, tuple[int, ...]], seed: int, flip: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def toy(
+    n: int, modes: dict[int, tuple[int, ...]], seed: int, flip: float = 0.05, classes: tuple[int, ...] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
+    y = rng.integers(0, 3, n) if classes is None else rng.choice(np.array(classes), n)
     x = np.zeros((n, D), np.uint8)
     for i, c in enumerate(y):
         for block in MODES[int(c)][rng.choice(modes[int(c)])]:
@@ -57,6 +66,11 @@ def v1_bundle(path: Path, target: str = "v1") -> Bundle:
 Tamper = Callable[[RecordDict], RecordDict]
 
 
+def columns(y: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """Toy labels (indices into CLASSES) as columns of a head with `classes`; -1 where it lacks the class."""
+    return np.array([classes.index(CLASSES[int(c)]) if CLASSES[int(c)] in classes else -1 for c in y], np.int64)
+
+
 @dataclass
 class EdgeToyClinic:
     """A protocol-speaking akida-edge clinic on toy spikes (train 80% / evaluate 20%)."""
@@ -68,9 +82,14 @@ class EdgeToyClinic:
     n: int = 150
     tamper: Tamper | None = None
     received: list[str] = field(default_factory=list)
+    data_classes: tuple[int, ...] | None = None  # indices into CLASSES present in its data (None: all)
+    new_class: str | None = None  # introduced from `new_from_round` on, as node-config new-classes does
+    new_from_round: int = 1
+    trained_classes: list[tuple[str, ...]] = field(default_factory=list)
+    evaluated_classes: list[tuple[str, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        x, y = toy(self.n, self.modes, self.seed)
+        x, y = toy(self.n, self.modes, self.seed, classes=self.data_classes)
         cut = int(0.8 * self.n)
         self.x_train, self.y_train, self.x_eval, self.y_eval = x[:cut], y[:cut], x[cut:], y[cut:]
 
@@ -91,19 +110,29 @@ class EdgeToyClinic:
             )
             return Message(content, reply_to=msg)
         if kind == E.MSG_TRAIN_EDGE:
-            head, s = E.validate_train_edge_ins(msg.content, D, CLASSES)
+            head, s = E.validate_train_edge_ins(msg.content, D)
+            self.trained_classes.append(head.classes)
+            classes = head.classes
+            present = {CLASSES[int(c)] for c in self.y_train}
+            if self.new_class and s.server_round >= self.new_from_round and self.new_class in present and self.new_class not in classes:
+                classes = (*classes, self.new_class)
+            y = columns(self.y_train, classes)
+            known = y >= 0  # images of classes the head lacks are left out, as client.edge_learning does
             learned = edge.learn_edge_head(
-                self.x_train, self.y_train, CLASSES, s.neurons_per_class, s.num_weights, s.learning_competition,
+                self.x_train[known], y[known], classes, s.neurons_per_class, s.num_weights, s.learning_competition,
                 seed=s.seed + s.server_round, init=head, epochs=s.epochs,
             )
-            metrics = {P.M_NUM_EXAMPLES: len(self.y_train), P.M_TRAIN_TOP1: 1.0, P.M_DEVICE_AGREEMENT: 1.0}
+            metrics = {P.M_NUM_EXAMPLES: int(known.sum()), P.M_TRAIN_TOP1: 1.0, P.M_DEVICE_AGREEMENT: 1.0}
             content = E.train_edge_reply_content(learned, metrics, self.info(bundle_id=s.bundle_id))
             return Message(self.tamper(content) if self.tamper else content, reply_to=msg)
         if kind == E.MSG_EVALUATE_EDGE:
-            head, s = E.validate_evaluate_edge_ins(msg.content, D, CLASSES)
-            pred = edge.predict_edge_reference(head, self.x_eval)
-            top1 = float(np.mean(pred == self.y_eval))
-            metrics = {P.M_NUM_EXAMPLES: len(self.y_eval), P.M_TOP1: top1, P.M_MACRO_F1: top1, P.M_BALANCED_ACCURACY: top1,
+            head, s = E.validate_evaluate_edge_ins(msg.content, D)
+            self.evaluated_classes.append(head.classes)
+            y = columns(self.y_eval, head.classes)
+            known = y >= 0
+            pred = edge.predict_edge_reference(head, self.x_eval[known])
+            top1 = float(np.mean(pred == y[known]))
+            metrics = {P.M_NUM_EXAMPLES: int(known.sum()), P.M_TOP1: top1, P.M_MACRO_F1: top1, P.M_BALANCED_ACCURACY: top1,
                        P.M_DEVICE_AGREEMENT: 1.0}
             return Message(P.evaluate_reply_content(metrics, self.info(bundle_id=s.bundle_id, head_id=s.head_id)), reply_to=msg)
         raise ValueError(f"unexpected message type {kind}")
@@ -255,7 +284,14 @@ MALFORMED = [
     ("shape (6,)", lambda h: _replace_array(E.ARR_THRESHOLD, h.threshold[:6].copy())),
     ("usage cannot be negative", lambda h: _replace_array(E.ARR_USAGE, -h.usage)),
     ("neuron usage sums to", lambda h: _replace_array(E.ARR_USAGE, h.usage * 10)),
-    ("not the run's classes", lambda h: _set_meta(E.K_CLASSES, ["akiec", "bcc", "mel"])),
+    ("do not start with the round's classes", lambda h: _set_meta(E.K_CLASSES, ["akiec", "bcc", "mel"])),
+    ("do not start with the round's classes", lambda h: _set_meta(E.K_CLASSES, ["bcc", "akiec", "bkl"])),
+    ("listed twice: akiec", lambda h: _set_meta(E.K_CLASSES, ["akiec", "bcc", "akiec"])),
+    ("class name 'b kl' must be", lambda h: _set_meta(E.K_CLASSES, ["akiec", "bcc", "b kl"])),
+    ("classes must be a list", lambda h: _set_meta(E.K_CLASSES, "akiec,bcc,bkl")),
+    ("adds 17 classes at once (at most 16)", lambda h: _set_meta(E.K_CLASSES, [*CLASSES, *(f"new{i}" for i in range(17))])),
+    # a class appended in the meta without its neurons: the layout no longer fits the class list
+    ("9 neurons for 4 classes", lambda h: _set_meta(E.K_CLASSES, [*CLASSES, "df"])),
     ("num-weights 24, the round uses 25", lambda h: _set_meta(E.K_NUM_WEIGHTS, 24)),
     ("does not allow: colour", lambda h: _set_meta("colour", "red")),
     ("does not allow: features", lambda h: _extra_record),
@@ -269,6 +305,31 @@ def test_malformed_edge_update_is_a_protocol_error_naming_the_problem(learned, r
     decoded, _ = roundtrip(Message(content, dst_node_id=1, message_type=E.MSG_TRAIN_EDGE))
     with pytest.raises(P.ProtocolError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         E.validate_train_edge_reply(decoded.content, spec_of(learned), "ab" * 32)
+
+
+def test_a_reply_may_append_new_classes_after_the_rounds_classes(learned) -> None:
+    """Class-incremental: the round's classes first, then a class the clinic introduces with its own neurons."""
+    x, y = toy(120, CLINIC_MODES[2], seed=6)
+    grown = edge.learn_edge_head(x, y, (*CLASSES[:2], "df"), 3, 25, 0.1, seed=2, init=_first_two(learned))
+    got = E.validate_train_edge_reply(reply(grown), E.EdgeSpec(D, CLASSES[:2], 25, 3, 0.1), "ab" * 32)
+    assert got.head.classes == (*CLASSES[:2], "df") and got.head.class_counts().tolist() == [3, 3, 3]
+    assert got.head.usage[got.head.neuron_classes == 2].sum() == np.sum(y == 2)  # the new neurons learned df's images
+    # instructions carry the federation's current classes, whatever the bundle's
+    settings = E.EdgeTrainSettings(2, "ab" * 32, "cd" * 32, 25, 3, 0.1, 1, 0)
+    head, _ = E.validate_train_edge_ins(E.train_edge_content(got.head, settings), D)
+    assert head.classes == (*CLASSES[:2], "df")
+    with pytest.raises(P.ProtocolError, match=r"edge head classes \['akiec', 'bcc', 'df'\] are not the run's classes"):
+        E.validate_train_edge_ins(E.train_edge_content(got.head, settings), D, CLASSES)
+
+
+def _first_two(head: edge.EdgeHead) -> edge.EdgeHead:
+    """The head's neurons of its first two classes (a federation that has not got the third yet)."""
+    keep = head.neuron_classes < 2
+    return edge.EdgeHead(
+        head.weights_packed[keep], head.num_features, head.neuron_classes[keep], head.threshold[keep], head.act_step[keep],
+        head.threshold_learning[keep], head.thswap[keep], head.usage[keep], head.classes[:2], head.num_weights,
+        head.learning_competition,
+    )
 
 
 def test_neurons_per_class_of_the_round_is_enforced(learned) -> None:
@@ -370,6 +431,82 @@ def test_a_malformed_edge_update_is_rejected_recorded_and_the_round_goes_on(tmp_
     assert "act-step must be finite and positive" in r1.rejected["clinic-2"]
     rejections = audit.entries(EntryFilter(kinds=("rejection",)))
     assert [r.body["clinic_id"] for r in rejections] == ["clinic-2"]
+
+
+FIXED = {"edge-num-weights": 25, "edge-neurons-per-class": 2, "edge-learning-competition": 0.1}
+
+
+def test_a_class_introduced_by_one_clinic_reaches_every_clinic_and_the_audit_log(tmp_path, bundle, audit) -> None:
+    """Class-incremental edge rounds: the federation starts without bkl; clinic-0 brings it in round 2."""
+    old = CLASSES[:2]
+    nodes = {
+        200: EdgeToyClinic("clinic-0", bundle, ALL_MODES, seed=0, n=240, new_class="bkl", new_from_round=2),
+        201: EdgeToyClinic("clinic-1", bundle, ALL_MODES, seed=1, data_classes=(0, 1)),
+        202: EdgeToyClinic("clinic-2", bundle, ALL_MODES, seed=2, data_classes=(0, 1)),
+    }
+    result = coordinator(tmp_path, bundle, audit, nodes, **{"num-rounds": 3, "initial-classes": ",".join(old), **FIXED}).run()
+    heads = {e.version: edge.EdgeHead.from_npz(audit.artifact_of(e.version)) for e in audit.entries() if e.kind == "head"}
+    grown = (*old, "bkl")
+    assert [heads[r.head_version].classes for r in result.rounds] == [old, old, grown, grown]
+    assert "initial-classes" in audit.version(result.rounds[0].head_version).note
+    # every clinic trains from and evaluates the grown head after round 2 (the class reached all of them)
+    for clinic in nodes.values():
+        assert clinic.trained_classes == [old, old, grown]
+        assert clinic.evaluated_classes == [old, old, grown, grown]
+    additions = [e for e in audit.entries() if e.kind == "class_addition"]
+    assert [(e.body["class_name"], e.body["clinic_id"], e.body["round"]) for e in additions] == [("bkl", "clinic-0", 2)]
+    h3 = audit.version(result.rounds[2].head_version)
+    assert h3.note == "class-incremental merge: added bkl; classes now akiec, bcc, bkl"
+    assert audit.version(result.rounds[3].head_version).note is None
+    assert audit.verify().ok
+    # the merged head recognises bkl (its neurons are clinic-0's), the old classes stay as good as before it arrived
+    final, before = heads[result.rounds[-1].head_version], heads[result.rounds[1].head_version]
+    assert final.is_uniform and final.neurons_per_class == 2 and final.learned[final.neuron_classes == 2].all()
+    x, y = toy(900, ALL_MODES, seed=99)
+    is_new = y == 2
+    assert np.mean(edge.predict_edge_reference(final, x[is_new]) == 2) > 0.8
+    acc_before = np.mean(edge.predict_edge_reference(before, x[~is_new]) == y[~is_new])
+    acc_after = np.mean(edge.predict_edge_reference(final, x[~is_new]) == y[~is_new])
+    assert acc_before > 0.9 and acc_after >= acc_before - 0.05, (acc_before, acc_after)
+
+
+def test_new_classes_from_several_clinics_are_appended_in_clinic_id_order(tmp_path, bundle, audit) -> None:
+    """Two clinics introduce two classes in the same round: the order is by clinic id, not by arrival."""
+    nodes = {
+        200: EdgeToyClinic("clinic-b", bundle, ALL_MODES, seed=0, data_classes=(0, 2), new_class="bkl"),
+        201: EdgeToyClinic("clinic-a", bundle, ALL_MODES, seed=1, data_classes=(0, 1), new_class="bcc"),
+    }
+    result = coordinator(tmp_path, bundle, audit, nodes, **{"num-rounds": 1, "initial-classes": "akiec", **FIXED}).run()
+    final = edge.EdgeHead.from_npz(audit.artifact_of(result.final_head_version))
+    assert final.classes == ("akiec", "bcc", "bkl")
+    additions = [(e.body["class_name"], e.body["clinic_id"]) for e in audit.entries() if e.kind == "class_addition"]
+    assert additions == [("bcc", "clinic-a"), ("bkl", "clinic-b")]
+    # the merge itself does not depend on the order of the replies it is given
+    start = fresh_edge_head(D, ("akiec",), edge.EdgeParams(25, 2, 0.1, 0.0), seed=0)
+    replies = []
+    for name, cls in (("clinic-b", 2), ("clinic-a", 1)):
+        x, y = toy(100, ALL_MODES, seed=cls, classes=(0, cls))
+        head = edge.learn_edge_head(x, np.where(y == 0, 0, 1), ("akiec", CLASSES[cls]), 2, 25, 0.1, init=start)
+        replies.append(E.EdgeTrainReply(P.ClinicInfo(name, P.PROTOCOL_VERSION), head, {P.M_NUM_EXAMPLES: 100}))
+    merge, spec = EdgeMerge(), E.EdgeSpec(D, ("akiec",), 25, 2, 0.1)
+    one, other = merge.aggregate_train(1, replies, spec), merge.aggregate_train(1, replies[::-1], spec)
+    assert one.classes == ("akiec", "bcc", "bkl") and one.to_npz() == other.to_npz()
+    assert class_additions(("akiec",), replies) == [("bcc", "clinic-a"), ("bkl", "clinic-b")]
+
+
+def test_initial_classes_must_be_classes_of_the_bundle(tmp_path, bundle, audit) -> None:
+    with pytest.raises(FederationError, match=r"initial-classes scc are not classes of the bundle \(akiec, bcc, bkl\)"):
+        coordinator(tmp_path, bundle, audit, toy_clinics(bundle), **{"initial-classes": "akiec,scc", **FIXED}).run()
+
+
+def test_a_malformed_class_list_is_rejected_and_the_round_goes_on(tmp_path, bundle, audit) -> None:
+    nodes = toy_clinics(bundle)
+    nodes[202].tamper = _set_meta(E.K_CLASSES, ["bcc", "akiec", "bkl"])
+    result = coordinator(tmp_path, bundle, audit, nodes, **{"num-rounds": 1, **FIXED}).run()
+    r1 = result.rounds[1]
+    assert r1.head_version == "h2" and sorted(r1.participants) == ["clinic-0", "clinic-1"]
+    assert "do not start with the round's classes ['akiec', 'bcc', 'bkl']" in r1.rejected["clinic-2"]
+    assert not [e for e in audit.entries() if e.kind == "class_addition"]
 
 
 def test_initial_head_auto_continues_the_audited_edge_head(tmp_path, bundle, audit) -> None:
