@@ -125,7 +125,7 @@ def train_edge(msg: Message, context: Context) -> Message:
 
     edge = _edge_clinic(context)
     bundle = edge.clinic.bundles.get(peek_bundle_id(msg.content))
-    head, settings = validate_train_edge_ins(msg.content, bundle.feature_dim, bundle.classes)
+    head, settings = validate_train_edge_ins(msg.content, bundle.feature_dim)
     learned, metrics = edge.train(head, settings)
     log(INFO, "[%s] round %d: edge learning on %d images", edge.clinic.config.clinic_id, settings.server_round, metrics["num-examples"])
     return Message(train_edge_reply_content(learned, metrics, edge.clinic.info(settings.bundle_id)), reply_to=msg)
@@ -138,7 +138,7 @@ def evaluate_edge(msg: Message, context: Context) -> Message:
 
     edge = _edge_clinic(context)
     bundle = edge.clinic.bundles.get(peek_bundle_id(msg.content))
-    head, settings = validate_evaluate_edge_ins(msg.content, bundle.feature_dim, bundle.classes)
+    head, settings = validate_evaluate_edge_ins(msg.content, bundle.feature_dim)
     metrics = edge.evaluate(head, settings)
     log(INFO, "[%s] round %d: edge head %s top1=%.3f", edge.clinic.config.clinic_id, settings.server_round, settings.head_id[:12], metrics["top1"])
     return Message(evaluate_reply_content(metrics, edge.clinic.info(settings.bundle_id, settings.head_id)), reply_to=msg)

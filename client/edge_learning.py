@@ -12,6 +12,14 @@ samples each won), nothing else.
 Before anything is sent or reported, the Akida model's decisions on the clinic's features must
 equal the numpy reference (`predict_edge` vs `predict_edge_reference`), as in the gradient mode:
 a clinic never reports numbers its device would not reproduce.
+
+Class-incremental rounds follow the gradient mode's rules (`Clinic._with_new_classes`): the
+global head carries the federation's class list; images of classes it lacks are left out of
+learning and evaluation (`client.clinic.labels_for`). A clinic configured with `new-classes`
+grows the head by each such class from `new-classes-from-round` on, if it has training images
+of it: Akida's `add_classes` appends neurons-per-class fresh neurons (seeded random weights,
+unlearned state, as `qana.edge.learn_edge_head` creates them), learning trains them on-chip,
+and the reply lists the round's classes then the new ones.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.clinic import Clinic, ClinicError, Prepared, _write_atomic
-from protocols.edge_messages import EdgeEvaluateSettings, EdgeTrainSettings
+from client.clinic import Clinic, ClinicError, Prepared, _write_atomic, labels_for
+from protocols.edge_messages import (
+    EdgeEvaluateSettings,
+    EdgeTrainSettings,
+    check_reply_classes,
+)
 from protocols.messages import (
     M_BALANCED_ACCURACY,
     M_DEVICE_AGREEMENT,
@@ -31,6 +43,7 @@ from protocols.messages import (
     M_NUM_EXAMPLES,
     M_TOP1,
     M_TRAIN_TOP1,
+    ProtocolError,
 )
 from qana.edge import (
     EdgeHead,
@@ -52,9 +65,12 @@ class EdgeClinic:
 
     clinic: Clinic
 
-    def prepare(self, bundle_id: str) -> tuple[Prepared, np.ndarray]:
-        """The bundle's cached features as 0/1 spikes; a clear error for a bundle that cannot learn on-chip."""
-        prep = self.clinic.prepare(bundle_id)
+    def prepare(self, bundle_id: str, classes: tuple[str, ...] = ()) -> tuple[Prepared, np.ndarray]:
+        """The bundle's cached features as 0/1 spikes; a clear error for a bundle that cannot learn on-chip.
+
+        `classes` are the global head's: the clinic's metadata may use them (and its own new classes).
+        """
+        prep = self.clinic.prepare(bundle_id, classes)
         if prep.bundle.target != "v1":
             raise ClinicError(
                 f"akida-edge learning needs a v1 bundle (Akida 1.0 learns on-chip); bundle {bundle_id[:12]}… targets {prep.bundle.target!r}"
@@ -82,24 +98,51 @@ class EdgeClinic:
         prep, spikes = self.prepare(bundle_id)
         if len(prep.train_idx) < 2:
             raise ClinicError("too few local training images to choose edge-learning settings")
-        idx = prep.train_idx
+        labels = labels_for(prep.dataset, prep.bundle.classes)  # -1: a class only this clinic has (new-classes)
+        idx = prep.train_idx[labels[prep.train_idx] >= 0]
         try:
             params = choose_edge_params(
-                spikes[idx], prep.dataset.labels[idx], prep.bundle.classes, groups=prep.dataset.lesion_ids[idx], seed=seed
+                spikes[idx], labels[idx], prep.bundle.classes, groups=prep.dataset.lesion_ids[idx], seed=seed
             )
         except ValueError as exc:
             raise ClinicError(f"cannot choose edge-learning settings: {exc}") from None
         return params, len(idx)
 
+    def grown_classes(self, head: EdgeHead, prep: Prepared, settings: EdgeTrainSettings) -> tuple[str, ...]:
+        """The head's classes plus this clinic's new classes, once it is their round and it has training images of them.
+
+        The same rule as `Clinic._with_new_classes` (gradient mode), so a clinic introduces a class
+        the same way whichever learning mode the federation runs.
+        """
+        if settings.server_round < self.clinic.config.new_classes_from_round:
+            return head.classes
+        names = prep.dataset.class_names
+        present = {names[i] for i in np.unique(prep.dataset.labels[prep.train_idx])}
+        extra = [c for c in self.clinic.config.new_classes if c not in head.classes and c in present]
+        return (*head.classes, *extra)
+
     def train(self, head: EdgeHead, settings: EdgeTrainSettings) -> tuple[EdgeHead, dict[str, int | float]]:
-        """One round: continue Akida learning from the global head on the local training spikes."""
-        prep, spikes = self.prepare(settings.bundle_id)
+        """One round: continue Akida learning from the global head on the local training spikes.
+
+        Learning runs on the images whose class the (possibly grown) head has; new classes get
+        fresh neurons seeded by the round, appended after the global classes.
+        """
+        prep, spikes = self.prepare(settings.bundle_id, head.classes)
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
-        x, y = spikes[prep.train_idx], prep.dataset.labels[prep.train_idx]
+        classes = self.grown_classes(head, prep, settings)
+        try:
+            check_reply_classes(classes, head.classes, "this clinic's edge head")
+        except ProtocolError as exc:
+            raise ClinicError(f"{exc} (node-config new-classes)") from None
+        labels = labels_for(prep.dataset, classes)
+        idx = prep.train_idx[labels[prep.train_idx] >= 0]
+        if len(idx) == 0:
+            raise ClinicError(f"none of the local training images has a class of the global head ({', '.join(classes)})")
+        x, y = spikes[idx], labels[idx]
         try:
             learned = learn_edge_head(
-                x, y, prep.bundle.classes, settings.neurons_per_class, settings.num_weights,
+                x, y, classes, settings.neurons_per_class, settings.num_weights,
                 settings.learning_competition, seed=settings.seed + settings.server_round, init=head, epochs=settings.epochs,
             )
         except ValueError as exc:
@@ -113,12 +156,20 @@ class EdgeClinic:
         return learned, metrics
 
     def evaluate(self, head: EdgeHead, settings: EdgeEvaluateSettings) -> dict[str, int | float]:
-        """The global head's Akida predictions on the held-out images; the head is kept as deployed."""
-        prep, spikes = self.prepare(settings.bundle_id)
+        """The global head's Akida predictions on the held-out images; the head is kept as deployed.
+
+        Held-out images of classes the head does not have (yet) are left out of the metrics.
+        """
+        prep, spikes = self.prepare(settings.bundle_id, head.classes)
         if len(prep.eval_idx) == 0:
             raise ClinicError("no held-out images to evaluate on (the clinic has too few lesions)")
-        chip, agreement = self._agreement(head, spikes[prep.eval_idx])
-        result = classification_metrics(prep.dataset.labels[prep.eval_idx], chip, prep.bundle.classes)
+        labels = labels_for(prep.dataset, head.classes)[prep.eval_idx]
+        known = labels >= 0
+        if not known.any():
+            raise ClinicError(f"none of the held-out images has a class of the global head ({', '.join(head.classes)})")
+        idx = prep.eval_idx[known]
+        chip, agreement = self._agreement(head, spikes[idx])
+        result = classification_metrics(labels[known], chip, head.classes)
         self._save_deployed(prep, head, settings)
         return {
             M_NUM_EXAMPLES: int(result["n"]),

@@ -117,3 +117,46 @@ def test_edge_instructions_with_a_v2_bundle_or_silent_backbone_are_refused_clear
     send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
     reply = send(E.edge_params_content(bundle.bundle_id, seed=0), E.MSG_EDGE_PARAMS, ctx)
     assert reply.has_error() and "no spikes" in reply.error.reason
+
+
+def test_a_clinic_with_new_classes_grows_the_edge_head_and_the_chip_agrees(clinic, bundle) -> None:
+    """node-config new-classes=scc from round 2: round 1 leaves scc images out, round 2 adds scc neurons and learns them on-chip."""
+    ctx, ds = clinic
+    meta = Path(ctx.node_config["data-dir"]) / "HAM10000_metadata.csv"
+    meta.write_text(meta.read_text().replace(",df,", ",scc,"))  # a diagnosis the bundle does not know; spikes stay cached
+    ctx.node_config.update({"new-classes": "scc", "new-classes-from-round": 2})
+    deployed = send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    assert not deployed.has_error(), deployed.error.reason if deployed.has_error() else ""
+    old = tuple(c for c in bundle.classes if c != "df")  # the federation started without df (initial-classes)
+    npc, nw = 2, 10
+    head = fresh_edge_head(bundle.feature_dim, old, edge.EdgeParams(nw, npc, 0.1, 0.0), seed=0)
+    spec = E.EdgeSpec(bundle.feature_dim, old, nw, npc, 0.1)
+    updates = []
+    for round_ in (1, 2):
+        settings = E.EdgeTrainSettings(round_, bundle.bundle_id, HEAD_SHA, nw, npc, 0.1, 1, 0)
+        reply = send(E.train_edge_content(head, settings), E.MSG_TRAIN_EDGE, ctx)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        updates.append(E.validate_train_edge_reply(reply.content, spec, bundle.bundle_id))
+    before, grown = updates[0].head, updates[1].head
+    assert before.classes == old  # round 1 < new-classes-from-round: scc images were left out of learning
+    assert grown.classes == (*old, "scc") and grown.is_uniform and grown.neurons_per_class == npc
+    assert updates[1].metrics[P.M_DEVICE_AGREEMENT] == 1.0
+    # the new neurons learned exactly the scc training images the clinic left out in round 1
+    scc_train = updates[1].num_examples - updates[0].num_examples
+    scc = grown.neuron_classes == len(old)
+    assert scc_train > 0 and int(grown.usage[scc].sum()) == scc_train and grown.learned[scc].any()
+    # the old classes' neurons still won every other training image (scc images went to scc neurons only)
+    assert int(grown.usage[~scc].sum()) == updates[0].num_examples
+    # the grown head on Akida: evaluation now scores the held-out scc images too, and the chip decides as the reference
+    results = []
+    for h in (before, grown):
+        ev = send(E.evaluate_edge_content(h, E.EdgeEvaluateSettings(2, bundle.bundle_id, HEAD_SHA)), E.MSG_EVALUATE_EDGE, ctx)
+        assert not ev.has_error(), ev.error.reason if ev.has_error() else ""
+        results.append(P.validate_evaluate_reply(ev.content, bundle.bundle_id, HEAD_SHA).metrics)
+    assert [m[P.M_DEVICE_AGREEMENT] for m in results] == [1.0, 1.0]
+    held_out = len(ds) - updates[1].num_examples
+    assert results[1][P.M_NUM_EXAMPLES] == held_out and results[0][P.M_NUM_EXAMPLES] < held_out
+    assert results[1][P.M_TOP1] > 0.7
+    df_spikes = spikes_for(np.full(20, bundle.classes.index("df")), bundle.feature_dim)  # scc images carry df's pattern
+    chip = edge.predict_edge(grown, df_spikes)
+    assert np.array_equal(chip, edge.predict_edge_reference(grown, df_spikes)) and np.mean(chip == len(old)) > 0.8
