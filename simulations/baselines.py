@@ -79,7 +79,14 @@ def score(
     partition: Partition,
     classes: Sequence[str],
 ) -> Scores:
-    """Score `heads(clinic_id)` on each clinic's test part, per clinic and on their union."""
+    """Score `heads(clinic_id)` on each clinic's test part, per clinic and on their union.
+
+    Head columns are matched to the data's classes by name (a federation may run with fewer
+    classes, or a grown head with its own order). Test images of a class the head does not
+    have are left out, as a clinic leaves them out of its own evaluation (so the driver's
+    scores equal the clinics' on-chip reports); the new-class scenario scores those images
+    separately (`simulations.scenario`).
+    """
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
     by_clinic = {}
@@ -89,8 +96,17 @@ def score(
         q = quantized.get(id(head))
         if q is None:  # an akida-edge head is scored as it is: its neurons are what the chip holds
             q = quantized[id(head)] = head if isinstance(head, EdgeHead) else quantize_head(head, target)
-        pred = predict_edge_reference(q, features[part.test]) if isinstance(q, EdgeHead) else predict(q, features[part.test])
-        truth = labels[part.test]
+        test, truth = part.test, labels[part.test]
+        if tuple(head.classes) != tuple(classes):
+            unknown = [c for c in head.classes if c not in classes]
+            if unknown:
+                raise ValueError(f"head class(es) {', '.join(unknown)} are not classes of the data ({', '.join(classes)})")
+            to_data = np.array([list(classes).index(c) for c in head.classes])
+            known = np.isin(truth, to_data[to_data >= 0])
+            test, truth = test[known], truth[known]
+        pred = predict_edge_reference(q, features[test]) if isinstance(q, EdgeHead) else predict(q, features[test])
+        if tuple(head.classes) != tuple(classes):
+            pred = to_data[pred] if len(pred) else pred
         by_clinic[part.clinic_id] = _summary(classification_metrics(truth, pred, classes))
         y_true.append(truth)
         y_pred.append(pred)

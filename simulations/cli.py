@@ -57,6 +57,10 @@ def run(
     eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="each clinic's local test part, by lesion (default 0.2)")] = None,
     initial_head: Annotated[Optional[str], typer.Option("--initial-head", help="random (default) | bundle: the head all methods start from")] = None,
     learning: Annotated[Optional[str], typer.Option("--learning", help="gradient (default) | akida-edge: Akida 1.0 on-chip learning of the head (v1 bundle)")] = None,
+    scenario: Annotated[Optional[str], typer.Option("--scenario", help="standard (default) | new-class: one clinic brings a class the federation lacks, at round --new-class-round")] = None,
+    new_class: Annotated[Optional[str], typer.Option("--new-class", help="new-class scenario: the class (default df)")] = None,
+    new_class_round: Annotated[Optional[int], typer.Option("--new-class-round", help="new-class scenario: the round it appears (default 3)")] = None,
+    new_class_clinic: Annotated[Optional[str], typer.Option("--new-class-clinic", help="new-class scenario: the clinic that has it (default: most training lesions of it)")] = None,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle; v1 for --learning akida-edge)")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results)")] = None,
@@ -68,6 +72,7 @@ def run(
     from simulations.edge_baselines import EdgeSimError
     from simulations.experiment import run_experiment
     from simulations.partition import PartitionError
+    from simulations.scenario import ScenarioError
     from simulations.workspace import SourceError
 
     flags: dict[str, Any] = {
@@ -85,6 +90,10 @@ def run(
         "eval_fraction": eval_fraction,
         "initial_head": initial_head,
         "learning": learning,
+        "scenario": scenario,
+        "new_class": new_class,
+        "new_class_round": new_class_round,
+        "new_class_clinic": new_class_clinic,
         "bundle": str(bundle) if bundle is not None else None,
         "seed": seed,
         "out": str(out) if out is not None else None,
@@ -97,7 +106,7 @@ def run(
     command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
-    except (SourceError, PartitionError, EdgeSimError) as exc:
+    except (SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from simulations.partition import SPLITS
+from simulations.scenario import SCENARIOS
 
 DEVICES = ("software", "auto")
 INITIAL_HEADS = ("random", "bundle")
@@ -50,6 +51,10 @@ class SimConfig:
     initial_head: str = "random"  # random (all methods start untrained) | bundle (the bundle's head)
     device: str = "software"  # Akida device of the simulated clinics
     learning: str = "gradient"  # gradient | akida-edge
+    scenario: str = "standard"  # standard | new-class (simulations.scenario)
+    new_class: str = "df"  # new-class scenario: the class that appears ...
+    new_class_round: int = 3  # ... in this round ...
+    new_class_clinic: str | None = None  # ... at this clinic (None: the one with most training lesions of it)
     seed: int = 0
     out: str = "qana-sim-results"
     keep_work: bool = False  # keep the clinics' folders and caches under OUT/work
@@ -93,6 +98,11 @@ class SimConfig:
             raise ConfigError(f"learning={self.learning!r}: use {' or '.join(LEARNINGS)}")
         if self.learning == "akida-edge" and self.initial_head == "bundle":
             raise ConfigError("initial-head='bundle' does not apply to learning akida-edge (the bundle's head is not edge neurons); use random")
+        if self.scenario not in SCENARIOS:
+            raise ConfigError(f"scenario={self.scenario!r}: use {' or '.join(SCENARIOS)}")
+        if self.scenario == "new-class":
+            if not 1 <= self.new_class_round <= self.rounds:
+                raise ConfigError(f"new-class-round={self.new_class_round}: must be between 1 and rounds ({self.rounds})")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r}: use {' or '.join(DEVICES)}")
         if not 0 <= self.seed <= 2**31 - 1:

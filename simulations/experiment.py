@@ -26,6 +26,7 @@ from simulations.engine import Job, Progress, run_federation
 from simulations.partition import Partition, make_partition
 from simulations.report import ExperimentResult, write_results
 from simulations.results import collect
+from simulations.scenario import NewClass, apply_new_class, scenario_summary
 from simulations.workspace import Source, build_clinics, load_source, source_features
 
 Echo = Callable[[str], None]
@@ -174,6 +175,13 @@ def _phase(seconds: dict[str, float], name: str, state: dict[str, str]) -> Itera
         seconds[name] = time.perf_counter() - t0
 
 
+def scenario_config(scenario: NewClass | None, classes: tuple[str, ...]) -> dict[str, Any]:
+    """Run config of the new-class scenario: the federation starts without the new class."""
+    if scenario is None:
+        return {}
+    return {"initial-classes": ",".join(c for c in classes if c != scenario.name)}
+
+
 def run_experiment(
     cfg: SimConfig,
     *,
@@ -212,6 +220,12 @@ def run_experiment(
         split=cfg.split, num_clinics=cfg.num_clinics, alpha=cfg.alpha,
         classes_per_clinic=cfg.classes_per_clinic, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
     )
+    scenario = None
+    if cfg.scenario == "new-class":
+        partition, scenario = apply_new_class(
+            partition, ds.labels, ds.lesion_ids, ds.class_names, cfg.new_class, cfg.new_class_round, cfg.new_class_clinic
+        )
+        echo(f"Scenario: {partition.notes[-1]}")
     notes = list(partition.notes)
     if partition.moved_lesions:
         notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")
@@ -237,7 +251,7 @@ def run_experiment(
             "came from the feature cache (or repeat an image's content)"
         )
         with _phase(seconds, "clinic folders", state):
-            sites = build_clinics(source, partition, features, work, cache_root)
+            sites = build_clinics(source, partition, features, work, cache_root, cfg.eval_fraction, cfg.seed)
         target = source.bundle.target
         edge_config: dict[str, Any] = {}
         if cfg.learning == "akida-edge":  # simulations.edge_baselines: Akida on-chip learning instead of head training
@@ -258,8 +272,10 @@ def run_experiment(
         run_id = run_id_for(cfg)
         job = Job(
             run_id=run_id,
-            node_configs=[s.node_config(cfg) for s in sites],
-            run_config={**server_run_config(cfg, source, n, run_dir), **edge_config},
+            node_configs=[
+                s.node_config(cfg, scenario.from_round if scenario and s.clinic_id == scenario.clinic_id else None) for s in sites
+            ],
+            run_config={**server_run_config(cfg, source, n, run_dir), **edge_config, **scenario_config(scenario, result.classes)},
             dropout=cfg.dropout,
             seed=cfg.seed,
             timings=str(run_dir / "timings.json"),
@@ -279,6 +295,10 @@ def run_experiment(
                 bars.done(federation_progress)
         with _phase(seconds, "results and report", state):
             result.federated = collect(run, str(run_id), target, features, ds.labels, partition, result.classes)
+            if scenario is not None:
+                result.scenario = scenario_summary(
+                    result.federated.heads, target, features, ds.labels, partition, result.classes, scenario
+                )
             if run.status == "finished":
                 result.status = "finished"
             elif run.status == "interrupted":

@@ -41,6 +41,7 @@ class ExperimentResult:
     features_computed: int = 0
     command: str = ""
     message: str = ""  # why a run stopped early
+    scenario: dict[str, Any] | None = None  # new-class scenario summary (simulations.scenario)
 
     # ------------------------------------------------------------------ derived
 
@@ -107,6 +108,7 @@ class ExperimentResult:
             "local_only": [s.to_dict() for s in self.local_only],
             "seconds": self.seconds,
             "features_computed": self.features_computed,
+            "scenario": self.scenario,
         }
 
 
@@ -329,6 +331,8 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
         if fed.error:
             lines += ["", "Error from the simulation (see " + f"`{fed.log}`):", "", "```", fed.error, "```"]
         lines.append("")
+    if result.scenario:
+        lines += _scenario_md(result.scenario)
     if r is not None:
         lines += [f"## Per clinic, round {r}", "",
                   "| clinic | test images | federated bal. acc. | pooled bal. acc. | local-only bal. acc. | federated macro-F1 | pooled macro-F1 | local-only macro-F1 |",
@@ -361,6 +365,32 @@ def _report_md(result: ExperimentResult, plots: list[str]) -> str:
         for p in plots:
             lines += [f"### {titles.get(p, p)}", "", f"![{titles.get(p, p)}]({p})", ""]
     return "\n".join(l for l in lines if l is not None) + "\n"
+
+
+def _scenario_md(sc: dict[str, Any]) -> list[str]:
+    """The new-class scenario section: new-class recall per clinic and old-class macro-F1 per round."""
+    name, k = sc["class"], sc["round"]
+    clinics = sorted({c for scores in sc["rounds"].values() for c in scores["new_class_recall"]})
+    lines = [f"## New-class scenario: `{name}` from {sc['clinic']} at round {k}", "",
+             f"The federation starts without `{name}`; only {sc['clinic']} has training images of it (other clinics' "
+             f"`{name}` images are in their test parts only). Old-class macro-F1: test images of the other classes, all "
+             f"clinics together (a `{name}` prediction on them is an error). Recall of `{name}` on each clinic's test images.", "",
+             "| round | head has it | old-class macro-F1 | " + " | ".join(f"{name} recall at {c}" for c in clinics) + " |",
+             "|---|---|---|" + "---|" * len(clinics)]
+    for r, scores in sorted(sc["rounds"].items(), key=lambda kv: int(kv[0])):
+        rec = scores["new_class_recall"]
+        lines.append(f"| {r} | {'yes' if scores['has_class'] else 'no'} | {_fmt(scores['old_macro_f1'])} | "
+                     + " | ".join(_fmt(rec.get(c)) if rec.get(c) is not None else "–" for c in clinics) + " |")
+    lines.append("")
+    if "old_macro_f1_change" in sc:
+        verdict = "within" if sc["old_classes_within_target"] else "OUTSIDE"
+        lines.append(f"Old classes: macro-F1 {_fmt(sc['old_macro_f1_before'])} at round {k - 1} (before `{name}`), "
+                     f"{_fmt(sc['old_macro_f1_after'])} at the end: change {sc['old_macro_f1_change'] * 100:+.1f} points "
+                     f"({verdict} the 1-point target).")
+    appeared = sc.get("appeared_in_round")
+    lines += [f"`{name}` entered the global head in round {appeared}." if appeared is not None
+              else f"`{name}` never entered the global head.", ""]
+    return lines
 
 
 def write_results(result: ExperimentResult, out: Path) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import qana
+from client.clinic import HELD_OUT, SPLIT_FILE, TRAIN, write_split
 from client.features import FeatureCache
 from qana.bundle import Bundle, BundleError, default_bundle_path, load_bundle
 from qana.data import METADATA_FILE, Dataset, ImageCache, find_images, load_dataset
@@ -156,9 +157,13 @@ class ClinicSite:
     data_dir: Path
     cache_dir: Path
 
-    def node_config(self, cfg: SimConfig) -> dict[str, str | int | float]:
-        """What `flower-supernode --node-config` would carry for this clinic in a deployment."""
-        return {
+    def node_config(self, cfg: SimConfig, new_class_from: int | None = None) -> dict[str, str | int | float]:
+        """What `flower-supernode --node-config` would carry for this clinic in a deployment.
+
+        `new_class_from`: this clinic introduces `cfg.new_class` from that round
+        (`qana-client start --new-class`; the new-class scenario).
+        """
+        config: dict[str, str | int | float] = {
             "data-dir": str(self.data_dir),
             "clinic-id": self.clinic_id,
             "device": cfg.device,
@@ -166,6 +171,10 @@ class ClinicSite:
             "eval-fraction": float(cfg.eval_fraction),
             "split-seed": int(cfg.seed),
         }
+        if new_class_from is not None:
+            config["new-classes"] = cfg.new_class
+            config["new-classes-from-round"] = int(new_class_from)
+        return config
 
 
 def _metadata_rows(data_dir: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
@@ -176,9 +185,10 @@ def _metadata_rows(data_dir: Path) -> tuple[list[str], dict[str, dict[str, str]]
 
 
 def build_clinics(
-    source: Source, partition: Partition, features: np.ndarray, work: Path, cache_root: Path
+    source: Source, partition: Partition, features: np.ndarray, work: Path, cache_root: Path,
+    eval_fraction: float = 0.2, seed: int = 0,
 ) -> list[ClinicSite]:
-    """Write each clinic's folder and cache (features pre-filled) under `work`."""
+    """Write each clinic's folder and cache (features and the partition's local split pre-filled) under `work`."""
     columns, meta = _metadata_rows(source.data_dir)
     files = find_images(source.data_dir)
     size = source.bundle.input_shape[0]
@@ -207,6 +217,10 @@ def build_clinics(
             image_link.symlink_to(shared_images.resolve(), target_is_directory=True)
         subset = ds.subset(part.rows)
         FeatureCache(cache, source.bundle).features(subset, _KnownFeatures(subset.images, features[part.rows]))
+        # The clinic keeps exactly the partition's local split (persistent_split honours a recorded split).
+        sides = {str(lesion): TRAIN for lesion in ds.lesion_ids[part.train]}
+        sides.update({str(lesion): HELD_OUT for lesion in ds.lesion_ids[part.test]})
+        write_split(cache / SPLIT_FILE, sides, eval_fraction, seed)
         sites.append(ClinicSite(part.clinic_id, folder, cache))
     return sites
 

@@ -293,3 +293,40 @@ def test_ctrl_c_leaves_a_readable_partial_result_and_no_ray_processes(ham: Path,
             break
         time.sleep(1)
     assert not left, f"processes left behind: {left}"
+
+
+# --------------------------------------------------------------------------- new-class scenario
+
+
+@pytest.mark.timeout(600)
+def test_new_class_scenario_grows_the_head_at_its_round_and_reports_old_and_new_classes(ham: Path, tmp_path: Path) -> None:
+    """`--scenario new-class`: the federation starts without df; one clinic brings it at round 2."""
+    from simulations.experiment import run_experiment
+
+    out = tmp_path / "out"
+    cfg = _config(ham, out, rounds=3, scenario="new-class", new_class="df", new_class_round=2, keep_work=False)
+    result = run_experiment(cfg, cache_root=tmp_path / "cache", echo=lambda _m: None, progress=False)
+    assert result.status == "finished", (result.message, result.federated and result.federated.error)
+    sc = result.scenario
+    assert sc is not None and sc["class"] == "df" and sc["round"] == 2
+    has = {int(r): s["has_class"] for r, s in sc["rounds"].items()}
+    assert has == {0: False, 1: False, 2: True, 3: True}
+    assert sc["appeared_in_round"] == 2 and "old_macro_f1_change" in sc
+    heads = result.federated.heads
+    assert "df" not in heads[1].classes and heads[3].classes[-1] == "df"
+    # the clinics' own on-chip evaluations agree with the driver's scores, before and after the class arrived
+    assert result.federated.consistency["ok"], result.federated.consistency
+    # only the introducing clinic trains on df; the others hold their df images for testing only
+    table = {p["clinic"]: p for p in json.loads((out / "results.json").read_text())["partition"]["clinics"]}
+    assert sc["clinic"] in table
+    report = (out / "report.md").read_text()
+    assert "## New-class scenario: `df`" in report and "Old classes: macro-F1" in report
+    # the audit log recorded the class addition
+    from server.audit import AuditLog
+
+    log = AuditLog.open(f"sqlite:///{out / 'run' / 'audit.db'}", create=False, sign=False)
+    try:
+        additions = [e for e in log.entries() if e.kind == "class_addition"]
+        assert [(e.body["class_name"], e.body["clinic_id"], e.body["round"]) for e in additions] == [("df", sc["clinic"], 2)]
+    finally:
+        log.close()
