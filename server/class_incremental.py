@@ -6,12 +6,9 @@ appended after the federation's order) and trains it. The coordinator merges suc
 no weight to that column), so every clinic then receives the same grown head, and each class
 that enters the global head is recorded in the audit log with the clinic that brought it.
 
-Not yet wired into `server.federation.Coordinator`: the wire protocol fixes the class count
-per bundle (`protocols.messages.HeadSpec` comes from the bundle's head, and train replies are
-checked against that shape), and Flower's strategies average arrays of equal shapes. Using
-this in live rounds needs a `classes` list in the train reply (validated), this merge in
-place of the strategy's array average when class sets differ, and bundles whose Akida head
-layer is rebuilt for the grown class count (`AkidaRuntime.write_head` refuses other shapes).
+Used by `server.federation.Coordinator._train` in live rounds whenever the replies' class lists
+differ (protocol v2 carries each head's class list); the Akida edge path merges its neurons over
+the union of classes in `server.edge_rounds` and records additions the same way.
 """
 
 from __future__ import annotations

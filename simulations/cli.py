@@ -137,5 +137,60 @@ def run(
         raise _fail(f"{result.message}{': ' + detail[0] if detail else ''} (log: {fed.log if fed else '-'})")
 
 
+
+@app.command("compare")
+def compare(
+    data: Annotated[Optional[Path], typer.Option("--data", help="HAM10000-style folder (default: the embedded sample)")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="experiment TOML file with the shared settings")] = None,
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="federated rounds of every experiment (default 10)")] = None,
+    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", help="gradient: local epochs per round (default 5)")] = None,
+    new_class: Annotated[Optional[str], typer.Option("--new-class", help="new-class experiments: the class (default df)")] = None,
+    new_class_round: Annotated[Optional[int], typer.Option("--new-class-round", help="new-class experiments: the round it appears (default 3)")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", help="a v1 bundle (default: the shipped v1 bundle; both learning modes use it)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="seed (default 0)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="results directory: one folder per experiment + comparison.md")] = Path("qana-sim-compare"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Gradient head vs Akida edge-learning head, federated vs local-only, standard and new-class: four runs, one table."""
+    from simulations.compare import run_comparison
+    from simulations.config import ConfigError, resolve
+    from simulations.edge_baselines import EdgeSimError
+    from simulations.experiment import run_experiment
+    from simulations.partition import PartitionError
+    from simulations.scenario import ScenarioError
+    from simulations.workspace import SourceError
+
+    flags: dict[str, Any] = {
+        "data": str(data) if data is not None else None,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "new_class": new_class,
+        "new_class_round": new_class_round,
+        "bundle": str(bundle) if bundle is not None else None,
+        "seed": seed,
+    }
+    try:
+        base = resolve(config, flags)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out_dir = out.expanduser().resolve()
+
+    def one(cfg: Any) -> Any:
+        typer.echo(f"== {cfg.learning}, {cfg.scenario} -> {cfg.out}")
+        return run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
+
+    try:
+        rows = run_comparison(base, out_dir, one, command=command)
+    except (ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; finished experiments are in {out_dir / 'comparison.md'}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(f"Comparison: {out_dir / 'comparison.md'}")
+    if any(r["status"] != "finished" for r in rows):
+        raise _fail("not every experiment finished; see comparison.md")
+
+
 if __name__ == "__main__":
     app()

@@ -41,19 +41,9 @@ def ham(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def live_v1(tmp_path_factory) -> Path:
     """tiny-v1 whose last three layers fire (threshold 0), written as a verified bundle."""
-    import akida
+    from live_bundles import spiking_tiny_v1
 
-    from qana.bundle import load_bundle, write_bundle
-
-    src = load_bundle(TINY_V1)
-    model = akida.Model(str(src.model_path))
-    for layer in model.layers:
-        if layer.name in ("sep3_sep", "sep4_sep", "last_sep"):
-            layer.set_variable("threshold", np.zeros_like(layer.get_variable("threshold")))
-    tmp = tmp_path_factory.mktemp("live")
-    model.save(str(tmp / "model.fbz"))
-    manifest = {k: v for k, v in src.manifest.items() if k not in ("files", "format_version")}
-    return write_bundle(tmp / "bundle", tmp / "model.fbz", src.head_path.read_bytes(), json.loads(json.dumps(manifest))).path
+    return spiking_tiny_v1(tmp_path_factory.mktemp("live"))
 
 
 def test_learning_setting_is_checked(tmp_path: Path) -> None:

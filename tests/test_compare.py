@@ -1,0 +1,48 @@
+"""`qana-sim compare`: four experiments (gradient / akida-edge x standard / new-class) and one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from live_bundles import spiking_tiny_v1
+from synthetic import make_synthetic_ham
+from typer.testing import CliRunner
+
+CENTRES = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path: Path) -> None:
+    import qana.data
+
+    monkeypatch.setattr(qana.data, "DEFAULT_CACHE_DIR", tmp_path / "qana-cache")
+
+
+@pytest.mark.timeout(900)
+def test_compare_runs_both_learning_modes_in_both_scenarios_and_tabulates_them(tmp_path: Path) -> None:
+    from simulations.cli import app
+
+    data = tmp_path / "data"
+    make_synthetic_ham(data, n_images=160, image_size=32, seed=12, centres=CENTRES)
+    bundle = spiking_tiny_v1(tmp_path / "live")
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "--data", str(data), "--bundle", str(bundle), "--rounds", "2",
+                                      "--local-epochs", "5", "--new-class", "df", "--new-class-round", "2",
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((out / "comparison.json").read_text())["runs"]
+    assert [(r["learning"], r["scenario"]) for r in runs] == [
+        ("gradient", "standard"), ("akida-edge", "standard"), ("gradient", "new-class"), ("akida-edge", "new-class")]
+    for r in runs:
+        assert r["status"] == "finished"
+        assert (Path(r["report"])).is_file()
+        assert r["federated"]["macro_f1"] is not None and r["local_only"]["balanced_accuracy"] is not None
+        if r["scenario"] == "new-class":
+            assert r["new_class"]["appeared_in_round"] == 2 and r["new_class"]["old_macro_f1_change"] is not None
+    # the table's numbers are the experiments' own results
+    table = (out / "comparison.md").read_text()
+    g = json.loads((out / "gradient-standard" / "results.json").read_text())["headline"]["metrics"]["federated"]
+    assert f"| gradient | {g['macro_f1']:.3f} | {g['balanced_accuracy']:.3f} |" in table
+    assert "## New-class scenario" in table and "| akida-edge | df (" in table
