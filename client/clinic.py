@@ -51,7 +51,16 @@ from protocols.messages import (
 )
 from qana.bundle import Bundle, pack_bundle
 from qana.data import Dataset, load_dataset
-from qana.head import Head, QuantizedHead, TrainConfig, grow_head, head_from_npz, head_to_npz, predict, quantize_head
+from qana.head import (
+    Head,
+    QuantizedHead,
+    TrainConfig,
+    grow_head,
+    head_from_npz,
+    head_to_npz,
+    predict,
+    quantize_head,
+)
 from qana.metrics import classification_metrics
 from qana.splits import grouped_split
 
@@ -268,6 +277,18 @@ def labels_for(dataset: Dataset, classes: tuple[str, ...]) -> np.ndarray:
     return lookup[dataset.labels] if len(dataset.labels) else np.zeros(0, np.int64)
 
 
+def evaluation_metrics(labels: np.ndarray, chip: np.ndarray, classes: tuple[str, ...], agreement: float) -> dict[str, int | float]:
+    """The evaluate reply's aggregate metrics (never per-image results) from the chip's decisions."""
+    result = classification_metrics(labels, chip, classes)
+    return {
+        M_NUM_EXAMPLES: int(result["n"]),
+        M_TOP1: float(result["top1"]),
+        M_MACRO_F1: float(result["macro_f1"]),
+        M_BALANCED_ACCURACY: float(result["balanced_accuracy"]),
+        M_DEVICE_AGREEMENT: agreement,
+    }
+
+
 def head_spec(bundle: Bundle) -> HeadSpec:
     """The run's head shape, from the bundle's own head (both sides derive it the same way)."""
     head = bundle.load_head()
@@ -428,15 +449,8 @@ class Clinic:
         known = labels >= 0
         if not known.any():
             raise ClinicError(f"none of the held-out images has a class of the global head ({', '.join(head.classes)})")
-        result = classification_metrics(labels[known], chip[known], head.classes)
         self._save_deployed(prep, head, settings)
-        return {
-            M_NUM_EXAMPLES: int(result["n"]),
-            M_TOP1: float(result["top1"]),
-            M_MACRO_F1: float(result["macro_f1"]),
-            M_BALANCED_ACCURACY: float(result["balanced_accuracy"]),
-            M_DEVICE_AGREEMENT: agreement,
-        }
+        return evaluation_metrics(labels[known], chip[known], head.classes, agreement)
 
     def _save_deployed(self, prep: Prepared, head: Head, settings: EvaluateSettings) -> None:
         """Keep the Akida model with the current global head for the clinic's own inference."""

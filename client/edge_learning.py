@@ -30,18 +30,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.clinic import Clinic, ClinicError, Prepared, _write_atomic, labels_for
+from client.clinic import (
+    Clinic,
+    ClinicError,
+    Prepared,
+    _write_atomic,
+    evaluation_metrics,
+    labels_for,
+)
 from protocols.edge_messages import (
     EdgeEvaluateSettings,
     EdgeTrainSettings,
     check_reply_classes,
 )
 from protocols.messages import (
-    M_BALANCED_ACCURACY,
     M_DEVICE_AGREEMENT,
-    M_MACRO_F1,
     M_NUM_EXAMPLES,
-    M_TOP1,
     M_TRAIN_TOP1,
     ProtocolError,
 )
@@ -54,7 +58,6 @@ from qana.edge import (
     predict_edge,
     predict_edge_reference,
 )
-from qana.metrics import classification_metrics
 
 DEPLOYED_EDGE_DIR = "deployed-edge"
 
@@ -169,15 +172,8 @@ class EdgeClinic:
             raise ClinicError(f"none of the held-out images has a class of the global head ({', '.join(head.classes)})")
         idx = prep.eval_idx[known]
         chip, agreement = self._agreement(head, spikes[idx])
-        result = classification_metrics(labels[known], chip, head.classes)
         self._save_deployed(prep, head, settings)
-        return {
-            M_NUM_EXAMPLES: int(result["n"]),
-            M_TOP1: float(result["top1"]),
-            M_MACRO_F1: float(result["macro_f1"]),
-            M_BALANCED_ACCURACY: float(result["balanced_accuracy"]),
-            M_DEVICE_AGREEMENT: agreement,
-        }
+        return evaluation_metrics(labels[known], chip, head.classes, agreement)
 
     def _save_deployed(self, prep: Prepared, head: EdgeHead, settings: EdgeEvaluateSettings) -> None:
         """Keep the current global edge head (`qana.edge.edge_bundle_model` turns it into the chip model)."""

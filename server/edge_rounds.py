@@ -413,44 +413,10 @@ class EdgeCoordinator(Coordinator):
         msgs = self.merge.configure_train(round_, train_edge_content(head, settings), grid)
         replies = self._send(round_, msgs, timeout=s.round_timeout)
         t0 = time.perf_counter()
-        accepted: list[EdgeTrainReply] = []
-        participants: list[dict[str, Any]] = []
-        rejected: dict[str, str] = {}
-        failed: dict[str, str] = {}
-        answered = {r.metadata.src_node_id for r in replies}
-        self.unresponsive = set()
-        for m in msgs:
-            node = m.metadata.dst_node_id
-            if node not in answered:
-                failed[self._clinic_name(node)] = f"no reply within {s.round_timeout:.0f}s"
-                self.unresponsive.add(node)
-                self.clinics.pop(node, None)
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            name = self._clinic_name(node)
-            if reply.has_error():
-                failed[name] = reply.error.reason
-                continue
-            try:
-                update = validate_train_edge_reply(reply.content, spec, bundle_id)
-                if update.clinic.clinic_id != name and node in self.clinics:
-                    raise ProtocolError(f"reply names clinic {update.clinic.clinic_id!r}, node belongs to {name!r}")
-            except ProtocolError as exc:
-                rejected[name] = str(exc)
-                if node in self.clinics:
-                    self.clinics[node].rejections += 1
-                    if "backbone" in str(exc):
-                        self.clinics[node].has_bundle = False
-                log(WARNING, "Round %d: rejected the edge update of %s: %s", round_, name, exc)
-                self.audit.record_rejection(s.run_id, round_, name, str(exc))
-                continue
-            accepted.append(update)
-            participants.append({"clinic_id": name, "num_examples": update.num_examples, "metrics": dict(update.metrics)})
-            if node in self.clinics:
-                self.clinics[node].rounds_trained += 1
-                self.clinics[node].last_seen = time.time()
-        for name, reason in failed.items():
-            log(WARNING, "Round %d: no edge update from %s: %s", round_, name, reason)
+        screened, participants, rejected, failed = self._screen_train_replies(
+            round_, msgs, replies, lambda content: validate_train_edge_reply(content, spec, bundle_id)
+        )
+        accepted: list[EdgeTrainReply] = [update for _reply, update in screened]
         merged = self.merge.aggregate_train(round_, accepted, spec) if accepted else None
         if merged is not None:
             for name, clinic in class_additions(spec.classes, accepted):

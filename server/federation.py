@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
@@ -34,13 +34,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from protocols.messages import (
+    M_NUM_EXAMPLES,
     MSG_DEPLOY,
     MSG_HELLO,
-    M_NUM_EXAMPLES,
     REC_METRICS,
     EvaluateSettings,
     HeadSpec,
     ProtocolError,
+    TrainReply,
     TrainSettings,
     check_class_list,
     deploy_content,
@@ -59,6 +60,7 @@ from qana.head import Head, dequantize, head_from_npz, head_to_npz, init_head
 from server.audit.errors import UnknownVersionError
 from server.class_incremental import ClinicHead, merge_class_incremental
 from server.strategies import build_strategy, canonical_name, parse_options
+
 
 class FederationError(RuntimeError):
     """The federation cannot start or continue; the message says why."""
@@ -539,8 +541,46 @@ class Coordinator:
             msgs = list(self.strategy.configure_train(round_, arrays, config, grid))
         replies = self._send(round_, msgs, timeout=s.round_timeout)
         t0 = time.perf_counter()
+
+        def validate(content: RecordDict) -> tuple[TrainReply, ArrayRecord]:
+            update = validate_train_reply(content, spec, bundle_id)
+            return update, dequantized_record(update.qhead, spec)
+
+        screened, participants, rejected, failed = self._screen_train_replies(round_, msgs, replies, validate)
         accepted: list[Message] = []
         heads: list[ClinicHead] = []
+        for reply, (update, floats) in screened:
+            reply.content = RecordDict({"arrays": floats, REC_METRICS: MetricRecord(dict(update.metrics))})
+            accepted.append(reply)
+            heads.append(ClinicHead(update.clinic.clinic_id, dequantize(update.qhead, spec.feature_scale), update.num_examples))
+        agg_arrays, agg_metrics, grown = None, None, None
+        if any(h.head.classes != spec.classes for h in heads):
+            grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_)
+            agg_metrics = aggregate_metricrecords([m.content for m in accepted], M_NUM_EXAMPLES)
+            for name, clinic in additions:
+                log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
+            self.strategy = self._build_strategy()
+        elif accepted:
+            try:
+                agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
+            except (InconsistentMessageReplies, AggregationError) as exc:
+                log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
+        self._server_time += time.perf_counter() - t0
+        return agg_arrays, grown, dict(agg_metrics or {}), participants, rejected, failed
+
+    def _screen_train_replies(
+        self, round_: int, msgs: list[Message], replies: list[Message], validate: Callable[[RecordDict], Any]
+    ) -> tuple[list[tuple[Message, Any]], list[dict[str, Any]], dict[str, str], dict[str, str]]:
+        """Sort a training round's replies: valid updates, rejected ones, failed or silent clinics.
+
+        `validate(content)` returns the decoded update (an object with `.clinic` and `.metrics`,
+        or a tuple whose first item is one) or raises ProtocolError. A rejection is logged and
+        recorded in the audit log; a clinic that sent nothing is dropped from this round's
+        evaluation and greeted again before it next trains. Shared by the gradient and the
+        Akida edge rounds, so both treat clinics the same way.
+        """
+        s = self.settings
+        screened: list[tuple[Message, Any]] = []
         participants: list[dict[str, Any]] = []
         rejected: dict[str, str] = {}
         failed: dict[str, str] = {}
@@ -560,10 +600,10 @@ class Coordinator:
                 failed[name] = reply.error.reason
                 continue
             try:
-                update = validate_train_reply(reply.content, spec, bundle_id)
+                decoded = validate(reply.content)
+                update = decoded[0] if isinstance(decoded, tuple) else decoded
                 if update.clinic.clinic_id != name and node in self.clinics:
                     raise ProtocolError(f"reply names clinic {update.clinic.clinic_id!r}, node belongs to {name!r}")
-                floats = dequantized_record(update.qhead, spec)
             except ProtocolError as exc:
                 rejected[name] = str(exc)
                 if node in self.clinics:
@@ -573,29 +613,14 @@ class Coordinator:
                 log(WARNING, "Round %d: rejected the update of %s: %s", round_, name, exc)
                 self.audit.record_rejection(s.run_id, round_, name, str(exc))
                 continue
-            reply.content = RecordDict({"arrays": floats, REC_METRICS: MetricRecord(dict(update.metrics))})
-            accepted.append(reply)
-            heads.append(ClinicHead(name, dequantize(update.qhead, spec.feature_scale), update.num_examples))
+            screened.append((reply, decoded))
             participants.append({"clinic_id": name, "num_examples": update.num_examples, "metrics": dict(update.metrics)})
             if node in self.clinics:
                 self.clinics[node].rounds_trained += 1
                 self.clinics[node].last_seen = time.time()
         for name, reason in failed.items():
             log(WARNING, "Round %d: no update from %s: %s", round_, name, reason)
-        agg_arrays, agg_metrics, grown = None, None, None
-        if any(h.head.classes != spec.classes for h in heads):
-            grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_)
-            agg_metrics = aggregate_metricrecords([m.content for m in accepted], M_NUM_EXAMPLES)
-            for name, clinic in additions:
-                log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
-            self.strategy = self._build_strategy()
-        elif accepted:
-            try:
-                agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
-            except (InconsistentMessageReplies, AggregationError) as exc:
-                log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
-        self._server_time += time.perf_counter() - t0
-        return agg_arrays, grown, dict(agg_metrics or {}), participants, rejected, failed
+        return screened, participants, rejected, failed
 
     def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
         config = EvaluateSettings(round_, bundle_id, head_sha, head.classes).to_config()
