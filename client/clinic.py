@@ -402,6 +402,8 @@ class Clinic:
             learning_rate=settings.learning_rate,
             l2=settings.l2,
             proximal_mu=settings.proximal_mu,
+            # classes this clinic has no images of keep what the federation taught them
+            absent_classes="keep",
             seed=settings.seed + settings.server_round,
         )
         train_idx = prep.train_idx[labels_for(prep.dataset, head.classes)[prep.train_idx] >= 0]
@@ -542,7 +544,8 @@ class Clinic:
         labels = labels_for(prep.dataset, grown.classes)
         train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
         x, y = prep.features[train_idx], labels[train_idx]
-        trained, local = train_local_head(grown, x, y, config, smote=smote)
+        # classes without local training images keep the deployed head's columns (no forgetting)
+        trained, local = train_local_head(grown, x, y, replace(config, absent_classes="keep"), smote=smote)
         before = quantize_head(head, prep.bundle.target)
         after = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, after)

@@ -108,6 +108,10 @@ class TrainConfig:
     l2: float = 1e-4
     class_weighting: str = "balanced"  # "balanced" | "none"
     proximal_mu: float = 0.0  # FedProx: pull towards the weights the round started from
+    # "train": every class's column learns (a class without local examples is pushed down);
+    # "keep": columns of classes absent from these labels stay exactly as given (restricted
+    # softmax, as FedRS): a clinic that never sees a class does not unlearn what others taught.
+    absent_classes: str = "train"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -144,6 +148,11 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
     w = head.weights / k  # weights in scaled-feature units: (f * k) @ (W / k) == f @ W
     b = head.bias.copy()
     w0, b0 = w.copy(), b.copy()
+    if cfg.absent_classes not in ("train", "keep"):
+        raise ValueError(f"absent_classes must be 'train' or 'keep', not {cfg.absent_classes!r}")
+    present = np.bincount(labels, minlength=head.num_classes) > 0
+    frozen = ~present if cfg.absent_classes == "keep" else np.zeros(head.num_classes, bool)
+    mask = np.where(frozen, -np.inf, 0.0).astype(np.float32)  # restricted softmax over the present classes
     cw = class_weights(labels, head.num_classes, cfg.class_weighting)
     onehot = np.eye(head.num_classes, dtype=np.float32)[labels]
     rng = np.random.default_rng(cfg.seed)
@@ -157,10 +166,12 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
             idx = order[start : start + cfg.batch_size]
             xb, yb = x[idx], onehot[idx]
             sw = cw[labels[idx]]
-            p = _softmax(xb @ w + b)
+            p = _softmax(xb @ w + b + mask)
             g = (p - yb) * sw[:, None] / max(sw.sum(), 1e-12)
             gw = xb.T @ g + cfg.l2 * w + cfg.proximal_mu * (w - w0)
             gb = g.sum(axis=0) + cfg.proximal_mu * (b - b0)
+            gw[:, frozen] = 0.0
+            gb[frozen] = 0.0
             step += 1
             for i, (param, grad) in enumerate(((w, gw), (b, gb))):
                 m[i] = beta1 * m[i] + (1 - beta1) * grad

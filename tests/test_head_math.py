@@ -81,3 +81,21 @@ def test_metrics_ignore_absent_classes_in_macro_averages() -> None:
     assert m["balanced_accuracy"] == pytest.approx(0.75)
     assert m["per_class"]["c"]["support"] == 0
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+
+
+def test_absent_classes_keep_their_columns_only_when_asked() -> None:
+    """Restricted softmax: a clinic without images of a class leaves that class's column untouched."""
+    from qana.head import Head, TrainConfig, train_head
+
+    rng = np.random.default_rng(0)
+    head = Head(rng.normal(0, 0.1, (6, 4)).astype(np.float32), rng.normal(0, 0.1, 4).astype(np.float32), ("a", "b", "c", "d"), 1.0)
+    x = rng.normal(0, 1, (80, 6)).astype(np.float32)
+    y = rng.integers(0, 2, 80)  # only classes a and b here
+    kept = train_head(head, x, y, TrainConfig(epochs=3, l2=1e-2, proximal_mu=0.1, absent_classes="keep"))
+    np.testing.assert_array_equal(kept.weights[:, 2:], head.weights[:, 2:])
+    np.testing.assert_array_equal(kept.bias[2:], head.bias[2:])
+    assert not np.allclose(kept.weights[:, :2], head.weights[:, :2])
+    pushed = train_head(head, x, y, TrainConfig(epochs=3, absent_classes="train"))
+    assert np.all(pushed.bias[2:] < head.bias[2:])  # the default pushes classes it never sees down
+    with pytest.raises(ValueError, match="absent_classes"):
+        train_head(head, x, y, TrainConfig(absent_classes="freeze"))
