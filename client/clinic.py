@@ -402,8 +402,8 @@ class Clinic:
             learning_rate=settings.learning_rate,
             l2=settings.l2,
             proximal_mu=settings.proximal_mu,
-            # classes this clinic has no images of keep what the federation taught them
-            absent_classes="keep",
+            # "keep" (default): classes this clinic has no images of keep what the federation taught them
+            absent_classes=settings.absent_classes,
             seed=settings.seed + settings.server_round,
         )
         train_idx = prep.train_idx[labels_for(prep.dataset, head.classes)[prep.train_idx] >= 0]

@@ -89,6 +89,7 @@ K_BATCH = "batch-size"
 K_L2 = "l2"
 K_SMOTE = "smote"
 K_SEED = "seed"
+K_ABSENT = "absent-classes"  # keep | train: how local training treats classes without local images
 K_PROXIMAL_MU = "proximal-mu"  # injected by Flower's FedProx
 K_CLINIC_ID = "clinic-id"
 K_CACHED = "cached-bundles"
@@ -106,7 +107,8 @@ M_BALANCED_ACCURACY = "balanced-accuracy"
 
 TRAIN_METRICS = (M_NUM_EXAMPLES, M_TRAIN_TOP1, M_NUM_SYNTHETIC, M_DEVICE_AGREEMENT)
 EVALUATE_METRICS = (M_NUM_EXAMPLES, M_TOP1, M_MACRO_F1, M_BALANCED_ACCURACY, M_DEVICE_AGREEMENT)
-TRAIN_SETTINGS = (K_EPOCHS, K_LR, K_BATCH, K_L2, K_SMOTE, K_SEED)
+TRAIN_SETTINGS = (K_EPOCHS, K_LR, K_BATCH, K_L2, K_SMOTE, K_SEED, K_ABSENT)
+ABSENT_CLASSES = ("keep", "train")
 
 BIAS_Q_DTYPE = np.dtype(np.int32)
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
@@ -181,6 +183,7 @@ class TrainSettings:
     seed: int = 0
     proximal_mu: float = 0.0
     classes: tuple[str, ...] = ()  # the global head's classes (column order)
+    absent_classes: str = "keep"  # qana.head.TrainConfig.absent_classes
 
     def to_config(self) -> ConfigRecord:
         """The round config (without server-round and proximal-mu, which Flower's strategies add)."""
@@ -196,6 +199,7 @@ class TrainSettings:
                 K_L2: float(self.l2),
                 K_SMOTE: bool(self.smote),
                 K_SEED: int(self.seed),
+                K_ABSENT: str(self.absent_classes),
             }
         )
 
@@ -507,7 +511,10 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
         seed=_typed(cfg, K_SEED, int, what),
         proximal_mu=float(_typed(cfg, K_PROXIMAL_MU, (int, float), what)) if K_PROXIMAL_MU in cfg else 0.0,
         classes=classes,
+        absent_classes=_typed(cfg, K_ABSENT, str, what),
     )
+    if settings.absent_classes not in ABSENT_CLASSES:
+        raise ProtocolError(f"{what}: absent-classes={settings.absent_classes!r}: use {' or '.join(ABSENT_CLASSES)}")
     if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
         raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
     if not (0 < settings.learning_rate < 10 and settings.l2 >= 0 and settings.proximal_mu >= 0):

@@ -103,6 +103,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "batch-size": 64,
     "l2": 1e-4,
     "smote": True,
+    "absent-classes": "keep",  # keep | train: local training and classes a clinic has no images of
     "seed": 0,
     "initial-head": "auto",  # auto | bundle | random
     "initial-classes": "",  # "a,b,c": the classes the federation starts with ("" = the bundle's)
@@ -133,6 +134,7 @@ class FederationSettings:
     batch_size: int = 64
     l2: float = 1e-4
     smote: bool = True
+    absent_classes: str = "keep"
     seed: int = 0
     initial_head: str = "auto"
     initial_classes: tuple[str, ...] = ()  # () = the bundle's classes
@@ -164,6 +166,9 @@ class FederationSettings:
         learning = str(cfg["learning"])
         if learning not in LEARNING_MODES:
             raise FederationError(f"run-config learning={learning!r}: use {' or '.join(LEARNING_MODES)}")
+        absent = str(cfg["absent-classes"])
+        if absent not in ("keep", "train"):
+            raise FederationError(f"run-config absent-classes={absent!r}: use keep or train")
         initial = str(cfg["initial-head"])
         if initial not in ("auto", "bundle", "random"):
             raise FederationError(f"run-config initial-head={initial!r}: use auto, bundle or random")
@@ -197,6 +202,7 @@ class FederationSettings:
             batch_size=number("batch-size", int, 1, 1 << 16),
             l2=number("l2", float, 0.0),
             smote=bool(cfg["smote"]),
+            absent_classes=absent,
             seed=number("seed", int, 0, 2**31 - 1),
             initial_head=initial,
             initial_classes=initial_classes,
@@ -220,6 +226,7 @@ class FederationSettings:
             "batch_size": self.batch_size,
             "l2": self.l2,
             "smote": self.smote,
+            "absent_classes": self.absent_classes,
             "seed": self.seed,
         }
 
@@ -535,7 +542,7 @@ class Coordinator:
         s = self.settings
         config = TrainSettings(
             round_, bundle_id, head_sha, s.local_epochs, s.learning_rate, s.batch_size, s.l2, s.smote, s.seed,
-            classes=spec.classes,
+            classes=spec.classes, absent_classes=s.absent_classes,
         ).to_config()
         with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
             msgs = list(self.strategy.configure_train(round_, arrays, config, grid))

@@ -90,6 +90,8 @@ def comparison_md(rows: list[dict[str, Any]], base: SimConfig, command: str) -> 
         "",
         f"- **Command**: `{command}`" if command else "",
         f"- Data: `{base.data or 'embedded sample'}`, split `{base.split}`, {base.rounds} rounds, seed {base.seed}, "
+        f"gradient head: `{base.strategy}`{(' (' + base.strategy_options + ')') if base.strategy_options else ''}, "
+        f"{base.local_epochs} local epochs; "
         f"bundle `{base.bundle or 'shipped v1'}`. Each row links its own report (plots, per clinic, audit log).",
         "",
         "## Standard federation: all clinics' local test parts together, last round",

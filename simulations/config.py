@@ -47,6 +47,7 @@ class SimConfig:
     batch_size: int = 64
     l2: float = 1e-4
     smote: bool = True
+    absent_classes: str = "keep"  # gradient: keep | train (qana.head.TrainConfig.absent_classes)
     dropout: float = 0.0  # probability that a clinic's training update is lost in a round
     initial_head: str = "random"  # random (all methods start untrained) | bundle (the bundle's head)
     device: str = "software"  # Akida device of the simulated clinics
@@ -98,6 +99,8 @@ class SimConfig:
             raise ConfigError(f"learning={self.learning!r}: use {' or '.join(LEARNINGS)}")
         if self.learning == "akida-edge" and self.initial_head == "bundle":
             raise ConfigError("initial-head='bundle' does not apply to learning akida-edge (the bundle's head is not edge neurons); use random")
+        if self.absent_classes not in ("keep", "train"):
+            raise ConfigError(f"absent-classes={self.absent_classes!r}: use keep or train")
         if self.scenario not in SCENARIOS:
             raise ConfigError(f"scenario={self.scenario!r}: use {' or '.join(SCENARIOS)}")
         if self.scenario == "new-class":

@@ -56,6 +56,7 @@ def server_run_config(cfg: SimConfig, source: Source, num_clinics: int, run_dir:
         "batch-size": cfg.batch_size,
         "l2": cfg.l2,
         "smote": cfg.smote,
+        "absent-classes": cfg.absent_classes,
         "seed": cfg.seed,
         "initial-head": cfg.initial_head,
         "learning": cfg.learning,

@@ -228,3 +228,11 @@ def test_a_reply_whose_arrays_do_not_match_its_class_list_is_refused(head, spec)
     content[P.REC_CLINIC][P.K_CLASSES] = list(CLASSES)
     with pytest.raises(P.ProtocolError, match="shape"):
         P.validate_train_reply(content, spec, BUNDLE)
+
+
+def test_absent_classes_setting_travels_and_is_checked(head, spec) -> None:
+    content = P.train_content(head, P.TrainSettings(1, BUNDLE, HEAD_SHA, absent_classes="train"))
+    assert P.validate_train_ins(content, spec)[1].absent_classes == "train"
+    content[P.REC_CONFIG][P.K_ABSENT] = "forget"
+    with pytest.raises(P.ProtocolError, match="absent-classes='forget'"):
+        P.validate_train_ins(content, spec)
