@@ -406,10 +406,11 @@ class Clinic:
             absent_classes=settings.absent_classes,
             seed=settings.seed + settings.server_round,
         )
-        train_idx = prep.train_idx[labels_for(prep.dataset, head.classes)[prep.train_idx] >= 0]
+        labels = labels_for(prep.dataset, head.classes)
+        train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
         if len(train_idx) == 0:
             raise ClinicError(f"none of the local training images has a class of the global head ({', '.join(head.classes)})")
-        x, y = prep.features[train_idx], labels_for(prep.dataset, head.classes)[train_idx]
+        x, y = prep.features[train_idx], labels[train_idx]
         trained, report = train_local_head(head, x, y, config, smote=settings.smote)
         qhead = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, qhead)
