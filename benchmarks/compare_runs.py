@@ -34,7 +34,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data)
     reference = None
-    print(f"{'run':28s} {'options':34s} {'part':5s} {'model':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
+    print(f"{'run':28s} {'options':52s} {'part':5s} {'model':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
     for run in args.runs:
         options = json.loads((run / "options.json").read_text())
         with np.load(run / "split.npz") as z:
@@ -45,14 +45,18 @@ def main() -> None:
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
         opts = TrainOptions(data=args.data, run_dir=run, image_size=options["image_size"])
         _, val, test_part = load_split(opts, dataset)
-        described = f"{options['target']} width {options['width']} {options['weight_bits']}-bit att={options['attention']} ep={options['epochs']}"
+        described = f"{options['target']} w{options['width']} {options['weight_bits']}b att={options['attention']} ep={options['epochs']}"
+        if options.get("blocks", 1) != 1 or options.get("zoom", 0.0):
+            described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
+        if options.get("saliency_teacher"):
+            described += " +saliency"
         for part_name, part in (("val", val), ("test", test_part)):
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():
                     continue
                 pred = loader(opts).predict(part.images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
                 m = classification_metrics(part.labels, pred, CLASS_NAMES)
-                print(f"{str(run):28s} {described:34s} {part_name:5s} {model_name:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}")
+                print(f"{str(run):28s} {described:52s} {part_name:5s} {model_name:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}")
 
 
 if __name__ == "__main__":
