@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m simulations.engine JOB.json", file=sys.stderr)
         return 2
     job = Job(**json.loads(Path(args[0]).read_text()))
-    run_job(job)
+    try:
+        run_job(job)
+    except Exception:  # e.g. Ray failed to start on an overloaded machine
+        # Flower's ServerApp thread would otherwise keep waiting for clinics (wait-for-clinics,
+        # up to 10 minutes) although no clinic can come any more: report and leave now.
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 
