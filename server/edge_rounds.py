@@ -529,12 +529,15 @@ class EdgeCoordinator(Coordinator):
 def read_run_config(run_config: Mapping[str, Any], run_id: str) -> tuple[FederationSettings, EdgeSettings | None]:
     """The run's settings, and its edge settings when learning is akida-edge (None for gradient runs).
 
-    Edge keys in a gradient run are an error: they would otherwise be silently ignored.
+    Edge keys set to anything but their defaults in a gradient run are an error: they would
+    otherwise be silently ignored. (A deployed Flower app passes every key it declares, with
+    its default, so defaults alone are not a mistake.)
     """
     fed, edge = split_run_config(run_config)
     settings = FederationSettings.from_run_config(fed, run_id=run_id)
     if settings.learning == "akida-edge":
         return settings, EdgeSettings.from_run_config(edge)
-    if edge:
-        raise FederationError(f"run-config {', '.join(sorted(edge))} only apply to learning akida-edge (learning is {settings.learning!r})")
+    changed = sorted(k for k, v in edge.items() if v != EDGE_RUN_CONFIG_DEFAULTS[k])
+    if changed:
+        raise FederationError(f"run-config {', '.join(changed)} only apply to learning akida-edge (learning is {settings.learning!r})")
     return settings, None

@@ -350,6 +350,10 @@ def test_run_config_learning_and_edge_keys_are_checked(tmp_path, bundle) -> None
         read_run_config({"learning": "edge"}, "r")
     with pytest.raises(FederationError, match="edge-num-weights only apply to learning akida-edge"):
         read_run_config({"edge-num-weights": 20}, "r")
+    # what a deployed Flower app passes for a gradient run: every declared key with its default
+    from server.edge_rounds import EDGE_RUN_CONFIG_DEFAULTS
+
+    assert read_run_config(dict(EDGE_RUN_CONFIG_DEFAULTS), "r")[1] is None
     with pytest.raises(FederationError, match="edge-neurons-per-class=-2"):
         read_run_config({"learning": "akida-edge", "edge-neurons-per-class": -2}, "r")
 
