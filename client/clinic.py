@@ -277,6 +277,19 @@ def labels_for(dataset: Dataset, classes: tuple[str, ...]) -> np.ndarray:
     return lookup[dataset.labels] if len(dataset.labels) else np.zeros(0, np.int64)
 
 
+def device_agreement(chip: np.ndarray, reference: np.ndarray, what: str, against: str) -> float:
+    """Share of images on which the chip decides as the reference does; ClinicError unless all.
+
+    A clinic never reports numbers its device would not reproduce, in either learning mode.
+    """
+    agreement = float(np.mean(chip == reference)) if len(chip) else 1.0
+    if agreement < 1.0:
+        raise ClinicError(
+            f"{what} disagree with {against} on {int(np.sum(chip != reference))} of {len(chip)} images; not sending this head"
+        )
+    return agreement
+
+
 def evaluation_metrics(labels: np.ndarray, chip: np.ndarray, classes: tuple[str, ...], agreement: float) -> dict[str, int | float]:
     """The evaluate reply's aggregate metrics (never per-image results) from the chip's decisions."""
     result = classification_metrics(labels, chip, classes)
@@ -379,14 +392,7 @@ class Clinic:
         prep.runtime.write_head(qhead)
         idx = prep.eval_idx if len(prep.eval_idx) else prep.train_idx
         chip = np.argmax(prep.runtime.head_logits(prep.features[idx]), axis=1)
-        reference = predict(qhead, prep.features[idx])
-        agreement = float(np.mean(chip == reference)) if len(idx) else 1.0
-        if agreement < 1.0:
-            raise ClinicError(
-                f"on-device predictions disagree with the reference quantized head on "
-                f"{int(np.sum(chip != reference))} of {len(idx)} images; not sending this head"
-            )
-        return chip, agreement
+        return chip, device_agreement(chip, predict(qhead, prep.features[idx]), "on-device predictions", "the reference quantized head")
 
     def train(self, head: Head, settings: TrainSettings) -> tuple[QuantizedHead, dict[str, int | float]]:
         """One round of local head training; returns the quantized head and aggregate metrics."""

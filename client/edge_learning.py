@@ -35,6 +35,7 @@ from client.clinic import (
     ClinicError,
     Prepared,
     _write_atomic,
+    device_agreement,
     evaluation_metrics,
     labels_for,
 )
@@ -87,14 +88,7 @@ class EdgeClinic:
     def _agreement(self, head: EdgeHead, spikes: np.ndarray) -> tuple[np.ndarray, float]:
         """Akida's predictions and their agreement with the reference; ClinicError if they differ."""
         chip = predict_edge(head, spikes)
-        reference = predict_edge_reference(head, spikes)
-        agreement = float(np.mean(chip == reference)) if len(spikes) else 1.0
-        if agreement < 1.0:
-            raise ClinicError(
-                f"Akida's edge-head predictions disagree with the reference on {int(np.sum(chip != reference))} "
-                f"of {len(spikes)} images; not sending this head"
-            )
-        return chip, agreement
+        return chip, device_agreement(chip, predict_edge_reference(head, spikes), "Akida's edge-head predictions", "the reference")
 
     def choose_params(self, bundle_id: str, seed: int) -> tuple[EdgeParams, int]:
         """This clinic's own choice of edge settings on its training part (`qana.edge.choose_edge_params`)."""
