@@ -71,6 +71,14 @@ def _summary(result: dict[str, Any]) -> dict[str, float]:
     return {**{k: float(result[k]) for k in METRICS}, "n": int(result["n"])}
 
 
+def data_columns(head_classes: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """For each head column, the index of its class in the data's classes (matched by name)."""
+    unknown = [c for c in head_classes if c not in classes]
+    if unknown:
+        raise ValueError(f"head class(es) {', '.join(unknown)} are not classes of the data ({', '.join(classes)})")
+    return np.array([list(classes).index(c) for c in head_classes], dtype=np.int64)
+
+
 def score(
     heads: Callable[[str], Head | EdgeHead],
     target: str,
@@ -98,11 +106,8 @@ def score(
             q = quantized[id(head)] = head if isinstance(head, EdgeHead) else quantize_head(head, target)
         test, truth = part.test, labels[part.test]
         if tuple(head.classes) != tuple(classes):
-            unknown = [c for c in head.classes if c not in classes]
-            if unknown:
-                raise ValueError(f"head class(es) {', '.join(unknown)} are not classes of the data ({', '.join(classes)})")
-            to_data = np.array([list(classes).index(c) for c in head.classes])
-            known = np.isin(truth, to_data[to_data >= 0])
+            to_data = data_columns(head.classes, classes)
+            known = np.isin(truth, to_data)
             test, truth = test[known], truth[known]
         pred = predict_edge_reference(q, features[test]) if isinstance(q, EdgeHead) else predict(q, features[test])
         if tuple(head.classes) != tuple(classes):

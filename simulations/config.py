@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from simulations.partition import SPLITS
-from simulations.scenario import SCENARIOS
 
 DEVICES = ("software", "auto")
 INITIAL_HEADS = ("random", "bundle")
+SCENARIOS = ("standard", "new-class")  # new-class: simulations.scenario
 LEARNINGS = ("gradient", "akida-edge")  # akida-edge: Akida 1.0 on-chip learning (v1 bundle), simulations.edge_baselines
 
 

@@ -29,9 +29,9 @@ import numpy as np
 from qana.edge import EdgeHead, predict_edge_reference
 from qana.head import Head, predict, quantize_head
 from qana.metrics import classification_metrics
+from simulations.baselines import data_columns
 from simulations.partition import ClinicPart, Partition
 
-SCENARIOS = ("standard", "new-class")
 OLD_CLASS_TOLERANCE = 0.01  # the target: old classes drop by at most 1 point
 
 
@@ -100,8 +100,7 @@ def _predicted_labels(head: Head | EdgeHead, target: str, features: np.ndarray, 
         pred = predict_edge_reference(head, features)
     else:
         pred = predict(quantize_head(head, target), features)
-    lookup = np.array([list(class_names).index(c) if c in class_names else -1 for c in head.classes])
-    return lookup[pred] if len(pred) else pred
+    return data_columns(head.classes, class_names)[pred] if len(pred) else pred
 
 
 def round_scores(
@@ -124,7 +123,6 @@ def round_scores(
         is_new = y == label
         recall[part.clinic_id] = float(np.mean(pred[is_new] == label)) if is_new.any() else None
         old_truth, old_pred = y[~is_new], pred[~is_new]
-        old_pred = np.where(old_pred < 0, label, old_pred)  # (a class the data lacks: an error either way)
         old_by_clinic[part.clinic_id] = classification_metrics(old_truth, old_pred, tuple(class_names))["macro_f1"]
         truths.append(old_truth)
         preds.append(old_pred)
