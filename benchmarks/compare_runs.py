@@ -50,6 +50,8 @@ def main() -> None:
             described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
         if options.get("saliency_teacher"):
             described += " +saliency"
+        if options.get("weight_ema"):
+            described += f" ema={options['weight_ema']}"
         for part_name, part in (("val", val), ("test", test_part)):
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():

@@ -42,6 +42,7 @@ def train(
     attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
     blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
     zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
+    weight_ema: float = typer.Option(0.0, help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off)."),
     saliency_teacher: Optional[str] = typer.Option(
         None, help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file "
         "(e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.",
@@ -68,12 +69,14 @@ def train(
         _fail(f"--blocks must be at least 1, not {blocks}")
     if not 0.0 <= zoom < 1.0:
         _fail(f"--zoom must be in [0, 1), not {zoom}")
+    if not 0.0 <= weight_ema < 1.0:
+        _fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if target == "v1" and weight_bits != 4:
         _fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:

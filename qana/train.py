@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,7 @@ class TrainOptions:
     attention: str = "both"
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
+    weight_ema: float = 0.0  # float stage: validate/keep an exponential moving average of the weights (e.g. 0.995); 0 = off
     saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
     head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
@@ -157,6 +159,27 @@ def make_dataset(
     return ds.batch(batch).prefetch(2)
 
 
+@contextmanager
+def _averaged_weights(model):
+    """Inside the block the model holds its optimizer's moving average of the weights (if the
+    optimizer keeps one); afterwards the raw training weights are back.
+
+    Validating (and checkpointing) the average instead of the last step's weights removes most
+    of the epoch-to-epoch jitter a small, imbalanced validation set shows.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "use_ema", False):
+        yield
+        return
+    raw = [v.numpy() for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield
+    finally:
+        for var, value in zip(model.trainable_variables, raw):
+            var.assign(value)
+
+
 class _MacroF1Checkpoint:
     """Keep the weights with the best validation macro-F1 + top-1.
 
@@ -171,22 +194,29 @@ class _MacroF1Checkpoint:
 
         class _CB(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
-                pred = self.model.predict(x_val.astype(np.float32), batch_size=256, verbose=0).argmax(1)
-                m = classification_metrics(y_val, pred, CLASS_NAMES)
-                score = m["top1"] + m["macro_f1"]
-                log.info("epoch %d: val top1 %.3f macro-F1 %.3f bal-acc %.3f", epoch + 1, m["top1"], m["macro_f1"], m["balanced_accuracy"])
-                print(f"  val: top1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced acc {m['balanced_accuracy']:.3f}", flush=True)
-                outer.history.append({"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}})
-                if score > outer.best:
-                    outer.best = score
-                    self.model.save_weights(str(path))
+                with _averaged_weights(self.model):
+                    outer.score(self.model, epoch)
 
         self.best = -1.0
         self.history: list[dict] = []
         self.callback = _CB()
+        self._x_val, self._y_val, self._path = x_val, y_val, path
+
+    def score(self, model, epoch: int) -> None:
+        pred = model.predict(self._x_val.astype(np.float32), batch_size=256, verbose=0).argmax(1)
+        m = classification_metrics(self._y_val, pred, CLASS_NAMES)
+        score = m["top1"] + m["macro_f1"]
+        log.info("epoch %d: val top1 %.3f macro-F1 %.3f bal-acc %.3f", epoch + 1, m["top1"], m["macro_f1"], m["balanced_accuracy"])
+        print(f"  val: top1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced acc {m['balanced_accuracy']:.3f}", flush=True)
+        self.history.append({"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}})
+        if score > self.best:
+            self.best = score
+            model.save_weights(str(self._path))
 
 
-def _fit(model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path) -> list[dict]:
+def _fit(
+    model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0
+) -> list[dict]:
     import tf_keras as keras
 
     cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
@@ -194,7 +224,7 @@ def _fit(model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, l
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=keras.optimizers.Adam(schedule, use_ema=ema > 0, ema_momentum=ema or 0.99),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=["accuracy"],
     )
@@ -287,7 +317,7 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     set_seeds(opts.seed)
     model = build_model(opts.model_spec())
     t0 = time.time()
-    history = _fit(model, with_saliency_crops(opts, train), val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5")
+    history = _fit(model, with_saliency_crops(opts, train), val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5", ema=opts.weight_ema)
     model.save(opts.run_dir / "float.h5")
     return {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
 
