@@ -1,7 +1,8 @@
 """Model bundles: the directory every component loads, with no TensorFlow needed.
 
     <bundle>/bundle.json   what it is: classes, input size, preprocessing, target IP version,
-                           akida version, bit widths, sha256 of every file, how it was made, metrics
+                           akida version, bit widths, sha256 of every file, how it was made, metrics,
+                           and `test_time_views` (orientations averaged per image, qana.views; 1 if absent)
     <bundle>/model.fbz     the converted Akida model (backbone + head layer)
     <bundle>/head.npz      the float head (see qana.head) the Akida head layer was written from
 
@@ -22,6 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qana.views import VIEW_COUNTS
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -74,6 +77,11 @@ class Bundle:
     @property
     def feature_dim(self) -> int:
         return int(self.manifest["feature_dim"])
+
+    @property
+    def test_time_views(self) -> int:
+        """Orientations the backbone sees per image, features averaged (qana.views); 1 if unset."""
+        return int(self.manifest.get("test_time_views", 1))
 
     @property
     def model_path(self) -> Path:
@@ -148,6 +156,9 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    views = manifest.get("test_time_views", 1)
+    if isinstance(views, bool) or not isinstance(views, int) or views not in VIEW_COUNTS:
+        raise BundleError(f"{manifest_path}: test_time_views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {views!r}")
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: 'files' must map file names to sha256")

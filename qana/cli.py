@@ -42,6 +42,7 @@ def train(
     attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
     blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
     zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
+    test_time_views: int = typer.Option(1, help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle."),
     weight_ema: float = typer.Option(0.0, help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off)."),
     saliency_teacher: Optional[str] = typer.Option(
         None, help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file "
@@ -69,6 +70,8 @@ def train(
         _fail(f"--blocks must be at least 1, not {blocks}")
     if not 0.0 <= zoom < 1.0:
         _fail(f"--zoom must be in [0, 1), not {zoom}")
+    if test_time_views not in (1, 2, 4, 8):
+        _fail(f"--test-time-views must be 1, 2, 4 or 8, not {test_time_views}")
     if not 0.0 <= weight_ema < 1.0:
         _fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if target == "v1" and weight_bits != 4:
@@ -76,7 +79,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:

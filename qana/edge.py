@@ -372,6 +372,11 @@ def bundle_edge_model(bundle: Bundle, units: int, learning: tuple[int, int, floa
         raise ValueError(
             f"akida-edge learning needs the v1 bundle (Akida 1.0 learns on-chip); {bundle.path} targets {bundle.target!r}"
         )
+    if bundle.test_time_views != 1:
+        raise ValueError(
+            f"{bundle.path} averages {bundle.test_time_views} test-time views per image; a model that learns on images "
+            "sees one view, so learn from the runtime's features instead (qana.edge.learn_edge_head)"
+        )
     model = akida.Model(str(bundle.model_path))
     while model.layers and _layer_type(model.layers[-1]) in HEAD_LAYER_TYPES:
         model.pop_layer()

@@ -17,6 +17,7 @@ import numpy as np
 
 from qana.bundle import Bundle
 from qana.head import QuantizedHead, split_bias_v2
+from qana.views import averaged_features
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,17 @@ class AkidaRuntime:
         return images
 
     def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Integer backbone features, shape (N, D)."""
+        """Integer backbone features, shape (N, D): with a bundle's `test_time_views` > 1, the
+        rounded mean over that many orientations of each image (qana.views)."""
         images = self._check_images(images)
-        out = [self.backbone.forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        if not out:
+
+        def one_view(batch: np.ndarray) -> np.ndarray:
+            out = [self.backbone.forward(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
+            return np.concatenate(out).reshape(len(batch), -1).astype(np.int32)
+
+        if not len(images):
             return np.zeros((0, self.bundle.feature_dim), np.int32)
-        feats = np.concatenate(out).reshape(len(images), -1).astype(np.int32)
+        feats = averaged_features(images, self.bundle.test_time_views, one_view)
         if self._input_shift is not None and np.any(self._input_shift):
             feats = feats << self._input_shift[None, :]
         return feats
@@ -187,8 +193,14 @@ class AkidaRuntime:
             layer.set_variable("act_step", np.full(w.shape[1], 1.0 / qhead.scale, np.float32))
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits of the whole model as run by Akida, shape (N, C)."""
+        """Logits of the whole model as run by Akida, shape (N, C).
+
+        With several test-time views the backbone runs once per view, the host averages the
+        features and the head layer runs on the mean (`head_logits(features(images))`).
+        """
         images = self._check_images(images)
+        if self.bundle.test_time_views > 1:
+            return self.head_logits(self.features(images, batch_size))
         out = [self.model.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(out).reshape(len(images), -1)
 

@@ -29,9 +29,11 @@ from qana.data import DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
 from qana.metrics import classification_metrics
 from qana.model import ModelSpec
 from qana.splits import train_val_test
+from qana.views import averaged_logits, check_view_count
 
 log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "bundle")
+VIEW_STAGES = ("head", "bundle")  # stages whose output depends on the number of test-time views
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TrainOptions:
     attention: str = "both"
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
+    test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
     weight_ema: float = 0.0  # float stage: validate/keep an exponential moving average of the weights (e.g. 0.995); 0 = off
     saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
@@ -407,11 +410,15 @@ def head_from_akida_model(model_path: Path, feature_scale: float) -> head_math.H
     return head_math.Head(w * scale, offset * scale, CLASS_NAMES, feature_scale)
 
 
-def _akida_runtime(opts: TrainOptions, folder: Path):
+def _akida_runtime(opts: TrainOptions, folder: Path, views: int | None = None):
     from qana.bundle import Bundle
     from qana.runtime import AkidaRuntime
 
-    manifest = {"input_shape": [opts.image_size, opts.image_size, 3], "feature_dim": opts.feature_dim}
+    manifest = {
+        "input_shape": [opts.image_size, opts.image_size, 3],
+        "feature_dim": opts.feature_dim,
+        "test_time_views": opts.test_time_views if views is None else views,
+    }
     return AkidaRuntime(Bundle(folder, manifest), device="software")
 
 
@@ -472,8 +479,10 @@ def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
 
 def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
     """Backbone features on Akida for a part, computed once per run (the software backend runs
-    at only tens of images/s on a CPU) and kept in features.npz keyed by image content."""
-    path = opts.run_dir / "akida" / "features.npz"
+    at only tens of images/s on a CPU) and kept in features.npz keyed by image content (one file
+    per number of test-time views: those features are view averages)."""
+    views = opts.test_time_views
+    path = opts.run_dir / "akida" / ("features.npz" if views == 1 else f"features-{views}views.npz")
     cache: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path) as z:
@@ -498,15 +507,24 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
     part and must give identical logits (`akida_full_model_check`).
     """
     out: dict[str, Any] = {}
-    x = part.images.astype(np.float32)
-    float_pred = load_float(opts).predict(x, batch_size=256, verbose=0).argmax(1)
-    q_pred = load_quantized(opts).predict(x, batch_size=256, verbose=0).argmax(1)
+
+    def keras_pred(model) -> np.ndarray:  # the Keras models see the same test-time views (logits averaged)
+        return averaged_logits(
+            part.images, opts.test_time_views, lambda x: model.predict(x.astype(np.float32), batch_size=256, verbose=0)
+        ).argmax(1)
+
+    float_pred = keras_pred(load_float(opts))
+    q_pred = keras_pred(load_quantized(opts))
     feats = akida_features(opts, part)
     conv_logits = akida_head_logits(opts.run_dir / "akida" / "model.fbz", feats)
     final_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", feats)
+    # The whole converted model, run image by image on Akida, must equal backbone features +
+    # head arithmetic (checked on one view: the view average is host arithmetic on the same features).
     n_check = min(128, len(part))
-    chip = _akida_runtime(opts, opts.run_dir / "final").logits(part.images[:n_check])
-    if not np.allclose(chip, final_logits[:n_check], rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(chip).max()))):
+    one_view = _akida_runtime(opts, opts.run_dir / "final", views=1)
+    chip = one_view.logits(part.images[:n_check])
+    reference = akida_head_logits(opts.run_dir / "final" / "model.fbz", one_view.features(part.images[:n_check]))
+    if not np.allclose(chip, reference, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(chip).max()))):
         raise RuntimeError("the full Akida model disagrees with backbone features + head arithmetic")
     out["akida_full_model_check"] = {"images": n_check, "identical_logits": True}
     for name, pred in (
@@ -542,6 +560,7 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
         },
         "feature_dim": opts.feature_dim,
         "feature_scale": FEATURE_SCALE[opts.target],
+        "test_time_views": opts.test_time_views,
         "bits": opts.quant_spec().describe(),
         "model_spec": asdict(opts.model_spec()),
         "training": {
@@ -563,6 +582,7 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
 
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet finished; returns each stage's recorded info."""
+    check_view_count(opts.test_time_views)
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     (opts.run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
     progress(f"loading {opts.data} ...")
@@ -571,12 +591,17 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     if opts.limit:
         dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
     infos: dict[str, dict] = {}
+    redo_rest = False  # once a stage is redone, every later stage is redone on its new output
     for stage in STAGES:
-        done = _done(opts, stage)
+        done = None if redo_rest else _done(opts, stage)
+        if done is not None and stage in VIEW_STAGES and done.get("test_time_views", 1) != opts.test_time_views:
+            progress(f"[{stage}] was finished with {done.get('test_time_views', 1)} test-time view(s); redoing it with {opts.test_time_views}")
+            done = None
         if done is not None:
             progress(f"[{stage}] already finished (resume)")
             infos[stage] = done
             continue
+        redo_rest = opts.resume
         progress(f"[{stage}] running ...")
         if stage == "split":
             info = stage_split(opts, dataset)
@@ -594,6 +619,8 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
                 info = stage_head(opts, train, val)
             else:
                 info = stage_bundle(opts, infos, val, test)
+        if stage in VIEW_STAGES:
+            info["test_time_views"] = opts.test_time_views
         infos[stage] = _finish(opts, stage, info)
         progress(f"[{stage}] done")
     return infos

@@ -29,3 +29,13 @@ def spiking_tiny_v1(dest: Path) -> Path:
     model.save(str(dest / "model.fbz"))
     manifest = {k: v for k, v in src.manifest.items() if k not in ("files", "format_version")}
     return write_bundle(dest / "bundle", dest / "model.fbz", src.head_path.read_bytes(), json.loads(json.dumps(manifest))).path
+
+
+def with_test_time_views(src_path: Path, dest: Path, views: int) -> Path:
+    """A copy of a bundle that averages `views` test-time views (same model and head files)."""
+    from qana.bundle import load_bundle, write_bundle
+
+    src = load_bundle(src_path)
+    manifest = {k: v for k, v in src.manifest.items() if k not in ("files", "format_version")}
+    manifest["test_time_views"] = views
+    return write_bundle(dest, src.model_path, src.head_path.read_bytes(), json.loads(json.dumps(manifest))).path

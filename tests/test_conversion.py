@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,11 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     assert sum("already finished" in m for m in messages) == 7
     assert (opts.run_dir / "float.json").read_text() == before
     assert json.loads((opts.run_dir / "split.json").read_text())["n_images"] == 140
+    # Asking for test-time views redoes only the stages that depend on them.
+    messages.clear()
+    views = run(replace(opts, test_time_views=2), progress=messages.append)
+    assert sum("already finished" in m for m in messages) == 5
+    assert any("[head] was finished with 1 test-time view(s); redoing it with 2" in m for m in messages)
+    assert load_bundle(views["bundle"]["bundle"]).test_time_views == 2
+    assert views["head"]["chip_vs_reference_agreement"] == 1.0
+    assert (opts.run_dir / "akida" / "features-2views.npz").is_file() and (opts.run_dir / "float.json").read_text() == before
