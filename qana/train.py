@@ -591,17 +591,16 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     if opts.limit:
         dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
     infos: dict[str, dict] = {}
-    redo_rest = False  # once a stage is redone, every later stage is redone on its new output
+    redo_rest = False  # once a finished stage is redone, every later stage is redone on its new output
     for stage in STAGES:
         done = None if redo_rest else _done(opts, stage)
         if done is not None and stage in VIEW_STAGES and done.get("test_time_views", 1) != opts.test_time_views:
             progress(f"[{stage}] was finished with {done.get('test_time_views', 1)} test-time view(s); redoing it with {opts.test_time_views}")
-            done = None
+            done, redo_rest = None, True
         if done is not None:
             progress(f"[{stage}] already finished (resume)")
             infos[stage] = done
             continue
-        redo_rest = opts.resume
         progress(f"[{stage}] running ...")
         if stage == "split":
             info = stage_split(opts, dataset)
