@@ -43,6 +43,8 @@ def train(
     blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
     zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
     test_time_views: int = typer.Option(1, help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle."),
+    teacher: list[Path] = typer.Option([], help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation)."),
+    label_weight: float = typer.Option(0.5, help="With --teacher: weight of the true label against the teachers' averaged probabilities."),
     weight_ema: float = typer.Option(0.0, help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off)."),
     saliency_teacher: Optional[str] = typer.Option(
         None, help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file "
@@ -59,6 +61,7 @@ def train(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from qana.convert import ConversionError
     from qana.data import DataError
+    from qana.distill import TeacherError
     from qana.saliency import SaliencyError
     from qana.train import TrainOptions, run
 
@@ -72,6 +75,8 @@ def train(
         _fail(f"--zoom must be in [0, 1), not {zoom}")
     if test_time_views not in (1, 2, 4, 8):
         _fail(f"--test-time-views must be 1, 2, 4 or 8, not {test_time_views}")
+    if not 0.0 <= label_weight <= 1.0:
+        _fail(f"--label-weight must be in [0, 1], not {label_weight}")
     if not 0.0 <= weight_ema < 1.0:
         _fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if target == "v1" and weight_bits != 4:
@@ -79,7 +84,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, teachers=tuple(str(t) for t in teacher), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:
@@ -90,6 +95,8 @@ def train(
         _fail(f"{exc} (finished stages are kept in {run_dir})")
     except SaliencyError as exc:
         _fail(f"--saliency-teacher: {exc}")
+    except TeacherError as exc:
+        _fail(f"--teacher: {exc}")
     test = infos["bundle"]["metrics"]["test"]
     typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")

@@ -55,6 +55,8 @@ class TrainOptions:
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
     test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
+    teachers: tuple[str, ...] = ()  # run directories (same split) whose float models teach this one (qana.distill)
+    label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
     weight_ema: float = 0.0  # float stage: validate/keep an exponential moving average of the weights (e.g. 0.995); 0 = off
     saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
@@ -218,17 +220,21 @@ class _MacroF1Checkpoint:
 
 
 def _fit(
-    model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0
+    model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0,
+    targets: np.ndarray | None = None,
 ) -> list[dict]:
+    """Train with augmentation and class weights; `targets` (N, C) replaces the one-hot labels
+    (distillation: label mixed with teacher probabilities, qana.distill)."""
     import tf_keras as keras
 
     cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
-    ds = make_dataset(train.images, train.labels, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom)
+    y = train.labels if targets is None else targets
+    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom)
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(
         optimizer=keras.optimizers.Adam(schedule, use_ema=ema > 0, ema_momentum=ema or 0.99),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=(keras.losses.SparseCategoricalCrossentropy if targets is None else keras.losses.CategoricalCrossentropy)(from_logits=True),
         weighted_metrics=["accuracy"],
     )
     ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
@@ -317,12 +323,33 @@ def with_saliency_crops(opts: TrainOptions, train: Dataset) -> Dataset:
 def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     from qana.model import build_model
 
+    t0 = time.time()
+    train = with_saliency_crops(opts, train)
+    targets = distillation_targets(opts, train)
     set_seeds(opts.seed)
     model = build_model(opts.model_spec())
-    t0 = time.time()
-    history = _fit(model, with_saliency_crops(opts, train), val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5", ema=opts.weight_ema)
+    history = _fit(
+        model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
+        ema=opts.weight_ema, targets=targets,
+    )
     model.save(opts.run_dir / "float.h5")
-    return {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
+    info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
+    if targets is not None:
+        info["teachers"] = list(opts.teachers)
+    return info
+
+
+def distillation_targets(opts: TrainOptions, train: Dataset) -> np.ndarray | None:
+    """Label/teacher mixed training targets when teachers are given (qana.distill), else None."""
+    if not opts.teachers:
+        return None
+    import tf_keras as keras
+
+    from qana.distill import check_teacher, mixed_targets, teacher_probabilities
+
+    models = [keras.models.load_model(check_teacher(Path(t), opts.run_dir), compile=False) for t in opts.teachers]
+    probs = teacher_probabilities(models, train.images, views=8)
+    return mixed_targets(train.labels, probs, opts.label_weight)
 
 
 def load_float(opts: TrainOptions):

@@ -1,0 +1,84 @@
+"""Distillation: teachers must share the student's split; targets mix label and teacher views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import tf_keras as keras  # noqa: E402
+
+from qana.distill import TeacherError, check_teacher, mixed_targets, teacher_probabilities  # noqa: E402
+from qana.train import TrainOptions, _fit, distillation_targets  # noqa: E402
+from qana.views import dihedral_view  # noqa: E402
+from tests.test_weight_ema import _data  # noqa: E402
+
+
+def _corner_model() -> keras.Model:
+    """Logits depend on the top-left pixel only, so every orientation gives other probabilities."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Cropping2D(((0, 7), (0, 7)))(inputs)
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1.0 / 64.0)(x))
+    return keras.Model(inputs, keras.layers.Dense(7, kernel_initializer="glorot_normal")(x))
+
+
+def _run(path: Path, split: dict[str, np.ndarray], model: keras.Model | None) -> Path:
+    path.mkdir(parents=True)
+    np.savez(path / "split.npz", **split)
+    if model is not None:
+        model.save(path / "float.h5")
+    return path
+
+
+SPLIT = {"train": np.arange(10), "val": np.arange(10, 14), "test": np.arange(14, 18), "image_ids": np.array([f"i{i}" for i in range(18)])}
+
+
+def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Path) -> None:
+    student = _run(tmp_path / "student", SPLIT, None)
+    other = dict(SPLIT, train=np.arange(1, 11), val=np.r_[0, np.arange(11, 14)])
+    with pytest.raises(TeacherError, match="another split"):
+        check_teacher(_run(tmp_path / "leaky", other, _corner_model()), student)
+    with pytest.raises(TeacherError, match="no float.h5"):
+        check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
+    assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).name == "float.h5"
+
+
+def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    teachers = [_corner_model(), _corner_model()]
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    probs = teacher_probabilities(teachers, images, views=4)
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    expected = np.mean(
+        [softmax(m.predict(dihedral_view(images, i).astype(np.float32), verbose=0)) for m in teachers for i in range(4)], axis=0
+    )
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+    assert not np.allclose(probs, softmax(teachers[0].predict(images.astype(np.float32), verbose=0)), atol=1e-3)
+    labels = np.array([0, 1, 2, 3, 4])
+    mixed = mixed_targets(labels, probs, 0.25)
+    np.testing.assert_allclose(mixed.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(mixed[np.arange(5), labels], 0.25 + 0.75 * probs[np.arange(5), labels], rtol=1e-5)
+    with pytest.raises(ValueError, match="label weight"):
+        mixed_targets(labels, probs, 1.5)
+
+
+def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    train, val = _data(21, 0), _data(14, 1)
+    split = {"train": np.arange(21), "val": np.arange(21, 35), "test": np.arange(35, 36), "image_ids": np.array([f"i{i}" for i in range(36)])}
+    student = _run(tmp_path / "student", split, None)
+    teacher = _run(tmp_path / "teacher", split, _corner_model())
+    opts = TrainOptions(data=tmp_path, run_dir=student, batch_size=8, teachers=(str(teacher),), label_weight=0.5)
+    targets = distillation_targets(opts, train)
+    assert targets.shape == (21, 7) and np.all(targets[np.arange(21), train.labels] >= 0.5)
+    assert distillation_targets(TrainOptions(data=tmp_path, run_dir=student), train) is None
+    model = _corner_model()
+    history = _fit(model, train, val, opts, epochs=1, lr=0.01, weights_path=tmp_path / "w.h5", targets=targets)
+    assert len(history) == 1 and (tmp_path / "w.h5").is_file()
