@@ -2,6 +2,11 @@
 on validation and test. Used for the ablations in the README (e.g. attention vs none).
 
     python benchmarks/compare_runs.py --data ../shared/data/ham10000 runs/v2 runs/v2-noatt
+    python benchmarks/compare_runs.py --data ../shared/data/ham10000 --views 8 --ensemble runs/a runs/b runs/c
+
+`--views N` averages each model's logits over N flips/turns of every image (qana.views), as a
+bundle with `test_time_views` does; `--ensemble` adds the float models' mean class probabilities
+(what `qana train --teacher` distils).
 
 All runs must have been made on the same data with the same seed (the script checks that their
 splits are identical), so differences come from the model, not from the images.
@@ -25,15 +30,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="test-time views per image")
+    parser.add_argument("--ensemble", action="store_true", help="also score the mean probabilities of all runs' float models")
     args = parser.parse_args()
 
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
     from qana.metrics import classification_metrics
     from qana.train import TrainOptions, load_float, load_quantized, load_split
+    from qana.views import averaged_logits
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:
+        m = classification_metrics(labels, pred, CLASS_NAMES)
+        print(f"{name:28s} {described:52s} {part_name:5s} {model_name:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}")
 
     dataset = load_dataset(args.data)
     reference = None
+    ensemble: dict[str, list[np.ndarray]] = {"val": [], "test": []}
+    labels: dict[str, np.ndarray] = {}
     print(f"{'run':28s} {'options':52s} {'part':5s} {'model':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
     for run in args.runs:
         options = json.loads((run / "options.json").read_text())
@@ -52,13 +70,26 @@ def main() -> None:
             described += " +saliency"
         if options.get("weight_ema"):
             described += f" ema={options['weight_ema']}"
+        if options.get("teachers"):
+            described += f" distil({len(options['teachers'])})"
+        if args.views > 1:
+            described += f" views={args.views}"
         for part_name, part in (("val", val), ("test", test_part)):
+            labels[part_name] = part.labels
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():
                     continue
-                pred = loader(opts).predict(part.images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
-                m = classification_metrics(part.labels, pred, CLASS_NAMES)
-                print(f"{str(run):28s} {described:52s} {part_name:5s} {model_name:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}")
+                model = loader(opts)
+                logits = averaged_logits(
+                    part.images, args.views, lambda x: model.predict(x.astype(np.float32), batch_size=256, verbose=0)
+                )
+                if model_name == "float":
+                    ensemble[part_name].append(softmax(logits))
+                row(str(run), described, part_name, model_name, part.labels, logits.argmax(1))
+    if args.ensemble:
+        for part_name, probs in ensemble.items():
+            described = f"mean probabilities of {len(probs)} runs" + (f" views={args.views}" if args.views > 1 else "")
+            row("ensemble", described, part_name, "float", labels[part_name], np.mean(probs, axis=0).argmax(1))
 
 
 if __name__ == "__main__":
