@@ -38,6 +38,7 @@ def train(
     batch_size: int = typer.Option(64),
     learning_rate: float = typer.Option(2e-3),
     width: int = typer.Option(32, help="Channels of the first stage (later stages double)."),
+    image_size: int = typer.Option(64, help="Input side in pixels (the paper: 64). A multiple of 8 up to 88: the last map (side/8)^2 must stay under Akida's 144-position global-pooling limit."),
     feature_dim: int = typer.Option(256, help="Features before the head."),
     attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
     blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
@@ -73,6 +74,8 @@ def train(
         _fail(f"--blocks must be at least 1, not {blocks}")
     if not 0.0 <= zoom < 1.0:
         _fail(f"--zoom must be in [0, 1), not {zoom}")
+    if image_size % 8 or not 16 <= image_size <= 88:
+        _fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
     if test_time_views not in (1, 2, 4, 8):
         _fail(f"--test-time-views must be 1, 2, 4 or 8, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:
@@ -84,7 +87,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, teachers=tuple(str(t) for t in teacher), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:
@@ -150,6 +153,8 @@ def info(bundle_path: Optional[Path] = typer.Argument(None, help="Bundle directo
     typer.echo(f"target     Akida {m['target']} ({m.get('ip_version', '?')}), akida {m.get('akida_version', '?')}")
     typer.echo(f"classes    {', '.join(m['classes'])}")
     typer.echo(f"input      {m['input_shape']} {m.get('input_dtype', 'uint8')}; features {m['feature_dim']}")
+    views = bundle.test_time_views
+    typer.echo(f"views      {views} test-time view(s) per image" + (" (flips/turns, features averaged: qana.views)" if views > 1 else ""))
     typer.echo(f"bits       {json.dumps(m.get('bits', {}))}")
     for name, digest in m["files"].items():
         typer.echo(f"file       {name}  sha256 {digest}")

@@ -97,3 +97,8 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     assert load_bundle(views["bundle"]["bundle"]).test_time_views == 2
     assert views["head"]["chip_vs_reference_agreement"] == 1.0
     assert (opts.run_dir / "akida" / "features-2views.npz").is_file() and (opts.run_dir / "float.json").read_text() == before
+    # A stage redone for any reason (here: its record deleted) redoes every stage after it.
+    (opts.run_dir / "head.json").unlink()
+    messages.clear()
+    run(replace(opts, test_time_views=2), progress=messages.append)
+    assert [m for m in messages if m.endswith("running ...")] == ["[head] running ...", "[bundle] running ..."]

@@ -1,0 +1,58 @@
+"""Test-time views on Akida: a trained run's converted model scored with 1, 2, 4 and 8 views.
+
+    python benchmarks/views.py --data ../shared/data/ham10000 runs/v2-main
+
+For each part (validation, test) the backbone runs once per view on the Akida software backend
+(8 passes per image: minutes for the ~2,500 images); the host averages the integer features and
+rounds them (qana.views), and the run's final head layer is applied with its exact integer
+arithmetic. Also printed: averaging the views' logits instead of their features, to show the
+rounding costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a `qana train` run directory whose head stage has finished")
+    parser.add_argument("--data", type=Path, required=True)
+    args = parser.parse_args()
+
+    import json
+
+    from qana.classes import CLASS_NAMES
+    from qana.data import load_dataset
+    from qana.metrics import classification_metrics
+    from qana.train import TrainOptions, _akida_runtime, akida_head_logits, load_split
+    from qana.views import VIEW_COUNTS, dihedral_view
+
+    options = json.loads((args.run / "options.json").read_text())
+    opts = TrainOptions(data=args.data, run_dir=args.run, image_size=options["image_size"], feature_dim=options["feature_dim"])
+    _, val, test = load_split(opts, load_dataset(args.data, size=opts.image_size))
+    model = args.run / "final" / "model.fbz"
+    runtime = _akida_runtime(opts, args.run / "final", views=1)
+    print(f"{'part':5s} {'views':>5s} {'averaged':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
+    for name, part in (("val", val), ("test", test)):
+        per_view = [runtime.features(dihedral_view(part.images, i)).astype(np.int64) for i in range(max(VIEW_COUNTS))]
+        for n in VIEW_COUNTS:
+            mean = (np.sum(per_view[:n], axis=0) + n // 2) // n  # exactly qana.views.averaged_features
+            for how, logits in (
+                ("features", akida_head_logits(model, mean)),
+                ("logits", np.mean([akida_head_logits(model, f) for f in per_view[:n]], axis=0)),
+            ):
+                m = classification_metrics(part.labels, logits.argmax(1), CLASS_NAMES)
+                print(f"{name:5s} {n:5d} {how:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
