@@ -64,7 +64,7 @@ def test_v2_4bit_is_refused_by_the_hardware_check_not_silently_accepted() -> Non
         convert_checked(qmodel, "v2")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)  # trains twice, converts, evaluates on the Akida software backend; slow on 2 shared cores
 def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     from qana.bundle import load_bundle
     from qana.train import TrainOptions, run
