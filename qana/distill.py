@@ -13,6 +13,7 @@ whose `split.npz` differs is refused.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ class TeacherError(ValueError):
     """A teacher run that cannot be used (missing, or trained on another split)."""
 
 
-def check_teacher(teacher_run: Path, student_run: Path) -> Path:
+def check_teacher(teacher_run: Path, student_run: Path, image_size: int | None = None) -> Path:
     """The teacher's float model file, after checking its run used the student's split."""
     teacher_run = Path(teacher_run)
     model = teacher_run / "float.h5"
@@ -33,6 +34,11 @@ def check_teacher(teacher_run: Path, student_run: Path) -> Path:
     split = teacher_run / "split.npz"
     if not split.is_file():
         raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
+    options = teacher_run / "options.json"
+    if options.is_file() and image_size is not None:
+        teacher_size = json.loads(options.read_text()).get("image_size", image_size)
+        if teacher_size != image_size:
+            raise TeacherError(f"teacher {teacher_run} takes {teacher_size}x{teacher_size} images, this run {image_size}x{image_size}")
     with np.load(split) as t, np.load(Path(student_run) / "split.npz") as s:
         same = all(np.array_equal(t[k], s[k]) for k in ("train", "val", "test", "image_ids"))
     if not same:

@@ -347,7 +347,7 @@ def distillation_targets(opts: TrainOptions, train: Dataset) -> np.ndarray | Non
 
     from qana.distill import check_teacher, mixed_targets, teacher_probabilities
 
-    models = [keras.models.load_model(check_teacher(Path(t), opts.run_dir), compile=False) for t in opts.teachers]
+    models = [keras.models.load_model(check_teacher(Path(t), opts.run_dir, opts.image_size), compile=False) for t in opts.teachers]
     probs = teacher_probabilities(models, train.images, views=8)
     return mixed_targets(train.labels, probs, opts.label_weight)
 
@@ -515,7 +515,7 @@ def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         m = classification_metrics(val.labels, predictions[name], CLASS_NAMES)
         scores[name] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}
     best = max(scores, key=lambda n: scores[n]["macro_f1"] + scores[n]["top1"])
-    wins = 1.0
+    wins = None  # share of bootstrap resamples the best retrained head won (only computed if one scored best)
     if best != "converted":
         wins = bootstrap_wins(val.labels, predictions[best], predictions["converted"], seed=opts.seed)
         if wins < MEASURABLE:

@@ -44,6 +44,9 @@ def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Pa
     with pytest.raises(TeacherError, match="no float.h5"):
         check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
     assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).name == "float.h5"
+    (tmp_path / "good" / "options.json").write_text('{"image_size": 64}')
+    with pytest.raises(TeacherError, match="takes 64x64 images, this run 80x80"):
+        check_teacher(tmp_path / "good", student, image_size=80)
 
 
 def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path: Path) -> None:
