@@ -36,13 +36,10 @@ def main() -> None:
 
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
+    from qana.head import softmax
     from qana.metrics import classification_metrics
     from qana.train import TrainOptions, load_float, load_quantized, load_split
-    from qana.views import averaged_logits
-
-    def softmax(z: np.ndarray) -> np.ndarray:
-        e = np.exp(z - z.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
+    from qana.views import keras_logits
 
     def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:
         m = classification_metrics(labels, pred, CLASS_NAMES)
@@ -79,10 +76,7 @@ def main() -> None:
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():
                     continue
-                model = loader(opts)
-                logits = averaged_logits(
-                    part.images, args.views, lambda x: model.predict(x.astype(np.float32), batch_size=256, verbose=0)
-                )
+                logits = keras_logits(loader(opts), part.images, args.views)
                 if model_name == "float":
                     ensemble[part_name].append(softmax(logits))
                 row(str(run), described, part_name, model_name, part.labels, logits.argmax(1))

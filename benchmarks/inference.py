@@ -71,7 +71,7 @@ def main() -> None:
 
     from qana.bundle import load_bundle, load_default_bundle
     from qana.runtime import AkidaRuntime
-    from qana.views import averaged_logits
+    from qana.views import keras_logits
 
     bundle = load_bundle(args.model) if args.model else load_default_bundle("v2")
     size = bundle.input_shape[0]
@@ -89,9 +89,7 @@ def main() -> None:
     views = bundle.test_time_views  # both sides look at each image in as many orientations as the bundle asks
 
     def float_logits() -> np.ndarray:
-        return averaged_logits(
-            images, views, lambda x: float_model.predict(x.astype(np.float32), batch_size=args.batch_size, verbose=0)
-        )
+        return keras_logits(float_model, images, views, batch_size=args.batch_size)
 
     t_akida = time_passes(lambda: runtime.logits(images, batch_size=args.batch_size), args.repeats)
     t_float = time_passes(float_logits, args.repeats)

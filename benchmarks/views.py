@@ -34,7 +34,7 @@ def main() -> None:
     from qana.data import load_dataset
     from qana.metrics import classification_metrics
     from qana.train import TrainOptions, _akida_runtime, akida_head_logits, load_split
-    from qana.views import VIEW_COUNTS, dihedral_view
+    from qana.views import VIEW_COUNTS, dihedral_view, rounded_mean
 
     options = json.loads((args.run / "options.json").read_text())
     opts = TrainOptions(data=args.data, run_dir=args.run, image_size=options["image_size"], feature_dim=options["feature_dim"])
@@ -43,9 +43,9 @@ def main() -> None:
     runtime = _akida_runtime(opts, args.run / "final", views=1)
     print(f"{'part':5s} {'views':>5s} {'averaged':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
     for name, part in (("val", val), ("test", test)):
-        per_view = [runtime.features(dihedral_view(part.images, i)).astype(np.int64) for i in range(max(VIEW_COUNTS))]
+        per_view = [runtime.features(dihedral_view(part.images, i)) for i in range(max(VIEW_COUNTS))]
         for n in VIEW_COUNTS:
-            mean = (np.sum(per_view[:n], axis=0) + n // 2) // n  # exactly qana.views.averaged_features
+            mean = rounded_mean(per_view[:n])  # what qana.views.averaged_features computes
             for how, logits in (
                 ("features", akida_head_logits(model, mean)),
                 ("logits", np.mean([akida_head_logits(model, f) for f in per_view[:n]], axis=0)),

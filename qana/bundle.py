@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qana.views import VIEW_COUNTS
+from qana.views import check_view_count
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -156,9 +156,10 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
-    views = manifest.get("test_time_views", 1)
-    if isinstance(views, bool) or not isinstance(views, int) or views not in VIEW_COUNTS:
-        raise BundleError(f"{manifest_path}: test_time_views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {views!r}")
+    try:
+        check_view_count(manifest.get("test_time_views", 1), "test_time_views")
+    except ValueError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"{manifest_path}: 'files' must map file names to sha256")

@@ -65,6 +65,7 @@ def train(
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
     from qana.train import TrainOptions, run
+    from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
         _fail(f"--target must be v2 or v1, not {target!r}")
@@ -76,8 +77,8 @@ def train(
         _fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
         _fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
-    if test_time_views not in (1, 2, 4, 8):
-        _fail(f"--test-time-views must be 1, 2, 4 or 8, not {test_time_views}")
+    if test_time_views not in VIEW_COUNTS:
+        _fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:
         _fail(f"--label-weight must be in [0, 1], not {label_weight}")
     if not 0.0 <= weight_ema < 1.0:

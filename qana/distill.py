@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qana.views import VIEW_COUNTS, dihedral_view
+from qana.head import softmax
+from qana.views import check_view_count, dihedral_view
 
 
 class TeacherError(ValueError):
@@ -49,21 +50,15 @@ def check_teacher(teacher_run: Path, student_run: Path, image_size: int | None =
     return model
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def teacher_probabilities(models: list, images: np.ndarray, views: int = 8) -> np.ndarray:
     """Mean class probabilities of Keras `models` over `views` orientations of each image."""
     if not models:
         raise TeacherError("no teacher models given")
-    if views not in VIEW_COUNTS:
-        raise TeacherError(f"teacher views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {views}")
+    views = check_view_count(views, "teacher views")
     per_model = []
     for model in models:
         per_view = [
-            _softmax(model.predict(dihedral_view(images, i).astype(np.float32), batch_size=256, verbose=0))
+            softmax(model.predict(dihedral_view(images, i).astype(np.float32), batch_size=256, verbose=0))
             for i in range(views)
         ]
         per_model.append(np.mean(per_view, axis=0))

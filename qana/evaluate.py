@@ -10,7 +10,7 @@ import numpy as np
 from qana.bundle import Bundle
 from qana.data import Dataset
 from qana.metrics import classification_metrics
-from qana.views import averaged_logits
+from qana.views import keras_logits
 
 BACKENDS = ("akida", "quantized", "float")
 
@@ -33,10 +33,7 @@ def predict_bundle(bundle: Bundle, images: np.ndarray, backend: str = "akida") -
             from quantizeml import load_model
 
             model = load_model(str(path), compile_model=False)
-        # the Keras models see the same test-time views as the chip (their logits averaged)
-        return averaged_logits(
-            images, bundle.test_time_views, lambda x: model.predict(x.astype(np.float32), batch_size=256, verbose=0)
-        ).argmax(1)
+        return keras_logits(model, images, bundle.test_time_views).argmax(1)
     raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 

@@ -92,7 +92,8 @@ def _flatten(features: np.ndarray, num_features: int) -> np.ndarray:
     return f
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise class probabilities from logits (N, C), stable for large logits."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
@@ -166,7 +167,7 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
             idx = order[start : start + cfg.batch_size]
             xb, yb = x[idx], onehot[idx]
             sw = cw[labels[idx]]
-            p = _softmax(xb @ w + b + mask)
+            p = softmax(xb @ w + b + mask)
             g = (p - yb) * sw[:, None] / max(sw.sum(), 1e-12)
             gw = xb.T @ g + cfg.l2 * w + cfg.proximal_mu * (w - w0)
             gb = g.sum(axis=0) + cfg.proximal_mu * (b - b0)

@@ -29,7 +29,7 @@ from qana.data import DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
 from qana.metrics import classification_metrics
 from qana.model import ModelSpec
 from qana.splits import train_val_test
-from qana.views import averaged_logits, check_view_count
+from qana.views import check_view_count, keras_logits
 
 log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "bundle")
@@ -569,13 +569,8 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
     """
     out: dict[str, Any] = {}
 
-    def keras_pred(model) -> np.ndarray:  # the Keras models see the same test-time views (logits averaged)
-        return averaged_logits(
-            part.images, opts.test_time_views, lambda x: model.predict(x.astype(np.float32), batch_size=256, verbose=0)
-        ).argmax(1)
-
-    float_pred = keras_pred(load_float(opts))
-    q_pred = keras_pred(load_quantized(opts))
+    float_pred = keras_logits(load_float(opts), part.images, opts.test_time_views).argmax(1)
+    q_pred = keras_logits(load_quantized(opts), part.images, opts.test_time_views).argmax(1)
     feats = akida_features(opts, part)
     conv_logits = akida_head_logits(opts.run_dir / "akida" / "model.fbz", feats)
     final_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", feats)

@@ -55,12 +55,14 @@ def averaged_features(images: np.ndarray, n_views: int, features_of) -> np.ndarr
     n_views = check_view_count(n_views)
     if n_views == 1:
         return features_of(images)
-    total = None
-    for i in range(n_views):
-        f = np.asarray(features_of(dihedral_view(images, i)), dtype=np.int64)
-        total = f if total is None else total + f
-    # floor((sum + n/2) / n): round half up, exactly, in integers
-    return ((total + n_views // 2) // n_views).astype(np.int32)
+    return rounded_mean([features_of(dihedral_view(images, i)) for i in range(n_views)])
+
+
+def rounded_mean(per_view: list[np.ndarray]) -> np.ndarray:
+    """Element-wise mean of integer feature arrays, rounded half up, exactly, in integers."""
+    n = len(per_view)
+    total = np.sum([np.asarray(f, dtype=np.int64) for f in per_view], axis=0)
+    return ((total + n // 2) // n).astype(np.int32)  # floor((sum + n/2) / n)
 
 
 def averaged_logits(images: np.ndarray, n_views: int, logits_of) -> np.ndarray:
@@ -69,3 +71,11 @@ def averaged_logits(images: np.ndarray, n_views: int, logits_of) -> np.ndarray:
     if n_views == 1:
         return logits_of(images)
     return np.mean([logits_of(dihedral_view(images, i)) for i in range(n_views)], axis=0)
+
+
+def keras_logits(model, images: np.ndarray, n_views: int = 1, batch_size: int = 256) -> np.ndarray:
+    """A Keras model's logits for uint8 images, averaged over `n_views` views, so the float and
+    quantized models are scored on the same views as the chip (no TensorFlow import here)."""
+    return averaged_logits(
+        images, n_views, lambda x: model.predict(x.astype(np.float32), batch_size=batch_size, verbose=0)
+    )
