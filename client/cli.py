@@ -25,8 +25,8 @@ from typing import Annotated, Any
 import typer
 
 import client
+from qana.cli_errors import fail, reported_errors
 
-EXIT_ERROR = 2
 REPO_ROOT = Path(client.__file__).resolve().parents[1]
 
 app = typer.Typer(
@@ -36,23 +36,14 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_ERROR)
-
-
 @contextmanager
 def _reported_errors() -> Iterator[None]:
     from client.clinic import ClinicError
     from protocols.auth import AuthError
     from qana.data import DataError
 
-    try:
+    with reported_errors(AuthError, ClinicError, DataError):
         yield
-    except (AuthError, ClinicError, DataError) as exc:
-        raise _fail(str(exc)) from None
-    except OSError as exc:
-        raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
 
 
 def _toml_string(value: str) -> str:
@@ -130,14 +121,14 @@ def start(
         check_clinic_name(clinic_id)
         data = data.expanduser().resolve()
         if not data.is_dir():
-            raise _fail(f"data folder not found: {data}")
+            raise fail(f"data folder not found: {data}")
         records = read_metadata(data / METADATA_FILE)
         if root_certificates is not None:
             root_certificates = root_certificates.expanduser().resolve()
             if not root_certificates.is_file():
-                raise _fail(f"CA certificate not found: {root_certificates}")
+                raise fail(f"CA certificate not found: {root_certificates}")
         if insecure and auth_key is not None:
-            raise _fail("--auth-key needs TLS; drop --insecure")
+            raise fail("--auth-key needs TLS; drop --insecure")
         if not insecure and root_certificates is None:
             typer.echo("note: no --root-certificates; the coordinator's certificate must be trusted by this system's CA store", err=True)
         if auth_key is not None:
@@ -314,7 +305,7 @@ def learn(
         check_clinic_name(clinic_id)
         data = data.expanduser().resolve()
         if not data.is_dir():
-            raise _fail(f"data folder not found: {data}")
+            raise fail(f"data folder not found: {data}")
         node_config: dict[str, Any] = {"data-dir": str(data), "clinic-id": clinic_id, "device": device, "eval-fraction": eval_fraction}
         if new_class:
             node_config["new-classes"] = ",".join(new_class)

@@ -15,16 +15,13 @@ from typing import Optional
 
 import typer
 
+from qana.cli_errors import fail
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="QANA model pipeline: HAM10000 images -> quantized QANA network -> Akida model bundle.",
 )
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -68,23 +65,23 @@ def train(
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
-        _fail(f"--target must be v2 or v1, not {target!r}")
+        raise fail(f"--target must be v2 or v1, not {target!r}")
     if weight_bits not in (4, 8):
-        _fail(f"--weight-bits must be 4 or 8, not {weight_bits}")
+        raise fail(f"--weight-bits must be 4 or 8, not {weight_bits}")
     if blocks < 1:
-        _fail(f"--blocks must be at least 1, not {blocks}")
+        raise fail(f"--blocks must be at least 1, not {blocks}")
     if not 0.0 <= zoom < 1.0:
-        _fail(f"--zoom must be in [0, 1), not {zoom}")
+        raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
-        _fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
+        raise fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
     if test_time_views not in VIEW_COUNTS:
-        _fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
+        raise fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:
-        _fail(f"--label-weight must be in [0, 1], not {label_weight}")
+        raise fail(f"--label-weight must be in [0, 1], not {label_weight}")
     if not 0.0 <= weight_ema < 1.0:
-        _fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
+        raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if target == "v1" and weight_bits != 4:
-        _fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
+        raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
@@ -94,13 +91,13 @@ def train(
     try:
         infos = run(opts, progress=lambda msg: typer.echo(msg))
     except DataError as exc:
-        _fail(str(exc))
+        raise fail(str(exc)) from None
     except ConversionError as exc:
-        _fail(f"{exc} (finished stages are kept in {run_dir})")
+        raise fail(f"{exc} (finished stages are kept in {run_dir})") from None
     except SaliencyError as exc:
-        _fail(f"--saliency-teacher: {exc}")
+        raise fail(f"--saliency-teacher: {exc}") from None
     except TeacherError as exc:
-        _fail(f"--teacher: {exc}")
+        raise fail(f"--teacher: {exc}") from None
     test = infos["bundle"]["metrics"]["test"]
     typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")
@@ -124,7 +121,7 @@ def evaluate(
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
         result = evaluate_bundle(bundle, dataset, backend)
     except (BundleError, DataError, ValueError) as exc:
-        _fail(str(exc))
+        raise fail(str(exc)) from None
     typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}")
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
@@ -147,7 +144,7 @@ def info(bundle_path: Optional[Path] = typer.Argument(None, help="Bundle directo
     try:
         bundle = load_bundle(bundle_path) if bundle_path else load_default_bundle("v2")
     except BundleError as exc:
-        _fail(str(exc))
+        raise fail(str(exc)) from None
     m = bundle.manifest
     typer.echo(f"bundle     {bundle.path}")
     typer.echo(f"id         {bundle.bundle_id}")

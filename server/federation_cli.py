@@ -20,18 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
-EXIT_ERROR = 2
+from qana.cli_errors import fail, reported_errors
+
 DEFAULT_STATE = Path.home() / ".qana" / "server"
 
 StateOption = Annotated[
     Path,
     typer.Option("--state-dir", metavar="DIR", help="Coordinator state: SuperLink database, certificates, registered keys, run status."),
 ]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_ERROR)
 
 
 @contextmanager
@@ -45,12 +41,8 @@ def _reported_errors() -> Iterator[None]:
     from server.federation import FederationError
     from server.strategies import StrategyError
 
-    try:
+    with reported_errors(AuditError, AuthError, BundleError, CertError, DeploymentError, FederationError, StrategyError):
         yield
-    except (AuditError, AuthError, BundleError, CertError, DeploymentError, FederationError, StrategyError) as exc:
-        raise _fail(str(exc)) from None
-    except OSError as exc:
-        raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
 
 
 # --------------------------------------------------------------------------- certs
@@ -123,9 +115,9 @@ def nodes_register(
         nodes = read_nodes(state)
         for name, entry in nodes.items():
             if entry.get("fingerprint") == fingerprint and name != clinic and not entry.get("revoked"):
-                raise _fail(f"this key is already registered for clinic {name!r}")
+                raise fail(f"this key is already registered for clinic {name!r}")
         if clinic in nodes and not nodes[clinic].get("revoked") and nodes[clinic].get("fingerprint") != fingerprint:
-            raise _fail(f"clinic {clinic!r} is registered with another key; revoke it first")
+            raise fail(f"clinic {clinic!r} is registered with another key; revoke it first")
         stored = state.root / "nodes" / f"{clinic}.pub"
         stored.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(public_key.expanduser(), stored)
@@ -181,7 +173,7 @@ def nodes_revoke(
     with _reported_errors():
         nodes = read_nodes(state)
         if clinic not in nodes or nodes[clinic].get("revoked"):
-            raise _fail(f"clinic {clinic!r} is not registered")
+            raise fail(f"clinic {clinic!r} is not registered")
         node_id = nodes[clinic].get("node_id")
         if _superlink_running(state) and node_id:
             flwr(state, "supernode", "unregister", str(node_id), CONNECTION)
@@ -200,7 +192,14 @@ def _now() -> str:
 
 def _apply_registry(state) -> None:
     """Register every non-revoked key with the (new or restarted) SuperLink; unregister revoked ones."""
-    from server.deployment import CONNECTION, DeploymentError, flwr, read_nodes, register_with_superlink, write_nodes
+    from server.deployment import (
+        CONNECTION,
+        DeploymentError,
+        flwr,
+        read_nodes,
+        register_with_superlink,
+        write_nodes,
+    )
 
     nodes = read_nodes(state)
     for clinic, entry in nodes.items():
@@ -276,10 +275,10 @@ def start_command(
         try:
             config.update(parse_config_args(run_config or []))
         except Exception as exc:  # flwr raises ValueError/TOML errors for bad syntax
-            raise _fail(f"--run-config: {exc}") from None
+            raise fail(f"--run-config: {exc}") from None
         for secret in ("audit-db", "audit-key", "state-dir", "bundle"):
             if secret in config:
-                raise _fail(f"--run-config {secret}: use the --{secret} option instead (the run config is visible to clinics)")
+                raise fail(f"--run-config {secret}: use the --{secret} option instead (the run config is visible to clinics)")
         from server.edge_rounds import check_edge_bundle, read_run_config
 
         settings, _edge = read_run_config(config, run_id="check")
@@ -294,7 +293,7 @@ def start_command(
             tls = (cdir / CA_CERT, cdir / SERVER_CERT, cdir / SERVER_KEY)
             for path in tls:
                 if not path.is_file():
-                    raise _fail(f"{path} not found: run `qana-server certs --out {cdir} --host <this machine's name>` first, or pass --insecure")
+                    raise fail(f"{path} not found: run `qana-server certs --out {cdir} --host <this machine's name>` first, or pass --insecure")
             load_certificate(tls[0])
             load_certificate(tls[1])
         audit_db = _absolute_sqlite(audit_db)
@@ -431,7 +430,7 @@ def status_command(
     with _reported_errors():
         server_info = state.read_json(state.server_file)
         if not server_info:
-            raise _fail(f"no coordinator state in {state.root} (start one with `qana-server start`)")
+            raise fail(f"no coordinator state in {state.root} (start one with `qana-server start`)")
         running = _superlink_running(state) and "stopped_at" not in server_info
         run = None
         live: list[dict[str, Any]] = []

@@ -18,7 +18,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-EXIT_ERROR = 2
+from qana.cli_errors import fail
+
 EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
@@ -33,11 +34,6 @@ app = typer.Typer(
 @app.callback()
 def _main() -> None:
     """Simulated federations for experiments."""
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_ERROR)
 
 
 @app.command("run")
@@ -104,12 +100,12 @@ def run(
     try:
         cfg = resolve(config, flags)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
     except (SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -136,7 +132,7 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if result.status != "finished":
         detail = (fed.error or "").strip().splitlines()[-1:] if fed else []
-        raise _fail(f"{result.message}{': ' + detail[0] if detail else ''} (log: {fed.log if fed else '-'})")
+        raise fail(f"{result.message}{': ' + detail[0] if detail else ''} (log: {fed.log if fed else '-'})")
 
 
 
@@ -178,7 +174,7 @@ def compare(
     try:
         base = resolve(config, flags)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out_dir = out.expanduser().resolve()
 
@@ -189,13 +185,13 @@ def compare(
     try:
         rows = run_comparison(base, out_dir, one, command=command)
     except (ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished experiments are in {out_dir / 'comparison.md'}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(f"Comparison: {out_dir / 'comparison.md'}")
     if any(r["status"] != "finished" for r in rows):
-        raise _fail("not every experiment finished; see comparison.md")
+        raise fail("not every experiment finished; see comparison.md")
 
 
 if __name__ == "__main__":

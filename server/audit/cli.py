@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from qana.cli_errors import fail, reported_errors
 from server.audit.errors import AuditError, InvalidRecordError
 
 if TYPE_CHECKING:
     from server.audit.store import AuditLog, EntryFilter
 
 EXIT_INVALID = 1  # verify found a problem
-EXIT_ERROR = 2  # the command could not do its job
 
 audit_app = typer.Typer(
     name="audit",
@@ -91,11 +91,6 @@ KindOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 @contextmanager
 def _reported_errors() -> Iterator[None]:
     """Turn expected failures into one stderr line and a non-zero exit, without a traceback."""
@@ -104,13 +99,10 @@ def _reported_errors() -> Iterator[None]:
     from server.audit.db import describe_database_error
 
     try:
-        yield
-    except AuditError as exc:
-        raise _fail(str(exc)) from None
+        with reported_errors(AuditError):
+            yield
     except SQLAlchemyError as exc:
-        raise _fail(f"database error: {describe_database_error(exc)}") from None
-    except OSError as exc:
-        raise _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+        raise fail(f"database error: {describe_database_error(exc)}") from None
 
 
 def _open(db: str | None, key: Path | None = None, *, sign: bool = False) -> AuditLog:
