@@ -51,6 +51,10 @@ class SyntheticClinic:
         return self.root / "HAM10000_metadata.csv"
 
 
+# HAM10000's four source centres (metadata column `dataset`): simulations split clinics by them
+HAM_CENTRES = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
+
+
 def _render(rng: np.random.Generator, dx: str, size: int) -> np.ndarray:
     colour, radius = CLASS_STYLE[dx]
     skin = np.array([225, 180, 150], dtype=np.float64) + rng.normal(0, 8, 3)

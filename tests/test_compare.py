@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 from live_bundles import spiking_tiny_v1
-from synthetic import make_synthetic_ham
+from synthetic import HAM_CENTRES, make_synthetic_ham
 from typer.testing import CliRunner
 
-CENTRES = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch, tmp_path: Path) -> None:
-    import qana.data
-
-    monkeypatch.setattr(qana.data, "DEFAULT_CACHE_DIR", tmp_path / "qana-cache")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.mark.timeout(900)
@@ -25,7 +18,7 @@ def test_compare_runs_both_learning_modes_in_both_scenarios_and_tabulates_them(t
     from simulations.cli import app
 
     data = tmp_path / "data"
-    make_synthetic_ham(data, n_images=160, image_size=32, seed=12, centres=CENTRES)
+    make_synthetic_ham(data, n_images=160, image_size=32, seed=12, centres=HAM_CENTRES)
     bundle = spiking_tiny_v1(tmp_path / "live")
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, ["compare", "--data", str(data), "--bundle", str(bundle), "--rounds", "2",

@@ -13,29 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from synthetic import make_synthetic_ham
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_V1 = REPO / "tests" / "fixtures" / "bundles" / "tiny-v1"
 TINY_V2 = REPO / "tests" / "fixtures" / "bundles" / "tiny-v2"
-CENTRES = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch, tmp_path: Path) -> None:
-    import qana.data
-
-    monkeypatch.setattr(qana.data, "DEFAULT_CACHE_DIR", tmp_path / "qana-cache")
-
-
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ham") / "data"
-    make_synthetic_ham(root, n_images=160, image_size=32, seed=11, centres=CENTRES)
-    return root
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -22,26 +22,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from synthetic import make_synthetic_ham
-
 REPO = Path(__file__).resolve().parents[1]
 TINY_V2 = REPO / "tests" / "fixtures" / "bundles" / "tiny-v2"
-CENTRES = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(monkeypatch, tmp_path: Path) -> None:
-    """Decoded images and features of test runs go to a temporary cache, not ~/.cache/qana."""
-    import qana.data
-
-    monkeypatch.setattr(qana.data, "DEFAULT_CACHE_DIR", tmp_path / "qana-cache")
-
-
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ham") / "data"
-    make_synthetic_ham(root, n_images=160, image_size=32, seed=11, centres=CENTRES)
-    return root
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _config(ham: Path, out: Path, **overrides):

@@ -1,0 +1,26 @@
+"""Fixtures shared by the simulation tests (qana-sim run / compare, edge and gradient)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from synthetic import HAM_CENTRES, make_synthetic_ham
+
+
+@pytest.fixture
+def private_cache(monkeypatch, tmp_path: Path) -> Path:
+    """Decoded images and features of a test run go to a temporary cache, not ~/.cache/qana."""
+    import qana.data
+
+    cache = tmp_path / "qana-cache"
+    monkeypatch.setattr(qana.data, "DEFAULT_CACHE_DIR", cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def ham(tmp_path_factory) -> Path:
+    """160 synthetic 32x32 images spread over the four HAM10000 centres (one per module)."""
+    root = tmp_path_factory.mktemp("ham") / "data"
+    make_synthetic_ham(root, n_images=160, image_size=32, seed=11, centres=HAM_CENTRES)
+    return root
