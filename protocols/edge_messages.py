@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,10 @@ class EdgeSpec:
     @property
     def num_neurons(self) -> int:
         return len(self.classes) * self.neurons_per_class
+
+    def with_classes(self, classes: tuple[str, ...]) -> EdgeSpec:
+        """The same settings for another class list (the run's current one)."""
+        return replace(self, classes=tuple(classes))
 
     def check(self, what: str = "edge settings") -> EdgeSpec:
         """ProtocolError unless the settings are ones Akida's learning accepts for these features."""

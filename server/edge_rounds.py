@@ -1,8 +1,10 @@
 """The coordinator's round loop for `learning = "akida-edge"`: federated Akida 1.0 on-chip learning.
 
-Same run as the gradient mode (`server.federation.Coordinator`, whose machinery this reuses:
-waiting for clinics, hello and bundle deployment, the ReadyGrid, sending with the wire log,
-audit records, status.json), with three differences:
+Same run as the gradient mode: `server.federation.Coordinator.run` is the round loop for both,
+with its machinery (waiting for clinics, hello and bundle deployment, the ReadyGrid, sending
+with the wire log, audit records, status.json); `EdgeCoordinator` overrides only its steps
+(the bundle, the opening head, a round's training, evaluation, the audit record). The
+differences:
 
 - the head is an `qana.edge.EdgeHead` (binary prototypes learned by Akida's own algorithm) and
   travels as `protocols.edge_messages` (`train.edge`, `evaluate.edge`);
@@ -44,8 +46,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -75,7 +77,7 @@ from protocols.messages import (
     ProtocolError,
     validate_evaluate_reply,
 )
-from qana.bundle import Bundle, load_bundle, pack_bundle
+from qana.bundle import Bundle, load_bundle
 from qana.edge import (
     FRESH_ACT_STEP,
     FRESH_THRESHOLD,
@@ -89,10 +91,9 @@ from qana.edge import (
 from server.federation import (
     Coordinator,
     FederationError,
-    FederationResult,
     FederationSettings,
-    ReadyGrid,
-    RoundResult,
+    Opening,
+    RoundUpdate,
     head_id,
 )
 
@@ -275,17 +276,13 @@ class EdgeMerge:
         return weighted_metrics(metrics)
 
 
-@dataclass
-class _Start:
-    head: EdgeHead
-    version: str | None  # audited version when continuing from one
-    data: bytes
-    source: str  # how the settings were decided
-    clinic_choices: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
 class EdgeCoordinator(Coordinator):
-    """One akida-edge run: the gradient coordinator's machinery with edge heads and the k-medoids merge."""
+    """One akida-edge run: the gradient coordinator's rounds (`Coordinator.run`) with edge heads,
+    settings the clinics agree on, and the k-medoids merge."""
+
+    learning = "akida-edge"
+    training_phase = "edge learning"
+    head_kind = "edge head"
 
     def __init__(self, grid: Grid, settings: FederationSettings, audit: Any, edge: EdgeSettings | None = None) -> None:
         if settings.initial_head == "bundle":
@@ -296,6 +293,7 @@ class EdgeCoordinator(Coordinator):
         super().__init__(grid, settings, audit)
         self.edge = edge or EdgeSettings()
         self.merge = EdgeMerge(settings.fraction_train, settings.fraction_evaluate, settings.min_clinics, settings.seed)
+        self._settings_source = ""  # how the run's edge settings were decided (set when the run opens)
 
     # ------------------------------------------------------------------ settings and the first head
 
@@ -383,29 +381,66 @@ class EdgeCoordinator(Coordinator):
             return None
         return head, current, data
 
-    def _start(self, ready: list[int], bundle: Bundle) -> _Start:
-        if self.settings.initial_head == "auto":
+    def _run_bundle(self) -> Bundle:
+        from qana.bundle import load_default_bundle
+
+        s = self.settings
+        bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v1")
+        check_edge_bundle(bundle)
+        initial_edge_classes(bundle, s.initial_classes)  # a wrong class name fails before anything is audited or awaited
+        return bundle
+
+    def _run_description(self) -> dict[str, Any]:
+        return {"strategy": STRATEGY_NAME}
+
+    def _prepare_opening(self, bundle: Bundle) -> Callable[[list[int]], Opening]:
+        return lambda ready: self._start(ready, bundle)  # the fresh head's settings may need the clinics
+
+    def _start(self, ready: list[int], bundle: Bundle) -> Opening:
+        """Continue the audited edge head, or make fresh neurons with settings the clinics agree on."""
+        s = self.settings
+        if s.initial_head == "auto":
             found = self._resumable(bundle)
             if found is not None:
                 head, version, data = found
                 log(INFO, "Starting from the current edge head %s", version)
-                return _Start(head, version, data, f"continued from {version}")
-        classes = initial_edge_classes(bundle, self.settings.initial_classes)
+                return self._opened(Opening(head, data, version, self._spec_of(head, bundle)), f"continued from {version}", {})
+        classes = initial_edge_classes(bundle, s.initial_classes)
         params, source, by_clinic = self._settle_params(ready, bundle)
-        head = fresh_edge_head(bundle.feature_dim, classes, params, self.settings.seed)
-        return _Start(head, None, head.to_npz(), source, by_clinic)
+        head = fresh_edge_head(bundle.feature_dim, classes, params, s.seed)
+        note = f"initial edge head (fresh neurons, seed {s.seed}) for bundle {bundle.bundle_id}" + (
+            f", classes {', '.join(head.classes)} (initial-classes)" if s.initial_classes else ""
+        )
+        opening = Opening(head, head.to_npz(), None, self._spec_of(head, bundle), note, {"edge_clinic_choices": by_clinic})
+        return self._opened(opening, source, by_clinic)
+
+    @staticmethod
+    def _spec_of(head: EdgeHead, bundle: Bundle) -> EdgeSpec:
+        return EdgeSpec(bundle.feature_dim, head.classes, head.num_weights, head.neurons_per_class, head.learning_competition)
+
+    def _opened(self, opening: Opening, source: str, clinic_choices: dict[str, dict[str, float]]) -> Opening:
+        """Log and publish the run's edge settings; every audited head names where they came from."""
+        spec = opening.spec
+        self._settings_source = source
+        log(INFO, "Edge settings (%s): %d weights, %d neurons/class, competition %g", source,
+            spec.num_weights, spec.neurons_per_class, spec.learning_competition)
+        self._write_status(edge_settings={**self._strategy_config(spec, source), "clinic_choices": clinic_choices})
+        return opening
 
     # ------------------------------------------------------------------ rounds
 
-    def _record_edge(self, round_: int, data: bytes, parent: str | None, participants, metrics, spec: EdgeSpec, source: str, note: str | None) -> str:
+    def _head_bytes(self, head: EdgeHead) -> bytes:
+        return head.to_npz()
+
+    def _record_round(self, round_: int, data: bytes, parent: str | None, participants, metrics, spec: EdgeSpec, note: str | None) -> str:
         info = self.audit.record_head(
             self.settings.run_id, round_, data, head_id(data), parent=parent, strategy=STRATEGY_NAME,
-            strategy_config=self._strategy_config(spec, source), participants=participants,
+            strategy_config=self._strategy_config(spec, self._settings_source), participants=participants,
             aggregate_metrics=metrics, backbone=self.backbone_version, note=note,
         )
         return str(info.version)
 
-    def _train_edge(self, round_: int, head: EdgeHead, sha: str, spec: EdgeSpec, grid: Grid, bundle_id: str):
+    def _train_round(self, round_: int, head: EdgeHead, sha: str, spec: EdgeSpec, grid: Grid, bundle_id: str) -> RoundUpdate:
         s = self.settings
         settings = EdgeTrainSettings(
             round_, bundle_id, sha, spec.num_weights, spec.neurons_per_class, spec.learning_competition, self.edge.epochs, s.seed
@@ -423,9 +458,10 @@ class EdgeCoordinator(Coordinator):
                 self.audit.record_class_addition(s.run_id, round_, name, clinic)
                 log(INFO, "Round %d: class %r added by %s; the edge head now has %d classes", round_, name, clinic, merged.num_classes)
         self._server_time += time.perf_counter() - t0
-        return merged, weighted_metrics(u.metrics for u in accepted), participants, rejected, failed
+        train_metrics = weighted_metrics(u.metrics for u in accepted)
+        return RoundUpdate(merged, train_metrics, participants, rejected, failed, "no valid edge update")
 
-    def _evaluate_edge(self, round_: int, head: EdgeHead, sha: str, grid: Grid, bundle_id: str):
+    def _evaluate(self, round_: int, head: EdgeHead, sha: str, grid: Grid, bundle_id: str):
         msgs = self.merge.configure_evaluate(round_, evaluate_edge_content(head, EdgeEvaluateSettings(round_, bundle_id, sha)), grid)
         replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
         t0 = time.perf_counter()
@@ -444,86 +480,6 @@ class EdgeCoordinator(Coordinator):
         metrics = self.merge.aggregate_evaluate(round_, per_clinic.values())
         self._server_time += time.perf_counter() - t0
         return metrics, list(per_clinic), per_clinic
-
-    def run(self) -> FederationResult:
-        s = self.settings
-        from qana.bundle import load_default_bundle
-
-        bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v1")
-        check_edge_bundle(bundle)
-        initial_edge_classes(bundle, s.initial_classes)  # a wrong class name fails before any clinic is waited for
-        packed = pack_bundle(bundle)
-        self.backbone_version = self._backbone(bundle, packed)
-        self._write_status(
-            phase="starting", bundle_id=bundle.bundle_id, backbone_version=self.backbone_version,
-            num_rounds=s.num_rounds, strategy=STRATEGY_NAME, learning="akida-edge", round=0,
-        )
-        log(INFO, "QANA-FL akida-edge run %s: %d round(s), bundle %s…", s.run_id, s.num_rounds, bundle.bundle_id[:12])
-        ready = self._wait_for_clinics(0, bundle, packed)
-        t_round = time.perf_counter()
-        self._server_time = 0.0
-        start = self._start(ready, bundle)
-        head, head_version, sha = start.head, start.version, head_id(start.data)
-        spec = EdgeSpec(bundle.feature_dim, head.classes, head.num_weights, head.neurons_per_class, head.learning_competition)
-        log(INFO, "Edge settings (%s): %d weights, %d neurons/class, competition %g", start.source,
-            spec.num_weights, spec.neurons_per_class, spec.learning_competition)
-        self._write_status(edge_settings={**self._strategy_config(spec, start.source), "clinic_choices": start.clinic_choices})
-        eval_metrics, evaluated, per_clinic = self._evaluate_edge(0, head, sha, ReadyGrid(self.grid, ready), bundle.bundle_id)
-        if head_version is None:
-            head_version = self._record_edge(
-                0, start.data, None, [],
-                {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic, "edge_clinic_choices": start.clinic_choices},
-                spec, start.source, note=f"initial edge head (fresh neurons, seed {s.seed}) for bundle {bundle.bundle_id}"
-                + (f", classes {', '.join(head.classes)} (initial-classes)" if s.initial_classes else ""),
-            )
-        for name in evaluated:
-            self.audit.record_deployment(name, head_version)
-        initial_version = head_version
-        rounds = [RoundResult(0, head_version, [], {}, {}, {}, eval_metrics, time.perf_counter() - t_round, self._server_time)]
-        self.status["history"].append({"round": 0, "head_version": head_version, "evaluate": eval_metrics})
-        self._write_status(phase="round 0 done", head_version=head_version)
-
-        for round_ in range(1, s.num_rounds + 1):
-            t_round = time.perf_counter()
-            self._server_time = 0.0
-            ready = self._wait_for_clinics(round_, bundle, packed)
-            self._write_status(phase=f"round {round_}: edge learning", round=round_)
-            merged, train_metrics, participants, rejected, failed = self._train_edge(
-                round_, head, sha, spec, ReadyGrid(self.grid, ready), bundle.bundle_id
-            )
-            if merged is None:
-                log(WARNING, "Round %d: no valid edge update; the head stays %s", round_, head_version)
-                rounds.append(RoundResult(round_, None, [], rejected, failed, {}, {}, time.perf_counter() - t_round, self._server_time))
-                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
-                continue
-            new_bytes = merged.to_npz()
-            new_sha = head_id(new_bytes)
-            self._write_status(phase=f"round {round_}: evaluating")
-            responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
-            eval_metrics, evaluated, per_clinic = self._evaluate_edge(round_, merged, new_sha, responsive, bundle.bundle_id)
-            t0 = time.perf_counter()
-            metrics = {"train": train_metrics, "evaluate": eval_metrics, "evaluate_by_clinic": per_clinic,
-                       "rejected": rejected, "failed": failed}
-            note = None
-            if merged.classes != spec.classes:
-                added = [c for c in merged.classes if c not in spec.classes]
-                note = f"class-incremental merge: added {', '.join(added)}; classes now {', '.join(merged.classes)}"
-                spec = EdgeSpec(spec.num_features, merged.classes, spec.num_weights, spec.neurons_per_class, spec.learning_competition)
-            new_version = self._record_edge(round_, new_bytes, head_version, participants, metrics, spec, start.source, note=note)
-            for name in evaluated:
-                self.audit.record_deployment(name, new_version)
-            self._server_time += time.perf_counter() - t0
-            log(INFO, "Round %d: edge head %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",
-                round_, new_version, len(participants), len(rejected), len(failed),
-                f"{eval_metrics['top1']:.3f}" if "top1" in eval_metrics else "n/a")
-            head, head_version, sha = merged, new_version, new_sha
-            rounds.append(RoundResult(round_, new_version, [p["clinic_id"] for p in participants], rejected, failed,
-                                      train_metrics, eval_metrics, time.perf_counter() - t_round, self._server_time))
-            self.status["history"].append({"round": round_, "head_version": new_version, "evaluate": eval_metrics,
-                                           "participants": len(participants), "rejected": rejected, "failed": failed})
-            self._write_status(phase=f"round {round_} done", head_version=new_version)
-        self._write_status(phase="finished")
-        return FederationResult(s.run_id, bundle.bundle_id, self.backbone_version, str(initial_version), str(head_version), rounds)
 
 
 def read_run_config(run_config: Mapping[str, Any], run_id: str) -> tuple[FederationSettings, EdgeSettings | None]:

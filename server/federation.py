@@ -325,6 +325,31 @@ class FederationResult:
     rounds: list[RoundResult]
 
 
+@dataclass
+class Opening:
+    """Where a run's head starts: the head, its bytes, its audited version (None: audit it in
+    round 0, with `note` and the extra round-0 `metrics`) and what every update must match."""
+
+    head: Any  # qana.head.Head or qana.edge.EdgeHead
+    data: bytes
+    version: str | None
+    spec: Any  # protocols HeadSpec or EdgeSpec: both have .classes and .with_classes()
+    note: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundUpdate:
+    """A training round's outcome: the merged head, or None and why not."""
+
+    head: Any | None
+    train_metrics: dict[str, float]
+    participants: list[dict[str, Any]]
+    rejected: dict[str, str]
+    failed: dict[str, str]
+    why_none: str = ""
+
+
 def head_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -679,31 +704,78 @@ class Coordinator:
         )
         return str(info.version)
 
-    def run(self) -> FederationResult:
-        s = self.settings
+    # ------------------------------------------------------------------ the run's steps (EdgeCoordinator overrides them)
+
+    learning = "gradient"
+    training_phase = "training"  # shown in the status file while clinics learn
+    head_kind = "head"  # in log lines
+
+    def _run_bundle(self) -> Bundle:
         from qana.bundle import load_default_bundle
 
-        bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v2")
+        return load_bundle(self.settings.bundle) if self.settings.bundle else load_default_bundle("v2")
+
+    def _run_description(self) -> dict[str, Any]:
+        return {"strategy": self.settings.strategy}
+
+    def _prepare_opening(self, bundle: Bundle) -> Callable[[list[int]], Opening]:
+        """Decide the first head before waiting for clinics (so a bad setting fails at once);
+        the returned step finishes the opening once the clinics are ready."""
         base = bundle.load_head()
+        head, version, data = self._initial_head(bundle, HeadSpec.from_head(base, bundle.target), self.backbone_version)
+        opening = Opening(
+            head, data, version, HeadSpec.from_head(head, bundle.target),  # the run's classes: they may grow
+            note=f"initial head ({self.settings.initial_head}) for bundle {bundle.bundle_id}",
+        )
+        return lambda _ready: opening
+
+    def _train_round(self, round_: int, head: Head, head_sha: str, spec: HeadSpec, grid: Grid, bundle_id: str) -> RoundUpdate:
+        agg, grown, train_metrics, participants, rejected, failed = self._train(
+            round_, global_head_record(head), grid, head_sha, spec, bundle_id
+        )
+        if agg is None and grown is None:
+            return RoundUpdate(None, {}, participants, rejected, failed, "no valid update")
+        t0 = time.perf_counter()
+        try:
+            new_head = grown if grown is not None else head_from_aggregate(agg, spec)
+        except ProtocolError as exc:
+            return RoundUpdate(None, train_metrics, participants, rejected, failed, f"the aggregate is unusable ({exc})")
+        finally:
+            self._server_time += time.perf_counter() - t0
+        return RoundUpdate(new_head, train_metrics, participants, rejected, failed)
+
+    def _head_bytes(self, head: Head) -> bytes:
+        return head_to_npz(head)
+
+    def _record_round(self, round_: int, data: bytes, parent: str | None, participants, metrics, spec: HeadSpec, note: str | None) -> str:
+        return self._record(round_, data, parent, participants, metrics, note)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> FederationResult:
+        """Round 0 evaluates (and audits) the first head; each later round trains, merges,
+        evaluates, audits and deploys a new head, or keeps the old one when no update is usable."""
+        s = self.settings
+        bundle = self._run_bundle()
         packed = pack_bundle(bundle)
         self.backbone_version = self._backbone(bundle, packed)
-        head, head_version, head_bytes = self._initial_head(bundle, HeadSpec.from_head(base, bundle.target), self.backbone_version)
-        spec = HeadSpec.from_head(head, bundle.target)  # the run's classes: they may grow
-        sha = head_id(head_bytes)
+        finish_opening = self._prepare_opening(bundle)
         self._write_status(
             phase="starting", bundle_id=bundle.bundle_id, backbone_version=self.backbone_version,
-            num_rounds=s.num_rounds, strategy=s.strategy, round=0,
+            num_rounds=s.num_rounds, learning=self.learning, round=0, **self._run_description(),
         )
-        log(INFO, "QANA-FL run %s: %s, %d round(s), bundle %s…", s.run_id, s.strategy, s.num_rounds, bundle.bundle_id[:12])
+        log(INFO, "QANA-FL %s run %s: %d round(s), bundle %s…", self.learning, s.run_id, s.num_rounds, bundle.bundle_id[:12])
 
         ready = self._wait_for_clinics(0, bundle, packed)
         t_round = time.perf_counter()
         self._server_time = 0.0
+        opening = finish_opening(ready)
+        head, head_version, spec, sha = opening.head, opening.version, opening.spec, head_id(opening.data)
         eval_metrics, evaluated, per_clinic = self._evaluate(0, head, sha, ReadyGrid(self.grid, ready), bundle.bundle_id)
         if head_version is None:
-            head_version = self._record(
-                0, head_bytes, None, [], {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic},
-                note=f"initial head ({s.initial_head}) for bundle {bundle.bundle_id}",
+            head_version = self._record_round(
+                0, opening.data, None, [], {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic, **opening.metrics},
+                spec, note=opening.note,
             )
         for name in evaluated:
             self.audit.record_deployment(name, head_version)
@@ -716,62 +788,47 @@ class Coordinator:
             t_round = time.perf_counter()
             self._server_time = 0.0
             ready = self._wait_for_clinics(round_, bundle, packed)
-            grid = ReadyGrid(self.grid, ready)
-            self._write_status(phase=f"round {round_}: training", round=round_)
-            agg, grown, train_metrics, participants, rejected, failed = self._train(
-                round_, global_head_record(head), grid, sha, spec, bundle.bundle_id
-            )
-            if agg is None and grown is None:
-                log(WARNING, "Round %d: no valid update; the head stays %s", round_, head_version)
-                rounds.append(RoundResult(round_, None, [], rejected, failed, {}, {}, time.perf_counter() - t_round, self._server_time))
-                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
+            self._write_status(phase=f"round {round_}: {self.training_phase}", round=round_)
+            update = self._train_round(round_, head, sha, spec, ReadyGrid(self.grid, ready), bundle.bundle_id)
+            if update.head is None:
+                log(WARNING, "Round %d: %s; the %s stays %s", round_, update.why_none, self.head_kind, head_version)
+                rounds.append(RoundResult(round_, None, [], update.rejected, update.failed, update.train_metrics, {},
+                                          time.perf_counter() - t_round, self._server_time))
+                self.status["history"].append({"round": round_, "head_version": None, "rejected": update.rejected, "failed": update.failed})
                 continue
-            t0 = time.perf_counter()
-            try:
-                new_head = grown if grown is not None else head_from_aggregate(agg, spec)
-            except ProtocolError as exc:
-                log(WARNING, "Round %d: the aggregate is unusable (%s); the head stays %s", round_, exc, head_version)
-                rounds.append(RoundResult(round_, None, [], rejected, failed, train_metrics, {}, time.perf_counter() - t_round, self._server_time))
-                self.status["history"].append({"round": round_, "head_version": None, "rejected": rejected, "failed": failed})
-                continue
-            new_bytes = head_to_npz(new_head)
+            new_head = update.head
+            new_bytes = self._head_bytes(new_head)
             new_sha = head_id(new_bytes)
-            self._server_time += time.perf_counter() - t0
             self._write_status(phase=f"round {round_}: evaluating")
             responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
             eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, responsive, bundle.bundle_id)
             t0 = time.perf_counter()
-            metrics = {
-                "train": train_metrics,
-                "evaluate": eval_metrics,
-                "evaluate_by_clinic": per_clinic,
-                "rejected": rejected,
-                "failed": failed,
-            }
+            metrics = {"train": update.train_metrics, "evaluate": eval_metrics, "evaluate_by_clinic": per_clinic,
+                       "rejected": update.rejected, "failed": update.failed}
             note = None
             if new_head.classes != spec.classes:
                 added = [c for c in new_head.classes if c not in spec.classes]
                 note = f"class-incremental merge: added {', '.join(added)}; classes now {', '.join(new_head.classes)}"
                 spec = spec.with_classes(new_head.classes)
-            new_version = self._record(round_, new_bytes, head_version, participants, metrics, note=note)
+            new_version = self._record_round(round_, new_bytes, head_version, update.participants, metrics, spec, note)
             for name in evaluated:
                 self.audit.record_deployment(name, new_version)
             self._server_time += time.perf_counter() - t0
             log(
-                INFO, "Round %d: head %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",
-                round_, new_version, len(participants), len(rejected), len(failed),
+                INFO, "Round %d: %s %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",
+                round_, self.head_kind, new_version, len(update.participants), len(update.rejected), len(update.failed),
                 f"{eval_metrics['top1']:.3f}" if "top1" in eval_metrics else "n/a",
             )
             head, head_version, sha = new_head, new_version, new_sha
             rounds.append(
                 RoundResult(
-                    round_, new_version, [p["clinic_id"] for p in participants], rejected, failed,
-                    train_metrics, eval_metrics, time.perf_counter() - t_round, self._server_time,
+                    round_, new_version, [p["clinic_id"] for p in update.participants], update.rejected, update.failed,
+                    update.train_metrics, eval_metrics, time.perf_counter() - t_round, self._server_time,
                 )
             )
             self.status["history"].append(
-                {"round": round_, "head_version": new_version, "evaluate": eval_metrics, "participants": len(participants),
-                 "rejected": rejected, "failed": failed}
+                {"round": round_, "head_version": new_version, "evaluate": eval_metrics, "participants": len(update.participants),
+                 "rejected": update.rejected, "failed": update.failed}
             )
             self._write_status(phase=f"round {round_} done", head_version=new_version)
         self._write_status(phase="finished")
