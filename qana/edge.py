@@ -485,7 +485,7 @@ def _check_init(init: EdgeHead, classes: tuple[str, ...], neurons_per_class: int
 def _learn(
     build,
     inputs: np.ndarray,
-    y: np.ndarray,
+    labels: np.ndarray,
     classes: tuple[str, ...],
     npc: int,
     num_weights: int,
@@ -499,8 +499,16 @@ def _learn(
 
     The random draws (new neurons' weights, then one sample order per epoch) are the same
     whichever model is built, so learning on images through the whole bundle model and on their
-    cached features through a 1-layer model give the same head.
+    cached features through a 1-layer model give the same head. The arguments both entry points
+    share are checked here, once, before anything is built.
     """
+    y = _check_labels(labels, len(inputs), len(classes))
+    _check_settings(num_features, npc, num_weights, learning_competition)
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if init is not None:
+        _check_init(init, classes, npc, num_weights, num_features)
+    npc = int(npc)
     rng = np.random.default_rng(seed)
     d, nw, comp = num_features, int(num_weights), float(learning_competition)
     if init is not None:
@@ -550,17 +558,11 @@ def learn_edge_head(
     classes = _check_classes(classes)
     x = as_binary_features(features, init.num_features if init is not None else None)
     n, d = x.shape
-    y = _check_labels(labels, n, len(classes))
-    _check_settings(d, neurons_per_class, num_weights, learning_competition)
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if init is not None:
-        _check_init(init, classes, neurons_per_class, num_weights, d)
 
     def build(units: int, learning: tuple[int, int, float]):
         return feature_model(d, units, learning)
 
-    return _learn(build, x.reshape(n, 1, 1, d), y, classes, int(neurons_per_class), num_weights, learning_competition, seed, init, epochs, d)
+    return _learn(build, x.reshape(n, 1, 1, d), labels, classes, neurons_per_class, num_weights, learning_competition, seed, init, epochs, d)
 
 
 def learn_edge_head_images(
@@ -584,18 +586,11 @@ def learn_edge_head_images(
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != bundle.input_shape:
         raise ValueError(f"images must be (N, {', '.join(map(str, bundle.input_shape))}) uint8, got {images.shape} {images.dtype}")
-    d = bundle.feature_dim
-    y = _check_labels(labels, len(images), len(classes))
-    _check_settings(d, neurons_per_class, num_weights, learning_competition)
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if init is not None:
-        _check_init(init, classes, neurons_per_class, num_weights, d)
 
     def build(units: int, learning: tuple[int, int, float]):
         return bundle_edge_model(bundle, units, learning)
 
-    return _learn(build, images, y, classes, int(neurons_per_class), num_weights, learning_competition, seed, init, epochs, d)
+    return _learn(build, images, labels, classes, neurons_per_class, num_weights, learning_competition, seed, init, epochs, bundle.feature_dim)
 
 
 # --------------------------------------------------------------------------- prediction
