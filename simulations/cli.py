@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from qana.cli_errors import fail
+from qana.cli_errors import fail, reported_errors
 
 EXIT_INTERRUPTED = 130
 
@@ -36,18 +38,49 @@ def _main() -> None:
     """Simulated federations for experiments."""
 
 
+# Options `run` and `compare` share (same meaning, same defaults from simulations.config)
+DataOption = Annotated[Optional[Path], typer.Option("--data", help="HAM10000-style folder (default: the embedded sample of real HAM10000 images)")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="experiment TOML file (flat keys named like these flags)")]
+RoundsOption = Annotated[Optional[int], typer.Option("--rounds", help="federated rounds (default 10)")]
+LocalEpochsOption = Annotated[Optional[int], typer.Option("--local-epochs", help="gradient: local head-training epochs per round (default 5)")]
+StrategyOption = Annotated[Optional[str], typer.Option("--strategy", help="gradient: fedavg (default) | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")]
+StrategyOptionsOption = Annotated[Optional[str], typer.Option("--strategy-options", help='gradient: strategy constructor options, e.g. "proximal_mu=0.1"')]
+NewClassOption = Annotated[Optional[str], typer.Option("--new-class", help="new-class scenario: the class (default df)")]
+NewClassRoundOption = Annotated[Optional[int], typer.Option("--new-class-round", help="new-class scenario: the round it appears (default 3)")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """A bad setting, unreadable data or an impossible split is one error line and exit status 2."""
+    from simulations.config import ConfigError
+    from simulations.edge_baselines import EdgeSimError
+    from simulations.partition import PartitionError
+    from simulations.scenario import ScenarioError
+    from simulations.workspace import SourceError
+
+    with reported_errors(ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError):
+        yield
+
+
+def _command_line() -> str:
+    """This invocation, recorded in every result so anyone can rerun it."""
+    return "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 @app.command("run")
 def run(
-    data: Annotated[Optional[Path], typer.Option("--data", help="HAM10000-style folder (default: the embedded sample of real HAM10000 images)")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="experiment TOML file (flat keys named like these flags)")] = None,
+    data: DataOption = None,
+    config: ConfigOption = None,
     clinics: Annotated[Optional[int], typer.Option("--clinics", help="number of clinics (centre split: one per source centre)")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="centre | dirichlet | iid | pathological (default centre)")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="Dirichlet concentration for --split dirichlet (default 0.5)")] = None,
     classes_per_clinic: Annotated[Optional[int], typer.Option("--classes-per-clinic", help="k for --split pathological (default 2)")] = None,
-    rounds: Annotated[Optional[int], typer.Option("--rounds", help="federated rounds (default 10)")] = None,
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")] = None,
-    strategy_options: Annotated[Optional[str], typer.Option("--strategy-options", help='strategy constructor options, e.g. "proximal_mu=0.1"')] = None,
-    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", help="local head-training epochs per round (default 5)")] = None,
+    rounds: RoundsOption = None,
+    strategy: StrategyOption = None,
+    strategy_options: StrategyOptionsOption = None,
+    local_epochs: LocalEpochsOption = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", help="head learning rate (default 0.01)")] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="probability that a clinic's update is lost in a round (default 0)")] = None,
     eval_fraction: Annotated[Optional[float], typer.Option("--eval-fraction", help="each clinic's local test part, by lesion (default 0.2)")] = None,
@@ -55,22 +88,18 @@ def run(
     initial_head: Annotated[Optional[str], typer.Option("--initial-head", help="random (default) | bundle: the head all methods start from")] = None,
     learning: Annotated[Optional[str], typer.Option("--learning", help="gradient (default) | akida-edge: Akida 1.0 on-chip learning of the head (v1 bundle)")] = None,
     scenario: Annotated[Optional[str], typer.Option("--scenario", help="standard (default) | new-class: one clinic brings a class the federation lacks, at round --new-class-round")] = None,
-    new_class: Annotated[Optional[str], typer.Option("--new-class", help="new-class scenario: the class (default df)")] = None,
-    new_class_round: Annotated[Optional[int], typer.Option("--new-class-round", help="new-class scenario: the round it appears (default 3)")] = None,
+    new_class: NewClassOption = None,
+    new_class_round: NewClassRoundOption = None,
     new_class_clinic: Annotated[Optional[str], typer.Option("--new-class-clinic", help="new-class scenario: the clinic that has it (default: most training lesions of it)")] = None,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle; v1 for --learning akida-edge)")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")] = None,
+    seed: SeedOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results)")] = None,
     keep_work: Annotated[Optional[bool], typer.Option("--keep-work/--no-keep-work", help="keep the clinics' folders and caches under OUT/work")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Simulate a federation and compare it with pooled and local-only training."""
-    from simulations.config import ConfigError, resolve
-    from simulations.edge_baselines import EdgeSimError
+    from simulations.config import resolve
     from simulations.experiment import run_experiment
-    from simulations.partition import PartitionError
-    from simulations.scenario import ScenarioError
-    from simulations.workspace import SourceError
 
     flags: dict[str, Any] = {
         "data": str(data) if data is not None else None,
@@ -98,14 +127,9 @@ def run(
         "keep_work": keep_work,
     }
     try:
-        cfg = resolve(config, flags)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
-    except (SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
-        raise fail(str(exc)) from None
+        with _reported_errors():
+            cfg = resolve(config, flags)
+            result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=_command_line())
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -138,27 +162,23 @@ def run(
 
 @app.command("compare")
 def compare(
-    data: Annotated[Optional[Path], typer.Option("--data", help="HAM10000-style folder (default: the embedded sample)")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="experiment TOML file with the shared settings")] = None,
-    rounds: Annotated[Optional[int], typer.Option("--rounds", help="federated rounds of every experiment (default 10)")] = None,
-    local_epochs: Annotated[Optional[int], typer.Option("--local-epochs", help="gradient: local epochs per round (default 5)")] = None,
-    strategy: Annotated[Optional[str], typer.Option("--strategy", help="gradient: Flower strategy (default fedavg)")] = None,
-    strategy_options: Annotated[Optional[str], typer.Option("--strategy-options", help='gradient: strategy options, e.g. "proximal_mu=1.0"')] = None,
-    new_class: Annotated[Optional[str], typer.Option("--new-class", help="new-class experiments: the class (default df)")] = None,
-    new_class_round: Annotated[Optional[int], typer.Option("--new-class-round", help="new-class experiments: the round it appears (default 3)")] = None,
+    data: DataOption = None,
+    config: ConfigOption = None,
+    rounds: RoundsOption = None,
+    local_epochs: LocalEpochsOption = None,
+    strategy: StrategyOption = None,
+    strategy_options: StrategyOptionsOption = None,
+    new_class: NewClassOption = None,
+    new_class_round: NewClassRoundOption = None,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="a v1 bundle (default: the shipped v1 bundle; both learning modes use it)")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="seed (default 0)")] = None,
+    seed: SeedOption = None,
     out: Annotated[Path, typer.Option("--out", help="results directory: one folder per experiment + comparison.md")] = Path("qana-sim-compare"),
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Gradient head vs Akida edge-learning head, federated vs local-only, standard and new-class: four runs, one table."""
     from simulations.compare import run_comparison
-    from simulations.config import ConfigError, resolve
-    from simulations.edge_baselines import EdgeSimError
+    from simulations.config import resolve
     from simulations.experiment import run_experiment
-    from simulations.partition import PartitionError
-    from simulations.scenario import ScenarioError
-    from simulations.workspace import SourceError
 
     flags: dict[str, Any] = {
         "data": str(data) if data is not None else None,
@@ -171,11 +191,9 @@ def compare(
         "bundle": str(bundle) if bundle is not None else None,
         "seed": seed,
     }
-    try:
+    with _reported_errors():
         base = resolve(config, flags)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    command = "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command_line()
     out_dir = out.expanduser().resolve()
 
     def one(cfg: Any) -> Any:
@@ -183,9 +201,8 @@ def compare(
         return run_experiment(cfg, echo=typer.echo, progress=not quiet, command=command)
 
     try:
-        rows = run_comparison(base, out_dir, one, command=command)
-    except (ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError) as exc:
-        raise fail(str(exc)) from None
+        with _reported_errors():
+            rows = run_comparison(base, out_dir, one, command=command)
     except KeyboardInterrupt:
         typer.echo(f"interrupted; finished experiments are in {out_dir / 'comparison.md'}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
