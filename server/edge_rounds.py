@@ -75,7 +75,6 @@ from protocols.messages import (
     M_NUM_EXAMPLES,
     REC_METRICS,
     ProtocolError,
-    validate_evaluate_reply,
 )
 from qana.bundle import Bundle, load_bundle
 from qana.edge import (
@@ -465,18 +464,7 @@ class EdgeCoordinator(Coordinator):
         msgs = self.merge.configure_evaluate(round_, evaluate_edge_content(head, EdgeEvaluateSettings(round_, bundle_id, sha)), grid)
         replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
         t0 = time.perf_counter()
-        per_clinic: dict[str, dict[str, float]] = {}
-        for reply in replies:
-            name = self._clinic_name(reply.metadata.src_node_id)
-            if reply.has_error():
-                log(WARNING, "Round %d: %s could not evaluate: %s", round_, name, reply.error.reason)
-                continue
-            try:
-                result = validate_evaluate_reply(reply.content, bundle_id, sha)
-            except ProtocolError as exc:
-                log(WARNING, "Round %d: ignored the evaluation of %s: %s", round_, name, exc)
-                continue
-            per_clinic[name] = dict(result.metrics)
+        per_clinic = {name: dict(result.metrics) for _reply, name, result in self._screen_evaluate_replies(round_, replies, bundle_id, sha)}
         metrics = self.merge.aggregate_evaluate(round_, per_clinic.values())
         self._server_time += time.perf_counter() - t0
         return metrics, list(per_clinic), per_clinic

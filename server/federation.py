@@ -654,18 +654,12 @@ class Coordinator:
             log(WARNING, "Round %d: no update from %s: %s", round_, name, reason)
         return screened, participants, rejected, failed
 
-    def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
-        config = EvaluateSettings(round_, bundle_id, head_sha, head.classes).to_config()
-        with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
-            msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
-        replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
-        t0 = time.perf_counter()
-        accepted: list[Message] = []
-        evaluated: list[str] = []
-        per_clinic: dict[str, dict[str, float]] = {}
+    def _screen_evaluate_replies(self, round_: int, replies: list[Message], bundle_id: str, head_sha: str) -> list[tuple[Message, str, Any]]:
+        """(reply, clinic name, validated result) of every usable evaluation reply; a clinic that
+        failed or answered for another bundle or head is logged and left out of the round's scores."""
+        valid = []
         for reply in replies:
-            node = reply.metadata.src_node_id
-            name = self._clinic_name(node)
+            name = self._clinic_name(reply.metadata.src_node_id)
             if reply.has_error():
                 log(WARNING, "Round %d: %s could not evaluate: %s", round_, name, reply.error.reason)
                 continue
@@ -674,10 +668,22 @@ class Coordinator:
             except ProtocolError as exc:
                 log(WARNING, "Round %d: ignored the evaluation of %s: %s", round_, name, exc)
                 continue
+            valid.append((reply, name, result))
+        return valid
+
+    def _evaluate(self, round_: int, head: Head, head_sha: str, grid: Grid, bundle_id: str):
+        config = EvaluateSettings(round_, bundle_id, head_sha, head.classes).to_config()
+        with sampling_floor(self.strategy, len(list(grid.get_node_ids()))):
+            msgs = list(self.strategy.configure_evaluate(round_, global_head_record(head), config, grid))
+        replies = self._send(round_, msgs, timeout=self.settings.round_timeout)
+        t0 = time.perf_counter()
+        valid = self._screen_evaluate_replies(round_, replies, bundle_id, head_sha)
+        accepted: list[Message] = []
+        for reply, _name, result in valid:
             reply.content = RecordDict({REC_METRICS: MetricRecord(dict(result.metrics))})
             accepted.append(reply)
-            evaluated.append(name)
-            per_clinic[name] = dict(result.metrics)
+        evaluated = [name for _reply, name, _result in valid]
+        per_clinic = {name: dict(result.metrics) for _reply, name, result in valid}
         metrics: dict[str, float] = {}
         if accepted:
             try:
