@@ -72,6 +72,7 @@ def encoded_sizes(num_features: int, classes: tuple[str, ...], target: str, bund
 def run_federation(bundle_dir: Path, n_clinics: int, rounds: int, images: int, work: Path) -> dict:
     """A real run (real ClientApps) on an in-process Grid; returns bytes and timings."""
     from flwr.app import Context, RecordDict
+    from synthetic import make_synthetic_ham
 
     from client.app import app as client_app
     from protocols import messages as P
@@ -79,7 +80,6 @@ def run_federation(bundle_dir: Path, n_clinics: int, rounds: int, images: int, w
     from server.audit import AuditLog
     from server.federation import Coordinator, FederationSettings
     from server.loopback import LoopbackGrid
-    from synthetic import make_synthetic_ham
 
     bundle = load_bundle(bundle_dir)
     size = bundle.input_shape[0]

@@ -104,9 +104,9 @@ __all__ = [
     "conv_bn_act",
     "dw_bn_act",
     "ghost_module",
-    "spatial_eca",
-    "squeeze_excite",
+    "keras",
     "qana_stage",
     "separable_bn_act",
-    "keras",
+    "spatial_eca",
+    "squeeze_excite",
 ]

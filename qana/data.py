@@ -15,9 +15,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -60,7 +60,7 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: np.ndarray) -> "Dataset":
+    def subset(self, index: np.ndarray) -> Dataset:
         """The rows at `index`, as a new Dataset (skipped files are kept for reporting)."""
         return Dataset(
             images=self.images[index],

@@ -46,8 +46,9 @@ from __future__ import annotations
 import io
 import math
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -209,7 +210,7 @@ class EdgeHead:
         return buf.getvalue()
 
     @classmethod
-    def from_npz(cls, data: bytes) -> "EdgeHead":
+    def from_npz(cls, data: bytes) -> EdgeHead:
         """Inverse of to_npz; anything that is not a valid edge head is a ValueError."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:

@@ -20,8 +20,8 @@ Akida 1.0 `FullyConnected`. `quantized_logits` is the reference the chip must ag
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qana.data import METADATA_FILE, find_images, decode_image, read_metadata
+from qana.data import METADATA_FILE, decode_image, find_images, read_metadata
 
 SAMPLE_DIR = Path(__file__).parent / "samples" / "ham10000-sample"
 

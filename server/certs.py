@@ -23,7 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocols.auth import AuthError, check_clinic_name, create_node_keys, write_key_file
+from protocols.auth import (
+    AuthError,
+    check_clinic_name,
+    create_node_keys,
+    write_key_file,
+)
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"

@@ -13,8 +13,9 @@ the union of classes in `server.edge_rounds` and records additions the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from qana.head import Head, merge_aligned
 

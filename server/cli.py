@@ -9,7 +9,12 @@ from __future__ import annotations
 import typer
 
 from server.audit.cli import audit_app, rollback_command
-from server.federation_cli import certs_command, nodes_app, start_command, status_command
+from server.federation_cli import (
+    certs_command,
+    nodes_app,
+    start_command,
+    status_command,
+)
 
 app = typer.Typer(
     name="qana-server",

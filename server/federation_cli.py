@@ -158,7 +158,7 @@ def nodes_list(
     if not rows:
         typer.echo("no clinics registered (qana-server nodes register KEY.pub --clinic ID)")
     for r in rows:
-        typer.echo(f"{r['clinic']:<20} node {str(r['node_id'] or '-'):<22} {r['status']:<14} {r['fingerprint']}")
+        typer.echo(f"{r['clinic']:<20} node {r['node_id'] or '-'!s:<22} {r['status']:<14} {r['fingerprint']}")
 
 
 @nodes_app.command("revoke")

@@ -14,7 +14,15 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 
 from protocols.messages import M_NUM_EXAMPLES, REC_ARRAYS, REC_CONFIG
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from simulations.partition import SPLITS
 
@@ -69,7 +70,12 @@ class SimConfig:
 
     def validate(self) -> SimConfig:
         """Raise ConfigError for the first setting that is out of range; return self."""
-        from server.strategies import StrategyError, canonical_name, parse_options, strategy_options
+        from server.strategies import (
+            StrategyError,
+            canonical_name,
+            parse_options,
+            strategy_options,
+        )
 
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")

@@ -122,11 +122,11 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 def run_job(job: Job) -> None:
     """Child process: the ServerApp and ClientApp on Flower's Simulation Engine until the run ends."""
+    import ray
     from flwr.app import RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    import ray
     from server.app import app as server_app  # the deployment's ServerApp
 
     timings: dict[str, Any] = {"started": time.time(), "ray_ready": None, "finished": None}

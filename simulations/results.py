@@ -157,7 +157,7 @@ def collect(
     current: Head | None = None
     worst = 0.0
     mismatches: list[str] = []
-    for r in range(0, last_round + 1):
+    for r in range(last_round + 1):
         recorded = heads_by_round.get(r)
         step = history.get(r, {})
         if recorded is None and not step:

@@ -21,8 +21,9 @@ appeared (round k-1) and at the end. The target: old classes lose at most 1 poin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

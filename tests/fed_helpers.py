@@ -20,7 +20,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from protocols import messages as P
 from qana.bundle import Bundle, write_bundle
 from qana.classes import CLASS_NAMES
-from qana.head import Head, TrainConfig, grow_head, head_to_npz, init_head, predict, quantize_head, train_head
+from qana.head import (
+    Head,
+    TrainConfig,
+    grow_head,
+    head_to_npz,
+    init_head,
+    predict,
+    quantize_head,
+    train_head,
+)
 
 FEATURES = 24
 FEATURE_SCALE = 1 / 40

@@ -41,7 +41,14 @@ from server.audit import (
 )
 from server.audit.canonical import canonical_json, sha256_hex
 from server.audit.db import default_db_url
-from server.audit.models import Artifact, Base, ChainHead, Deployment, Participant, Rejection
+from server.audit.models import (
+    Artifact,
+    Base,
+    ChainHead,
+    Deployment,
+    Participant,
+    Rejection,
+)
 from server.audit.models import Entry as EntryRow
 from server.audit.records import format_time
 from server.audit.signing import Signer, default_key_path, load_signer

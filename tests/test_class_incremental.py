@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qana.head import Head, TrainConfig, align_heads, grow_head, init_head, merge_aligned, predict, train_head
+from qana.head import (
+    Head,
+    TrainConfig,
+    align_heads,
+    grow_head,
+    init_head,
+    merge_aligned,
+    predict,
+    train_head,
+)
 from server.audit import AuditLog, EntryFilter
 from server.class_incremental import ClinicHead, merge_class_incremental
 

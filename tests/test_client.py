@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
+from synthetic import make_synthetic_ham
 
 from client.app import app as client_app
 from client.bundle_cache import BundleCache
@@ -18,7 +19,6 @@ from qana.bundle import BundleError, load_bundle, pack_bundle
 from qana.data import load_dataset
 from qana.head import TrainConfig, init_head, predict
 from server.loopback import LoopbackGrid
-from synthetic import make_synthetic_ham
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
 HEAD_SHA = "ab" * 32

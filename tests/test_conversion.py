@@ -14,7 +14,13 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 pytest.importorskip("tensorflow")
 
-from qana.convert import ConversionError, QuantSpec, check_hardware_mapping, convert_checked, quantize_model  # noqa: E402
+from qana.convert import (  # noqa: E402
+    ConversionError,
+    QuantSpec,
+    check_hardware_mapping,
+    convert_checked,
+    quantize_model,
+)
 from qana.model import ModelSpec, build_model  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,12 @@ pytest.importorskip("tensorflow")
 
 import tf_keras as keras  # noqa: E402
 
-from qana.distill import TeacherError, check_teacher, mixed_targets, teacher_probabilities  # noqa: E402
+from qana.distill import (  # noqa: E402
+    TeacherError,
+    check_teacher,
+    mixed_targets,
+    teacher_probabilities,
+)
 from qana.train import TrainOptions, _fit, distillation_targets  # noqa: E402
 from qana.views import dihedral_view  # noqa: E402
 from tests.test_weight_ema import _data  # noqa: E402

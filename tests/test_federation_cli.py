@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
+from synthetic import make_synthetic_ham
 from typer.testing import CliRunner
 
 from client.cli import app as client_cli
 from client.cli import node_config_string
 from server.cli import app as server_cli
-from synthetic import make_synthetic_ham
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
 runner = CliRunner()

@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from synthetic import make_synthetic_ham
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_V2 = Path(os.environ.get("QANA_TEST_BUNDLE_V2", REPO / "tests" / "fixtures" / "bundles" / "tiny-v2"))

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
-
 from fed_helpers import (
     FEATURES,
     NumpyClinic,
@@ -19,6 +17,8 @@ from fed_helpers import (
     set_clinic_key,
     set_metric,
 )
+from flwr.app import ArrayRecord
+
 from protocols import messages as P
 from qana.head import head_from_npz
 from server.audit import AuditLog, EntryFilter
@@ -230,6 +230,7 @@ def test_too_few_clinics_is_a_clear_error(tmp_path, bundle, audit) -> None:
 def test_a_class_introduced_by_one_clinic_reaches_every_clinic_and_the_audit_log(tmp_path, bundle, audit) -> None:
     """Class-incremental live rounds: the federation starts without df; clinic-0 brings it in round 2."""
     from fed_helpers import clinic_data, columns
+
     from qana.classes import CLASS_NAMES
     from qana.head import predict
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import make_synthetic_ham
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -16,7 +17,6 @@ from qana.bundle import load_bundle
 from qana.data import load_dataset
 from qana.head import head_from_npz, predict, quantize_head
 from qana.splits import grouped_split
-from synthetic import make_synthetic_ham
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
 runner = CliRunner()

@@ -9,7 +9,14 @@ import pytest
 
 tf_keras = pytest.importorskip("tf_keras")
 
-from qana.saliency import SaliencyError, Teacher, crop_images, gradcam, load_teacher, saliency_boxes  # noqa: E402
+from qana.saliency import (  # noqa: E402
+    SaliencyError,
+    Teacher,
+    crop_images,
+    gradcam,
+    load_teacher,
+    saliency_boxes,
+)
 
 
 def _red_teacher(size: int = 32):

@@ -7,7 +7,12 @@ import pytest
 
 from qana.head import Head
 from simulations.partition import make_partition
-from simulations.scenario import ScenarioError, apply_new_class, round_scores, scenario_summary
+from simulations.scenario import (
+    ScenarioError,
+    apply_new_class,
+    round_scores,
+    scenario_summary,
+)
 
 CLASSES = ("a", "b", "new")
 

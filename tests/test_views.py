@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from qana.bundle import BundleError, load_bundle
-from qana.views import averaged_features, averaged_logits, check_view_count, dihedral_view
+from qana.views import (
+    averaged_features,
+    averaged_logits,
+    check_view_count,
+    dihedral_view,
+)
 from tests.live_bundles import FIXTURES, spiking_tiny_v1, with_test_time_views
 
 

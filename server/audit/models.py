@@ -188,16 +188,16 @@ PROJECTION_MODELS: tuple[type[Base], ...] = (
 )
 
 __all__ = [
+    "GENESIS_HASH",
+    "HEAD_ROW_ID",
+    "PROJECTION_MODELS",
     "Artifact",
     "Base",
     "ChainHead",
     "ClassAddition",
     "Deployment",
     "Entry",
-    "GENESIS_HASH",
-    "HEAD_ROW_ID",
     "ModelVersion",
-    "PROJECTION_MODELS",
     "Participant",
     "Rejection",
     "Rollback",
