@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -26,36 +26,35 @@ app = typer.Typer(
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it."),
-    run_dir: Path = typer.Option(Path("runs/qana-v2"), help="Where every stage's output goes; rerun to resume."),
-    target: str = typer.Option("v2", help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features)."),
-    weight_bits: int = typer.Option(8, help="Backbone weight bits: 8 or 4 (v1 needs 4)."),
-    epochs: int = typer.Option(20, help="Float training epochs."),
-    qat_epochs: int = typer.Option(3, help="Quantization-aware fine-tuning epochs."),
-    batch_size: int = typer.Option(64),
-    learning_rate: float = typer.Option(2e-3),
-    width: int = typer.Option(32, help="Channels of the first stage (later stages double)."),
-    image_size: int = typer.Option(64, help="Input side in pixels (the paper: 64). A multiple of 8 up to 88: the last map (side/8)^2 must stay under Akida's 144-position global-pooling limit."),
-    feature_dim: int = typer.Option(256, help="Features before the head."),
-    attention: str = typer.Option("both", help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation)."),
-    blocks: int = typer.Option(1, help="v2: QANA blocks (Ghost + attention + residual) per stage."),
-    zoom: float = typer.Option(0.0, help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25."),
-    test_time_views: int = typer.Option(1, help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle."),
-    teacher: list[Path] = typer.Option([], help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation)."),
-    label_weight: float = typer.Option(0.5, help="With --teacher: weight of the true label against the teachers' averaged probabilities."),
-    weight_ema: float = typer.Option(0.0, help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off)."),
-    saliency_teacher: Optional[str] = typer.Option(
-        None, help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file "
-        "(e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.",
-    ),
-    class_weighting: str = typer.Option("sqrt", help="Backbone loss class weights: sqrt | balanced | none."),
-    head_smote: str = typer.Option("auto", help="Head: SMOTE on PCA-whitened features: auto (keep if it helps on validation) | on | off."),
-    seed: int = typer.Option(0),
-    limit: int = typer.Option(0, help="Use only N images (smoke tests); 0 = all."),
-    bundle_out: Optional[Path] = typer.Option(None, help="Where to write the bundle (default RUN_DIR/bundle)."),
-    fresh: bool = typer.Option(False, "--fresh", help="Ignore finished stages in RUN_DIR and redo everything."),
+    data: Annotated[Path, typer.Option(help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it.")],
+    run_dir: Annotated[Path, typer.Option(help="Where every stage's output goes; rerun to resume.")] = Path("runs/qana-v2"),
+    target: Annotated[str, typer.Option(help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features).")] = "v2",
+    weight_bits: Annotated[int, typer.Option(help="Backbone weight bits: 8 or 4 (v1 needs 4).")] = 8,
+    epochs: Annotated[int, typer.Option(help="Float training epochs.")] = 20,
+    qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate of the float stage (cosine decay; QAT uses 1/20 of it).")] = 2e-3,
+    width: Annotated[int, typer.Option(help="Channels of the first stage (later stages double).")] = 32,
+    image_size: Annotated[int, typer.Option(help="Input side in pixels (the paper: 64). A multiple of 8 up to 88: the last map (side/8)^2 must stay under Akida's 144-position global-pooling limit.")] = 64,
+    feature_dim: Annotated[int, typer.Option(help="Features before the head.")] = 256,
+    attention: Annotated[str, typer.Option(help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation).")] = "both",
+    blocks: Annotated[int, typer.Option(help="v2: QANA blocks (Ghost + attention + residual) per stage.")] = 1,
+    zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
+    test_time_views: Annotated[int, typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle.")] = 1,
+    teacher: Annotated[Optional[list[Path]], typer.Option(help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation).")] = None,
+    label_weight: Annotated[float, typer.Option(help="With --teacher: weight of the true label against the teachers' averaged probabilities.")] = 0.5,
+    weight_ema: Annotated[float, typer.Option(help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off).")] = 0.0,
+    saliency_teacher: Annotated[Optional[str], typer.Option(help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file (e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.")] = None,
+    class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
+    head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
+    limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
+    bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
+    if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time
+        raise fail(f"data folder not found: {data}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from qana.convert import ConversionError
     from qana.data import DataError
@@ -85,7 +84,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:
@@ -105,11 +104,11 @@ def train(
 
 @app.command()
 def evaluate(
-    data: Path = typer.Option(..., help="HAM10000-style folder to evaluate on (every readable image is used)."),
-    model: Optional[Path] = typer.Option(None, help="Bundle directory; default: the shipped v2 bundle."),
-    backend: str = typer.Option("akida", help="akida (the converted model) | quantized | float (Keras models in the bundle)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON here."),
-    plot: Optional[Path] = typer.Option(None, help="Confusion-matrix PNG (default: beside --json)."),
+    data: Annotated[Path, typer.Option(help="HAM10000-style folder to evaluate on (every readable image is used).")],
+    model: Annotated[Optional[Path], typer.Option(help="Bundle directory; default: the shipped v2 bundle.")] = None,
+    backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json).")] = None,
 ) -> None:
     """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
     from qana.bundle import BundleError, load_bundle, load_default_bundle
@@ -137,7 +136,7 @@ def evaluate(
 
 
 @app.command()
-def info(bundle_path: Optional[Path] = typer.Argument(None, help="Bundle directory (default: the shipped v2 bundle).")) -> None:
+def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle directory (default: the shipped v2 bundle).")] = None) -> None:
     """Print a bundle's manifest after verifying every file's sha256."""
     from qana.bundle import BundleError, load_bundle, load_default_bundle
 

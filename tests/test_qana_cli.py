@@ -53,3 +53,20 @@ def test_shipped_bundles_verify() -> None:
         result = runner.invoke(app, ["info", str(path)])
         assert result.exit_code == 0, result.output
         assert f"Akida {target}" in result.output
+
+
+def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "none"), "--run-dir", str(run_dir)])
+    assert result.exit_code == 2 and "data folder not found" in result.output
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=4, image_size=40, seed=1)
+    for args, message in (
+        (["--target", "v3"], "--target must be v2 or v1"),
+        (["--weight-bits", "6"], "--weight-bits must be 4 or 8"),
+        (["--image-size", "96"], "--image-size must be a multiple of 8 from 16 to 88"),
+        (["--test-time-views", "3"], "--test-time-views must be one of 1, 2, 4, 8"),
+        (["--target", "v1", "--weight-bits", "8"], "Akida 1.0 (v1) supports at most 4-bit weights"),
+    ):
+        result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(run_dir), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not run_dir.exists()  # refused before a stage wrote anything
