@@ -285,10 +285,10 @@ def learn(
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of *new* lesions held out; earlier lesions keep their side.")] = 0.2,
     new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic adds to the deployed head; its images must be in --data. Repeatable.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over old + new training features.")] = 20,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9)] = 0.01,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, help="Step size of the head update.")] = 0.01,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
     smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of SMOTE and of the order training samples are presented in.")] = 0,
 ) -> None:
     """Update this clinic's deployed head from images added to its folder, outside a round.
 

@@ -163,7 +163,7 @@ def nodes_list(
 
 @nodes_app.command("revoke")
 def nodes_revoke(
-    clinic: Annotated[str, typer.Argument(metavar="CLINIC_ID")],
+    clinic: Annotated[str, typer.Argument(metavar="CLINIC_ID", help="The clinic id its key was registered under.")],
     state_dir: StateOption = DEFAULT_STATE,
 ) -> None:
     """Remove a clinic's key: it can no longer connect (unregistered at the SuperLink now, or at the next start)."""
@@ -225,8 +225,8 @@ def start_command(
     min_clinics: Annotated[int, typer.Option("--min-clinics", min=1, help="Clinics needed before a round starts.")] = 2,
     round_timeout: Annotated[float, typer.Option("--round-timeout", help="Seconds to wait for clinics' replies in a round; late clinics are left out of it.")] = 600.0,
     wait_for_clinics: Annotated[float, typer.Option("--wait-for-clinics", help="Seconds to wait for --min-clinics clinics before giving up.")] = 3600.0,
-    local_epochs: Annotated[int, typer.Option("--local-epochs", min=1)] = 20,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.01,
+    local_epochs: Annotated[int, typer.Option("--local-epochs", min=1, help="Gradient: epochs each clinic trains the head per round.")] = 20,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", help="Gradient: the clinics' head learning rate.")] = 0.01,
     learning: Annotated[str, typer.Option("--learning", help="gradient (train the head, Flower strategy) or akida-edge (Akida 1.0 on-chip learning, v1 bundle; edge-* keys via --run-config).")] = "gradient",
     run_config: Annotated[list[str] | None, typer.Option("--run-config", metavar="KEY=VALUE", help="Any other run-config key (see server.federation.RUN_CONFIG_DEFAULTS), TOML value syntax.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0 for clinics on other machines).")] = "127.0.0.1",
