@@ -1,0 +1,71 @@
+"""How much do the model card's figures move with the seed? Finished `qana train` runs side by side.
+
+    python benchmarks/seed_spread.py runs/v2-main runs/v2-seed1 runs/v2-seed2
+
+The seed chooses the lesion-grouped split *and* the training randomness, so runs that differ
+only in `--seed` show how far one split's figures can be trusted: a gap between two models
+smaller than this spread is not evidence. Reads what each run's bundle stage recorded
+(`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models) and
+prints each run, then the mean and sample standard deviation over runs. Warns when the runs
+differ in anything but the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+MODELS = ("float", "quantized", "akida")
+METRICS = ("top1", "macro_f1", "balanced_accuracy")
+IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data"}
+
+
+def load_run(run: Path) -> tuple[dict, dict]:
+    """(options, recorded metrics) of a run whose bundle stage has finished; exits with a clear message otherwise."""
+    bundle, options = run / "bundle.json", run / "options.json"
+    for path in (bundle, options):
+        if not path.is_file():
+            sys.exit(f"error: {path} not found: {run} is not a `qana train` run whose bundle stage has finished")
+    return json.loads(options.read_text()), json.loads(bundle.read_text())["metrics"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="finished `qana train` run directories (same command, other --seed)")
+    args = parser.parse_args()
+
+    runs = [(run, *load_run(run)) for run in args.runs]
+    first = runs[0][1]
+    for run, options, _ in runs[1:]:
+        differs = sorted(k for k in set(first) | set(options) if k not in IGNORED_OPTIONS and first.get(k) != options.get(k))
+        if differs:
+            print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
+
+    header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{m + ' top-1/mF1/bal':>26}" for m in MODELS)
+    print(header)
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for run, options, metrics in runs:
+        for part in ("val", "test"):
+            cells = []
+            for model in MODELS:
+                m = metrics[part][model]
+                cells.append(f"{'/'.join(f'{m[k]:.3f}' for k in METRICS):>26}")
+                for k in METRICS:
+                    values.setdefault((part, model, k), []).append(float(m[k]))
+            print(f"{run.name:<22} {options.get('seed', '?'):>4} {part:<5} " + " ".join(cells))
+    if len(runs) < 2:
+        return
+    print(f"\nmean ± sample sd over {len(runs)} runs")
+    for part in ("val", "test"):
+        cells = []
+        for model in MODELS:
+            parts = [values[(part, model, k)] for k in METRICS]
+            cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
+        print(f"{part:<5} " + "  ".join(f"{model}: {cell}" for model, cell in zip(MODELS, cells, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

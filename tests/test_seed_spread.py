@@ -1,0 +1,37 @@
+"""benchmarks/seed_spread.py: per-run figures, mean ± sd, and a warning when runs differ in more than the seed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread.py"
+
+
+def _run_dir(root: Path, name: str, seed: int, top1: float, width: int = 32) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"seed": seed, "width": width, "run_dir": str(run)}))
+    m = {"top1": top1, "macro_f1": top1 - 0.2, "balanced_accuracy": top1 - 0.25}
+    (run / "bundle.json").write_text(json.dumps({"metrics": {part: {k: m for k in ("float", "quantized", "akida")} for part in ("val", "test")}}))
+    return run
+
+
+def _spread(*runs: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, runs)], check=False, capture_output=True, text=True, timeout=60)
+
+
+def test_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
+    done = _spread(_run_dir(tmp_path, "a", 0, 0.70), _run_dir(tmp_path, "b", 1, 0.80))
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stdout
+    assert "0.750±0.071/0.550±0.071/0.500±0.071" in done.stdout  # sd of (0.70, 0.80) = 0.0707
+
+
+def test_other_options_are_flagged_and_unfinished_runs_refused(tmp_path: Path) -> None:
+    done = _spread(_run_dir(tmp_path, "a", 0, 0.70), _run_dir(tmp_path, "b", 1, 0.80, width=48))
+    assert "differs from" in done.stdout and "width" in done.stdout
+    unfinished = tmp_path / "c"
+    unfinished.mkdir()
+    done = _spread(unfinished)
+    assert done.returncode != 0 and "bundle.json not found" in done.stderr
