@@ -88,6 +88,9 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     assert set(test) >= {"float", "quantized", "akida", "agreement_quantized_vs_akida"}
     assert test["agreement_quantized_vs_akida"] == 1.0
     assert infos["head"]["chip_vs_reference_agreement"] == 1.0
+    quantized = infos["quantized"]
+    assert quantized["kept"] in ("fine-tuned", "calibrated")
+    assert {"val_float", "val_calibrated", "val_fine_tuned"} <= set(quantized)
     # Resuming finds every stage done and changes nothing.
     before = (opts.run_dir / "float.json").read_text()
     messages: list[str] = []
