@@ -8,6 +8,7 @@ The held-out test part is touched only by the final evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -403,15 +404,14 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     history: list[dict] = []
     info: dict = {"val_float": _val_scores(model, val.images, val.labels), "val_calibrated": _val_scores(qmodel, val.images, val.labels), "kept": "calibrated"}
     if opts.qat_epochs > 0:
-        calibrated = opts.run_dir / "quantized.calibrated.weights.h5"
-        qmodel.save_weights(str(calibrated))
+        calibrated = qmodel.get_weights()
         history = _fit(qmodel, with_saliency_crops(opts, train), val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5")
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
         if keep_fine_tuned(info["val_float"], info["val_calibrated"], info["val_fine_tuned"]):
             info["kept"] = "fine-tuned"
         else:
             log.info("QAT moved away from the float model on validation; keeping the calibrated model")
-            qmodel.load_weights(str(calibrated))
+            qmodel.set_weights(calibrated)
     qmodel.save(opts.run_dir / "quantized.h5")
     return {"seconds": round(time.time() - t0, 1), "history": history, **info, **opts.quant_spec().describe()}
 
@@ -583,13 +583,17 @@ def stage_head(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
 def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
     """Backbone features on Akida for a part, computed once per run (the software backend runs
     at only tens of images/s on a CPU) and kept in features.npz keyed by image content (one file
-    per number of test-time views: those features are view averages)."""
+    per number of test-time views: those features are view averages). The file also names the
+    Akida model it came from: when the akida stage is redone, features of the old model are
+    not reused."""
     views = opts.test_time_views
     path = opts.run_dir / "akida" / ("features.npz" if views == 1 else f"features-{views}views.npz")
+    model_id = hashlib.sha256((opts.run_dir / "akida" / "model.fbz").read_bytes()).hexdigest()
     cache: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path) as z:
-            cache = dict(zip(z["hashes"], z["features"]))
+            if "model" in z.files and str(z["model"]) == model_id:
+                cache = dict(zip(z["hashes"], z["features"]))
     missing = [i for i, h in enumerate(part.content_hashes) if h not in cache]
     if missing:
         rt = _akida_runtime(opts, opts.run_dir / "akida")
@@ -597,7 +601,7 @@ def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
         cache.update(zip(part.content_hashes[missing], feats))
         hashes = np.array(list(cache))
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, hashes=hashes, features=np.stack([cache[h] for h in hashes]))
+        np.savez(tmp, hashes=hashes, features=np.stack([cache[h] for h in hashes]), model=model_id)
         os.replace(tmp, path)
     return np.stack([cache[h] for h in part.content_hashes])
 

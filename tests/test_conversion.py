@@ -71,7 +71,7 @@ def test_v2_4bit_is_refused_by_the_hardware_check_not_silently_accepted() -> Non
 
 
 @pytest.mark.timeout(1200)  # trains twice, converts, evaluates on the Akida software backend; slow on 2 shared cores
-def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
+def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qana.bundle import load_bundle
     from qana.train import TrainOptions, run
     from tests.synthetic import make_synthetic_ham
@@ -111,3 +111,14 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path) -> None:
     messages.clear()
     run(replace(opts, test_time_views=2), progress=messages.append)
     assert [m for m in messages if m.endswith("running ...")] == ["[head] running ...", "[bundle] running ..."]
+    # When QAT is the less faithful one, the calibrated model is what gets saved and converted.
+    import qana.train
+
+    (opts.run_dir / "quantized.json").unlink()
+    monkeypatch.setattr(qana.train, "keep_fine_tuned", lambda *scores: False)
+    redone = run(replace(opts, test_time_views=2), progress=lambda m: None)
+    assert redone["quantized"]["kept"] == "calibrated"
+    _, val, _ = qana.train.load_split(opts, qana.train.load_dataset(opts.data, size=32, cache_dir=opts.cache_dir))
+    saved = qana.train._val_scores(qana.train.load_quantized(opts), val.images, val.labels)
+    assert saved == pytest.approx(redone["quantized"]["val_calibrated"])
+    assert redone["head"]["chip_vs_reference_agreement"] == 1.0
