@@ -388,8 +388,6 @@ def keep_fine_tuned(float_val: dict, calibrated_val: dict, fine_tuned_val: dict)
     return fine_tuned <= FAITHFUL or fine_tuned <= shortfall(float_val, calibrated_val)
 
 
-
-
 def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     """Calibrate the quantized model on training images, fine-tune it (QAT), keep the one that
     is faithful to the float model (`keep_fine_tuned`); every candidate's validation scores are recorded."""
