@@ -48,6 +48,7 @@ def train(
     class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
     head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = 0.15,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
@@ -79,12 +80,14 @@ def train(
         raise fail(f"--label-weight must be in [0, 1], not {label_weight}")
     if not 0.0 <= weight_ema < 1.0:
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
+    if not 0.02 <= val_fraction <= 0.5:
+        raise fail(f"--val-fraction must be from 0.02 to 0.5 (validation picks checkpoints and heads), not {val_fraction}")
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh,
     )
     try:

@@ -35,7 +35,15 @@ def grouped_split(
         members = np.flatnonzero(group_label == label)
         members = members[rng.permutation(len(members))]
         # Boundaries by rounding cumulative shares: every part gets its share of each class.
-        bounds = np.round(cum * len(members)).astype(int)
+        # The last part (test) is counted from the end, so it depends only on its own
+        # fraction: a smaller validation share never moves a test lesion.
+        n = len(members)
+        bounds = np.round(cum * n).astype(int)
+        bounds[-1] = n
+        if len(bounds) > 1:
+            last_start = n - int(np.round(fractions_arr[-1] * n))
+            bounds[:-1] = np.minimum(bounds[:-1], last_start)
+            bounds[-2] = last_start
         start = 0
         for part, end in enumerate(bounds):
             assignment[members[start:end]] = part

@@ -64,6 +64,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--target", "v3"], "--target must be v2 or v1"),
         (["--weight-bits", "6"], "--weight-bits must be 4 or 8"),
         (["--image-size", "96"], "--image-size must be a multiple of 8 from 16 to 88"),
+        (["--val-fraction", "0.7"], "--val-fraction must be from 0.02 to 0.5"),
         (["--test-time-views", "3"], "--test-time-views must be one of 1, 2, 4, 8"),
         (["--target", "v1", "--weight-bits", "8"], "Akida 1.0 (v1) supports at most 4-bit weights"),
     ):

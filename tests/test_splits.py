@@ -48,3 +48,18 @@ def test_bad_fractions_are_refused() -> None:
     labels, groups = _toy(5)
     with pytest.raises(ValueError, match="sum to 1"):
         grouped_split(labels, groups, (0.5, 0.6))
+
+
+@pytest.mark.parametrize("n_lesions", [40, 77, 133, 400, 1001])
+def test_test_part_does_not_depend_on_the_validation_share(n_lesions: int) -> None:
+    """`qana train --val-fraction` promises: one seed, one test part, whatever the validation share.
+
+    Moving validation lesions into training must not move a single test lesion, or runs with
+    different validation shares could not be compared on the same test images.
+    """
+    labels, groups = _toy(6, n_lesions=n_lesions)
+    reference = train_val_test(labels, groups, 0.15, 0.15, seed=2)[2]
+    for val in (0.02, 0.05, 0.1, 0.2, 0.3, 0.45):
+        train, val_part, test = train_val_test(labels, groups, val, 0.15, seed=2)
+        assert np.array_equal(test, reference), f"val share {val} moved test lesions"
+        assert len(train) + len(val_part) + len(test) == len(labels)
