@@ -1,0 +1,139 @@
+"""How much would more labelled images help? Float models trained on growing shares of the training lesions.
+
+    python benchmarks/learning_curve.py --data ../shared/data/ham10000 --out runs/learning-curve \
+        --fractions 0.25 0.5 1 --epochs 40
+
+For one seed, `qana train`'s lesion-grouped split is made, and a lesion-grouped, class-stratified
+share of its training part is kept for each fraction (every smaller share is drawn from the same
+shuffled order, so 0.25 is inside 0.5 is inside 1). Each share trains the float stage of
+`qana train` exactly as the command does (same augmentation, class weights, schedule and
+checkpoint choice on the same validation part), and every model is scored on the same test part
+with 1 and 8 test-time views. The table ends with the least-squares slope of each metric against
+log2(training images): the points gained per doubling of the data, which says how far more
+data alone would carry this model at 64x64. Float only: the quantized and Akida models stay
+within about a point of float (README model card), and the float stage is the expensive part.
+
+Each fraction's model is kept in OUT/fraction-F/ and reused on a rerun (delete it to retrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qana.splits import grouped_split
+
+METRICS = ("top1", "macro_f1", "balanced_accuracy")
+VIEWS = (1, 8)
+
+
+def lesion_share(labels: np.ndarray, lesions: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Row indices of a lesion-grouped, class-stratified `fraction` of the rows.
+
+    Drawn with one shuffle per seed, so a smaller fraction's lesions are (up to rounding per
+    class) a subset of a larger fraction's: the curve adds data, it does not swap it.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"a training fraction must be in (0, 1], not {fraction}")
+    if fraction == 1.0:
+        return np.arange(len(labels))
+    return grouped_split(labels, lesions, (fraction, 1.0 - fraction), seed=seed)[0]
+
+
+def gain_per_doubling(n_images: list[int], scores: list[float]) -> float:
+    """Least-squares slope of `scores` against log2(n_images): points gained per doubling."""
+    if len(set(n_images)) < 2:
+        raise ValueError("a slope needs at least two different training-set sizes")
+    x = np.log2(np.asarray(n_images, dtype=np.float64))
+    y = np.asarray(scores, dtype=np.float64)
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def train_and_score(data: Path, out: Path, fraction: float, epochs: int, seed: int, dataset) -> dict:
+    """Float stage of `qana train` on a share of the training lesions; test scores with 1 and 8 views."""
+    from qana.classes import CLASS_NAMES
+    from qana.metrics import classification_metrics
+    from qana.splits import train_val_test
+    from qana.train import TrainOptions, load_float, stage_float
+    from qana.views import keras_logits
+
+    run_dir = out / f"fraction-{fraction:g}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed)
+    train_idx, val_idx, test_idx = train_val_test(
+        dataset.labels, dataset.lesion_ids, opts.val_fraction, opts.test_fraction, seed
+    )
+    train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
+    train = train.subset(lesion_share(train.labels, train.lesion_ids, fraction, seed + 1))
+    info = stage_float(opts, train, val)
+    model = load_float(opts)
+    result = {
+        "fraction": fraction,
+        "train_images": len(train),
+        "train_lesions": len(set(train.lesion_ids)),
+        "epochs": epochs,
+        "seed": seed,
+        "seconds": info["seconds"],
+        "test_images": len(test),
+    }
+    for views in VIEWS:
+        m = classification_metrics(test.labels, keras_logits(model, test.images, views).argmax(1), CLASS_NAMES)
+        result[f"test_{views}v"] = {k: m[k] for k in METRICS}
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _triple(scores: dict) -> str:
+    return "/".join(f"{scores[k]:.3f}" for k in METRICS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="HAM10000-style folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for each fraction's model and scores")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="shares of the training lesions")
+    parser.add_argument("--epochs", type=int, default=40, help="float epochs per model (the shipped command: 40)")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed (0 = the shipped model's split)")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"error: data folder not found: {args.data}")
+    for fraction in args.fractions:
+        if not 0.0 < fraction <= 1.0:
+            sys.exit(f"error: --fractions must be in (0, 1], not {fraction}")
+    if args.epochs < 1:
+        sys.exit(f"error: --epochs must be at least 1, not {args.epochs}")
+
+    from qana.data import load_dataset
+
+    dataset = load_dataset(args.data)
+    results = [train_and_score(args.data, args.out, f, args.epochs, args.seed, dataset) for f in sorted(set(args.fractions))]
+    (args.out / "learning_curve.json").write_text(json.dumps(results, indent=2))
+
+    print(f"{'fraction':>8} {'images':>7} {'lesions':>7} " + " ".join(f"{f'test {v} view(s) top-1/mF1/bal':>32}" for v in VIEWS))
+    for r in results:
+        cells = " ".join(f"{_triple(r['test_' + str(v) + 'v']):>32}" for v in VIEWS)
+        print(f"{r['fraction']:>8g} {r['train_images']:>7} {r['train_lesions']:>7} {cells}")
+    if len(results) >= 2:
+        sizes = [r["train_images"] for r in results]
+        for v in VIEWS:
+            slopes = {k: gain_per_doubling(sizes, [r[f"test_{v}v"][k] for r in results]) for k in METRICS}
+            print(f"gain per doubling of the training images, {v} view(s): "
+                  + ", ".join(f"{k} {100 * s:+.1f} points" for k, s in slopes.items()))
+            top1 = results[-1][f"test_{v}v"]["top1"]
+            if slopes["top1"] > 0 and top1 < 0.80:
+                doublings = (0.80 - top1) / slopes["top1"]
+                print(f"  top-1 0.80 at this slope: about {doublings:.1f} more doublings "
+                      f"(~{sizes[-1] * 2 ** doublings:,.0f} training images; a straight-line extrapolation, not a promise)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""benchmarks/learning_curve.py: nested lesion-grouped shares, the per-doubling slope, input errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
+_spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
+learning_curve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learning_curve)
+
+
+def _lesions(n_lesions: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lesion_label = rng.choice(7, n_lesions, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    reps = rng.integers(1, 4, n_lesions)
+    return np.repeat(lesion_label, reps), np.repeat(np.arange(n_lesions), reps).astype(str)
+
+
+def test_shares_keep_whole_lesions_grow_with_the_fraction_and_are_nested() -> None:
+    labels, lesions = _lesions()
+    quarter, half = (learning_curve.lesion_share(labels, lesions, f, seed=1) for f in (0.25, 0.5))
+    assert np.array_equal(learning_curve.lesion_share(labels, lesions, 1.0, seed=1), np.arange(len(labels)))
+    for share in (quarter, half):
+        inside = set(lesions[share])
+        outside = set(lesions[np.setdiff1d(np.arange(len(labels)), share)])
+        assert not inside & outside, "a lesion was cut in two"
+    assert 0.2 < len(quarter) / len(labels) < 0.3 and 0.45 < len(half) / len(labels) < 0.55
+    # Rounding per class may move a lesion at a class boundary; the bulk must be shared.
+    assert len(set(lesions[quarter]) & set(lesions[half])) >= 0.95 * len(set(lesions[quarter]))
+    for cls in range(7):  # stratified: every class keeps about its share
+        if (labels == cls).sum() >= 20:
+            assert 0.35 < (labels[half] == cls).sum() / (labels == cls).sum() < 0.65
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        learning_curve.lesion_share(labels, lesions, 0.0, seed=1)
+
+
+def test_gain_per_doubling_is_the_slope_against_log2_of_the_size() -> None:
+    assert learning_curve.gain_per_doubling([1000, 2000, 4000], [0.70, 0.73, 0.76]) == pytest.approx(0.03)
+    assert learning_curve.gain_per_doubling([1000, 4000], [0.70, 0.74]) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="two different"):
+        learning_curve.gain_per_doubling([1000, 1000], [0.7, 0.8])
+
+
+def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+
+    result = run("--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "data folder not found" in result.stderr
+    result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fractions", "1.5")
+    assert result.returncode != 0 and "--fractions must be in (0, 1]" in result.stderr
+    assert not (tmp_path / "out").exists()
