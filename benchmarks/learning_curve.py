@@ -13,7 +13,12 @@ log2(training images): the points gained per doubling of the data, which says ho
 data alone would carry this model at 64x64. Float only: the quantized and Akida models stay
 within about a point of float (README model card), and the float stage is the expensive part.
 
-Each fraction's model is kept in OUT/fraction-F/ and reused on a rerun (delete it to retrain).
+`--image-size 128` draws the same curve at another input side, a what-if for the resolution the
+paper fixes at 64: the network is unchanged, so above 88 px its last map no longer fits Akida's
+global-pooling limit and the model would need another downsampling stage to run on the chip.
+
+Each fraction's model is kept in OUT/fraction-F/ (OUT/size-S-fraction-F/ for another size) and
+reused on a rerun (delete it to retrain).
 """
 
 from __future__ import annotations
@@ -55,7 +60,9 @@ def gain_per_doubling(n_images: list[int], scores: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def train_and_score(data: Path, out: Path, fraction: float, epochs: int, seed: int, dataset) -> dict:
+def train_and_score(
+    data: Path, out: Path, fraction: float, epochs: int, seed: int, dataset, image_size: int = 64
+) -> dict:
     """Float stage of `qana train` on a share of the training lesions; test scores with 1 and 8 views."""
     from qana.classes import CLASS_NAMES
     from qana.metrics import classification_metrics
@@ -63,12 +70,12 @@ def train_and_score(data: Path, out: Path, fraction: float, epochs: int, seed: i
     from qana.train import TrainOptions, load_float, stage_float
     from qana.views import keras_logits
 
-    run_dir = out / f"fraction-{fraction:g}"
+    run_dir = out / (f"fraction-{fraction:g}" if image_size == 64 else f"size-{image_size}-fraction-{fraction:g}")
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed)
+    opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed, image_size=image_size)
     train_idx, val_idx, test_idx = train_val_test(
         dataset.labels, dataset.lesion_ids, opts.val_fraction, opts.test_fraction, seed
     )
@@ -78,6 +85,7 @@ def train_and_score(data: Path, out: Path, fraction: float, epochs: int, seed: i
     model = load_float(opts)
     result = {
         "fraction": fraction,
+        "image_size": image_size,
         "train_images": len(train),
         "train_lesions": len(set(train.lesion_ids)),
         "epochs": epochs,
@@ -103,20 +111,28 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="shares of the training lesions")
     parser.add_argument("--epochs", type=int, default=40, help="float epochs per model (the shipped command: 40)")
     parser.add_argument("--seed", type=int, default=0, help="split and training seed (0 = the shipped model's split)")
+    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (the paper and the shipped models: 64)")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"error: data folder not found: {args.data}")
     for fraction in args.fractions:
         if not 0.0 < fraction <= 1.0:
             sys.exit(f"error: --fractions must be in (0, 1], not {fraction}")
+    if not 16 <= args.image_size <= 256 or args.image_size % 8:
+        sys.exit(f"error: --image-size must be a multiple of 8 from 16 to 256, not {args.image_size}")
     if args.epochs < 1:
         sys.exit(f"error: --epochs must be at least 1, not {args.epochs}")
 
     from qana.data import load_dataset
 
-    dataset = load_dataset(args.data)
-    results = [train_and_score(args.data, args.out, f, args.epochs, args.seed, dataset) for f in sorted(set(args.fractions))]
-    (args.out / "learning_curve.json").write_text(json.dumps(results, indent=2))
+    dataset = load_dataset(args.data, size=args.image_size)
+    results = [
+        train_and_score(args.data, args.out, f, args.epochs, args.seed, dataset, args.image_size)
+        for f in sorted(set(args.fractions))
+    ]
+    name = "learning_curve.json" if args.image_size == 64 else f"learning_curve-{args.image_size}.json"
+    (args.out / name).write_text(json.dumps(results, indent=2))
+    print(f"input {args.image_size}x{args.image_size}, {args.epochs} float epochs, seed {args.seed}, scored on {results[0]['test_images']} test images")
 
     print(f"{'fraction':>8} {'images':>7} {'lesions':>7} " + " ".join(f"{f'test {v} view(s) top-1/mF1/bal':>32}" for v in VIEWS))
     for r in results:

@@ -56,4 +56,6 @@ def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
     assert result.returncode != 0 and "data folder not found" in result.stderr
     result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--fractions", "1.5")
     assert result.returncode != 0 and "--fractions must be in (0, 1]" in result.stderr
+    result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--image-size", "100")
+    assert result.returncode != 0 and "--image-size must be a multiple of 8" in result.stderr
     assert not (tmp_path / "out").exists()
