@@ -50,7 +50,7 @@ def test_gain_per_doubling_is_the_slope_against_log2_of_the_size() -> None:
 
 def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True, timeout=60)
 
     result = run("--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"))
     assert result.returncode != 0 and "data folder not found" in result.stderr
