@@ -73,7 +73,12 @@ def train_and_score(
     run_dir = out / (f"fraction-{fraction:g}" if image_size == 64 else f"size-{image_size}-fraction-{fraction:g}")
     result_path = run_dir / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        stored = json.loads(result_path.read_text())
+        wanted = {"epochs": epochs, "seed": seed, "image_size": image_size}
+        found = {"epochs": stored.get("epochs"), "seed": stored.get("seed"), "image_size": stored.get("image_size", 64)}
+        if found != wanted:
+            raise ValueError(f"{run_dir} holds a model trained with {found}, not {wanted}: delete it or choose another --out")
+        return stored
     run_dir.mkdir(parents=True, exist_ok=True)
     opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed, image_size=image_size)
     train_idx, val_idx, test_idx = train_val_test(
@@ -126,10 +131,13 @@ def main() -> None:
     from qana.data import load_dataset
 
     dataset = load_dataset(args.data, size=args.image_size)
-    results = [
-        train_and_score(args.data, args.out, f, args.epochs, args.seed, dataset, args.image_size)
-        for f in sorted(set(args.fractions))
-    ]
+    try:
+        results = [
+            train_and_score(args.data, args.out, f, args.epochs, args.seed, dataset, args.image_size)
+            for f in sorted(set(args.fractions))
+        ]
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     name = "learning_curve.json" if args.image_size == 64 else f"learning_curve-{args.image_size}.json"
     (args.out / name).write_text(json.dumps(results, indent=2))
     print(f"input {args.image_size}x{args.image_size}, {args.epochs} float epochs, seed {args.seed}, scored on {results[0]['test_images']} test images")

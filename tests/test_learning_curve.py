@@ -59,3 +59,12 @@ def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
     result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--image-size", "100")
     assert result.returncode != 0 and "--image-size must be a multiple of 8" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stored_model_of_another_setting_is_refused_not_reused(tmp_path: Path) -> None:
+    stored = tmp_path / "fraction-0.5"
+    stored.mkdir()
+    (stored / "result.json").write_text('{"fraction": 0.5, "epochs": 40, "seed": 0, "image_size": 64}')
+    assert learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=None)["epochs"] == 40
+    with pytest.raises(ValueError, match="trained with .*'epochs': 40.*delete it"):
+        learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 20, 0, dataset=None)
