@@ -66,8 +66,13 @@ def train_and_score(
     """Float stage of `qana train` on a share of the training lesions; test scores with 1 and 8 views."""
     from qana.classes import CLASS_NAMES
     from qana.metrics import classification_metrics
-    from qana.splits import train_val_test
-    from qana.train import TrainOptions, load_float, stage_float
+    from qana.train import (
+        TrainOptions,
+        load_float,
+        load_split,
+        stage_float,
+        stage_split,
+    )
     from qana.views import keras_logits
 
     run_dir = out / (f"fraction-{fraction:g}" if image_size == 64 else f"size-{image_size}-fraction-{fraction:g}")
@@ -81,10 +86,8 @@ def train_and_score(
         return stored
     run_dir.mkdir(parents=True, exist_ok=True)
     opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed, image_size=image_size)
-    train_idx, val_idx, test_idx = train_val_test(
-        dataset.labels, dataset.lesion_ids, opts.val_fraction, opts.test_fraction, seed
-    )
-    train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
+    stage_split(opts, dataset)  # the split `qana train` makes for this seed, recorded in run_dir
+    train, val, test = load_split(opts, dataset)
     train = train.subset(lesion_share(train.labels, train.lesion_ids, fraction, seed + 1))
     info = stage_float(opts, train, val)
     model = load_float(opts)

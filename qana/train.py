@@ -8,7 +8,6 @@ The held-out test part is touched only by the final evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from qana import head as head_math
-from qana.bundle import write_bundle
+from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
 from qana.data import DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
@@ -586,7 +585,7 @@ def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
     not reused."""
     views = opts.test_time_views
     path = opts.run_dir / "akida" / ("features.npz" if views == 1 else f"features-{views}views.npz")
-    model_id = hashlib.sha256((opts.run_dir / "akida" / "model.fbz").read_bytes()).hexdigest()
+    model_id = sha256_file(opts.run_dir / "akida" / "model.fbz")
     cache: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path) as z:
