@@ -46,12 +46,15 @@ def train(
     weight_ema: Annotated[float, typer.Option(help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off).")] = 0.0,
     saliency_teacher: Annotated[Optional[str], typer.Option(help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file (e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.")] = None,
     class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
+    loss: Annotated[str, typer.Option(help="Backbone loss: ce (cross-entropy) | focal (focal loss; combine with --class-weighting none for focal alone).")] = "ce",
+    focal_gamma: Annotated[float, typer.Option(help="With --loss focal: how strongly images already classified well are down-weighted (0 = cross-entropy).")] = 2.0,
     head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = 0.15,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
+    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | float | quantized | akida | head (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
     if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time
@@ -61,7 +64,7 @@ def train(
     from qana.data import DataError
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
-    from qana.train import TrainOptions, run
+    from qana.train import LOSSES, STAGES, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -82,13 +85,21 @@ def train(
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if not 0.02 <= val_fraction <= 0.5:
         raise fail(f"--val-fraction must be from 0.02 to 0.5 (validation picks checkpoints and heads), not {val_fraction}")
+    if class_weighting not in ("sqrt", "balanced", "none"):
+        raise fail(f"--class-weighting must be sqrt, balanced or none, not {class_weighting!r}")
+    if loss not in LOSSES:
+        raise fail(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    if not 0.0 <= focal_gamma <= 10.0:
+        raise fail(f"--focal-gamma must be from 0 to 10, not {focal_gamma}")
+    if stop_after is not None and stop_after not in STAGES:
+        raise fail(f"--stop-after must be one of {', '.join(STAGES)}, not {stop_after!r}")
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, head_smote=head_smote, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
-        resume=not fresh,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        resume=not fresh, stop_after=stop_after,
     )
     try:
         infos = run(opts, progress=lambda msg: typer.echo(msg))
@@ -100,6 +111,9 @@ def train(
         raise fail(f"--saliency-teacher: {exc}") from None
     except TeacherError as exc:
         raise fail(f"--teacher: {exc}") from None
+    if "bundle" not in infos:  # --stop-after: no bundle, so no test figures either
+        typer.echo(f"finished stages: {', '.join(infos)} (in {run_dir})")
+        return
     test = infos["bundle"]["metrics"]["test"]
     typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")

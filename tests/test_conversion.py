@@ -107,12 +107,28 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
     assert views["head"]["chip_vs_reference_agreement"] == 1.0
     assert (opts.run_dir / "akida" / "features-2views.npz").is_file() and (opts.run_dir / "float.json").read_text() == before
     # A stage redone for any reason (here: its record deleted) redoes every stage after it.
+    import qana.train
+
     (opts.run_dir / "head.json").unlink()
     messages.clear()
-    run(replace(opts, test_time_views=2), progress=messages.append)
+    monkeypatch.setattr(qana.train, "MEASURABLE", 2.0)  # no retrained head can win: the converted one is kept
+    kept = run(replace(opts, test_time_views=2), progress=messages.append)
     assert [m for m in messages if m.endswith("running ...")] == ["[head] running ...", "[bundle] running ..."]
+    # The converted head is kept exactly as cnn2snn wrote it (per-class output scales), not
+    # re-quantized per tensor, and the bundle's Akida figures are the converted head's.
+    assert kept["head"]["chosen"] == "converted"
+    converted = qana.train._read_akida_head(opts.run_dir / "akida" / "model.fbz")
+    final = qana.train._read_akida_head(opts.run_dir / "final" / "model.fbz")
+    for a, b in zip(converted, final):
+        np.testing.assert_array_equal(a, b)
+    for part in ("val", "test"):
+        metrics = kept["bundle"]["metrics"][part]
+        assert metrics["akida"] == metrics["akida_converted_head"]
+    assert kept["head"]["candidates"]["converted"] == {
+        k: kept["bundle"]["metrics"]["val"]["akida"][k] for k in ("top1", "macro_f1", "balanced_accuracy")
+    }
+    monkeypatch.undo()
     # When QAT is the less faithful one, the calibrated model is what gets saved and converted.
-    import qana.train
 
     (opts.run_dir / "quantized.json").unlink()
     monkeypatch.setattr(qana.train, "keep_fine_tuned", lambda *scores: False)

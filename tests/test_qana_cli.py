@@ -67,6 +67,10 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--val-fraction", "0.7"], "--val-fraction must be from 0.02 to 0.5"),
         (["--test-time-views", "3"], "--test-time-views must be one of 1, 2, 4, 8"),
         (["--target", "v1", "--weight-bits", "8"], "Akida 1.0 (v1) supports at most 4-bit weights"),
+        (["--class-weighting", "inverse"], "--class-weighting must be sqrt, balanced or none"),
+        (["--loss", "hinge"], "--loss must be one of ce, focal"),
+        (["--loss", "focal", "--focal-gamma", "-1"], "--focal-gamma must be from 0 to 10"),
+        (["--stop-after", "floats"], "--stop-after must be one of split, saliency, float"),
     ):
         result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(run_dir), *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

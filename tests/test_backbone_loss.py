@@ -1,0 +1,64 @@
+"""The backbone loss options: focal loss (γ = 0 is cross-entropy) and stopping after a stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import tf_keras as keras  # noqa: E402
+
+from qana.train import TrainOptions, _fit, backbone_loss, run  # noqa: E402
+from tests.synthetic import make_synthetic_ham  # noqa: E402
+from tests.test_weight_ema import _data, _tiny_model  # noqa: E402
+
+
+def _loss(opts: TrainOptions, labels: np.ndarray, logits: np.ndarray) -> float:
+    one_hot = np.eye(logits.shape[1], dtype=np.float32)[labels]
+    soft = opts.loss == "focal"
+    return float(backbone_loss(opts, soft_targets=soft)(one_hot if soft else labels, logits))
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy_and_gamma_down_weights_easy_images(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (32, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 32)
+    ce = _loss(TrainOptions(data=tmp_path, run_dir=tmp_path), labels, logits)
+    focal0 = _loss(TrainOptions(data=tmp_path, run_dir=tmp_path, loss="focal", focal_gamma=0.0), labels, logits)
+    assert focal0 == pytest.approx(ce, rel=1e-5)
+    # An image the model already gets right with confidence counts far less under γ = 2.
+    easy = np.full((1, 7), -5.0, np.float32)
+    easy[0, 3] = 5.0
+    opts2 = TrainOptions(data=tmp_path, run_dir=tmp_path, loss="focal", focal_gamma=2.0)
+    ce_easy = _loss(TrainOptions(data=tmp_path, run_dir=tmp_path), np.array([3]), easy)
+    assert _loss(opts2, np.array([3]), easy) < 1e-3 * ce_easy
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        backbone_loss(TrainOptions(data=tmp_path, run_dir=tmp_path, loss="hinge"), soft_targets=False)
+
+
+def test_training_with_focal_loss_runs_and_moves_the_weights(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    start = [w.copy() for w in model.get_weights()]
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0, loss="focal")
+    history = _fit(model, _data(64, 0), _data(21, 1), opts, epochs=1, lr=0.5, weights_path=tmp_path / "w.h5")
+    assert len(history) == 1
+    assert max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), start)) > 0.01
+
+
+def test_stop_after_finishes_that_stage_and_nothing_later(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=40, image_size=40, seed=0)
+    opts = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, cache_dir=tmp_path / "cache",
+                        command="test", stop_after="saliency")
+    messages: list[str] = []
+    infos = run(opts, progress=messages.append)
+    assert list(infos) == ["split", "saliency"]
+    assert sorted(p.name for p in opts.run_dir.glob("*.json")) == ["options.json", "saliency.json", "split.json"]
+    assert any("stopped after [saliency]" in m for m in messages)
+    # Rerun: the finished stages are resumed, still nothing later.
+    assert list(run(opts, progress=lambda m: None)) == ["split", "saliency"]
+    with pytest.raises(ValueError, match="unknown stage 'floats'"):
+        run(TrainOptions(data=clinic.root, run_dir=tmp_path / "other", stop_after="floats"), progress=lambda m: None)
