@@ -32,7 +32,8 @@ and combined as a federation would (qana.edge.federation_edge_params: median num
 neurons per class, most frequent learning competition). Prints macro-F1 and balanced accuracy on all centres' test images pooled,
 and the mean over centres of each centre's own test images.
 
-Measured on the v1 bundle af2e0b7df949 (/work/runs/v1/bundle, D=256, median 77 spikes per image),
+Measured on the v1 bundle af2e0b7df949 (/work/runs/v1/bundle, D=256, median 77 spikes per image;
+the session-6 bundle a16cfc4ec6b1 has the same backbone and head.npz, only its chip head layer differs),
 its own split, `--rounds 5`, seeds 0 / 1 / 2; all centres' held-out test images (n=1282):
 
     method                          macro-F1            balanced accuracy
