@@ -65,6 +65,10 @@ def main() -> None:
             described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
         if options.get("saliency_teacher"):
             described += " +saliency"
+        if options.get("class_weighting", "sqrt") != "sqrt":
+            described += f" cw={options['class_weighting']}"
+        if options.get("loss", "ce") != "ce":
+            described += f" loss={options['loss']}(gamma={options.get('focal_gamma', 2.0)})"
         if options.get("weight_ema"):
             described += f" ema={options['weight_ema']}"
         if options.get("teachers"):
