@@ -138,8 +138,9 @@ LOSSES = ("ce", "focal")
 
 def backbone_loss(opts: TrainOptions, soft_targets: bool):
     """The float/QAT training loss. Focal loss (Lin et al. 2017) down-weights images the model
-    already gets right, the paper's other answer to imbalance; alpha = 1 because class weighting
-    (`class_weighting`) is the separate knob. It takes one-hot or soft targets."""
+    already gets right, an alternative to class weights against imbalance (README ablation);
+    alpha = 1 because class weighting (`class_weighting`) is the separate knob. It takes one-hot
+    or soft targets."""
     import tf_keras as keras
 
     if opts.loss == "focal":
