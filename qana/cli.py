@@ -64,7 +64,7 @@ def train(
     from qana.data import DataError
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
-    from qana.train import LOSSES, STAGES, TrainOptions, run
+    from qana.train import LOSSES, STAGES, RunSettingsError, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -111,6 +111,8 @@ def train(
         raise fail(f"--saliency-teacher: {exc}") from None
     except TeacherError as exc:
         raise fail(f"--teacher: {exc}") from None
+    except RunSettingsError as exc:
+        raise fail(str(exc)) from None
     if "bundle" not in infos:  # --stop-after: no bundle, so no test figures either
         typer.echo(f"finished stages: {', '.join(infos)} (in {run_dir})")
         return

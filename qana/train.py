@@ -710,12 +710,48 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "metrics": metrics}
 
 
+# Options that only steer the run (where it goes, whether it resumes, when it stops) and may
+# differ between a run and its resumption; test-time views redo their own stages (VIEW_STAGES).
+RUN_CONTROL = ("data", "run_dir", "resume", "stop_after", "command", "bundle_out", "cache_dir", "test_time_views")
+
+
+class RunSettingsError(ValueError):
+    """A run directory is being resumed with settings other than those its stages were made with."""
+
+
+def check_resume_settings(opts: TrainOptions) -> None:
+    """Refuse to resume a run whose finished stages were made with other settings.
+
+    Resuming reuses every finished stage, so `--loss focal` on a directory whose float stage
+    was trained with cross-entropy would silently keep the old model (and overwrite the record
+    of how it was trained). Settings missing from an older run's options.json count as their
+    defaults.
+    """
+    recorded_path = opts.run_dir / "options.json"
+    if not (opts.resume and recorded_path.is_file() and any(_marker(opts.run_dir, s).is_file() for s in STAGES)):
+        return
+    recorded = json.loads(recorded_path.read_text())
+    current = json.loads(json.dumps(asdict(opts), default=str))
+    defaults = json.loads(json.dumps(asdict(TrainOptions(data=opts.data, run_dir=opts.run_dir)), default=str))
+    changed = [
+        f"--{name.replace('_', '-')} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
+        for name in current
+        if name not in RUN_CONTROL and recorded.get(name, defaults[name]) != current[name]
+    ]
+    if changed:
+        raise RunSettingsError(
+            f"{opts.run_dir} was started with other settings: {'; '.join(changed)}. Resuming would reuse stages "
+            "made with the old ones: rerun with the same settings, add --fresh to redo everything, or use another --run-dir"
+        )
+
+
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)
     if opts.stop_after is not None and opts.stop_after not in STAGES:
         raise ValueError(f"unknown stage {opts.stop_after!r} to stop after (stages: {', '.join(STAGES)})")
     opts.run_dir.mkdir(parents=True, exist_ok=True)
+    check_resume_settings(opts)
     (opts.run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
     progress(f"loading {opts.data} ...")
     dataset = load_dataset(opts.data, size=opts.image_size, cache_dir=opts.cache_dir, progress=True)

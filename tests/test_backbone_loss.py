@@ -1,4 +1,5 @@
-"""The backbone loss options: focal loss (γ = 0 is cross-entropy) and stopping after a stage."""
+"""The backbone loss options (focal loss: γ = 0 is cross-entropy), stopping after a stage, and
+refusing to resume a run with other settings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ pytest.importorskip("tensorflow")
 
 import tf_keras as keras  # noqa: E402
 
-from qana.train import TrainOptions, _fit, backbone_loss, run  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from qana.train import RunSettingsError, TrainOptions, _fit, backbone_loss, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
 from tests.test_weight_ema import _data, _tiny_model  # noqa: E402
 
@@ -62,3 +65,24 @@ def test_stop_after_finishes_that_stage_and_nothing_later(tmp_path: Path) -> Non
     assert list(run(opts, progress=lambda m: None)) == ["split", "saliency"]
     with pytest.raises(ValueError, match="unknown stage 'floats'"):
         run(TrainOptions(data=clinic.root, run_dir=tmp_path / "other", stop_after="floats"), progress=lambda m: None)
+
+
+def test_resuming_with_other_settings_is_refused_and_keeps_the_record(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=40, image_size=40, seed=0)
+    opts = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, cache_dir=tmp_path / "cache",
+                        command="test", stop_after="split")
+    run(opts, progress=lambda m: None)
+    recorded = (opts.run_dir / "options.json").read_text()
+    for changed, flags in ((replace(opts, loss="focal"), ["--loss 'ce' (now 'focal')"]),
+                           (replace(opts, val_fraction=0.05, epochs=3), ["--val-fraction 0.15 (now 0.05)", "--epochs 20 (now 3)"])):
+        with pytest.raises(RunSettingsError, match="was started with other settings") as info:
+            run(changed, progress=lambda m: None)
+        assert all(flag in str(info.value) for flag in flags), str(info.value)
+        assert (opts.run_dir / "options.json").read_text() == recorded  # the record of the finished stages stays
+    # Settings that only steer the run may change; --fresh (resume=False) starts over with the new ones.
+    run(replace(opts, stop_after="saliency", command="other", test_time_views=2), progress=lambda m: None)
+    run(replace(opts, loss="focal", resume=False), progress=lambda m: None)
+    assert '"loss": "focal"' in (opts.run_dir / "options.json").read_text()
+    # An older run's options.json without a newer setting counts as that setting's default.
+    (opts.run_dir / "options.json").write_text(recorded.replace('  "loss": "ce",\n', ""))
+    run(opts, progress=lambda m: None)

@@ -75,3 +75,13 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(run_dir), *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     assert not run_dir.exists()  # refused before a stage wrote anything
+
+
+def test_train_resumed_with_other_settings_is_a_one_line_error(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=40, seed=2)
+    base = ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "run"), "--image-size", "32", "--stop-after", "split"]
+    first = runner.invoke(app, base)
+    assert first.exit_code == 0 and "finished stages: split" in first.output, first.output
+    again = runner.invoke(app, [*base, "--loss", "focal"])
+    assert again.exit_code == 2 and "was started with other settings: --loss 'ce' (now 'focal')" in again.output
+    assert "Traceback" not in again.output
