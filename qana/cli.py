@@ -64,7 +64,7 @@ def train(
     from qana.data import DataError
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
-    from qana.train import LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.train import CLASS_WEIGHTINGS, LOSSES, STAGES, RunSettingsError, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -85,8 +85,8 @@ def train(
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if not 0.02 <= val_fraction <= 0.5:
         raise fail(f"--val-fraction must be from 0.02 to 0.5 (validation picks checkpoints and heads), not {val_fraction}")
-    if class_weighting not in ("sqrt", "balanced", "none"):
-        raise fail(f"--class-weighting must be sqrt, balanced or none, not {class_weighting!r}")
+    if class_weighting not in CLASS_WEIGHTINGS:
+        raise fail(f"--class-weighting must be {', '.join(CLASS_WEIGHTINGS[:-1])} or {CLASS_WEIGHTINGS[-1]}, not {class_weighting!r}")
     if loss not in LOSSES:
         raise fail(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     if not 0.0 <= focal_gamma <= 10.0:

@@ -118,6 +118,9 @@ def set_seeds(seed: int) -> None:
     tf.random.set_seed(seed)
 
 
+CLASS_WEIGHTINGS = ("sqrt", "balanced", "none")  # backbone loss class weights (`sample_class_weights`)
+
+
 def sample_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
     """Per-class loss weights for backbone training ('sqrt' tempers 'balanced' for rare classes)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -129,7 +132,7 @@ def sample_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.
     elif mode == "sqrt":
         w = np.sqrt(counts.sum() / (num_classes * counts))
     else:
-        raise ValueError(f"unknown class weighting {mode!r}")
+        raise ValueError(f"unknown class weighting {mode!r} (use one of {', '.join(CLASS_WEIGHTINGS)})")
     return (w / w[labels].mean()).astype(np.float32)
 
 

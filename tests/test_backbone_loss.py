@@ -3,6 +3,7 @@ refusing to resume a run with other settings."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,6 @@ import pytest
 pytest.importorskip("tensorflow")
 
 import tf_keras as keras  # noqa: E402
-
-from dataclasses import replace  # noqa: E402
 
 from qana.train import RunSettingsError, TrainOptions, _fit, backbone_loss, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
