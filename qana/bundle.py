@@ -96,6 +96,25 @@ class Bundle:
 
         return head_from_npz(self.head_path.read_bytes())
 
+    def load_clinical_prior(self):  # -> qana.clinical.ClinicalPrior | None
+        """The bundle's clinical prior (age, sex, body site; qana.clinical), or None if it has
+        none or it was left out (like the Keras models, it is an optional extra)."""
+        entry = self.manifest.get("clinical_prior")
+        if not entry:
+            return None
+        path = self.path / str(entry.get("file", ""))
+        if not path.is_file():
+            return None
+        from qana.clinical import prior_from_npz
+
+        try:
+            prior = prior_from_npz(path.read_bytes())
+        except ValueError as exc:
+            raise BundleError(f"{path}: {exc}") from None
+        if prior.classes != self.classes:
+            raise BundleError(f"{path}: the clinical prior's classes {prior.classes} are not the bundle's {self.classes}")
+        return prior
+
 
 def write_bundle(
     path: Path | str,

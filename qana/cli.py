@@ -1,7 +1,7 @@
 """`qana`: train, evaluate and inspect QANA model bundles.
 
     qana train --data DIR --run-dir runs/v2 [--target v2|v1] [--weight-bits 8|4] ...
-    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE]
+    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE] [--no-clinical-prior]
     qana info [BUNDLE]
 """
 
@@ -48,13 +48,14 @@ def train(
     class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
     loss: Annotated[str, typer.Option(help="Backbone loss: ce (cross-entropy) | focal (focal loss; combine with --class-weighting none for focal alone).")] = "ce",
     focal_gamma: Annotated[float, typer.Option(help="With --loss focal: how strongly images already classified well are down-weighted (0 = cross-entropy).")] = 2.0,
+    clinical_prior: Annotated[str, typer.Option(help="Clinical prior from age, sex and body site (qana.clinical), added to the logits on the host: auto (fit it; its weight, 0 = off, is chosen on validation) | off.")] = "auto",
     head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = 0.15,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
-    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | float | quantized | akida | head (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
+    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | float | quantized | akida | head | clinical (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
     if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time
@@ -64,7 +65,8 @@ def train(
     from qana.data import DataError
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
-    from qana.train import CLASS_WEIGHTINGS, LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.clinical import ClinicalDataError
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, LOSSES, STAGES, RunSettingsError, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -91,6 +93,8 @@ def train(
         raise fail(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     if not 0.0 <= focal_gamma <= 10.0:
         raise fail(f"--focal-gamma must be from 0 to 10, not {focal_gamma}")
+    if clinical_prior not in CLINICAL_PRIOR_MODES:
+        raise fail(f"--clinical-prior must be {' or '.join(CLINICAL_PRIOR_MODES)}, not {clinical_prior!r}")
     if stop_after is not None and stop_after not in STAGES:
         raise fail(f"--stop-after must be one of {', '.join(STAGES)}, not {stop_after!r}")
     if target == "v1" and weight_bits != 4:
@@ -98,7 +102,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
     try:
@@ -113,11 +117,14 @@ def train(
         raise fail(f"--teacher: {exc}") from None
     except RunSettingsError as exc:
         raise fail(str(exc)) from None
+    except ClinicalDataError as exc:
+        raise fail(f"{exc} (fix the metadata, or train without the prior: --clinical-prior off)") from None
     if "bundle" not in infos:  # --stop-after: no bundle, so no test figures either
         typer.echo(f"finished stages: {', '.join(infos)} (in {run_dir})")
         return
     test = infos["bundle"]["metrics"]["test"]
-    typer.echo(json.dumps({k: test[k] for k in ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida")}, indent=2))
+    keys = ("float", "quantized", "akida_converted_head", "akida", "agreement_quantized_vs_akida", "float_with_clinical_prior", "akida_with_clinical_prior")
+    typer.echo(json.dumps({k: test[k] for k in keys if k in test}, indent=2))
     typer.echo(f"bundle: {infos['bundle']['bundle']}")
 
 
@@ -128,19 +135,24 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json).")] = None,
+    clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
 ) -> None:
     """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
     from qana.bundle import BundleError, load_bundle, load_default_bundle
+    from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
-    from qana.evaluate import evaluate_bundle, plot_confusion
+    from qana.evaluate import clinical_inputs, evaluate_bundle, plot_confusion
 
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
-        result = evaluate_bundle(bundle, dataset, backend)
+        _, _, prior_use = clinical_inputs(bundle, dataset, clinical_prior)
+        result = evaluate_bundle(bundle, dataset, backend, use_prior=clinical_prior)
+    except ClinicalDataError as exc:
+        raise fail(f"{exc} (fix the metadata, or score the images alone: --no-clinical-prior)") from None
     except (BundleError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}")
+    typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}; {prior_use}")
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
         typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
@@ -172,13 +184,17 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
     views = bundle.test_time_views
     typer.echo(f"views      {views} test-time view(s) per image" + (" (flips/turns, features averaged: qana.views)" if views > 1 else ""))
     typer.echo(f"bits       {json.dumps(m.get('bits', {}))}")
+    prior = m.get("clinical_prior")
+    if prior:
+        present = "" if (bundle.path / prior["file"]).is_file() else " (file not in this copy)"
+        typer.echo(f"clinical   prior from {', '.join(prior['inputs'])}, weight {prior['weight']:g}, in {prior['file']}{present}")
     for name, digest in m["files"].items():
         typer.echo(f"file       {name}  sha256 {digest}")
     training = m.get("training", {})
     if training:
         typer.echo(f"trained by {training.get('command', '?')}")
     test = m.get("metrics", {}).get("test", {})
-    for backend in ("float", "quantized", "akida"):
+    for backend in ("float", "quantized", "akida", "akida_with_clinical_prior"):
         if backend in test:
             r = test[backend]
             typer.echo(f"test {backend:9s} top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}  balanced_acc {r['balanced_accuracy']:.4f}  n {r['n']}")

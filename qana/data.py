@@ -26,6 +26,7 @@ from qana.classes import CLASS_NAMES
 
 METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
+CLINICAL_COLUMNS = ("age", "sex", "localization")  # optional; read for the clinical prior (qana.clinical)
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_CACHE_DIR = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana"))
 
@@ -42,6 +43,11 @@ class Record:
     lesion_id: str
     dx: str
     centre: str
+    # Clinical metadata as written (qana.clinical encodes and checks it); None when the file
+    # has no such column.
+    age: str | None = None
+    sex: str | None = None
+    site: str | None = None  # the `localization` column
 
 
 @dataclass
@@ -56,6 +62,11 @@ class Dataset:
     content_hashes: np.ndarray  # (N,) str, sha256 of the JPEG bytes
     class_names: tuple[str, ...] = CLASS_NAMES
     skipped: dict[str, str] = field(default_factory=dict)  # image_id -> reason
+    # Clinical metadata as written in the CSV (qana.clinical), aligned by index; None when the
+    # metadata file has no age/sex/localization columns.
+    ages: np.ndarray | None = None
+    sexes: np.ndarray | None = None
+    sites: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -71,7 +82,15 @@ class Dataset:
             content_hashes=self.content_hashes[index],
             class_names=self.class_names,
             skipped=dict(self.skipped),
+            ages=None if self.ages is None else self.ages[index],
+            sexes=None if self.sexes is None else self.sexes[index],
+            sites=None if self.sites is None else self.sites[index],
         )
+
+    @property
+    def has_clinical(self) -> bool:
+        """Whether the metadata carried age, sex and body site (the clinical prior's input)."""
+        return self.ages is not None and self.sexes is not None and self.sites is not None
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.class_names))
@@ -79,7 +98,12 @@ class Dataset:
 
 
 def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
-    """Parse the metadata CSV; raise DataError naming the line or column that is wrong."""
+    """Parse the metadata CSV; raise DataError naming the line or column that is wrong.
+
+    The clinical columns (age, sex, localization) are optional; their values are kept as written
+    and checked only where they are used (qana.clinical), so an odd body-site name never stops
+    image-only work.
+    """
     if not path.is_file():
         raise DataError(f"metadata file not found: {path} (expected {METADATA_FILE} in the data folder)")
     try:
@@ -91,6 +115,7 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
                 raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {header}")
             records = []
             seen: set[str] = set()
+            clinical = [c in header for c in CLINICAL_COLUMNS]
             for line_no, row in enumerate(reader, start=2):
                 image_id = (row.get("image_id") or "").strip()
                 lesion_id = (row.get("lesion_id") or "").strip()
@@ -102,7 +127,9 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
                 if image_id in seen:
                     raise DataError(f"{path}:{line_no}: image {image_id} is listed twice")
                 seen.add(image_id)
-                records.append(Record(image_id, lesion_id, dx, (row.get("dataset") or "unknown").strip() or "unknown"))
+                centre = (row.get("dataset") or "unknown").strip() or "unknown"
+                age, sex, site = ((row.get(c) or "").strip() if present else None for c, present in zip(CLINICAL_COLUMNS, clinical))
+                records.append(Record(image_id, lesion_id, dx, centre, age, sex, site))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from None
     except csv.Error as exc:
@@ -231,6 +258,7 @@ def load_dataset(
     if not kept:
         raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read")
     index = {name: i for i, name in enumerate(class_names)}
+    has_clinical = all(r.age is not None and r.sex is not None and r.site is not None for r in kept)
     return Dataset(
         images=np.stack([arrays[r.image_id] for r in kept]),
         labels=np.array([index[r.dx] for r in kept], dtype=np.int64),
@@ -240,6 +268,9 @@ def load_dataset(
         content_hashes=np.array([hashes[r.image_id] for r in kept]),
         class_names=class_names,
         skipped=skipped,
+        ages=np.array([r.age for r in kept]) if has_clinical else None,
+        sexes=np.array([r.sex for r in kept]) if has_clinical else None,
+        sites=np.array([r.site for r in kept]) if has_clinical else None,
     )
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from qana import clinical
 from qana.bundle import Bundle
+from qana.clinical import ClinicalPrior
 from qana.data import Dataset
 from qana.metrics import classification_metrics
 from qana.views import keras_logits
@@ -15,12 +17,12 @@ from qana.views import keras_logits
 BACKENDS = ("akida", "quantized", "float")
 
 
-def predict_bundle(bundle: Bundle, images: np.ndarray, backend: str = "akida") -> np.ndarray:
-    """Class indices for uint8 images with the chosen backend."""
+def bundle_logits(bundle: Bundle, images: np.ndarray, backend: str = "akida") -> np.ndarray:
+    """Image logits (N, C) for uint8 images with the chosen backend (no clinical prior)."""
     if backend == "akida":
         from qana.runtime import AkidaRuntime
 
-        return AkidaRuntime(bundle, device="auto").logits(images).argmax(1)
+        return AkidaRuntime(bundle, device="auto").logits(images)
     if backend in ("quantized", "float"):
         path = bundle.path / f"{backend}.h5"
         if not path.is_file():
@@ -33,17 +35,36 @@ def predict_bundle(bundle: Bundle, images: np.ndarray, backend: str = "akida") -
             from quantizeml import load_model
 
             model = load_model(str(path), compile_model=False)
-        return keras_logits(model, images, bundle.test_time_views).argmax(1)
+        return keras_logits(model, images, bundle.test_time_views)
     raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def evaluate_bundle(bundle: Bundle, dataset: Dataset, backend: str = "akida") -> dict[str, Any]:
+def clinical_inputs(bundle: Bundle, dataset: Dataset, use_prior: bool = True) -> tuple[ClinicalPrior | None, np.ndarray | None, str]:
+    """The bundle's clinical prior and the dataset's encoded metadata, if both exist and are
+    wanted, with a sentence saying what is used (printed by `qana evaluate`)."""
+    prior = bundle.load_clinical_prior()
+    if prior is None:
+        return None, None, "clinical prior: none in this bundle (images only)"
+    if not use_prior:
+        return None, None, "clinical prior: off (--no-clinical-prior; images only)"
+    if not dataset.has_clinical:
+        return None, None, "clinical prior: not used, the metadata has no age/sex/localization columns (images only)"
+    encoded = clinical.encode_dataset(dataset)
+    return prior, encoded, f"clinical prior: used (age, sex, body site; weight {prior.weight:g})"
+
+
+def evaluate_bundle(bundle: Bundle, dataset: Dataset, backend: str = "akida", use_prior: bool = True) -> dict[str, Any]:
     """The metrics JSON of `qana evaluate` (keys: top1, macro_f1, balanced_accuracy, per_class,
-    confusion, n, backend)."""
+    confusion, n, backend).
+
+    With the bundle's clinical prior when it has one and the data has age/sex/localization
+    (`use_prior=False` scores the images alone); `clinical_inputs` says which.
+    """
     if tuple(dataset.class_names) != bundle.classes[: len(dataset.class_names)]:
         raise ValueError(f"dataset classes {dataset.class_names} do not match the bundle's {bundle.classes}")
-    pred = predict_bundle(bundle, dataset.images, backend)
-    result = classification_metrics(dataset.labels, pred, bundle.classes)
+    prior, encoded, _ = clinical_inputs(bundle, dataset, use_prior)  # before the slow part: bad metadata fails at once
+    logits = clinical.adjust(prior, bundle_logits(bundle, dataset.images, backend), encoded)
+    result = classification_metrics(dataset.labels, logits.argmax(1), bundle.classes)
     result["backend"] = backend
     return result
 

@@ -22,19 +22,20 @@ from typing import Any
 
 import numpy as np
 
+from qana import clinical
 from qana import head as head_math
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
-from qana.data import DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
+from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
 from qana.metrics import classification_metrics
 from qana.model import ModelSpec
 from qana.splits import train_val_test
 from qana.views import check_view_count, keras_logits
 
 log = logging.getLogger("qana.train")
-STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "bundle")
-VIEW_STAGES = ("head", "bundle")  # stages whose output depends on the number of test-time views
+STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "clinical", "bundle")
+VIEW_STAGES = ("head", "clinical", "bundle")  # stages whose output depends on the number of test-time views
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainOptions:
     loss: str = "ce"  # backbone loss: "ce" (cross-entropy) | "focal" (focal loss, `focal_gamma`)
     focal_gamma: float = 2.0
     head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
+    clinical_prior: str = "auto"  # "auto" (fit, weight chosen on validation; 0 = off) | "off" (qana.clinical)
     image_size: int = 64
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     limit: int = 0  # use only this many images (tests / smoke runs); 0 = all
@@ -646,7 +648,8 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
     """
     out: dict[str, Any] = {}
 
-    float_pred = keras_logits(load_float(opts), part.images, opts.test_time_views).argmax(1)
+    float_logits = keras_logits(load_float(opts), part.images, opts.test_time_views)
+    float_pred = float_logits.argmax(1)
     q_pred = keras_logits(load_quantized(opts), part.images, opts.test_time_views).argmax(1)
     feats = akida_features(opts, part)
     conv_logits = akida_head_logits(opts.run_dir / "akida" / "model.fbz", feats)
@@ -670,7 +673,49 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
         out[name] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy", "n")}
     out["agreement_quantized_vs_akida"] = float((q_pred == conv_logits.argmax(1)).mean())
     out["akida_full"] = classification_metrics(part.labels, final_logits.argmax(1), CLASS_NAMES)
+    prior = load_prior(opts)
+    if prior is not None:  # the same models plus the clinical prior on the host (qana.clinical)
+        encoded = clinical.encode_dataset(part)
+        for name, logits in (("float", float_logits), ("akida", final_logits)):
+            m = classification_metrics(part.labels, clinical.adjust(prior, logits, encoded).argmax(1), CLASS_NAMES)
+            out[f"{name}_with_clinical_prior"] = {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy", "n")}
     return out
+
+
+CLINICAL_PRIOR_MODES = ("auto", "off")
+
+
+def _selection_score(labels: np.ndarray, predictions: np.ndarray) -> float:
+    """Validation score every choice in this pipeline uses (head, clinical prior): top-1 + macro-F1."""
+    m = classification_metrics(labels, predictions, CLASS_NAMES)
+    return float(m["top1"] + m["macro_f1"])
+
+
+def stage_clinical(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
+    """Fit the clinical prior (age, sex, body site; qana.clinical) on the training part and
+    choose its weight on validation with the final head's Akida logits.
+
+    The prior is written to final/clinical.npz only if validation chose a weight above 0;
+    every candidate weight's score is recorded (the prior's ablation).
+    """
+    path = opts.run_dir / "final" / clinical.PRIOR_FILE
+    path.unlink(missing_ok=True)
+    if opts.clinical_prior == "off":
+        return {"used": False, "reason": "--clinical-prior off"}
+    e_train, e_val = clinical.encode_dataset(train), clinical.encode_dataset(val)
+    if e_train is None or e_val is None:
+        return {"used": False, "reason": f"the metadata has no {', '.join(CLINICAL_COLUMNS)} columns"}
+    prior = clinical.fit_prior(e_train, train.labels, CLASS_NAMES, seed=opts.seed)
+    val_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", akida_features(opts, val))
+    prior, scores = clinical.choose_weight(prior, val_logits, e_val, val.labels, _selection_score)
+    if prior.weight > 0:
+        path.write_bytes(clinical.prior_to_npz(prior))
+    return {"used": prior.weight > 0, "weight": prior.weight, "validation_top1_plus_macro_f1": scores}
+
+
+def load_prior(opts: TrainOptions) -> clinical.ClinicalPrior | None:
+    path = opts.run_dir / "final" / clinical.PRIOR_FILE
+    return clinical.prior_from_npz(path.read_bytes()) if path.is_file() else None
 
 
 def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test: Dataset) -> dict:
@@ -709,6 +754,16 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
     }
     out = opts.bundle_out or (opts.run_dir / "bundle")
     extras = {"float.h5": opts.run_dir / "float.h5", "quantized.h5": opts.run_dir / "quantized.h5"}
+    prior = load_prior(opts)
+    if prior is not None:
+        extras[clinical.PRIOR_FILE] = opts.run_dir / "final" / clinical.PRIOR_FILE
+        manifest["clinical_prior"] = {
+            "file": clinical.PRIOR_FILE,
+            "weight": prior.weight,
+            "inputs": list(CLINICAL_COLUMNS),
+            "features": list(clinical.FEATURE_NAMES),
+            "how": "logits + weight * (log p(class | metadata) - log p(class)), on the host (qana.clinical)",
+        }
     bundle = write_bundle(out, opts.run_dir / "final" / "model.fbz", (opts.run_dir / "final" / "head.npz").read_bytes(), manifest, extras)
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "metrics": metrics}
 
@@ -789,6 +844,8 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
                 info = stage_akida(opts)
             elif stage == "head":
                 info = stage_head(opts, train, val)
+            elif stage == "clinical":
+                info = stage_clinical(opts, train, val)
             else:
                 info = stage_bundle(opts, infos, val, test)
         if stage in VIEW_STAGES:

@@ -91,11 +91,17 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
     quantized = infos["quantized"]
     assert quantized["kept"] in ("fine-tuned", "calibrated")
     assert {"val_float", "val_calibrated", "val_fine_tuned"} <= set(quantized)
+    # The synthetic metadata's body site names the class, so validation keeps the clinical prior
+    # and the bundle carries it, with figures beside the images-only ones.
+    assert set(infos["clinical"]["validation_top1_plus_macro_f1"]) == {"0", "0.25", "0.5", "0.75", "1", "1.25", "1.5"}
+    assert infos["clinical"]["used"] and infos["clinical"]["weight"] > 0
+    assert bundle.load_clinical_prior().weight == infos["clinical"]["weight"]
+    assert test["akida_with_clinical_prior"]["top1"] >= test["akida"]["top1"]
     # Resuming finds every stage done and changes nothing.
     before = (opts.run_dir / "float.json").read_text()
     messages: list[str] = []
     run(opts, progress=messages.append)
-    assert sum("already finished" in m for m in messages) == 7
+    assert sum("already finished" in m for m in messages) == 8
     assert (opts.run_dir / "float.json").read_text() == before
     assert json.loads((opts.run_dir / "split.json").read_text())["n_images"] == 140
     # Asking for test-time views redoes only the stages that depend on them.
@@ -113,7 +119,7 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
     messages.clear()
     monkeypatch.setattr(qana.train, "MEASURABLE", 2.0)  # no retrained head can win: the converted one is kept
     kept = run(replace(opts, test_time_views=2), progress=messages.append)
-    assert [m for m in messages if m.endswith("running ...")] == ["[head] running ...", "[bundle] running ..."]
+    assert [m for m in messages if m.endswith("running ...")] == ["[head] running ...", "[clinical] running ...", "[bundle] running ..."]
     # The converted head is kept exactly as cnn2snn wrote it (per-class output scales), not
     # re-quantized per tensor, and the bundle's Akida figures are the converted head's.
     assert kept["head"]["chosen"] == "converted"
