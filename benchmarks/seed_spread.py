@@ -5,7 +5,8 @@
 The seed chooses the lesion-grouped split *and* the training randomness, so runs that differ
 only in `--seed` show how far one split's figures can be trusted: a gap between two models
 smaller than this spread is not evidence. Reads what each run's bundle stage recorded
-(`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models) and
+(`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models, and
+of the Akida model with the clinical prior when every run has that) and
 prints each run, then the mean and sample standard deviation over runs. Warns when the runs
 differ in anything but the seed.
 """
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 MODELS = ("float", "quantized", "akida")
+# Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
+OPTIONAL_MODELS = {"akida_with_clinical_prior": "akida+prior"}
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
 IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data"}
 
@@ -44,13 +47,15 @@ def main() -> None:
         if differs:
             print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
 
-    header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{m + ' top-1/mF1/bal':>26}" for m in MODELS)
+    models = MODELS + tuple(m for m in OPTIONAL_MODELS if all(m in metrics["test"] for _, _, metrics in runs))
+    names = {m: OPTIONAL_MODELS.get(m, m) for m in models}
+    header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{names[m] + ' top-1/mF1/bal':>26}" for m in models)
     print(header)
     values: dict[tuple[str, str, str], list[float]] = {}
     for run, options, metrics in runs:
         for part in ("val", "test"):
             cells = []
-            for model in MODELS:
+            for model in models:
                 m = metrics[part][model]
                 cells.append(f"{'/'.join(f'{m[k]:.3f}' for k in METRICS):>26}")
                 for k in METRICS:
@@ -61,10 +66,10 @@ def main() -> None:
     print(f"\nmean ± sample sd over {len(runs)} runs")
     for part in ("val", "test"):
         cells = []
-        for model in MODELS:
+        for model in models:
             parts = [values[(part, model, k)] for k in METRICS]
             cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
-        print(f"{part:<5} " + "  ".join(f"{model}: {cell}" for model, cell in zip(MODELS, cells, strict=True)))
+        print(f"{part:<5} " + "  ".join(f"{names[model]}: {cell}" for model, cell in zip(models, cells, strict=True)))
 
 
 if __name__ == "__main__":

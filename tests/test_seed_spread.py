@@ -8,12 +8,15 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread.py"
 
 
-def _run_dir(root: Path, name: str, seed: int, top1: float, width: int = 32) -> Path:
+def _run_dir(root: Path, name: str, seed: int, top1: float, width: int = 32, prior: float | None = None) -> Path:
     run = root / name
     run.mkdir()
     (run / "options.json").write_text(json.dumps({"seed": seed, "width": width, "run_dir": str(run)}))
     m = {"top1": top1, "macro_f1": top1 - 0.2, "balanced_accuracy": top1 - 0.25}
-    (run / "bundle.json").write_text(json.dumps({"metrics": {part: {k: m for k in ("float", "quantized", "akida")} for part in ("val", "test")}}))
+    models = {k: m for k in ("float", "quantized", "akida")}
+    if prior is not None:
+        models["akida_with_clinical_prior"] = {"top1": prior, "macro_f1": prior - 0.1, "balanced_accuracy": prior - 0.1}
+    (run / "bundle.json").write_text(json.dumps({"metrics": {part: models for part in ("val", "test")}}))
     return run
 
 
@@ -35,3 +38,11 @@ def test_other_options_are_flagged_and_unfinished_runs_refused(tmp_path: Path) -
     unfinished.mkdir()
     done = _spread(unfinished)
     assert done.returncode != 0 and "bundle.json not found" in done.stderr
+
+
+def test_clinical_prior_column_only_when_every_run_has_it(tmp_path: Path) -> None:
+    both = _spread(_run_dir(tmp_path, "a", 0, 0.70, prior=0.72), _run_dir(tmp_path, "b", 1, 0.80, prior=0.82))
+    assert both.returncode == 0, both.stderr
+    assert "akida+prior:    0.770±0.071/0.670±0.071/0.670±0.071" in both.stdout
+    one = _spread(_run_dir(tmp_path, "c", 0, 0.70, prior=0.72), _run_dir(tmp_path, "d", 1, 0.80))
+    assert one.returncode == 0 and "akida+prior" not in one.stdout
