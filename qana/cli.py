@@ -194,10 +194,10 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
     if training:
         typer.echo(f"trained by {training.get('command', '?')}")
     test = m.get("metrics", {}).get("test", {})
-    for backend in ("float", "quantized", "akida", "akida_with_clinical_prior"):
+    for backend, label in (("float", "float"), ("quantized", "quantized"), ("akida", "akida"), ("akida_with_clinical_prior", "akida+clinical prior")):
         if backend in test:
             r = test[backend]
-            typer.echo(f"test {backend:9s} top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}  balanced_acc {r['balanced_accuracy']:.4f}  n {r['n']}")
+            typer.echo(f"test {label:9s} top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}  balanced_acc {r['balanced_accuracy']:.4f}  n {r['n']}")
     typer.echo("verified: every file matches its recorded sha256")
 
 

@@ -177,3 +177,13 @@ def test_evaluate_uses_the_prior_only_when_asked_and_possible(prior_bundle: Path
     result = runner.invoke(app, ["evaluate", "--data", str(ham.root), "--model", str(prior_bundle)])
     assert result.exit_code == 2 and "'elbow'" in result.output and "--no-clinical-prior" in result.output
     assert "Traceback" not in result.output
+
+
+def test_info_names_the_prior_and_whether_this_copy_has_it(prior_bundle: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["info", str(prior_bundle)])
+    assert result.exit_code == 0, result.output
+    assert "clinical   prior from age, sex, localization, weight 10000, in clinical.npz\n" in result.output
+    copy = Path(shutil.copytree(prior_bundle, tmp_path / "copy"))
+    (copy / clinical.PRIOR_FILE).unlink()
+    assert "in clinical.npz (file not in this copy)" in runner.invoke(app, ["info", str(copy)]).output
