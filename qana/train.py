@@ -139,6 +139,7 @@ def sample_class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.
 
 
 LOSSES = ("ce", "focal")
+CLINICAL_PRIOR_MODES = ("auto", "off")  # `--clinical-prior` (stage_clinical)
 
 
 def backbone_loss(opts: TrainOptions, soft_targets: bool):
@@ -682,11 +683,8 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
     return out
 
 
-CLINICAL_PRIOR_MODES = ("auto", "off")
-
-
 def _selection_score(labels: np.ndarray, predictions: np.ndarray) -> float:
-    """Validation score every choice in this pipeline uses (head, clinical prior): top-1 + macro-F1."""
+    """Validation top-1 + macro-F1: the score the head stage ranks its candidates by, reused for the prior's weight."""
     m = classification_metrics(labels, predictions, CLASS_NAMES)
     return float(m["top1"] + m["macro_f1"])
 
@@ -705,6 +703,9 @@ def stage_clinical(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     e_train, e_val = clinical.encode_dataset(train), clinical.encode_dataset(val)
     if e_train is None or e_val is None:
         return {"used": False, "reason": f"the metadata has no {', '.join(CLINICAL_COLUMNS)} columns"}
+    absent = [c for c, n in zip(CLASS_NAMES, np.bincount(train.labels, minlength=len(CLASS_NAMES))) if n == 0]
+    if absent:  # e.g. a --limit smoke run: p(class | metadata) cannot be estimated for them
+        return {"used": False, "reason": f"no training images of {', '.join(absent)}"}
     prior = clinical.fit_prior(e_train, train.labels, CLASS_NAMES, seed=opts.seed)
     val_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", akida_features(opts, val))
     prior, scores = clinical.choose_weight(prior, val_logits, e_val, val.labels, _selection_score)

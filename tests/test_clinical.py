@@ -187,3 +187,23 @@ def test_info_names_the_prior_and_whether_this_copy_has_it(prior_bundle: Path, t
     copy = Path(shutil.copytree(prior_bundle, tmp_path / "copy"))
     (copy / clinical.PRIOR_FILE).unlink()
     assert "in clinical.npz (file not in this copy)" in runner.invoke(app, ["info", str(copy)]).output
+
+
+def test_the_clinical_stage_steps_aside_when_it_cannot_or_should_not_fit(tmp_path: Path) -> None:
+    from qana.train import TrainOptions, stage_clinical
+
+    ham = make_synthetic_ham(tmp_path / "ham", n_images=40, image_size=40, seed=5)
+    ds = load_dataset(ham.root, size=32, cache_dir=None)
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    stale = run / "final" / clinical.PRIOR_FILE
+    opts = TrainOptions(data=ham.root, run_dir=run, cache_dir=None, clinical_prior="off")
+    stale.write_bytes(b"an old prior")
+    assert stage_clinical(opts, ds, ds) == {"used": False, "reason": "--clinical-prior off"}
+    assert not stale.exists()  # a prior from an earlier run of this stage is not carried into the bundle
+    opts.clinical_prior = "auto"
+    only_some = ds.subset(np.flatnonzero(ds.labels < 3))
+    assert stage_clinical(opts, only_some, ds)["reason"] == "no training images of df, mel, nv, vasc"
+    bare = ds.subset(np.arange(len(ds)))
+    bare.ages = bare.sexes = bare.sites = None
+    assert stage_clinical(opts, bare, bare)["reason"] == "the metadata has no age, sex, localization columns"
