@@ -6,7 +6,9 @@ on validation and test. Used for the ablations in the README (e.g. attention vs 
 
 `--views N` averages each model's logits over N flips/turns of every image (qana.views), as a
 bundle with `test_time_views` does; `--ensemble` adds the float models' mean class probabilities
-(what `qana train --teacher` distils).
+(what `qana train --teacher` distils); `--clinical-prior` adds each float model with the clinical
+prior (qana.clinical), fitted on that run's training part and weighted on its validation part by
+the same rule as `qana train`'s clinical stage.
 
 All runs must have been made on the same data with the same seed (the script checks that their
 splits are identical), so differences come from the model, not from the images.
@@ -32,13 +34,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="test-time views per image")
     parser.add_argument("--ensemble", action="store_true", help="also score the mean probabilities of all runs' float models")
+    parser.add_argument("--clinical-prior", action="store_true", help="also score each float model with the clinical prior (age, sex, body site)")
     args = parser.parse_args()
 
+    from qana import clinical
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
     from qana.head import softmax
     from qana.metrics import classification_metrics
-    from qana.train import TrainOptions, load_float, load_quantized, load_split
+    from qana.train import TrainOptions, selection_score, load_float, load_quantized, load_split
     from qana.views import keras_logits
 
     def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:
@@ -59,7 +63,7 @@ def main() -> None:
         elif not np.array_equal(reference, test):
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
         opts = TrainOptions(data=args.data, run_dir=run, image_size=options["image_size"])
-        _, val, test_part = load_split(opts, dataset)
+        train, val, test_part = load_split(opts, dataset)
         described = f"{options['target']} w{options['width']} {options['weight_bits']}b att={options['attention']} ep={options['epochs']}"
         if options.get("blocks", 1) != 1 or options.get("zoom", 0.0):
             described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
@@ -75,6 +79,7 @@ def main() -> None:
             described += f" distil({len(options['teachers'])})"
         if args.views > 1:
             described += f" views={args.views}"
+        float_logits: dict[str, np.ndarray] = {}
         for part_name, part in (("val", val), ("test", test_part)):
             labels[part_name] = part.labels
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
@@ -83,7 +88,15 @@ def main() -> None:
                 logits = keras_logits(loader(opts), part.images, args.views)
                 if model_name == "float":
                     ensemble[part_name].append(softmax(logits))
+                    float_logits[part_name] = logits
                 row(str(run), described, part_name, model_name, part.labels, logits.argmax(1))
+        if args.clinical_prior and float_logits:
+            encoded = {"val": clinical.encode_dataset(val), "test": clinical.encode_dataset(test_part)}
+            prior = clinical.fit_prior(clinical.encode_dataset(train), train.labels, CLASS_NAMES, seed=options["seed"])
+            prior, _ = clinical.choose_weight(prior, float_logits["val"], encoded["val"], val.labels, selection_score)
+            for part_name, part in (("val", val), ("test", test_part)):
+                adjusted = clinical.adjust(prior, float_logits[part_name], encoded[part_name])
+                row(str(run), f"{described} prior w={prior.weight:g}", part_name, "float+pri", part.labels, adjusted.argmax(1))
     if args.ensemble:
         for part_name, probs in ensemble.items():
             described = f"mean probabilities of {len(probs)} runs" + (f" views={args.views}" if args.views > 1 else "")

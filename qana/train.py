@@ -683,7 +683,7 @@ def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
     return out
 
 
-def _selection_score(labels: np.ndarray, predictions: np.ndarray) -> float:
+def selection_score(labels: np.ndarray, predictions: np.ndarray) -> float:
     """Validation top-1 + macro-F1: the score the head stage ranks its candidates by, reused for the prior's weight."""
     m = classification_metrics(labels, predictions, CLASS_NAMES)
     return float(m["top1"] + m["macro_f1"])
@@ -708,7 +708,7 @@ def stage_clinical(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         return {"used": False, "reason": f"no training images of {', '.join(absent)}"}
     prior = clinical.fit_prior(e_train, train.labels, CLASS_NAMES, seed=opts.seed)
     val_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", akida_features(opts, val))
-    prior, scores = clinical.choose_weight(prior, val_logits, e_val, val.labels, _selection_score)
+    prior, scores = clinical.choose_weight(prior, val_logits, e_val, val.labels, selection_score)
     if prior.weight > 0:
         path.write_bytes(clinical.prior_to_npz(prior))
     return {"used": prior.weight > 0, "weight": prior.weight, "validation_top1_plus_macro_f1": scores}
