@@ -71,6 +71,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--loss", "hinge"], "--loss must be one of ce, focal"),
         (["--loss", "focal", "--focal-gamma", "-1"], "--focal-gamma must be from 0 to 10"),
         (["--stop-after", "floats"], "--stop-after must be one of split, saliency, float"),
+        (["--clinical-prior", "on"], "--clinical-prior must be auto or off, not 'on'"),
     ):
         result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(run_dir), *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
