@@ -19,7 +19,7 @@ Akida), every head a federation produces, and both chip targets: the backbone an
 the chip are untouched, the addition is 7 numbers per image on the host.
 
 The encoding is fixed and documented so that any clinic can produce it: age in bands, sex, and
-HAM10000's fifteen body sites, each with an explicit "unknown". Values outside that vocabulary
+HAM10000's fourteen body sites, each field with an explicit "unknown". Values outside that vocabulary
 are an error naming the image and the value, never silently read as "unknown".
 """
 
