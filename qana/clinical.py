@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qana import head as head_math
+from qana.data import CLINICAL_COLUMNS
 
 if TYPE_CHECKING:
     from qana.data import Dataset
@@ -141,24 +142,38 @@ class ClinicalPrior:
         return self.model.classes
 
 
+def classes_without_examples(labels: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """Classes with no row in `labels`: p(class | metadata) cannot be estimated for them."""
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(classes))
+    return [c for c, k in zip(classes, counts) if k == 0]
+
+
 def fit_prior(encoded: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int = 0) -> ClinicalPrior:
     """Fit the metadata model on training rows (unweighted: it must estimate p(class | metadata)).
 
     The returned prior has weight 1; `choose_weight` sets it from validation.
     """
+    absent = classes_without_examples(labels, classes)
+    if absent:
+        raise ValueError(f"the clinical prior needs training images of every class; none of {', '.join(absent)}")
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=len(classes)).astype(np.float64)
-    if (counts == 0).any():
-        absent = [c for c, k in zip(classes, counts) if k == 0]
-        raise ValueError(f"the clinical prior needs training images of every class; none of {', '.join(absent)}")
-    start = head_math.Head(
-        np.zeros((len(FEATURE_NAMES), len(classes)), np.float32),
-        np.log(counts / counts.sum()).astype(np.float32),
-        tuple(classes),
-    )
+    log_frequency = np.log(counts / counts.sum())
+    start = head_math.Head(np.zeros((len(FEATURE_NAMES), len(classes)), np.float32), log_frequency.astype(np.float32), tuple(classes))
     config = head_math.TrainConfig(epochs=30, learning_rate=0.01, l2=1e-3, class_weighting="none", seed=seed)
     model = head_math.train_head(start, encoded, labels, config)
-    return ClinicalPrior(model, np.log(counts / counts.sum()), 1.0)
+    return ClinicalPrior(model, log_frequency, 1.0)
+
+
+def manifest_entry(prior: ClinicalPrior) -> dict:
+    """What a bundle's `bundle.json` records about its prior (`Bundle.load_clinical_prior` reads `file`)."""
+    return {
+        "file": PRIOR_FILE,
+        "weight": prior.weight,
+        "inputs": list(CLINICAL_COLUMNS),
+        "features": list(FEATURE_NAMES),
+        "how": "logits + weight * (log p(class | metadata) - log p(class)), on the host (qana.clinical)",
+    }
 
 
 def log_odds(prior: ClinicalPrior, encoded: np.ndarray) -> np.ndarray:

@@ -703,7 +703,7 @@ def stage_clinical(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     e_train, e_val = clinical.encode_dataset(train), clinical.encode_dataset(val)
     if e_train is None or e_val is None:
         return {"used": False, "reason": f"the metadata has no {', '.join(CLINICAL_COLUMNS)} columns"}
-    absent = [c for c, n in zip(CLASS_NAMES, np.bincount(train.labels, minlength=len(CLASS_NAMES))) if n == 0]
+    absent = clinical.classes_without_examples(train.labels, CLASS_NAMES)
     if absent:  # e.g. a --limit smoke run: p(class | metadata) cannot be estimated for them
         return {"used": False, "reason": f"no training images of {', '.join(absent)}"}
     prior = clinical.fit_prior(e_train, train.labels, CLASS_NAMES, seed=opts.seed)
@@ -758,13 +758,7 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
     prior = load_prior(opts)
     if prior is not None:
         extras[clinical.PRIOR_FILE] = opts.run_dir / "final" / clinical.PRIOR_FILE
-        manifest["clinical_prior"] = {
-            "file": clinical.PRIOR_FILE,
-            "weight": prior.weight,
-            "inputs": list(CLINICAL_COLUMNS),
-            "features": list(clinical.FEATURE_NAMES),
-            "how": "logits + weight * (log p(class | metadata) - log p(class)), on the host (qana.clinical)",
-        }
+        manifest["clinical_prior"] = clinical.manifest_entry(prior)
     bundle = write_bundle(out, opts.run_dir / "final" / "model.fbz", (opts.run_dir / "final" / "head.npz").read_bytes(), manifest, extras)
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "metrics": metrics}
 

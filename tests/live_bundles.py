@@ -44,12 +44,12 @@ def with_test_time_views(src_path: Path, dest: Path, views: int) -> Path:
 def with_clinical_prior(src_path: Path, dest: Path, prior) -> Path:
     """A copy of a bundle carrying `prior` (qana.clinical.ClinicalPrior) as its clinical.npz."""
     from qana.bundle import load_bundle, write_bundle
-    from qana.clinical import FEATURE_NAMES, PRIOR_FILE, prior_to_npz
+    from qana.clinical import PRIOR_FILE, manifest_entry, prior_to_npz
 
     src = load_bundle(src_path)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / PRIOR_FILE).write_bytes(prior_to_npz(prior))
     manifest = {k: v for k, v in src.manifest.items() if k not in ("files", "format_version")}
-    manifest["clinical_prior"] = {"file": PRIOR_FILE, "weight": prior.weight, "inputs": ["age", "sex", "localization"], "features": list(FEATURE_NAMES)}
+    manifest["clinical_prior"] = manifest_entry(prior)
     extras = {PRIOR_FILE: dest / PRIOR_FILE}
     return write_bundle(dest / "bundle", src.model_path, src.head_path.read_bytes(), json.loads(json.dumps(manifest)), extras).path
