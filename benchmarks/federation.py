@@ -111,6 +111,12 @@ def run_federation(bundle_dir: Path, n_clinics: int, rounds: int, images: int, w
     for e in up:
         if e["round"] >= 1:
             by_type.setdefault(e["message_type"], []).append(int(e["wire_bytes"]))
+    missing = [t for t in (P.MSG_TRAIN, P.MSG_EVALUATE) if t not in by_type]
+    if missing:
+        sys.exit(
+            f"error: with {n_clinics} clinics of {images} synthetic images each, no clinic sent a reply of type {' or '.join(missing)} "
+            "(too few lesions to train or to hold out test images): raise --images (the default, 40, works)"
+        )
     one_off = {t: int(np.mean([e["wire_bytes"] for e in up if e["message_type"] == t])) for t in (P.MSG_HELLO, P.MSG_DEPLOY)}
     rounds_out = [
         {
@@ -158,8 +164,9 @@ def main() -> None:
     head = bundle.load_head()
     spec = P.HeadSpec.from_head(head, bundle.target)
     whole_model = message_bytes(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY)
-    sizes = [encoded_sizes(head.num_features, head.classes, bundle.target, bundle.bundle_id)]
-    sizes += [encoded_sizes(int(d), head.classes, bundle.target, bundle.bundle_id) for d in args.feature_dims.split(",") if d]
+    # The bundle's own head size first, then the other sizes asked for (each once).
+    dims = dict.fromkeys([head.num_features] + [int(d) for d in args.feature_dims.split(",") if d])
+    sizes = [encoded_sizes(d, head.classes, bundle.target, bundle.bundle_id) for d in dims]
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_federation(args.bundle, int(n), args.rounds, args.images, Path(tmp)) for n in args.clinics.split(",")]
