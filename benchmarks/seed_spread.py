@@ -7,8 +7,9 @@ only in `--seed` show how far one split's figures can be trusted: a gap between 
 smaller than this spread is not evidence. Reads what each run's bundle stage recorded
 (`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models, and
 of the Akida model with the clinical prior when every run has that) and
-prints each run, then the mean and sample standard deviation over runs. Warns when the runs
-differ in anything but the seed.
+prints each run, whether its chip stays within the 1-point fidelity bar of its float model on
+test (images only, and with the prior when recorded), then the mean and sample standard
+deviation over runs. Warns when the runs differ in anything but the seed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qana.metrics import FAITHFUL, shortfall  # noqa: E402  (numpy only: no TensorFlow)
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
@@ -61,6 +66,7 @@ def main() -> None:
                 for k in METRICS:
                     values.setdefault((part, model, k), []).append(float(m[k]))
             print(f"{run.name:<22} {options.get('seed', '?'):>4} {part:<5} " + " ".join(cells))
+    print_fidelity(runs)
     if len(runs) < 2:
         return
     print(f"\nmean ± sample sd over {len(runs)} runs")
@@ -70,6 +76,25 @@ def main() -> None:
             parts = [values[(part, model, k)] for k in METRICS]
             cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
         print(f"{part:<5} " + "  ".join(f"{names[model]}: {cell}" for model, cell in zip(models, cells, strict=True)))
+
+
+# (chip, reference) pairs for the issue's fidelity bar; the second only when a run recorded both.
+FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida_with_clinical_prior", "float_with_clinical_prior", "with the prior"))
+
+
+def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:
+    """Akida minus float on each run's test part, and whether the chip falls more than the
+    1-point bar (qana.metrics.FAITHFUL) below float: a recipe is only as faithful as its worst split."""
+    print(f"\nAkida minus float on test, points of top-1 / macro-F1 (bar: not more than {FAITHFUL * 100:.0f} below)")
+    for run, _, metrics in runs:
+        cells = []
+        for chip, reference, label in FIDELITY_PAIRS:
+            if chip not in metrics["test"] or reference not in metrics["test"]:
+                continue
+            a, f = metrics["test"][chip], metrics["test"][reference]
+            verdict = "outside the bar" if shortfall(f, a) > FAITHFUL else "ok"
+            cells.append(f"{label} {100 * (a['top1'] - f['top1']):+.1f} / {100 * (a['macro_f1'] - f['macro_f1']):+.1f} ({verdict})")
+        print(f"{run.name:<22} " + "; ".join(cells))
 
 
 if __name__ == "__main__":

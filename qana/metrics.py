@@ -63,3 +63,15 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """All metrics for one set of predictions (see metrics_from_confusion)."""
     return metrics_from_confusion(confusion_matrix(y_true, y_pred, len(class_names)), class_names)
+
+
+FAITHFUL = 0.01  # the issue's bar: the chip within 1 point of the float model in top-1 and macro-F1
+
+
+def shortfall(reference: dict, candidate: dict) -> float:
+    """How far `candidate` falls below `reference` in top-1 or macro-F1, whichever is worse (0 if in neither).
+
+    One-sided on purpose: the chip reproducing a model is judged by what it loses, not by
+    where it happens to score higher. Used by the quantized stage and `benchmarks/seed_spread.py`.
+    """
+    return max(0.0, reference["top1"] - candidate["top1"], reference["macro_f1"] - candidate["macro_f1"])

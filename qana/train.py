@@ -28,7 +28,7 @@ from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
 from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
-from qana.metrics import classification_metrics
+from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
 from qana.splits import train_val_test
 from qana.views import check_view_count, keras_logits
@@ -391,14 +391,6 @@ def load_float(opts: TrainOptions):
     import tf_keras as keras
 
     return keras.models.load_model(opts.run_dir / "float.h5", compile=False)
-
-
-FAITHFUL = 0.01  # the issue's bar: the chip within 1 point of the float model in top-1 and macro-F1
-
-
-def shortfall(reference: dict, candidate: dict) -> float:
-    """How far `candidate` falls below `reference` in top-1 or macro-F1, whichever is worse (0 if in neither)."""
-    return max(0.0, reference["top1"] - candidate["top1"], reference["macro_f1"] - candidate["macro_f1"])
 
 
 def keep_fine_tuned(float_val: dict, calibrated_val: dict, fine_tuned_val: dict) -> bool:
