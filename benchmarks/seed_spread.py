@@ -29,6 +29,8 @@ MODELS = ("float", "quantized", "akida")
 OPTIONAL_MODELS = {"akida_with_clinical_prior": "akida+prior"}
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
 IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data"}
+# (chip, reference) pairs for the fidelity bar; the second only when a run recorded both.
+FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida_with_clinical_prior", "float_with_clinical_prior", "with the prior"))
 
 
 def load_run(run: Path) -> tuple[dict, dict]:
@@ -76,10 +78,6 @@ def main() -> None:
             parts = [values[(part, model, k)] for k in METRICS]
             cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
         print(f"{part:<5} " + "  ".join(f"{names[model]}: {cell}" for model, cell in zip(models, cells, strict=True)))
-
-
-# (chip, reference) pairs for the fidelity bar; the second only when a run recorded both.
-FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida_with_clinical_prior", "float_with_clinical_prior", "with the prior"))
 
 
 def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:
