@@ -67,6 +67,8 @@ def main() -> None:
         described = f"{options['target']} w{options['width']} {options['weight_bits']}b att={options['attention']} ep={options['epochs']}"
         if options.get("blocks", 1) != 1 or options.get("zoom", 0.0):
             described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
+        if options.get("affine"):
+            described += " +affine"
         if options.get("saliency_teacher"):
             described += " +saliency"
         if options.get("class_weighting", "sqrt") != "sqrt":

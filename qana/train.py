@@ -24,6 +24,7 @@ import numpy as np
 
 from qana import clinical
 from qana import head as head_math
+from qana.augment import random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
@@ -56,6 +57,7 @@ class TrainOptions:
     attention: str = "both"
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
+    affine: bool = False  # random affine warp of training images: any rotation, shear, zoom, shift (qana.augment)
     test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
     teachers: tuple[str, ...] = ()  # run directories (same split) whose float models teach this one (qana.distill)
     label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
@@ -157,11 +159,12 @@ def backbone_loss(opts: TrainOptions, soft_targets: bool):
 
 
 def make_dataset(
-    images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None, zoom: float = 0.0
+    images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None, zoom: float = 0.0,
+    affine: bool = False,
 ):
     """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
-    back: lesions vary in size and position) and luminance/contrast jitter (no hue shifts: colour
-    is diagnostic)."""
+    back: lesions vary in size and position), optional random affine warp (qana.augment) and
+    luminance/contrast jitter (no hue shifts: colour is diagnostic)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if weights is None else (images, labels, weights))
@@ -180,6 +183,8 @@ def make_dataset(
                 crop = tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32)
                 x = tf.image.random_crop(x, tf.stack([crop, crop, 3]), seed=seed)
                 x = tf.image.resize(x, tf.stack([side, side]))
+            if affine:
+                x = random_affine(x, seed)
             x = tf.image.random_brightness(x, 20.0, seed=seed)
             x = tf.image.random_contrast(x, 0.8, 1.2, seed=seed)
             x = tf.clip_by_value(x, 0.0, 255.0)
@@ -264,7 +269,7 @@ def _fit(
     if targets is None and opts.loss == "focal":  # the focal loss takes one-hot targets
         targets = np.eye(len(CLASS_NAMES), dtype=np.float32)[train.labels]
     y = train.labels if targets is None else targets
-    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom)
+    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine)
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(

@@ -1,0 +1,75 @@
+"""Random affine warps of training images (`qana train --affine`).
+
+Why: the float stage's augmentation is flips, quarter turns and luminance/contrast jitter, so
+the network only ever sees a lesion at 8 orientations and one scale. Perez et al. 2018 ("Data
+augmentation for skin lesion analysis", ISIC workshop at MICCAI) compared 13 augmentation sets
+for dermoscopy and found the best to be the "basic set": flips, colour jitter, random crops and
+affine transforms (rotation, shear, scaling). This module adds the geometric part we lacked, in
+one bilinear resampling per image (not a chain of them, which would blur the image more):
+any rotation angle (a dermoscopic image has no "up"), a mild shear, a zoom and a shift (the
+random crop). Borders uncovered by the warp are filled by reflection, which continues the skin
+texture rather than adding black corners the test images never have. No colour is touched here
+(hue is diagnostic; `qana.train.make_dataset` keeps its luminance/contrast jitter).
+
+Training images only: validation, test and every clinic see the plain preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Ranges of the random warp (uniform): the whole circle; shear up to about 11 degrees; zoom from
+# 0.9 (a little more skin) to 1.25 (crop of 80 % of the side); shift up to 10 % of the side.
+MAX_SHEAR = 0.2  # radians
+ZOOM_RANGE = (0.9, 1.25)
+MAX_SHIFT = 0.1  # fraction of the side
+
+
+def affine_matrix(angle: float, shear: float, zoom: float, shift: tuple[float, float], size: tuple[int, int]):
+    """The 8 projective-transform coefficients (TensorFlow's convention: they map an *output*
+    pixel to the input point it is sampled from) of a warp about the image centre.
+
+    Output pixel p is read from c + M (p - c) + shift·side, with c the centre and
+    M = R(angle) · Shear(shear) / zoom, so zoom > 1 magnifies. Works on floats or tf scalars.
+    """
+    import tensorflow as tf
+
+    height, width = size
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos, sin, tan = tf.cos(angle), tf.sin(angle), tf.tan(shear)
+    # R · [[1, tan], [0, 1]], divided by zoom
+    m00, m01 = cos / zoom, (cos * tan - sin) / zoom
+    m10, m11 = sin / zoom, (sin * tan + cos) / zoom
+    tx, ty = shift[0] * width, shift[1] * height
+    a2 = cx + tx - m00 * cx - m01 * cy
+    b2 = cy + ty - m10 * cx - m11 * cy
+    zero = tf.zeros_like(m00)
+    return tf.cast(tf.stack([m00, m01, a2, m10, m11, b2, zero, zero]), tf.float32)
+
+
+def affine_warp(image, angle, shear, zoom, shift):
+    """Warp one float image (H, W, C) by `affine_matrix`, bilinear, borders reflected."""
+    import tensorflow as tf
+
+    size = tf.shape(image)[:2]
+    transform = affine_matrix(angle, shear, zoom, shift, (tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)))
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=size,
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+    return out[0]
+
+
+def random_affine(image, seed: int | None = None):
+    """One random warp of a float image (H, W, C) with the module's ranges."""
+    import tensorflow as tf
+
+    angle = tf.random.uniform([], 0.0, 2.0 * math.pi, seed=seed)
+    shear = tf.random.uniform([], -MAX_SHEAR, MAX_SHEAR, seed=seed)
+    zoom = tf.random.uniform([], *ZOOM_RANGE, seed=seed)
+    shift = tf.random.uniform([2], -MAX_SHIFT, MAX_SHIFT, seed=seed)
+    return affine_warp(image, angle, shear, zoom, (shift[0], shift[1]))

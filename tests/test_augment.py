@@ -1,0 +1,67 @@
+"""The random affine warp (qana.augment): its matrix does what its docstring says."""
+
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from qana.augment import ZOOM_RANGE, affine_warp, random_affine  # noqa: E402
+from qana.train import make_dataset  # noqa: E402
+
+
+def _image(side: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 255, (side, side, 3)).astype(np.float32)
+
+
+def _warp(img, angle=0.0, shear=0.0, zoom=1.0, shift=(0.0, 0.0)) -> np.ndarray:
+    return affine_warp(tf.constant(img), angle, shear, zoom, shift).numpy()
+
+
+def test_identity_warp_returns_the_image():
+    img = _image()
+    np.testing.assert_allclose(_warp(img), img, atol=1e-3)
+
+
+def test_quarter_turn_is_an_exact_rotation():
+    img = _image()
+    out = _warp(img, angle=math.pi / 2)
+    # a quarter turn about the centre lands on pixel centres: no interpolation
+    matches = [np.allclose(out, np.rot90(img, k, axes=(0, 1)), atol=1e-3) for k in (1, 3)]
+    assert sum(matches) == 1
+
+
+def test_zoom_magnifies_about_the_centre():
+    side = 17  # odd: the centre is a pixel
+    img = np.zeros((side, side, 3), np.float32)
+    img[6:11, 6:11] = 200.0  # a 5x5 "lesion" in the middle
+    out = _warp(img, zoom=2.0)
+    assert out[8, 8, 0] == pytest.approx(200.0)
+    assert (out[..., 0] > 100).sum() > 4 * (img[..., 0] > 100).sum() * 0.8  # about 4x the area
+
+
+def test_shift_moves_the_image():
+    img = _image()
+    out = _warp(img, shift=(0.25, 0.0))  # output x reads input x + 4
+    np.testing.assert_allclose(out[:, :8], img[:, 4:12], atol=1e-3)
+
+
+def test_random_warps_stay_in_range_and_differ():
+    img = _image(32)
+    a = random_affine(tf.constant(img), seed=1).numpy()
+    b = random_affine(tf.constant(img), seed=2).numpy()
+    assert a.shape == img.shape and np.isfinite(a).all()
+    assert a.min() >= -1e-3 and a.max() <= 255 + 1e-3  # bilinear + reflection: a convex mix of pixels
+    assert not np.allclose(a, b)
+    assert ZOOM_RANGE[0] < 1 < ZOOM_RANGE[1]
+
+
+def test_training_pipeline_with_the_warp_keeps_images_valid():
+    images = np.stack([_image(16).astype(np.uint8)] * 4)
+    labels = np.arange(4)
+    plain = next(iter(make_dataset(images, labels, 4, False, 0)))[0].numpy()
+    warped = next(iter(make_dataset(images, labels, 4, True, 0, affine=True)))[0].numpy()
+    assert warped.shape == plain.shape and warped.dtype == np.float32
+    assert np.isfinite(warped).all() and warped.min() >= 0 and warped.max() <= 255
