@@ -25,7 +25,7 @@ ZOOM_RANGE = (0.9, 1.25)
 MAX_SHIFT = 0.1  # fraction of the side
 
 
-def affine_matrix(angle: float, shear: float, zoom: float, shift: tuple[float, float], size: tuple[int, int]):
+def affine_matrix(angle: float, shear: float, zoom: float, shift: tuple[float, float], size: tuple[float, float]):
     """The 8 projective-transform coefficients (TensorFlow's convention: they map an *output*
     pixel to the input point it is sampled from) of a warp about the image centre.
 
