@@ -64,12 +64,25 @@ def affine_warp(image, angle, shear, zoom, shift):
     return out[0]
 
 
-def random_affine(image, seed: int | None = None):
-    """One random warp of a float image (H, W, C) with the module's ranges."""
+def random_warp_parameters(seed: int | None = None):
+    """(angle, shear, zoom, shift) drawn independently with the module's ranges.
+
+    Each draw gets its own op seed (seed + 101 .. seed + 104): inside a tf.data map, random ops
+    that share an op seed return the *same* uniform number, which would tie angle, shear, zoom
+    and shift (and the caller's flips, seeded with `seed`) to one another.
+    """
     import tensorflow as tf
 
-    angle = tf.random.uniform([], 0.0, 2.0 * math.pi, seed=seed)
-    shear = tf.random.uniform([], -MAX_SHEAR, MAX_SHEAR, seed=seed)
-    zoom = tf.random.uniform([], *ZOOM_RANGE, seed=seed)
-    shift = tf.random.uniform([2], -MAX_SHIFT, MAX_SHIFT, seed=seed)
-    return affine_warp(image, angle, shear, zoom, (shift[0], shift[1]))
+    def op_seed(k: int) -> int | None:
+        return None if seed is None else seed + 100 + k
+
+    angle = tf.random.uniform([], 0.0, 2.0 * math.pi, seed=op_seed(1))
+    shear = tf.random.uniform([], -MAX_SHEAR, MAX_SHEAR, seed=op_seed(2))
+    zoom = tf.random.uniform([], *ZOOM_RANGE, seed=op_seed(3))
+    shift = tf.random.uniform([2], -MAX_SHIFT, MAX_SHIFT, seed=op_seed(4))
+    return angle, shear, zoom, (shift[0], shift[1])
+
+
+def random_affine(image, seed: int | None = None):
+    """One random warp of a float image (H, W, C) with the module's ranges."""
+    return affine_warp(image, *random_warp_parameters(seed))

@@ -7,7 +7,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from qana.augment import ZOOM_RANGE, affine_warp, random_affine  # noqa: E402
+from qana.augment import ZOOM_RANGE, affine_warp, random_affine, random_warp_parameters  # noqa: E402
 from qana.train import make_dataset  # noqa: E402
 
 
@@ -65,3 +65,13 @@ def test_training_pipeline_with_the_warp_keeps_images_valid():
     warped = next(iter(make_dataset(images, labels, 4, True, 0, affine=True)))[0].numpy()
     assert warped.shape == plain.shape and warped.dtype == np.float32
     assert np.isfinite(warped).all() and warped.min() >= 0 and warped.max() <= 255
+
+
+def test_warp_parameters_are_drawn_independently_inside_a_data_pipeline():
+    # tf.data traces the map: random ops sharing an op seed would draw the same uniform number
+    ds = tf.data.Dataset.range(200).map(lambda i: random_warp_parameters(0))
+    angle, shear, zoom, shift = zip(*[(a.numpy(), s.numpy(), z.numpy(), d[0].numpy()) for a, s, z, d in ds])
+    for other in (shear, zoom, shift):
+        assert abs(np.corrcoef(angle, other)[0, 1]) < 0.3
+    flips = tf.data.Dataset.range(200).map(lambda i: tf.random.uniform([], seed=0))  # what make_dataset's flips draw
+    assert abs(np.corrcoef(angle, [f.numpy() for f in flips])[0, 1]) < 0.3
