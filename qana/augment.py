@@ -64,22 +64,28 @@ def affine_warp(image, angle, shear, zoom, shift):
     return out[0]
 
 
+def op_seed(seed: int | None, k: int) -> int | None:
+    """The k-th op seed of an augmentation pipeline seeded with `seed` (None stays unseeded).
+
+    Inside a tf.data map, random ops that share an op seed return the *same* uniform number, so
+    every random draw of one image needs its own op seed, or flips, turns, zoom, warp and
+    colour jitter all fire together (one random number per image instead of one per draw).
+    """
+    return None if seed is None else seed + k
+
+
 def random_warp_parameters(seed: int | None = None):
     """(angle, shear, zoom, shift) drawn independently with the module's ranges.
 
-    Each draw gets its own op seed (seed + 101 .. seed + 104): inside a tf.data map, random ops
-    that share an op seed return the *same* uniform number, which would tie angle, shear, zoom
-    and shift (and the caller's flips, seeded with `seed`) to one another.
+    Each draw gets its own op seed (`op_seed`, seed + 101 .. seed + 104, clear of the ones
+    `qana.train.make_dataset` uses for flips, turns and colour).
     """
     import tensorflow as tf
 
-    def op_seed(k: int) -> int | None:
-        return None if seed is None else seed + 100 + k
-
-    angle = tf.random.uniform([], 0.0, 2.0 * math.pi, seed=op_seed(1))
-    shear = tf.random.uniform([], -MAX_SHEAR, MAX_SHEAR, seed=op_seed(2))
-    zoom = tf.random.uniform([], *ZOOM_RANGE, seed=op_seed(3))
-    shift = tf.random.uniform([2], -MAX_SHIFT, MAX_SHIFT, seed=op_seed(4))
+    angle = tf.random.uniform([], 0.0, 2.0 * math.pi, seed=op_seed(seed, 101))
+    shear = tf.random.uniform([], -MAX_SHEAR, MAX_SHEAR, seed=op_seed(seed, 102))
+    zoom = tf.random.uniform([], *ZOOM_RANGE, seed=op_seed(seed, 103))
+    shift = tf.random.uniform([2], -MAX_SHIFT, MAX_SHIFT, seed=op_seed(seed, 104))
     return angle, shear, zoom, (shift[0], shift[1])
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from qana import clinical
 from qana import head as head_math
-from qana.augment import random_affine
+from qana.augment import op_seed, random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
@@ -173,20 +173,21 @@ def make_dataset(
 
         def aug(x, y, *w):
             x = tf.cast(x, tf.float32)
-            x = tf.image.random_flip_left_right(x, seed=seed)
-            x = tf.image.random_flip_up_down(x, seed=seed)
-            k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=seed)
+            # one op seed per draw (op_seed): shared op seeds would make all draws one number
+            x = tf.image.random_flip_left_right(x, seed=op_seed(seed, 1))
+            x = tf.image.random_flip_up_down(x, seed=op_seed(seed, 2))
+            k = tf.random.uniform([], 0, 4, dtype=tf.int32, seed=op_seed(seed, 3))
             x = tf.image.rot90(x, k)
             if zoom > 0:
                 side = tf.shape(x)[0]
-                scale = tf.random.uniform([], 1.0 - zoom, 1.0, seed=seed)
+                scale = tf.random.uniform([], 1.0 - zoom, 1.0, seed=op_seed(seed, 4))
                 crop = tf.cast(tf.round(tf.cast(side, tf.float32) * scale), tf.int32)
-                x = tf.image.random_crop(x, tf.stack([crop, crop, 3]), seed=seed)
+                x = tf.image.random_crop(x, tf.stack([crop, crop, 3]), seed=op_seed(seed, 5))
                 x = tf.image.resize(x, tf.stack([side, side]))
             if affine:
                 x = random_affine(x, seed)
-            x = tf.image.random_brightness(x, 20.0, seed=seed)
-            x = tf.image.random_contrast(x, 0.8, 1.2, seed=seed)
+            x = tf.image.random_brightness(x, 20.0, seed=op_seed(seed, 6))
+            x = tf.image.random_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
             x = tf.clip_by_value(x, 0.0, 255.0)
             return (x, y, *w)
 
