@@ -40,6 +40,7 @@ def train(
     attention: Annotated[str, typer.Option(help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation).")] = "both",
     blocks: Annotated[int, typer.Option(help="v2: QANA blocks (Ghost + attention + residual) per stage.")] = 1,
     zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
+    qat_distill: Annotated[bool, typer.Option("--qat-distill", help="Quantization-aware fine-tuning learns the float model's probabilities (averaged over 8 orientations) instead of the labels, so the 8-bit model aims at reproducing the float one.")] = False,
     affine: Annotated[bool, typer.Option("--affine", help="Random affine warp of each training image: any rotation, shear up to 11 degrees, zoom 0.9-1.25, shift up to 10 % (Perez et al. 2018's geometric augmentations, qana.augment).")] = False,
     test_time_views: Annotated[int, typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle.")] = 1,
     teacher: Annotated[Optional[list[Path]], typer.Option(help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation).")] = None,
@@ -101,7 +102,7 @@ def train(
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
-        data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs,
+        data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
         blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,

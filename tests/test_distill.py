@@ -90,3 +90,29 @@ def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
     model = _corner_model()
     history = _fit(model, train, val, opts, epochs=1, lr=0.01, weights_path=tmp_path / "w.h5", targets=targets)
     assert len(history) == 1 and (tmp_path / "w.h5").is_file()
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, distill: bool
+) -> None:
+    import qana.train
+    from qana.model import ModelSpec, build_model
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    train, val = _data(24, 0), _data(14, 1)
+    train.images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    val.images = rng.integers(0, 256, (14, 32, 32, 3), dtype=np.uint8)
+    float_model = build_model(ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="none"))
+    float_model.save(tmp_path / "float.h5")
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, image_size=32, qat_epochs=1, qat_distill=distill)
+    seen: list = []
+    monkeypatch.setattr(qana.train, "_fit", lambda *args, targets=None, **kw: seen.append(targets) or [])
+    info = qana.train.stage_quantized(opts, train, val)
+    assert len(seen) == 1 and info["val_fine_tuned"]
+    if distill:
+        expected = teacher_probabilities([qana.train.load_float(opts)], train.images, views=8)
+        np.testing.assert_allclose(seen[0], expected, rtol=1e-5)
+    else:
+        assert seen[0] is None
