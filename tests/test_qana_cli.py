@@ -48,7 +48,7 @@ def test_info_verifies_and_refuses_a_tampered_bundle(tmp_path: Path) -> None:
 
 
 def test_shipped_bundles_verify() -> None:
-    for name, target in (("v2", "v2"), ("v1", "v1"), ("v2-sqrt", "v2")):
+    for name, target in (("v2", "v2"), ("v1", "v1"), ("v2-sqrt", "v2"), ("v2-s7", "v2")):
         path = Path(__file__).resolve().parents[1] / "qana" / "bundles" / name
         result = runner.invoke(app, ["info", str(path)])
         assert result.exit_code == 0, result.output
