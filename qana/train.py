@@ -419,8 +419,8 @@ def float_targets(float_model, images: np.ndarray) -> np.ndarray:
     8 test-time orientations of each training image.
 
     Quantization is there to reproduce the float model on the chip, but fine-tuning on the labels
-    lets the 8-bit model drift to another top-1 / macro-F1 trade-off (on two splits of the shipped
-    recipe neither quantized candidate stayed within a point of float). Training against the
+    lets the 8-bit model drift to another top-1 / macro-F1 trade-off (on several splits of the
+    shipped recipe neither quantized candidate stayed within a point of float on validation). Training against the
     float model's own outputs aims fine-tuning at that model rather than at the labels.
     """
     from qana.distill import teacher_probabilities
