@@ -420,8 +420,8 @@ def float_targets(float_model, images: np.ndarray) -> np.ndarray:
 
     Quantization is there to reproduce the float model on the chip, but fine-tuning on the labels
     lets the 8-bit model drift to another top-1 / macro-F1 trade-off (on several splits of the
-    shipped recipe neither quantized candidate stayed within a point of float on validation). Training against the
-    float model's own outputs aims fine-tuning at that model rather than at the labels.
+    shipped recipe neither quantized candidate stayed within a point of float on validation).
+    Training against the float model's own outputs aims fine-tuning at that model instead.
     """
     from qana.distill import teacher_probabilities
 
