@@ -54,12 +54,13 @@ def main() -> None:
     from qana.metrics import classification_metrics
     from qana.train import akida_features, akida_head_logits, load_split, selection_score
 
+    for run in args.runs:  # before decoding any image: a wrong run directory is named at once
+        if not (run / "final" / clinical.PRIOR_FILE).is_file():
+            sys.exit(f"{run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
     dataset = load_dataset(args.data, size=64, cache_dir=Path.home() / ".cache" / "qana", class_names=CLASS_NAMES)
     results = []
     for run in args.runs:
         prior_file = run / "final" / clinical.PRIOR_FILE
-        if not prior_file.is_file():
-            sys.exit(f"{run}: no {prior_file} (the run has no clinical prior or is not finished)")
         views = int(json.loads((run / "options.json").read_text())["test_time_views"])
         opts = SimpleNamespace(run_dir=run, test_time_views=views, data=args.data)
         _, val, test = load_split(opts, dataset)
@@ -86,7 +87,7 @@ def main() -> None:
             f"{n} " + " / ".join(f"{x:.4f}" for x in np.mean([r[label][n] for r in results], axis=0)) for n in PARTS
         ))
     gains = [float(r["tau chosen"]["test"][:2].sum() - r["tau=0"]["test"][:2].sum()) for r in results]
-    print("test top-1 + macro-F1 gain per run (points): " + ", ".join(f"{100 * g:+.1f}" for g in gains))
+    print("test top-1 + macro-F1 gain per run (points): " + ", ".join(f"{100 * g:+.2f}" for g in gains))
 
 
 if __name__ == "__main__":
