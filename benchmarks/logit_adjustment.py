@@ -28,13 +28,18 @@ from types import SimpleNamespace
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from collections.abc import Callable, Sequence  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PARTS = ("val", "test")
 
 
-def choose(logits: np.ndarray, prior_term: np.ndarray, log_freq: np.ndarray, labels: np.ndarray, taus, weights, score):
+def choose(
+    logits: np.ndarray, prior_term: np.ndarray, log_freq: np.ndarray, labels: np.ndarray,
+    taus: Sequence[float], weights: Sequence[float], score: Callable[[np.ndarray, np.ndarray], float],
+) -> tuple[float, float]:
     """The (w, tau) with the best validation score; ties to the smaller tau, then the smaller w."""
     best = max(
         ((score(labels, (logits + w * prior_term - tau * log_freq).argmax(1)), -tau, -w) for tau in taus for w in weights)
@@ -54,15 +59,19 @@ def main() -> None:
     from qana.metrics import classification_metrics
     from qana.train import akida_features, akida_head_logits, load_split, selection_score
 
+    options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once
         if not (run / "final" / clinical.PRIOR_FILE).is_file():
             sys.exit(f"{run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
-    dataset = load_dataset(args.data, size=64, cache_dir=Path.home() / ".cache" / "qana", class_names=CLASS_NAMES)
+        options[run] = json.loads((run / "options.json").read_text())
+    sizes = {int(o["image_size"]) for o in options.values()}
+    if len(sizes) != 1:
+        sys.exit(f"the runs were trained at different image sizes ({sorted(sizes)}); compare runs of one size")
+    dataset = load_dataset(args.data, size=sizes.pop())
     results = []
     for run in args.runs:
         prior_file = run / "final" / clinical.PRIOR_FILE
-        views = int(json.loads((run / "options.json").read_text())["test_time_views"])
-        opts = SimpleNamespace(run_dir=run, test_time_views=views, data=args.data)
+        opts = SimpleNamespace(run_dir=run, test_time_views=int(options[run]["test_time_views"]), data=args.data)
         _, val, test = load_split(opts, dataset)
         prior = clinical.prior_from_npz(prior_file.read_bytes())
         parts = {}
@@ -78,8 +87,8 @@ def main() -> None:
                 m = classification_metrics(labels, (logits + w * term - tau * prior.log_class_frequency).argmax(1), CLASS_NAMES)
                 scores[name] = np.array([m["top1"], m["macro_f1"], m["balanced_accuracy"]])
             row[label] = {"w": w, "tau": tau, **scores}
-            print(f"{str(run):28s} {label:10s} w={w:<4g} tau={tau:<4g} "
-                  + "  ".join(f"{n} {s[0]:.3f} / {s[1]:.3f} / {s[2]:.3f}" for n, s in ((n, scores[n]) for n in PARTS)))
+            figures = "  ".join(f"{n} {scores[n][0]:.3f} / {scores[n][1]:.3f} / {scores[n][2]:.3f}" for n in PARTS)
+            print(f"{str(run):28s} {label:10s} w={w:<4g} tau={tau:<4g} {figures}")
         results.append(row)
     print("means (top-1 / macro-F1 / balanced accuracy):")
     for label in ("tau=0", "tau chosen"):
