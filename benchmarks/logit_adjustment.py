@@ -23,7 +23,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,7 +56,7 @@ def main() -> None:
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
     from qana.metrics import classification_metrics
-    from qana.train import akida_features, akida_head_logits, load_split, selection_score
+    from qana.train import TrainOptions, akida_features, akida_head_logits, load_split, selection_score
 
     options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once
@@ -71,7 +70,11 @@ def main() -> None:
     results = []
     for run in args.runs:
         prior_file = run / "final" / clinical.PRIOR_FILE
-        opts = SimpleNamespace(run_dir=run, test_time_views=int(options[run]["test_time_views"]), data=args.data)
+        recorded = options[run]  # the run's own settings, as benchmarks/views.py builds them (features are recomputed if stale)
+        opts = TrainOptions(
+            data=args.data, run_dir=run, image_size=recorded["image_size"], feature_dim=recorded["feature_dim"],
+            test_time_views=int(recorded["test_time_views"]),
+        )
         _, val, test = load_split(opts, dataset)
         prior = clinical.prior_from_npz(prior_file.read_bytes())
         parts = {}
