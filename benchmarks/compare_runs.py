@@ -17,7 +17,6 @@ splits are identical), so differences come from the model, not from the images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ def main() -> None:
     from qana.data import load_dataset
     from qana.head import softmax
     from qana.metrics import classification_metrics
-    from qana.train import TrainOptions, selection_score, load_float, load_quantized, load_split
+    from qana.train import load_float, load_quantized, load_split, recorded_options, selection_score
     from qana.views import keras_logits
 
     def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:
@@ -55,30 +54,29 @@ def main() -> None:
     labels: dict[str, np.ndarray] = {}
     print(f"{'run':28s} {'options':52s} {'part':5s} {'model':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
     for run in args.runs:
-        options = json.loads((run / "options.json").read_text())
         with np.load(run / "split.npz") as z:
             test = z["test"].copy()
         if reference is None:
             reference = test
         elif not np.array_equal(reference, test):
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
-        opts = TrainOptions(data=args.data, run_dir=run, image_size=options["image_size"])
+        opts = recorded_options(run, args.data)
         train, val, test_part = load_split(opts, dataset)
-        described = f"{options['target']} w{options['width']} {options['weight_bits']}b att={options['attention']} ep={options['epochs']}"
-        if options.get("blocks", 1) != 1 or options.get("zoom", 0.0):
-            described += f" blk={options.get('blocks', 1)} zoom={options.get('zoom', 0.0)}"
-        if options.get("affine"):
+        described = f"{opts.target} w{opts.width} {opts.weight_bits}b att={opts.attention} ep={opts.epochs}"
+        if opts.blocks != 1 or opts.zoom:
+            described += f" blk={opts.blocks} zoom={opts.zoom}"
+        if opts.affine:
             described += " +affine"
-        if options.get("saliency_teacher"):
+        if opts.saliency_teacher:
             described += " +saliency"
-        if options.get("class_weighting", "sqrt") != "sqrt":
-            described += f" cw={options['class_weighting']}"
-        if options.get("loss", "ce") != "ce":
-            described += f" loss={options['loss']}(gamma={options.get('focal_gamma', 2.0)})"
-        if options.get("weight_ema"):
-            described += f" ema={options['weight_ema']}"
-        if options.get("teachers"):
-            described += f" distil({len(options['teachers'])})"
+        if opts.class_weighting != "sqrt":
+            described += f" cw={opts.class_weighting}"
+        if opts.loss != "ce":
+            described += f" loss={opts.loss}(gamma={opts.focal_gamma})"
+        if opts.weight_ema:
+            described += f" ema={opts.weight_ema}"
+        if opts.teachers:
+            described += f" distil({len(opts.teachers)})"
         if args.views > 1:
             described += f" views={args.views}"
         float_logits: dict[str, np.ndarray] = {}
@@ -94,7 +92,7 @@ def main() -> None:
                 row(str(run), described, part_name, model_name, part.labels, logits.argmax(1))
         if args.clinical_prior and float_logits:
             encoded = {"val": clinical.encode_dataset(val), "test": clinical.encode_dataset(test_part)}
-            prior = clinical.fit_prior(clinical.encode_dataset(train), train.labels, CLASS_NAMES, seed=options["seed"])
+            prior = clinical.fit_prior(clinical.encode_dataset(train), train.labels, CLASS_NAMES, seed=opts.seed)
             prior, _ = clinical.choose_weight(prior, float_logits["val"], encoded["val"], val.labels, selection_score)
             for part_name, part in (("val", val), ("test", test_part)):
                 adjusted = clinical.adjust(prior, float_logits[part_name], encoded[part_name])

@@ -19,7 +19,6 @@ and each run's test gain in top-1 + macro-F1. Nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -56,25 +55,21 @@ def main() -> None:
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
     from qana.metrics import classification_metrics
-    from qana.train import TrainOptions, akida_features, akida_head_logits, load_split, selection_score
+    from qana.train import akida_features, akida_head_logits, load_split, recorded_options, selection_score
 
     options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once
         if not (run / "final" / clinical.PRIOR_FILE).is_file():
             sys.exit(f"{run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
-        options[run] = json.loads((run / "options.json").read_text())
-    sizes = {int(o["image_size"]) for o in options.values()}
+        options[run] = recorded_options(run, args.data)
+    sizes = {o.image_size for o in options.values()}
     if len(sizes) != 1:
         sys.exit(f"the runs were trained at different image sizes ({sorted(sizes)}); compare runs of one size")
     dataset = load_dataset(args.data, size=sizes.pop())
     results = []
     for run in args.runs:
         prior_file = run / "final" / clinical.PRIOR_FILE
-        recorded = options[run]  # the run's own settings, as benchmarks/views.py builds them (features are recomputed if stale)
-        opts = TrainOptions(
-            data=args.data, run_dir=run, image_size=recorded["image_size"], feature_dim=recorded["feature_dim"],
-            test_time_views=int(recorded["test_time_views"]),
-        )
+        opts = options[run]  # the run's own settings (features are recomputed if stale)
         _, val, test = load_split(opts, dataset)
         prior = clinical.prior_from_npz(prior_file.read_bytes())
         parts = {}

@@ -28,16 +28,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     args = parser.parse_args()
 
-    import json
-
     from qana.classes import CLASS_NAMES
     from qana.data import load_dataset
     from qana.metrics import classification_metrics
-    from qana.train import TrainOptions, _akida_runtime, akida_head_logits, load_split
+    from qana.train import _akida_runtime, akida_head_logits, load_split, recorded_options
     from qana.views import VIEW_COUNTS, dihedral_view, rounded_mean
 
-    options = json.loads((args.run / "options.json").read_text())
-    opts = TrainOptions(data=args.data, run_dir=args.run, image_size=options["image_size"], feature_dim=options["feature_dim"])
+    opts = recorded_options(args.run, args.data)
     _, val, test = load_split(opts, load_dataset(args.data, size=opts.image_size))
     model = args.run / "final" / "model.fbz"
     runtime = _akida_runtime(opts, args.run / "final", views=1)

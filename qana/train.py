@@ -816,6 +816,48 @@ def check_resume_settings(opts: TrainOptions) -> None:
         )
 
 
+class RunRecordError(ValueError):
+    """A run directory whose options.json is missing or unreadable."""
+
+
+def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
+    """The TrainOptions a finished run was made with, read back from its options.json.
+
+    Benchmarks that score an existing run need its settings (image size, feature width,
+    test-time views, ...) exactly as training used them; rebuilding a partial TrainOptions in
+    each script let them drift apart. `data` and `run_dir` are this machine's paths (the
+    recorded ones may be another machine's); settings missing from an older record count as
+    their defaults, as in `check_resume_settings`; settings this version no longer has are
+    ignored.
+    """
+    run_dir, data = Path(run_dir), Path(data)
+    path = run_dir / "options.json"
+    if not path.is_file():
+        raise RunRecordError(f"{run_dir}: no options.json (not a `qana train` run directory, or it never started)")
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunRecordError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(recorded, dict):
+        raise RunRecordError(f"{path}: expected a JSON object of settings")
+    defaults = TrainOptions(data=data, run_dir=run_dir)
+    settings: dict[str, Any] = {}
+    for name, default in asdict(defaults).items():
+        if name in ("data", "run_dir", "cache_dir", "bundle_out") or name not in recorded:
+            continue  # machine-local paths stay this machine's
+        value = recorded[name]
+        if isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, bool) or default is None or isinstance(default, str):
+            pass
+        elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise RunRecordError(f"{path}: {name} is {value!r}, expected a number")
+        else:
+            value = type(default)(value)
+        settings[name] = value
+    return TrainOptions(data=data, run_dir=run_dir, **settings)
+
+
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)

@@ -1,9 +1,10 @@
-"""The backbone loss options (focal loss: γ = 0 is cross-entropy), stopping after a stage, and
-refusing to resume a run with other settings."""
+"""The backbone loss options (focal loss: γ = 0 is cross-entropy), stopping after a stage,
+refusing to resume a run with other settings, and reading a run's settings back."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ pytest.importorskip("tensorflow")
 
 import tf_keras as keras  # noqa: E402
 
-from qana.train import RunSettingsError, TrainOptions, _fit, backbone_loss, run  # noqa: E402
+from qana.train import RunRecordError, RunSettingsError, TrainOptions, _fit, backbone_loss, recorded_options, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
 from tests.test_weight_ema import _data, _tiny_model  # noqa: E402
 
@@ -85,3 +86,29 @@ def test_resuming_with_other_settings_is_refused_and_keeps_the_record(tmp_path: 
     # An older run's options.json without a newer setting counts as that setting's default.
     (opts.run_dir / "options.json").write_text(recorded.replace('  "loss": "ce",\n', ""))
     run(opts, progress=lambda m: None)
+
+
+def test_recorded_options_read_a_run_back_as_it_was_trained(tmp_path: Path) -> None:
+    """Benchmarks score a run with the settings it was trained with, on this machine's paths."""
+    trained = TrainOptions(data=Path("/elsewhere/ham"), run_dir=Path("/elsewhere/run"), image_size=48, feature_dim=128,
+                           test_time_views=8, affine=True, teachers=("runs/a", "runs/b"), learning_rate=1e-3,
+                           cache_dir=Path("/elsewhere/cache"), command="qana train ...")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "options.json").write_text(json.dumps(asdict(trained), default=str))
+    back = recorded_options(run_dir, tmp_path / "ham")
+    assert back == replace(trained, data=tmp_path / "ham", run_dir=run_dir, cache_dir=TrainOptions(data=back.data, run_dir=run_dir).cache_dir)
+    assert isinstance(back.teachers, tuple)
+    # An older record: missing settings are their defaults, settings since removed are ignored.
+    (run_dir / "options.json").write_text(json.dumps({"image_size": 32, "epochs": 40, "retired_setting": 1}))
+    older = recorded_options(run_dir, tmp_path / "ham")
+    assert (older.image_size, older.epochs, older.loss, older.test_time_views) == (32, 40, "ce", 1)
+    # Bad records are named, not half-read.
+    (run_dir / "options.json").write_text("{not json")
+    with pytest.raises(RunRecordError, match="not valid JSON"):
+        recorded_options(run_dir, tmp_path / "ham")
+    (run_dir / "options.json").write_text(json.dumps({"epochs": "many"}))
+    with pytest.raises(RunRecordError, match="epochs is 'many', expected a number"):
+        recorded_options(run_dir, tmp_path / "ham")
+    with pytest.raises(RunRecordError, match="no options.json"):
+        recorded_options(tmp_path / "nowhere", tmp_path / "ham")
