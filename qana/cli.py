@@ -27,7 +27,7 @@ app = typer.Typer(
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it.")],
-    run_dir: Annotated[Path, typer.Option(help="Where every stage's output goes; rerun to resume.")] = Path("runs/qana-v2"),
+    run_dir: Annotated[Path, typer.Option(help="Where every stage's output goes; rerun to resume (an interrupted training stage continues from its last epoch).")] = Path("runs/qana-v2"),
     target: Annotated[str, typer.Option(help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features).")] = "v2",
     weight_bits: Annotated[int, typer.Option(help="Backbone weight bits: 8 or 4 (v1 needs 4).")] = 8,
     epochs: Annotated[int, typer.Option(help="Float training epochs.")] = 20,

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -231,9 +232,14 @@ class _MacroF1Checkpoint:
 
     Macro-F1 weighs every class equally (so melanoma and the rare classes count), top-1 keeps
     the majority class honest; both are the figures the model is judged on.
+
+    With `state_path` the best score and the history so far are written after every epoch, so
+    a stage interrupted mid-way (a stopped session, a reboot) resumes with them: an epoch redone
+    after the restart replaces its earlier entry, and the first epoch scored after a restart is
+    marked `"resumed": true`. The kept weights file is only ever replaced by a better score.
     """
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path) -> None:
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path, state_path: Path | None = None) -> None:
         import tf_keras as keras
 
         outer = self
@@ -245,26 +251,47 @@ class _MacroF1Checkpoint:
 
         self.best = -1.0
         self.history: list[dict] = []
+        self._resumed = False
+        if state_path is not None and state_path.is_file() and path.is_file():
+            state = json.loads(state_path.read_text())
+            self.best, self.history, self._resumed = float(state["best"]), list(state["history"]), True
+            print(f"  continuing an interrupted fit: {len(self.history)} epoch(s) already done ({state_path.parent})", flush=True)
         self.callback = _CB()
-        self._x_val, self._y_val, self._path = x_val, y_val, path
+        self._x_val, self._y_val, self._path, self._state_path = x_val, y_val, path, state_path
 
     def score(self, model, epoch: int) -> None:
         m = _val_scores(model, self._x_val, self._y_val)
         score = m["top1"] + m["macro_f1"]
         log.info("epoch %d: val top1 %.3f macro-F1 %.3f bal-acc %.3f", epoch + 1, m["top1"], m["macro_f1"], m["balanced_accuracy"])
         print(f"  val: top1 {m['top1']:.3f}  macro-F1 {m['macro_f1']:.3f}  balanced acc {m['balanced_accuracy']:.3f}", flush=True)
-        self.history.append({"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}})
+        self.history = [h for h in self.history if h["epoch"] <= epoch]  # an epoch redone after a restart replaces its entry
+        entry = {"epoch": epoch + 1, **{k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}}
+        if self._resumed:
+            entry["resumed"], self._resumed = True, False
+        self.history.append(entry)
         if score > self.best:
             self.best = score
             model.save_weights(str(self._path))
+        if self._state_path is not None:
+            tmp = self._state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"best": self.best, "history": self.history}))
+            os.replace(tmp, self._state_path)
 
 
 def _fit(
     model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0,
-    targets: np.ndarray | None = None,
+    targets: np.ndarray | None = None, backup_dir: Path | None = None,
 ) -> list[dict]:
     """Train with augmentation and class weights; `targets` (N, C) replaces the one-hot labels
-    (distillation: label mixed with teacher probabilities, qana.distill)."""
+    (distillation: label mixed with teacher probabilities, qana.distill).
+
+    With `backup_dir` the weights, optimizer state (step count, so the learning-rate schedule
+    too) and epoch are saved after every epoch (Keras BackupAndRestore), and a later call with
+    the same directory continues from the last finished epoch instead of epoch 1: an 80-epoch
+    float stage outlasts a working session on two cores. The directory is removed once the
+    fit completes. A resumed fit is not bit-identical to an uninterrupted one (the shuffling
+    and augmentation draws start again from the seed).
+    """
     import tf_keras as keras
 
     cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
@@ -279,10 +306,20 @@ def _fit(
         loss=backbone_loss(opts, soft_targets=targets is not None),
         weighted_metrics=["accuracy"],
     )
-    ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
-    model.fit(ds, epochs=epochs, verbose=2, callbacks=[ckpt.callback])
+    callbacks = []
+    if backup_dir is not None:
+        if not opts.resume:
+            shutil.rmtree(backup_dir, ignore_errors=True)  # --fresh: an earlier attempt's epochs are not continued
+        backup_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json" if backup_dir else None)
+    callbacks.append(ckpt.callback)  # scored (and its state written) before the epoch's backup below
+    if backup_dir is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True))
+    model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
     if weights_path.exists():
         model.load_weights(str(weights_path))
+    if backup_dir is not None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
     return ckpt.history
 
 
@@ -372,7 +409,7 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     model = build_model(opts.model_spec())
     history = _fit(
         model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
-        ema=opts.weight_ema, targets=targets,
+        ema=opts.weight_ema, targets=targets, backup_dir=opts.run_dir / "float.backup",
     )
     model.save(opts.run_dir / "float.h5")
     info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
@@ -447,7 +484,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         targets = float_targets(model, qat_train.images) if opts.qat_distill else None
         history = _fit(
             qmodel, qat_train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5",
-            targets=targets,
+            targets=targets, backup_dir=opts.run_dir / "quantized.backup",
         )
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
         if keep_fine_tuned(info["val_float"], info["val_calibrated"], info["val_fine_tuned"]):
