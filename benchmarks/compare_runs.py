@@ -38,17 +38,16 @@ def main() -> None:
 
     from qana import clinical
     from qana.classes import CLASS_NAMES
-    from qana.data import load_dataset
     from qana.head import softmax
     from qana.metrics import classification_metrics
-    from qana.train import load_float, load_quantized, load_split, recorded_options, selection_score
+    from qana.train import load_float, load_quantized, load_split, recorded_options, run_dataset, selection_score
     from qana.views import keras_logits
 
     def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:
         m = classification_metrics(labels, pred, CLASS_NAMES)
         print(f"{name:28s} {described:52s} {part_name:5s} {model_name:9s} {m['top1']:6.3f} {m['macro_f1']:6.3f} {m['balanced_accuracy']:6.3f}")
 
-    dataset = load_dataset(args.data)
+    datasets: dict[tuple[int, str], object] = {}  # one decode per image size and preprocessing
     reference = None
     ensemble: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     labels: dict[str, np.ndarray] = {}
@@ -61,7 +60,10 @@ def main() -> None:
         elif not np.array_equal(reference, test):
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
         opts = recorded_options(run, args.data)
-        train, val, test_part = load_split(opts, dataset)
+        key = (opts.image_size, opts.colour_constancy)
+        if key not in datasets:
+            datasets[key] = run_dataset(opts)
+        train, val, test_part = load_split(opts, datasets[key])
         described = f"{opts.target} w{opts.width} {opts.weight_bits}b att={opts.attention} ep={opts.epochs}"
         if opts.blocks != 1 or opts.zoom:
             described += f" blk={opts.blocks} zoom={opts.zoom}"

@@ -71,6 +71,7 @@ def main() -> None:
 
     from qana.bundle import load_bundle, load_default_bundle
     from qana.runtime import AkidaRuntime
+    from qana.preprocess import preprocess
     from qana.views import keras_logits
 
     bundle = load_bundle(args.model) if args.model else load_default_bundle("v2")
@@ -89,7 +90,7 @@ def main() -> None:
     views = bundle.test_time_views  # both sides look at each image in as many orientations as the bundle asks
 
     def float_logits() -> np.ndarray:
-        return keras_logits(float_model, images, views, batch_size=args.batch_size)
+        return keras_logits(float_model, preprocess(images, bundle.colour_constancy), views, batch_size=args.batch_size)  # as the runtime does
 
     t_akida = time_passes(lambda: runtime.logits(images, batch_size=args.batch_size), args.repeats)
     t_float = time_passes(float_logits, args.repeats)

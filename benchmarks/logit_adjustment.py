@@ -53,19 +53,18 @@ def main() -> None:
 
     from qana import clinical
     from qana.classes import CLASS_NAMES
-    from qana.data import load_dataset
     from qana.metrics import classification_metrics
-    from qana.train import akida_features, akida_head_logits, load_split, recorded_options, selection_score
+    from qana.train import akida_features, akida_head_logits, load_split, recorded_options, run_dataset, selection_score
 
     options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once
         if not (run / "final" / clinical.PRIOR_FILE).is_file():
             sys.exit(f"{run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
         options[run] = recorded_options(run, args.data)
-    sizes = {o.image_size for o in options.values()}
-    if len(sizes) != 1:
-        sys.exit(f"the runs were trained at different image sizes ({sorted(sizes)}); compare runs of one size")
-    dataset = load_dataset(args.data, size=sizes.pop())
+    inputs = {(o.image_size, o.colour_constancy) for o in options.values()}
+    if len(inputs) != 1:
+        sys.exit(f"the runs see different inputs (image size, colour constancy: {sorted(inputs)}); compare runs of one kind")
+    dataset = run_dataset(next(iter(options.values())))
     results = []
     for run in args.runs:
         prior_file = run / "final" / clinical.PRIOR_FILE

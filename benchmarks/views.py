@@ -29,13 +29,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from qana.classes import CLASS_NAMES
-    from qana.data import load_dataset
     from qana.metrics import classification_metrics
-    from qana.train import _akida_runtime, akida_head_logits, load_split, recorded_options
+    from qana.train import _akida_runtime, akida_head_logits, load_split, recorded_options, run_dataset
     from qana.views import VIEW_COUNTS, dihedral_view, rounded_mean
 
     opts = recorded_options(args.run, args.data)
-    _, val, test = load_split(opts, load_dataset(args.data, size=opts.image_size))
+    _, val, test = load_split(opts, run_dataset(opts))
     model = args.run / "final" / "model.fbz"
     runtime = _akida_runtime(opts, args.run / "final", views=1)
     print(f"{'part':5s} {'views':>5s} {'averaged':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")

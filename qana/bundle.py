@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qana.preprocess import check_colour_constancy
 from qana.views import check_view_count
 
 FORMAT_VERSION = 1
@@ -82,6 +83,11 @@ class Bundle:
     def test_time_views(self) -> int:
         """Orientations the backbone sees per image, features averaged (qana.views); 1 if unset."""
         return int(self.manifest.get("test_time_views", 1))
+
+    @property
+    def colour_constancy(self) -> str:
+        """Pixel preprocessing after decoding (qana.preprocess); "none" for bundles that name none."""
+        return str(self.manifest.get("preprocessing", {}).get("colour_constancy", "none"))
 
     @property
     def model_path(self) -> Path:
@@ -177,6 +183,10 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
     try:
         check_view_count(manifest.get("test_time_views", 1), "test_time_views")
+        preprocessing = manifest.get("preprocessing", {})
+        if not isinstance(preprocessing, dict):
+            raise ValueError("'preprocessing' must be an object")
+        check_colour_constancy(preprocessing.get("colour_constancy", "none"))
     except ValueError as exc:
         raise BundleError(f"{manifest_path}: {exc}") from None
     files = manifest["files"]

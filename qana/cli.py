@@ -37,6 +37,7 @@ def train(
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate of the float stage (cosine decay; QAT uses 1/20 of it).")] = 2e-3,
     width: Annotated[int, typer.Option(help="Channels of the first stage (later stages double).")] = 32,
     image_size: Annotated[int, typer.Option(help="Input side in pixels (the paper: 64). A multiple of 8 up to 88: the last map (side/8)^2 must stay under Akida's 144-position global-pooling limit.")] = 64,
+    colour_constancy: Annotated[str, typer.Option(help="Pixel preprocessing after decoding, recorded in the bundle and applied by every clinic's runtime: none | shades-of-gray (Shades of Gray, p = 6: evens out the illumination of different centres' cameras). v2 only.")] = "none",
     feature_dim: Annotated[int, typer.Option(help="Features before the head.")] = 256,
     attention: Annotated[str, typer.Option(help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation).")] = "both",
     blocks: Annotated[int, typer.Option(help="v2: QANA blocks (Ghost + attention + residual) per stage.")] = 1,
@@ -68,6 +69,7 @@ def train(
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
     from qana.clinical import ClinicalDataError
+    from qana.preprocess import COLOUR_CONSTANCY
     from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, LOSSES, STAGES, RunSettingsError, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
@@ -99,12 +101,16 @@ def train(
         raise fail(f"--clinical-prior must be {' or '.join(CLINICAL_PRIOR_MODES)}, not {clinical_prior!r}")
     if stop_after is not None and stop_after not in STAGES:
         raise fail(f"--stop-after must be one of {', '.join(STAGES)}, not {stop_after!r}")
+    if colour_constancy not in COLOUR_CONSTANCY:
+        raise fail(f"--colour-constancy must be one of {', '.join(COLOUR_CONSTANCY)}, not {colour_constancy!r}")
+    if colour_constancy != "none" and target != "v2":
+        raise fail("--colour-constancy is applied by the Akida 2.0 runtime only; use it with --target v2")
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
     try:

@@ -651,6 +651,8 @@ def edge_bundle_model(bundle: Bundle, head: EdgeHead, learning: bool = True):
     """
     if bundle.feature_dim != head.num_features:
         raise ValueError(f"edge head has {head.num_features} features, the bundle's backbone emits {bundle.feature_dim}")
+    if bundle.colour_constancy != "none":  # the chip takes images here directly, past AkidaRuntime's preprocessing
+        raise ValueError(f"this bundle's images need {bundle.colour_constancy} colour constancy, which the edge-learning model cannot apply")
     settings = (head.num_weights, head.num_classes, head.learning_competition) if learning and head.is_uniform else None
     model = bundle_edge_model(bundle, head.num_neurons, settings)
     write_edge_head(model, head)

@@ -12,6 +12,7 @@ from qana.bundle import Bundle
 from qana.clinical import ClinicalPrior
 from qana.data import Dataset
 from qana.metrics import classification_metrics
+from qana.preprocess import preprocess
 from qana.views import keras_logits
 
 BACKENDS = ("akida", "quantized", "float")
@@ -35,7 +36,7 @@ def bundle_logits(bundle: Bundle, images: np.ndarray, backend: str = "akida") ->
             from quantizeml import load_model
 
             model = load_model(str(path), compile_model=False)
-        return keras_logits(model, images, bundle.test_time_views)
+        return keras_logits(model, preprocess(images, bundle.colour_constancy), bundle.test_time_views)
     raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from qana.bundle import Bundle
 from qana.head import QuantizedHead, split_bias_v2
+from qana.preprocess import preprocess
 from qana.views import averaged_features
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,15 @@ class AkidaRuntime:
             raise RuntimeErrorQana(f"images must be uint8, got {images.dtype}")
         return images
 
+    def _prepared(self, images: np.ndarray) -> np.ndarray:
+        """Checked images with the bundle's pixel preprocessing applied (qana.preprocess): the
+        chip must see what the model was trained on, whoever decoded the images."""
+        return preprocess(self._check_images(images), self.bundle.colour_constancy)
+
     def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Integer backbone features, shape (N, D): with a bundle's `test_time_views` > 1, the
         rounded mean over that many orientations of each image (qana.views)."""
-        images = self._check_images(images)
+        images = self._prepared(images)
 
         def one_view(batch: np.ndarray) -> np.ndarray:
             out = [self.backbone.forward(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
@@ -198,9 +204,9 @@ class AkidaRuntime:
         With several test-time views the backbone runs once per view, the host averages the
         features and the head layer runs on the mean (`head_logits(features(images))`).
         """
-        images = self._check_images(images)
         if self.bundle.test_time_views > 1:
-            return self.head_logits(self.features(images, batch_size))
+            return self.head_logits(self.features(images, batch_size))  # features() prepares the images
+        images = self._prepared(images)
         out = [self.model.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(out).reshape(len(images), -1)
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from qana.convert import QuantSpec
 from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
 from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
+from qana.preprocess import check_colour_constancy, preprocess
 from qana.splits import train_val_test
 from qana.views import check_view_count, keras_logits
 
@@ -71,6 +72,7 @@ class TrainOptions:
     head_smote: str = "auto"  # "auto" (keep what helps on validation) | "on" | "off"
     clinical_prior: str = "auto"  # "auto" (fit, weight chosen on validation; 0 = off) | "off" (qana.clinical)
     image_size: int = 64
+    colour_constancy: str = "none"  # pixel preprocessing after decoding, recorded in the bundle (qana.preprocess)
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     limit: int = 0  # use only this many images (tests / smoke runs); 0 = all
     resume: bool = True
@@ -365,6 +367,7 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     teacher = load_teacher(opts.saliency_teacher)
     source_size = max(teacher.size, 2 * opts.image_size)
     sources = load_dataset(opts.data, size=source_size, cache_dir=opts.cache_dir, progress=True)
+    sources = replace(sources, images=preprocess(sources.images, opts.colour_constancy))  # crops look like training images
     by_id = {image_id: i for i, image_id in enumerate(sources.image_ids.tolist())}
     rows = np.array([by_id[i] for i in train.image_ids.tolist()])
     src = sources.images[rows]
@@ -791,6 +794,8 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
             "crop": "centre square",
             "resize": f"{opts.image_size}x{opts.image_size} box filter",
             "scaling": "none: uint8 pixels straight into the Akida input layer",
+            # only when used, so bundles without it keep their manifest (and bundle id)
+            **({"colour_constancy": opts.colour_constancy} if opts.colour_constancy != "none" else {}),
         },
         "feature_dim": opts.feature_dim,
         "feature_scale": FEATURE_SCALE[opts.target],
@@ -853,6 +858,13 @@ def check_resume_settings(opts: TrainOptions) -> None:
         )
 
 
+def run_dataset(opts: TrainOptions, progress: bool = False) -> Dataset:
+    """The run's images as its models see them: decoded at the run's size, then its pixel
+    preprocessing (qana.preprocess). Every consumer of a run's models loads data through here."""
+    dataset = load_dataset(opts.data, size=opts.image_size, cache_dir=opts.cache_dir, progress=progress)
+    return replace(dataset, images=preprocess(dataset.images, opts.colour_constancy))
+
+
 class RunRecordError(ValueError):
     """A run directory whose options.json is missing or unreadable."""
 
@@ -898,13 +910,19 @@ def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)
+    check_colour_constancy(opts.colour_constancy)
+    if opts.colour_constancy != "none" and opts.target != "v2":
+        raise ValueError(
+            "--colour-constancy is applied by the Akida 2.0 runtime only: the v1 edge-learning path feeds "
+            "images to the chip directly (qana.edge), so a v1 bundle could not reproduce it at the clinic"
+        )
     if opts.stop_after is not None and opts.stop_after not in STAGES:
         raise ValueError(f"unknown stage {opts.stop_after!r} to stop after (stages: {', '.join(STAGES)})")
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     check_resume_settings(opts)
     (opts.run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
     progress(f"loading {opts.data} ...")
-    dataset = load_dataset(opts.data, size=opts.image_size, cache_dir=opts.cache_dir, progress=True)
+    dataset = run_dataset(opts, progress=True)
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
     if opts.limit:
         dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])

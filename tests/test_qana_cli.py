@@ -72,6 +72,8 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--loss", "focal", "--focal-gamma", "-1"], "--focal-gamma must be from 0 to 10"),
         (["--stop-after", "floats"], "--stop-after must be one of split, saliency, float"),
         (["--clinical-prior", "on"], "--clinical-prior must be auto or off, not 'on'"),
+        (["--colour-constancy", "retinex"], "--colour-constancy must be one of none, shades-of-gray, not 'retinex'"),
+        (["--colour-constancy", "shades-of-gray", "--target", "v1", "--weight-bits", "4"], "applied by the Akida 2.0 runtime only"),
     ):
         result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(run_dir), *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
