@@ -71,6 +71,8 @@ def main() -> None:
             described += " +affine"
         if opts.saliency_teacher:
             described += " +saliency"
+        if opts.colour_constancy != "none":
+            described += f" cc={opts.colour_constancy}"
         if opts.class_weighting != "sqrt":
             described += f" cw={opts.class_weighting}"
         if opts.loss != "ce":
