@@ -93,3 +93,21 @@ def test_a_run_sees_its_images_with_its_preprocessing(tmp_path: Path) -> None:
     assert list(corrected.content_hashes) == list(plain.content_hashes)  # caches stay keyed by the JPEG bytes
     with pytest.raises(ValueError, match="Akida 2.0 runtime only"):
         run(replace(opts, target="v1", colour_constancy="shades-of-gray"), progress=lambda m: None)
+
+
+def test_the_centre_colour_benchmark_prints_every_centre(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=4)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "centre_colour.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(clinic.root), "--image-size", "16"],
+                          check=True, capture_output=True, text=True, timeout=120)
+    from qana.data import load_dataset
+
+    centres = sorted(set(load_dataset(clinic.root, size=16, cache_dir=None).centres.tolist()))
+    lines = done.stdout.splitlines()
+    assert "shades-of-gray R/G/B" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == centres
