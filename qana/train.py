@@ -308,15 +308,16 @@ def _fit(
         loss=backbone_loss(opts, soft_targets=targets is not None),
         weighted_metrics=["accuracy"],
     )
-    callbacks = []
-    if backup_dir is not None:
+    if backup_dir is None:
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
+        callbacks = [ckpt.callback]
+    else:
         if not opts.resume:
             shutil.rmtree(backup_dir, ignore_errors=True)  # --fresh: an earlier attempt's epochs are not continued
         backup_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json" if backup_dir else None)
-    callbacks.append(ckpt.callback)  # scored (and its state written) before the epoch's backup below
-    if backup_dir is not None:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True))
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json")
+        # scored (and its state written) before the epoch's backup
+        callbacks = [ckpt.callback, keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)]
     model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
     if weights_path.exists():
         model.load_weights(str(weights_path))
@@ -366,8 +367,7 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
 
     teacher = load_teacher(opts.saliency_teacher)
     source_size = max(teacher.size, 2 * opts.image_size)
-    sources = load_dataset(opts.data, size=source_size, cache_dir=opts.cache_dir, progress=True)
-    sources = replace(sources, images=preprocess(sources.images, opts.colour_constancy))  # crops look like training images
+    sources = run_dataset(replace(opts, image_size=source_size), progress=True)  # preprocessed as the training images are
     by_id = {image_id: i for i, image_id in enumerate(sources.image_ids.tolist())}
     rows = np.array([by_id[i] for i in train.image_ids.tolist()])
     src = sources.images[rows]
