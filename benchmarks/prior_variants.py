@@ -18,6 +18,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -44,12 +45,13 @@ def with_interactions(encoded: np.ndarray) -> np.ndarray:
     return np.concatenate([encoded, pairs(age, site), pairs(sex, site), pairs(age, sex)], axis=1)
 
 
+TODAY = clinical.PRIOR_TRAINING
 # name: (features from the one-hot encoding, epochs, L2); `today` is qana.clinical.fit_prior's setting.
 VARIANTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int, float]] = {
-    "today": (lambda e: e, 30, 1e-3),
-    "converged": (lambda e: e, 150, 1e-3),
-    "interactions": (with_interactions, 60, 1e-3),
-    "interactions-l2": (with_interactions, 60, 1e-2),
+    "today": (lambda e: e, TODAY.epochs, TODAY.l2),
+    "converged": (lambda e: e, 5 * TODAY.epochs, TODAY.l2),
+    "interactions": (with_interactions, 2 * TODAY.epochs, TODAY.l2),
+    "interactions-l2": (with_interactions, 2 * TODAY.epochs, 10 * TODAY.l2),
 }
 
 
@@ -58,7 +60,7 @@ def fit_log_odds(train_x: np.ndarray, train_y: np.ndarray, epochs: int, l2: floa
     counts = np.bincount(train_y, minlength=len(CLASS_NAMES)).astype(np.float64)
     log_frequency = np.log(counts / counts.sum())
     start = head_math.Head(np.zeros((train_x.shape[1], len(CLASS_NAMES)), np.float32), log_frequency.astype(np.float32), tuple(CLASS_NAMES))
-    config = head_math.TrainConfig(epochs=epochs, learning_rate=0.01, l2=l2, class_weighting="none", seed=seed)
+    config = replace(clinical.PRIOR_TRAINING, epochs=epochs, l2=l2, seed=seed)
     model = head_math.train_head(start, train_x, train_y, config)
 
     def log_odds(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +59,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "site unknown",
 )
 WEIGHT_CANDIDATES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # prior weights tried on validation; 0 = prior off
+# How the metadata model is fitted: unweighted (it must estimate p(class | metadata)), mild L2.
+PRIOR_TRAINING = head_math.TrainConfig(epochs=30, learning_rate=0.01, l2=1e-3, class_weighting="none")
 MAX_AGE = 120.0
 
 
@@ -160,8 +162,7 @@ def fit_prior(encoded: np.ndarray, labels: np.ndarray, classes: Sequence[str], s
     counts = np.bincount(labels, minlength=len(classes)).astype(np.float64)
     log_frequency = np.log(counts / counts.sum())
     start = head_math.Head(np.zeros((len(FEATURE_NAMES), len(classes)), np.float32), log_frequency.astype(np.float32), tuple(classes))
-    config = head_math.TrainConfig(epochs=30, learning_rate=0.01, l2=1e-3, class_weighting="none", seed=seed)
-    model = head_math.train_head(start, encoded, labels, config)
+    model = head_math.train_head(start, encoded, labels, replace(PRIOR_TRAINING, seed=seed))
     return ClinicalPrior(model, log_frequency, 1.0)
 
 
