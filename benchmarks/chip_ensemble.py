@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the HAM10000-style folder the runs were trained on")
     args = parser.parse_args()
 
-    from qana.metrics import FAITHFUL, shortfall
+    from qana.metrics import FAITHFUL, fidelity_line
 
     groups = [[Path(p) for p in g.split(",") if p] for g in args.groups]
     for group in groups:
@@ -115,9 +115,7 @@ def main() -> None:
     for name, metrics in results:
         cells = []
         for chip, reference, label in FIDELITY_PAIRS:
-            a, f = metrics[(chip, "test")], metrics[(reference, "test")]
-            verdict = "outside the bar" if shortfall(f, a) > FAITHFUL else "ok"
-            cells.append(f"{label} {100 * (a['top1'] - f['top1']):+.1f} / {100 * (a['macro_f1'] - f['macro_f1']):+.1f} ({verdict})")
+            cells.append(fidelity_line(metrics[(reference, "test")], metrics[(chip, "test")], label))
         print(f"{name:40s} " + "; ".join(cells))
     if len(results) < 2:
         return

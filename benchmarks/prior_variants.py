@@ -14,7 +14,6 @@ Needs no training: the Akida logits come from the runs' cached backbone features
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -81,16 +80,13 @@ def main() -> None:
         if not (run / "bundle.json").is_file():
             sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
 
+    from benchmarks.chip_ensemble import group_logits  # scores a run as chip_ensemble.py does a group of one
     from qana.train import selection_score
-
-    spec = importlib.util.spec_from_file_location("chip_ensemble", Path(__file__).with_name("chip_ensemble.py"))
-    chip_ensemble = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chip_ensemble)
 
     scores: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     datasets: dict = {}
     for run in args.runs:
-        mean, labels, inputs = chip_ensemble.group_logits([run], args.data, datasets)
+        mean, labels, inputs = group_logits([run], args.data, datasets)
         enc = inputs["encoded"]
         for name, (features, epochs, l2) in VARIANTS.items():
             log_odds = fit_log_odds(features(enc["train"]), inputs["train_labels"], epochs, l2, inputs["seed"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qana.metrics import FAITHFUL, shortfall  # noqa: E402  (numpy only: no TensorFlow)
+from qana.metrics import FAITHFUL, fidelity_line  # noqa: E402  (numpy only: no TensorFlow)
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
@@ -89,9 +89,7 @@ def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:
         for chip, reference, label in FIDELITY_PAIRS:
             if chip not in metrics["test"] or reference not in metrics["test"]:
                 continue
-            a, f = metrics["test"][chip], metrics["test"][reference]
-            verdict = "outside the bar" if shortfall(f, a) > FAITHFUL else "ok"
-            cells.append(f"{label} {100 * (a['top1'] - f['top1']):+.1f} / {100 * (a['macro_f1'] - f['macro_f1']):+.1f} ({verdict})")
+            cells.append(fidelity_line(metrics["test"][reference], metrics["test"][chip], label))
         print(f"{run.name:<22} " + "; ".join(cells))
 
 

@@ -72,6 +72,13 @@ def shortfall(reference: dict, candidate: dict) -> float:
     """How far `candidate` falls below `reference` in top-1 or macro-F1, whichever is worse (0 if in neither).
 
     One-sided on purpose: the chip reproducing a model is judged by what it loses, not by
-    where it happens to score higher. Used by the quantized stage and `benchmarks/seed_spread.py`.
+    where it happens to score higher. Used by the quantized stage and the benchmarks (`fidelity_line`).
     """
     return max(0.0, reference["top1"] - candidate["top1"], reference["macro_f1"] - candidate["macro_f1"])
+
+
+def fidelity_line(reference: dict, chip: dict, label: str) -> str:
+    """`label +0.3 / -1.1 (outside the bar)`: chip minus reference in points of top-1 / macro-F1
+    and the verdict against FAITHFUL, as the benchmarks print it for each split."""
+    verdict = "outside the bar" if shortfall(reference, chip) > FAITHFUL else "ok"
+    return f"{label} {100 * (chip['top1'] - reference['top1']):+.1f} / {100 * (chip['macro_f1'] - reference['macro_f1']):+.1f} ({verdict})"

@@ -1,7 +1,6 @@
 """benchmarks/chip_ensemble.py: a group's logits are the mean of its runs', runs split differently
 are refused, and the clinical prior is weighted on the Akida ensemble and shared with float."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from qana import clinical
 from qana.classes import CLASS_NAMES
@@ -19,10 +19,7 @@ C = len(CLASS_NAMES)
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("chip_ensemble", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("chip_ensemble")
 
 
 def _part(ids: list[str], labels: list[int]) -> SimpleNamespace:

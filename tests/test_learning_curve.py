@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
-_spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
-learning_curve = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(learning_curve)
+learning_curve = load_benchmark("learning_curve")
 
 
 def _lesions(n_lesions: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

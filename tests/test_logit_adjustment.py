@@ -1,20 +1,17 @@
 """benchmarks/logit_adjustment.py: the validation choice of (prior weight, tau) and its refusals."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from benchmark_scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "logit_adjustment.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("logit_adjustment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("logit_adjustment")
 
 
 def _top1(labels: np.ndarray, predictions: np.ndarray) -> float:

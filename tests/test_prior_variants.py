@@ -1,21 +1,14 @@
 """benchmarks/prior_variants.py: its `today` variant is the shipped prior, and the interaction features are the pairs they claim."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from benchmark_scripts import load_benchmark
 
 from qana import clinical
 from qana.classes import CLASS_NAMES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "prior_variants.py"
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("prior_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("prior_variants")
 
 
 def _encoded(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
