@@ -8,13 +8,14 @@ Each argument is one group of runs (comma-separated) that share a lesion-grouped
 shipped recipe and the same recipe with colour constancy. The group's Akida logits are the mean
 of its runs' final-head Akida logits (each run's backbone features, executed on Akida with its
 own preprocessing and test-time views, plus the head layer's integer arithmetic, as
-`qana train` scores them): exactly what a single linear head over the runs' concatenated
-features computes, so it is the ensemble a bundle could deploy. The float counterpart averages
-the float models' logits over the same views. The clinical prior is fitted on the group's
-training part and weighted on its validation part by the clinical stage's rule on the Akida
-ensemble; the float ensemble gets the same prior, as in `qana train`. Prints each group's validation and test figures, the
-chip-vs-float fidelity on test (the issue's 1-point bar), and the mean and sample standard
-deviation over groups. The cost is not hidden: every image goes through every backbone.
+`qana train` scores them). That is what one linear head over the runs' concatenated features
+computes (up to that head's own weight quantization), so it is an ensemble a bundle could
+deploy. The float counterpart averages the float models' logits over the same views. The
+clinical prior is fitted on the group's training part and weighted on its validation part by
+the clinical stage's rule on the Akida ensemble; the float ensemble gets the same prior, as in
+`qana train`. Prints each group's validation and test figures, the chip-vs-float fidelity on
+test (the issue's 1-point bar), and the mean and sample standard deviation over groups. The
+cost is not hidden: every image goes through every backbone.
 """
 
 from __future__ import annotations
