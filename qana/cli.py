@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from qana.cli_errors import fail
+from qana.splits import VAL_FRACTION_RANGE
 
 app = typer.Typer(
     add_completion=False,
@@ -89,8 +90,8 @@ def train(
         raise fail(f"--label-weight must be in [0, 1], not {label_weight}")
     if not 0.0 <= weight_ema < 1.0:
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
-    if not 0.02 <= val_fraction <= 0.5:
-        raise fail(f"--val-fraction must be from 0.02 to 0.5 (validation picks checkpoints and heads), not {val_fraction}")
+    if not VAL_FRACTION_RANGE[0] <= val_fraction <= VAL_FRACTION_RANGE[1]:
+        raise fail(f"--val-fraction must be from {VAL_FRACTION_RANGE[0]:g} to {VAL_FRACTION_RANGE[1]:g} (validation picks checkpoints and heads), not {val_fraction}")
     if class_weighting not in CLASS_WEIGHTINGS:
         raise fail(f"--class-weighting must be {', '.join(CLASS_WEIGHTINGS[:-1])} or {CLASS_WEIGHTINGS[-1]}, not {class_weighting!r}")
     if loss not in LOSSES:
@@ -172,6 +173,41 @@ def evaluate(
     if plot:
         plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
         typer.echo(f"confusion matrix: {plot}")
+
+
+@app.command()
+def split(
+    data: Annotated[Path, typer.Option(help="The HAM10000-style folder the model was trained on.")],
+    out: Annotated[Path, typer.Option(help="New folder to write the part to (must not exist or be empty).")],
+    part: Annotated[str, typer.Option(help="train | val | test.")] = "test",
+    model: Annotated[Optional[Path], typer.Option(help="Bundle whose split to reproduce: its seed is used and its recorded split sizes are checked.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Split seed, as given to `qana train` (default: the bundle's, else 0).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation share, as given to `qana train` (the test part does not depend on it).")] = 0.15,
+) -> None:
+    """Write one part of `qana train`'s lesion-grouped split as its own folder, e.g. the test
+    images a bundle never trained on, so `qana evaluate --data OUT --model BUNDLE` can check its
+    recorded test figures."""
+    from qana.bundle import BundleError, load_bundle
+    from qana.data import DataError, describe_skipped, load_dataset
+    from qana.split_export import SplitExportError, check_new_folder, check_settings, describe_settings, export_part
+
+    try:
+        check_settings(part, val_fraction)
+        check_new_folder(out)
+        training = None
+        if model is not None:
+            training = load_bundle(model).manifest.get("training", {})
+            recorded_seed = training.get("seed")
+            if seed is not None and recorded_seed is not None and seed != recorded_seed:
+                raise SplitExportError(f"--seed {seed} differs from the bundle's split seed {recorded_seed}")
+            seed = recorded_seed if seed is None else seed
+        seed = 0 if seed is None else int(seed)
+        dataset = load_dataset(data, progress=sys.stderr.isatty())
+        command = " ".join(["qana", *sys.argv[1:]]) if sys.argv[1:2] == ["split"] else "qana split"
+        n = export_part(data, dataset, out, part, seed, val_fraction, command, training)
+    except (BundleError, DataError, SplitExportError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"{n} {part} images ({describe_settings(part, seed, val_fraction)}) written to {out}; {describe_skipped(dataset.skipped)}")
 
 
 @app.command()

@@ -33,7 +33,7 @@ from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_ski
 from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
 from qana.preprocess import check_colour_constancy, preprocess
-from qana.splits import train_val_test
+from qana.splits import TEST_FRACTION, train_val_test
 from qana.views import check_view_count, keras_logits
 
 log = logging.getLogger("qana.train")
@@ -53,7 +53,7 @@ class TrainOptions:
     learning_rate: float = 2e-3
     seed: int = 0
     val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    test_fraction: float = TEST_FRACTION
     width: int = 32
     feature_dim: int = 256
     attention: str = "both"

@@ -1,0 +1,83 @@
+"""`qana split`: one part of `qana train`'s split as its own folder, exactly, and refusals that lose nothing."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic import make_synthetic_ham
+from typer.testing import CliRunner
+
+from qana.cli import app
+from qana.data import METADATA_FILE, load_dataset
+from qana.split_export import SplitExportError, check_bundle_split
+from qana.splits import train_val_test
+
+runner = CliRunner()
+SHIPPED_V2 = Path(__file__).resolve().parents[1] / "qana" / "bundles" / "v2"
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory):
+    return make_synthetic_ham(tmp_path_factory.mktemp("split") / "data", n_images=90, image_size=32, seed=5, n_corrupt=2)
+
+
+def _rows(folder: Path) -> dict[str, dict]:
+    with (folder / METADATA_FILE).open(newline="") as handle:
+        return {row["image_id"]: row for row in csv.DictReader(handle)}
+
+
+@pytest.mark.parametrize("part, number", [("test", 2), ("val", 1)])
+def test_the_part_is_training_s_split_copied_byte_for_byte(clinic, private_cache, tmp_path: Path, part: str, number: int) -> None:
+    out = tmp_path / part
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(out), "--part", part, "--seed", "3", "--val-fraction", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 image(s)" in result.output  # the corrupt files are reported, as training reports them
+
+    full = load_dataset(clinic.root, size=32, cache_dir=None)
+    parts = train_val_test(full.labels, full.lesion_ids, 0.2, seed=3)
+    expected = full.image_ids[parts[number]]
+    written = load_dataset(out, size=32, cache_dir=None)
+    assert sorted(written.image_ids) == sorted(expected)
+    assert not set(written.lesion_ids) & set(full.lesion_ids[parts[0]])  # no lesion shared with training
+    for image_id in expected:
+        assert (out / "images" / f"{image_id}.jpg").read_bytes() == (clinic.root / "images" / f"{image_id}.jpg").read_bytes()
+    original = _rows(clinic.root)
+    assert all(row == original[image_id] for image_id, row in _rows(out).items())
+    assert "qana split" in (out / "README.md").read_text()
+
+
+def test_refusals_are_one_line_errors_and_keep_what_is_stored(clinic, private_cache, tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(occupied)])
+    assert result.exit_code == 2 and "not an empty folder" in result.output
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
+
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "a"), "--part", "holdout"])
+    assert result.exit_code == 2 and "unknown part 'holdout'" in result.output
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "b"), "--val-fraction", "0.9"])
+    assert result.exit_code == 2 and "--val-fraction must be from 0.02 to 0.5" in result.output
+    result = runner.invoke(app, ["split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "data folder not found" in result.output
+
+
+def test_a_bundle_s_split_is_reproduced_or_refused(clinic, private_cache, tmp_path: Path) -> None:
+    # the shipped v2 bundle records seed 0 and its split sizes on the 8,584-image HAM10000
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "a"), "--model", str(SHIPPED_V2), "--seed", "3"])
+    assert result.exit_code == 2 and "--seed 3 differs from the bundle's split seed 0" in result.output
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "b"), "--model", str(SHIPPED_V2)])
+    assert result.exit_code == 2 and "trained on 8584 readable images" in result.output
+    assert not (tmp_path / "b").exists()
+
+    dataset = load_dataset(clinic.root, size=32, cache_dir=None)
+    train, val, test = (len(p) for p in train_val_test(dataset.labels, dataset.lesion_ids, 0.2, seed=0))
+    record = {"n_images": len(dataset), "n_lesions": len(np.unique(dataset.lesion_ids)), "train": train, "val": val, "test": test}
+    check_bundle_split({"split": record}, dataset, "val", val)  # the bundle's own split passes
+    with pytest.raises(SplitExportError, match=f"this val part has {val + 1} images, the bundle's has {val}.*--val-fraction 0.2"):
+        check_bundle_split({"split": record, "command": "qana train --val-fraction 0.2"}, dataset, "val", val + 1)
+    with pytest.raises(SplitExportError, match="does not record its training split"):
+        check_bundle_split({"command": "python tests/fixtures/make_tiny_bundle.py"}, dataset, "test", test)
