@@ -58,7 +58,7 @@ def part_indices(dataset: Dataset, part: str, seed: int, val_fraction: float) ->
 def describe_settings(part: str, seed: int, val_fraction: float) -> str:
     """The settings the part depends on: the test part is the same whatever the validation share."""
     if part == "test":
-        return f"seed {seed} (any validation share)"
+        return f"seed {seed}, any validation share"
     return f"seed {seed} and validation share {val_fraction:g}"
 
 
