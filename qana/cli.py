@@ -184,9 +184,11 @@ def split(
     seed: Annotated[Optional[int], typer.Option(help="Split seed, as given to `qana train` (default: the bundle's, else 0).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation share, as given to `qana train` (the test part does not depend on it).")] = 0.15,
 ) -> None:
-    """Write one part of `qana train`'s lesion-grouped split as its own folder, e.g. the test
-    images a bundle never trained on, so `qana evaluate --data OUT --model BUNDLE` can check its
-    recorded test figures."""
+    """Write one part of `qana train`'s lesion-grouped split as its own folder.
+
+    E.g. the test images a bundle never trained on, so that `qana evaluate --data OUT --model
+    BUNDLE` can check the bundle's recorded test figures.
+    """
     from qana.bundle import BundleError, load_bundle
     from qana.data import DataError, describe_skipped, load_dataset
     from qana.split_export import SplitExportError, check_new_folder, check_settings, describe_settings, export_part
