@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from qana import clinical  # noqa: E402
-from qana import head as head_math  # noqa: E402
 from qana.classes import CLASS_NAMES  # noqa: E402
 from qana.metrics import classification_metrics  # noqa: E402
 
@@ -55,19 +54,10 @@ VARIANTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int, float]] = {
 
 
 def fit_log_odds(train_x: np.ndarray, train_y: np.ndarray, epochs: int, l2: float, seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Fit a softmax regression as `clinical.fit_prior` does; returns x -> log p(c | x) - log p(c)."""
-    counts = np.bincount(train_y, minlength=len(CLASS_NAMES)).astype(np.float64)
-    log_frequency = np.log(counts / counts.sum())
-    start = head_math.Head(np.zeros((train_x.shape[1], len(CLASS_NAMES)), np.float32), log_frequency.astype(np.float32), tuple(CLASS_NAMES))
+    """Fit a metadata model as `clinical.fit_prior` does, on any encoding; returns x -> log p(c | x) - log p(c)."""
     config = replace(clinical.PRIOR_TRAINING, epochs=epochs, l2=l2, seed=seed)
-    model = head_math.train_head(start, train_x, train_y, config)
-
-    def log_odds(x: np.ndarray) -> np.ndarray:
-        z = head_math.logits(model, x).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True)) - log_frequency
-
-    return log_odds
+    model, log_frequency = clinical.fit_metadata_model(train_x, train_y, CLASS_NAMES, train_x.shape[1], config)
+    return lambda x: clinical.metadata_log_odds(model, log_frequency, x)
 
 
 def main() -> None:
@@ -91,10 +81,7 @@ def main() -> None:
         for name, (features, epochs, l2) in VARIANTS.items():
             log_odds = fit_log_odds(features(enc["train"]), inputs["train_labels"], epochs, l2, inputs["seed"])
             term = {part: log_odds(features(enc[part])) for part in ("val", "test")}
-            weight = max(
-                clinical.WEIGHT_CANDIDATES,
-                key=lambda w: (selection_score(labels["val"], (mean[("akida", "val")] + w * term["val"]).argmax(1)), -w),
-            )
+            weight, _ = clinical.best_weight(term["val"], mean[("akida", "val")], labels["val"], selection_score)
             for part in ("val", "test"):
                 for model in ("akida", "float"):
                     m = classification_metrics(labels[part], (mean[(model, part)] + weight * term[part]).argmax(1), CLASS_NAMES)

@@ -158,12 +158,21 @@ def fit_prior(encoded: np.ndarray, labels: np.ndarray, classes: Sequence[str], s
     absent = classes_without_examples(labels, classes)
     if absent:
         raise ValueError(f"the clinical prior needs training images of every class; none of {', '.join(absent)}")
+    model, log_frequency = fit_metadata_model(encoded, labels, classes, len(FEATURE_NAMES), replace(PRIOR_TRAINING, seed=seed))
+    return ClinicalPrior(model, log_frequency, 1.0)
+
+
+def fit_metadata_model(
+    encoded: np.ndarray, labels: np.ndarray, classes: Sequence[str], num_features: int, config: head_math.TrainConfig
+) -> tuple[head_math.Head, np.ndarray]:
+    """Softmax regression p(class | metadata) on `num_features` encoded inputs, started from the
+    class frequencies, and the log class frequencies it was fitted on. `fit_prior` uses it on
+    the fixed encoding; benchmarks/prior_variants.py on richer ones."""
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=len(classes)).astype(np.float64)
     log_frequency = np.log(counts / counts.sum())
-    start = head_math.Head(np.zeros((len(FEATURE_NAMES), len(classes)), np.float32), log_frequency.astype(np.float32), tuple(classes))
-    model = head_math.train_head(start, encoded, labels, replace(PRIOR_TRAINING, seed=seed))
-    return ClinicalPrior(model, log_frequency, 1.0)
+    start = head_math.Head(np.zeros((num_features, len(classes)), np.float32), log_frequency.astype(np.float32), tuple(classes))
+    return head_math.train_head(start, encoded, labels, config), log_frequency
 
 
 def manifest_entry(prior: ClinicalPrior) -> dict:
@@ -179,10 +188,15 @@ def manifest_entry(prior: ClinicalPrior) -> dict:
 
 def log_odds(prior: ClinicalPrior, encoded: np.ndarray) -> np.ndarray:
     """What the metadata adds, unweighted: log p(class | metadata) - log p(class), (N, C)."""
-    z = head_math.logits(prior.model, encoded).astype(np.float64)
+    return metadata_log_odds(prior.model, prior.log_class_frequency, encoded)
+
+
+def metadata_log_odds(model: head_math.Head, log_class_frequency: np.ndarray, encoded: np.ndarray) -> np.ndarray:
+    """`log_odds` for any metadata model (`fit_metadata_model`), whatever its encoding."""
+    z = head_math.logits(model, encoded).astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return log_p - prior.log_class_frequency
+    return log_p - log_class_frequency
 
 
 def adjust(prior: ClinicalPrior | None, image_logits: np.ndarray, encoded: np.ndarray | None) -> np.ndarray:
@@ -200,11 +214,17 @@ def choose_weight(
 ) -> tuple[ClinicalPrior, dict[str, float]]:
     """The candidate weight with the best validation `score(labels, predictions)`; ties go to
     the smaller weight (0 = off). Returns the prior with that weight and every candidate's score."""
-    term = log_odds(prior, encoded)
+    best, scores = best_weight(log_odds(prior, encoded), image_logits, labels, score)
+    return ClinicalPrior(prior.model, prior.log_class_frequency, best), scores
+
+
+def best_weight(term: np.ndarray, image_logits: np.ndarray, labels: np.ndarray, score) -> tuple[float, dict[str, float]]:
+    """`choose_weight`'s rule for any unweighted prior term (N, C): the best-scoring weight of
+    WEIGHT_CANDIDATES, ties to the smaller, and every candidate's score."""
     z = np.asarray(image_logits, np.float64)
     scores = {f"{w:g}": float(score(labels, (z + w * term).argmax(1))) for w in WEIGHT_CANDIDATES}
     best = max(WEIGHT_CANDIDATES, key=lambda w: (scores[f"{w:g}"], -w))
-    return ClinicalPrior(prior.model, prior.log_class_frequency, float(best)), scores
+    return float(best), scores
 
 
 def prior_to_npz(prior: ClinicalPrior) -> bytes:
