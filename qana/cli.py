@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -205,7 +206,8 @@ def split(
             seed = recorded_seed if seed is None else seed
         seed = 0 if seed is None else int(seed)
         dataset = load_dataset(data, progress=sys.stderr.isatty())
-        command = " ".join(["qana", *sys.argv[1:]]) if sys.argv[1:2] == ["split"] else "qana split"
+        # quoted as `qana train` records its command, so a path with spaces reruns as written
+        command = " ".join(["qana", *(shlex.quote(a) for a in sys.argv[1:])]) if sys.argv[1:2] == ["split"] else "qana split"
         n = export_part(data, dataset, out, part, seed, val_fraction, command, training)
     except (BundleError, DataError, SplitExportError) as exc:
         raise fail(str(exc)) from None
