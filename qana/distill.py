@@ -9,25 +9,60 @@ classes an image resembles, which a one-hot label cannot.
 Teachers must come from runs with the same split as the student. A teacher trained on another
 split has seen validation or test lesions and would leak them into the student, so a teacher
 whose `split.npz` differs is refused.
+
+A teacher sees each image with its own pixel preprocessing (`--colour-constancy`, recorded in
+its options.json): a colour-corrected teacher fed uncorrected pixels would teach from inputs it
+never saw. The student's images are already preprocessed its way, so a teacher with other
+preprocessing can be served only when the student's is "none" (the decoded pixels).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qana.head import softmax
+from qana.preprocess import preprocess
 from qana.views import check_view_count, dihedral_view
 
 
 class TeacherError(ValueError):
-    """A teacher run that cannot be used (missing, or trained on another split)."""
+    """A teacher run that cannot be used (missing, trained on another split or size, or on images
+    the student's cannot be turned into)."""
 
 
-def check_teacher(teacher_run: Path, student_run: Path, image_size: int | None = None) -> Path:
-    """The teacher's float model file, after checking its run used the student's split."""
+@dataclass(frozen=True)
+class Teacher:
+    """A checked teacher run: its float model file and the pixel preprocessing it was trained with."""
+
+    model: Path
+    colour_constancy: str = "none"
+
+    def check_serves(self, student_colour_constancy: str) -> None:
+        """Refuse a teacher whose images cannot be made from the student's preprocessed ones."""
+        if self.colour_constancy != student_colour_constancy and student_colour_constancy != "none":
+            raise TeacherError(
+                f"teacher {self.model.parent} was trained with colour constancy {self.colour_constancy!r} and this run "
+                f"with {student_colour_constancy!r}: its images cannot be recovered from this run's, so use teachers "
+                "with the same --colour-constancy, or distil into a run without it"
+            )
+
+    def inputs(self, images: np.ndarray, student_colour_constancy: str = "none") -> np.ndarray:
+        """The student's (already preprocessed) images as this teacher must see them."""
+        self.check_serves(student_colour_constancy)
+        if self.colour_constancy == student_colour_constancy:
+            return images
+        return preprocess(images, self.colour_constancy)
+
+
+def check_teacher(
+    teacher_run: Path, student_run: Path, image_size: int | None = None, colour_constancy: str = "none"
+) -> Teacher:
+    """The teacher's float model and preprocessing, after checking its run used the student's split
+    and images the student's can be turned into."""
     teacher_run = Path(teacher_run)
     model = teacher_run / "float.h5"
     if not model.is_file():
@@ -35,9 +70,10 @@ def check_teacher(teacher_run: Path, student_run: Path, image_size: int | None =
     split = teacher_run / "split.npz"
     if not split.is_file():
         raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
-    options = teacher_run / "options.json"
-    if options.is_file() and image_size is not None:
-        teacher_size = json.loads(options.read_text()).get("image_size", image_size)
+    options_file = teacher_run / "options.json"
+    options = json.loads(options_file.read_text()) if options_file.is_file() else {}
+    if image_size is not None:
+        teacher_size = options.get("image_size", image_size)
         if teacher_size != image_size:
             raise TeacherError(f"teacher {teacher_run} takes {teacher_size}x{teacher_size} images, this run {image_size}x{image_size}")
     with np.load(split) as t, np.load(Path(student_run) / "split.npz") as s:
@@ -47,7 +83,9 @@ def check_teacher(teacher_run: Path, student_run: Path, image_size: int | None =
             f"teacher {teacher_run} was trained on another split than {student_run}: it has seen validation or "
             "test lesions of this run; use runs with the same data and seed"
         )
-    return model
+    teacher = Teacher(model, options.get("colour_constancy", "none"))
+    teacher.check_serves(colour_constancy)  # refused before any training, not half-way
+    return teacher
 
 
 def teacher_probabilities(models: list, images: np.ndarray, views: int = 8) -> np.ndarray:

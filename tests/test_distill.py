@@ -48,7 +48,7 @@ def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Pa
         check_teacher(_run(tmp_path / "leaky", other, _corner_model()), student)
     with pytest.raises(TeacherError, match="no float.h5"):
         check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
-    assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).name == "float.h5"
+    assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).model.name == "float.h5"
     (tmp_path / "good" / "options.json").write_text('{"image_size": 64}')
     with pytest.raises(TeacherError, match="takes 64x64 images, this run 80x80"):
         check_teacher(tmp_path / "good", student, image_size=80)
@@ -116,3 +116,32 @@ def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
         np.testing.assert_allclose(seen[0], expected, rtol=1e-5)
     else:
         assert seen[0] is None
+
+
+def test_each_teacher_sees_images_with_its_own_colour_constancy(tmp_path: Path) -> None:
+    """A shades-of-gray teacher teaching a plain student is fed corrected pixels; the reverse is refused."""
+    from qana.preprocess import shades_of_gray
+
+    keras.utils.set_random_seed(0)
+    train = _data(12, 0)
+    train.images = np.random.default_rng(3).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    train.images[..., 0] //= 3  # a colour cast, so correcting it changes the pixels
+    split = {"train": np.arange(12), "val": np.arange(12, 14), "test": np.arange(14, 16), "image_ids": np.array([f"i{i}" for i in range(16)])}
+    student = _run(tmp_path / "student", split, None)
+    model = _corner_model()
+    corrected = _run(tmp_path / "sog", split, model)
+    (corrected / "options.json").write_text('{"image_size": 8, "colour_constancy": "shades-of-gray"}')
+    plain = _run(tmp_path / "plain", split, model)
+
+    teacher = check_teacher(corrected, student, image_size=8)
+    assert teacher.colour_constancy == "shades-of-gray"
+    np.testing.assert_array_equal(teacher.inputs(train.images), shades_of_gray(train.images))
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=8, teachers=(str(corrected),), label_weight=0.0)
+    np.testing.assert_allclose(distillation_targets(opts, train), teacher_probabilities([model], shades_of_gray(train.images)), rtol=1e-5)
+    both = TrainOptions(data=tmp_path, run_dir=student, image_size=8, teachers=(str(corrected), str(plain)), label_weight=0.0)
+    expected = (teacher_probabilities([model], shades_of_gray(train.images)) + teacher_probabilities([model], train.images)) / 2
+    np.testing.assert_allclose(distillation_targets(both, train), expected, rtol=1e-5)
+
+    assert check_teacher(corrected, student, colour_constancy="shades-of-gray").inputs(train.images, "shades-of-gray") is train.images
+    with pytest.raises(TeacherError, match="colour constancy 'none' and this run with 'shades-of-gray'"):
+        check_teacher(plain, student, colour_constancy="shades-of-gray")
