@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from qana.cli_errors import fail
+from qana.invocation import invoked_command
 from qana.splits import VAL_FRACTION_RANGE
 
 app = typer.Typer(
@@ -206,9 +206,7 @@ def split(
             seed = recorded_seed if seed is None else seed
         seed = 0 if seed is None else int(seed)
         dataset = load_dataset(data, progress=sys.stderr.isatty())
-        # quoted as `qana train` records its command, so a path with spaces reruns as written
-        command = " ".join(["qana", *(shlex.quote(a) for a in sys.argv[1:])]) if sys.argv[1:2] == ["split"] else "qana split"
-        n = export_part(data, dataset, out, part, seed, val_fraction, command, training)
+        n = export_part(data, dataset, out, part, seed, val_fraction, invoked_command("qana", "split"), training)
     except (BundleError, DataError, SplitExportError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{n} {part} images ({describe_settings(part, seed, val_fraction)}) written to {out}; {describe_skipped(dataset.skipped)}")

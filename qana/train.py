@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
 from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
+from qana.invocation import invoked_command
 from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
 from qana.preprocess import check_colour_constancy, preprocess
@@ -78,7 +77,7 @@ class TrainOptions:
     resume: bool = True
     stop_after: str | None = None  # a stage name: stop once it is finished (ablations that need only the float model)
     bundle_out: Path | None = None
-    command: str = field(default_factory=lambda: " ".join(["qana", *(shlex.quote(a) for a in sys.argv[1:])]))
+    command: str = field(default_factory=lambda: invoked_command("qana"))
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(

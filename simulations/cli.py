@@ -11,8 +11,6 @@ Flags override the --config TOML file, which overrides the defaults. Mistakes pr
 
 from __future__ import annotations
 
-import shlex
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from qana.cli_errors import fail, reported_errors
+from qana.invocation import invoked_command
 
 EXIT_INTERRUPTED = 130
 
@@ -62,11 +61,6 @@ def _reported_errors() -> Iterator[None]:
 
     with reported_errors(ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError):
         yield
-
-
-def _command_line() -> str:
-    """This invocation, recorded in every result so anyone can rerun it."""
-    return "qana-sim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 @app.command("run")
@@ -129,7 +123,7 @@ def run(
     try:
         with _reported_errors():
             cfg = resolve(config, flags)
-            result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=_command_line())
+            result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=invoked_command("qana-sim"))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -193,7 +187,7 @@ def compare(
     }
     with _reported_errors():
         base = resolve(config, flags)
-    command = _command_line()
+    command = invoked_command("qana-sim")
     out_dir = out.expanduser().resolve()
 
     def one(cfg: Any) -> Any:
