@@ -103,6 +103,22 @@ def teacher_probabilities(models: list, images: np.ndarray, views: int = 8) -> n
     return np.mean(per_model, axis=0).astype(np.float32)
 
 
+def ensemble_probabilities(teachers: list[Teacher], images: np.ndarray, student_colour_constancy: str = "none", views: int = 8) -> np.ndarray:
+    """Mean over `teachers` of each one's class probabilities over `views` orientations, each
+    teacher seeing the student's images with its own preprocessing (`Teacher.inputs`)."""
+    import tf_keras as keras
+
+    if not teachers:
+        raise TeacherError("no teacher models given")
+    return np.mean(
+        [
+            teacher_probabilities([keras.models.load_model(t.model, compile=False)], t.inputs(images, student_colour_constancy), views)
+            for t in teachers
+        ],
+        axis=0,
+    ).astype(np.float32)
+
+
 def mixed_targets(labels: np.ndarray, teacher: np.ndarray, label_weight: float) -> np.ndarray:
     """label_weight x one-hot(labels) + (1 - label_weight) x teacher probabilities, per image."""
     if not 0.0 <= label_weight <= 1.0:

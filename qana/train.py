@@ -424,21 +424,11 @@ def distillation_targets(opts: TrainOptions, train: Dataset) -> np.ndarray | Non
     """Label/teacher mixed training targets when teachers are given (qana.distill), else None."""
     if not opts.teachers:
         return None
-    import tf_keras as keras
-
-    from qana.distill import check_teacher, mixed_targets, teacher_probabilities
+    from qana.distill import check_teacher, ensemble_probabilities, mixed_targets
 
     teachers = [check_teacher(Path(t), opts.run_dir, opts.image_size, opts.colour_constancy) for t in opts.teachers]
-    probs = np.mean(
-        [
-            teacher_probabilities(
-                [keras.models.load_model(t.model, compile=False)], t.inputs(train.images, opts.colour_constancy), views=8
-            )
-            for t in teachers
-        ],
-        axis=0,
-    )
-    return mixed_targets(train.labels, probs.astype(np.float32), opts.label_weight)
+    probs = ensemble_probabilities(teachers, train.images, opts.colour_constancy, views=8)
+    return mixed_targets(train.labels, probs, opts.label_weight)
 
 
 def load_float(opts: TrainOptions):
