@@ -17,7 +17,7 @@ import typer
 
 from qana.cli_errors import fail
 from qana.invocation import invoked_command
-from qana.splits import VAL_FRACTION_RANGE
+from qana.splits import VAL_FRACTION, VAL_FRACTION_RANGE
 
 app = typer.Typer(
     add_completion=False,
@@ -56,7 +56,7 @@ def train(
     clinical_prior: Annotated[str, typer.Option(help="Clinical prior from age, sex and body site (qana.clinical), added to the logits on the host: auto (fit it; its weight, 0 = off, is chosen on validation) | off.")] = "auto",
     head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = VAL_FRACTION,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
@@ -183,7 +183,7 @@ def split(
     part: Annotated[str, typer.Option(help="train | val | test.")] = "test",
     model: Annotated[Optional[Path], typer.Option(help="Bundle whose split to reproduce: its seed is used and its recorded split sizes are checked.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Split seed, as given to `qana train` (default: the bundle's, else 0).")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Validation share, as given to `qana train` (the test part does not depend on it).")] = 0.15,
+    val_fraction: Annotated[float, typer.Option(help="Validation share, as given to `qana train` (the test part does not depend on it).")] = VAL_FRACTION,
 ) -> None:
     """Write one part of `qana train`'s lesion-grouped split as its own folder.
 

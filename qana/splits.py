@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 # `qana train`'s validation share of lesions: enough to pick checkpoints and heads by, at most half.
+VAL_FRACTION = 0.15  # `qana train`'s default validation share (`qana split` must default to the same)
 VAL_FRACTION_RANGE = (0.02, 0.5)
 TEST_FRACTION = 0.15  # `qana train`'s test share (fixed: one seed keeps the same test lesions)
 
@@ -57,7 +58,7 @@ def grouped_split(
 
 
 def train_val_test(
-    labels: np.ndarray, groups: np.ndarray, val: float = 0.15, test: float = TEST_FRACTION, seed: int = 0
+    labels: np.ndarray, groups: np.ndarray, val: float = VAL_FRACTION, test: float = TEST_FRACTION, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The standard three-way lesion-grouped split used by `qana train`."""
     train_idx, val_idx, test_idx = grouped_split(labels, groups, (1.0 - val - test, val, test), seed)

@@ -32,7 +32,7 @@ from qana.invocation import invoked_command
 from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
 from qana.preprocess import check_colour_constancy, preprocess
-from qana.splits import TEST_FRACTION, train_val_test
+from qana.splits import TEST_FRACTION, VAL_FRACTION, train_val_test
 from qana.views import check_view_count, keras_logits
 
 log = logging.getLogger("qana.train")
@@ -51,7 +51,7 @@ class TrainOptions:
     batch_size: int = 64
     learning_rate: float = 2e-3
     seed: int = 0
-    val_fraction: float = 0.15
+    val_fraction: float = VAL_FRACTION
     test_fraction: float = TEST_FRACTION
     width: int = 32
     feature_dim: int = 256
