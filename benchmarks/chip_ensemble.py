@@ -39,7 +39,9 @@ FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida+prior", "float+prio
 
 def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, dict, dict]:
     """Mean float and Akida logits of a group of runs on its validation and test parts, the
-    parts' labels, and the prior's training inputs. Exits if the runs were split differently."""
+    parts' labels, and the rest a scorer needs: the prior's training inputs and each part's
+    lesion ids (benchmarks/bar_interval.py resamples lesions). Exits if the runs were split
+    differently."""
     from qana import clinical
     from qana.train import akida_features, akida_head_logits, load_float, load_split, recorded_options, run_dataset
     from qana.views import keras_logits
@@ -64,28 +66,37 @@ def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, di
     mean = {k: np.mean(v, axis=0) for k, v in logits.items()}
     labels = {name: parts[name].labels for name in ("val", "test")}
     encoded = {name: clinical.encode_dataset(parts[name]) for name in ("train", "val", "test")}
-    return mean, labels, {"encoded": encoded, "train_labels": parts["train"].labels, "seed": opts.seed}
+    lesions = {name: parts[name].lesion_ids for name in ("val", "test")}
+    return mean, labels, {"encoded": encoded, "train_labels": parts["train"].labels, "seed": opts.seed, "lesions": lesions}
 
 
-def score_group(mean: dict, labels: dict, prior_inputs: dict) -> tuple[dict, float]:
-    """Metrics of the float and Akida ensembles, without and with the clinical prior, and the
-    prior's weight. As in `qana train` (`evaluate_all`), the weight is chosen once, on the Akida
-    logits of the validation part, and the float model gets the same prior: the fidelity bar
-    then compares the chip with float under identical host arithmetic."""
+def group_predictions(mean: dict, labels: dict, prior_inputs: dict) -> tuple[dict, float]:
+    """Class predictions of the float and Akida ensembles, without and with the clinical prior,
+    keyed (model, part), and the prior's weight. As in `qana train` (`evaluate_all`), the weight
+    is chosen once, on the Akida logits of the validation part, and the float model gets the
+    same prior: the fidelity bar then compares the chip with float under identical host arithmetic."""
     from qana import clinical
     from qana.classes import CLASS_NAMES
-    from qana.metrics import classification_metrics
     from qana.train import selection_score
 
     enc = prior_inputs["encoded"]
     fitted = clinical.fit_prior(enc["train"], prior_inputs["train_labels"], CLASS_NAMES, seed=prior_inputs["seed"])
     prior, _ = clinical.choose_weight(fitted, mean[("akida", "val")], enc["val"], labels["val"], selection_score)
-    out: dict[tuple[str, str], dict] = {}
+    out: dict[tuple[str, str], np.ndarray] = {}
     for model in ("float", "akida"):
         for part in ("val", "test"):
             for name, z in ((model, mean[(model, part)]), (f"{model}+prior", clinical.adjust(prior, mean[(model, part)], enc[part]))):
-                out[(name, part)] = classification_metrics(labels[part], z.argmax(1), CLASS_NAMES)
+                out[(name, part)] = z.argmax(1)
     return out, prior.weight
+
+
+def score_group(mean: dict, labels: dict, prior_inputs: dict) -> tuple[dict, float]:
+    """Metrics of each of `group_predictions`' predictions, keyed (model, part), and the prior's weight."""
+    from qana.classes import CLASS_NAMES
+    from qana.metrics import classification_metrics
+
+    predictions, weight = group_predictions(mean, labels, prior_inputs)
+    return {(model, part): classification_metrics(labels[part], pred, CLASS_NAMES) for (model, part), pred in predictions.items()}, weight
 
 
 def main() -> None:

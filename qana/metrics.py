@@ -82,3 +82,57 @@ def fidelity_line(reference: dict, chip: dict, label: str) -> str:
     and the verdict against FAITHFUL, as the benchmarks print it for each split."""
     verdict = "outside the bar" if shortfall(reference, chip) > FAITHFUL else "ok"
     return f"{label} {100 * (chip['top1'] - reference['top1']):+.1f} / {100 * (chip['macro_f1'] - reference['macro_f1']):+.1f} ({verdict})"
+
+
+BOOTSTRAP_METRICS = ("top1", "macro_f1", "balanced_accuracy")
+
+
+def grouped_bootstrap(
+    labels: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    groups: np.ndarray,
+    class_names: tuple[str, ...] | list[str],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
+    """top-1, macro-F1 and balanced accuracy of each model on `resamples` bootstrap resamples.
+
+    Resamples whole groups (lesions), not images: images of one lesion are near-copies, so
+    resampling images would pretend the test part holds more independent evidence than it does
+    (the same reason the split is grouped by lesion). Every model is scored on the same
+    resamples, so differences between them (the chip minus float) are paired. Returns
+    model -> metric -> (resamples,) array.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    groups = np.asarray(groups)
+    if labels.shape != groups.shape:
+        raise ValueError(f"labels and groups differ in shape: {labels.shape} vs {groups.shape}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    for name, pred in predictions.items():
+        if np.shape(pred) != labels.shape:
+            raise ValueError(f"predictions of {name!r} differ in shape from the labels: {np.shape(pred)} vs {labels.shape}")
+    _, group_of_image = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_image.max()) + 1 if labels.size else 0
+    if n_groups == 0:
+        raise ValueError("no images to resample")
+    k = len(class_names)
+    cells = {name: labels * k + np.asarray(pred, dtype=np.int64) for name, pred in predictions.items()}
+    rng = np.random.default_rng(seed)
+    out = {name: {m: np.empty(resamples) for m in BOOTSTRAP_METRICS} for name in predictions}
+    for r in range(resamples):
+        # how often each group was drawn = the weight of each of its images in this resample
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_of_image]
+        for name, cell in cells.items():
+            cm = np.bincount(cell, weights=weight, minlength=k * k).reshape(k, k)
+            m = metrics_from_confusion(cm, class_names)
+            for metric in BOOTSTRAP_METRICS:
+                out[name][metric][r] = m[metric]
+    return out
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap values."""
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
+    return float(low), float(high)

@@ -26,6 +26,7 @@ def _part(ids: list[str], labels: list[int]) -> SimpleNamespace:
     n = len(ids)
     return SimpleNamespace(
         image_ids=np.array(ids),
+        lesion_ids=np.array([f"lesion-{i}" for i in ids]),
         labels=np.array(labels),
         images=np.zeros((n, 4, 4, 3), np.uint8),
         metadata=None,
