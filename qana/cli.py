@@ -1,7 +1,7 @@
 """`qana`: train, evaluate and inspect QANA model bundles.
 
     qana train --data DIR --run-dir runs/v2 [--target v2|v1] [--weight-bits 8|4] ...
-    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE] [--no-clinical-prior]
+    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE] [--no-clinical-prior] [--lesion-fusion]
     qana info [BUNDLE]
 """
 
@@ -146,23 +146,27 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json).")] = None,
     clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
+    lesion_fusion: Annotated[bool, typer.Option(help="One decision per lesion: images with the same lesion_id in the metadata share the mean of their logits (qana.fusion). Metrics are still counted per image.")] = False,
 ) -> None:
     """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
     from qana.bundle import BundleError, load_bundle, load_default_bundle
     from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
     from qana.evaluate import clinical_inputs, evaluate_bundle, plot_confusion
+    from qana.fusion import describe_lesions
 
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
         _, _, prior_use = clinical_inputs(bundle, dataset, clinical_prior)
-        result = evaluate_bundle(bundle, dataset, backend, use_prior=clinical_prior)
+        result = evaluate_bundle(bundle, dataset, backend, use_prior=clinical_prior, lesion_fusion=lesion_fusion)
     except ClinicalDataError as exc:
         raise fail(f"{exc} (fix the metadata, or score the images alone: --no-clinical-prior)") from None
     except (BundleError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}; {prior_use}")
+    fusion_use = f"on ({describe_lesions(dataset.lesion_ids)})" if lesion_fusion else "off (each image decided alone)"
+    typer.echo(f"lesion fusion: {fusion_use}")
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
         typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")

@@ -11,6 +11,7 @@ from qana import clinical
 from qana.bundle import Bundle
 from qana.clinical import ClinicalPrior
 from qana.data import Dataset
+from qana.fusion import fuse_by_lesion
 from qana.metrics import classification_metrics
 from qana.preprocess import preprocess
 from qana.views import keras_logits
@@ -54,17 +55,23 @@ def clinical_inputs(bundle: Bundle, dataset: Dataset, use_prior: bool = True) ->
     return prior, encoded, f"clinical prior: used (age, sex, body site; weight {prior.weight:g})"
 
 
-def evaluate_bundle(bundle: Bundle, dataset: Dataset, backend: str = "akida", use_prior: bool = True) -> dict[str, Any]:
+def evaluate_bundle(
+    bundle: Bundle, dataset: Dataset, backend: str = "akida", use_prior: bool = True, lesion_fusion: bool = False
+) -> dict[str, Any]:
     """The metrics JSON of `qana evaluate` (keys: top1, macro_f1, balanced_accuracy, per_class,
     confusion, n, backend).
 
     With the bundle's clinical prior when it has one and the data has age/sex/localization
-    (`use_prior=False` scores the images alone); `clinical_inputs` says which.
+    (`use_prior=False` scores the images alone); `clinical_inputs` says which. With
+    `lesion_fusion`, the images of one lesion share the mean of their logits (`qana.fusion`), so
+    each lesion gets one decision; metrics are still counted per image.
     """
     if tuple(dataset.class_names) != bundle.classes[: len(dataset.class_names)]:
         raise ValueError(f"dataset classes {dataset.class_names} do not match the bundle's {bundle.classes}")
     prior, encoded, _ = clinical_inputs(bundle, dataset, use_prior)  # before the slow part: bad metadata fails at once
     logits = clinical.adjust(prior, bundle_logits(bundle, dataset.images, backend), encoded)
+    if lesion_fusion:
+        logits = fuse_by_lesion(logits, dataset.lesion_ids)
     result = classification_metrics(dataset.labels, logits.argmax(1), bundle.classes)
     result["backend"] = backend
     return result
