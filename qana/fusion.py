@@ -26,8 +26,8 @@ def fuse_by_lesion(logits: np.ndarray, lesion_ids: np.ndarray) -> np.ndarray:
     """Each image's logits replaced by the mean over the images of its lesion: (N, C) float64.
 
     The mean of logits, not of probabilities: the logits here are log-scores to which the
-    clinical prior has already been added, and averaging them multiplies the images' evidence,
-    as the test-time views' averaged features do for one image.
+    clinical prior has already been added, so their mean is the geometric mean of the images'
+    probabilities, as the test-time views' averaged features are for one image's orientations.
     """
     logits = np.asarray(logits, dtype=np.float64)
     lesion_ids = np.asarray(lesion_ids)
