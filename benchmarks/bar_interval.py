@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-BAR = {"top1": 0.80, "macro_f1": 0.60}  # the accuracy bar for the shipped v2 bundle (on held-out lesions)
+from qana.metrics import ACCURACY_BAR as BAR  # noqa: E402
+
 MODELS = ("float", "akida", "float+prior", "akida+prior")
 SHIPPED = "akida+prior"  # what `qana evaluate` scores by default, and what the bar is judged on
 # (chip, reference, label) pairs for the fidelity bar, as benchmarks/seed_spread.py reports them.
