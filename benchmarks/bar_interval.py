@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from qana.metrics import ACCURACY_BAR as BAR  # noqa: E402
+from qana.metrics import mean_interval  # noqa: E402
 
 MODELS = ("float", "akida", "float+prior", "akida+prior")
 SHIPPED = "akida+prior"  # what `qana evaluate` scores by default, and what the bar is judged on
@@ -93,15 +93,11 @@ def report_run(name: str, predictions: dict, labels: np.ndarray, lesions: np.nda
 
 def report_recipe(points: list[dict]) -> None:
     """Mean over runs of the shipped model's figures with a 95 % t-interval (runs = splits)."""
-    from scipy import stats
-
     n = len(points)
-    t = float(stats.t.ppf(0.975, n - 1))
     print(f"\nrecipe: {SHIPPED} on test, mean over {n} runs [95 % t-interval, {n - 1} degrees of freedom]")
     for k, bar in BAR.items():
-        values = [p[SHIPPED][k] for p in points]
-        mean, half = statistics.mean(values), t * statistics.stdev(values) / n**0.5
-        print(f"{LABELS[k]:<9} {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]  (bar {bar:.2f})")
+        mean, low, high = mean_interval([p[SHIPPED][k] for p in points])
+        print(f"{LABELS[k]:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (bar {bar:.2f})")
 
 
 def main() -> None:

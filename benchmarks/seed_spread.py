@@ -10,19 +10,24 @@ of the Akida model with the clinical prior when every run has that) and
 prints each run, whether its chip stays within the 1-point fidelity bar of its float model on
 test (images only, and with the prior when recorded), then the mean and sample standard
 deviation over runs. Warns when the runs differ in anything but the seed.
+
+A shipped bundle directory (e.g. qana/bundles/v2) may stand in for its training run, whose
+directory a new machine no longer has: its bundle.json records the same metrics and the
+`qana train` command, which is compared with the other runs' commands instead of their options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qana.metrics import FAITHFUL, fidelity_line  # noqa: E402  (numpy only: no TensorFlow)
+from qana.metrics import ACCURACY_BAR, FAITHFUL, fidelity_line, mean_interval  # noqa: E402  (no TensorFlow)
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
@@ -34,23 +39,52 @@ FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida_with_clinical_prior
 
 
 def load_run(run: Path) -> tuple[dict, dict]:
-    """(options, recorded metrics) of a run whose bundle stage has finished; exits with a clear message otherwise."""
+    """(options, recorded metrics) of a run whose bundle stage has finished, or of a shipped bundle
+    (options then hold only its recorded seed and command); exits with a clear message otherwise."""
     bundle, options = run / "bundle.json", run / "options.json"
-    for path in (bundle, options):
-        if not path.is_file():
-            sys.exit(f"error: {path} not found: {run} is not a `qana train` run whose bundle stage has finished")
-    return json.loads(options.read_text()), json.loads(bundle.read_text())["metrics"]
+    if not bundle.is_file():
+        sys.exit(f"error: {bundle} not found: {run} is neither a `qana train` run whose bundle stage has finished nor a bundle")
+    recorded = json.loads(bundle.read_text())
+    if options.is_file():
+        return json.loads(options.read_text()), recorded["metrics"]
+    training = recorded.get("training", {})
+    if "command" not in training:
+        sys.exit(f"error: {options} not found and {bundle} records no training command: cannot tell {run}'s recipe")
+    return {"seed": training.get("seed", "?"), "command": training["command"], "shipped_bundle": True}, recorded["metrics"]
+
+
+def recipe_command(command: str) -> list[str]:
+    """A `qana train` command without the settings that IGNORED_OPTIONS lets differ (and their values)."""
+    ignored = {"--" + name.replace("_", "-") for name in IGNORED_OPTIONS} | {"--no-resume"}
+    words, kept = shlex.split(command), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word.split("=", 1)[0] in ignored:
+            skip = "=" not in word and word not in ("--resume", "--no-resume")
+        else:
+            kept.append(word)
+    return kept
+
+
+def differences(first: dict, other: dict) -> list[str]:
+    """Settings in which two runs differ beyond the seed: option names, or the command when either is a bundle."""
+    if first.get("shipped_bundle") or other.get("shipped_bundle"):
+        same = recipe_command(first.get("command", "")) == recipe_command(other.get("command", ""))
+        return [] if same else ["command"]
+    return sorted(k for k in set(first) | set(other) if k not in IGNORED_OPTIONS and first.get(k) != other.get(k))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, nargs="+", help="finished `qana train` run directories (same command, other --seed)")
+    parser.add_argument("runs", type=Path, nargs="+", help="finished `qana train` run directories (same command, other --seed), or shipped bundles")
     args = parser.parse_args()
 
     runs = [(run, *load_run(run)) for run in args.runs]
     first = runs[0][1]
     for run, options, _ in runs[1:]:
-        differs = sorted(k for k in set(first) | set(options) if k not in IGNORED_OPTIONS and first.get(k) != options.get(k))
+        differs = differences(first, options)
         if differs:
             print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
 
@@ -78,6 +112,11 @@ def main() -> None:
             parts = [values[(part, model, k)] for k in METRICS]
             cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
         print(f"{part:<5} " + "  ".join(f"{names[model]}: {cell}" for model, cell in zip(models, cells, strict=True)))
+    shipped = models[-1]  # Akida with the clinical prior when every run recorded it: what `qana evaluate` scores
+    print(f"\nrecipe: {names[shipped]} on test, mean over {len(runs)} runs [95 % t-interval, {len(runs) - 1} degrees of freedom]")
+    for k, bar in ACCURACY_BAR.items():
+        mean, low, high = mean_interval(values[("test", shipped, k)])
+        print(f"{k:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (issue's bar for v2: {bar:.2f})")
 
 
 def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:

@@ -137,3 +137,17 @@ def interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
     return float(low), float(high)
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t interval of the mean of independent runs (e.g. one recipe
+    on several splits). Unlike a bootstrap of one test part, it includes the training randomness
+    and the choice of split. Needs two values or more; scipy is imported only here (training installs)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        raise ValueError(f"a t-interval needs at least two values, got {len(values)}")
+    sample = np.asarray(values, dtype=np.float64)
+    mean = float(sample.mean())
+    half = float(stats.t.ppf(0.5 + level / 2, len(sample) - 1)) * float(sample.std(ddof=1)) / len(sample) ** 0.5
+    return mean, mean - half, mean + half

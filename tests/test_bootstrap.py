@@ -4,7 +4,7 @@ how wide one test part's uncertainty is."""
 import numpy as np
 import pytest
 
-from qana.metrics import grouped_bootstrap, interval
+from qana.metrics import grouped_bootstrap, interval, mean_interval
 
 CLASSES = ("a", "b")
 
@@ -72,3 +72,13 @@ def test_same_seed_same_resamples() -> None:
 def test_bad_input_is_named(labels, pred, groups, resamples, message) -> None:
     with pytest.raises(ValueError, match=message):
         grouped_bootstrap(np.array(labels, dtype=int), {"m": np.array(pred, dtype=int)}, np.array(groups), CLASSES, resamples=resamples)
+
+
+def test_mean_interval_is_the_student_t_interval_of_the_runs() -> None:
+    mean, low, high = mean_interval([0.70, 0.80])
+    # sd 0.0707, t(0.975, 1 df) = 12.706: half-width 12.706 * 0.0707 / sqrt(2) = 0.635
+    assert mean == pytest.approx(0.75) and low == pytest.approx(0.75 - 0.6353, abs=1e-3) and high == pytest.approx(0.75 + 0.6353, abs=1e-3)
+    mean, low, high = mean_interval([0.80, 0.80, 0.80])
+    assert low == pytest.approx(0.80) and high == pytest.approx(0.80)
+    with pytest.raises(ValueError, match="at least two"):
+        mean_interval([0.80])

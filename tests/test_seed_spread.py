@@ -64,3 +64,39 @@ def test_fidelity_bar_is_judged_per_run_and_one_sided(tmp_path: Path) -> None:
     assert "+0.0 / -1.6 (outside the bar)" in fidelity["lossy"]
     assert "+0.0 / +3.0 (ok)" in fidelity["better"]  # scoring higher than float is not a failure of the chip
     assert "with the prior" not in done.stdout  # no run recorded float and Akida with the prior
+
+
+def _bundle_dir(root: Path, name: str, seed: int, top1: float, command: str) -> Path:
+    """A shipped bundle: bundle.json with metrics and the training command, no options.json."""
+    bundle = root / name
+    bundle.mkdir()
+    m = {"top1": top1, "macro_f1": top1 - 0.2, "balanced_accuracy": top1 - 0.25}
+    metrics = {part: {k: m for k in ("float", "quantized", "akida")} for part in ("val", "test")}
+    (bundle / "bundle.json").write_text(json.dumps({"metrics": metrics, "training": {"seed": seed, "command": command}}))
+    return bundle
+
+
+def test_a_shipped_bundle_stands_in_for_its_run_and_its_command_is_compared(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path, "run1", 1, 0.80)
+    options = json.loads((run / "options.json").read_text())
+    options["command"] = "qana train --data d --run-dir runs/r1 --width 32 --seed 1"
+    (run / "options.json").write_text(json.dumps(options))
+    same = _spread(_bundle_dir(tmp_path, "v2", 0, 0.70, "qana train --data other --run-dir runs/r0 --width 32 --seed 0"), run)
+    assert same.returncode == 0, same.stderr
+    assert "warning" not in same.stdout
+    assert "0.750±0.071/0.550±0.071/0.500±0.071" in same.stdout
+    other = _spread(_bundle_dir(tmp_path, "v2w", 0, 0.70, "qana train --data d --run-dir runs/r0 --width 48 --seed=0"), run)
+    assert "differs from" in other.stdout and "command" in other.stdout
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    (nothing / "bundle.json").write_text(json.dumps({"metrics": {}}))
+    refused = _spread(nothing)
+    assert refused.returncode != 0 and "records no training command" in refused.stderr
+
+
+def test_recipe_mean_has_a_t_interval_against_the_bar(tmp_path: Path) -> None:
+    done = _spread(*(_run_dir(tmp_path, f"r{s}", s, 0.79 + 0.01 * s, prior=0.80 + 0.01 * s) for s in range(3)))
+    assert done.returncode == 0, done.stderr
+    # akida+prior top-1 0.80, 0.81, 0.82: mean 0.81, sd 0.01, t(0.975, 2 df) = 4.303 -> +-0.0248
+    assert "recipe: akida+prior on test, mean over 3 runs" in done.stdout
+    assert "top1      0.810 [0.785, 0.835]  (issue's bar for v2: 0.80)" in done.stdout
