@@ -144,7 +144,7 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Bundle directory; default: the shipped v2 bundle.")] = None,
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json). Needs matplotlib (the [train] extra).")] = None,
     clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
     lesion_fusion: Annotated[bool, typer.Option(help="One decision per lesion: images with the same lesion_id in the metadata share the mean of their logits (qana.fusion). Metrics are still counted per image.")] = False,
 ) -> None:
@@ -152,9 +152,11 @@ def evaluate(
     from qana.bundle import BundleError, load_bundle, load_default_bundle
     from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
-    from qana.evaluate import clinical_inputs, evaluate_bundle, plot_confusion
+    from qana.evaluate import PLOT_NEEDS, can_plot, clinical_inputs, evaluate_bundle, plot_confusion
     from qana.fusion import describe_lesions
 
+    if plot and not can_plot():
+        raise fail(f"--plot {plot}: {PLOT_NEEDS}")
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
@@ -174,7 +176,10 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))
         typer.echo(f"metrics: {json_out}")
-        plot = plot or json_out.with_suffix(".png")
+        if not plot and not can_plot():
+            typer.echo(f"confusion matrix: no PNG, {PLOT_NEEDS}")
+        elif not plot:
+            plot = json_out.with_suffix(".png")
     if plot:
         plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
         typer.echo(f"confusion matrix: {plot}")

@@ -77,6 +77,19 @@ def evaluate_bundle(
     return result
 
 
+PLOT_NEEDS = "matplotlib is not installed (a clinic's core install leaves it out; pip install the [train] extra, or matplotlib alone)"
+
+
+def can_plot() -> bool:
+    """Whether the confusion-matrix PNG can be drawn: matplotlib comes with the training,
+    server and simulation extras, not with a clinic's core install."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: Path, title: str = "") -> None:
     """Row-normalised confusion matrix with counts, as a PNG."""
     import matplotlib

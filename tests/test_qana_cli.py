@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -26,6 +27,21 @@ def test_evaluate_writes_exactly_the_documented_json_and_a_plot(tmp_path: Path) 
     assert len(metrics["confusion"]) == 7 and sum(map(sum, metrics["confusion"])) == 30
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "skipped 1 image" in result.output
+
+
+def test_evaluate_without_matplotlib_still_writes_the_json(tmp_path: Path, monkeypatch) -> None:
+    """A clinic's core install has no matplotlib: the metrics are written, the PNG is skipped with a
+    reason, and an explicit --plot is refused before any image is scored."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=2)
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n"] == 12
+    assert "no PNG, matplotlib is not installed" in result.output and not out.with_suffix(".png").exists()
+    plot = tmp_path / "cm.png"
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--plot", str(plot)])
+    assert result.exit_code == 2 and "matplotlib is not installed" in result.output and "top1" not in result.output
 
 
 def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
