@@ -221,7 +221,7 @@ def start_command(
     bundle: Annotated[Path | None, typer.Option("--bundle", metavar="DIR", help="Model bundle to federate (default: the package's v2 bundle).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 3,
     strategy: Annotated[str, typer.Option("--strategy", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg or krum (Flower's implementations).")] = "fedavg",
-    strategy_option: Annotated[list[str] | None, typer.Option("--strategy-option", metavar="KEY=VALUE", help="Strategy constructor option, e.g. proximal_mu=0.1 (repeatable).")] = None,
+    strategy_option: Annotated[list[str] | None, typer.Option("--strategy-option", "--strategy-options", metavar="KEY=VALUE", help="Strategy constructor option, e.g. proximal_mu=0.1 (repeatable, or comma-separated).")] = None,
     min_clinics: Annotated[int, typer.Option("--min-clinics", min=1, help="Clinics needed before a round starts.")] = 2,
     round_timeout: Annotated[float, typer.Option("--round-timeout", help="Seconds to wait for clinics' replies in a round; late clinics are left out of it.")] = 600.0,
     wait_for_clinics: Annotated[float, typer.Option("--wait-for-clinics", help="Seconds to wait for --min-clinics clinics before giving up.")] = 3600.0,
@@ -234,7 +234,7 @@ def start_command(
     certs: Annotated[Path | None, typer.Option("--certs", metavar="DIR", help="Directory with ca.pem, server.pem, server.key (default: STATE_DIR/certs).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no clinic authentication. Only for local experiments.")] = False,
     no_node_auth: Annotated[bool, typer.Option("--no-node-auth", help="TLS, but accept any clinic (no registered keys needed).")] = False,
-    audit_db: Annotated[str | None, typer.Option("--audit-db", metavar="URL", help="Audit database URL (default: $QANA_AUDIT_DB, else sqlite:///~/.qana/audit.db).")] = None,
+    audit_db: Annotated[str | None, typer.Option("--audit-db", "--db", metavar="URL", help="Audit database URL (default: $QANA_AUDIT_DB, else sqlite:///~/.qana/audit.db).")] = None,
     audit_key: Annotated[Path | None, typer.Option("--audit-key", metavar="PATH", help="Audit signing key (default: $QANA_AUDIT_KEY, else ~/.qana/audit_key.pem).")] = None,
     wire_log: Annotated[bool, typer.Option("--wire-log", help="Record the structure and size of every message in STATE_DIR/wire.jsonl.")] = False,
     keep_running: Annotated[bool, typer.Option("--keep-running", help="Keep the SuperLink up after the run (for more `flwr run`s).")] = False,
@@ -419,7 +419,7 @@ def _absolute_sqlite(url: str | None) -> str | None:
 
 def status_command(
     state_dir: StateOption = DEFAULT_STATE,
-    audit_db: Annotated[str | None, typer.Option("--audit-db", metavar="URL", help="Audit database (default: $QANA_AUDIT_DB, else ~/.qana/audit.db).")] = None,
+    audit_db: Annotated[str | None, typer.Option("--audit-db", "--db", metavar="URL", help="Audit database (default: $QANA_AUDIT_DB, else ~/.qana/audit.db).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The run, connected clinics and the current model version."""

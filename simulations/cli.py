@@ -43,7 +43,14 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="experime
 RoundsOption = Annotated[Optional[int], typer.Option("--rounds", help="federated rounds (default 10)")]
 LocalEpochsOption = Annotated[Optional[int], typer.Option("--local-epochs", help="gradient: local head-training epochs per round (default 5)")]
 StrategyOption = Annotated[Optional[str], typer.Option("--strategy", help="gradient: fedavg (default) | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")]
-StrategyOptionsOption = Annotated[Optional[str], typer.Option("--strategy-options", help='gradient: strategy constructor options, e.g. "proximal_mu=0.1"')]
+StrategyOptionsOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--strategy-options",
+        "--strategy-option",  # qana-server's spelling: a command copied from one CLI works in the other
+        help='gradient: strategy constructor options, e.g. "proximal_mu=0.1" (repeatable, or comma-separated)',
+    ),
+]
 NewClassOption = Annotated[Optional[str], typer.Option("--new-class", help="new-class scenario: the class (default df)")]
 NewClassRoundOption = Annotated[Optional[int], typer.Option("--new-class-round", help="new-class scenario: the round it appears (default 3)")]
 SeedOption = Annotated[Optional[int], typer.Option("--seed", help="seed of the split, training and dropout (default 0)")]
@@ -103,7 +110,7 @@ def run(
         "classes_per_clinic": classes_per_clinic,
         "rounds": rounds,
         "strategy": strategy,
-        "strategy_options": strategy_options,
+        "strategy_options": ",".join(strategy_options) if strategy_options else None,
         "local_epochs": local_epochs,
         "learning_rate": learning_rate,
         "dropout": dropout,
@@ -179,7 +186,7 @@ def compare(
         "rounds": rounds,
         "local_epochs": local_epochs,
         "strategy": strategy,
-        "strategy_options": strategy_options,
+        "strategy_options": ",".join(strategy_options) if strategy_options else None,
         "new_class": new_class,
         "new_class_round": new_class_round,
         "bundle": str(bundle) if bundle is not None else None,

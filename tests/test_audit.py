@@ -602,11 +602,19 @@ def test_signing_key_file_is_private_and_reused(tmp_path: Path, db_url: str) -> 
     with AuditLog.open(db_url, sign=False) as reader:
         assert ledger_count(reader) == 2
 
-    # A regulator verifies with the public key alone.
+    # A regulator verifies with the public key alone, which `audit public-key` writes.
     public_pem = tmp_path / "coordinator.pub.pem"
-    public_pem.write_bytes(load_signer(key_path).public_pem())
-    result = run_cli("audit", "verify", "--db", db_url, "--key", str(public_pem))
+    result = run_cli("audit", "public-key", "--key", str(key_path), "--output", str(public_pem))
     assert result.exit_code == 0, result.output
+    assert public_pem.read_bytes() == load_signer(key_path).public_pem() and b"PRIVATE" not in public_pem.read_bytes()
+    result = run_cli("audit", "verify", "--audit-db", db_url, "--key", str(public_pem))  # start's spelling works too
+    assert result.exit_code == 0, result.output
+    result = run_cli("audit", "verify", "--db", db_url, "--key", str(other_key))
+    assert result.exit_code == 1, result.output
+    # An existing file is never overwritten.
+    kept = public_pem.read_bytes()
+    result = run_cli("audit", "public-key", "--key", str(other_key), "--output", str(public_pem))
+    assert result.exit_code != 0 and "already exists" in result.output and public_pem.read_bytes() == kept
 
 
 def test_defaults_come_from_environment_or_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ def test_node_registry_without_a_running_superlink(tmp_path) -> None:
     [
         (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
         (["--strategy", "fedavg", "--strategy-option", "eta=0.1"], "fedavg does not take option(s) eta"),
+        (["--strategy", "fedavg", "--strategy-options", "eta=0.1,tau=0.01"], "fedavg does not take option(s) eta, tau"),  # qana-sim's spelling
         (["--run-config", "num-round=3"], "unknown run-config key"),
         (["--run-config", 'audit-db="postgresql://u:secret@h/db"'], "--run-config audit-db: use the --audit-db option"),
         (["--bundle", "/nonexistent"], "not a model bundle"),

@@ -87,6 +87,8 @@ def test_bad_settings_are_one_clear_error(tmp_path: Path, toml: str, flags: dict
         (["--config", "MISSING.toml"], "error: config file not found"),
         (["--config", "BAD.toml"], "error: "),
         (["--bundle", "/nonexistent/bundle"], "error: no model bundle at /nonexistent/bundle"),
+        # qana-server's repeatable spelling is accepted too, and every occurrence reaches the check
+        (["--strategy", "fedavg", "--strategy-option", "proximal_mu=1", "--strategy-option", "eta=0.1"], "error: strategy fedavg does not take option(s) eta, proximal_mu"),
     ],
 )
 def test_cli_refuses_bad_input_with_one_line_and_no_traceback(ham: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -42,6 +42,7 @@ DbOption = Annotated[
     str | None,
     typer.Option(
         "--db",
+        "--audit-db",  # the spelling of `qana-server start/status`
         metavar="URL",
         help="Audit database as a SQLAlchemy URL, e.g. sqlite:///audit.db or postgresql://user@host/db. "
         "Default: $QANA_AUDIT_DB, else sqlite:///~/.qana/audit.db.",
@@ -52,6 +53,7 @@ KeyOption = Annotated[
     Path | None,
     typer.Option(
         "--key",
+        "--audit-key",  # the spelling of `qana-server start`
         metavar="PATH",
         help="The coordinator's Ed25519 key (PEM). verify accepts the public key alone. "
         "Default: $QANA_AUDIT_KEY, else ~/.qana/audit_key.pem.",
@@ -346,6 +348,37 @@ def verify_command(
             typer.echo(f"  ... and {len(others) - 20} more")
     if not report.ok:
         raise typer.Exit(EXIT_INVALID)
+
+
+@audit_app.command("public-key")
+def public_key_command(
+    key: KeyOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="PATH", help="Write the PEM to this new file instead of standard output."),
+    ] = None,
+) -> None:
+    """Print the coordinator's public key (PEM), for `audit verify --key` on a machine that must not sign.
+
+    An auditor can check the log with it but cannot write entries. An existing --output file
+    is never overwritten.
+    """
+    from server.audit.signing import default_key_path, load_verifier
+
+    with _reported_errors():
+        verifier = load_verifier(key if key is not None else default_key_path())
+        pem = verifier.public_pem()
+        if output is None:
+            typer.echo(pem.decode("ascii"), nl=False)
+            return
+        try:
+            with output.open("xb") as handle:
+                handle.write(pem)
+        except FileExistsError:
+            raise AuditError(f"{output} already exists; not overwritten (choose another --output)") from None
+        except OSError as exc:
+            raise AuditError(f"cannot write {output}: {exc.strerror}") from None
+    typer.echo(f"wrote the public key (fingerprint {verifier.fingerprint}) to {output}", err=True)
 
 
 @audit_app.command("export")

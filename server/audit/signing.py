@@ -83,6 +83,10 @@ class Verifier:
             return False
         return self._check(signature_hex, message)
 
+    def public_pem(self) -> bytes:
+        """The key as a PEM file: what an auditor needs to run `audit verify`, and nothing that can sign."""
+        return self.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
 
 @dataclass(frozen=True)
 class Signer:
@@ -105,9 +109,7 @@ class Signer:
         return self.private_key.sign(_head_message(seq, entry_hash)).hex()
 
     def public_pem(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return self.verifier.public_pem()
 
 
 def _read(path: Path) -> bytes:
