@@ -218,7 +218,7 @@ def _apply_registry(state) -> None:
 
 def start_command(
     state_dir: StateOption = DEFAULT_STATE,
-    bundle: Annotated[Path | None, typer.Option("--bundle", metavar="DIR", help="Model bundle to federate (default: the package's v2 bundle).")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", metavar="DIR", help="Model bundle to federate (default: the package's v2 bundle; v1 with --learning akida-edge).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Federated rounds.")] = 3,
     strategy: Annotated[str, typer.Option("--strategy", help="fedavg, fedprox, fedadam, fedmedian, fedtrimmedavg or krum (Flower's implementations).")] = "fedavg",
     strategy_option: Annotated[list[str] | None, typer.Option("--strategy-option", "--strategy-options", metavar="KEY=VALUE", help="Strategy constructor option, e.g. proximal_mu=0.1 (repeatable, or comma-separated).")] = None,
