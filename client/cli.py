@@ -109,24 +109,30 @@ def start(
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of lesions held out for local evaluation.")] = 0.2,
     new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic introduces to the federation; its images must be in --data. Repeatable.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Connect without TLS (only to a coordinator started with --insecure).")] = False,
-    runtime_port: Annotated[int, typer.Option("--runtime-port", help="Local port of the SuperNode's ClientApp API (distinct per clinic on one machine).")] = 9094,
+    runtime_port: Annotated[int, typer.Option("--runtime-port", min=1, max=65535, help="Local port of the SuperNode's ClientApp API (distinct per clinic on one machine).")] = 9094,
 ) -> None:
     """Run a Flower SuperNode for this clinic until stopped (Ctrl-C)."""
     from client.clinic import ClinicConfig, ClinicError
-    from protocols.auth import check_clinic_name, load_private_key
-    from qana.data import METADATA_FILE, read_metadata
+    from protocols.auth import check_certificate_file, check_clinic_name, check_server_address, load_private_key
+    from qana.data import CLASS_NAMES, METADATA_FILE, read_metadata
     from qana.runtime import RuntimeErrorQana, choose_device
 
     with _reported_errors():
         check_clinic_name(clinic_id)
+        check_server_address(server)
         data = data.expanduser().resolve()
         if not data.is_dir():
             raise fail(f"data folder not found: {data}")
-        records = read_metadata(data / METADATA_FILE)
+        records = read_metadata(data / METADATA_FILE, class_names=tuple(dict.fromkeys((*CLASS_NAMES, *(new_class or [])))))
+        present = {r.dx for r in records}
+        for name in new_class or []:
+            if name not in present:
+                raise fail(f"--new-class {name}: no image in {data / METADATA_FILE} has that diagnosis (dx)")
         if root_certificates is not None:
             root_certificates = root_certificates.expanduser().resolve()
             if not root_certificates.is_file():
                 raise fail(f"CA certificate not found: {root_certificates}")
+            check_certificate_file(root_certificates)
         if insecure and auth_key is not None:
             raise fail("--auth-key needs TLS; drop --insecure")
         if not insecure and root_certificates is None:
@@ -288,7 +294,7 @@ def learn(
     learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, help="Step size of the head update.")] = 0.01,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
     smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of SMOTE and of the order training samples are presented in.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of SMOTE and of the order training samples are presented in.")] = 0,
 ) -> None:
     """Update this clinic's deployed head from images added to its folder, outside a round.
 

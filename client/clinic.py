@@ -50,6 +50,7 @@ from protocols.messages import (
     TrainSettings,
     check_class_list,
 )
+from qana.atomic import recover_directory, replace_directory, write_atomic
 from qana.bundle import Bundle, pack_bundle
 from qana.data import Dataset, load_dataset
 from qana.head import (
@@ -71,6 +72,8 @@ NODE_CONFIG_KEYS = (
 )
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = 1
+PENDING_DIR = "pending"  # <cache>/pending/<bundle id>.json: images `learn` has seen but not yet learned
+PENDING_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
 
 
@@ -156,14 +159,6 @@ class Prepared:
     new_lesions: int = 0  # lesions assigned to a side just now
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` in one step, so a crash never leaves a half-written state file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed: int) -> None:
     """Record each lesion's side (TRAIN or HELD_OUT) in the clinic's split file.
 
@@ -173,7 +168,7 @@ def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed
     if set(sides.values()) - {TRAIN, HELD_OUT}:
         raise ClinicError(f"split sides must be {TRAIN!r} or {HELD_OUT!r}")
     state = {"format": SPLIT_FORMAT, "eval_fraction": eval_fraction, "seed": seed, "lesions": dict(sides)}
-    _write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
 
 
 def persistent_split(
@@ -349,12 +344,15 @@ class Clinic:
         """Diagnoses the clinic's metadata may use: the bundle's, the head's, its own new classes."""
         return tuple(dict.fromkeys((*bundle.classes, *classes, *self.config.new_classes)))
 
-    def prepare(self, bundle_id: str, classes: tuple[str, ...] = ()) -> Prepared:
+    def prepare(self, bundle_id: str, classes: tuple[str, ...] = (), remember_new: bool = False) -> Prepared:
         """Load the bundle, the data and the (cached) features; split train/held-out by lesion.
 
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
         across calls and only lesions new to the folder are assigned. `classes` are the global
-        head's (they may include classes the bundle was not trained on).
+        head's (they may include classes the bundle was not trained on). With `remember_new`
+        (`learn`), images without cached features, and those an earlier `learn` saw but did not
+        finish learning, are `new_rows`; they are recorded as pending *before* their features
+        are cached, so a `learn` that fails or is interrupted leaves them new for the next one.
         """
         from qana.runtime import shared_runtime
 
@@ -369,6 +367,11 @@ class Clinic:
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
+        if remember_new:
+            pending = self._pending(bundle_id)
+            new_rows |= np.isin(dataset.content_hashes, sorted(pending))
+            if new_rows.any():
+                self._write_pending(bundle_id, pending | set(dataset.content_hashes[new_rows].tolist()))
         features, computed = cache.features(dataset, runtime)
         train_idx, eval_idx, new_lesions = persistent_split(
             self.config.cache / SPLIT_FILE,
@@ -378,6 +381,29 @@ class Clinic:
             self.config.split_seed,
         )
         return Prepared(bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, new_lesions)
+
+    def _pending_path(self, bundle_id: str) -> Path:
+        return self.config.cache / PENDING_DIR / f"{bundle_id}.json"
+
+    def _pending(self, bundle_id: str) -> set[str]:
+        """Content hashes of images an unfinished `learn` saw (empty when the last one finished)."""
+        path = self._pending_path(bundle_id)
+        if not path.is_file():
+            return set()
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if state.get("format") != PENDING_FORMAT or not isinstance(state.get("images"), list):
+                raise ValueError("unexpected content")
+            return {str(h) for h in state["images"]}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ClinicError(
+                f"pending-images file {path} is unreadable ({exc}); move it away and `learn` will count as new "
+                "only images whose features are not cached yet"
+            ) from None
+
+    def _write_pending(self, bundle_id: str, hashes: set[str]) -> None:
+        state = {"format": PENDING_FORMAT, "bundle_id": bundle_id, "images": sorted(hashes)}
+        write_atomic(self._pending_path(bundle_id), (json.dumps(state, indent=1) + "\n").encode())
 
     # ------------------------------------------------------------------ rounds
 
@@ -470,30 +496,34 @@ class Clinic:
         return self.config.cache / "deployed" / bundle_id
 
     def _write_deployed(self, prep: Prepared, head: Head, fields: Mapping[str, Any]) -> Path:
-        """Write model.fbz, head.npz and deployed.json, each replaced in one step."""
-        out = self.deployed_dir(prep.bundle.bundle_id)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".model.{os.getpid()}.fbz"
-        prep.runtime.model.save(str(tmp))
-        os.replace(tmp, out / "model.fbz")
-        _write_atomic(out / "head.npz", head_to_npz(head))
+        """Write model.fbz, head.npz and deployed.json as one set (`qana.atomic.replace_directory`):
+        after a crash the folder holds the old model and head or the new ones, never a mix."""
         info = {
             "bundle_id": prep.bundle.bundle_id,
             **fields,
             "device": prep.runtime.device_description,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(out / "deployed.json", (json.dumps(info, indent=2) + "\n").encode())
+
+        def build(folder: Path) -> None:
+            prep.runtime.model.save(str(folder / "model.fbz"))
+            (folder / "head.npz").write_bytes(head_to_npz(head))
+            (folder / "deployed.json").write_text(json.dumps(info, indent=2) + "\n")
+
+        out = self.deployed_dir(prep.bundle.bundle_id)
+        replace_directory(out, build)
         return out
 
     # ------------------------------------------------------------------ on-demand learning
 
     def deployed_bundle_ids(self) -> list[str]:
-        """Bundles with a deployed head in this clinic's cache."""
+        """Bundles with a deployed head in this clinic's cache (after undoing an interrupted swap)."""
         root = self.config.cache / "deployed"
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if (p / "head.npz").is_file())
+        for previous in root.glob(".*.previous"):
+            recover_directory(root / previous.name[1 : -len(".previous")])
+        return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "head.npz").is_file())
 
     def adopt_bundle(self, bundle: Bundle) -> str:
         """Put a bundle given on the command line into the clinic's verified bundle cache."""
@@ -503,13 +533,16 @@ class Clinic:
 
     def current_head(self, bundle_id: str, spec: HeadSpec) -> tuple[Head, str]:
         """The head the clinic runs now: the deployed one, else the bundle's own head."""
+        recover_directory(self.deployed_dir(bundle_id))
         path = self.deployed_dir(bundle_id) / "head.npz"
         if not path.is_file():
             return self.bundles.get(bundle_id).load_head(), "bundle head"
         try:
             head = head_from_npz(path.read_bytes())
         except ValueError as exc:
-            raise ClinicError(f"deployed head {path}: {exc}") from None
+            raise ClinicError(
+                f"deployed head {path}: {exc}; move {path.parent} away to start again from the bundle's head"
+            ) from None
         if head.num_features != spec.num_features or head.feature_scale != spec.feature_scale:
             raise ClinicError(f"deployed head {path} does not fit bundle {bundle_id[:12]}… (features)")
         return head, "deployed head"
@@ -522,13 +555,18 @@ class Clinic:
         cached old features, plus `config.proximal_mu` pulling towards the current weights),
         so a small new batch cannot simply overwrite what the head knew. The updated head is
         written into the Akida model and must agree with the reference on the chip before the
-        deployed files are replaced; anything failing before that leaves them as they were.
+        deployed files are replaced (as one set); anything failing before that leaves them as
+        they were, and the images stay new for the next `learn` (`prepare(remember_new=True)`).
         Accuracy is reported on the earlier held-out images before and after (forgetting), and
         on the new images.
         """
         head, start = self.current_head(bundle_id, head_spec(self.bundles.get(bundle_id)))
-        prep = self.prepare(bundle_id, head.classes)
+        prep = self.prepare(bundle_id, head.classes, remember_new=True)
         assert prep.new_rows is not None
+        present = {prep.dataset.class_names[i] for i in np.unique(prep.dataset.labels)}
+        for name in self.config.new_classes:
+            if name not in present and name not in head.classes:
+                raise ClinicError(f"new class {name!r}: no image in {self.config.data_dir} has that diagnosis (dx)")
         new_rows = prep.new_rows
         is_eval = np.zeros(len(prep.dataset), dtype=bool)
         is_eval[prep.eval_idx] = True
@@ -553,7 +591,13 @@ class Clinic:
         train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
         x, y = prep.features[train_idx], labels[train_idx]
         # classes without local training images keep the deployed head's columns (no forgetting)
-        trained, local = train_local_head(grown, x, y, replace(config, absent_classes="keep"), smote=smote)
+        try:
+            trained, local = train_local_head(grown, x, y, replace(config, absent_classes="keep"), smote=smote)
+        except ValueError as exc:  # e.g. weights that became NaN or Inf at a too large step size
+            raise ClinicError(
+                f"the head update failed ({exc}) at learning rate {config.learning_rate:g}; try a smaller "
+                "--learning-rate. The deployed head is unchanged and the new images stay new."
+            ) from None
         before = quantize_head(head, prep.bundle.target)
         after = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, after)
@@ -576,6 +620,7 @@ class Clinic:
                 "train_examples": int(local.num_examples),
             },
         )
+        self._pending_path(bundle_id).unlink(missing_ok=True)  # learned: no longer new
         return replace(
             report,
             updated=True,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +35,6 @@ from client.clinic import (
     Clinic,
     ClinicError,
     Prepared,
-    _write_atomic,
     device_agreement,
     evaluation_metrics,
     labels_for,
@@ -50,6 +50,7 @@ from protocols.messages import (
     M_TRAIN_TOP1,
     ProtocolError,
 )
+from qana.atomic import replace_directory
 from qana.edge import (
     EdgeHead,
     EdgeParams,
@@ -171,8 +172,6 @@ class EdgeClinic:
 
     def _save_deployed(self, prep: Prepared, head: EdgeHead, settings: EdgeEvaluateSettings) -> None:
         """Keep the current global edge head (`qana.edge.edge_bundle_model` turns it into the chip model)."""
-        out = self.clinic.config.cache / DEPLOYED_EDGE_DIR / prep.bundle.bundle_id
-        _write_atomic(out / "edge_head.npz", head.to_npz())
         info = {
             "bundle_id": prep.bundle.bundle_id,
             "head_id": settings.head_id,
@@ -180,4 +179,9 @@ class EdgeClinic:
             "learning": "akida-edge",
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(out / "deployed.json", (json.dumps(info, indent=2) + "\n").encode())
+
+        def build(folder: Path) -> None:
+            (folder / "edge_head.npz").write_bytes(head.to_npz())
+            (folder / "deployed.json").write_text(json.dumps(info, indent=2) + "\n")
+
+        replace_directory(self.clinic.config.cache / DEPLOYED_EDGE_DIR / prep.bundle.bundle_id, build)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from qana.atomic import replace_atomic
 from qana.bundle import Bundle
 from qana.data import Dataset
 
@@ -40,7 +42,7 @@ class FeatureCache:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 hashes, feats = z["hashes"], z["features"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # empty or truncated: a cache, so rebuild
             log.warning("feature cache %s is unreadable (%s); recomputing it", self.path, exc)
             return empty
         if feats.ndim != 2 or feats.shape != (len(hashes), self.bundle.feature_dim):
@@ -53,7 +55,7 @@ class FeatureCache:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with tmp.open("wb") as handle:
             np.savez(handle, hashes=hashes, features=feats)
-        os.replace(tmp, self.path)
+        replace_atomic(tmp, self.path)
 
     def cached(self, hashes: np.ndarray) -> np.ndarray:
         """Which of these image content hashes already have features (bool mask, nothing computed).

@@ -11,13 +11,14 @@ coordinator can make pilot keys (`qana-server certs --clinic`), with one impleme
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from qana.atomic import write_atomic
 
 CLINIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -33,25 +34,47 @@ def check_clinic_name(name: str) -> str:
     return name
 
 
+def check_server_address(address: str) -> str:
+    """`HOST:PORT` (an IPv6 host in brackets), as Flower dials it; the message says what is wrong."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise AuthError(f"server address {address!r} is not HOST:PORT with a port from 1 to 65535, e.g. coord.example.org:9092")
+    return address.strip()
+
+
+def check_certificate_file(path: Path) -> None:
+    """A CA file must hold at least one PEM certificate: Flower would otherwise fail later, with less detail."""
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise AuthError(f"{path} is not a PEM certificate file ({exc}); use the ca.pem the coordinator sent") from None
+
+
 def write_key_file(path: Path, data: bytes, private: bool) -> None:
-    """Write key or certificate bytes atomically; private files are created 0600 from the start
-    (never world-readable, not even for a moment). Shared by clinic keys and pilot certificates."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    """Write key or certificate bytes atomically and durably; private files are created 0600 from
+    the start (never world-readable, not even for a moment, and never through a stale or planted
+    temporary file). Shared by clinic keys and pilot certificates."""
+    write_atomic(path, data, mode=0o600 if private else 0o644)
+
+
+def _check_key_path(path: Path) -> None:
+    if not path.name or path.name in (".", "..") or path.is_dir():
+        raise AuthError(f"key path {str(path)!r} names a folder; give a file name, e.g. ~/.qana/clinic/node.key")
 
 
 def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
     """A clinic's SuperNode key pair: OpenSSH EC P-384 private key (0600) and `<name>.pub`."""
     private_path = Path(private_path)
+    _check_key_path(private_path)
     public_path = private_path.with_name(private_path.name + ".pub")
-    if not overwrite:
-        for path in (private_path, public_path):
-            if path.exists():
-                raise AuthError(f"{path} already exists; refusing to overwrite it")
+    # Checked before anything is written, so a pair is never half replaced.
+    for path in (private_path, public_path):
+        if path.is_dir():
+            raise AuthError(f"{path} is a folder; refusing to replace it with a key")
+        if path.exists() and not overwrite:
+            raise AuthError(f"{path} already exists; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

@@ -164,6 +164,23 @@ def write_bundle(
     return load_bundle(path)
 
 
+def check_manifest_fields(manifest: dict[str, Any]) -> None:
+    """The types the Bundle properties rely on, so a malformed manifest is refused on load with
+    the field named, not met later as a traceback deep in a clinic's round."""
+    if manifest["target"] not in ("v1", "v2"):
+        raise ValueError(f"'target' must be 'v1' or 'v2', got {manifest['target']!r}")
+    classes = manifest["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError("'classes' must be a non-empty list of class names")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"'classes' lists a class twice: {classes}")
+    shape = manifest["input_shape"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+        raise ValueError(f"'input_shape' must be [height, width, channels] of positive integers, got {shape!r}")
+    if type(manifest["feature_dim"]) is not int or manifest["feature_dim"] <= 0:
+        raise ValueError(f"'feature_dim' must be a positive integer, got {manifest['feature_dim']!r}")
+
+
 def load_bundle(path: Path | str) -> Bundle:
     """Load and verify a bundle; raise BundleError naming the first problem."""
     path = Path(path)
@@ -182,6 +199,7 @@ def load_bundle(path: Path | str) -> Bundle:
     if manifest["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
     try:
+        check_manifest_fields(manifest)
         check_view_count(manifest.get("test_time_views", 1), "test_time_views")
         preprocessing = manifest.get("preprocessing", {})
         if not isinstance(preprocessing, dict):

@@ -25,6 +25,8 @@ def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 
 def describe_os_error(exc: OSError) -> str:
     """'No such file or directory: /path' rather than Python's '[Errno 2] ...' form."""
+    if exc.filename and exc.filename2:  # a rename or link: both ends, so the user sees which file is meant
+        return f"{exc.strerror or exc}: {exc.filename} -> {exc.filename2}"
     return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
 
 

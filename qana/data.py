@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,11 @@ class ImageCache:
             return None
         path = self._path(digest)
         try:
-            arr = np.load(path)
-        except (OSError, ValueError):
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # empty or damaged (e.g. a power cut): decode again
+            return None
+        if not isinstance(arr, np.ndarray):  # a zip archive where an array belongs
+            arr.close()
             return None
         return arr if arr.shape == (self.size, self.size, 3) and arr.dtype == np.uint8 else None
 

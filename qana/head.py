@@ -20,6 +20,7 @@ Akida 1.0 `FullyConnected`. `quantized_logits` is the reference the chip must ag
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -356,5 +357,5 @@ def head_from_npz(data: bytes) -> Head:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return Head(z["weights"], z["bias"], tuple(str(c) for c in z["classes"]), float(z["feature_scale"]))
-    except (KeyError, ValueError, OSError) as exc:
-        raise ValueError(f"not a valid head file: {exc}") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: empty; BadZipFile: truncated
+        raise ValueError(f"not a valid head file: {exc or type(exc).__name__}") from None

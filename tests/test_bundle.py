@@ -46,6 +46,25 @@ def test_missing_or_broken_manifest(bundle_dir: Path, tmp_path: Path) -> None:
         load_bundle(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("input_shape", [64, 64], "'input_shape' must be"),
+        ("input_shape", [64, "64", 3], "'input_shape' must be"),
+        ("classes", "akiec,bcc", "'classes' must be"),
+        ("classes", ["nv", "nv"], "lists a class twice"),
+        ("feature_dim", -1, "'feature_dim' must be"),
+        ("target", "v3", "'target' must be"),
+    ],
+)
+def test_a_malformed_manifest_field_is_refused_by_name(bundle_dir: Path, field: str, value, message: str) -> None:
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest[field] = value
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
 def test_pack_unpack_round_trip_and_wrong_id(bundle_dir: Path, tmp_path: Path) -> None:
     b = load_bundle(bundle_dir)
     data = pack_bundle(b)

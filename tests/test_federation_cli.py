@@ -110,9 +110,33 @@ def test_client_start_checks_before_connecting(tmp_path) -> None:
     assert badkey.exit_code == 2 and "not an unencrypted OpenSSH private key" in badkey.output
     badca = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--root-certificates", tmp_path / "ca.pem")
     assert badca.exit_code == 2 and "CA certificate not found" in badca.output
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    garbage_ca = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--root-certificates", tmp_path / "ca.pem")
+    assert garbage_ca.exit_code == 2 and "is not a PEM certificate file" in garbage_ca.output, garbage_ca.output
+    for address in ("", "coord.example.org", "coord.example.org:70000", ":9092"):
+        bad_address = run(client_cli, "start", "--server", address, "--data", data, "--clinic-id", "c")
+        assert bad_address.exit_code == 2 and "is not HOST:PORT" in bad_address.output, (address, bad_address.output)
+    bad_port = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--runtime-port", "70000")
+    assert bad_port.exit_code == 2 and "70000" in bad_port.output
+    typo = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--new-class", "melanoma")
+    assert typo.exit_code == 2 and "--new-class melanoma: no image in" in typo.output, typo.output
     (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id\n")
     badcsv = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c")
     assert badcsv.exit_code == 2 and "missing column(s) dx" in badcsv.output
+
+
+def test_keygen_never_leaves_a_half_replaced_pair(tmp_path) -> None:
+    key = tmp_path / "node.key"
+    assert run(client_cli, "keygen", "--out", key).exit_code == 0
+    pair = (key.read_bytes(), (tmp_path / "node.key.pub").read_bytes())
+    (tmp_path / "node.key.pub").unlink()
+    (tmp_path / "node.key.pub").mkdir()  # the public half cannot be replaced: nothing may be
+    blocked = run(client_cli, "keygen", "--out", key, "--overwrite")
+    assert blocked.exit_code == 2 and "node.key.pub is a folder" in blocked.output, blocked.output
+    assert key.read_bytes() == pair[0] and sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key.pub"]
+    for folder in ("/", tmp_path):
+        refused = run(client_cli, "keygen", "--out", folder)
+        assert refused.exit_code == 2 and "names a folder" in refused.output and "Traceback" not in refused.output
 
 
 def test_node_config_string_round_trips_through_flowers_parser() -> None:

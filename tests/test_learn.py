@@ -178,3 +178,87 @@ def test_learn_on_bad_input_is_one_error_line_and_keeps_the_deployed_model(tmp_p
     wrong = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", tmp_path)
     assert wrong.exit_code == 2 and wrong.output.startswith("error: ")
     assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+
+
+# --------------------------------------------------------------------------- failures keep what is stored
+
+
+def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tmp_path, bundle, monkeypatch) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=30, image_size=size, seed=11).root
+    cache = tmp_path / "cache"
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    deployed = cache / "deployed" / bundle.bundle_id
+    saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
+    grow(data, 8, size, seed=78)
+
+    # a step size that blows the head up: one error line, nothing deployed changes
+    diverged = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--learning-rate", "1e30")
+    assert diverged.exit_code == 2 and diverged.output.startswith("error: the head update failed"), diverged.output
+    assert "Traceback" not in diverged.output and {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+
+    # a crash while the new deployed set is being written: the old set stays, as a whole
+    import client.clinic as clinic_module
+
+    def broken_head_bytes(head):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(clinic_module, "head_to_npz", broken_head_bytes)
+    full = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert full.exit_code == 2 and "No space left on device" in full.output
+    assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+    assert [p.name for p in (cache / "deployed").iterdir()] == [bundle.bundle_id]  # no half-built folder left
+    monkeypatch.undo()
+
+    # the 8 images were cached by the failed runs but never learned: still new
+    ok = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert ok.exit_code == 0, ok.output
+    assert "38 (8 new, 0 through the backbone; 30 from the feature cache)" in ok.output
+    assert json.loads((deployed / "deployed.json").read_text())["new_images"] == 8
+    again = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert again.exit_code == 0 and "unchanged" in again.output  # learned now: no longer new
+
+
+def test_an_interrupted_swap_of_the_deployed_folder_is_undone(tmp_path, bundle) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=12).root
+    cache = tmp_path / "cache"
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    deployed = cache / "deployed" / bundle.bundle_id
+    saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
+    # a crash between the swap's two renames leaves only `.ID.previous`
+    deployed.rename(deployed.with_name(f".{deployed.name}.previous"))
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert result.exit_code == 0 and "starting from the deployed head" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 truncated"])
+def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, bundle, damage) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=13).root
+    cache = tmp_path / "cache"
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    # a feature cache and an image cache entry cut short (e.g. by a power cut): rebuilt, with no error
+    (cache / "features" / f"{bundle.bundle_id}.npz").write_bytes(damage)
+    image_entry = next((cache / f"images-v1-{size}px-centre").rglob("*.npy"))
+    image_entry.write_bytes(damage)
+    rebuilt = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "24 new, 24 through the backbone" in rebuilt.output  # the features were gone, so every image counts as new
+    # the deployed head is the clinic's own state: a damaged one is an error naming it, never replaced silently
+    head = cache / "deployed" / bundle.bundle_id / "head.npz"
+    head.write_bytes(damage)
+    named = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert named.exit_code == 2 and str(head) in named.output and "Traceback" not in named.output, named.output
+    assert head.read_bytes() == damage
+
+
+def test_a_new_class_the_data_lacks_is_an_error(tmp_path, bundle) -> None:
+    size = bundle.input_shape[0]
+    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=14).root
+    cache = tmp_path / "cache"
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--new-class", "melanoma")
+    assert result.exit_code == 2 and "new class 'melanoma': no image" in result.output, result.output
+    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--seed", "-1").exit_code == 2

@@ -1,0 +1,116 @@
+"""Writing stored state so that a crash or a power cut never leaves a broken file in place of a good one.
+
+A clinic keeps state it cannot get back from anywhere else (its deployed head, its key pair)
+and caches that are slow to rebuild (backbone features, decoded images). Each is written to
+a temporary file in the same folder, flushed to disk, and renamed over the old one: readers
+see the old version or the new one, never half of each. `os.replace` alone is not enough on a
+power cut: without `fsync` the rename can reach the disk before the data, which leaves an
+empty file behind.
+
+A *set* of files that must change together (a deployed model and its head) is written as a
+new folder and swapped in by `replace_directory`; `recover_directory` puts the previous set
+back if a crash fell between the two renames of the swap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+
+def sync_directory(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file some library wrote (e.g. an Akida model's `save`) to disk before it is renamed."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` in one step. The file is created with `mode` from the start
+    (0o600 for a private key: never readable by others, not even for a moment), under a fresh
+    name that no stale or planted file can take over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    sync_directory(path.parent)
+
+
+def replace_atomic(written: Path | str, path: Path | str) -> None:
+    """Put a finished temporary file (in the same folder) in place of `path`, durably."""
+    sync_file(Path(written))
+    os.replace(written, path)
+    sync_directory(Path(path).parent)
+
+
+def _previous(target: Path) -> Path:
+    return target.with_name(f".{target.name}.previous")
+
+
+def recover_directory(target: Path) -> None:
+    """Finish or undo a `replace_directory` that a crash interrupted.
+
+    Between its two renames the folder exists only as `.NAME.previous`: put it back. If both
+    exist, the swap completed and only the clean-up was cut short.
+    """
+    previous = _previous(target)
+    if not previous.exists():
+        return
+    if target.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(previous, target)
+        sync_directory(target.parent)
+
+
+def replace_directory(target: Path, build: Callable[[Path], None]) -> None:
+    """Write a new version of folder `target` with `build(staging)` and swap it in as a whole.
+
+    If `build` fails, `target` is untouched. Every file `build` wrote is flushed to disk before
+    the swap, so after a crash `target` holds either the old set or the new one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))
+    try:
+        os.chmod(staging, 0o755)  # as a plain mkdir would make it, not mkdtemp's 0o700
+        build(staging)
+        for written in staging.iterdir():
+            if written.is_file():
+                sync_file(written)
+        sync_directory(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = _previous(target)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    sync_directory(target.parent)
+    shutil.rmtree(previous, ignore_errors=True)
