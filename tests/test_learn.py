@@ -183,14 +183,19 @@ def test_learn_on_bad_input_is_one_error_line_and_keeps_the_deployed_model(tmp_p
 # --------------------------------------------------------------------------- failures keep what is stored
 
 
-def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tmp_path, bundle, monkeypatch) -> None:
-    size = bundle.input_shape[0]
-    data = make_synthetic_ham(tmp_path / "data", n_images=30, image_size=size, seed=11).root
+def first_learn(tmp_path: Path, bundle, n_images: int, seed: int) -> tuple[Path, Path, Path]:
+    """A synthetic clinic whose first `learn` from the tiny bundle has deployed a head: (data, cache, deployed folder)."""
+    data = make_synthetic_ham(tmp_path / "data", n_images=n_images, image_size=bundle.input_shape[0], seed=seed).root
     cache = tmp_path / "cache"
-    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
-    deployed = cache / "deployed" / bundle.bundle_id
+    first = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2)
+    assert first.exit_code == 0, first.output
+    return data, cache, cache / "deployed" / bundle.bundle_id
+
+
+def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tmp_path, bundle, monkeypatch) -> None:
+    data, cache, deployed = first_learn(tmp_path, bundle, 30, seed=11)
     saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
-    grow(data, 8, size, seed=78)
+    grow(data, 8, bundle.input_shape[0], seed=78)
 
     # a step size that blows the head up: one error line, nothing deployed changes
     diverged = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--learning-rate", "1e30")
@@ -220,11 +225,7 @@ def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tm
 
 
 def test_an_interrupted_swap_of_the_deployed_folder_is_undone(tmp_path, bundle) -> None:
-    size = bundle.input_shape[0]
-    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=12).root
-    cache = tmp_path / "cache"
-    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
-    deployed = cache / "deployed" / bundle.bundle_id
+    data, cache, deployed = first_learn(tmp_path, bundle, 24, seed=12)
     saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
     # a crash between the swap's two renames leaves only `.ID.previous`
     deployed.rename(deployed.with_name(f".{deployed.name}.previous"))
@@ -235,10 +236,8 @@ def test_an_interrupted_swap_of_the_deployed_folder_is_undone(tmp_path, bundle) 
 
 @pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 truncated"])
 def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, bundle, damage) -> None:
+    data, cache, deployed = first_learn(tmp_path, bundle, 24, seed=13)
     size = bundle.input_shape[0]
-    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=13).root
-    cache = tmp_path / "cache"
-    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
     # a feature cache and an image cache entry cut short (e.g. by a power cut): rebuilt, with no error
     (cache / "features" / f"{bundle.bundle_id}.npz").write_bytes(damage)
     image_entry = next((cache / f"images-v1-{size}px-centre").rglob("*.npy"))
@@ -247,7 +246,7 @@ def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, b
     assert rebuilt.exit_code == 0, rebuilt.output
     assert "24 new, 24 through the backbone" in rebuilt.output  # the features were gone, so every image counts as new
     # the deployed head is the clinic's own state: a damaged one is an error naming it, never replaced silently
-    head = cache / "deployed" / bundle.bundle_id / "head.npz"
+    head = deployed / "head.npz"
     head.write_bytes(damage)
     named = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert named.exit_code == 2 and str(head) in named.output and "Traceback" not in named.output, named.output
@@ -255,10 +254,7 @@ def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, b
 
 
 def test_a_new_class_the_data_lacks_is_an_error(tmp_path, bundle) -> None:
-    size = bundle.input_shape[0]
-    data = make_synthetic_ham(tmp_path / "data", n_images=24, image_size=size, seed=14).root
-    cache = tmp_path / "cache"
-    assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--bundle", TINY_V2).exit_code == 0
+    data, cache, _ = first_learn(tmp_path, bundle, 24, seed=14)
     result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--new-class", "melanoma")
     assert result.exit_code == 2 and "new class 'melanoma': no image" in result.output, result.output
     assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--seed", "-1").exit_code == 2
