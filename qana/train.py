@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import numpy as np
 
 from qana import clinical
 from qana import head as head_math
+from qana.atomic import replace_atomic, write_atomic
 from qana.augment import op_seed, random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
@@ -109,9 +109,7 @@ def _done(opts: TrainOptions, stage: str) -> dict | None:
 
 
 def _finish(opts: TrainOptions, stage: str, info: dict) -> dict:
-    tmp = _marker(opts.run_dir, stage).with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, _marker(opts.run_dir, stage))
+    write_atomic(_marker(opts.run_dir, stage), json.dumps(info, indent=2, sort_keys=True, default=str).encode())
     return info
 
 
@@ -274,9 +272,7 @@ class _MacroF1Checkpoint:
             self.best = score
             model.save_weights(str(self._path))
         if self._state_path is not None:
-            tmp = self._state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"best": self.best, "history": self.history}))
-            os.replace(tmp, self._state_path)
+            write_atomic(self._state_path, json.dumps({"best": self.best, "history": self.history}).encode())
 
 
 def _fit(
@@ -691,7 +687,7 @@ def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
         hashes = np.array(list(cache))
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, hashes=hashes, features=np.stack([cache[h] for h in hashes]), model=model_id)
-        os.replace(tmp, path)
+        replace_atomic(tmp, path)
     return np.stack([cache[h] for h in part.content_hashes])
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import tomli_w
 
 import server
+from qana.atomic import write_atomic
 from server.federation import RUN_CONFIG_DEFAULTS
 
 CONNECTION = "qana"
@@ -120,10 +121,7 @@ class StateDir:
             raise DeploymentError(f"{path} is not valid JSON ({exc})") from None
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- Flower App + CLI config

@@ -55,6 +55,7 @@ from protocols.messages import (
     validate_hello_reply,
     validate_train_reply,
 )
+from qana.atomic import write_atomic
 from qana.bundle import Bundle, load_bundle, pack_bundle
 from qana.head import Head, dequantize, head_from_npz, head_to_npz, init_head
 from server.audit.errors import UnknownVersionError
@@ -393,11 +394,7 @@ class Coordinator:
         self.status["clinics"] = {str(k): asdict(v) for k, v in self.clinics.items()}
         if self.settings.state_dir is None:
             return
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self.settings.state_dir / "status.json"
-        tmp = path.with_name(f".status.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.status, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_atomic(self.settings.state_dir / "status.json", (json.dumps(self.status, indent=2, default=str) + "\n").encode())
 
     def _wire(self, round_: int, direction: str, message: Message) -> None:
         if not (self.settings.wire_log and self.settings.state_dir is not None):

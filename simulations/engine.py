@@ -45,6 +45,8 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from qana.atomic import write_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARTITION_ID = "partition-id"  # flwr.common.constant.PARTITION_ID_KEY
 STOP_GRACE = 10.0
@@ -115,9 +117,7 @@ def backend_config(num_cpus: int) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
 def run_job(job: Job) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qana.atomic import write_atomic
 from simulations.baselines import METRICS, Scores
 from simulations.config import SimConfig
 from simulations.results import Federated
@@ -116,9 +116,7 @@ class ExperimentResult:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
