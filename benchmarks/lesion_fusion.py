@@ -63,7 +63,7 @@ def report(bundle_path: Path, data: Path, resamples: int) -> None:
     from qana.bundle import load_bundle
     from qana.data import describe_skipped, load_dataset
     from qana.fusion import describe_lesions
-    from qana.metrics import FAITHFUL, classification_metrics, fidelity_line, grouped_bootstrap
+    from qana.metrics import FAITHFUL, classification_metrics, clears_bar, fidelity_line, grouped_bootstrap
 
     bundle = load_bundle(bundle_path)
     dataset = load_dataset(data, size=bundle.input_shape[0], progress=False)
@@ -86,8 +86,7 @@ def report(bundle_path: Path, data: Path, resamples: int) -> None:
     draws = grouped_bootstrap(dataset.labels, predictions, dataset.lesion_ids, bundle.classes, resamples=resamples)
     print(f"  {resamples} lesion resamples, share clearing top-1 >= {BAR['top1']:.2f} and macro-F1 >= {BAR['macro_f1']:.2f}:")
     for name, values in draws.items():
-        clears = (values["top1"] >= BAR["top1"]) & (values["macro_f1"] >= BAR["macro_f1"])
-        print(f"    {name:24s} {100 * clears.mean():.0f} %")
+        print(f"    {name:24s} {100 * clears_bar(values).mean():.0f} %")
 
 
 def main() -> None:

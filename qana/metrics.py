@@ -69,6 +69,11 @@ FAITHFUL = 0.01  # the issue's bar: the chip within 1 point of the float model i
 ACCURACY_BAR = {"top1": 0.80, "macro_f1": 0.60}  # the issue's accuracy bar for the shipped v2 bundle, on held-out lesions
 
 
+def clears_bar(figures: dict[str, Any]) -> np.ndarray:
+    """Whether figures (one value, or one per bootstrap resample) reach every part of ACCURACY_BAR."""
+    return np.logical_and.reduce([np.asarray(figures[k]) >= bar for k, bar in ACCURACY_BAR.items()])
+
+
 def shortfall(reference: dict, candidate: dict) -> float:
     """How far `candidate` falls below `reference` in top-1 or macro-F1, whichever is worse (0 if in neither).
 

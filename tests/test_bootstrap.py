@@ -4,7 +4,7 @@ how wide one test part's uncertainty is."""
 import numpy as np
 import pytest
 
-from qana.metrics import grouped_bootstrap, interval, mean_interval
+from qana.metrics import clears_bar, grouped_bootstrap, interval, mean_interval
 
 CLASSES = ("a", "b")
 
@@ -82,3 +82,9 @@ def test_mean_interval_is_the_student_t_interval_of_the_runs() -> None:
     assert low == pytest.approx(0.80) and high == pytest.approx(0.80)
     with pytest.raises(ValueError, match="at least two"):
         mean_interval([0.80])
+
+
+def test_clears_bar_needs_every_part_of_the_bar() -> None:
+    draws = {"top1": np.array([0.80, 0.81, 0.79, 0.85]), "macro_f1": np.array([0.60, 0.59, 0.70, 0.61])}
+    assert clears_bar(draws).tolist() == [True, False, False, True]  # the bar itself counts as cleared
+    assert bool(clears_bar({"top1": 0.803, "macro_f1": 0.578})) is False
