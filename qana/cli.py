@@ -49,6 +49,7 @@ def train(
     teacher: Annotated[Optional[list[Path]], typer.Option(help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation).")] = None,
     label_weight: Annotated[float, typer.Option(help="With --teacher: weight of the true label against the teachers' averaged probabilities.")] = 0.5,
     weight_ema: Annotated[float, typer.Option(help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off).")] = 0.0,
+    pretrain_epochs: Annotated[int, typer.Option(help="Self-supervised pretraining (VICReg) of the backbone on the training images, labels unused, before the float stage: epochs, 0 = off (qana.pretrain). Needs no download.")] = 0,
     saliency_teacher: Annotated[Optional[str], typer.Option(help="Add Grad-CAM crops of the training images from a frozen teacher: a local tf_keras model file (e.g. an earlier run's float.h5) or resnet50:<ImageNet weights .h5>. Nothing is downloaded.")] = None,
     class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
     loss: Annotated[str, typer.Option(help="Backbone loss: ce (cross-entropy) | focal (focal loss; combine with --class-weighting none for focal alone).")] = "ce",
@@ -60,7 +61,7 @@ def train(
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
-    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | float | quantized | akida | head | clinical (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
+    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
     if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time
@@ -89,6 +90,8 @@ def train(
         raise fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:
         raise fail(f"--label-weight must be in [0, 1], not {label_weight}")
+    if pretrain_epochs < 0:
+        raise fail(f"--pretrain-epochs must be 0 (off) or more, not {pretrain_epochs}")
     if not 0.0 <= weight_ema < 1.0:
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if not VAL_FRACTION_RANGE[0] <= val_fraction <= VAL_FRACTION_RANGE[1]:
@@ -112,7 +115,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
     try:

@@ -36,8 +36,9 @@ from qana.splits import TEST_FRACTION, VAL_FRACTION, train_val_test
 from qana.views import check_view_count, keras_logits
 
 log = logging.getLogger("qana.train")
-STAGES = ("split", "saliency", "float", "quantized", "akida", "head", "clinical", "bundle")
+STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
 VIEW_STAGES = ("head", "clinical", "bundle")  # stages whose output depends on the number of test-time views
+OPTIONAL_STAGES = ("saliency", "pretrain")  # off by default: a stage that did nothing leaves later stages valid
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainOptions:
     label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
     qat_distill: bool = False  # QAT targets = the float model's probabilities (8 views), not the labels: aim at fidelity
     weight_ema: float = 0.0  # float stage: validate/keep an exponential moving average of the weights (e.g. 0.995); 0 = off
+    pretrain_epochs: int = 0  # self-supervised (VICReg) pretraining of the backbone on the training images (qana.pretrain); 0 = off
     saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
     class_weighting: str = "sqrt"  # "sqrt" | "balanced" | "none"
     loss: str = "ce"  # backbone loss: "ce" (cross-entropy) | "focal" (focal loss, `focal_gamma`)
@@ -397,14 +399,72 @@ def with_saliency_crops(opts: TrainOptions, train: Dataset) -> Dataset:
     return out
 
 
-def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
+PRETRAIN_BATCH = 128  # VICReg's variance/covariance terms are batch statistics: a larger batch than the float stage's
+PRETRAIN_LEARNING_RATE = 1e-3
+
+
+def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
+    """Self-supervised VICReg pretraining of the backbone on the training images (qana.pretrain).
+
+    Labels are not used, and neither are validation or test images. The whole model's weights
+    are saved (its head stays as initialised); the float stage starts from them. Resumable per
+    epoch like the float stage (Keras BackupAndRestore).
+    """
+    if opts.pretrain_epochs <= 0:
+        return {"enabled": False}
+    import tf_keras as keras
+
+    from qana.model import build_model
+    from qana.pretrain import build_pretrainer, view_pairs
+
+    t0 = time.time()
+    train = with_saliency_crops(opts, train)
+    set_seeds(opts.seed)
+    model = build_model(opts.model_spec())
+    pretrainer = build_pretrainer(model)
+    batch = min(PRETRAIN_BATCH, len(train))
+    steps = max(1, len(train) // batch) * opts.pretrain_epochs
+    schedule = keras.optimizers.schedules.CosineDecay(PRETRAIN_LEARNING_RATE, decay_steps=steps, alpha=0.05)
+    pretrainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    backup_dir = opts.run_dir / "pretrain.backup"
+    if not opts.resume:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    fit = pretrainer.fit(
+        view_pairs(train.images, batch, opts.seed), epochs=opts.pretrain_epochs, verbose=2,
+        callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)],
+    )
+    model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    history = [
+        {"epoch": i + 1, **{k: round(float(v[i]), 5) for k, v in fit.history.items()}}
+        for i in range(len(fit.history.get("loss", [])))
+    ]
+    return {
+        "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)),
+        "seconds": round(time.time() - t0, 1), "history": history,
+    }
+
+
+def initial_float_model(opts: TrainOptions):
+    """The float stage's starting model: random, or the pretrained backbone (qana.pretrain)."""
     from qana.model import build_model
 
+    model = build_model(opts.model_spec())
+    if opts.pretrain_epochs > 0:
+        path = opts.run_dir / "pretrain.weights.h5"
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing although the pretrain stage is marked finished; rerun with --fresh")
+        model.load_weights(str(path))
+    return model
+
+
+def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     t0 = time.time()
     train = with_saliency_crops(opts, train)
     targets = distillation_targets(opts, train)
     set_seeds(opts.seed)
-    model = build_model(opts.model_spec())
+    model = initial_float_model(opts)
     history = _fit(
         model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
         ema=opts.weight_ema, targets=targets, backup_dir=opts.run_dir / "float.backup",
@@ -413,6 +473,8 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
     if targets is not None:
         info["teachers"] = list(opts.teachers)
+    if opts.pretrain_epochs > 0:
+        info["pretrained"] = True
     return info
 
 
@@ -939,6 +1001,8 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
             train, val, test = load_split(opts, dataset)
             if stage == "saliency":
                 info = stage_saliency(opts, dataset, train)
+            elif stage == "pretrain":
+                info = stage_pretrain(opts, train)
             elif stage == "float":
                 info = stage_float(opts, train, val)
             elif stage == "quantized":
@@ -954,8 +1018,8 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         if stage in VIEW_STAGES:
             info["test_time_views"] = opts.test_time_views
         infos[stage] = _finish(opts, stage, info)
-        # later stages were made from this stage's old output (a no-op saliency stage changes nothing)
-        redo_rest = redo_rest or stage != "saliency" or bool(opts.saliency_teacher)
+        # later stages were made from this stage's old output (an optional stage that was off changes nothing)
+        redo_rest = redo_rest or stage not in OPTIONAL_STAGES or bool(info.get("enabled"))
         progress(f"[{stage}] done")
         if stage == opts.stop_after:
             break
