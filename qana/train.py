@@ -436,14 +436,18 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
     )
     model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
     shutil.rmtree(backup_dir, ignore_errors=True)
+    ran = len(fit.history.get("loss", []))  # a resumed fit reports only the epochs it ran itself
+    first = opts.pretrain_epochs - ran + 1
     history = [
-        {"epoch": i + 1, **{k: round(float(v[i]), 5) for k, v in fit.history.items()}}
-        for i in range(len(fit.history.get("loss", [])))
+        {"epoch": first + i, **{k: round(float(v[i]), 5) for k, v in fit.history.items()}} for i in range(ran)
     ]
-    return {
+    info = {
         "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)),
         "seconds": round(time.time() - t0, 1), "history": history,
     }
+    if first > 1:
+        info["resumed_at_epoch"] = first
+    return info
 
 
 def initial_float_model(opts: TrainOptions):

@@ -1,0 +1,151 @@
+"""Self-supervised pretraining (`qana train --pretrain-epochs`, qana.pretrain): the VICReg loss,
+the two random views, and the stage that hands its backbone to the float stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import tf_keras as keras  # noqa: E402
+
+from qana import pretrain  # noqa: E402
+from qana.train import TrainOptions, initial_float_model, run  # noqa: E402
+from tests.synthetic import make_synthetic_ham  # noqa: E402
+
+
+def _reference_terms(z1: np.ndarray, z2: np.ndarray) -> tuple[float, float, float]:
+    """VICReg's three terms written out with numpy, straight from the paper's definitions."""
+    n, d = z1.shape
+    invariance = float(np.mean((z1 - z2) ** 2))
+    variance = covariance = 0.0
+    for z in (z1, z2):
+        std = np.sqrt(z.var(axis=0, ddof=1) + 1e-4)
+        variance += float(np.mean(np.maximum(0.0, 1.0 - std)))
+        cov = np.cov(z, rowvar=False)
+        covariance += float((cov**2).sum() - (np.diag(cov) ** 2).sum()) / d
+    return invariance, variance, covariance
+
+
+def test_vicreg_terms_match_the_papers_definitions() -> None:
+    rng = np.random.default_rng(0)
+    z1 = rng.normal(size=(32, 6)) * np.array([0.2, 0.5, 1, 2, 3, 0.1])
+    z2 = z1 + rng.normal(scale=0.3, size=z1.shape)
+    got = [float(t) for t in pretrain.vicreg_terms(z1, z2)]
+    np.testing.assert_allclose(got, _reference_terms(z1, z2), rtol=1e-4)
+    weights = (pretrain.INVARIANCE_WEIGHT, pretrain.VARIANCE_WEIGHT, pretrain.COVARIANCE_WEIGHT)
+    assert float(pretrain.vicreg_loss(z1, z2)) == pytest.approx(float(np.dot(weights, got)), rel=1e-5)
+
+
+def test_the_loss_punishes_collapse_and_rewards_agreement() -> None:
+    rng = np.random.default_rng(1)
+    spread = rng.normal(size=(64, 8)) * 2.0
+    invariance, variance, _ = (float(t) for t in pretrain.vicreg_terms(spread, spread))
+    assert invariance == 0.0 and variance == 0.0  # identical views, every dimension spread out: nothing to fix
+    collapsed = np.ones((64, 8))
+    _, variance, covariance = (float(t) for t in pretrain.vicreg_terms(collapsed, collapsed))
+    assert variance == pytest.approx(2 * (1 - 0.01), abs=1e-4)  # both views, std 0 in every dimension
+    correlated = np.repeat(rng.normal(size=(64, 1)), 8, axis=1) * 2.0  # every dimension the same feature
+    _, _, covariance = (float(t) for t in pretrain.vicreg_terms(correlated, correlated))
+    _, _, independent = (float(t) for t in pretrain.vicreg_terms(spread, spread))
+    assert covariance > 10 * independent
+
+
+def test_views_are_independent_random_crops_in_range_and_grey_keeps_no_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    v1, v2 = next(iter(pretrain.view_pairs(images, batch=8, seed=0)))
+    assert v1.shape == v2.shape == (8, 16, 16, 3)
+    assert float(tf.reduce_min(v1)) >= 0.0 and float(tf.reduce_max(v1)) <= 255.0
+    assert not np.allclose(v1.numpy(), v2.numpy())  # the two views of a pair are drawn separately
+    monkeypatch.setattr(pretrain, "GREY_PROBABILITY", 1.0)
+    grey = pretrain.random_view(tf.constant(images[0], tf.float32), seed=0, stream=0).numpy()
+    np.testing.assert_allclose(grey[..., 0], grey[..., 1], atol=1e-4)
+    np.testing.assert_allclose(grey[..., 1], grey[..., 2], atol=1e-4)
+    monkeypatch.setattr(pretrain, "GREY_PROBABILITY", 0.0)
+    colour = pretrain.random_view(tf.constant(images[0], tf.float32), seed=0, stream=0).numpy()
+    assert not np.allclose(colour[..., 0], colour[..., 1])
+
+
+def test_a_partial_last_batch_is_dropped() -> None:
+    images = np.zeros((20, 8, 8, 3), dtype=np.uint8)
+    sizes = [int(v1.shape[0]) for v1, _ in pretrain.view_pairs(images, batch=8, seed=0)]
+    assert sizes == [8, 8]
+
+
+def _opts(tmp_path: Path, **kw) -> TrainOptions:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=48, image_size=40, seed=4)
+    return TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, width=8, feature_dim=16,
+                        batch_size=8, epochs=1, cache_dir=tmp_path / "cache", command="test", **kw)
+
+
+def test_the_float_stage_starts_from_the_pretrained_backbone(tmp_path: Path) -> None:
+    opts = _opts(tmp_path, pretrain_epochs=2, stop_after="pretrain")
+    infos = run(opts, progress=lambda m: None)
+    info = infos["pretrain"]
+    assert info["enabled"] and info["epochs"] == 2 and [h["epoch"] for h in info["history"]] == [1, 2]
+    assert all(np.isfinite(h["loss"]) for h in info["history"])
+    saved = opts.run_dir / "pretrain.weights.h5"
+    assert saved.is_file() and not (opts.run_dir / "pretrain.backup").exists()
+
+    from qana.model import build_model
+    from qana.train import set_seeds
+
+    set_seeds(opts.seed)
+    random_start = build_model(opts.model_spec())  # the pretrain stage's starting point (same seed)
+    started = initial_float_model(opts)
+    pretrained_stem = started.get_layer("stem_conv").get_weights()[0]
+    assert not np.allclose(pretrained_stem, random_start.get_layer("stem_conv").get_weights()[0])  # pretraining moved it
+    reference = build_model(opts.model_spec())
+    reference.load_weights(str(saved))
+    np.testing.assert_array_equal(pretrained_stem, reference.get_layer("stem_conv").get_weights()[0])
+    # Without pretraining the float stage starts from a random model and needs no weights file.
+    assert initial_float_model(replace(opts, pretrain_epochs=0, run_dir=tmp_path / "none")) is not None
+
+    # A redone pretrain stage means the float stage (and everything after it) is redone too.
+    after = run(replace(opts, stop_after="float"), progress=lambda m: None)
+    assert after["float"]["pretrained"] is True
+    saved.unlink()
+    with pytest.raises(RuntimeError, match="pretrain.weights.h5 is missing"):
+        initial_float_model(opts)
+
+
+def test_runs_made_before_the_pretrain_stage_resume_without_redoing_their_float_stage(tmp_path: Path) -> None:
+    opts = _opts(tmp_path, stop_after="float")
+    run(opts, progress=lambda m: None)
+    (opts.run_dir / "pretrain.json").unlink()  # what a run directory from before this stage looks like
+    float_record = (opts.run_dir / "float.json").read_text()
+    messages: list[str] = []
+    infos = run(opts, progress=messages.append)
+    assert infos["pretrain"] == {"enabled": False}
+    assert "[float] already finished (resume)" in messages
+    assert (opts.run_dir / "float.json").read_text() == float_record
+    assert json.loads((opts.run_dir / "pretrain.json").read_text()) == {"enabled": False}
+
+
+def test_an_interrupted_pretraining_continues_from_its_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stopped(Exception):
+        pass
+
+    original = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise Stopped
+
+    opts = _opts(tmp_path, pretrain_epochs=3, stop_after="pretrain")
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", on_epoch_end)
+    with pytest.raises(Stopped):
+        run(opts, progress=lambda m: None)
+    monkeypatch.undo()
+    assert (opts.run_dir / "pretrain.backup").is_dir() and not (opts.run_dir / "pretrain.json").exists()
+    info = run(opts, progress=lambda m: None)["pretrain"]
+    assert [h["epoch"] for h in info["history"]] == [2, 3] and info["resumed_at_epoch"] == 2
