@@ -149,3 +149,26 @@ def test_an_interrupted_pretraining_continues_from_its_last_epoch(tmp_path: Path
     assert (opts.run_dir / "pretrain.backup").is_dir() and not (opts.run_dir / "pretrain.json").exists()
     info = run(opts, progress=lambda m: None)["pretrain"]
     assert [h["epoch"] for h in info["history"]] == [2, 3] and info["resumed_at_epoch"] == 2
+
+
+def test_the_probe_script_scores_random_and_pretrained_backbones(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.benchmark_scripts import load_benchmark
+
+    probe = load_benchmark("pretrain_probe")
+    opts = _opts(tmp_path, pretrain_epochs=1, stop_after="pretrain")
+    run(opts, progress=lambda m: None)
+    capsys.readouterr()  # the training run's own output
+    probe.main(["--data", str(opts.data), str(opts.run_dir)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["random", "pretrained"]
+    assert all(0.0 <= float(x) <= 1.0 for r in rows for x in r[2:])
+    # Features that separate the classes perfectly are probed as such; constant ones are not.
+    labels = np.arange(70) % 7
+    separable = np.eye(7)[labels] * 3 + np.random.default_rng(0).normal(scale=0.1, size=(70, 7))
+    assert probe.probe_scores(separable, labels, separable, labels, seed=0)["top1"] == 1.0
+    assert probe.probe_scores(np.ones((70, 7)), labels, np.ones((70, 7)), labels, seed=0)["top1"] < 0.3
+    # A run without pretraining is refused with a message naming it.
+    plain = _opts(tmp_path / "plain", stop_after="split")
+    run(plain, progress=lambda m: None)
+    with pytest.raises(SystemExit, match="no finished pretrain stage"):
+        probe.main(["--data", str(plain.data), str(plain.run_dir)])
