@@ -277,6 +277,18 @@ class _MacroF1Checkpoint:
             write_atomic(self._state_path, json.dumps({"best": self.best, "history": self.history}).encode())
 
 
+def epoch_backup(opts: TrainOptions, backup_dir: Path):
+    """A Keras callback that backs a fit up after every epoch into `backup_dir`, so a fit
+    stopped mid-way continues from its last finished epoch; with --fresh (resume off) an
+    earlier attempt's backup is removed first, so its epochs are not continued."""
+    import tf_keras as keras
+
+    if not opts.resume:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    return keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)
+
+
 def _fit(
     model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0,
     targets: np.ndarray | None = None, backup_dir: Path | None = None,
@@ -309,12 +321,9 @@ def _fit(
         ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
         callbacks = [ckpt.callback]
     else:
-        if not opts.resume:
-            shutil.rmtree(backup_dir, ignore_errors=True)  # --fresh: an earlier attempt's epochs are not continued
-        backup_dir.mkdir(parents=True, exist_ok=True)
+        backup = epoch_backup(opts, backup_dir)
         ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json")
-        # scored (and its state written) before the epoch's backup
-        callbacks = [ckpt.callback, keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)]
+        callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
     model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
     if weights_path.exists():
         model.load_weights(str(weights_path))
@@ -427,12 +436,9 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
     schedule = keras.optimizers.schedules.CosineDecay(PRETRAIN_LEARNING_RATE, decay_steps=steps, alpha=0.05)
     pretrainer.compile(optimizer=keras.optimizers.Adam(schedule))
     backup_dir = opts.run_dir / "pretrain.backup"
-    if not opts.resume:
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    backup_dir.mkdir(parents=True, exist_ok=True)
     fit = pretrainer.fit(
         view_pairs(train.images, batch, opts.seed), epochs=opts.pretrain_epochs, verbose=2,
-        callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)],
+        callbacks=[epoch_backup(opts, backup_dir)],
     )
     model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
     shutil.rmtree(backup_dir, ignore_errors=True)
