@@ -30,12 +30,9 @@ PROBE_EPOCHS = 30
 
 def frozen_features(model, images: np.ndarray) -> np.ndarray:
     """The backbone's `features` output for uint8 images (one view, no augmentation)."""
-    import tf_keras as keras
+    from qana.model import backbone
 
-    from qana.model import FEATURE_LAYER
-
-    encoder = keras.Model(model.input, model.get_layer(FEATURE_LAYER).output)
-    return encoder.predict(images.astype(np.float32), batch_size=256, verbose=0)
+    return backbone(model).predict(images.astype(np.float32), batch_size=256, verbose=0)
 
 
 def probe_scores(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int) -> dict:

@@ -86,6 +86,11 @@ def build_v1(spec: ModelSpec) -> keras.Model:
     return keras.Model(inputs, outputs, name="qana_v1")
 
 
+def backbone(model: keras.Model) -> keras.Model:
+    """`model` up to its `features` layer, sharing its weights: what the head sees (before dropout)."""
+    return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output, name="backbone")
+
+
 def build_model(spec: ModelSpec) -> keras.Model:
     if spec.blocks < 1:
         raise ValueError(f"blocks per stage must be at least 1, got {spec.blocks}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from qana.augment import op_seed
-from qana.model import FEATURE_LAYER
+from qana.model import backbone
 
 # VICReg's loss weights (the paper's defaults): invariance, variance, covariance.
 INVARIANCE_WEIGHT = 25.0
@@ -62,10 +62,14 @@ def vicreg_terms(z1, z2):
     return invariance, variance, covariance
 
 
+def weighted_loss(invariance, variance, covariance):
+    """VICReg's loss from its three terms (`vicreg_terms`), with the paper's weights."""
+    return INVARIANCE_WEIGHT * invariance + VARIANCE_WEIGHT * variance + COVARIANCE_WEIGHT * covariance
+
+
 def vicreg_loss(z1, z2):
     """The weighted VICReg loss of two views' embeddings."""
-    invariance, variance, covariance = vicreg_terms(z1, z2)
-    return INVARIANCE_WEIGHT * invariance + VARIANCE_WEIGHT * variance + COVARIANCE_WEIGHT * covariance
+    return weighted_loss(*vicreg_terms(z1, z2))
 
 
 def random_view(x, seed: int | None, stream: int):
@@ -120,7 +124,7 @@ def build_pretrainer(model):
     import tf_keras as keras
     from tf_keras import layers
 
-    encoder = keras.Model(model.input, model.get_layer(FEATURE_LAYER).output, name="backbone")
+    encoder = backbone(model)
     expander = keras.Sequential(
         [
             layers.Dense(EXPANDER_UNITS, use_bias=False),
@@ -146,8 +150,8 @@ def build_pretrainer(model):
             v1, v2 = data
             with tf.GradientTape() as tape:
                 z1, z2 = self(v1, training=True), self(v2, training=True)
-                invariance, variance, covariance = vicreg_terms(z1, z2)
-                loss = INVARIANCE_WEIGHT * invariance + VARIANCE_WEIGHT * variance + COVARIANCE_WEIGHT * covariance
+                invariance, variance, covariance = vicreg_terms(z1, z2)  # each logged per epoch
+                loss = weighted_loss(invariance, variance, covariance)
             grads = tape.gradient(loss, self.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
             return {"loss": loss, "invariance": invariance, "variance": variance, "covariance": covariance}
