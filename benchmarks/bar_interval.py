@@ -37,12 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from qana.metrics import ACCURACY_BAR as BAR  # noqa: E402
-from qana.metrics import mean_interval  # noqa: E402
+from qana.metrics import FIDELITY_PAIRS, mean_interval  # noqa: E402
 
 MODELS = ("float", "akida", "float+prior", "akida+prior")
 SHIPPED = "akida+prior"  # what `qana evaluate` scores by default, and what the bar is judged on
-# (chip, reference, label) pairs for the fidelity bar, as benchmarks/seed_spread.py reports them.
-FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida+prior", "float+prior", "with the prior"))
 LABELS = {"top1": "top-1", "macro_f1": "macro-F1", "balanced_accuracy": "balanced acc."}
 
 

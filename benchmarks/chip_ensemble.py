@@ -33,8 +33,6 @@ import numpy as np  # noqa: E402
 
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
 MODELS = ("float", "akida", "float+prior", "akida+prior")
-# (chip, reference, label) pairs for the fidelity bar, as benchmarks/seed_spread.py reports them.
-FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida+prior", "float+prior", "with the prior"))
 
 
 def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, dict, dict]:
@@ -105,7 +103,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the HAM10000-style folder the runs were trained on")
     args = parser.parse_args()
 
-    from qana.metrics import FAITHFUL, fidelity_line
+    from qana.metrics import FAITHFUL, FIDELITY_PAIRS, fidelity_line
 
     groups = [[Path(p) for p in g.split(",") if p] for g in args.groups]
     for group in groups:

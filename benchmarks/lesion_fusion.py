@@ -63,7 +63,7 @@ def report(bundle_path: Path, data: Path, resamples: int) -> None:
     from qana.bundle import load_bundle
     from qana.data import describe_skipped, load_dataset
     from qana.fusion import describe_lesions
-    from qana.metrics import FAITHFUL, classification_metrics, clears_bar, fidelity_line, grouped_bootstrap
+    from qana.metrics import FAITHFUL, FIDELITY_PAIRS, classification_metrics, clears_bar, fidelity_line, grouped_bootstrap
 
     bundle = load_bundle(bundle_path)
     dataset = load_dataset(data, size=bundle.input_shape[0], progress=False)
@@ -78,7 +78,7 @@ def report(bundle_path: Path, data: Path, resamples: int) -> None:
         print(f"  {name:14s} {figures(single):>24s} {figures(fused):>24s}  {change}")
     if "float" in backends:
         print(f"  Akida minus float, fused (bar: not more than {FAITHFUL * 100:.0f} point below):")
-        for chip, reference, label in (("akida", "float", "images only"), ("akida+prior", "float+prior", "with the prior")):
+        for chip, reference, label in FIDELITY_PAIRS:
             if (chip, True) in metrics:
                 print("    " + fidelity_line(metrics[(reference, True)], metrics[(chip, True)], label))
     shipped = "akida+prior" if ("akida+prior", False) in logits else "akida"

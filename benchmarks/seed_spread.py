@@ -27,20 +27,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qana.metrics import ACCURACY_BAR, FAITHFUL, fidelity_line, mean_interval  # noqa: E402  (no TensorFlow)
+from qana.metrics import ACCURACY_BAR, FAITHFUL, FIDELITY_PAIRS, fidelity_line, mean_interval  # noqa: E402  (no TensorFlow)
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
-OPTIONAL_MODELS = {"akida_with_clinical_prior": "akida+prior"}
+OPTIONAL_MODELS = ("akida+prior",)
+# bundle.json's names for the scores with the clinical prior -> the benchmarks' score names (qana.metrics.FIDELITY_PAIRS).
+RECORDED_NAMES = {"akida_with_clinical_prior": "akida+prior", "float_with_clinical_prior": "float+prior"}
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
 IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data"}
-# (chip, reference) pairs for the issue's fidelity bar; the second only when a run recorded both.
-FIDELITY_PAIRS = (("akida", "float", "images only"), ("akida_with_clinical_prior", "float_with_clinical_prior", "with the prior"))
 
 
 def load_run(run: Path) -> tuple[dict, dict]:
-    """(options, recorded metrics) of a run whose bundle stage has finished, or of a shipped bundle
-    (options then hold only its recorded seed and command); exits with a clear message otherwise."""
+    """(options, recorded metrics under the benchmarks' score names) of a run whose bundle stage has
+    finished, or of a shipped bundle (options then hold only its recorded seed and command); exits
+    with a clear message otherwise."""
+    options, metrics = _recorded(run)
+    return options, {part: {RECORDED_NAMES.get(name, name): m for name, m in scores.items()} for part, scores in metrics.items()}
+
+
+def _recorded(run: Path) -> tuple[dict, dict]:
+    """(options, metrics as bundle.json records them) of a finished run or a shipped bundle."""
     bundle, options = run / "bundle.json", run / "options.json"
     if not bundle.is_file():
         sys.exit(f"error: {bundle} not found: {run} is neither a `qana train` run whose bundle stage has finished nor a bundle")
@@ -89,8 +96,7 @@ def main() -> None:
             print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
 
     models = MODELS + tuple(m for m in OPTIONAL_MODELS if all(m in metrics["test"] for _, _, metrics in runs))
-    names = {m: OPTIONAL_MODELS.get(m, m) for m in models}
-    header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{names[m] + ' top-1/mF1/bal':>26}" for m in models)
+    header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{m + ' top-1/mF1/bal':>26}" for m in models)
     print(header)
     values: dict[tuple[str, str, str], list[float]] = {}
     for run, options, metrics in runs:
@@ -111,9 +117,9 @@ def main() -> None:
         for model in models:
             parts = [values[(part, model, k)] for k in METRICS]
             cells.append(f"{'/'.join(f'{statistics.mean(v):.3f}±{statistics.stdev(v):.3f}' for v in parts):>38}")
-        print(f"{part:<5} " + "  ".join(f"{names[model]}: {cell}" for model, cell in zip(models, cells, strict=True)))
+        print(f"{part:<5} " + "  ".join(f"{model}: {cell}" for model, cell in zip(models, cells, strict=True)))
     shipped = models[-1]  # Akida with the clinical prior when every run recorded it: what `qana evaluate` scores
-    print(f"\nrecipe: {names[shipped]} on test, mean over {len(runs)} runs [95 % t-interval, {len(runs) - 1} degrees of freedom]")
+    print(f"\nrecipe: {shipped} on test, mean over {len(runs)} runs [95 % t-interval, {len(runs) - 1} degrees of freedom]")
     for k, bar in ACCURACY_BAR.items():
         mean, low, high = mean_interval(values[("test", shipped, k)])
         print(f"{k:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (issue's bar for v2: {bar:.2f})")

@@ -66,6 +66,18 @@ def test_fidelity_bar_is_judged_per_run_and_one_sided(tmp_path: Path) -> None:
     assert "with the prior" not in done.stdout  # no run recorded float and Akida with the prior
 
 
+def test_fidelity_with_the_prior_is_read_from_the_recorded_names(tmp_path: Path) -> None:
+    """bundle.json records `float_with_clinical_prior`/`akida_with_clinical_prior`; the bar compares them."""
+    run = _run_dir(tmp_path, "prior", 0, 0.70, prior=0.72)
+    recorded = json.loads((run / "bundle.json").read_text())
+    for part in recorded["metrics"].values():
+        part["float_with_clinical_prior"] = {"top1": 0.74, "macro_f1": 0.62, "balanced_accuracy": 0.62}
+    (run / "bundle.json").write_text(json.dumps(recorded))
+    done = _spread(run)
+    assert done.returncode == 0, done.stderr
+    assert "with the prior -2.0 / +0.0 (outside the bar)" in done.stdout  # akida+prior 0.72/0.62 vs float+prior 0.74/0.62
+
+
 def _bundle_dir(root: Path, name: str, seed: int, top1: float, command: str) -> Path:
     """A shipped bundle: bundle.json with metrics and the training command, no options.json."""
     bundle = root / name
