@@ -114,6 +114,15 @@ BIAS_Q_DTYPE = np.dtype(np.int32)
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 MAX_CLASSES = 1000
 MAX_NEW_CLASSES = 16  # classes one reply may add in one round
+# Most labelled images one clinic may report. The strategies weight each head by this self-reported
+# count, so it is bounded: the whole HAM10000 release is 10,015 images and the ISIC archive under
+# half a million. A clinic lying below the cap can still outweigh others: `--strategy fedmedian`
+# or `fedtrimmedavg` ignore the counts.
+MAX_NUM_EXAMPLES = 1_000_000
+# Largest |value| a dequantized head may hold (weights per unit of scaled feature, and bias). Learned
+# heads stay below 1 (the shipped v2 and v1 heads: 0.57 and 0.44); anything near this bound only
+# saturates the softmax, and weighting it by MAX_NUM_EXAMPLES still stays finite in float32.
+MAX_HEAD_VALUE = 1e3
 CLASS_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
 
 
@@ -328,6 +337,8 @@ def _metrics(record: MetricRecord, what: str, allowed: tuple[str, ...]) -> dict[
     n = record[M_NUM_EXAMPLES]
     if not isinstance(n, int) or n <= 0:
         raise ProtocolError(f"{what}: num-examples must be a positive integer, got {n!r}")
+    if n > MAX_NUM_EXAMPLES:
+        raise ProtocolError(f"{what}: num-examples={n} is more than the {MAX_NUM_EXAMPLES:,} images one clinic may report")
     for key in (M_TOP1, M_MACRO_F1, M_BALANCED_ACCURACY, M_DEVICE_AGREEMENT, M_TRAIN_TOP1):
         if key in out and not 0.0 <= out[key] <= 1.0:
             raise ProtocolError(f"{what}: metric {key!r}={out[key]} is outside [0, 1]")
@@ -405,11 +416,22 @@ def quantized_from_update(record: ArrayRecord, spec: HeadSpec, what: str = "upda
 
 
 def dequantized_record(qhead: QuantizedHead, spec: HeadSpec) -> ArrayRecord:
-    """What Flower's strategy aggregates for one update: scaled-feature float32 arrays."""
+    """What Flower's strategy aggregates for one update: scaled-feature float32 arrays.
+
+    Refuses values beyond MAX_HEAD_VALUE (checked in float64, before the float32 cast could turn
+    a large finite scale into Inf), so one clinic's reply cannot break the aggregate or the run.
+    """
     weights = qhead.weights.astype(np.float64) * qhead.scale / spec.feature_scale
     bias = qhead.bias.astype(np.float64) * qhead.scale
-    if not (np.isfinite(weights).all() and np.isfinite(bias).all()):
-        raise ProtocolError("update overflows when dequantized (scale too large)")
+    for name, values in ((ARR_WEIGHTS, weights), (ARR_BIAS, bias)):
+        if not np.isfinite(values).all():
+            raise ProtocolError(f"update: {name!r} overflows when dequantized (scale {qhead.scale:g} too large)")
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest > MAX_HEAD_VALUE:
+            raise ProtocolError(
+                f"update: {name!r} reaches {largest:.3g} when dequantized (scale {qhead.scale:g}); "
+                f"a head's values must stay within {MAX_HEAD_VALUE:g}"
+            )
     return ArrayRecord(
         {ARR_WEIGHTS: Array(weights.astype(np.float32)), ARR_BIAS: Array(bias.astype(np.float32))}
     )

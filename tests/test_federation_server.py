@@ -97,6 +97,8 @@ def test_bundle_only_sent_to_clinics_that_lack_it(tmp_path, bundle, audit) -> No
         (replace_head_array(P.ARR_SCALE, np.array([np.nan], np.float32)), "NaN/Inf"),
         (set_clinic_key(P.K_BUNDLE_ID, "0" * 64), "backbone"),
         (set_metric(P.M_NUM_EXAMPLES, -3), "num-examples"),
+        (set_metric(P.M_NUM_EXAMPLES, 10**15), "more than the 1,000,000 images"),  # would outweigh every other clinic
+        (replace_head_array(P.ARR_SCALE, np.array([1e36], np.float32)), "when dequantized"),  # finite, Inf in float32
         (add_record("features", ArrayRecord()), "does not allow: features"),
     ],
 )

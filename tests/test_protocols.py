@@ -82,6 +82,16 @@ def test_malformed_updates_are_refused_with_a_reason(head, spec, name, value, re
         P.validate_train_reply(content, spec, BUNDLE)
 
 
+@pytest.mark.parametrize(("scale", "reason"), [(1e36, "reaches 2.54e\\+39"), (1e307, "overflows"), (10.0, "reaches 2.54e\\+04")])
+def test_a_finite_scale_too_large_for_a_head_is_refused(head, spec, scale, reason) -> None:
+    """1e36 is finite in float32 but 127 * 1e36 / 0.05 is not: the check must come before the cast."""
+    q = quantize_head(head, "v2")
+    big = type(q)(q.weights, q.bias, scale, q.weight_bits, q.classes)
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.dequantized_record(big, spec)
+    assert P.dequantized_record(q, spec)[P.ARR_WEIGHTS].numpy().dtype == np.float32  # a learned head passes
+
+
 def test_wrong_backbone_is_refused(head, spec) -> None:
     with pytest.raises(P.ProtocolError, match="backbone"):
         P.validate_train_reply(_train_reply(head), spec, "ef" * 32)
@@ -107,7 +117,12 @@ def test_extra_records_and_keys_are_refused(head, spec) -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "reason"),
-    [({P.M_NUM_EXAMPLES: 0}, "num-examples must be a positive integer"), ({P.M_TRAIN_TOP1: float("nan")}, "is nan"), ({P.M_TRAIN_TOP1: 1.5}, "outside")],
+    [
+        ({P.M_NUM_EXAMPLES: 0}, "num-examples must be a positive integer"),
+        ({P.M_NUM_EXAMPLES: P.MAX_NUM_EXAMPLES + 1}, "more than the 1,000,000 images"),
+        ({P.M_TRAIN_TOP1: float("nan")}, "is nan"),
+        ({P.M_TRAIN_TOP1: 1.5}, "outside"),
+    ],
 )
 def test_bad_metrics_are_refused(head, spec, overrides, reason) -> None:
     with pytest.raises(P.ProtocolError, match=reason):
