@@ -374,6 +374,7 @@ class Coordinator:
         self.strategy: Strategy = self._build_strategy()
         self._server_time = 0.0
         self.unresponsive: set[int] = set()
+        self.duplicate_ids_reported: set[int] = set()  # nodes already warned that their clinic id is taken
 
     def _build_strategy(self) -> Strategy:
         s = self.settings
@@ -511,6 +512,8 @@ class Coordinator:
                 except ProtocolError as exc:
                     log(WARNING, "Node %s: invalid hello reply: %s", node, exc)
                     continue
+                if not self._claim_clinic_id(node, info.clinic_id, connected):
+                    continue
                 self.clinics[node] = ClinicState(
                     node, info.clinic_id, info.device, bundle.bundle_id in info.cached_bundles, time.time()
                 )
@@ -533,6 +536,26 @@ class Coordinator:
                     self.audit.record_deployment(state.clinic_id, self.backbone_version)
         connected_now = set(self.grid.get_node_ids())
         return [n for n, s in self.clinics.items() if s.has_bundle and n in connected_now]
+
+    def _claim_clinic_id(self, node: int, clinic_id: str, connected: list[int]) -> bool:
+        """Whether `node` may take part as `clinic_id`: no other connected node already is that clinic.
+
+        Two nodes with one clinic id would share one name in the audit log, which refuses a round
+        with a clinic listed twice, after the clinics had already been sent the new head. So the
+        second node is left out (and greeted again later: if the first one has gone, a clinic
+        that restarted under a new node id takes its place).
+        """
+        holder = next((n for n, state in self.clinics.items() if state.clinic_id == clinic_id and n != node), None)
+        if holder is None:
+            return True
+        if holder not in connected:
+            self.clinics.pop(holder)  # the clinic reconnected under a new node id
+            return True
+        if node not in self.duplicate_ids_reported:
+            self.duplicate_ids_reported.add(node)
+            log(WARNING, "Node %s says it is clinic %r, which node %s already is: node %s is left out of this run "
+                "(give each clinic its own --clinic-id)", node, clinic_id, holder, node)
+        return False
 
     def _wait_for_clinics(self, round_: int, bundle: Bundle, packed: bytes) -> list[int]:
         deadline = time.monotonic() + self.settings.wait_for_clinics

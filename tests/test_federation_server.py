@@ -116,6 +116,17 @@ def test_malformed_update_is_rejected_logged_recorded_and_round_continues(tmp_pa
     assert [p.clinic_id for p in audit.version("h2").participants] == ["clinic-0", "clinic-1"]
 
 
+def test_a_second_node_claiming_a_clinic_id_in_use_is_left_out(tmp_path, bundle, audit) -> None:
+    """Two nodes as one clinic would make the audit log refuse the round after the head was sent out."""
+    nodes = clinics(bundle)
+    nodes[103] = NumpyClinic("clinic-1", bundle, seed=3)
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 2}), audit).run()
+    assert [r.head_version for r in result.rounds] == ["h1", "h2", "h3"]
+    assert sorted(result.rounds[2].participants) == ["clinic-0", "clinic-1", "clinic-2"]
+    assert not any(m.metadata.message_type in (P.MSG_TRAIN, P.MSG_EVALUATE) for m in nodes[103].received)
+    assert [p.clinic_id for p in audit.version("h3").participants] == ["clinic-0", "clinic-1", "clinic-2"]
+
+
 def test_failed_and_vanished_clinics_do_not_stop_the_round(tmp_path, bundle, audit) -> None:
     nodes = clinics(bundle, n=4)
     nodes[101].fail_train = True
