@@ -127,16 +127,21 @@ class StateDir:
 # --------------------------------------------------------------------------- Flower App + CLI config
 
 
-def write_flower_app(state: StateDir, run_config: dict[str, Any]) -> Path:
-    """The Flower App directory `flwr run` packages: a pyproject.toml, nothing else."""
+def app_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The run config the Flower App declares: every default, overridden by `run_config`,
+    whose keys must all be known (checked before `start` touches anything stored)."""
     from server.edge_rounds import EDGE_RUN_CONFIG_DEFAULTS
 
     defaults = {**RUN_CONFIG_DEFAULTS, **EDGE_RUN_CONFIG_DEFAULTS}  # Flower only overrides keys the app declares
     unknown = sorted(set(run_config) - set(defaults))
     if unknown:
         raise DeploymentError(f"unknown run-config key(s): {', '.join(unknown)}")
-    config = dict(defaults)
-    config.update(run_config)
+    return {**defaults, **run_config}
+
+
+def write_flower_app(state: StateDir, run_config: dict[str, Any]) -> Path:
+    """The Flower App directory `flwr run` packages: a pyproject.toml, nothing else."""
+    config = app_run_config(run_config)
     document = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {

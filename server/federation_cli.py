@@ -58,7 +58,7 @@ def certs_command(
         list[str] | None,
         typer.Option("--clinic", metavar="CLINIC_ID", help="Also make a SuperNode key pair for this clinic (repeatable). Better: each clinic runs `qana-client keygen` and sends only its .pub file."),
     ] = None,
-    days: Annotated[int, typer.Option("--days", help="Validity of the SuperLink certificate.")] = 397,
+    days: Annotated[int, typer.Option("--days", min=1, help="Validity of the SuperLink certificate, in days.")] = 397,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
 ) -> None:
     """Create a CA and the SuperLink's TLS certificate for a pilot (and optional clinic key pairs)."""
@@ -230,7 +230,7 @@ def start_command(
     learning: Annotated[str, typer.Option("--learning", help="gradient (train the head, Flower strategy) or akida-edge (Akida 1.0 on-chip learning, v1 bundle; edge-* keys via --run-config).")] = "gradient",
     run_config: Annotated[list[str] | None, typer.Option("--run-config", metavar="KEY=VALUE", help="Any other run-config key (see server.federation.RUN_CONFIG_DEFAULTS), TOML value syntax.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0 for clinics on other machines).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="SuperLink port (Fleet, Control and Runtime APIs share it).")] = 9092,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="SuperLink port (Fleet, Control and Runtime APIs share it).")] = 9092,
     certs: Annotated[Path | None, typer.Option("--certs", metavar="DIR", help="Directory with ca.pem, server.pem, server.key (default: STATE_DIR/certs).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no clinic authentication. Only for local experiments.")] = False,
     no_node_auth: Annotated[bool, typer.Option("--no-node-auth", help="TLS, but accept any clinic (no registered keys needed).")] = False,
@@ -247,8 +247,10 @@ def start_command(
     from server.deployment import (
         CONNECTION,
         DeploymentError,
+        app_run_config,
         client_host,
         flwr,
+        port_open,
         start_superlink,
         write_flower_app,
         write_flwr_config,
@@ -296,14 +298,12 @@ def start_command(
                     raise fail(f"{path} not found: run `qana-server certs --out {cdir} --host <this machine's name>` first, or pass --insecure")
             load_certificate(tls[0])
             load_certificate(tls[1])
+        app_run_config(config)
+        if port_open(client_host(host), port):
+            raise fail(f"port {port} on {client_host(host)} is already in use (another SuperLink?): pick another --port")
         audit_db = _absolute_sqlite(audit_db)
         with AuditLog.open(audit_db, audit_key, create=True):
             pass  # creates/migrates the database and the signing key now, not in the middle of a run
-        state.root.mkdir(parents=True, exist_ok=True)
-        state.status_file.unlink(missing_ok=True)
-        app_dir = write_flower_app(state, config)
-        address = f"{client_host(host)}:{port}"
-        write_flwr_config(state, address, tls[0] if tls else None)
         env = {ENV_STATE_DIR: str(state.root), ENV_BUNDLE: str(loaded.path.resolve())}
         if audit_db:
             env["QANA_AUDIT_DB"] = audit_db
@@ -324,6 +324,11 @@ def start_command(
     run_id = None
     try:
         with _reported_errors():
+            # Only now, with the SuperLink up, replace what a coordinator already running from this
+            # state directory would still be using (its status, Flower App and `flwr` connection).
+            state.status_file.unlink(missing_ok=True)
+            app_dir = write_flower_app(state, config)
+            write_flwr_config(state, f"{client_host(host)}:{port}", tls[0] if tls else None)
             if node_auth:
                 _apply_registry(state)
             typer.echo(

@@ -82,6 +82,33 @@ def test_start_refuses_bad_settings_before_starting_anything(tmp_path, args, mes
     assert not (state / "superlink.db").exists()
 
 
+def test_start_on_a_port_in_use_leaves_the_state_directory_as_it_was(tmp_path) -> None:
+    """A second `start` must not rewrite the files a coordinator already running from this state uses."""
+    import socket
+
+    state = tmp_path / "state"
+    kept = {state / "status.json": b'{"phase": "round 2 done"}', state / "flwr-home" / "config.toml": b"[superlink]\n",
+            state / "flower-app" / "pyproject.toml": b"[project]\n"}
+    for path, data in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(server_cli, "start", "--insecure", "--port", port, "--state-dir", state, "--bundle", TINY_V2,
+                     "--audit-db", f"sqlite:///{tmp_path / 'a.db'}", "--audit-key", tmp_path / "k.pem")
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "already in use" in result.output, result.output
+    assert {path: path.read_bytes() for path in kept} == kept
+
+
+@pytest.mark.parametrize(("args", "option"), [(["start", "--port", "70000"], "--port"), (["certs", "--days", "0"], "--days")])
+def test_out_of_range_numbers_are_refused_by_name(tmp_path, args, option) -> None:
+    result = run(server_cli, *args, "--state-dir" if args[0] == "start" else "--out", tmp_path / "x")
+    assert result.exit_code == 2 and option in result.output and "range" in result.output, result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_generated_flower_app_is_valid_for_flwr(tmp_path) -> None:
     from flwr.cli.config_utils import load_and_validate
 
