@@ -869,6 +869,15 @@ def test_cli_export_is_independently_checkable(
     # To standard output, filtered.
     result = run_cli("audit", "export", "--db", db_url, "--clinic", "clinic-d")
     assert [json.loads(line)["kind"] for line in result.stdout.splitlines()] == ["rejection"]
+    # An existing file - an earlier export, or the database itself - is never overwritten.
+    again = run_cli("audit", "export", "--format", export_format, "--output", str(output), "--db", db_url)
+    assert again.exit_code == 2 and "already exists; not overwritten" in again.output, again.output
+    assert output.read_text(encoding="utf-8") == text_out
+    if db_url.startswith("sqlite:///"):
+        database = db_url.removeprefix("sqlite:///")
+        onto_db = run_cli("audit", "export", "--output", database, "--db", db_url)
+        assert onto_db.exit_code == 2 and "already exists" in onto_db.output
+        assert run_cli("audit", "verify", "--db", db_url, "--key", str(key_path)).exit_code == 0
 
 
 def test_cli_bad_input_is_one_clear_line_and_loses_nothing(

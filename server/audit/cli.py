@@ -388,7 +388,7 @@ def export_command(
     ] = "jsonl",
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", metavar="PATH", help="Write to this file instead of standard output."),
+        typer.Option("--output", "-o", metavar="PATH", help="Write to this new file instead of standard output."),
     ] = None,
     run: RunOption = None,
     clinic: ClinicOption = None,
@@ -397,7 +397,11 @@ def export_command(
     kind: KindOption = None,
     db: DbOption = None,
 ) -> None:
-    """Export entries with their exact signed text, hashes and signatures, for independent checking."""
+    """Export entries with their exact signed text, hashes and signatures, for independent checking.
+
+    An existing --output file is never overwritten: it could be an earlier export, or the
+    audit database itself.
+    """
     from server.audit.export import EXPORT_FORMATS, write_export
 
     with _reported_errors():
@@ -409,8 +413,18 @@ def export_command(
         if output is None:
             write_export(entries, export_format, sys.stdout)
         else:
-            with output.open("w", encoding="utf-8", newline="") as handle:
-                count = write_export(entries, export_format, handle)
+            try:
+                handle = output.open("x", encoding="utf-8", newline="")
+            except FileExistsError:
+                raise AuditError(f"{output} already exists; not overwritten (choose another --output)") from None
+            except OSError as exc:
+                raise AuditError(f"cannot write {output}: {exc.strerror}") from None
+            try:
+                with handle:
+                    count = write_export(entries, export_format, handle)
+            except BaseException:
+                output.unlink(missing_ok=True)  # no half-written export left behind
+                raise
             typer.echo(f"wrote {count} entries to {output}", err=True)
 
 
