@@ -51,7 +51,7 @@ from server.audit.models import (
 )
 from server.audit.models import Entry as EntryRow
 from server.audit.records import format_time
-from server.audit.signing import Signer, default_key_path, load_signer
+from server.audit.signing import Signer, default_key_path, load_or_create_signer, load_signer, load_verifier
 from server.cli import app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -592,14 +592,19 @@ def test_signing_key_file_is_private_and_reused(tmp_path: Path, db_url: str) -> 
         assert entry.signer == fingerprint
         assert log.verify().ok
 
+    # A wrong or mistyped key is refused when the log is opened for writing (qana-server start's
+    # check), not at the first write of a run; a missing one is not created, as it could never sign.
     other_key = tmp_path / "other.pem"
-    with AuditLog.open(db_url, other_key) as log:
-        with pytest.raises(SigningKeyError, match="this log is signed by key"):
-            log.record_deployment("clinic-b", "b1")
-        report = log.verify()
+    with pytest.raises(SigningKeyError, match=f"signing key not found: {other_key} \\(this log is signed by key {fingerprint}\\)"):
+        AuditLog.open(db_url, other_key)
+    assert not other_key.exists()
+    load_or_create_signer(other_key)  # someone else's key
+    with pytest.raises(SigningKeyError, match=f"this log is signed by key {fingerprint}, but the signing key"):
+        AuditLog.open(db_url, other_key)
+    with AuditLog.open(db_url, sign=False) as reader:
+        report = reader.verify(load_verifier(other_key))
         assert not report.ok and report.first_problem is not None
         assert report.first_problem.problem == "wrong-key"
-    with AuditLog.open(db_url, sign=False) as reader:
         assert ledger_count(reader) == 2
 
     # A regulator verifies with the public key alone, which `audit public-key` writes.

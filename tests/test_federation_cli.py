@@ -102,6 +102,25 @@ def test_start_on_a_port_in_use_leaves_the_state_directory_as_it_was(tmp_path) -
     assert {path: path.read_bytes() for path in kept} == kept
 
 
+def test_start_refuses_an_audit_key_that_did_not_sign_the_log(tmp_path) -> None:
+    """Found at start, before any clinic connects, not at the run's first audit write."""
+    from server.audit import AuditLog
+
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    with AuditLog.open(db, tmp_path / "right.pem") as log:
+        log.record_backbone(b"bundle")
+    base = ["start", "--insecure", "--state-dir", tmp_path / "state", "--bundle", TINY_V2, "--audit-db", db]
+    typo = run(server_cli, *base, "--audit-key", tmp_path / "rigth.pem")
+    assert typo.exit_code == 2 and typo.output.startswith("error: signing key not found"), typo.output
+    assert not (tmp_path / "rigth.pem").exists()
+    from server.audit.signing import load_or_create_signer
+
+    load_or_create_signer(tmp_path / "other.pem")
+    other = run(server_cli, *base, "--audit-key", tmp_path / "other.pem")
+    assert other.exit_code == 2 and "this log is signed by key" in other.output, other.output
+    assert not (tmp_path / "state" / "superlink.db").exists()
+
+
 @pytest.mark.parametrize(("args", "option"), [(["start", "--port", "70000"], "--port"), (["certs", "--days", "0"], "--days")])
 def test_out_of_range_numbers_are_refused_by_name(tmp_path, args, option) -> None:
     result = run(server_cli, *args, "--state-dir" if args[0] == "start" else "--out", tmp_path / "x")

@@ -175,6 +175,18 @@ def _participants(participants: Iterable[Mapping[str, Any] | ParticipantInfo]) -
     return [normalised[clinic] for clinic in sorted(normalised)]
 
 
+@_database_errors
+def _log_signer(engine: Engine) -> str | None:
+    """Fingerprint of the key that signed the log's last entry (None for a log without entries).
+
+    Checked when the log is opened for writing, so a wrong or mistyped --audit-key fails at
+    `qana-server start`, not at the first write after clinics have connected.
+    """
+    with read_session(engine) as session:
+        head = session.execute(select(ChainHead).where(ChainHead.id == HEAD_ROW_ID)).scalar_one_or_none()
+    return None if head is None else head.signer
+
+
 class AuditLog:
     """Append-only, signed, hash-chained record of every model version and what happened to it."""
 
@@ -212,7 +224,15 @@ class AuditLog:
         if sign:
             path = Path(key_path).expanduser() if key_path is not None else default_key_path()
             try:
+                signed_by = _log_signer(engine)
+                if signed_by is not None and not path.exists():
+                    # A new key could never write to this log: do not make one.
+                    raise SigningKeyError(f"signing key not found: {path} (this log is signed by key {signed_by})")
                 signer = load_or_create_signer(path) if create else load_signer(path)
+                if signed_by is not None and signed_by != signer.fingerprint:
+                    raise SigningKeyError(
+                        f"this log is signed by key {signed_by}, but the signing key {path} is {signer.fingerprint}"
+                    )
             except AuditError:
                 engine.dispose()
                 raise
