@@ -122,6 +122,13 @@ def nodes_register(
         stored.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(public_key.expanduser(), stored)
         entry = {"public_key": str(stored.relative_to(state.root)), "fingerprint": fingerprint, "registered_at": _now(), "node_id": None, "revoked": False}
+        previous = nodes.get(clinic, {})
+        if previous.get("revoked"):
+            # The revoked key's node may still be registered with the SuperLink (revoked while it was
+            # down): keep its id so the next start unregisters it, as `revoke` promised.
+            stale = [*previous.get("stale_node_ids", []), *([previous["node_id"]] if previous.get("node_id") else [])]
+            if stale:
+                entry["stale_node_ids"] = stale
         if _superlink_running(state):
             node_id = register_with_superlink(state, clinic, stored)
             entry["node_id"] = node_id or nodes.get(clinic, {}).get("node_id")
@@ -191,7 +198,8 @@ def _now() -> str:
 
 
 def _apply_registry(state) -> None:
-    """Register every non-revoked key with the (new or restarted) SuperLink; unregister revoked ones."""
+    """Register every non-revoked key with the (new or restarted) SuperLink; unregister revoked ones,
+    including the revoked keys a clinic's new key replaced."""
     from server.deployment import (
         CONNECTION,
         DeploymentError,
@@ -203,6 +211,11 @@ def _apply_registry(state) -> None:
 
     nodes = read_nodes(state)
     for clinic, entry in nodes.items():
+        for stale in entry.pop("stale_node_ids", []):  # nodes of keys revoked before this one was registered
+            try:
+                flwr(state, "supernode", "unregister", str(stale), CONNECTION)
+            except DeploymentError:
+                pass  # already gone
         if entry.get("revoked"):
             if entry.get("node_id"):
                 try:

@@ -60,6 +60,30 @@ def test_node_registry_without_a_running_superlink(tmp_path) -> None:
     assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 2
 
 
+def test_a_key_revoked_while_the_superlink_was_down_is_unregistered_after_a_new_key_replaces_it(tmp_path, monkeypatch) -> None:
+    import server.deployment as deployment
+    from server.federation_cli import _apply_registry, _state
+
+    state = tmp_path / "state"
+    for who in ("a", "b"):
+        assert run(client_cli, "keygen", "--out", tmp_path / who / "node.key").exit_code == 0
+    assert run(server_cli, "nodes", "register", tmp_path / "a" / "node.key.pub", "--clinic", "clinic-a", "--state-dir", state).exit_code == 0
+    nodes = json.loads((state / "nodes.json").read_text())
+    nodes["clinics"]["clinic-a"]["node_id"] = "123"  # as an earlier start registered it
+    (state / "nodes.json").write_text(json.dumps(nodes))
+    assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 0  # SuperLink down
+    new = run(server_cli, "nodes", "register", tmp_path / "b" / "node.key.pub", "--clinic", "clinic-a", "--state-dir", state)
+    assert new.exit_code == 0, new.output
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(deployment, "flwr", lambda _state, *args, **_kw: calls.append(args) or {})
+    monkeypatch.setattr(deployment, "register_with_superlink", lambda _state, clinic, _key: calls.append(("register", clinic)) or "456")
+    _apply_registry(_state(state))  # what the next `start` does
+    assert ("supernode", "unregister", "123", deployment.CONNECTION) in calls and ("register", "clinic-a") in calls
+    calls.clear()
+    _apply_registry(_state(state))
+    assert not any("unregister" in c for c in calls)  # done once, not at every start
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
