@@ -459,9 +459,14 @@ def status_command(
             except DeploymentError as exc:
                 typer.echo(f"warning: {exc}", err=True)
         progress = state.read_json(state.status_file)
-        with AuditLog.open(audit_db, None, create=False, sign=False) as audit:
-            current_head = audit.current_version("head")
-            current_backbone = audit.current_version("backbone")
+        current_head = current_backbone = None
+        if audit_db is None and server_info.get("audit_db"):
+            # The run wrote to an --audit-db whose URL `start` does not store (it may hold a password).
+            typer.echo("note: this run used its own --audit-db; pass it to see the current model version", err=True)
+        else:
+            with AuditLog.open(audit_db, None, create=False, sign=False) as audit:
+                current_head = audit.current_version("head")
+                current_backbone = audit.current_version("backbone")
     names = {str(c.get("node_id")): name for name, c in read_nodes(state).items() if c.get("node_id")}
     for node_id, c in progress.get("clinics", {}).items():
         names.setdefault(str(node_id), c["clinic_id"])

@@ -152,6 +152,23 @@ def test_out_of_range_numbers_are_refused_by_name(tmp_path, args, option) -> Non
     assert not (tmp_path / "x").exists()
 
 
+def test_status_of_a_run_with_its_own_audit_db_needs_no_audit_db_option(tmp_path) -> None:
+    """`start --audit-db URL` does not store the URL (it may hold a password): status still shows the run."""
+    from server.audit import AuditLog
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "server.json").write_text(json.dumps({"host": "127.0.0.1", "port": 1, "run_id": "7", "audit_db": "(set)", "stopped_at": "x"}))
+    (state / "status.json").write_text(json.dumps({"phase": "finished", "round": 2, "num_rounds": 2, "history": []}))
+    shown = run(server_cli, "status", "--state-dir", state)
+    assert shown.exit_code == 0 and "run           7:" in shown.output and "pass it to see the current model version" in shown.output, shown.output
+    db = f"sqlite:///{tmp_path / 'own.db'}"
+    with AuditLog.open(db, tmp_path / "k.pem") as log:
+        log.record_backbone(b"bundle")
+    with_db = run(server_cli, "status", "--state-dir", state, "--audit-db", db)
+    assert with_db.exit_code == 0 and "on backbone b1" in with_db.output, with_db.output
+
+
 def test_the_generated_flower_app_is_valid_for_flwr(tmp_path) -> None:
     from flwr.cli.config_utils import load_and_validate
 
