@@ -116,8 +116,8 @@ MAX_CLASSES = 1000
 MAX_NEW_CLASSES = 16  # classes one reply may add in one round
 # Most labelled images one clinic may report. The strategies weight each head by this self-reported
 # count, so it is bounded: the whole HAM10000 release is 10,015 images and the ISIC archive under
-# half a million. A clinic lying below the cap can still outweigh others: `--strategy fedmedian`
-# or `fedtrimmedavg` ignore the counts.
+# half a million. A clinic lying below the cap can still outweigh others: `--strategy fedmedian`,
+# `fedtrimmedavg` and `krum` combine heads without the counts.
 MAX_NUM_EXAMPLES = 1_000_000
 # Largest |value| a dequantized head may hold (weights per unit of scaled feature, and bias). Learned
 # heads stay below 1 (the shipped v2 and v1 heads: 0.57 and 0.44); anything near this bound only
