@@ -374,7 +374,7 @@ class Coordinator:
         self.strategy: Strategy = self._build_strategy()
         self._server_time = 0.0
         self.unresponsive: set[int] = set()
-        self.duplicate_ids_reported: set[int] = set()  # nodes already warned that their clinic id is taken
+        self.refusals_logged: set[int] = set()  # nodes already told why they are left out
 
     def _build_strategy(self) -> Strategy:
         s = self.settings
@@ -538,24 +538,44 @@ class Coordinator:
         return [n for n, s in self.clinics.items() if s.has_bundle and n in connected_now]
 
     def _claim_clinic_id(self, node: int, clinic_id: str, connected: list[int]) -> bool:
-        """Whether `node` may take part as `clinic_id`: no other connected node already is that clinic.
+        """Whether `node` may take part as `clinic_id`: the name its key was registered under (when
+        `qana-server nodes register` registered it), and no other connected node already that clinic.
 
-        Two nodes with one clinic id would share one name in the audit log, which refuses a round
-        with a clinic listed twice, after the clinics had already been sent the new head. So the
-        second node is left out (and greeted again later: if the first one has gone, a clinic
-        that restarted under a new node id takes its place).
+        The audit log names clinics by this id, so a node must not speak for another clinic. Two
+        nodes with one id would also make the audit log refuse the round, after the clinics had
+        already been sent the new head. A refused node is greeted again later: if the first one
+        has gone, a clinic that restarted under a new node id takes its place.
         """
+        registered = self._registered_name(node)
+        if registered is not None and registered != clinic_id:
+            self._refuse_once(node, f"Node %s says it is clinic %r, but its key is registered for %r: left out of this run",
+                              node, clinic_id, registered)
+            return False
         holder = next((n for n, state in self.clinics.items() if state.clinic_id == clinic_id and n != node), None)
         if holder is None:
             return True
         if holder not in connected:
             self.clinics.pop(holder)  # the clinic reconnected under a new node id
             return True
-        if node not in self.duplicate_ids_reported:
-            self.duplicate_ids_reported.add(node)
-            log(WARNING, "Node %s says it is clinic %r, which node %s already is: node %s is left out of this run "
-                "(give each clinic its own --clinic-id)", node, clinic_id, holder, node)
+        self._refuse_once(node, "Node %s says it is clinic %r, which node %s already is: node %s is left out of this run "
+                          "(give each clinic its own --clinic-id)", node, clinic_id, holder, node)
         return False
+
+    def _registered_name(self, node: int) -> str | None:
+        """The clinic id `node`'s key was registered under in the coordinator's state (None when the
+        run has no registry: insecure or --no-node-auth runs, simulations)."""
+        if self.settings.state_dir is None:
+            return None
+        from server.deployment import StateDir, read_nodes  # server.deployment imports this module
+
+        registry = read_nodes(StateDir(self.settings.state_dir))
+        return next((name for name, entry in registry.items() if str(entry.get("node_id")) == str(node) and not entry.get("revoked")), None)
+
+    def _refuse_once(self, node: int, message: str, *args: Any) -> None:
+        """Log why a node is left out, once per node (it is greeted again every few seconds)."""
+        if node not in self.refusals_logged:
+            self.refusals_logged.add(node)
+            log(WARNING, message, *args)
 
     def _wait_for_clinics(self, round_: int, bundle: Bundle, packed: bytes) -> list[int]:
         deadline = time.monotonic() + self.settings.wait_for_clinics

@@ -127,6 +127,19 @@ def test_a_second_node_claiming_a_clinic_id_in_use_is_left_out(tmp_path, bundle,
     assert [p.clinic_id for p in audit.version("h3").participants] == ["clinic-0", "clinic-1", "clinic-2"]
 
 
+def test_a_node_naming_another_clinic_than_its_registered_key_is_left_out(tmp_path, bundle, audit) -> None:
+    """With node authentication the registry (`qana-server nodes register`) says whose key each node has."""
+    nodes = clinics(bundle)
+    nodes[102] = NumpyClinic("clinic-9", bundle, seed=2)  # node 102's key is clinic-2's
+    state = tmp_path / "state"
+    state.mkdir()
+    registry = {f"clinic-{i}": {"node_id": str(100 + i), "revoked": False} for i in range(3)}
+    (state / "nodes.json").write_text(json.dumps({"clinics": registry}))
+    result = Coordinator(LoopbackGrid(nodes), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    assert sorted(result.rounds[1].participants) == ["clinic-0", "clinic-1"]
+    assert not any(m.metadata.message_type == P.MSG_TRAIN for m in nodes[102].received)
+
+
 def test_failed_and_vanished_clinics_do_not_stop_the_round(tmp_path, bundle, audit) -> None:
     nodes = clinics(bundle, n=4)
     nodes[101].fail_train = True
