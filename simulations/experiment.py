@@ -204,9 +204,6 @@ def run_experiment(
     cache_root = Path(cache_root) if cache_root is not None else qana.data.DEFAULT_CACHE_DIR
     out = Path(cfg.out).expanduser().resolve()
     run_dir, work = out / "run", out / "work"
-    for old in (run_dir, work, out / "plots"):
-        shutil.rmtree(old, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     state = {"phase": "loading data"}
     t_start = time.perf_counter()
@@ -227,6 +224,11 @@ def run_experiment(
             partition, ds.labels, ds.lesion_ids, ds.class_names, cfg.new_class, cfg.new_class_round, cfg.new_class_clinic
         )
         echo(f"Scenario: {partition.notes[-1]}")
+    # Only now that the data, bundle and partition are known good: the previous run's audit log,
+    # signing key and plots go (a bad --bundle or --data must not cost them).
+    for old in (run_dir, work, out / "plots"):
+        shutil.rmtree(old, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     notes = list(partition.notes)
     if partition.moved_lesions:
         notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")

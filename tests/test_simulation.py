@@ -97,8 +97,13 @@ def test_cli_refuses_bad_input_with_one_line_and_no_traceback(ham: Path, tmp_pat
     (tmp_path / "BAD.toml").write_text("clinics = 4\nsplti = \"iid\"\n")
     args = [a.replace("MISSING.toml", str(tmp_path / "missing.toml")).replace("BAD.toml", str(tmp_path / "BAD.toml")) for a in args]
     bundle = [] if "--bundle" in args else ["--bundle", str(TINY_V2)]
+    previous = {tmp_path / "out" / "run" / "audit.db": b"earlier run", tmp_path / "out" / "plots" / "f1.png": b"png"}
+    for path, data in previous.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     result = CliRunner().invoke(app, ["run", "--data", str(ham), *bundle, "--out", str(tmp_path / "out"), "--quiet", *args])
     assert result.exit_code == 2, result.output
+    assert {path: path.read_bytes() for path in previous} == previous  # a refused run keeps the previous one
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert lines[-1].startswith(message), result.output
     assert sum(l.startswith("error:") for l in lines) == 1
