@@ -985,9 +985,15 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         raise ValueError(f"unknown stage {opts.stop_after!r} to stop after (stages: {', '.join(STAGES)})")
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     check_resume_settings(opts)
-    (opts.run_dir / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
     progress(f"loading {opts.data} ...")
     dataset = run_dataset(opts, progress=True)
+    # Only once the data has loaded does the run directory change, so a refused --data leaves it
+    # as it was. With --fresh the old stage markers go first: options.json must describe every
+    # stage marked finished, or a later resume would reuse stages made with other settings.
+    if not opts.resume:
+        for stage in STAGES:
+            _marker(opts.run_dir, stage).unlink(missing_ok=True)
+    write_atomic(opts.run_dir / "options.json", json.dumps(asdict(opts), indent=2, default=str).encode())
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
     if opts.limit:
         dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])

@@ -105,3 +105,18 @@ def test_train_resumed_with_other_settings_is_a_one_line_error(tmp_path: Path) -
     again = runner.invoke(app, [*base, "--loss", "focal"])
     assert again.exit_code == 2 and "was started with other settings: --loss 'ce' (now 'focal')" in again.output
     assert "Traceback" not in again.output
+    # A --fresh start refused on its data leaves the run as it was: the first settings still resume.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(clinic.root, bad)
+    metadata = bad / "HAM10000_metadata.csv"
+    header, first_row, *rows = metadata.read_text().splitlines()
+    dx = header.split(",").index("dx")
+    cells = first_row.split(",")
+    cells[dx] = "foo"
+    metadata.write_text("\n".join([header, ",".join(cells), *rows]) + "\n")
+    fresh = runner.invoke(app, [*[bad if a == str(clinic.root) else a for a in base], "--fresh", "--loss", "focal"])
+    assert fresh.exit_code == 2 and "unknown diagnosis 'foo'" in fresh.output, fresh.output
+    resumed = runner.invoke(app, base)
+    assert resumed.exit_code == 0 and "[split] already finished (resume)" in resumed.output, resumed.output
