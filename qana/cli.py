@@ -74,6 +74,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.preprocess import COLOUR_CONSTANCY
     from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.model import ATTENTION_CHOICES
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -82,6 +83,16 @@ def train(
         raise fail(f"--weight-bits must be 4 or 8, not {weight_bits}")
     if blocks < 1:
         raise fail(f"--blocks must be at least 1, not {blocks}")
+    for flag, value, least in (("--epochs", epochs, 1), ("--qat-epochs", qat_epochs, 0), ("--batch-size", batch_size, 1),
+                               ("--width", width, 1), ("--feature-dim", feature_dim, 1), ("--limit", limit, 0)):
+        if value < least:
+            raise fail(f"{flag} must be at least {least}, not {value}" + (" (0 = all images)" if flag == "--limit" else ""))
+    if not learning_rate > 0:
+        raise fail(f"--learning-rate must be positive, not {learning_rate}")
+    if attention not in ATTENTION_CHOICES:
+        raise fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
+    if head_smote not in ("auto", "on", "off"):
+        raise fail(f"--head-smote must be auto, on or off, not {head_smote!r}")
     if not 0.0 <= zoom < 1.0:
         raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:

@@ -38,6 +38,9 @@ class ModelSpec:
     blocks: int = 1  # v2: QANA blocks per stage (the first sets the width, the rest are residual)
 
 
+ATTENTION_CHOICES = ("both", "seca", "se", "none")
+
+
 def _attention_for_stage(spec: ModelSpec, stage: int) -> str:
     if spec.attention == "none":
         return "none"
