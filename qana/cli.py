@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qana.cli_errors import fail
+from qana.cli_errors import fail, reported_errors
 from qana.invocation import invoked_command
 from qana.splits import VAL_FRACTION, VAL_FRACTION_RANGE
 
@@ -158,7 +158,7 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Bundle directory; default: the shipped v2 bundle.")] = None,
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json). Needs matplotlib (the [train] extra).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: the --json path with .png). Needs matplotlib (the \\[train] extra).")] = None,
     clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
     lesion_fusion: Annotated[bool, typer.Option(help="One decision per lesion: images with the same lesion_id in the metadata share the mean of their logits (qana.fusion). Metrics are still counted per image.")] = False,
 ) -> None:
@@ -171,6 +171,9 @@ def evaluate(
 
     if plot and not can_plot():
         raise fail(f"--plot {plot}: {PLOT_NEEDS}")
+    if json_out is not None and plot is None and can_plot():
+        plot = json_out.with_suffix(".png")
+    _check_outputs(json_out, plot)
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
@@ -186,17 +189,32 @@ def evaluate(
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
         typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
-        typer.echo(f"metrics: {json_out}")
-        if not plot and not can_plot():
-            typer.echo(f"confusion matrix: no PNG, {PLOT_NEEDS}")
-        elif not plot:
-            plot = json_out.with_suffix(".png")
-    if plot:
-        plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
-        typer.echo(f"confusion matrix: {plot}")
+    with reported_errors():
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2))
+            typer.echo(f"metrics: {json_out}")
+            if not plot:
+                typer.echo(f"confusion matrix: no PNG, {PLOT_NEEDS}")
+        if plot:
+            plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
+            typer.echo(f"confusion matrix: {plot}")
+
+
+def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
+    """Refuse output paths that cannot work before evaluating, not after a long evaluation."""
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise fail(f"--plot {plot}: the confusion matrix is a PNG; give a path ending in .png")
+    if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
+        raise fail(f"--json and --plot are the same file ({plot}); one would overwrite the other")
+    for flag, path in (("--json", json_out), ("--plot", plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise fail(f"{flag} {path} is a directory; give a file path")
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise fail(f"{flag} {path}: {folder} is a file, not a folder")
 
 
 @app.command()

@@ -52,6 +52,18 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not carry the float Keras model" in result.output
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "gpu"])
     assert result.exit_code == 2 and "unknown backend" in result.output
+    # Output paths that cannot work are refused before any image is scored.
+    (tmp_path / "afile").write_text("kept")
+    (tmp_path / "adir").mkdir()
+    for outputs, message in (
+        (["--json", tmp_path / "adir"], "is a directory"),
+        (["--json", tmp_path / "afile" / "m.json"], "is a file, not a folder"),
+        (["--plot", tmp_path / "cm.txt"], "give a path ending in .png"),
+        (["--json", tmp_path / "m.png"], "are the same file"),
+    ):
+        result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), *map(str, outputs)])
+        assert result.exit_code == 2 and message in result.output and "top1" not in result.output, (outputs, result.output)
+    assert (tmp_path / "afile").read_text() == "kept"
 
 
 def test_info_verifies_and_refuses_a_tampered_bundle(tmp_path: Path) -> None:
