@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from qana.cli_errors import fail, reported_errors
+from qana.cli_errors import describe_os_error, fail, reported_errors
 from qana.invocation import invoked_command
 from qana.splits import VAL_FRACTION, VAL_FRACTION_RANGE
 
@@ -143,6 +143,8 @@ def train(
         raise fail(str(exc)) from None
     except ClinicalDataError as exc:
         raise fail(f"{exc} (fix the metadata, or train without the prior: --clinical-prior off)") from None
+    except (FileExistsError, NotADirectoryError) as exc:  # e.g. --run-dir names a file
+        raise fail(f"--run-dir {run_dir}: {describe_os_error(exc)}") from None
     if "bundle" not in infos:  # --stop-after: no bundle, so no test figures either
         typer.echo(f"finished stages: {', '.join(infos)} (in {run_dir})")
         return

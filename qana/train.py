@@ -354,8 +354,8 @@ def stage_split(opts: TrainOptions, dataset: Dataset) -> dict:
 def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, Dataset]:
     with np.load(opts.run_dir / "split.npz") as z:
         if not np.array_equal(z["image_ids"], dataset.image_ids):
-            raise RuntimeError(
-                f"the data in {opts.data} changed since this run was split; start a new run directory"
+            raise RunSettingsError(
+                f"the data in {opts.data} changed since {opts.run_dir} was split; start a new run directory (or --fresh)"
             )
         return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
 
@@ -400,7 +400,7 @@ def with_saliency_crops(opts: TrainOptions, train: Dataset) -> Dataset:
         return train
     with np.load(path) as z:
         if not np.array_equal(z["image_ids"], train.image_ids):
-            raise RuntimeError(f"{path} belongs to another training split; start a new run directory")
+            raise RunSettingsError(f"{path} belongs to another training split; start a new run directory")
         crops = z["crops"]
     both = np.concatenate([np.arange(len(train)), np.arange(len(train))])
     out = train.subset(both)
@@ -894,7 +894,7 @@ RUN_CONTROL = ("data", "run_dir", "resume", "stop_after", "command", "bundle_out
 
 
 class RunSettingsError(ValueError):
-    """A run directory is being resumed with settings other than those its stages were made with."""
+    """A run directory is being resumed with settings (or data) other than those its stages were made with."""
 
 
 def check_resume_settings(opts: TrainOptions) -> None:

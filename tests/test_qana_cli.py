@@ -138,3 +138,11 @@ def test_train_resumed_with_other_settings_is_a_one_line_error(tmp_path: Path) -
     assert fresh.exit_code == 2 and "unknown diagnosis 'foo'" in fresh.output, fresh.output
     resumed = runner.invoke(app, base)
     assert resumed.exit_code == 0 and "[split] already finished (resume)" in resumed.output, resumed.output
+    # Other images under the same folder, and a --run-dir that is a file: one line each.
+    shutil.rmtree(clinic.root)
+    make_synthetic_ham(clinic.root, n_images=24, image_size=40, seed=5)
+    changed = runner.invoke(app, [*base[:-2], "--stop-after", "saliency"])
+    assert changed.exit_code == 2 and "changed since" in changed.output and "Traceback" not in changed.output, changed.output
+    (tmp_path / "afile").write_text("kept")
+    on_file = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "afile"), "--stop-after", "split"])
+    assert on_file.exit_code == 2 and "--run-dir" in on_file.output and (tmp_path / "afile").read_text() == "kept", on_file.output
