@@ -367,7 +367,7 @@ def bundle_edge_model(bundle: Bundle, units: int, learning: tuple[int, int, floa
     """
     import akida
 
-    from qana.runtime import HEAD_LAYER_TYPES, _layer_type
+    from qana.runtime import HEAD_LAYER_TYPES, _layer_type, load_akida_model
 
     if bundle.target != "v1":
         raise ValueError(
@@ -378,7 +378,7 @@ def bundle_edge_model(bundle: Bundle, units: int, learning: tuple[int, int, floa
             f"{bundle.path} averages {bundle.test_time_views} test-time views per image; a model that learns on images "
             "sees one view, so learn from the runtime's features instead (qana.edge.learn_edge_head)"
         )
-    model = akida.Model(str(bundle.model_path))
+    model = load_akida_model(bundle)
     while model.layers and _layer_type(model.layers[-1]) in HEAD_LAYER_TYPES:
         model.pop_layer()
     if model.ip_version != akida.IpVersion.v1:

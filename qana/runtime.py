@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.bundle import Bundle
+from qana.bundle import Bundle, BundleError
 from qana.head import QuantizedHead, split_bias_v2
 from qana.preprocess import preprocess
 from qana.views import averaged_features
@@ -49,6 +49,17 @@ def choose_device(mode: str = "auto") -> DeviceChoice:
     return DeviceChoice(None, "Akida software backend (CPU; no Akida device found)" if mode == "auto" else "Akida software backend (CPU)")
 
 
+def load_akida_model(bundle: Bundle):
+    """The bundle's Akida model; BundleError naming the file when akida cannot read it (the
+    sha256 check passes for a file replaced together with its recorded hash)."""
+    import akida
+
+    try:
+        return akida.Model(str(bundle.model_path))
+    except (ValueError, RuntimeError) as exc:
+        raise BundleError(f"{bundle.model_path} is not a readable Akida model ({exc})") from None
+
+
 def _layer_type(layer) -> str:
     return str(layer.parameters.layer_type).split(".")[-1]
 
@@ -57,12 +68,10 @@ class AkidaRuntime:
     """A bundle's model on a device (or the software backend)."""
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
-        import akida
-
         self.bundle = bundle
         self.choice = choose_device(device)
-        self.model = akida.Model(str(bundle.model_path))
-        self.backbone = akida.Model(str(bundle.model_path))
+        self.model = load_akida_model(bundle)
+        self.backbone = load_akida_model(bundle)
         while self.backbone.layers and _layer_type(self.backbone.layers[-1]) in HEAD_LAYER_TYPES:
             self.backbone.pop_layer()
         head_layers = [l for l in self.model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")]
@@ -133,7 +142,7 @@ class AkidaRuntime:
         old = self.head_layer
         kind = _layer_type(old)
         params = old.parameters
-        model = akida.Model(str(self.bundle.model_path))
+        model = load_akida_model(self.bundle)
         while model.layers and _layer_type(model.layers[-1]) in HEAD_LAYER_TYPES:
             model.pop_layer()
         if kind == "Dense1D":

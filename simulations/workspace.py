@@ -62,8 +62,11 @@ def resolve_bundle(cfg: SimConfig) -> Bundle:
             f"the shipped {'v1' if edge else 'v2'} bundle is not installed ({path} is missing); pass --bundle DIR "
             "(e.g. tests/fixtures/bundles/tiny-v2 for a smoke test)"
         )
+    from qana.runtime import load_akida_model
+
     try:
         bundle = load_bundle(path)
+        load_akida_model(bundle)  # now, not in a Ray worker after the run has started
     except BundleError as exc:
         raise SourceError(str(exc)) from None
     if edge and bundle.target != "v1":

@@ -66,6 +66,25 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     assert (tmp_path / "afile").read_text() == "kept"
 
 
+def test_a_model_file_akida_cannot_read_is_named(tmp_path: Path) -> None:
+    """model.fbz replaced together with its recorded sha256: the hash check passes, akida cannot parse it."""
+    import hashlib
+
+    copy = Path(shutil.copytree(TINY, tmp_path / "b"))
+    (copy / "model.fbz").write_bytes(b"not an akida model")
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["files"]["model.fbz"] = hashlib.sha256(b"not an akida model").hexdigest()
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=8, image_size=40, seed=3)
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(copy)])
+    assert result.exit_code == 2 and "model.fbz is not a readable Akida model" in result.output, result.output
+    from simulations.cli import app as sim_app
+
+    result = runner.invoke(sim_app, ["run", "--data", str(clinic.root), "--bundle", str(copy), "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 2 and "model.fbz is not a readable Akida model" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_info_verifies_and_refuses_a_tampered_bundle(tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", str(TINY)])
     assert result.exit_code == 0 and "verified" in result.output and "tiny" in result.output
