@@ -61,7 +61,7 @@ def train(
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
-    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
+    stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical | bundle (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
     if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time

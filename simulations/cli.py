@@ -94,7 +94,7 @@ def run(
     new_class_clinic: Annotated[Optional[str], typer.Option("--new-class-clinic", help="new-class scenario: the clinic that has it (default: most training lesions of it)")] = None,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle; v1 for --learning akida-edge)")] = None,
     seed: SeedOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results); its run/, work/ and plots/ from an earlier run are replaced once the inputs check out")] = None,
     keep_work: Annotated[Optional[bool], typer.Option("--keep-work/--no-keep-work", help="keep the clinics' folders and caches under OUT/work")] = None,
     quiet: QuietOption = False,
 ) -> None:
