@@ -72,9 +72,9 @@ def train(
     from qana.distill import TeacherError
     from qana.saliency import SaliencyError
     from qana.clinical import ClinicalDataError
+    from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
     from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, LOSSES, STAGES, RunSettingsError, TrainOptions, run
-    from qana.model import ATTENTION_CHOICES
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
