@@ -108,7 +108,7 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
     if not path.is_file():
         raise DataError(f"metadata file not found: {path} (expected {METADATA_FILE} in the data folder)")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet program may add a byte-order mark
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in header]

@@ -91,7 +91,7 @@ def check_new_folder(out: Path) -> None:
 def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> int:
     """Copy the listed images and their metadata rows from `data` into a new folder `out`."""
     check_new_folder(out)
-    with (data / METADATA_FILE).open(newline="", encoding="utf-8") as handle:
+    with (data / METADATA_FILE).open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
         rows = {row["image_id"].strip(): row for row in reader}

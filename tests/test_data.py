@@ -73,6 +73,14 @@ def test_malformed_metadata_names_the_problem(tmp_path: Path, content: str, mess
         read_metadata(path)
 
 
+def test_metadata_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts the file with a BOM; the first column must still be lesion_id."""
+    path = tmp_path / "HAM10000_metadata.csv"
+    path.write_bytes("lesion_id,image_id,dx\nL1,ISIC_1,nv\n".encode("utf-8-sig"))
+    [record] = read_metadata(path)
+    assert (record.lesion_id, record.image_id) == ("L1", "ISIC_1")
+
+
 def test_binary_metadata_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "HAM10000_metadata.csv"
     path.write_bytes(b"\xff\xfe\x00garbage\x00")
