@@ -252,6 +252,12 @@ class SuperLinkProcess:
             self.process.wait(timeout)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """DeploymentError when something already listens on the SuperLink's port (e.g. another SuperLink)."""
+    if port_open(client_host(host), port):
+        raise DeploymentError(f"port {port} on {client_host(host)} is already in use (another SuperLink?): pick another --port")
+
+
 def start_superlink(
     state: StateDir,
     host: str,
@@ -262,8 +268,7 @@ def start_superlink(
     wait: float = 60.0,
 ) -> SuperLinkProcess:
     """Start `flower-superlink` in its own process group and wait until it accepts connections."""
-    if port_open(client_host(host), port):
-        raise DeploymentError(f"port {port} on {client_host(host)} is already in use (another SuperLink?)")
+    check_port_free(host, port)
     cmd = [executable("flower-superlink"), "--database", str(state.database), "--host", host, "--port", str(port)]
     cmd.append("--disable-runtime-dependency-installation")
     if certs is None:

@@ -261,9 +261,9 @@ def start_command(
         CONNECTION,
         DeploymentError,
         app_run_config,
+        check_port_free,
         client_host,
         flwr,
-        port_open,
         start_superlink,
         write_flower_app,
         write_flwr_config,
@@ -312,8 +312,7 @@ def start_command(
             load_certificate(tls[0])
             load_certificate(tls[1])
         app_run_config(config)
-        if port_open(client_host(host), port):
-            raise fail(f"port {port} on {client_host(host)} is already in use (another SuperLink?): pick another --port")
+        check_port_free(host, port)  # before anything is written; start_superlink checks again
         audit_db = _absolute_sqlite(audit_db)
         with AuditLog.open(audit_db, audit_key, create=True):
             pass  # creates/migrates the database and the signing key now, not in the middle of a run
