@@ -12,11 +12,11 @@ from __future__ import annotations
 import getpass
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import typer
 
@@ -371,14 +371,28 @@ def public_key_command(
         if output is None:
             typer.echo(pem.decode("ascii"), nl=False)
             return
-        try:
-            with output.open("xb") as handle:
-                handle.write(pem)
-        except FileExistsError:
-            raise AuditError(f"{output} already exists; not overwritten (choose another --output)") from None
-        except OSError as exc:
-            raise AuditError(f"cannot write {output}: {exc.strerror}") from None
+        _write_new_file(output, lambda handle: handle.write(pem.decode("ascii")))
     typer.echo(f"wrote the public key (fingerprint {verifier.fingerprint}) to {output}", err=True)
+
+
+_T = TypeVar("_T")
+
+
+def _write_new_file(output: Path, write: Callable[[TextIO], _T]) -> _T:
+    """Create `output` (never overwriting a file: an earlier export, a key, the database itself),
+    let `write` fill it, and remove it again if writing fails, so no half-written file is left."""
+    try:
+        handle = output.open("x", encoding="utf-8", newline="")
+    except FileExistsError:
+        raise AuditError(f"{output} already exists; not overwritten (choose another --output)") from None
+    except OSError as exc:
+        raise AuditError(f"cannot write {output}: {exc.strerror}") from None
+    try:
+        with handle:
+            return write(handle)
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
 
 
 @audit_app.command("export")
@@ -413,18 +427,7 @@ def export_command(
         if output is None:
             write_export(entries, export_format, sys.stdout)
         else:
-            try:
-                handle = output.open("x", encoding="utf-8", newline="")
-            except FileExistsError:
-                raise AuditError(f"{output} already exists; not overwritten (choose another --output)") from None
-            except OSError as exc:
-                raise AuditError(f"cannot write {output}: {exc.strerror}") from None
-            try:
-                with handle:
-                    count = write_export(entries, export_format, handle)
-            except BaseException:
-                output.unlink(missing_ok=True)  # no half-written export left behind
-                raise
+            count = _write_new_file(output, lambda handle: write_export(entries, export_format, handle))
             typer.echo(f"wrote {count} entries to {output}", err=True)
 
 
