@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -181,6 +182,56 @@ def check_manifest_fields(manifest: dict[str, Any]) -> None:
         raise ValueError(f"'feature_dim' must be a positive integer, got {manifest['feature_dim']!r}")
 
 
+SCORE_KEYS = ("top1", "macro_f1", "balanced_accuracy")
+
+
+def check_optional_fields(manifest: dict[str, Any]) -> None:
+    """The optional fields `qana info`, `qana evaluate` and `qana split --model` read: a wrong
+    type is refused on load with the field named, not met later as a traceback."""
+    for key in ("name", "ip_version", "akida_version", "input_dtype", "created"):
+        if key in manifest and not isinstance(manifest[key], str):
+            raise ValueError(f"'{key}' must be a string, got {manifest[key]!r}")
+    for key in ("bits", "training", "metrics", "model_spec"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise ValueError(f"'{key}' must be an object, got {manifest[key]!r}")
+    if "feature_scale" in manifest and not _is_positive_number(manifest["feature_scale"]):
+        raise ValueError(f"'feature_scale' must be a positive number, got {manifest['feature_scale']!r}")
+    seed = manifest.get("training", {}).get("seed")
+    if seed is not None and type(seed) is not int:
+        raise ValueError(f"'training.seed' must be an integer, got {seed!r}")
+    _check_clinical_prior_entry(manifest.get("clinical_prior"))
+    for part, scores in manifest.get("metrics", {}).items():
+        if not isinstance(scores, dict):
+            raise ValueError(f"'metrics.{part}' must be an object, got {scores!r}")
+        for backend, result in scores.items():
+            if isinstance(result, dict) and any(k in result for k in (*SCORE_KEYS, "n")):
+                if not all(_is_number(result.get(k)) for k in SCORE_KEYS) or type(result.get("n")) is not int:
+                    raise ValueError(f"'metrics.{part}.{backend}' must give numbers for {', '.join(SCORE_KEYS)} and an integer n")
+
+
+def _check_clinical_prior_entry(entry: Any) -> None:
+    if not entry:
+        return  # no prior: an optional extra
+    if not isinstance(entry, dict):
+        raise ValueError(f"'clinical_prior' must be an object, got {entry!r}")
+    file = entry.get("file")
+    if not isinstance(file, str) or not file or Path(file).name != file:
+        raise ValueError(f"'clinical_prior.file' must be a file name inside the bundle, got {file!r}")
+    inputs = entry.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        raise ValueError(f"'clinical_prior.inputs' must be a list of metadata column names, got {inputs!r}")
+    if not _is_number(entry.get("weight")) or entry["weight"] < 0:
+        raise ValueError(f"'clinical_prior.weight' must be a number >= 0, got {entry.get('weight')!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
 def load_bundle(path: Path | str) -> Bundle:
     """Load and verify a bundle; raise BundleError naming the first problem."""
     path = Path(path)
@@ -200,6 +251,7 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
     try:
         check_manifest_fields(manifest)
+        check_optional_fields(manifest)
         check_view_count(manifest.get("test_time_views", 1), "test_time_views")
         preprocessing = manifest.get("preprocessing", {})
         if not isinstance(preprocessing, dict):

@@ -65,6 +65,38 @@ def test_a_malformed_manifest_field_is_refused_by_name(bundle_dir: Path, field: 
         load_bundle(bundle_dir)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", 5, "'name' must be a string"),
+        ("bits", "8", "'bits' must be an object"),
+        ("training", "qana train", "'training' must be an object"),
+        ("training", {"seed": "3"}, "'training.seed' must be an integer"),
+        ("metrics", [], "'metrics' must be an object"),
+        ("metrics", {"test": 0.8}, "'metrics.test' must be an object"),
+        ("metrics", {"test": {"akida": {"top1": "0.8", "macro_f1": 0.6, "balanced_accuracy": 0.5, "n": 9}}}, "'metrics.test.akida' must give numbers"),
+        ("metrics", {"test": {"akida": {"top1": 0.8, "macro_f1": 0.6, "balanced_accuracy": 0.5}}}, "integer n"),
+        ("feature_scale", 0, "'feature_scale' must be a positive number"),
+        ("clinical_prior", "clinical.npz", "'clinical_prior' must be an object"),
+        ("clinical_prior", {"file": "../x.npz", "inputs": ["age"], "weight": 1.0}, "'clinical_prior.file' must be a file name"),
+        ("clinical_prior", {"file": "clinical.npz", "inputs": "age", "weight": 1.0}, "'clinical_prior.inputs' must be"),
+        ("clinical_prior", {"file": "clinical.npz", "inputs": ["age"], "weight": "1.5"}, "'clinical_prior.weight' must be"),
+    ],
+)
+def test_a_malformed_optional_field_is_refused_on_load(bundle_dir: Path, field: str, value, message: str) -> None:
+    """`qana info` and `qana evaluate` read these; a wrong type used to surface as a traceback there."""
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest[field] = value
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "qana" / "bundles").iterdir() if p.is_dir()))
+def test_every_shipped_bundle_passes_the_field_checks(name: str) -> None:
+    load_bundle(Path(__file__).parents[1] / "qana" / "bundles" / name)
+
+
 def test_pack_unpack_round_trip_and_wrong_id(bundle_dir: Path, tmp_path: Path) -> None:
     b = load_bundle(bundle_dir)
     data = pack_bundle(b)
