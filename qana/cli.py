@@ -84,7 +84,7 @@ def train(
     if blocks < 1:
         raise fail(f"--blocks must be at least 1, not {blocks}")
     for flag, value, least in (("--epochs", epochs, 1), ("--qat-epochs", qat_epochs, 0), ("--batch-size", batch_size, 1),
-                               ("--width", width, 1), ("--feature-dim", feature_dim, 1), ("--limit", limit, 0)):
+                               ("--width", width, 1), ("--feature-dim", feature_dim, 1), ("--limit", limit, 0), ("--seed", seed, 0)):
         if value < least:
             raise fail(f"{flag} must be at least {least}, not {value}" + (" (0 = all images)" if flag == "--limit" else ""))
     if not learning_rate > 0:
@@ -235,9 +235,9 @@ def split(
     """
     from qana.bundle import BundleError, load_bundle
     from qana.data import DataError, describe_skipped, load_dataset
-    from qana.split_export import SplitExportError, check_new_folder, check_settings, describe_settings, export_part
+    from qana.split_export import SplitExportError, check_new_folder, check_seed, check_settings, describe_settings, export_part
 
-    try:
+    with reported_errors(BundleError, DataError, SplitExportError):
         check_settings(part, val_fraction)
         check_new_folder(out)
         training = None
@@ -248,10 +248,9 @@ def split(
                 raise SplitExportError(f"--seed {seed} differs from the bundle's split seed {recorded_seed}")
             seed = recorded_seed if seed is None else seed
         seed = 0 if seed is None else int(seed)
+        check_seed(seed)
         dataset = load_dataset(data, progress=sys.stderr.isatty())
         n = export_part(data, dataset, out, part, seed, val_fraction, invoked_command("qana", "split"), training)
-    except (BundleError, DataError, SplitExportError) as exc:
-        raise fail(str(exc)) from None
     typer.echo(f"{n} {part} images ({describe_settings(part, seed, val_fraction)}) written to {out}; {describe_skipped(dataset.skipped)}")
 
 

@@ -13,7 +13,9 @@ bundle's recorded test metrics.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +49,12 @@ def check_settings(part: str, val_fraction: float) -> None:
     low, high = VAL_FRACTION_RANGE
     if not low <= val_fraction <= high:
         raise SplitExportError(f"--val-fraction must be from {low:g} to {high:g}, as for `qana train`; got {val_fraction:g}")
+
+
+def check_seed(seed: int) -> None:
+    """`qana train` takes seeds from 0 up (numpy's generators refuse negative ones)."""
+    if seed < 0:
+        raise SplitExportError(f"--seed must be 0 or more, as for `qana train`; got {seed}")
 
 
 def part_indices(dataset: Dataset, part: str, seed: int, val_fraction: float) -> np.ndarray:
@@ -83,27 +91,41 @@ def check_bundle_split(training: dict, dataset: Dataset, part: str, n_part: int)
 
 
 def check_new_folder(out: Path) -> None:
-    """Refuse to write into a folder that already holds files: nothing stored there is overwritten."""
+    """Refuse to write into a folder that already holds files (nothing stored there is
+    overwritten), or below a file (which no folder can be made under)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SplitExportError(f"{out} already exists and is not an empty folder; choose a new --out")
+    folder = next((p for p in out.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise SplitExportError(f"--out {out}: {folder} is a file, not a folder")
 
 
 def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> int:
-    """Copy the listed images and their metadata rows from `data` into a new folder `out`."""
+    """Copy the listed images and their metadata rows from `data` into a new folder `out`.
+
+    Written into a hidden folder beside `out` and renamed into place at the end, so a failed
+    copy (disk full, an image removed meanwhile) never leaves a part that looks complete."""
     check_new_folder(out)
     with (data / METADATA_FILE).open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
         rows = {row["image_id"].strip(): row for row in reader}
     files = find_images(data)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for image_id in image_ids:
-        shutil.copyfile(files[image_id], out / "images" / files[image_id].name)
-    with (out / METADATA_FILE).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows[image_id] for image_id in image_ids)
-    (out / "README.md").write_text(readme)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the part is meant to be shared
+        (tmp / "images").mkdir()
+        for image_id in image_ids:
+            shutil.copyfile(files[image_id], tmp / "images" / files[image_id].name)
+        with (tmp / METADATA_FILE).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows[image_id] for image_id in image_ids)
+        (tmp / "README.md").write_text(readme)
+        os.replace(tmp, out)  # onto a missing or empty folder only (checked above)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return len(image_ids)
 
 

@@ -63,6 +63,37 @@ def test_refusals_are_one_line_errors_and_keep_what_is_stored(clinic, private_ca
     assert result.exit_code == 2 and "--val-fraction must be from 0.02 to 0.5" in result.output
     result = runner.invoke(app, ["split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "data folder not found" in result.output
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "d"), "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed must be 0 or more" in result.output
+    assert not (tmp_path / "d").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(a_file / "part")])
+    assert result.exit_code == 2 and f"{a_file} is a file, not a folder" in result.output
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_copy_that_fails_half_way_leaves_no_part(clinic, private_cache, tmp_path: Path, monkeypatch) -> None:
+    """A part that looks complete but is not would be evaluated as if it were the bundle's test set."""
+    import shutil
+
+    from qana import split_export
+
+    copied = []
+    real_copy = shutil.copyfile
+
+    def copy_then_fail(source, target):
+        if len(copied) == 3:
+            raise OSError(28, "No space left on device")
+        copied.append(target)
+        return real_copy(source, target)
+
+    monkeypatch.setattr(split_export.shutil, "copyfile", copy_then_fail)
+    out = tmp_path / "part"
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(out)])
+    assert result.exit_code == 2 and "No space left on device" in result.output and len(copied) == 3
+    assert "Traceback" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".part")]
 
 
 def test_a_bundle_s_split_is_reproduced_or_refused(clinic, private_cache, tmp_path: Path) -> None:
