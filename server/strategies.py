@@ -11,6 +11,7 @@ coordinator and cannot be overridden.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,21 @@ _RESERVED = {
     "min_train_nodes",
     "min_evaluate_nodes",
     "min_available_nodes",
+}
+
+
+# Ranges Flower's constructors do not check: outside them a run fails rounds later or silently
+# aggregates nonsense (fedtrimmedavg beta=0.5 trims every head away; a negative proximal_mu
+# pushes clinics away from the global head). (low, high, low included, high included, integer)
+_OPTION_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
+    "proximal_mu": (0.0, math.inf, True, False, False),
+    "eta": (0.0, math.inf, False, False, False),
+    "eta_l": (0.0, math.inf, False, False, False),
+    "beta_1": (0.0, 1.0, True, False, False),
+    "beta_2": (0.0, 1.0, True, False, False),
+    "tau": (0.0, math.inf, False, False, False),
+    "beta": (0.0, 0.5, True, False, False),
+    "num_malicious_nodes": (0, math.inf, True, False, True),
 }
 
 
@@ -91,6 +107,27 @@ def parse_options(text: str) -> dict[str, float | int]:
     return out
 
 
+def check_options(name: str, options: Mapping[str, float | int]) -> None:
+    """Refuse options strategy `name` does not take, and values out of range, with the valid
+    choices named (used by qana-server start and qana-sim before anything runs)."""
+    key = canonical_name(name)
+    allowed = strategy_options(key)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v})" for k, v in allowed.items()) or "none"
+        raise StrategyError(f"{key} does not take option(s) {', '.join(unknown)}; valid options: {valid}")
+    for option, value in options.items():
+        if option not in _OPTION_RANGES:
+            continue  # an option a newer Flower added: its constructor is the only check
+        low, high, low_ok, high_ok, integer = _OPTION_RANGES[option]
+        inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+        if (integer and not isinstance(value, int)) or not inside:  # NaN and inf are never inside
+            kind = "a whole number" if integer else "a number"
+            lower = f">= {low:g}" if low_ok else f"> {low:g}"
+            upper = "" if high == math.inf else (f" and <= {high:g}" if high_ok else f" and < {high:g}")
+            raise StrategyError(f"{key} option {option}={value}: must be {kind} {lower}{upper}")
+
+
 def build_strategy(
     name: str,
     options: Mapping[str, float | int] | None = None,
@@ -101,12 +138,8 @@ def build_strategy(
 ) -> Strategy:
     """Instantiate Flower's strategy `name`, wired to the QANA-FL record and metric names."""
     key = canonical_name(name)
-    allowed = strategy_options(key)
     options = dict(options or {})
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        valid = ", ".join(f"{k} (default {v})" for k, v in allowed.items()) or "none"
-        raise StrategyError(f"{key} does not take option(s) {', '.join(unknown)}; valid options: {valid}")
+    check_options(key, options)
     if min_clinics < 1:
         raise StrategyError("min_clinics must be at least 1")
     try:

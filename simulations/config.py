@@ -70,12 +70,7 @@ class SimConfig:
 
     def validate(self) -> SimConfig:
         """Raise ConfigError for the first setting that is out of range; return self."""
-        from server.strategies import (
-            StrategyError,
-            canonical_name,
-            parse_options,
-            strategy_options,
-        )
+        from server.strategies import StrategyError, canonical_name, check_options, parse_options
 
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
@@ -118,13 +113,9 @@ class SimConfig:
             raise ConfigError(f"seed={self.seed}: must be between 0 and 2147483647")
         try:
             name = canonical_name(self.strategy)
-            options = parse_options(self.strategy_options)
+            check_options(name, parse_options(self.strategy_options))
         except StrategyError as exc:
             raise ConfigError(str(exc)) from None
-        unknown = sorted(set(options) - set(strategy_options(name)))
-        if unknown:
-            valid = ", ".join(strategy_options(name)) or "none"
-            raise ConfigError(f"strategy {name} does not take option(s) {', '.join(unknown)}; valid: {valid}")
         return replace(self, strategy=name)
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,6 +90,7 @@ def test_a_key_revoked_while_the_superlink_was_down_is_unregistered_after_a_new_
         (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
         (["--strategy", "fedavg", "--strategy-option", "eta=0.1"], "fedavg does not take option(s) eta"),
         (["--strategy", "fedavg", "--strategy-options", "eta=0.1,tau=0.01"], "fedavg does not take option(s) eta, tau"),  # qana-sim's spelling
+        (["--strategy", "krum", "--strategy-option", "num_malicious_nodes=-3"], "krum option num_malicious_nodes=-3: must be a whole number >= 0"),
         (["--run-config", "num-round=3"], "unknown run-config key"),
         (["--run-config", 'audit-db="postgresql://u:secret@h/db"'], "--run-config audit-db: use the --audit-db option"),
         (["--bundle", "/nonexistent"], "not a model bundle"),

@@ -246,6 +246,16 @@ def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
         FederationSettings.from_run_config({"strategy": "fedsgd"}, "r")
     with pytest.raises(StrategyError, match="does not take option"):
         build_strategy("fedavg", {"eta": 0.1})
+    with pytest.raises(StrategyError, match="beta=0.7: must be a number >= 0 and < 0.5"):
+        build_strategy("fedtrimmedavg", {"beta": 0.7})
+
+
+def test_every_strategy_builds_with_its_default_options() -> None:
+    """The value ranges qana-server and qana-sim check must admit Flower's own defaults."""
+    from server.strategies import STRATEGIES, strategy_options
+
+    for name in STRATEGIES:
+        build_strategy(name, strategy_options(name))
 
 
 def test_too_few_clinics_is_a_clear_error(tmp_path, bundle, audit) -> None:

@@ -64,6 +64,12 @@ def test_flags_override_the_toml_file_and_the_resolved_config_reads_back(tmp_pat
         ("", {"dropout": 1.0}, "dropout=1.0: must be in [0, 1)"),
         ("", {"strategy": "fedfoo"}, "unknown strategy 'fedfoo'"),
         ("", {"strategy": "fedprox", "strategy_options": "mu=0.1"}, "does not take option(s) mu"),
+        ("", {"strategy": "fedtrimmedavg", "strategy_options": "beta=0.5"}, "beta=0.5: must be a number >= 0 and < 0.5"),
+        ("", {"strategy": "fedprox", "strategy_options": "proximal_mu=-1"}, "proximal_mu=-1: must be a number >= 0"),
+        ("", {"strategy": "krum", "strategy_options": "num_malicious_nodes=-3"}, "num_malicious_nodes=-3: must be a whole number >= 0"),
+        ("", {"strategy": "krum", "strategy_options": "num_malicious_nodes=1.5"}, "num_malicious_nodes=1.5: must be a whole number"),
+        ("", {"strategy": "fedadam", "strategy_options": "eta=0"}, "eta=0: must be a number > 0"),
+        ("", {"strategy": "fedadam", "strategy_options": "beta_2=nan"}, "beta_2=nan: must be a number >= 0 and < 1"),
         ("rounds = 3\nrounds = 4\n", {}, "not valid TOML"),
     ],
 )
@@ -88,7 +94,7 @@ def test_bad_settings_are_one_clear_error(tmp_path: Path, toml: str, flags: dict
         (["--config", "BAD.toml"], "error: "),
         (["--bundle", "/nonexistent/bundle"], "error: no model bundle at /nonexistent/bundle"),
         # qana-server's repeatable spelling is accepted too, and every occurrence reaches the check
-        (["--strategy", "fedavg", "--strategy-option", "proximal_mu=1", "--strategy-option", "eta=0.1"], "error: strategy fedavg does not take option(s) eta, proximal_mu"),
+        (["--strategy", "fedavg", "--strategy-option", "proximal_mu=1", "--strategy-option", "eta=0.1"], "error: fedavg does not take option(s) eta, proximal_mu"),
     ],
 )
 def test_cli_refuses_bad_input_with_one_line_and_no_traceback(ham: Path, tmp_path: Path, args: list[str], message: str) -> None:
