@@ -144,10 +144,18 @@ def run_comparison(
     run: Callable[[SimConfig], ExperimentResult],
     command: str = "",
 ) -> list[dict[str, Any]]:
-    """Run the four experiments with `run` (simulations.experiment.run_experiment) and write the comparison."""
+    """Run the four experiments with `run` (simulations.experiment.run_experiment) and write the comparison.
+
+    Every experiment's bundle is checked first: a v2 bundle would otherwise be refused only by
+    the first akida-edge run, after the gradient run before it had taken its time."""
+    from simulations.workspace import resolve_bundle
+
+    configs = plan(base, out)
+    for cfg in configs:
+        resolve_bundle(cfg)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for cfg in plan(base, out):
+    for cfg in configs:
         rows.append(_row(run(cfg)))
         (out / "comparison.json").write_text(json.dumps({"config": base.to_dict(), "runs": rows}, indent=2, default=str) + "\n")
         (out / "comparison.md").write_text(comparison_md(rows, base, command))

@@ -39,3 +39,14 @@ def test_compare_runs_both_learning_modes_in_both_scenarios_and_tabulates_them(t
     g = json.loads((out / "gradient-standard" / "results.json").read_text())["headline"]["metrics"]["federated"]
     assert f"| gradient | {g['macro_f1']:.3f} | {g['balanced_accuracy']:.3f} |" in table
     assert "## New-class scenario" in table and "| akida-edge | df (" in table
+
+
+def test_compare_refuses_a_v2_bundle_before_running_anything(tmp_path: Path) -> None:
+    """Both learning modes use the one bundle and akida-edge needs Akida 1.0: say so up front."""
+    from simulations.cli import app
+
+    tiny_v2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "--bundle", str(tiny_v2), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "needs a v1 bundle" in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
