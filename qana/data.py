@@ -140,12 +140,33 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
     return records
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # any case: cameras and Windows tools often write .JPG
+
+
 def find_images(root: Path) -> dict[str, Path]:
-    """Map image_id -> path for every ISIC_*.jpg below root (any sub-folder layout)."""
+    """Map image_id -> path for every ISIC_*.jpg (or .jpeg, any case) below root (any sub-folder layout)."""
     found: dict[str, Path] = {}
-    for path in sorted(root.rglob("ISIC_*.jp*g")):
-        found.setdefault(path.stem, path)
+    for path in sorted(root.rglob("ISIC_*")):
+        if path.suffix.lower() in JPEG_SUFFIXES and path.is_file():
+            found.setdefault(path.stem, path)
     return found
+
+
+def describe_missing(root: Path, image_ids: list[str]) -> dict[str, str]:
+    """Why each listed image has no JPEG: a file of the same name in another format is named
+    (only JPEG is read: the shipped models were trained on JPEG pixels)."""
+    wanted = set(image_ids)
+    others: dict[str, list[str]] = {}
+    if wanted:
+        for path in sorted(root.rglob("ISIC_*")):
+            if path.stem in wanted and path.suffix.lower() not in JPEG_SUFFIXES:
+                others.setdefault(path.stem, []).append(path.name)
+    return {
+        image_id: f"missing: no JPEG file, only {', '.join(others[image_id])} (images must be .jpg/.jpeg)"
+        if image_id in others
+        else "missing: no image file found"
+        for image_id in image_ids
+    }
 
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
@@ -254,7 +275,7 @@ def load_dataset(
         raise DataError(f"data folder not found: {root}")
     records = read_metadata(root / METADATA_FILE, class_names)
     files = find_images(root)
-    skipped: dict[str, str] = {r.image_id: "missing: no image file found" for r in records if r.image_id not in files}
+    skipped = describe_missing(root, [r.image_id for r in records if r.image_id not in files])
     present = [r for r in records if r.image_id in files]
     arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)
     skipped.update(bad)

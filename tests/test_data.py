@@ -38,6 +38,21 @@ def test_corrupt_and_missing_images_are_skipped_and_named(tmp_path: Path) -> Non
         assert ds.skipped[name].startswith("missing")
 
 
+def test_upper_case_jpeg_is_read_and_other_formats_are_named(tmp_path: Path) -> None:
+    """A camera export's .JPG is a JPEG like any other; a PNG is reported by its own name."""
+    from PIL import Image
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, seed=4)
+    first, second = sorted((clinic.root / "images").glob("*.jpg"))[:2]
+    first.rename(first.with_suffix(".JPG"))
+    with Image.open(second) as img:
+        img.save(second.with_suffix(".png"))
+    second.unlink()
+    ds = load_dataset(clinic.root, size=16, cache_dir=None)
+    assert first.stem in set(ds.image_ids)
+    assert ds.skipped == {second.stem: f"missing: no JPEG file, only {second.stem}.png (images must be .jpg/.jpeg)"}
+
+
 def test_labels_lesions_and_centres_are_kept(tmp_path: Path) -> None:
     clinic = make_synthetic_ham(tmp_path / "ham", n_images=25, seed=3, centres=("a", "b"))
     ds = load_dataset(clinic.root, size=16, cache_dir=None)
