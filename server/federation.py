@@ -74,6 +74,7 @@ class AuditSink(Protocol):
     def record_head(self, run_id: str, round: int, data: bytes, sha256: str | None = None, **kwargs: Any) -> Any: ...
     def record_rejection(self, run_id: str, round: int, clinic_id: str, reason: str) -> Any: ...
     def record_deployment(self, clinic_id: str, version: str) -> Any: ...
+    def record_evaluation(self, version: str, run_id: str, round: int, metrics: dict[str, Any]) -> Any: ...
     def current_version(self, kind: str = "head") -> str | None: ...
     def version(self, reference: str) -> Any: ...
     def resolve_version(self, reference: str) -> str: ...
@@ -750,6 +751,12 @@ class Coordinator:
         )
         return str(info.version)
 
+    def _record_evaluation(self, version: str, round_: int, metrics: dict, per_clinic: dict, evaluated: list[str]) -> None:
+        """How the clinics scored `version`, and that each of them now holds it."""
+        self.audit.record_evaluation(version, self.settings.run_id, round_, {"evaluate": metrics, "evaluate_by_clinic": per_clinic})
+        for name in evaluated:
+            self.audit.record_deployment(name, version)
+
     # ------------------------------------------------------------------ the run's steps (EdgeCoordinator overrides them)
 
     learning = "gradient"
@@ -817,14 +824,10 @@ class Coordinator:
         self._server_time = 0.0
         opening = finish_opening(ready)
         head, head_version, spec, sha = opening.head, opening.version, opening.spec, head_id(opening.data)
+        if head_version is None:  # recorded before any clinic receives it
+            head_version = self._record_round(0, opening.data, None, [], dict(opening.metrics), spec, note=opening.note)
         eval_metrics, evaluated, per_clinic = self._evaluate(0, head, sha, ReadyGrid(self.grid, ready), bundle.bundle_id)
-        if head_version is None:
-            head_version = self._record_round(
-                0, opening.data, None, [], {"evaluate": eval_metrics, "evaluate_by_clinic": per_clinic, **opening.metrics},
-                spec, note=opening.note,
-            )
-        for name in evaluated:
-            self.audit.record_deployment(name, head_version)
+        self._record_evaluation(head_version, 0, eval_metrics, per_clinic, evaluated)
         initial_version = head_version
         rounds = [RoundResult(0, head_version, [], {}, {}, {}, eval_metrics, time.perf_counter() - t_round, self._server_time)]
         self.status["history"].append({"round": 0, "head_version": head_version, "evaluate": eval_metrics})
@@ -845,20 +848,21 @@ class Coordinator:
             new_head = update.head
             new_bytes = self._head_bytes(new_head)
             new_sha = head_id(new_bytes)
-            self._write_status(phase=f"round {round_}: evaluating")
-            responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
-            eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, responsive, bundle.bundle_id)
             t0 = time.perf_counter()
-            metrics = {"train": update.train_metrics, "evaluate": eval_metrics, "evaluate_by_clinic": per_clinic,
-                       "rejected": update.rejected, "failed": update.failed}
+            metrics = {"train": update.train_metrics, "rejected": update.rejected, "failed": update.failed}
             note = None
             if new_head.classes != spec.classes:
                 added = [c for c in new_head.classes if c not in spec.classes]
                 note = f"class-incremental merge: added {', '.join(added)}; classes now {', '.join(new_head.classes)}"
                 spec = spec.with_classes(new_head.classes)
+            # Recorded before it leaves the coordinator: no clinic ever holds an unrecorded head.
             new_version = self._record_round(round_, new_bytes, head_version, update.participants, metrics, spec, note)
-            for name in evaluated:
-                self.audit.record_deployment(name, new_version)
+            self._server_time += time.perf_counter() - t0
+            self._write_status(phase=f"round {round_}: evaluating")
+            responsive = ReadyGrid(self.grid, [n for n in ready if n not in self.unresponsive])
+            eval_metrics, evaluated, per_clinic = self._evaluate(round_, new_head, new_sha, responsive, bundle.bundle_id)
+            t0 = time.perf_counter()
+            self._record_evaluation(new_version, round_, eval_metrics, per_clinic, evaluated)
             self._server_time += time.perf_counter() - t0
             log(
                 INFO, "Round %d: %s %s from %d clinic(s) (%d rejected, %d failed); federated top1 %s",

@@ -114,7 +114,7 @@ def _bytes(run: FederationRun) -> dict[int, dict[str, Any]]:
 
 def _audit_heads(run: FederationRun, run_id: str) -> list[Any]:
     """The run's head versions from the audit log, oldest first (empty if the log was never created)."""
-    from server.audit import AuditLog, EntryFilter, VersionInfo
+    from server.audit import AuditLog, EntryFilter
     from server.audit.errors import AuditError
 
     if not run.audit_db.startswith("sqlite:///"):
@@ -128,7 +128,7 @@ def _audit_heads(run: FederationRun, run_id: str) -> list[Any]:
     except AuditError:
         return []
     try:
-        versions = [VersionInfo.from_entry(e) for e in log.entries(EntryFilter(run_id=run_id, kinds=("head",)))]
+        versions = [log.version(str(e.version)) for e in log.entries(EntryFilter(run_id=run_id, kinds=("head",)))]
         return [(v, log.get_artifact(v.sha256)) for v in versions]
     finally:
         log.close()
@@ -168,7 +168,7 @@ def collect(
             info, data = recorded
             version = info.version
             current = head_from_artifact(data)  # a gradient or an akida-edge head
-            metrics = dict(info.aggregate_metrics)
+            metrics = info.metrics  # what the head entry recorded and how clinics then scored it
             participants = [p.clinic_id for p in info.participants]
             finished_at = info.created_at.timestamp()
         if current is not None:

@@ -218,6 +218,32 @@ def test_history_is_recorded_with_readable_versions(audit_log: AuditLog, history
     assert [(d.clinic_id, d.version) for d in audit_log.deployments()] == [("clinic-a", "h2"), ("clinic-b", "h3")]
 
 
+def test_evaluations_add_to_a_version_s_metrics_without_changing_its_entry(
+    audit_log: AuditLog, history: dict[str, Any], db_url: str, key_path: Path
+) -> None:
+    """Clinics score a head after it was recorded (it is recorded before it is sent); their
+    scores are their own signed entries, shown with the version by show, diff and metrics."""
+    audit_log.record_evaluation("h3", "run-1", 3, {"evaluate": {"top1": 0.7}, "evaluate_by_clinic": {"clinic-a": {"top1": 0.7}}})
+    audit_log.record_evaluation("h3", "run-1", 3, {"evaluate": {"top1": 0.75}})
+    h3 = audit_log.version("h3")
+    assert h3.aggregate_metrics == {"accuracy": 0.8, "loss": "NaN"}  # the head's own signed entry, as recorded
+    assert h3.evaluation == {"evaluate": {"top1": 0.75}, "evaluate_by_clinic": {"clinic-a": {"top1": 0.7}}}
+    assert h3.metrics == {"accuracy": 0.8, "loss": "NaN", **h3.evaluation}
+    assert audit_log.version("h2").evaluation == {}
+    before = ledger_count(audit_log)
+    with pytest.raises(UnknownVersionError):
+        audit_log.record_evaluation("h9", "run-1", 3, {"evaluate": {"top1": 0.1}})
+    assert ledger_count(audit_log) == before
+    assert audit_log.verify().ok
+    shown = run_cli("audit", "show", "h3", "--db", db_url)
+    assert shown.exit_code == 0 and "evaluate" in shown.output, shown.output
+    listed = run_cli("audit", "log", "--kind", "evaluation", "--db", db_url)
+    assert listed.exit_code == 0 and listed.output.count("scored by clinics") == 2, listed.output
+    diff = run_cli("audit", "diff", "h2", "h3", "--db", db_url, "--json")
+    assert diff.exit_code == 0, diff.output
+    assert "evaluate" in {m["name"] for m in json.loads(diff.output)["metrics"]}
+
+
 def test_entries_filter_by_run_clinic_kind_time_and_limit(audit_log: AuditLog, history: dict[str, Any]) -> None:
     def seqs(**filters: Any) -> list[int]:
         return [entry.seq for entry in audit_log.entries(EntryFilter(**filters))]

@@ -160,12 +160,12 @@ def test_real_federation_over_tls_survives_a_killed_clinic(tmp_path: Path) -> No
         assert audit.verify().ok
         # global head accuracy improves, measured on the same held-out images (the survivors')
         def top1(info) -> float:
-            by_clinic = info.aggregate_metrics["evaluate_by_clinic"]
+            by_clinic = info.metrics["evaluate_by_clinic"]
             n = sum(by_clinic[c]["num-examples"] for c in ("clinic-a", "clinic-b"))
             return sum(by_clinic[c]["top1"] * by_clinic[c]["num-examples"] for c in ("clinic-a", "clinic-b")) / n
 
         assert top1(h3) > top1(h1) + 0.15, (top1(h1), top1(h3))
-        assert all(m["device-agreement"] == 1.0 for m in h3.aggregate_metrics["evaluate_by_clinic"].values())
+        assert all(m["device-agreement"] == 1.0 for m in h3.metrics["evaluate_by_clinic"].values())
 
     # --- only head arrays crossed the wire from the clinics (the coordinator's log of real replies)
     wire = [json.loads(line) for line in (state / "wire.jsonl").read_text().splitlines()]

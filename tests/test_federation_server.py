@@ -71,7 +71,13 @@ def test_rounds_improve_the_head_and_every_version_is_audited(tmp_path, bundle, 
     h3 = audit.version("h3")
     assert h3.parent == "h2" and h3.backbone == "b1" and h3.round == 2 and h3.strategy == "fedavg"
     assert sorted(p.clinic_id for p in h3.participants) == ["clinic-0", "clinic-1", "clinic-2"]
-    assert h3.aggregate_metrics["evaluate"]["top1"] == pytest.approx(result.rounds[-1].evaluate_metrics["top1"])
+    assert h3.metrics["evaluate"]["top1"] == pytest.approx(result.rounds[-1].evaluate_metrics["top1"])
+    assert "evaluate" not in h3.aggregate_metrics and h3.aggregate_metrics["train"]  # scored after it was recorded
+    # every head is recorded before any clinic receives it: its entry comes before its
+    # evaluation entry, which comes before the clinics' deployment entries
+    for version in ("h1", "h2", "h3"):
+        about = [e for e in audit.entries() if e.version == version]
+        assert [e.kind for e in about] == ["head", "evaluation", "deployment", "deployment", "deployment"], version
     # the backbone went to every clinic once and each evaluated head was deployed
     deployments = audit.deployments()
     assert sum(d.version == "b1" for d in deployments) == 3
@@ -178,7 +184,7 @@ def test_clinic_that_goes_silent_mid_run_is_left_out_even_below_min_clinics(tmp_
     assert "no reply" in r2.failed["clinic-2"]
     evaluations = [m for m in nodes[102].received if m.metadata.message_type == P.MSG_EVALUATE]
     assert len(evaluations) == 2  # rounds 0 and 1; not asked again after it stopped answering
-    assert sorted(audit.version("h3").aggregate_metrics["evaluate_by_clinic"]) == ["clinic-0", "clinic-1"]
+    assert sorted(audit.version("h3").metrics["evaluate_by_clinic"]) == ["clinic-0", "clinic-1"]
 
 
 def test_round_without_valid_updates_keeps_the_head(tmp_path, bundle, audit) -> None:

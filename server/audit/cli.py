@@ -88,7 +88,7 @@ KindOption = Annotated[
     typer.Option(
         "--kind",
         metavar="KIND",
-        help="Only entries of this kind (repeatable): backbone, head, deployment, rejection, class_addition, rollback.",
+        help="Only entries of this kind (repeatable): backbone, head, evaluation, deployment, rejection, class_addition, rollback.",
     ),
 ]
 
@@ -170,7 +170,7 @@ def log_command(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List ledger entries, oldest first: versions, deployments, rejections, class additions, rollbacks."""
+    """List ledger entries, oldest first: versions, clinics' evaluations of them, deployments, rejections, class additions, rollbacks."""
     from server.audit.render import entries_table
 
     with _reported_errors():
@@ -220,7 +220,7 @@ def show_command(
                 ("round", info.round),
                 ("strategy", info.strategy),
                 ("config", json.dumps(dict(info.strategy_config), sort_keys=True) if info.strategy_config else None),
-                ("metrics", metrics_text(info.aggregate_metrics, limit=20) or None),
+                ("metrics", metrics_text(info.metrics, limit=20) or None),
                 ("note", info.note),
                 ("signed by", info.signer),
                 ("entry hash", info.entry_hash),

@@ -122,11 +122,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _metric_changes(before: VersionInfo, after: VersionInfo) -> tuple[MetricChange, ...]:
-    names = sorted(set(before.aggregate_metrics) | set(after.aggregate_metrics))
+    old_metrics, new_metrics = before.metrics, after.metrics
+    names = sorted(set(old_metrics) | set(new_metrics))
     changes = []
     for name in names:
-        old = before.aggregate_metrics.get(name)
-        new = after.aggregate_metrics.get(name)
+        old = old_metrics.get(name)
+        new = new_metrics.get(name)
         delta = float(new) - float(old) if _is_number(old) and _is_number(new) else None
         changes.append(MetricChange(name, old, new, delta))
     return tuple(changes)

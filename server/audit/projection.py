@@ -27,6 +27,7 @@ from server.audit.models import (
 from server.audit.records import (
     KIND_CLASS_ADDITION,
     KIND_DEPLOYMENT,
+    KIND_EVALUATION,
     KIND_REJECTION,
     KIND_ROLLBACK,
     VERSION_KINDS,
@@ -146,6 +147,8 @@ def projection_rows(document: Mapping[str, Any]) -> list[tuple[type[Base], Row]]
                 },
             )
         ]
+    if kind == KIND_EVALUATION:
+        return []  # found through the entries table's version column; no typed table
     raise ValueError(f"unknown entry kind {kind!r}")
 
 

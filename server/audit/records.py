@@ -8,7 +8,7 @@ signed; the typed tables are only used to find entries quickly.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,9 +19,12 @@ KIND_DEPLOYMENT = "deployment"
 KIND_REJECTION = "rejection"
 KIND_CLASS_ADDITION = "class_addition"
 KIND_ROLLBACK = "rollback"
+# How clinics scored a head already recorded. A separate entry, because a head is recorded
+# before it leaves the coordinator, and clinics can only score it after receiving it.
+KIND_EVALUATION = "evaluation"
 
 VERSION_KINDS = (KIND_BACKBONE, KIND_HEAD)
-ALL_KINDS = (KIND_BACKBONE, KIND_HEAD, KIND_DEPLOYMENT, KIND_REJECTION, KIND_CLASS_ADDITION, KIND_ROLLBACK)
+ALL_KINDS = (KIND_BACKBONE, KIND_HEAD, KIND_DEPLOYMENT, KIND_REJECTION, KIND_CLASS_ADDITION, KIND_ROLLBACK, KIND_EVALUATION)
 VERSION_PREFIX = {KIND_BACKBONE: "b", KIND_HEAD: "h"}
 
 
@@ -139,10 +142,16 @@ class VersionInfo:
     note: str | None
     entry_hash: str
     signer: str
+    evaluation: Mapping[str, Any] = field(default_factory=dict)  # from its evaluation entries, latest last
 
     @classmethod
-    def from_entry(cls, entry: Entry) -> VersionInfo:
+    def from_entry(cls, entry: Entry, evaluations: Iterable[Entry] = ()) -> VersionInfo:
+        """The version an entry records, with the metrics of its `evaluation` entries (in
+        order, a later one overriding an earlier one's keys)."""
         body = entry.body
+        evaluation: dict[str, Any] = {}
+        for later in evaluations:
+            evaluation.update(later.body.get("metrics") or {})
         return cls(
             version=body["version"],
             kind=entry.kind,
@@ -164,7 +173,14 @@ class VersionInfo:
             note=body.get("note"),
             entry_hash=entry.entry_hash,
             signer=entry.signer,
+            evaluation=evaluation,
         )
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Everything measured about this version: what its own entry recorded (training,
+        participants' reports) and how clinics scored it afterwards (`evaluation`)."""
+        return {**self.aggregate_metrics, **self.evaluation}
 
     @property
     def total_examples(self) -> int:
@@ -186,6 +202,7 @@ class VersionInfo:
             "strategy_config": dict(self.strategy_config),
             "participants": [p.to_dict() for p in self.participants],
             "aggregate_metrics": dict(self.aggregate_metrics),
+            "evaluation": dict(self.evaluation),
             "note": self.note,
             "entry_hash": self.entry_hash,
             "signer": self.signer,

@@ -14,6 +14,7 @@ from server.audit.records import (
     KIND_BACKBONE,
     KIND_CLASS_ADDITION,
     KIND_DEPLOYMENT,
+    KIND_EVALUATION,
     KIND_HEAD,
     KIND_REJECTION,
     KIND_ROLLBACK,
@@ -91,6 +92,8 @@ def entry_summary(entry: Entry) -> str:
         return ", ".join(parts)
     if entry.kind == KIND_DEPLOYMENT:
         return f"deployed to {body['clinic_id']}"
+    if entry.kind == KIND_EVALUATION:
+        return f"scored by clinics: {metrics_text(body.get('metrics') or {}) or 'no metrics'}"
     if entry.kind == KIND_REJECTION:
         return f"update from {body['clinic_id']} rejected: {body['reason']}"
     if entry.kind == KIND_CLASS_ADDITION:

@@ -64,6 +64,7 @@ from server.audit.records import (
     KIND_BACKBONE,
     KIND_CLASS_ADDITION,
     KIND_DEPLOYMENT,
+    KIND_EVALUATION,
     KIND_HEAD,
     KIND_REJECTION,
     KIND_ROLLBACK,
@@ -423,6 +424,16 @@ class AuditLog:
 
         return self._append(KIND_DEPLOYMENT, body)
 
+    def record_evaluation(self, version: str, run_id: str, round: int, metrics: Mapping[str, Any]) -> Entry:
+        """Record how clinics scored ``version`` (already recorded: a head is recorded before
+        it is sent anywhere, and scored only once clinics have it)."""
+        fields = {"run_id": _text(run_id, "run_id"), "round": _count(round, "round"), "metrics": _mapping(metrics, "metrics")}
+
+        def body(session: Session) -> dict[str, Any]:
+            return {"version": self._resolve(session, version).version, **fields}
+
+        return self._append(KIND_EVALUATION, body)
+
     def record_rejection(self, run_id: str, round: int, clinic_id: str, reason: str) -> Entry:
         """Record that the coordinator refused a clinic's update in a round, and why."""
         fields = {
@@ -557,7 +568,13 @@ class AuditLog:
         """Everything recorded about one version."""
         with read_session(self._engine) as session:
             found = self._resolve(session, reference)
-            return VersionInfo.from_entry(self._load_entry(session, found.seq))
+            scored = session.execute(
+                select(EntryRow.content, EntryRow.entry_hash, EntryRow.signature)
+                .where(EntryRow.kind == KIND_EVALUATION, EntryRow.version == found.version)
+                .order_by(EntryRow.seq)
+            ).all()
+            evaluations = [Entry.from_content(row.content, row.entry_hash, row.signature) for row in scored]
+            return VersionInfo.from_entry(self._load_entry(session, found.seq), evaluations)
 
     @_database_errors
     def deployments(self, version: str | None = None, clinic_id: str | None = None) -> list[DeploymentInfo]:
