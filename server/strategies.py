@@ -52,18 +52,20 @@ _RESERVED = {
 }
 
 
-# Ranges Flower's constructors do not check: outside them a run fails rounds later or silently
-# aggregates nonsense (fedtrimmedavg beta=0.5 trims every head away; a negative proximal_mu
-# pushes clinics away from the global head). (low, high, low included, high included, integer)
-_OPTION_RANGES: dict[str, tuple[float, float, bool, bool, bool]] = {
-    "proximal_mu": (0.0, math.inf, True, False, False),
-    "eta": (0.0, math.inf, False, False, False),
-    "eta_l": (0.0, math.inf, False, False, False),
-    "beta_1": (0.0, 1.0, True, False, False),
-    "beta_2": (0.0, 1.0, True, False, False),
-    "tau": (0.0, math.inf, False, False, False),
-    "beta": (0.0, 0.5, True, False, False),
-    "num_malicious_nodes": (0, math.inf, True, False, True),
+# Option ranges, checked before anything starts. Flower checks only fedtrimmedavg's beta, and
+# only when the strategy is built (inside qana-sim's ServerApp, after Ray has started); the rest
+# it never checks (a negative proximal_mu pushes clinics away from the global head, a negative
+# num_malicious_nodes changes which heads krum scores). Bounds: (low, high, low allowed, whole
+# number); the high bound itself is never allowed.
+_OPTION_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "proximal_mu": (0.0, math.inf, True, False),
+    "eta": (0.0, math.inf, False, False),
+    "eta_l": (0.0, math.inf, False, False),
+    "beta_1": (0.0, 1.0, True, False),
+    "beta_2": (0.0, 1.0, True, False),
+    "tau": (0.0, math.inf, False, False),
+    "beta": (0.0, 0.5, True, False),
+    "num_malicious_nodes": (0, math.inf, True, True),
 }
 
 
@@ -119,12 +121,12 @@ def check_options(name: str, options: Mapping[str, float | int]) -> None:
     for option, value in options.items():
         if option not in _OPTION_RANGES:
             continue  # an option a newer Flower added: its constructor is the only check
-        low, high, low_ok, high_ok, integer = _OPTION_RANGES[option]
-        inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+        low, high, low_ok, integer = _OPTION_RANGES[option]
+        inside = (low <= value if low_ok else low < value) and value < high
         if (integer and not isinstance(value, int)) or not inside:  # NaN and inf are never inside
             kind = "a whole number" if integer else "a number"
             lower = f">= {low:g}" if low_ok else f"> {low:g}"
-            upper = "" if high == math.inf else (f" and <= {high:g}" if high_ok else f" and < {high:g}")
+            upper = "" if high == math.inf else f" and < {high:g}"
             raise StrategyError(f"{key} option {option}={value}: must be {kind} {lower}{upper}")
 
 
