@@ -291,7 +291,7 @@ def learn(
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of *new* lesions held out; earlier lesions keep their side.")] = 0.2,
     new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic adds to the deployed head; its images must be in --data. Repeatable.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over old + new training features.")] = 20,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, help="Step size of the head update.")] = 0.01,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, max=10.0, help="Step size of the head update (at most 10, as for qana-sim).")] = 0.01,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
     smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of SMOTE and of the order training samples are presented in.")] = 0,
@@ -304,6 +304,7 @@ def learn(
     from client.clinic import Clinic, ClinicConfig, ClinicError
     from protocols.auth import check_clinic_name
     from qana.bundle import BundleError, load_bundle
+    from qana.data import describe_skipped
     from qana.head import TrainConfig
     from qana.runtime import RuntimeErrorQana
 
@@ -338,12 +339,20 @@ def learn(
             raise ClinicError(str(exc)) from None
     old = report.images - report.new_images
     typer.echo(f"clinic {clinic_id}: bundle {report.bundle_id[:12]}…; starting from the {report.start}")
+    if report.skipped:
+        typer.echo(describe_skipped(report.skipped))
+    if report.cache_rebuilt:
+        typer.echo(
+            "warning: the feature cache was unreadable and has been rebuilt; images of lesions recorded in the "
+            "split file are taken as learned before, so a new image of a known lesion is not counted as new",
+            err=True,
+        )
     typer.echo(
         f"images: {report.images} ({report.new_images} new, {report.computed} through the backbone; "
-        f"{old} from the feature cache); new lesions: {report.new_lesions} ({report.new_lesions_held_out} held out)"
+        f"{old} earlier); new lesions: {report.new_lesions} ({report.new_lesions_held_out} held out)"
     )
     if not report.updated:
-        typer.echo("nothing new since the features were last computed; the deployed head is unchanged")
+        typer.echo(f"{report.not_updated_because}; the deployed head is unchanged")
         return
     if report.added_classes:
         typer.echo(f"new class(es) added to the head: {', '.join(report.added_classes)}")

@@ -45,6 +45,7 @@ from protocols.messages import (
     PROTOCOL_VERSION,
     ClinicInfo,
     EvaluateSettings,
+    MAX_HEAD_VALUE,
     HeadSpec,
     ProtocolError,
     TrainSettings,
@@ -157,6 +158,8 @@ class Prepared:
     runtime: Any  # qana.runtime.AkidaRuntime
     new_rows: np.ndarray | None = None  # bool per row: features were not cached before this call
     new_lesions: int = 0  # lesions assigned to a side just now
+    known_lesions: frozenset[str] = frozenset()  # lesions the split file recorded before this call
+    cache_rebuilt: bool = False  # the feature cache was damaged: new_rows come from the split file
 
 
 def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed: int) -> None:
@@ -169,6 +172,25 @@ def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed
         raise ClinicError(f"split sides must be {TRAIN!r} or {HELD_OUT!r}")
     state = {"format": SPLIT_FORMAT, "eval_fraction": eval_fraction, "seed": seed, "lesions": dict(sides)}
     write_atomic(path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_split(path: Path) -> dict[str, str]:
+    """Lesion id -> side from the clinic's split file ({} when there is none yet)."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("format") != SPLIT_FORMAT or not isinstance(state.get("lesions"), dict):
+            raise ValueError("unexpected content")
+        recorded = {str(k): str(v) for k, v in state["lesions"].items()}
+        if set(recorded.values()) - {TRAIN, HELD_OUT}:
+            raise ValueError("unknown side")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ClinicError(
+            f"held-out split file {path} is unreadable ({exc}); move it away to re-split "
+            "(held-out lesions may then change)"
+        ) from None
+    return recorded
 
 
 def persistent_split(
@@ -187,20 +209,7 @@ def persistent_split(
     cannot be read is an error, never silently replaced: the assignment it holds is the point.
     """
     lesions = np.asarray(lesion_ids).astype(str)
-    recorded: dict[str, str] = {}
-    if path.is_file():
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            if state.get("format") != SPLIT_FORMAT or not isinstance(state.get("lesions"), dict):
-                raise ValueError("unexpected content")
-            recorded = {str(k): str(v) for k, v in state["lesions"].items()}
-            if set(recorded.values()) - {TRAIN, HELD_OUT}:
-                raise ValueError("unknown side")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ClinicError(
-                f"held-out split file {path} is unreadable ({exc}); move it away to re-split "
-                "(held-out lesions may then change)"
-            ) from None
+    recorded = read_split(path)
     new_rows = np.flatnonzero([lesion not in recorded for lesion in lesions.tolist()])
     assigned_now = 0
     if len(new_rows):
@@ -238,7 +247,10 @@ class LearnReport:
     computed: int  # distinct images the backbone ran over now
     new_lesions: int
     new_lesions_held_out: int
-    updated: bool  # False when there was nothing new (the deployed files are untouched)
+    updated: bool  # False when there was nothing to learn (the deployed files are untouched)
+    not_updated_because: str = ""
+    cache_rebuilt: bool = False  # the feature cache was damaged and rebuilt (new images judged by lesion)
+    skipped: Mapping[str, str] | None = None  # unreadable images, by name (qana.data)
     train_examples: int = 0
     num_synthetic: int = 0
     earlier_before: SplitMetrics | None = None  # earlier held-out images, deployed head
@@ -367,7 +379,12 @@ class Clinic:
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
+        known_lesions = frozenset(read_split(self.config.cache / SPLIT_FILE))
         if remember_new:
+            if cache.damaged:
+                # The feature cache was also the record of which images had been learned; the
+                # split file names every lesion an earlier call saw, so only other lesions are new.
+                new_rows = ~np.isin(dataset.lesion_ids.astype(str), sorted(known_lesions))
             pending = self._pending(bundle_id)
             new_rows |= np.isin(dataset.content_hashes, sorted(pending))
             if new_rows.any():
@@ -380,7 +397,9 @@ class Clinic:
             self.config.eval_fraction,
             self.config.split_seed,
         )
-        return Prepared(bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, new_lesions)
+        return Prepared(
+            bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, new_lesions, known_lesions, cache.damaged
+        )
 
     def _pending_path(self, bundle_id: str) -> Path:
         return self.config.cache / PENDING_DIR / f"{bundle_id}.json"
@@ -570,8 +589,8 @@ class Clinic:
         new_rows = prep.new_rows
         is_eval = np.zeros(len(prep.dataset), dtype=bool)
         is_eval[prep.eval_idx] = True
-        new_lesion_ids = set(prep.dataset.lesion_ids[new_rows].tolist())
-        held_lesions = set(prep.dataset.lesion_ids[prep.eval_idx].tolist())
+        new_lesion_ids = set(prep.dataset.lesion_ids[new_rows].astype(str).tolist()) - prep.known_lesions
+        held_lesions = set(prep.dataset.lesion_ids[prep.eval_idx].astype(str).tolist())
         report = LearnReport(
             bundle_id=bundle_id,
             start=start,
@@ -581,9 +600,16 @@ class Clinic:
             new_lesions=prep.new_lesions,
             new_lesions_held_out=len(new_lesion_ids & held_lesions),
             updated=False,
+            cache_rebuilt=prep.cache_rebuilt,
+            skipped=dict(prep.dataset.skipped),
         )
         if not new_rows.any():
-            return report
+            return replace(report, not_updated_because="nothing new since the features were last computed")
+        if not (new_rows & ~is_eval).any():
+            # Only held-out images arrived: training again on the same images would replace the
+            # deployed head for nothing. They are cached and stay held out; nothing is pending.
+            self._pending_path(bundle_id).unlink(missing_ok=True)
+            return replace(report, not_updated_because="every new image belongs to a held-out lesion, so there is nothing new to train on")
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
         grown = self._with_new_classes(head, prep, None)
@@ -598,6 +624,12 @@ class Clinic:
                 f"the head update failed ({exc}) at learning rate {config.learning_rate:g}; try a smaller "
                 "--learning-rate. The deployed head is unchanged and the new images stay new."
             ) from None
+        largest = float(max(np.abs(trained.weights).max(initial=0.0), np.abs(trained.bias).max(initial=0.0)))
+        if largest > MAX_HEAD_VALUE:  # finite, but far beyond any head learned at a sane step size
+            raise ClinicError(
+                f"the head update diverged (a weight reached {largest:.3g}, over {MAX_HEAD_VALUE:g}) at learning rate "
+                f"{config.learning_rate:g}; try a smaller --learning-rate. The deployed head is unchanged and the new images stay new."
+            )
         before = quantize_head(head, prep.bundle.target)
         after = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, after)

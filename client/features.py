@@ -34,6 +34,7 @@ class FeatureCache:
     def __init__(self, root: Path | str, bundle: Bundle) -> None:
         self.bundle = bundle
         self.path = Path(root) / "features" / f"{bundle.bundle_id}.npz"
+        self.damaged = False  # set when a cache file was there but could not be used (it is rebuilt)
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         empty = (np.zeros(0, dtype="U64"), np.zeros((0, self.bundle.feature_dim), np.int16))
@@ -43,19 +44,28 @@ class FeatureCache:
             with np.load(self.path, allow_pickle=False) as z:
                 hashes, feats = z["hashes"], z["features"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # empty or truncated: a cache, so rebuild
-            log.warning("feature cache %s is unreadable (%s); recomputing it", self.path, exc)
-            return empty
-        if feats.ndim != 2 or feats.shape != (len(hashes), self.bundle.feature_dim):
-            log.warning("feature cache %s has shape %s; recomputing it", self.path, feats.shape)
-            return empty
+            return self._discard(f"is unreadable ({exc})", empty)
+        if hashes.ndim != 1 or hashes.dtype.kind != "U":
+            return self._discard(f"has image hashes of shape {hashes.shape} and type {hashes.dtype}", empty)
+        if feats.ndim != 2 or feats.shape != (len(hashes), self.bundle.feature_dim) or feats.dtype.kind not in "iu":
+            return self._discard(f"has features of shape {feats.shape} and type {feats.dtype}", empty)
         return hashes, feats
+
+    def _discard(self, problem: str, empty: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        log.warning("feature cache %s %s; recomputing it", self.path, problem)
+        self.damaged = True
+        return empty
 
     def _save(self, hashes: np.ndarray, feats: np.ndarray) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, hashes=hashes, features=feats)
-        replace_atomic(tmp, self.path)
+        try:
+            with tmp.open("wb") as handle:
+                np.savez(handle, hashes=hashes, features=feats)
+            replace_atomic(tmp, self.path)
+        except BaseException:  # incl. Ctrl-C: no stray temporary file beside the cache
+            tmp.unlink(missing_ok=True)
+            raise
 
     def cached(self, hashes: np.ndarray) -> np.ndarray:
         """Which of these image content hashes already have features (bool mask, nothing computed).

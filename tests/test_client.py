@@ -119,6 +119,47 @@ def test_features_are_computed_once_and_only_for_new_images(tmp_path, bundle, cl
     assert computed == 6 and extractor.rows == len(data) + 6
 
 
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"hashes": "2-d", "features": "ok"},
+        {"hashes": "0-d", "features": "ok"},
+        {"hashes": "ok", "features": "float"},
+    ],
+)
+def test_a_feature_cache_of_the_wrong_shape_or_type_is_rebuilt(tmp_path, bundle, clinic_dir, arrays) -> None:
+    """Such a file used to end every round on this bundle in a TypeError."""
+    from qana.runtime import AkidaRuntime
+
+    extractor = CountingExtractor(AkidaRuntime(bundle, "software"))
+    cache = FeatureCache(tmp_path / "cache", bundle)
+    data = load_dataset(clinic_dir, size=bundle.input_shape[0], cache_dir=None)
+    good, _ = cache.features(data, extractor)
+    hashes = {"ok": data.content_hashes, "2-d": data.content_hashes[:, None], "0-d": np.array(data.content_hashes[0])}[arrays["hashes"]]
+    feats = good.astype(np.float32) if arrays["features"] == "float" else good
+    np.savez(cache.path, hashes=hashes, features=feats)
+    fresh = FeatureCache(tmp_path / "cache", bundle)
+    assert not fresh.cached(data.content_hashes).any() and fresh.damaged
+    again, computed = fresh.features(data, extractor)
+    assert computed == len(data)
+    np.testing.assert_array_equal(again, good)
+
+
+def test_a_failed_feature_cache_write_leaves_no_temporary_file(tmp_path, bundle, clinic_dir, monkeypatch) -> None:
+    from qana.runtime import AkidaRuntime
+
+    cache = FeatureCache(tmp_path / "cache", bundle)
+    data = load_dataset(clinic_dir, size=bundle.input_shape[0], cache_dir=None)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.features(data, AkidaRuntime(bundle, "software"))
+    assert list(cache.path.parent.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- local learning
 
 

@@ -128,7 +128,7 @@ def test_learn_runs_the_backbone_only_on_new_images_and_measures_forgetting(tmp_
     second = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)  # the deployed bundle
     assert second.exit_code == 0, second.output
     assert sum(spy.calls) == 8, spy.calls  # a cache hit skips the backbone: only the new images ran
-    assert "48 (8 new, 8 through the backbone; 40 from the feature cache)" in second.output
+    assert "48 (8 new, 8 through the backbone; 40 earlier)" in second.output
     assert "starting from the deployed head" in second.output
     split_2 = json.loads((cache / SPLIT_FILE).read_text())["lesions"]
     assert {k: split_2[k] for k in split_1} == split_1 and len(split_2) > len(split_1)
@@ -197,10 +197,19 @@ def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tm
     saved = {p.name: p.read_bytes() for p in deployed.iterdir()}
     grow(data, 8, bundle.input_shape[0], seed=78)
 
-    # a step size that blows the head up: one error line, nothing deployed changes
+    # a step size that blows the head up: refused, nothing deployed changes
     diverged = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--learning-rate", "1e30")
-    assert diverged.exit_code == 2 and diverged.output.startswith("error: the head update failed"), diverged.output
+    assert diverged.exit_code == 2 and "--learning-rate" in diverged.output, diverged.output
     assert "Traceback" not in diverged.output and {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
+    # through the API, where no option range applies: a finite but exploded head is refused too
+    # (Adam moves each weight by at most the step size, so no NaN or Inf ever shows up)
+    from client.clinic import Clinic, ClinicConfig
+    from qana.head import TrainConfig
+
+    clinic = Clinic(ClinicConfig.from_node_config({"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(cache)}))
+    with pytest.raises(ClinicError, match="the head update diverged"):
+        clinic.learn(bundle.bundle_id, TrainConfig(epochs=1, learning_rate=1e38))
+    assert {p.name: p.read_bytes() for p in deployed.iterdir()} == saved
 
     # a crash while the new deployed set is being written: the old set stays, as a whole
     import client.clinic as clinic_module
@@ -218,7 +227,7 @@ def test_a_failed_learn_keeps_the_new_images_new_and_the_deployed_model_whole(tm
     # the 8 images were cached by the failed runs but never learned: still new
     ok = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert ok.exit_code == 0, ok.output
-    assert "38 (8 new, 0 through the backbone; 30 from the feature cache)" in ok.output
+    assert "38 (8 new, 0 through the backbone; 30 earlier)" in ok.output
     assert json.loads((deployed / "deployed.json").read_text())["new_images"] == 8
     again = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert again.exit_code == 0 and "unchanged" in again.output  # learned now: no longer new
@@ -242,9 +251,13 @@ def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, b
     (cache / "features" / f"{bundle.bundle_id}.npz").write_bytes(damage)
     image_entry = next((cache / f"images-v1-{size}px-centre").rglob("*.npy"))
     image_entry.write_bytes(damage)
+    saved = (deployed / "head.npz").read_bytes()
     rebuilt = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert rebuilt.exit_code == 0, rebuilt.output
-    assert "24 new, 24 through the backbone" in rebuilt.output  # the features were gone, so every image counts as new
+    # the features were recomputed, but the split file knows every lesion: no image is new,
+    # so the deployed head is not retrained on the same images
+    assert "24 (0 new, 24 through the backbone" in rebuilt.output and "feature cache was unreadable" in rebuilt.output
+    assert "unchanged" in rebuilt.output and (deployed / "head.npz").read_bytes() == saved
     # the deployed head is the clinic's own state: a damaged one is an error naming it, never replaced silently
     head = deployed / "head.npz"
     head.write_bytes(damage)
@@ -258,3 +271,28 @@ def test_a_new_class_the_data_lacks_is_an_error(tmp_path, bundle) -> None:
     result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--new-class", "melanoma")
     assert result.exit_code == 2 and "new class 'melanoma': no image" in result.output, result.output
     assert learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--seed", "-1").exit_code == 2
+
+
+def test_new_images_of_held_out_lesions_only_do_not_retrain_the_head(tmp_path, bundle) -> None:
+    """Nothing to train on: retraining on the same training images would replace the deployed head for nothing."""
+    import csv
+
+    from PIL import Image
+
+    data, cache, deployed = first_learn(tmp_path, bundle, 60, seed=15)  # enough lesions per class for held-out ones
+    saved = (deployed / "head.npz").read_bytes()
+    sides = json.loads((cache / SPLIT_FILE).read_text())["lesions"]
+    with (data / "HAM10000_metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    held = next(r for r in rows if sides[r["lesion_id"]] == "eval")
+    with Image.open(data / "images" / f"{held['image_id']}.jpg") as img:  # another photograph of a held-out lesion
+        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "images" / "ISIC_0999999.jpg")
+    with (data / "HAM10000_metadata.csv").open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=list(rows[0])).writerow({**held, "image_id": "ISIC_0999999"})
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    assert "61 (1 new, 1 through the backbone; 60 earlier); new lesions: 0 (0 held out)" in result.output
+    assert "every new image belongs to a held-out lesion" in result.output and "unchanged" in result.output
+    assert (deployed / "head.npz").read_bytes() == saved
+    again = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert again.exit_code == 0 and "0 new" in again.output, again.output
