@@ -114,7 +114,7 @@ def start(
     """Run a Flower SuperNode for this clinic until stopped (Ctrl-C)."""
     from client.clinic import ClinicConfig, ClinicError
     from protocols.auth import check_certificate_file, check_clinic_name, check_server_address, load_private_key
-    from qana.data import CLASS_NAMES, METADATA_FILE, read_metadata
+    from qana.data import CLASS_NAMES, METADATA_FILE, find_images, read_metadata
     from qana.runtime import RuntimeErrorQana, choose_device
 
     with _reported_errors():
@@ -124,6 +124,9 @@ def start(
         if not data.is_dir():
             raise fail(f"data folder not found: {data}")
         records = read_metadata(data / METADATA_FILE, class_names=tuple(dict.fromkeys((*CLASS_NAMES, *(new_class or [])))))
+        found = find_images(data)
+        if not any(r.image_id in found for r in records):
+            raise fail(f"none of the {len(records)} images listed in {data / METADATA_FILE} is in {data} (ISIC_*.jpg below it)")
         present = {r.dx for r in records}
         for name in new_class or []:
             if name not in present:
@@ -151,7 +154,9 @@ def start(
             node_config["cache-dir"] = str(cache_dir.expanduser().resolve())
         config = ClinicConfig.from_node_config(node_config)
         config.cache.mkdir(parents=True, exist_ok=True)
-    typer.echo(f"clinic {clinic_id}: {len(records)} images listed in {data}")
+        check_runtime_port(runtime_port)
+    listed = sum(r.image_id in found for r in records)
+    typer.echo(f"clinic {clinic_id}: {len(records)} images listed in {data}, {listed} of them found")
     typer.echo(f"Akida: {choice.description}")
     typer.echo(f"connecting to {server} ({'INSECURE' if insecure else 'TLS'}{', authenticated' if auth_key else ''}); cache {config.cache}")
 
@@ -165,6 +170,19 @@ def start(
     cmd = supernode_command(server, node_config, root_certificates, auth_key, insecure, runtime_port)
     code = run_supernode(cmd, env)
     raise typer.Exit(code)
+
+
+def check_runtime_port(port: int) -> None:
+    """Refuse a local ClientApp port already in use (two clinics on one machine with the
+    default), before the SuperNode fails on it with a traceback."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise fail(f"--runtime-port {port} is in use on this machine (another clinic or SuperNode?); choose another") from None
 
 
 def _children() -> dict[int, list[int]]:
@@ -183,12 +201,7 @@ def terminate_tree(pid: int, grace: float = 5.0) -> None:
     """SIGTERM a process and its descendants, SIGKILL what is left after `grace` seconds."""
     import time
 
-    tree = _children()
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        todo.extend(tree.get(current, []))
+    pids = [pid, *_descendants(pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
             try:
@@ -212,6 +225,58 @@ def _alive(pid: int) -> bool:
 # ExitCode.SUPERNODE_CONNECTION_ERROR (SuperLink unreachable, or this node's key unknown to it).
 CONNECTION_ERROR_MARK = "Exit Code: 305"
 MAX_BACKOFF = 60.0
+
+
+def _lines_until_exit(process: subprocess.Popen) -> Iterator[bytes]:
+    """The process's output lines until it has exited, then whatever its descendants still hold.
+
+    When the SuperNode exits on an error (e.g. an address Flower cannot parse), the SuperExec it
+    started lives on, keeps the output pipe open and retries for ever, so reading to the end of
+    the pipe would never return. Its descendants are noted while it runs and ended once it exits.
+    """
+    import queue
+    import threading
+    import time
+
+    assert process.stdout is not None
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        for raw in process.stdout:  # type: ignore[union-attr]
+            lines.put(raw)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    descendants: set[int] = set()
+    exited_at: float | None = None
+    while True:
+        try:
+            raw = lines.get(timeout=0.5)
+        except queue.Empty:
+            raw = b""
+        if raw is None:
+            return
+        if raw:
+            yield raw
+        if process.poll() is None:
+            descendants |= _descendants(process.pid)
+        elif exited_at is None:
+            exited_at = time.monotonic()
+        elif time.monotonic() - exited_at > 2.0:  # its last lines are through; end what it left running
+            for pid in descendants:
+                if _alive(pid):
+                    terminate_tree(pid)
+            return
+
+
+def _descendants(pid: int) -> set[int]:
+    tree = _children()
+    found, todo = set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
 
 
 def run_supernode(cmd: list[str], env: dict[str, str]) -> int:
@@ -241,8 +306,7 @@ def run_supernode(cmd: list[str], env: dict[str, str]) -> int:
         # also stops the SuperNode and the ClientApp processes it started.
         process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         connection_error = False
-        assert process.stdout is not None
-        for raw in process.stdout:  # pass the SuperNode's log through, watching for its exit code
+        for raw in _lines_until_exit(process):  # pass the SuperNode's log through, watching for its exit code
             sys.stdout.buffer.write(raw)
             sys.stdout.flush()
             if not connection_error and CONNECTION_ERROR_MARK.encode() in raw:

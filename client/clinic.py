@@ -51,7 +51,7 @@ from protocols.messages import (
     TrainSettings,
     check_class_list,
 )
-from qana.atomic import recover_directory, replace_directory, write_atomic
+from qana.atomic import file_in_the_way, recover_directory, replace_directory, write_atomic
 from qana.bundle import Bundle, pack_bundle
 from qana.data import Dataset, load_dataset
 from qana.head import (
@@ -117,9 +117,11 @@ class ClinicConfig:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) < 1.0:
             raise ClinicError(f"node-config eval-fraction={fraction!r}: must be a number between 0 and 1")
         seed = node_config.get("split-seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ClinicError(f"node-config split-seed={seed!r}: must be an integer")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ClinicError(f"node-config split-seed={seed!r}: must be an integer >= 0")
         cache = node_config.get("cache-dir")
+        if cache and (blocking := file_in_the_way(Path(str(cache)).expanduser())) is not None:
+            raise ClinicError(f"cache folder {Path(str(cache)).expanduser()}: {blocking} is a file, not a folder")
         new_classes: tuple[str, ...] = ()
         text = node_config.get("new-classes", "")
         if not isinstance(text, str):

@@ -22,6 +22,14 @@ from contextlib import suppress
 from pathlib import Path
 
 
+def file_in_the_way(folder: Path) -> Path | None:
+    """The existing file (not a folder) at `folder` or above it, which would stop `folder`
+    from being made; None if there is none. Lets callers refuse such a path in one clear
+    sentence before they write anything, instead of failing half-way with "File exists"."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def sync_directory(folder: Path) -> None:
     """Make a rename or a new file in `folder` durable (a no-op where folders cannot be opened)."""
     try:

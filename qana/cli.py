@@ -205,6 +205,8 @@ def evaluate(
 
 def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
     """Refuse output paths that cannot work before evaluating, not after a long evaluation."""
+    from qana.atomic import file_in_the_way
+
     if plot is not None and plot.suffix.lower() != ".png":
         raise fail(f"--plot {plot}: the confusion matrix is a PNG; give a path ending in .png")
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
@@ -214,9 +216,9 @@ def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
             continue
         if path.is_dir():
             raise fail(f"{flag} {path} is a directory; give a file path")
-        folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
-        if folder is not None and not folder.is_dir():
-            raise fail(f"{flag} {path}: {folder} is a file, not a folder")
+        blocking = file_in_the_way(path.parent)
+        if blocking is not None:
+            raise fail(f"{flag} {path}: {blocking} is a file, not a folder")
 
 
 @app.command()

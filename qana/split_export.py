@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qana.atomic import file_in_the_way
 from qana.data import METADATA_FILE, Dataset, find_images
 from qana.splits import VAL_FRACTION_RANGE, train_val_test
 
@@ -95,9 +96,9 @@ def check_new_folder(out: Path) -> None:
     overwritten), or below a file (which no folder can be made under)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SplitExportError(f"{out} already exists and is not an empty folder; choose a new --out")
-    folder = next((p for p in out.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise SplitExportError(f"--out {out}: {folder} is a file, not a folder")
+    blocking = file_in_the_way(out.parent)
+    if blocking is not None:
+        raise SplitExportError(f"--out {out}: {blocking} is a file, not a folder")
 
 
 def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> int:

@@ -208,6 +208,25 @@ def test_client_start_checks_before_connecting(tmp_path) -> None:
     assert bad_port.exit_code == 2 and "70000" in bad_port.output
     typo = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--new-class", "melanoma")
     assert typo.exit_code == 2 and "--new-class melanoma: no image in" in typo.output, typo.output
+    import socket
+
+    with socket.socket() as busy:  # another clinic's SuperNode on this machine
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--insecure",
+                    "--cache-dir", tmp_path / "cache", "--runtime-port", port)
+    assert taken.exit_code == 2 and f"--runtime-port {port} is in use" in taken.output, taken.output
+    (tmp_path / "a-file").write_text("keep me")
+    for command in ("start", "learn"):
+        args = ["--server", "127.0.0.1:1"] if command == "start" else []
+        blocked = run(client_cli, command, *args, "--data", data, "--clinic-id", "c", "--cache-dir", tmp_path / "a-file" / "cache")
+        assert blocked.exit_code == 2 and "a-file is a file, not a folder" in blocked.output, blocked.output
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    for image in (data / "images").glob("*.jpg"):
+        image.unlink()
+    no_images = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c")
+    assert no_images.exit_code == 2 and "none of the 4 images listed" in no_images.output, no_images.output
     (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id\n")
     badcsv = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c")
     assert badcsv.exit_code == 2 and "missing column(s) dx" in badcsv.output
