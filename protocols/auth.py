@@ -37,7 +37,9 @@ def check_clinic_name(name: str) -> str:
 def check_server_address(address: str) -> str:
     """`HOST:PORT` (an IPv6 host in brackets), as Flower dials it; the message says what is wrong."""
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    # no scheme, path or spaces: Flower cannot parse them, and its SuperNode then exits while
+    # its SuperExec goes on retrying
+    if not sep or not host or any(c in host for c in "/ \t") or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise AuthError(f"server address {address!r} is not HOST:PORT with a port from 1 to 65535, e.g. coord.example.org:9092")
     return address.strip()
 

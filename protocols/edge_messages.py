@@ -94,6 +94,7 @@ from protocols.messages import (
     _sha256,
     _typed,
     check_class_list,
+    check_round_and_seed,
     clinic_record,
 )
 from qana.edge import EdgeHead
@@ -375,7 +376,9 @@ def validate_edge_params_ins(content: RecordDict) -> tuple[str, int]:
     cfg = content[REC_CONFIG]
     _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_SEED))
     _protocol(cfg, what)
-    return _bundle_id(cfg, what), _typed(cfg, K_SEED, int, what)
+    seed = _typed(cfg, K_SEED, int, what)
+    check_round_and_seed(0, seed, what)
+    return _bundle_id(cfg, what), seed
 
 
 def train_edge_content(head: EdgeHead, settings: EdgeTrainSettings) -> RecordDict:
@@ -405,6 +408,7 @@ def validate_train_edge_ins(
         epochs=_typed(cfg, K_EDGE_EPOCHS, int, what),
         seed=_typed(cfg, K_SEED, int, what),
     )
+    check_round_and_seed(settings.server_round, settings.seed, what)
     if not 1 <= settings.epochs <= MAX_EDGE_EPOCHS:
         raise ProtocolError(f"{what}: edge-epochs {settings.epochs} must be in [1, {MAX_EDGE_EPOCHS}]")
     head_classes = _head_meta(content[REC_EDGE_META], what)[3]

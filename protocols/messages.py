@@ -123,6 +123,9 @@ MAX_NUM_EXAMPLES = 1_000_000
 # heads stay below 1 (the shipped v2 and v1 heads: 0.57 and 0.44); anything near this bound only
 # saturates the softmax, and weighting it by MAX_NUM_EXAMPLES still stays finite in float32.
 MAX_HEAD_VALUE = 1e3
+MAX_ROUND = 1_000_000
+MAX_SEED = 2**31 - 1
+MAX_LEARNING_RATE = 10.0  # the coordinator's --learning-rate range ends here too
 CLASS_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
 
 
@@ -510,6 +513,16 @@ def train_content(head: Head, settings: TrainSettings) -> RecordDict:
     return RecordDict({REC_ARRAYS: global_head_record(head), REC_CONFIG: config})
 
 
+def check_round_and_seed(server_round: int, seed: int, what: str) -> None:
+    """Clinics seed their local learning with seed + round: both bounded so the sum stays a
+    valid 32-bit seed (the coordinator sends seeds below 2**31 and at most 10,000 rounds),
+    instead of failing deep inside SMOTE or PCA."""
+    if not 0 <= server_round <= MAX_ROUND:
+        raise ProtocolError(f"{what}: {K_ROUND}={server_round} must be from 0 to {MAX_ROUND}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ProtocolError(f"{what}: {K_SEED}={seed} must be from 0 to {MAX_SEED}")
+
+
 def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, TrainSettings]:
     """Clinic side: the global head and this round's local-training settings.
 
@@ -539,8 +552,11 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
         raise ProtocolError(f"{what}: absent-classes={settings.absent_classes!r}: use {' or '.join(ABSENT_CLASSES)}")
     if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
         raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
-    if not (0 < settings.learning_rate < 10 and settings.l2 >= 0 and settings.proximal_mu >= 0):
-        raise ProtocolError(f"{what}: learning-rate/l2/proximal-mu out of range")
+    check_round_and_seed(settings.server_round, settings.seed, what)
+    for key, value, low in ((K_LR, settings.learning_rate, None), (K_L2, settings.l2, 0.0), (K_PROXIMAL_MU, settings.proximal_mu, 0.0)):
+        if not math.isfinite(value) or (value < low if low is not None else not 0 < value <= MAX_LEARNING_RATE):
+            limits = f"> 0 and at most {MAX_LEARNING_RATE:g}" if low is None else ">= 0 and finite"
+            raise ProtocolError(f"{what}: {key}={value} must be {limits}")
     return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 

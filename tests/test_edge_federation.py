@@ -222,6 +222,13 @@ def test_edge_head_crosses_the_wire_exactly_and_only_as_typed_arrays(learned) ->
     ins, _ = roundtrip(Message(E.train_edge_content(learned, settings), dst_node_id=1, message_type=E.MSG_TRAIN_EDGE))
     head, got_settings = E.validate_train_edge_ins(ins.content, D, CLASSES)
     assert got_settings == settings and np.array_equal(head.weights, learned.weights)
+    # a negative seed used to fail inside the Akida learning code ("expected non-negative integer")
+    bad = E.train_edge_content(learned, settings)
+    bad[P.REC_CONFIG][P.K_SEED] = -3
+    with pytest.raises(P.ProtocolError, match="seed=-3 must be from 0"):
+        E.validate_train_edge_ins(bad, D, CLASSES)
+    with pytest.raises(P.ProtocolError, match="seed=-3 must be from 0"):
+        E.validate_edge_params_ins(E.edge_params_content("ab" * 32, -3))
 
 
 def _replace_array(name: str, value: np.ndarray) -> Tamper:

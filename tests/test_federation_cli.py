@@ -201,7 +201,7 @@ def test_client_start_checks_before_connecting(tmp_path) -> None:
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     garbage_ca = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--root-certificates", tmp_path / "ca.pem")
     assert garbage_ca.exit_code == 2 and "is not a PEM certificate file" in garbage_ca.output, garbage_ca.output
-    for address in ("", "coord.example.org", "coord.example.org:70000", ":9092"):
+    for address in ("", "coord.example.org", "coord.example.org:70000", ":9092", "http://127.0.0.1:1", "coord example.org:9092"):
         bad_address = run(client_cli, "start", "--server", address, "--data", data, "--clinic-id", "c")
         assert bad_address.exit_code == 2 and "is not HOST:PORT" in bad_address.output, (address, bad_address.output)
     bad_port = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--runtime-port", "70000")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -151,6 +153,30 @@ def test_train_instruction_roundtrip_and_checks(head, spec) -> None:
     content[P.REC_CONFIG]["data-dir"] = "/etc"
     with pytest.raises(P.ProtocolError, match="does not allow: data-dir"):
         P.validate_train_ins(content, spec)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (P.K_ROUND, -5, "server-round=-5 must be from 0 to"),
+        (P.K_SEED, 2**62, "seed=4611686018427387904 must be from 0 to 2147483647"),
+        (P.K_SEED, -1, "seed=-1 must be from 0"),
+        (P.K_L2, float("inf"), "l2=inf must be >= 0 and finite"),
+        (P.K_PROXIMAL_MU, float("inf"), "proximal-mu=inf must be >= 0 and finite"),
+        (P.K_LR, float("nan"), "learning-rate=nan must be > 0 and at most 10"),
+    ],
+)
+def test_train_settings_that_would_fail_deep_in_training_are_refused_by_name(head, spec, key, value, reason) -> None:
+    """They used to reach SMOTE/PCA (bad seed) or the head (Inf) and fail there without naming the setting."""
+    content = P.train_content(head, P.TrainSettings(3, BUNDLE, HEAD_SHA, proximal_mu=0.1))
+    content[P.REC_CONFIG][key] = value
+    with pytest.raises(P.ProtocolError, match=re.escape(reason)):
+        P.validate_train_ins(content, spec)
+
+
+def test_the_coordinator_s_largest_learning_rate_is_accepted(head, spec) -> None:
+    content = P.train_content(head, P.TrainSettings(3, BUNDLE, HEAD_SHA, learning_rate=P.MAX_LEARNING_RATE))
+    assert P.validate_train_ins(content, spec)[1].learning_rate == 10.0
 
 
 def test_global_head_with_nan_is_refused(head, spec) -> None:
