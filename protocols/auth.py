@@ -18,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from qana.atomic import write_atomic
+from qana.atomic import file_in_the_way, write_atomic, write_together
 
 CLINIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -64,6 +64,9 @@ def write_key_file(path: Path, data: bytes, private: bool) -> None:
 def _check_key_path(path: Path) -> None:
     if not path.name or path.name in (".", "..") or path.is_dir():
         raise AuthError(f"key path {str(path)!r} names a folder; give a file name, e.g. ~/.qana/clinic/node.key")
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        raise AuthError(f"key path {str(path)!r}: {blocking} is a file, not a folder")
 
 
 def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
@@ -80,8 +83,8 @@ def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    write_key_file(private_path, private, private=True)
-    write_key_file(public_path, public + b"\n", private=False)
+    # Both written before either replaces anything: a full disk leaves the old pair as it was.
+    write_together({private_path: (private, 0o600), public_path: (public + b"\n", 0o644)})
     return private_path, public_path
 
 

@@ -53,21 +53,33 @@ def write_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` in one step. The file is created with `mode` from the start
     (0o600 for a private key: never readable by others, not even for a moment), under a fresh
     name that no stale or planted file can take over."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    write_together({Path(path): (data, mode)})
+
+
+def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
+    """Write several files (path -> (data, mode)) so that a failure while writing (a full disk)
+    replaces none of them: every new file is written and flushed under a temporary name first,
+    and only then are they renamed into place. For files that belong together, like a key pair."""
+    written: list[tuple[str, Path]] = []
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, (data, mode) in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            written.append((tmp, path))
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in written:
+            os.replace(tmp, path)
     except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in written:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
-    sync_directory(path.parent)
+    for folder in {path.parent for path in files}:
+        sync_directory(folder)
 
 
 def replace_atomic(written: Path | str, path: Path | str) -> None:
