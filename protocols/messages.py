@@ -553,10 +553,11 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
     if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
         raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
     check_round_and_seed(settings.server_round, settings.seed, what)
-    for key, value, low in ((K_LR, settings.learning_rate, None), (K_L2, settings.l2, 0.0), (K_PROXIMAL_MU, settings.proximal_mu, 0.0)):
-        if not math.isfinite(value) or (value < low if low is not None else not 0 < value <= MAX_LEARNING_RATE):
-            limits = f"> 0 and at most {MAX_LEARNING_RATE:g}" if low is None else ">= 0 and finite"
-            raise ProtocolError(f"{what}: {key}={value} must be {limits}")
+    if not (math.isfinite(settings.learning_rate) and 0 < settings.learning_rate <= MAX_LEARNING_RATE):
+        raise ProtocolError(f"{what}: {K_LR}={settings.learning_rate} must be > 0 and at most {MAX_LEARNING_RATE:g}")
+    for key, value in ((K_L2, settings.l2), (K_PROXIMAL_MU, settings.proximal_mu)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ProtocolError(f"{what}: {key}={value} must be >= 0 and finite")
     return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 
