@@ -11,6 +11,7 @@ coordinator can make pilot keys (`qana-server certs --clinic`), with one impleme
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -61,18 +62,30 @@ def write_key_file(path: Path, data: bytes, private: bool) -> None:
     write_atomic(path, data, mode=0o600 if private else 0o644)
 
 
-def _check_key_path(path: Path) -> None:
-    if not path.name or path.name in (".", "..") or path.is_dir():
-        raise AuthError(f"key path {str(path)!r} names a folder; give a file name, e.g. ~/.qana/clinic/node.key")
+def _check_key_path(given: Path | str) -> Path:
+    """The private key's path, refused in one sentence if it names a folder or lies under a file.
+
+    A string is checked as given: `Path("k4/")` is `Path("k4")`, so a trailing slash (the user
+    meant a folder) is only visible before the conversion and would otherwise make a key file
+    named k4."""
+    path = Path(given).expanduser()
+    if os.path.basename(os.fspath(given)) in ("", ".", "..") or not path.name or path.is_dir():
+        raise AuthError(
+            f"key path {os.fspath(given)!r} names a folder; give a file name for the private key, not a folder, "
+            "e.g. ~/.qana/clinic/node.key"
+        )
     blocking = file_in_the_way(path.parent)
     if blocking is not None:
         raise AuthError(f"key path {str(path)!r}: {blocking} is a file, not a folder")
+    return path
 
 
 def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
-    """A clinic's SuperNode key pair: OpenSSH EC P-384 private key (0600) and `<name>.pub`."""
-    private_path = Path(private_path)
-    _check_key_path(private_path)
+    """A clinic's SuperNode key pair: OpenSSH EC P-384 private key (0600) and `<name>.pub`.
+
+    Pass the path as the user typed it (a string) so that a trailing slash is refused as a folder.
+    """
+    private_path = _check_key_path(private_path)
     public_path = private_path.with_name(private_path.name + ".pub")
     # Checked before anything is written, so a pair is never half replaced.
     for path in (private_path, public_path):
@@ -83,8 +96,13 @@ def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    # Both written before either replaces anything: a full disk leaves the old pair as it was.
-    write_together({private_path: (private, 0o600), public_path: (public + b"\n", 0o644)})
+    # Both written to temporary files beside the targets before either replaces anything: a full
+    # disk leaves the old pair as it was, and no temporary file behind. They are then renamed in
+    # this order, the private key last: a crash between the two renames keeps the old private key,
+    # the identity the coordinator registered and the one half that cannot be made again, beside
+    # a new .pub (which `load_private_key(...).public_key()` can rewrite). The other order would
+    # lose the old private key and leave a new one that no coordinator knows.
+    write_together({public_path: (public + b"\n", 0o644), private_path: (private, 0o600)})
     return private_path, public_path
 
 

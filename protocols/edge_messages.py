@@ -94,6 +94,7 @@ from protocols.messages import (
     _sha256,
     _typed,
     check_class_list,
+    check_round,
     check_round_and_seed,
     clinic_record,
 )
@@ -152,6 +153,7 @@ EDGE_TRAIN_METRICS = (M_NUM_EXAMPLES, M_TRAIN_TOP1, M_DEVICE_AGREEMENT)
 MAX_NEURONS_PER_CLASS = 1024
 MAX_EDGE_EPOCHS = 100
 MAX_CLASSES = 1000
+MAX_LEARNING_COMPETITION = 1.0  # Akida refuses more: "The learning competition must be between 0 and 1."
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,10 @@ class EdgeSpec:
             raise ProtocolError(f"{what}: num-weights {self.num_weights} must be in [1, {self.num_features}]")
         if not 1 <= self.neurons_per_class <= MAX_NEURONS_PER_CLASS:
             raise ProtocolError(f"{what}: neurons-per-class {self.neurons_per_class} must be in [1, {MAX_NEURONS_PER_CLASS}]")
-        if not (math.isfinite(self.learning_competition) and self.learning_competition >= 0):
-            raise ProtocolError(f"{what}: learning-competition {self.learning_competition} must be a finite number >= 0")
+        if not (math.isfinite(self.learning_competition) and 0 <= self.learning_competition <= MAX_LEARNING_COMPETITION):
+            raise ProtocolError(
+                f"{what}: learning-competition {self.learning_competition} must be from 0 to {MAX_LEARNING_COMPETITION:g} (Akida's range)"
+            )
         return self
 
 
@@ -430,6 +434,7 @@ def validate_evaluate_edge_ins(
     _keys(cfg, what, (K_PROTOCOL, K_BUNDLE_ID, K_ROUND, K_HEAD_ID))
     _protocol(cfg, what)
     settings = EdgeEvaluateSettings(_typed(cfg, K_ROUND, int, what), _bundle_id(cfg, what), _sha256(cfg, K_HEAD_ID, what))
+    check_round(settings.server_round, what)
     return edge_head_from_records(content, what, num_features, classes), settings
 
 

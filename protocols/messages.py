@@ -126,6 +126,12 @@ MAX_HEAD_VALUE = 1e3
 MAX_ROUND = 1_000_000
 MAX_SEED = 2**31 - 1
 MAX_LEARNING_RATE = 10.0  # the coordinator's --learning-rate range ends here too
+# Largest l2 and proximal-mu a train instruction may carry. Local training takes Adam steps,
+# whose size does not grow with these strengths, so anything above ~1 already just holds the
+# head at zero (l2) or at the global head (proximal-mu). Far larger values make the float32
+# gradient or its square overflow (from about 1e16 for a head near MAX_HEAD_VALUE; 1e300 does
+# it for any head) and the trained head comes out NaN: the bound is generous but far from that.
+MAX_REGULARISATION = 1e6
 CLASS_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+")
 
 
@@ -513,12 +519,19 @@ def train_content(head: Head, settings: TrainSettings) -> RecordDict:
     return RecordDict({REC_ARRAYS: global_head_record(head), REC_CONFIG: config})
 
 
+def check_round(server_round: int, what: str) -> None:
+    """Rounds count from 1, as Flower's do; 0 is the set-up before the first round (the
+    akida-edge mode's edge-params query is sent as round 0). A clinic also stores the round
+    with its deployed head, so a negative or absurd one is refused here, by name."""
+    if not 0 <= server_round <= MAX_ROUND:
+        raise ProtocolError(f"{what}: {K_ROUND}={server_round} must be from 0 to {MAX_ROUND}")
+
+
 def check_round_and_seed(server_round: int, seed: int, what: str) -> None:
     """Clinics seed their local learning with seed + round: both bounded so the sum stays a
     valid 32-bit seed (the coordinator sends seeds below 2**31 and at most 10,000 rounds),
     instead of failing deep inside SMOTE or PCA."""
-    if not 0 <= server_round <= MAX_ROUND:
-        raise ProtocolError(f"{what}: {K_ROUND}={server_round} must be from 0 to {MAX_ROUND}")
+    check_round(server_round, what)
     if not 0 <= seed <= MAX_SEED:
         raise ProtocolError(f"{what}: {K_SEED}={seed} must be from 0 to {MAX_SEED}")
 
@@ -556,8 +569,8 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
     if not (math.isfinite(settings.learning_rate) and 0 < settings.learning_rate <= MAX_LEARNING_RATE):
         raise ProtocolError(f"{what}: {K_LR}={settings.learning_rate} must be > 0 and at most {MAX_LEARNING_RATE:g}")
     for key, value in ((K_L2, settings.l2), (K_PROXIMAL_MU, settings.proximal_mu)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ProtocolError(f"{what}: {key}={value} must be >= 0 and finite")
+        if not (math.isfinite(value) and 0 <= value <= MAX_REGULARISATION):
+            raise ProtocolError(f"{what}: {key}={value} must be a finite number from 0 to {MAX_REGULARISATION:g}")
     return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 
@@ -578,6 +591,7 @@ def validate_evaluate_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Ev
     settings = EvaluateSettings(
         _typed(cfg, K_ROUND, int, what), _bundle_id(cfg, what), _sha256(cfg, K_HEAD_ID, what), classes
     )
+    check_round(settings.server_round, what)
     return head_from_global_record(content[REC_ARRAYS], spec.with_classes(classes), what), settings
 
 

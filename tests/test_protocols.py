@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from protocols import edge_messages as E
 from protocols import messages as P
+from qana.edge import EdgeHead, random_neurons
 from qana.head import Head, dequantize, init_head, quantize_head
 
 CLASSES = ("a", "b", "c")
@@ -161,8 +164,12 @@ def test_train_instruction_roundtrip_and_checks(head, spec) -> None:
         (P.K_ROUND, -5, "server-round=-5 must be from 0 to"),
         (P.K_SEED, 2**62, "seed=4611686018427387904 must be from 0 to 2147483647"),
         (P.K_SEED, -1, "seed=-1 must be from 0"),
-        (P.K_L2, float("inf"), "l2=inf must be >= 0 and finite"),
-        (P.K_PROXIMAL_MU, float("inf"), "proximal-mu=inf must be >= 0 and finite"),
+        (P.K_L2, float("inf"), "l2=inf must be a finite number from 0 to 1e+06"),
+        (P.K_PROXIMAL_MU, float("inf"), "proximal-mu=inf must be a finite number from 0 to 1e+06"),
+        # finite, but so large that the float32 gradient overflows: "head contains NaN or Inf"
+        (P.K_L2, 1e300, "l2=1e+300 must be a finite number from 0 to 1e+06"),
+        (P.K_PROXIMAL_MU, 1e300, "proximal-mu=1e+300 must be a finite number from 0 to 1e+06"),
+        (P.K_L2, -1e-4, "l2=-0.0001 must be a finite number from 0"),
         (P.K_LR, float("nan"), "learning-rate=nan must be > 0 and at most 10"),
     ],
 )
@@ -177,6 +184,95 @@ def test_train_settings_that_would_fail_deep_in_training_are_refused_by_name(hea
 def test_the_coordinator_s_largest_learning_rate_is_accepted(head, spec) -> None:
     content = P.train_content(head, P.TrainSettings(3, BUNDLE, HEAD_SHA, learning_rate=P.MAX_LEARNING_RATE))
     assert P.validate_train_ins(content, spec)[1].learning_rate == 10.0
+
+
+def test_train_settings_at_their_bounds_are_accepted(head, spec) -> None:
+    """Round 0 (set-up), the largest round and seed, and the largest regularisation all pass."""
+    for settings in (
+        P.TrainSettings(0, BUNDLE, HEAD_SHA, seed=P.MAX_SEED, l2=0.0),
+        P.TrainSettings(P.MAX_ROUND, BUNDLE, HEAD_SHA, l2=P.MAX_REGULARISATION, proximal_mu=P.MAX_REGULARISATION),
+    ):
+        assert P.validate_train_ins(P.train_content(head, settings), spec)[1] == replace(settings, classes=CLASSES)
+    assert P.MAX_SEED + P.MAX_ROUND <= 2**32 - 1  # seed + round, the clinic's seed, stays a valid 32-bit seed
+
+
+@pytest.mark.parametrize("server_round", [-5, P.MAX_ROUND + 1])
+def test_evaluate_instruction_with_a_round_out_of_range_is_refused_by_name(head, spec, server_round) -> None:
+    """The clinic stores the round with its deployed head; a negative one used to be stored as is."""
+    content = P.evaluate_content(head, P.EvaluateSettings(1, BUNDLE, HEAD_SHA))
+    content[P.REC_CONFIG][P.K_ROUND] = server_round
+    with pytest.raises(P.ProtocolError, match=re.escape(f"evaluate instruction: server-round={server_round} must be from 0 to")):
+        P.validate_evaluate_ins(content, spec)
+
+
+# --------------------------------------------------------------------------- akida-edge instructions
+
+
+def _edge_head(learning_competition: float = 0.1) -> EdgeHead:
+    """Two fresh neurons per class on 16 binary features, built without Akida."""
+    n, d, nw = 2 * len(CLASSES), 16, 4
+    return EdgeHead(
+        weights_packed=np.packbits(random_neurons(n, d, nw, np.random.default_rng(0)), axis=1),
+        num_features=d,
+        neuron_classes=np.repeat(np.arange(len(CLASSES), dtype=np.int32), 2),
+        threshold=np.zeros(n, np.int32),
+        act_step=np.ones(n, np.float32),
+        threshold_learning=np.zeros(n, np.int32),
+        thswap=np.full(n, nw, np.int32),
+        usage=np.zeros(n, np.int64),
+        classes=CLASSES,
+        num_weights=nw,
+        learning_competition=learning_competition,
+    )
+
+
+def _edge_train_content(learning_competition: float = 0.1, seed: int = 0) -> RecordDict:
+    settings = E.EdgeTrainSettings(3, BUNDLE, HEAD_SHA, 4, 2, learning_competition, 1, seed)
+    return E.train_edge_content(_edge_head(learning_competition), settings)
+
+
+def test_edge_train_instruction_at_akidas_largest_learning_competition_is_accepted() -> None:
+    assert E.validate_train_edge_ins(_edge_train_content(E.MAX_LEARNING_COMPETITION, seed=P.MAX_SEED), 16)[1].seed == P.MAX_SEED
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (E.K_EDGE_COMPETITION, float("inf"), "learning-competition inf must be from 0 to 1"),
+        # Akida's learning code: "expected non-negative integer"
+        (P.K_SEED, -1, "seed=-1 must be from 0 to 2147483647"),
+        (P.K_SEED, 2**62, "seed=4611686018427387904 must be from 0 to 2147483647"),
+        (P.K_ROUND, -5, "server-round=-5 must be from 0 to"),
+    ],
+)
+def test_edge_train_settings_that_would_fail_in_akida_are_refused_by_name(key, value, reason) -> None:
+    content = _edge_train_content()
+    content[P.REC_CONFIG][key] = value
+    with pytest.raises(P.ProtocolError, match=re.escape(f"edge train instruction: {reason}")):
+        E.validate_train_edge_ins(content, 16)
+
+
+def test_edge_train_instruction_with_a_learning_competition_akida_refuses_is_refused_by_name() -> None:
+    """Head and settings agreeing on 1.5 used to pass, and Akida then failed deep in learning with
+    "The learning competition must be between 0 and 1."."""
+    with pytest.raises(P.ProtocolError, match=re.escape("edge train instruction: learning-competition 1.5 must be from 0 to 1")):
+        E.validate_train_edge_ins(_edge_train_content(1.5), 16)
+
+
+def test_edge_params_reply_with_a_learning_competition_akida_refuses_is_refused() -> None:
+    info = P.ClinicInfo("clinic-a", P.PROTOCOL_VERSION, bundle_id=BUNDLE)
+    good = E.edge_params_reply_content(10, 4, 2, 1.0, 5.0, info)
+    assert E.validate_edge_params_reply(good, BUNDLE, 16).learning_competition == 1.0
+    with pytest.raises(P.ProtocolError, match=re.escape("edge-params reply: learning-competition 2.0 must be from 0 to 1")):
+        E.validate_edge_params_reply(E.edge_params_reply_content(10, 4, 2, 2.0, 5.0, info), BUNDLE, 16)
+
+
+def test_edge_evaluate_instruction_with_a_negative_round_is_refused_by_name() -> None:
+    content = E.evaluate_edge_content(_edge_head(), E.EdgeEvaluateSettings(2, BUNDLE, HEAD_SHA))
+    assert E.validate_evaluate_edge_ins(content, 16)[1].server_round == 2
+    content[P.REC_CONFIG][P.K_ROUND] = -5
+    with pytest.raises(P.ProtocolError, match=re.escape("edge evaluate instruction: server-round=-5 must be from 0 to")):
+        E.validate_evaluate_edge_ins(content, 16)
 
 
 def test_global_head_with_nan_is_refused(head, spec) -> None:
