@@ -428,14 +428,14 @@ def learn(
 
 @app.command("keygen")
 def keygen(
-    out: Annotated[Path, typer.Option("--out", metavar="KEY", help="Private key file; the public key is written to KEY.pub.")] = Path.home() / ".qana" / "clinic" / "node.key",
+    out: Annotated[str, typer.Option("--out", metavar="KEY", help="Private key file; the public key is written to KEY.pub.")] = str(Path.home() / ".qana" / "clinic" / "node.key"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing key pair.")] = False,
 ) -> None:
     """Make this clinic's SuperNode key pair; send only the .pub file to the coordinator."""
     from protocols.auth import create_node_keys, key_fingerprint, load_public_key
 
     with _reported_errors():
-        private, public = create_node_keys(out.expanduser(), overwrite=overwrite)
+        private, public = create_node_keys(out, overwrite=overwrite)  # as typed: "k4/" names a folder
         fingerprint = key_fingerprint(load_public_key(public))
     typer.echo(f"private key {private} (keep it here; mode 0600)")
     typer.echo(f"public key  {public} ({fingerprint}): send this file to the coordinator")

@@ -58,6 +58,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from protocols.edge_messages import (
+    MAX_LEARNING_COMPETITION,
     MSG_EDGE_PARAMS,
     MSG_EVALUATE_EDGE,
     MSG_TRAIN_EDGE,
@@ -144,8 +145,10 @@ class EdgeSettings:
             return value
 
         comp = cfg["edge-learning-competition"]
-        if isinstance(comp, bool) or not isinstance(comp, (int, float)) or not np.isfinite(comp):
-            raise FederationError(f"run-config edge-learning-competition={comp!r} must be a number (< 0 = auto)")
+        if isinstance(comp, bool) or not isinstance(comp, (int, float)) or not np.isfinite(comp) or comp > MAX_LEARNING_COMPETITION:
+            raise FederationError(
+                f"run-config edge-learning-competition={comp!r} must be a number up to {MAX_LEARNING_COMPETITION:g} (< 0 = auto)"
+            )
         nw = integer("edge-num-weights", 0, 1 << 20)
         npc = integer("edge-neurons-per-class", 0, 1024)
         return cls(

@@ -35,6 +35,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from protocols.messages import (
     M_NUM_EXAMPLES,
+    MAX_REGULARISATION,
     MSG_DEPLOY,
     MSG_HELLO,
     REC_METRICS,
@@ -202,7 +203,7 @@ class FederationSettings:
             local_epochs=number("local-epochs", int, 1, 1000),
             learning_rate=number("learning-rate", float, 1e-9, 10.0),
             batch_size=number("batch-size", int, 1, 1 << 16),
-            l2=number("l2", float, 0.0),
+            l2=number("l2", float, 0.0, MAX_REGULARISATION),
             smote=bool(cfg["smote"]),
             absent_classes=absent,
             seed=number("seed", int, 0, 2**31 - 1),

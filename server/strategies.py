@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from protocols.messages import M_NUM_EXAMPLES, REC_ARRAYS, REC_CONFIG
+from protocols.messages import M_NUM_EXAMPLES, MAX_REGULARISATION, REC_ARRAYS, REC_CONFIG
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -58,7 +58,7 @@ _RESERVED = {
 # num_malicious_nodes changes which heads krum scores). Bounds: (low, high, low allowed, whole
 # number); the high bound itself is never allowed.
 _OPTION_RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "proximal_mu": (0.0, math.inf, True, False),
+    "proximal_mu": (0.0, MAX_REGULARISATION, True, False),  # what clinics accept (protocols.messages)
     "eta": (0.0, math.inf, False, False),
     "eta_l": (0.0, math.inf, False, False),
     "beta_1": (0.0, 1.0, True, False),

@@ -244,6 +244,8 @@ def test_keygen_never_leaves_a_half_replaced_pair(tmp_path) -> None:
     for folder in ("/", tmp_path):
         refused = run(client_cli, "keygen", "--out", folder)
         assert refused.exit_code == 2 and "names a folder" in refused.output and "Traceback" not in refused.output
+    slash = run(client_cli, "keygen", "--out", f"{tmp_path / 'k4'}/")  # meant as a folder: no key file named k4
+    assert slash.exit_code == 2 and "names a folder" in slash.output and not (tmp_path / "k4").exists(), slash.output
     blocked_by_file = run(client_cli, "keygen", "--out", key / "node.key")  # node.key is a file
     assert blocked_by_file.exit_code == 2 and f"{key} is a file, not a folder" in blocked_by_file.output
 

@@ -254,6 +254,15 @@ def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
         build_strategy("fedavg", {"eta": 0.1})
     with pytest.raises(StrategyError, match="beta=0.7: must be a number >= 0 and < 0.5"):
         build_strategy("fedtrimmedavg", {"beta": 0.7})
+    # values every clinic would refuse (protocols.messages) are refused here, before any round
+    with pytest.raises(FederationError, match="run-config l2=1e[+]300 must be between"):
+        FederationSettings.from_run_config({"l2": 1e300}, "r")
+    with pytest.raises(StrategyError, match="proximal_mu=10000000.0: must be a number >= 0 and < 1e[+]06"):
+        build_strategy("fedprox", {"proximal_mu": 1e7})
+    from server.edge_rounds import EdgeSettings
+
+    with pytest.raises(FederationError, match="edge-learning-competition=1.5 must be a number up to 1"):
+        EdgeSettings.from_run_config({"edge-learning-competition": 1.5})
 
 
 def test_every_strategy_builds_with_its_default_options() -> None:
