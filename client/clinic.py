@@ -626,7 +626,10 @@ class Clinic:
                 f"the head update failed ({exc}) at learning rate {config.learning_rate:g}; try a smaller "
                 "--learning-rate. The deployed head is unchanged and the new images stay new."
             ) from None
-        largest = float(max(np.abs(trained.weights).max(initial=0.0), np.abs(trained.bias).max(initial=0.0)))
+        # In the units the protocol bounds a clinic's update by (protocols.messages.dequantized_record):
+        # weights per scaled feature, i.e. divided by feature_scale.
+        scaled = np.abs(trained.weights / trained.feature_scale).max(initial=0.0)
+        largest = float(max(scaled, np.abs(trained.bias).max(initial=0.0)))
         if largest > MAX_HEAD_VALUE:  # finite, but far beyond any head learned at a sane step size
             raise ClinicError(
                 f"the head update diverged (a weight reached {largest:.3g}, over {MAX_HEAD_VALUE:g}) at learning rate "
