@@ -160,7 +160,7 @@ class Prepared:
     runtime: Any  # qana.runtime.AkidaRuntime
     new_rows: np.ndarray | None = None  # bool per row: features were not cached before this call
     new_lesions: int = 0  # lesions assigned to a side just now
-    known_lesions: frozenset[str] = frozenset()  # lesions the split file recorded before this call
+    known_lesions: frozenset[str] = frozenset()  # with remember_new: lesions the split file recorded before this call
     cache_rebuilt: bool = False  # the feature cache was damaged: new_rows come from the split file
 
 
@@ -381,8 +381,9 @@ class Clinic:
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
-        known_lesions = frozenset(read_split(self.config.cache / SPLIT_FILE))
-        if remember_new:
+        known_lesions: frozenset[str] = frozenset()
+        if remember_new:  # `learn` only: rounds do not need it, and persistent_split reads the file below
+            known_lesions = frozenset(read_split(self.config.cache / SPLIT_FILE))
             if cache.damaged:
                 # The feature cache was also the record of which images had been learned; the
                 # split file names every lesion an earlier call saw, so only other lesions are new.
