@@ -145,22 +145,26 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")  # any case: cameras and Windows tools often w
 
 def find_images(root: Path) -> dict[str, Path]:
     """Map image_id -> path for every ISIC_*.jpg (or .jpeg, any case) below root (any sub-folder layout)."""
+    return _scan_images(root)[0]
+
+
+def _scan_images(root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """One walk of the folder: the JPEG of each image id, and the names of ISIC_* files in other
+    formats (so a missing image can be reported as "only a .png" rather than not found)."""
     found: dict[str, Path] = {}
+    others: dict[str, list[str]] = {}
     for path in sorted(root.rglob("ISIC_*")):
-        if path.suffix.lower() in JPEG_SUFFIXES and path.is_file():
-            found.setdefault(path.stem, path)
-    return found
+        if path.suffix.lower() in JPEG_SUFFIXES:
+            if path.is_file():
+                found.setdefault(path.stem, path)
+        else:
+            others.setdefault(path.stem, []).append(path.name)
+    return found, others
 
 
-def describe_missing(root: Path, image_ids: list[str]) -> dict[str, str]:
+def describe_missing(image_ids: list[str], others: dict[str, list[str]]) -> dict[str, str]:
     """Why each listed image has no JPEG: a file of the same name in another format is named
     (only JPEG is read: the shipped models were trained on JPEG pixels)."""
-    wanted = set(image_ids)
-    others: dict[str, list[str]] = {}
-    if wanted:
-        for path in sorted(root.rglob("ISIC_*")):
-            if path.stem in wanted and path.suffix.lower() not in JPEG_SUFFIXES:
-                others.setdefault(path.stem, []).append(path.name)
     return {
         image_id: f"missing: no JPEG file, only {', '.join(others[image_id])} (images must be .jpg/.jpeg)"
         if image_id in others
@@ -274,8 +278,8 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     records = read_metadata(root / METADATA_FILE, class_names)
-    files = find_images(root)
-    skipped = describe_missing(root, [r.image_id for r in records if r.image_id not in files])
+    files, others = _scan_images(root)
+    skipped = describe_missing([r.image_id for r in records if r.image_id not in files], others)
     present = [r for r in records if r.image_id in files]
     arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)
     skipped.update(bad)
