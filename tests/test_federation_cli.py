@@ -250,32 +250,6 @@ def test_keygen_never_leaves_a_half_replaced_pair(tmp_path) -> None:
     assert blocked_by_file.exit_code == 2 and f"{key} is a file, not a folder" in blocked_by_file.output
 
 
-def test_keygen_overwrite_that_fails_while_writing_keeps_the_old_pair(tmp_path, monkeypatch) -> None:
-    """The new public key failing to write (a full disk) used to leave a new private key beside the old .pub."""
-    import os as os_module
-
-    from protocols.auth import create_node_keys, key_fingerprint, load_private_key, load_public_key
-
-    key = tmp_path / "node.key"
-    create_node_keys(key)
-    old = (key.read_bytes(), (tmp_path / "node.key.pub").read_bytes())
-    real_fsync, calls = os_module.fsync, []
-
-    def full_disk_on_second_file(fd):
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os_module, "fsync", full_disk_on_second_file)
-    with pytest.raises(OSError, match="No space left"):
-        create_node_keys(key, overwrite=True)
-    monkeypatch.undo()
-    assert (key.read_bytes(), (tmp_path / "node.key.pub").read_bytes()) == old
-    assert key_fingerprint(load_private_key(key).public_key()) == key_fingerprint(load_public_key(tmp_path / "node.key.pub"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key.pub"]  # no temporary file left
-
-
 def test_node_config_string_round_trips_through_flowers_parser() -> None:
     from flwr.common.config import parse_config_args
 
