@@ -125,7 +125,8 @@ def start(
             raise fail(f"data folder not found: {data}")
         records = read_metadata(data / METADATA_FILE, class_names=tuple(dict.fromkeys((*CLASS_NAMES, *(new_class or [])))))
         found = find_images(data)
-        if not any(r.image_id in found for r in records):
+        listed = sum(r.image_id in found for r in records)
+        if not listed:
             raise fail(f"none of the {len(records)} images listed in {data / METADATA_FILE} is in {data} (ISIC_*.jpg below it)")
         present = {r.dx for r in records}
         for name in new_class or []:
@@ -155,7 +156,6 @@ def start(
         config = ClinicConfig.from_node_config(node_config)
         config.cache.mkdir(parents=True, exist_ok=True)
         check_runtime_port(runtime_port)
-    listed = sum(r.image_id in found for r in records)
     typer.echo(f"clinic {clinic_id}: {len(records)} images listed in {data}, {listed} of them found")
     typer.echo(f"Akida: {choice.description}")
     typer.echo(f"connecting to {server} ({'INSECURE' if insecure else 'TLS'}{', authenticated' if auth_key else ''}); cache {config.cache}")
