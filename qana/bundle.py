@@ -314,7 +314,12 @@ def unpack_bundle(data: bytes, dest: Path | str, expected_id: str | None = None)
                 tar.extractall(tmp, filter="data")
         except tarfile.TarError as exc:
             raise BundleError(f"packed bundle is not a valid archive: {exc}") from None
-        bundle = load_bundle(tmp)
+        try:
+            bundle = load_bundle(tmp)
+        except BundleError as exc:
+            # The temporary folder's name means nothing to whoever reads the message.
+            where = str(exc).replace(f"{tmp}{os.sep}", "").replace(str(tmp), "the received bundle")
+            raise BundleError(f"received bundle: {where}") from None
         if expected_id is not None and bundle.bundle_id != expected_id:
             raise BundleError(f"received bundle {bundle.bundle_id[:12]}… but {expected_id[:12]}… was announced")
         if dest.exists():

@@ -109,6 +109,10 @@ def test_unpack_keeps_the_existing_copy_when_the_new_one_is_bad(bundle_dir: Path
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name in ("bundle.json", "model.fbz", "head.npz"):
             tar.add(bundle_dir / name, arcname=name)
-    with pytest.raises(BundleError, match="modified"):
+    with pytest.raises(BundleError, match="modified") as refused:
         unpack_bundle(buf.getvalue(), tmp_path / "dest")
     assert load_bundle(tmp_path / "dest").bundle_id == good.bundle_id
+    # The message names the received bundle's file, not the temporary folder it was checked in.
+    assert str(refused.value).startswith("received bundle: bundle file head.npz has been modified"), refused.value
+    assert ".dest." not in str(refused.value)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest.")]
