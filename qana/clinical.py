@@ -245,11 +245,10 @@ def prior_to_npz(prior: ClinicalPrior) -> bytes:
 def prior_from_npz(data: bytes) -> ClinicalPrior:
     """Inverse of prior_to_npz; refuses a file made for another metadata encoding."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            names = tuple(str(s) for s in z["feature_names"])
-            if names != FEATURE_NAMES:
+        with head_math.open_npz(data) as z:
+            if head_math.names_in(z, "feature_names") != FEATURE_NAMES:
                 raise ValueError("it was made for another metadata encoding than this version of qana reads")
-            model = head_math.Head(z["weights"], z["bias"], tuple(str(c) for c in z["classes"]))
+            model = head_math.Head(z["weights"], z["bias"], head_math.names_in(z, "classes"))
             return ClinicalPrior(model, z["log_class_frequency"], float(z["weight"]))
-    except (KeyError, ValueError, OSError) as exc:
+    except head_math.NPZ_ERRORS as exc:
         raise ValueError(f"not a valid clinical prior file: {exc}") from None

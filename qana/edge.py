@@ -270,7 +270,7 @@ def as_binary_features(features: np.ndarray, num_features: int | None = None, wh
     f = np.asarray(features)
     if f.ndim < 2:
         raise ValueError(f"{what} must be (N, D) or (N, 1, 1, D), got shape {f.shape}")
-    f = f.reshape(f.shape[0], -1)
+    f = f.reshape(f.shape[0], int(np.prod(f.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
     if num_features is not None and f.shape[1] != num_features:
         raise ValueError(f"{what} have {f.shape[1]} dimensions, the edge head expects {num_features}")
     if f.dtype == np.bool_:

@@ -47,6 +47,13 @@ class Head:
             )
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise ValueError("head contains NaN or Inf")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"head lists a class twice: {tuple(self.classes)}")
+        scale = float(self.feature_scale)
+        if not (np.isfinite(scale) and scale > 0):
+            # training divides by it and multiplies features by it: 0, negative or NaN cannot be right
+            raise ValueError(f"head feature_scale must be a finite number above 0, not {self.feature_scale}")
+        object.__setattr__(self, "feature_scale", scale)
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "bias", b)
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -87,7 +94,7 @@ def logits(head: Head, features: np.ndarray) -> np.ndarray:
 
 def _flatten(features: np.ndarray, num_features: int) -> np.ndarray:
     f = np.asarray(features)
-    f = f.reshape(f.shape[0], -1)
+    f = f.reshape(f.shape[0], int(np.prod(f.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
     if f.shape[1] != num_features:
         raise ValueError(f"features have {f.shape[1]} dimensions, the head expects {num_features}")
     return f
@@ -138,7 +145,12 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
     on the backbone's integer range; the result is mapped back to integer-feature units.
     """
     cfg = config or TrainConfig()
-    labels = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(labels)
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, not {raw.dtype}")  # 1.7 would train class 1
+    if cfg.batch_size < 1 or cfg.epochs < 0:
+        raise ValueError(f"batch_size must be at least 1 and epochs at least 0; got {cfg.batch_size} and {cfg.epochs}")
+    labels = raw.astype(np.int64)
     x = _flatten(features, head.num_features).astype(np.float32) * head.feature_scale
     if x.shape[0] != labels.shape[0]:
         raise ValueError(f"{x.shape[0]} feature rows but {labels.shape[0]} labels")
@@ -208,12 +220,24 @@ def quantize_head(head: Head, target: str = "v2", weight_bits: int | None = None
     if target not in TARGET_WEIGHT_BITS:
         raise ValueError(f"unknown target {target!r}; expected one of {sorted(TARGET_WEIGHT_BITS)}")
     bits = weight_bits or TARGET_WEIGHT_BITS[target]
+    if not 2 <= bits <= 8:
+        raise ValueError(f"head weights are stored in int8: weight_bits must be 2..8, not {bits}")
     qmax = 2 ** (bits - 1) - 1
     max_abs = float(np.abs(head.weights).max())
-    scale = max_abs / qmax if max_abs > 0 else 1.0
+    if max_abs == 0:  # all-zero weights: let the bias set the scale, so biases stay distinct
+        max_abs = float(np.abs(head.bias).max()) / 2**20 or float(qmax)
+    scale = max_abs / qmax
     w_q = np.clip(np.round(head.weights / scale), -qmax, qmax).astype(np.int8)
-    bias_acc = np.round(head.bias / scale).astype(np.int64)
-    bias_acc = _encode_bias_v2(bias_acc) if target == "v2" else np.clip(bias_acc, -(2**31) + 1, 2**31 - 1)
+    bias_acc = np.round(head.bias.astype(np.float64) / scale)
+    limit = 2**31 - 1  # v1 stores an int32 threshold; v2's bias << shift is read back as int32 too
+    if not np.all(np.abs(bias_acc) <= limit):
+        raise ValueError(
+            f"head bias too large for its weights: bias/scale reaches {np.abs(bias_acc).max():.3g}, above the "
+            f"chip's 32-bit range (weights at most {float(np.abs(head.weights).max()):.3g}, bias up to "
+            f"{float(np.abs(head.bias).max()):.3g})"
+        )
+    bias_acc = bias_acc.astype(np.int64)
+    bias_acc = _encode_bias_v2(bias_acc) if target == "v2" else bias_acc
     return QuantizedHead(w_q, bias_acc, float(scale), bits, head.classes)
 
 
@@ -355,7 +379,28 @@ def head_to_npz(head: Head) -> bytes:
 def head_from_npz(data: bytes) -> Head:
     """Inverse of head_to_npz, with a clear error for a file that is not a head."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return Head(z["weights"], z["bias"], tuple(str(c) for c in z["classes"]), float(z["feature_scale"]))
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # EOFError: empty; BadZipFile: truncated
+        with open_npz(data) as z:
+            return Head(z["weights"], z["bias"], names_in(z, "classes"), float(z["feature_scale"]))
+    except NPZ_ERRORS as exc:
         raise ValueError(f"not a valid head file: {exc or type(exc).__name__}") from None
+
+
+# What reading a damaged or foreign .npz raises: EOFError when empty, BadZipFile when truncated,
+# KeyError for a missing array, TypeError for float() of an array of several values.
+NPZ_ERRORS = (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile)
+
+
+def open_npz(data: bytes) -> np.lib.npyio.NpzFile:
+    """The .npz archive in `data`; ValueError for a single array (.npy), which np.load also reads."""
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single array (.npy), not an .npz archive")
+    return loaded
+
+
+def names_in(archive: np.lib.npyio.NpzFile, key: str) -> tuple[str, ...]:
+    """A list of names stored in an .npz archive; ValueError unless it is one-dimensional."""
+    names = archive[key]
+    if names.ndim != 1:
+        raise ValueError(f"{key!r} must be a list of names, not an array of shape {names.shape}")
+    return tuple(str(n) for n in names)

@@ -18,9 +18,24 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     y_pred = np.asarray(y_pred, dtype=np.int64)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"labels and predictions differ in shape: {y_true.shape} vs {y_pred.shape}")
+    check_class_indices(y_true, num_classes, "labels")
+    check_class_indices(y_pred, num_classes, "predictions")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
+
+
+def check_class_indices(values: np.ndarray, num_classes: int, what: str) -> None:
+    """ValueError unless every value is a class index 0..num_classes-1.
+
+    numpy would count -1 (the "class the head lacks" marker) in the last class's row and spill
+    an index past the end into the next row, so a bad label would pass as a scored image.
+    """
+    values = np.asarray(values)
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        shown = ", ".join(str(v) for v in np.unique(bad)[:5])
+        raise ValueError(f"{what} must be class indices 0..{num_classes - 1}; got {shown}")
 
 
 def metrics_from_confusion(cm: np.ndarray, class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -126,6 +141,9 @@ def grouped_bootstrap(
     if n_groups == 0:
         raise ValueError("no images to resample")
     k = len(class_names)
+    check_class_indices(labels, k, "labels")
+    for name, pred in predictions.items():
+        check_class_indices(pred, k, f"predictions of {name!r}")
     cells = {name: labels * k + np.asarray(pred, dtype=np.int64) for name, pred in predictions.items()}
     rng = np.random.default_rng(seed)
     out = {name: {m: np.empty(resamples) for m in BOOTSTRAP_METRICS} for name in predictions}

@@ -67,6 +67,8 @@ def test_same_seed_same_resamples() -> None:
         ([0, 1], [0], [0, 1], 10, "predictions of 'm' differ"),
         ([0, 1], [0, 1], [0, 1], 0, "resamples must be at least 1"),
         ([], [], [], 10, "no images"),
+        ([0, 1], [0, 4], [0, 1], 10, "predictions of 'm' must be class indices"),  # counted in another row before
+        ([-1, 1], [0, 1], [0, 1], 10, "labels must be class indices"),
     ],
 )
 def test_bad_input_is_named(labels, pred, groups, resamples, message) -> None:

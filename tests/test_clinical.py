@@ -104,8 +104,9 @@ def test_file_round_trip_and_refusals() -> None:
     back = clinical.prior_from_npz(clinical.prior_to_npz(prior))
     np.testing.assert_array_equal(clinical.log_odds(back, encoded), clinical.log_odds(prior, encoded))
     assert back.weight == prior.weight and back.classes == CLASS_NAMES
-    with pytest.raises(ValueError, match="not a valid clinical prior file"):
-        clinical.prior_from_npz(b"not an npz")
+    for damaged in (b"not an npz", b"", clinical.prior_to_npz(prior)[:60]):  # empty and truncated were tracebacks
+        with pytest.raises(ValueError, match="not a valid clinical prior file"):
+            clinical.prior_from_npz(damaged)
     import io
 
     buf = io.BytesIO()

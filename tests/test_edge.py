@@ -112,6 +112,11 @@ def test_fresh_neuron_state_matches_what_akida_creates() -> None:
     assert state["thswap"].tolist() == [20] * 8
 
 
+def test_no_rows_give_no_predictions(clinic_heads, test_set) -> None:
+    # numpy cannot infer a reshape's -1 for 0 rows; a scored part can be empty (simulations.baselines.score)
+    assert edge.predict_edge_reference(clinic_heads[0], test_set[0][:0]).shape == (0,)
+
+
 def test_akida_prediction_agrees_with_the_numpy_reference(clinic_heads, test_set) -> None:
     x, _ = test_set
     head = clinic_heads[0]

@@ -64,6 +64,88 @@ def test_npz_round_trip_and_bad_input() -> None:
         H.Head(np.full((2, 2), np.nan), np.zeros(2), ("a", "b"))
 
 
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "No data left"),
+        (H.head_to_npz(H.init_head(4, ("a", "b")))[:50], "not a zip file"),
+        (_npz(weights=np.zeros((2, 2)), bias=np.zeros(2), classes=np.array("ab"), feature_scale=np.array(1.0)), "list of names"),
+        (_npz(weights=np.zeros((2, 2)), bias=np.zeros(2), classes=np.array(["a", "b"]), feature_scale=np.ones(2)), "length-1"),
+        (_npz(weights=np.zeros((2, 2)), bias=np.zeros(2), classes=np.array(["a", "b"]), feature_scale=np.array(0.0)), "above 0"),
+    ],
+)
+def test_damaged_head_files_are_value_errors(data: bytes, message: str) -> None:
+    # Callers (the clinic's deployed head, bundles) catch ValueError to name the file; anything else was a traceback.
+    with pytest.raises(ValueError, match=f"not a valid head file: .*{message}"):
+        H.head_from_npz(data)
+
+
+def test_a_single_array_file_is_not_a_head() -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3))
+    with pytest.raises(ValueError, match=r"not a valid head file: a single array \(.npy\)"):
+        H.head_from_npz(buf.getvalue())
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_feature_scale_must_be_a_positive_number(scale: float) -> None:
+    with pytest.raises(ValueError, match="feature_scale must be a finite number above 0"):
+        H.Head(np.zeros((2, 2)), np.zeros(2), ("a", "b"), scale)
+
+
+def test_a_class_listed_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="lists a class twice"):
+        H.grow_head(H.init_head(3, ("a", "b")), ("a", "b", "c", "c"))
+
+
+def test_training_refuses_fractional_labels_and_empty_batches() -> None:
+    head = H.init_head(3, ("a", "b"))
+    x = np.ones((4, 3), np.int8)
+    with pytest.raises(ValueError, match="integer class indices"):
+        H.train_head(head, x, np.array([0.0, 1.7, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        H.train_head(head, x, np.array([0, 1, 0, 1]), H.TrainConfig(batch_size=0))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 1, 1, 4)])
+def test_no_rows_give_no_predictions(shape) -> None:
+    # e.g. a test part left empty once the images of classes the head lacks are removed
+    head = H.init_head(4, ("a", "b"))
+    empty = np.zeros(shape, np.uint8)
+    assert H.predict(head, empty).shape == (0,)
+    assert H.predict(H.quantize_head(head, "v2"), empty).shape == (0,)
+    assert H.logits(head, empty).shape == (0, 2)
+    assert H.train_head(head, empty, np.zeros(0, np.int64)) is head
+
+
+def test_quantization_refuses_what_int8_and_int32_cannot_hold() -> None:
+    head = H.Head(np.array([[1.0, -0.5]]), np.zeros(2), ("a", "b"))
+    with pytest.raises(ValueError, match="weight_bits must be 2..8"):
+        H.quantize_head(head, "v2", weight_bits=16)  # int8 storage would wrap 32767 to -1
+    tiny = H.Head(np.full((2, 2), 1e-38), np.array([5.0, -5.0]), ("a", "b"))
+    for target in ("v1", "v2"):
+        with pytest.raises(ValueError, match="bias too large for its weights"):
+            H.quantize_head(tiny, target)  # the +5 came back as a large negative integer
+
+
+@pytest.mark.parametrize("target", ["v1", "v2"])
+def test_all_zero_weights_keep_distinct_biases(target: str) -> None:
+    head = H.Head(np.zeros((3, 3)), np.array([0.3, -0.2, 0.1]), ("a", "b", "c"))
+    q = H.quantize_head(head, target)
+    assert H.predict(q, np.zeros((1, 3), np.int8)).tolist() == [0]
+    np.testing.assert_allclose(H.quantized_logits(q, np.zeros((1, 3)))[0], head.bias, rtol=0.02)
+
+
 def test_smote_balances_classes_and_stays_in_range() -> None:
     x, y = _separable(seed=3)
     keep = (y != 3) | (np.arange(len(y)) % 20 == 0)
@@ -73,6 +155,13 @@ def test_smote_balances_classes_and_stays_in_range() -> None:
     assert counts.min() == counts.max()
     assert xr.min() >= x.min() and xr.max() <= x.max()
     np.testing.assert_array_equal(xr[: len(x)], x)
+
+
+@pytest.mark.parametrize(("labels", "pred", "what"), [([-1, 0], [2, 1], "labels"), ([0, 1], [0, 3], "predictions")])
+def test_metrics_refuse_indices_outside_the_classes(labels, pred, what) -> None:
+    # numpy would count -1 (the "class the head lacks" marker) as the last class
+    with pytest.raises(ValueError, match=f"{what} must be class indices 0..2"):
+        classification_metrics(np.array(labels), np.array(pred), ("a", "b", "c"))
 
 
 def test_metrics_ignore_absent_classes_in_macro_averages() -> None:

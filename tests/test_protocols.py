@@ -338,11 +338,13 @@ def test_bad_class_lists_are_refused(head, spec, classes, reason) -> None:
 
 def _reply_with_classes(head: Head, classes: tuple[str, ...]) -> RecordDict:
     rng = np.random.default_rng(1)
+    placeholders = tuple(f"class{i}" for i in range(len(classes)))  # a Head refuses a name listed twice; a reply may not
     grown = Head(
-        rng.normal(0, 0.3, (8, len(classes))).astype(np.float32), np.zeros(len(classes), np.float32), classes, head.feature_scale
+        rng.normal(0, 0.3, (8, len(classes))).astype(np.float32), np.zeros(len(classes), np.float32), placeholders, head.feature_scale
     )
+    qhead = replace(quantize_head(grown, "v2"), classes=classes)
     metrics = {P.M_NUM_EXAMPLES: 10, P.M_TRAIN_TOP1: 0.5, P.M_NUM_SYNTHETIC: 0, P.M_DEVICE_AGREEMENT: 1.0}
-    return P.train_reply_content(quantize_head(grown, "v2"), metrics, P.ClinicInfo("clinic-a", 1, bundle_id=BUNDLE))
+    return P.train_reply_content(qhead, metrics, P.ClinicInfo("clinic-a", 1, bundle_id=BUNDLE))
 
 
 def test_a_reply_may_append_new_classes_after_the_rounds_classes(head, spec) -> None:
