@@ -292,6 +292,15 @@ def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
     )
 
 
+def select_classes(head: Head, classes: Sequence[str]) -> Head:
+    """The head's columns of `classes`, in that order (every one must be a class of the head)."""
+    missing = [c for c in classes if c not in head.classes]
+    if missing:
+        raise ValueError(f"the head has no class(es) {missing}; it has {head.classes}")
+    idx = [head.classes.index(c) for c in classes]
+    return Head(head.weights[:, idx], head.bias[idx], tuple(classes), head.feature_scale)
+
+
 def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[str, ...], list[Head]]:
     """Class-incremental alignment: every head re-laid onto one class list, columns matched by name.
 

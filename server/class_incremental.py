@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from qana.head import Head, merge_aligned
 
 
@@ -39,12 +41,18 @@ def merge_class_incremental(
     audit: ClassAdditionSink | None = None,
     run_id: str = "",
     round_: int = 0,
+    round_head: Head | None = None,
 ) -> tuple[Head, list[tuple[str, str]]]:
     """Merge heads with differing class sets; record each class the global head gains.
 
     Updates are taken in clinic-id order, so the merged head (and the order of new classes:
     first seen in that order) does not depend on the order in which replies arrived. Returns
     the merged head and the (class, clinic) additions, which are also written to `audit`.
+
+    `round_head` is the round's own classes as the configured strategy aggregated them (every
+    clinic's head has those columns): they replace the example-weighted average of those
+    columns, so adding a class is no way around fedmedian, fedtrimmedavg or krum. Only the new
+    classes' columns are then averaged by name, over the clinics that bring them.
     """
     if not updates:
         raise ValueError("no clinic heads to merge")
@@ -53,6 +61,16 @@ def merge_class_incremental(
         raise ValueError(f"more than one head from the same clinic: {sorted(ids)}")
     ordered = sorted(updates, key=lambda u: u.clinic_id)
     merged = merge_aligned([u.head for u in ordered], [float(u.num_examples) for u in ordered], base=global_classes)
+    if round_head is not None:
+        if round_head.classes != tuple(global_classes):
+            raise ValueError(f"the strategy's head has classes {round_head.classes}, the round has {tuple(global_classes)}")
+        c = len(global_classes)
+        merged = Head(
+            np.concatenate([round_head.weights, merged.weights[:, c:]], axis=1),
+            np.concatenate([round_head.bias, merged.bias[c:]]),
+            merged.classes,
+            merged.feature_scale,
+        )
     known = set(global_classes)
     additions = []
     for name in merged.classes:

@@ -31,7 +31,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from protocols.messages import (
     M_NUM_EXAMPLES,
@@ -58,7 +57,7 @@ from protocols.messages import (
 )
 from qana.atomic import write_atomic
 from qana.bundle import Bundle, load_bundle, pack_bundle
-from qana.head import Head, dequantize, head_from_npz, head_to_npz, init_head
+from qana.head import Head, dequantize, head_from_npz, head_to_npz, init_head, select_classes
 from server.audit.errors import UnknownVersionError
 from server.class_incremental import ClinicHead, merge_class_incremental
 from server.strategies import build_strategy, canonical_name, parse_options
@@ -599,12 +598,13 @@ class Coordinator:
     def _train(self, round_: int, arrays: ArrayRecord, grid: Grid, head_sha: str, spec: HeadSpec, bundle_id: str):
         """One training round; returns (aggregate, grown head or None, metrics, participants, rejected, failed).
 
-        When every accepted head has the round's classes, Flower's strategy aggregates them
-        (the aggregate ArrayRecord is returned). When some clinic introduced a class, the heads
-        are merged by class name instead (`server.class_incremental`: each column averaged over
-        the clinics that have that class, weighted by their examples) and the grown head is
-        returned; the additions go to the audit log, and the strategy is rebuilt because its
-        state (FedAdam's moments, ...) has the old shape.
+        Flower's strategy aggregates the round's classes of every accepted head. When every
+        head has just those, the aggregate ArrayRecord is returned. When some clinic introduced
+        a class, the new classes' columns are merged by name (`server.class_incremental`: each
+        averaged over the clinics that have it, weighted by their examples) beside the
+        strategy's aggregate of the round's classes, and the grown head is returned; the
+        additions go to the audit log, and the strategy is rebuilt because its state (FedAdam's
+        moments, ...) has the old shape.
         """
         s = self.settings
         config = TrainSettings(
@@ -628,17 +628,28 @@ class Coordinator:
             accepted.append(reply)
             heads.append(ClinicHead(update.clinic.clinic_id, dequantize(update.qhead, spec.feature_scale), update.num_examples))
         agg_arrays, agg_metrics, grown = None, None, None
-        if any(h.head.classes != spec.classes for h in heads):
-            grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_)
-            agg_metrics = aggregate_metricrecords([m.content for m in accepted], M_NUM_EXAMPLES)
-            for name, clinic in additions:
-                log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
-            self.strategy = self._build_strategy()
-        elif accepted:
+        growing = any(h.head.classes != spec.classes for h in heads)
+        if growing:  # the strategy sees the round's classes only (every reply starts with them)
+            for reply, clinic_head in zip(accepted, heads):
+                own = select_classes(clinic_head.head, spec.classes)
+                reply.content = RecordDict({"arrays": global_head_record(own), REC_METRICS: reply.content[REC_METRICS]})
+        if accepted:
             try:
                 agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
             except (InconsistentMessageReplies, AggregationError) as exc:
                 log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
+        if growing and agg_arrays is not None:
+            try:
+                round_head = head_from_aggregate(agg_arrays, spec)
+            except ProtocolError as exc:
+                log(WARNING, "Round %d: the aggregate is unusable: %s", round_, exc)
+            else:
+                grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_, round_head)
+                for name, clinic in additions:
+                    log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
+            agg_arrays = None
+        if growing:
+            self.strategy = self._build_strategy()
         self._server_time += time.perf_counter() - t0
         return agg_arrays, grown, dict(agg_metrics or {}), participants, rejected, failed
 

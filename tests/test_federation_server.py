@@ -17,10 +17,10 @@ from fed_helpers import (
     set_clinic_key,
     set_metric,
 )
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from protocols import messages as P
-from qana.head import head_from_npz
+from qana.head import head_from_npz, select_classes
 from server.audit import AuditLog, EntryFilter
 from server.federation import Coordinator, FederationError, FederationSettings
 from server.loopback import LoopbackGrid
@@ -314,6 +314,28 @@ def test_a_class_introduced_by_one_clinic_reaches_every_clinic_and_the_audit_log
     acc_before = np.mean(predict(before, x[~is_df]) == old_cols)
     acc_after = np.mean(predict(final, x[~is_df]) == old_cols)
     assert acc_after >= acc_before - 0.03, (acc_before, acc_after)
+
+
+def test_adding_a_class_is_no_way_around_a_robust_strategy(tmp_path, bundle, audit) -> None:
+    """An attacker who appends a class and claims the most examples still meets fedmedian on the old classes."""
+    def poison(content):
+        arrays = dict(content[P.REC_HEAD].items())
+        arrays[P.ARR_WEIGHTS_Q] = Array(-arrays[P.ARR_WEIGHTS_Q].numpy())  # every old class pushed the wrong way
+        return set_metric(P.M_NUM_EXAMPLES, P.MAX_NUM_EXAMPLES)(
+            RecordDict({P.REC_HEAD: ArrayRecord(arrays), P.REC_METRICS: content[P.REC_METRICS], P.REC_CLINIC: content[P.REC_CLINIC]})
+        )
+
+    nodes = clinics(bundle, n=4)
+    nodes[103] = NumpyClinic("clinic-3", bundle, seed=3, new_class="zzz", tamper=poison)
+    cfg = settings(tmp_path, bundle, strategy="fedmedian", **{"num-rounds": 1, "initial-head": "random"})
+    result = Coordinator(LoopbackGrid(nodes), cfg, audit).run()
+    grown = head_from_npz(audit.artifact_of(result.rounds[1].head_version))
+    assert grown.classes[-1] == "zzz"  # the class was added ...
+    honest = Coordinator(LoopbackGrid(clinics(bundle, n=3)), settings(tmp_path / "honest", bundle, strategy="fedmedian",
+                         **{"num-rounds": 1, "initial-head": "random"}), audit).run()
+    reference = head_accuracy(head_from_npz(audit.artifact_of(honest.rounds[1].head_version)))
+    # ... but the old classes are the median of the heads, not the attacker's (example-weighted: accuracy near 0)
+    assert head_accuracy(select_classes(grown, grown.classes[:-1])) > reference - 0.1 > 0.5
 
 
 def test_initial_classes_must_be_classes_of_the_bundle_head(tmp_path, bundle, audit) -> None:
