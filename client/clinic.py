@@ -6,7 +6,7 @@ under `qana-client start`, under Flower's simulation engine and in tests. Nothin
 CLI global, and nothing here imports TensorFlow.
 
 Per backbone version the clinic runs the backbone once over its images (cached features);
-per round it trains only the head (SMOTE on PCA-whitened features, `client.learning`),
+per round it trains only the head (SMOTE on PCA-whitened features, `qana.learning`),
 quantizes it for the Akida target, writes it into the Akida model and checks that the
 chip's predictions agree with the reference quantized head before anything is sent.
 Evaluation uses a held-out, lesion-grouped part of the clinic's own data. Each lesion's side
@@ -33,7 +33,7 @@ import numpy as np
 
 from client.bundle_cache import BundleCache
 from client.features import FeatureCache
-from client.learning import train_local_head
+from qana.learning import train_local_head
 from protocols.messages import (
     M_BALANCED_ACCURACY,
     M_DEVICE_AGREEMENT,

@@ -647,15 +647,13 @@ def fit_head(
 ) -> head_math.Head:
     """Train the projection head on backbone features (SMOTE on PCA-whitened features if asked).
 
-    The same function clinics use for their local rounds (client code calls it too).
+    `qana.learning.train_local_head`, the recipe clinics use in their local rounds, with the
+    head stage's learning rate and epochs.
     """
-    from qana.imbalance import smote_whitened
+    from qana.learning import train_local_head
 
-    x, y = (smote_whitened(feats, labels, seed=seed) if smote else (feats, labels))
-    cfg = head_math.TrainConfig(
-        epochs=epochs, learning_rate=0.003, class_weighting="none" if smote else "balanced", seed=seed
-    )
-    return head_math.train_head(initial, x, y, cfg)
+    cfg = head_math.TrainConfig(epochs=epochs, learning_rate=0.003, seed=seed)
+    return train_local_head(initial, feats, labels, cfg, smote=smote)[0]
 
 
 MEASURABLE = 0.95  # a retrained head replaces the converted one only if it wins in 95 % of bootstrap resamples

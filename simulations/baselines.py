@@ -1,7 +1,7 @@
 """What the consortium is compared with: pooled (centralised) and local-only head training.
 
 Both baselines use exactly what a clinic uses in a federated round — the cached backbone
-features, `client.learning.train_local_head` (SMOTE in PCA-whitened space, then
+features, `qana.learning.train_local_head` (SMOTE in PCA-whitened space, then
 `qana.head.train_head`) and `qana.head.quantize_head` — with the same settings, the same
 initial head and the same per-round seed (`seed + round`, as `client.clinic.Clinic.train`).
 Only the data differ:
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from client.learning import train_local_head
+from qana.learning import train_local_head
 from qana.edge import EdgeHead, predict_edge_reference
 from qana.head import Head, TrainConfig, init_head, predict, quantize_head
 from qana.metrics import classification_metrics

@@ -13,11 +13,9 @@ from client.app import app as client_app
 from client.bundle_cache import BundleCache
 from client.clinic import ClinicConfig, ClinicError
 from client.features import FeatureCache
-from client.learning import train_local_head
 from protocols import messages as P
 from qana.bundle import BundleError, load_bundle, pack_bundle
 from qana.data import load_dataset
-from qana.head import TrainConfig, init_head, predict
 from server.loopback import LoopbackGrid
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
@@ -161,35 +159,6 @@ def test_a_failed_feature_cache_write_leaves_no_temporary_file(tmp_path, bundle,
 
 
 # --------------------------------------------------------------------------- local learning
-
-
-def test_local_training_reports_what_smote_added() -> None:
-    rng = np.random.default_rng(0)
-    means = rng.normal(0, 40, (4, 16))
-    y = np.array([0] * 40 + [1] * 6 + [2] * 3 + [3] * 1)
-    x = np.clip(np.round(means[y] + rng.normal(0, 5, (len(y), 16))), 0, None).astype(np.int16)
-    head = init_head(16, ("a", "b", "c", "d"), feature_scale=1 / 40)
-    _, report = train_local_head(head, x, y, TrainConfig(epochs=2), smote=True)
-    # class 3 has a single example: SMOTE cannot interpolate it
-    assert report.smote_classes == (1, 2) and report.num_synthetic == (40 - 6) + (40 - 3)
-    _, plain = train_local_head(head, x, y, TrainConfig(epochs=2), smote=False)
-    assert plain.num_synthetic == 0 and plain.num_examples == 50
-
-
-def test_local_training_learns_minority_classes_better_with_smote() -> None:
-    rng = np.random.default_rng(1)
-    means = rng.normal(0, 12, (3, 16))
-    y = np.array([0] * 90 + [1] * 6 + [2] * 4)
-    x = np.round(means[y] + rng.normal(0, 10, (len(y), 16))).astype(np.int16)
-    yt = np.repeat([0, 1, 2], 200)
-    xt = np.round(means[yt] + rng.normal(0, 10, (len(yt), 16))).astype(np.int16)
-    head = init_head(16, ("a", "b", "c"), feature_scale=1 / 12)
-    cfg = TrainConfig(epochs=30, learning_rate=0.05, class_weighting="none")
-    plain, _ = train_local_head(head, x, y, cfg, smote=False)
-    balanced, report = train_local_head(head, x, y, cfg, smote=True)
-    assert report.num_synthetic == (90 - 6) + (90 - 4) and report.num_examples == 100
-    minority = yt > 0
-    assert np.mean(predict(balanced, xt[minority]) == yt[minority]) > np.mean(predict(plain, xt[minority]) == yt[minority])
 
 
 # --------------------------------------------------------------------------- the ClientApp

@@ -1,11 +1,15 @@
-"""Local head training at a clinic: SMOTE on PCA-whitened embeddings, then `qana.head.train_head`.
+"""Head training on backbone features: SMOTE on PCA-whitened embeddings, then `qana.head.train_head`.
 
 Skin-lesion data are badly imbalanced (nv dominates; df and vasc are rare) and each clinic
 sees its own skew, so, following the paper, minority classes are oversampled with SMOTE in
-a PCA-whitened embedding space before the head is trained. Both steps are the shared
-implementations (`qana.imbalance.smote_whitened`, `qana.head.train_head`), so a clinic
-trains exactly as the central pipeline and the simulations do. Everything uses this
-clinic's data only: the PCA, the neighbours and the synthetic points never leave the clinic.
+a PCA-whitened embedding space before the head is trained. This is the one recipe for a
+clinic's local rounds (`client.clinic`), the simulations' baselines and the central
+pipeline's head stage (`qana.train.fit_head`). At a clinic everything uses its data only:
+the PCA, the neighbours and the synthetic points never leave the clinic.
+
+The loss is class-weighted ("balanced", `TrainConfig`'s default) after SMOTE as well: SMOTE
+brings every class with two or more examples up to the largest, so those weights are exactly
+1, and only a class SMOTE cannot oversample (a single example) keeps a larger weight.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ def train_local_head(
     smote: bool = True,
 ) -> tuple[Head, LocalTrainingReport]:
     """Train the head on this clinic's features (optionally SMOTE-balanced), starting from `head`."""
-    x = np.asarray(features).reshape(len(features), -1)
+    x = np.asarray(features)
+    x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
     y = np.asarray(labels, dtype=np.int64)
     if smote and len(y):
         x_all, y_all = smote_whitened(x, y, seed=config.seed)

@@ -1,0 +1,55 @@
+"""Head training on features (`qana.learning`): the one recipe of clinics, baselines and the head stage."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qana.head import TrainConfig, init_head, predict, train_head
+from qana.imbalance import smote_whitened
+from qana.learning import train_local_head
+from qana.train import fit_head
+
+
+def test_local_training_reports_what_smote_added() -> None:
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 40, (4, 16))
+    y = np.array([0] * 40 + [1] * 6 + [2] * 3 + [3] * 1)
+    x = np.clip(np.round(means[y] + rng.normal(0, 5, (len(y), 16))), 0, None).astype(np.int16)
+    head = init_head(16, ("a", "b", "c", "d"), feature_scale=1 / 40)
+    _, report = train_local_head(head, x, y, TrainConfig(epochs=2), smote=True)
+    # class 3 has a single example: SMOTE cannot interpolate it
+    assert report.smote_classes == (1, 2) and report.num_synthetic == (40 - 6) + (40 - 3)
+    _, plain = train_local_head(head, x, y, TrainConfig(epochs=2), smote=False)
+    assert plain.num_synthetic == 0 and plain.num_examples == 50
+
+
+def test_local_training_learns_minority_classes_better_with_smote() -> None:
+    rng = np.random.default_rng(1)
+    means = rng.normal(0, 12, (3, 16))
+    y = np.array([0] * 90 + [1] * 6 + [2] * 4)
+    x = np.round(means[y] + rng.normal(0, 10, (len(y), 16))).astype(np.int16)
+    yt = np.repeat([0, 1, 2], 200)
+    xt = np.round(means[yt] + rng.normal(0, 10, (len(yt), 16))).astype(np.int16)
+    head = init_head(16, ("a", "b", "c"), feature_scale=1 / 12)
+    cfg = TrainConfig(epochs=30, learning_rate=0.05, class_weighting="none")
+    plain, _ = train_local_head(head, x, y, cfg, smote=False)
+    balanced, report = train_local_head(head, x, y, cfg, smote=True)
+    assert report.num_synthetic == (90 - 6) + (90 - 4) and report.num_examples == 100
+    minority = yt > 0
+    assert np.mean(predict(balanced, xt[minority]) == yt[minority]) > np.mean(predict(plain, xt[minority]) == yt[minority])
+
+
+def test_the_head_stage_trains_as_clinics_do() -> None:
+    """qana.train.fit_head is train_local_head; after a full SMOTE its balanced weights are all exactly 1."""
+    rng = np.random.default_rng(2)
+    means = rng.normal(0, 12, (3, 8))
+    y = np.array([0] * 60 + [1] * 12 + [2] * 7)
+    x = np.round(means[y] + rng.normal(0, 10, (len(y), 8))).astype(np.int16)
+    head = init_head(8, ("a", "b", "c"), feature_scale=1 / 12)
+    central = fit_head(head, x, y, smote=True, seed=3, epochs=5)
+    clinic, _ = train_local_head(head, x, y, TrainConfig(epochs=5, learning_rate=0.003, seed=3), smote=True)
+    np.testing.assert_array_equal(central.weights, clinic.weights)
+    # what the head stage computed before it shared the recipe: SMOTE, then no class weights
+    x_all, y_all = smote_whitened(x, y, seed=3)
+    before = train_head(head, x_all, y_all, TrainConfig(epochs=5, learning_rate=0.003, class_weighting="none", seed=3))
+    np.testing.assert_array_equal(central.weights, before.weights)
