@@ -14,6 +14,9 @@ deviation over runs. Warns when the runs differ in anything but the seed.
 A shipped bundle directory (e.g. qana/bundles/v2) may stand in for its training run, whose
 directory a new machine no longer has: its bundle.json records the same metrics and the
 `qana train` command, which is compared with the other runs' commands instead of their options.
+So may a folder holding only a run's `bundle.json` and `options.json` (`benchmarks/records/`: the
+records of runs whose directories are gone). Two runs with the same seed are one split and are
+refused, so no split counts twice in the spread.
 """
 
 from __future__ import annotations
@@ -51,13 +54,26 @@ def _recorded(run: Path) -> tuple[dict, dict]:
     bundle, options = run / "bundle.json", run / "options.json"
     if not bundle.is_file():
         sys.exit(f"error: {bundle} not found: {run} is neither a `qana train` run whose bundle stage has finished nor a bundle")
-    recorded = json.loads(bundle.read_text())
+    try:
+        recorded = json.loads(bundle.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        sys.exit(f"error: {bundle} is not valid JSON ({exc})")
+    if not isinstance(recorded, dict):
+        sys.exit(f"error: {bundle} is not a bundle record (expected a JSON object)")
     if options.is_file():
-        return json.loads(options.read_text()), recorded["metrics"]
-    training = recorded.get("training", {})
-    if "command" not in training:
-        sys.exit(f"error: {options} not found and {bundle} records no training command: cannot tell {run}'s recipe")
-    return {"seed": training.get("seed", "?"), "command": training["command"], "shipped_bundle": True}, recorded["metrics"]
+        settings = json.loads(options.read_text())
+    else:
+        training = recorded.get("training", {})
+        if "command" not in training:
+            sys.exit(f"error: {options} not found and {bundle} records no training command: cannot tell {run}'s recipe")
+        settings = {"seed": training.get("seed", "?"), "command": training["command"], "shipped_bundle": True}
+    metrics = recorded.get("metrics")
+    for part in ("val", "test"):
+        scores = metrics.get(part) if isinstance(metrics, dict) else None
+        missing = [m for m in MODELS if not isinstance(scores, dict) or m not in scores]
+        if missing:
+            sys.exit(f"error: {bundle} records no {part} metrics of {', '.join(missing)}: not the bundle stage's record of a finished run")
+    return settings, metrics
 
 
 def recipe_command(command: str) -> list[str]:
@@ -89,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     runs = [(run, *load_run(run)) for run in args.runs]
+    check_one_run_per_split(runs)
     first = runs[0][1]
     for run, options, _ in runs[1:]:
         differs = differences(first, options)
@@ -123,6 +140,17 @@ def main() -> None:
     for k, bar in ACCURACY_BAR.items():
         mean, low, high = mean_interval(values[("test", shipped, k)])
         print(f"{k:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (issue's bar for v2: {bar:.2f})")
+
+
+def check_one_run_per_split(runs: list[tuple[Path, dict, dict]]) -> None:
+    """Exit when two runs have the same seed: the seed chooses the split, so they are one split
+    (e.g. a shipped bundle and its own run dir) and would count twice in the sd and t-interval."""
+    seen: dict[object, Path] = {}
+    for run, options, _ in runs:
+        seed = options.get("seed", "?")
+        if seed != "?" and seed in seen:
+            sys.exit(f"error: {seen[seed]} and {run} both have seed {seed}, i.e. the same split: give each split once")
+        seen[seed] = run
 
 
 def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:

@@ -112,3 +112,21 @@ def test_recipe_mean_has_a_t_interval_against_the_bar(tmp_path: Path) -> None:
     # akida+prior top-1 0.80, 0.81, 0.82: mean 0.81, sd 0.01, t(0.975, 2 df) = 4.303 -> +-0.0248
     assert "recipe: akida+prior on test, mean over 3 runs" in done.stdout
     assert "top1      0.810 [0.785, 0.835]  (issue's bar for v2: 0.80)" in done.stdout
+
+
+def test_one_split_given_twice_is_refused(tmp_path: Path) -> None:
+    # e.g. the shipped bundle beside its own run dir: the same lesions would count as two splits
+    done = _spread(_run_dir(tmp_path, "a", 3, 0.70), _run_dir(tmp_path, "b", 3, 0.80))
+    assert done.returncode != 0 and "both have seed 3, i.e. the same split" in done.stderr
+
+
+def test_a_damaged_or_partial_record_is_named(tmp_path: Path) -> None:
+    bad = _run_dir(tmp_path, "bad", 0, 0.70)
+    (bad / "bundle.json").write_text('{"metrics": {"val"')
+    partial = _run_dir(tmp_path, "partial", 1, 0.70)
+    record = json.loads((partial / "bundle.json").read_text())
+    del record["metrics"]["test"]["quantized"]
+    (partial / "bundle.json").write_text(json.dumps(record))
+    for run, message in ((bad, "is not valid JSON"), (partial, "records no test metrics of quantized")):
+        done = _spread(run)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
