@@ -34,6 +34,8 @@ try:
 except ModuleNotFoundError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qana.cli_errors import at_least  # noqa: E402
+
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -166,7 +168,7 @@ def print_results(results: list[Result]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entries", type=int, default=10_000, help="entries to append per backend (default 10000)")
+    parser.add_argument("--entries", type=at_least(1), default=10_000, help="entries to append per backend (default 10000)")
     parser.add_argument(
         "--postgres",
         metavar="URL",
@@ -197,4 +199,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qana.cli_errors import script_main
+
+    script_main(main)

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
+from qana.cli_errors import at_least, int_list  # noqa: E402
+
 
 def message_bytes(content, message_type: str = "train") -> int:
     from flwr.app import Message
@@ -150,10 +152,10 @@ def run_federation(bundle_dir: Path, n_clinics: int, rounds: int, images: int, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=ROOT / "tests" / "fixtures" / "bundles" / "tiny-v2")
-    parser.add_argument("--clinics", default="4,16", help="comma-separated clinic counts")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--images", type=int, default=40, help="images per synthetic clinic")
-    parser.add_argument("--feature-dims", default="256,1024", help="also encode heads of these sizes")
+    parser.add_argument("--clinics", type=int_list(1), default=[4, 16], help="comma-separated clinic counts (default 4,16)")
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--images", type=at_least(1), default=40, help="images per synthetic clinic")
+    parser.add_argument("--feature-dims", type=int_list(1), default=[256, 1024], help="also encode heads of these sizes (default 256,1024)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -165,11 +167,11 @@ def main() -> None:
     spec = P.HeadSpec.from_head(head, bundle.target)
     whole_model = message_bytes(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY)
     # The bundle's own head size first, then the other sizes asked for (each once).
-    dims = dict.fromkeys([head.num_features] + [int(d) for d in args.feature_dims.split(",") if d])
+    dims = dict.fromkeys([head.num_features] + args.feature_dims)
     sizes = [encoded_sizes(d, head.classes, bundle.target, bundle.bundle_id) for d in dims]
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_federation(args.bundle, int(n), args.rounds, args.images, Path(tmp)) for n in args.clinics.split(",")]
+        runs = [run_federation(args.bundle, n, args.rounds, args.images, Path(tmp)) for n in args.clinics]
 
     report = {
         "bundle": str(args.bundle),
@@ -192,12 +194,12 @@ def main() -> None:
     print()
     print("Upload per clinic per round (measured in a real run, Flower's serialised objects):")
     run0 = runs[0]
-    rows = [
+    rows = [  # the three train-reply alternatives alike (the evaluate reply is the same for all three)
         ("train reply: int8 head (protocol)", run0["train_reply_bytes"]),
+        ("train reply as float32 arrays instead", sizes[0]["float32_message_bytes"]),
+        ("train reply as the whole model instead", whole_model),
         ("evaluate reply: metrics only", run0["evaluate_reply_bytes"]),
-        ("total per round", run0["train_reply_bytes"] + run0["evaluate_reply_bytes"]),
-        ("same head as float32 arrays", sizes[0]["float32_message_bytes"] + run0["evaluate_reply_bytes"]),
-        ("whole model (packed bundle) instead", whole_model + run0["evaluate_reply_bytes"]),
+        ("total per round (int8 head)", run0["train_reply_bytes"] + run0["evaluate_reply_bytes"]),
     ]
     for name, value in rows:
         print(f"  {name:<40} {value:>9,d} B   {value / lb:6.1f} x lower bound")
@@ -211,15 +213,17 @@ def main() -> None:
               f"{s['int8_message_bytes']:>10} {s['int8_message_bytes'] / s['lower_bound_bytes']:>6.2f} "
               f"{s['float32_message_bytes']:>13} {s['float32_message_bytes'] / s['lower_bound_bytes']:>6.2f}")
     print()
-    print("Coordinator time per round: everything but the clinics' work (message building and (de)serialisation,")
-    print("validation, dequantization, Flower's aggregation, signed audit writes); network waits excluded:")
+    print("Coordinator time per round, median over rounds: everything but the clinics' work (message building and")
+    print("(de)serialisation, validation, dequantization, Flower's aggregation, signed audit writes); network waits excluded:")
     for run in runs:
         coord = [r["coordinator_seconds"] for r in run["round_timings"]]
         logic = [r["coordinator_logic_seconds"] for r in run["round_timings"]]
         walls = [r["round_seconds"] for r in run["round_timings"]]
-        print(f"  {run['clinics']:>3} clinics: {1000 * np.mean(coord):7.1f} ms/round, of which {1000 * np.mean(logic):6.1f} ms validation+aggregation+audit; "
-              f"round wall time with in-process clinics {np.mean(walls):.2f} s; federated top1 {run['initial_top1']:.2f} -> {run['final_top1']:.2f}")
+        print(f"  {run['clinics']:>3} clinics: {1000 * np.median(coord):7.1f} ms/round, of which {1000 * np.median(logic):6.1f} ms validation+aggregation+audit; "
+              f"round wall time with in-process clinics {np.median(walls):.2f} s; federated top1 {run['initial_top1']:.2f} -> {run['final_top1']:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

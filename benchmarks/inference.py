@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from qana.cli_errors import at_least  # noqa: E402
+
 
 def keras_macs(model) -> int:
     """Multiply-accumulates per image of a tf_keras model's Conv/Depthwise/Separable/Dense layers."""
@@ -62,9 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="bundle directory (default: shipped v2)")
     parser.add_argument("--data", type=Path, default=None, help="HAM10000-style folder (default: random images)")
-    parser.add_argument("--n", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--n", type=at_least(1), default=512, help="images to time (default 512)")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed passes; the median is reported")
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
     args = parser.parse_args()
 
     import tf_keras as keras
@@ -110,4 +112,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

@@ -84,4 +84,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

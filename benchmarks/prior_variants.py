@@ -103,4 +103,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

@@ -167,4 +167,6 @@ def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

@@ -27,8 +27,10 @@ sample. Default bundle: the shipped v2 bundle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -38,6 +40,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from qana.cli_errors import at_least, int_list  # noqa: E402
 
 SHARED_HAM = ROOT.parent / "shared" / "data" / "ham10000"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -149,7 +153,7 @@ def run_one(clinics: int, args: argparse.Namespace, out: Path) -> dict[str, Any]
         "federation_seconds": result.seconds.get("federation (Flower simulation, incl. Ray start)"),
         "ray_startup_seconds": fed.startup_seconds if fed else None,
         "round0_seconds": rounds[0].seconds if rounds else None,
-        "mean_round_seconds": sum(later) / len(later) if later else None,
+        "median_round_seconds": statistics.median(later) if later else None,  # one slow round (a GC, a Ray hiccup) moves a mean
         "baselines_seconds": result.seconds.get("baselines"),
         "features_seconds": result.seconds.get("backbone features"),
         "features_computed": result.features_computed,
@@ -173,13 +177,13 @@ def _f(x: float | None, d: int = 1) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| clinics | status | wall (s) | federation (s) | Ray start (s) | round 0 (s) | mean round 1..R (s) | baselines (s) | peak memory, PSS of all processes (MB) | largest process, RSS (MB) |",
+        "| clinics | status | wall (s) | federation (s) | Ray start (s) | round 0 (s) | median round 1..R (s) | baselines (s) | peak memory, PSS of all processes (MB) | largest process, RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['clinics']} | {r['status']} | {_f(r['wall_seconds'])} | {_f(r['federation_seconds'])} | {_f(r['ray_startup_seconds'])} | "
-            f"{_f(r['round0_seconds'])} | {_f(r['mean_round_seconds'], 2)} | {_f(r['baselines_seconds'])} | "
+            f"{_f(r['round0_seconds'])} | {_f(r['median_round_seconds'], 2)} | {_f(r['baselines_seconds'])} | "
             f"{_f(r['peak_pss_total_mb'], 0)} | {_f(r['peak_rss_single_mb'], 0)} ({r['largest_process']}) |"
         )
     return "\n".join(lines)
@@ -188,10 +192,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def growth(rows: list[dict[str, Any]]) -> list[str]:
     """Seconds per additional clinic between consecutive configurations (per round and whole run)."""
     out = []
-    done = [r for r in rows if r["status"] == "finished" and r["mean_round_seconds"] is not None]
+    done = [r for r in rows if r["status"] == "finished" and r["median_round_seconds"] is not None]
     for a, b in zip(done, done[1:]):
         dn = b["clinics"] - a["clinics"]
-        per_round = (b["mean_round_seconds"] - a["mean_round_seconds"]) / dn
+        per_round = (b["median_round_seconds"] - a["median_round_seconds"]) / dn
         per_run = (b["wall_seconds"] - a["wall_seconds"]) / dn
         out.append(
             f"{a['clinics']} -> {b['clinics']} clinics: {per_round:+.3f} s per round and {per_run:+.2f} s of total wall time per added clinic"
@@ -203,16 +207,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=SHARED_HAM if (SHARED_HAM / "HAM10000_metadata.csv").is_file() else None)
     parser.add_argument("--bundle", type=Path, default=None)
-    parser.add_argument("--clinics", default="4,16,100")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--clinics", type=int_list(1), default=[4, 16, 100], help="comma-separated clinic counts (default 4,16,100)")
+    parser.add_argument("--rounds", type=at_least(1), default=10)
+    parser.add_argument("--local-epochs", type=at_least(1), default=5)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=None, help="keep every run's results here (default: a temporary directory)")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     args = parser.parse_args()
-    counts = [int(c) for c in args.clinics.split(",") if c.strip()]
+    counts = args.clinics
     rows = []
-    with tempfile.TemporaryDirectory(prefix="qana-sim-bench-") as tmp:
+    # with --json, stdout carries the JSON only: progress (also qana-sim's own) goes to stderr
+    progress = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="qana-sim-bench-") as tmp, progress:
         out = args.out or Path(tmp)
         for n in counts:
             print(f"== {n} Dirichlet clinics x {args.rounds} rounds", flush=True)
@@ -230,4 +236,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qana.cli_errors import script_main
+
+    script_main(main)
