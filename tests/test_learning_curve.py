@@ -60,9 +60,31 @@ def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
 
 
 def test_a_stored_model_of_another_setting_is_refused_not_reused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    images = SimpleNamespace(content_hashes=np.array(["a", "b"]))
     stored = tmp_path / "fraction-0.5"
     stored.mkdir()
     (stored / "result.json").write_text('{"fraction": 0.5, "epochs": 40, "seed": 0, "image_size": 64}')
-    assert learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=None)["epochs"] == 40
+    assert learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=images)["epochs"] == 40
     with pytest.raises(ValueError, match="trained with .*'epochs': 40.*delete it"):
-        learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 20, 0, dataset=None)
+        learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 20, 0, dataset=images)
+    # a result recorded for other images is not reused for these (it was, whatever --data said)
+    (stored / "result.json").write_text(
+        '{"fraction": 0.5, "epochs": 40, "seed": 0, "image_size": 64, "images": "%s"}' % learning_curve.data_identity(images)
+    )
+    assert learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=images)["epochs"] == 40
+    other = SimpleNamespace(content_hashes=np.array(["a", "c"]))
+    with pytest.raises(ValueError, match="trained on other images than"):
+        learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=other)
+    (stored / "result.json").write_text('{"fraction": 0.5, "epo')
+    with pytest.raises(ValueError, match="fraction-0.5/result.json is not valid JSON"):
+        learning_curve.train_and_score(tmp_path, tmp_path, 0.5, 40, 0, dataset=images)
+
+
+def test_both_bars_are_extrapolated() -> None:
+    # the README's session-5 curve: +1.7 points top-1 and +3.7 macro-F1 per doubling from 6,068 images
+    last = {"top1": 0.757, "macro_f1": 0.528, "balanced_accuracy": 0.558}
+    lines = learning_curve.bar_extrapolations(6068, last, {"top1": 0.017, "macro_f1": 0.037, "balanced_accuracy": 0.048})
+    assert lines[0].startswith("top1 0.80 at this slope: about 2.5 more doublings (~35,")
+    assert lines[1].startswith("macro_f1 0.60 at this slope: about 1.9 more doublings (~23,")
