@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -61,12 +62,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
 from qana import edge  # noqa: E402
 from qana import head as head_math  # noqa: E402
+from qana.atomic import write_atomic  # noqa: E402
 from qana.metrics import classification_metrics  # noqa: E402
 
 
@@ -77,15 +80,20 @@ def cached_features(bundle, dataset, cache_dir: Path) -> np.ndarray:
     digest = hashlib.sha256("".join(dataset.content_hashes).encode()).hexdigest()[:16]
     path = cache_dir / f"features-{bundle.bundle_id[:16]}-{digest}.npy"
     if path.is_file():
-        feats = np.load(path)
-        if feats.shape == (len(dataset), bundle.feature_dim):
+        try:
+            feats = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # a run killed while writing it (before session 22): compute again
+            feats = None
+        if isinstance(feats, np.ndarray) and feats.shape == (len(dataset), bundle.feature_dim):
             return feats
     runtime = AkidaRuntime(bundle, device="software")
     t0 = time.perf_counter()
     feats = runtime.features(dataset.images, batch_size=128).astype(np.uint8)
     print(f"features: {len(dataset)} images in {time.perf_counter() - t0:.0f} s ({runtime.device_description})", flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, feats)
+    buffer = io.BytesIO()
+    np.save(buffer, feats)
+    write_atomic(path, buffer.getvalue())  # never a half-written cache file
     return feats
 
 
@@ -164,8 +172,8 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("/work/runs/v1/bundle"))
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/ham10000"))
+    parser.add_argument("--bundle", type=Path, default=ROOT / "qana" / "bundles" / "v1", help="a v1 bundle (default: the shipped one)")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000", help="HAM10000-style folder")
     parser.add_argument("--split", type=Path, default=None, help="split.npz of the bundle's training run (default: <bundle>/../split.npz if present)")
     parser.add_argument("--no-split", action="store_true", help="ignore the bundle's split; split each centre 70/30 by lesion")
     parser.add_argument("--rounds", type=int, default=5)
@@ -175,6 +183,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana")) / "edge-bench")
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = parser.parse_args()
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        # checked before the hour of computing, not after it
+        raise SystemExit(f"error: --json {args.json}: a folder, or its folder does not exist; give a file path")
 
     from qana.bundle import load_bundle
     from qana.data import load_dataset
@@ -296,13 +307,13 @@ def main() -> None:
           f"competition={central_params.learning_competition}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if args.json:
-        args.json.write_text(json.dumps({
+        write_atomic(args.json, json.dumps({
             "bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "split": split_desc, "seed": args.seed,
             "rounds": args.rounds, "edge_settings": {"num_weights": nw, "neurons_per_class": npc, "learning_competition": comp},
             "per_centre_choice": {c: {"num_weights": p.num_weights, "neurons_per_class": p.neurons_per_class,
                                       "learning_competition": p.learning_competition, "sweep": list(p.sweep)} for c, p in chosen.items()},
             "results": results, "seconds": timings, "edge_head_bytes": wire,
-        }, indent=2))
+        }, indent=2).encode())
 
 
 if __name__ == "__main__":
