@@ -52,13 +52,17 @@ def main() -> None:
     ensemble: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     labels: dict[str, np.ndarray] = {}
     print(f"{'run':28s} {'options':52s} {'part':5s} {'model':9s} {'top1':>6s} {'mF1':>6s} {'balAcc':>6s}")
-    for run in args.runs:
+    for run in args.runs:  # all splits first, before any model is loaded
+        if not (run / "split.npz").is_file():
+            sys.exit(f"error: {run / 'split.npz'} not found: {run} is not a `qana train` run whose split stage has finished")
         with np.load(run / "split.npz") as z:
-            test = z["test"].copy()
+            split = {name: z[name].copy() for name in ("train", "val", "test")}
         if reference is None:
-            reference = test
-        elif not np.array_equal(reference, test):
-            sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data and seed")
+            reference = split
+        elif any(not np.array_equal(reference[name], split[name]) for name in split):
+            # every part: validation rows of runs with another --val-fraction would be other images
+            sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data, seed and --val-fraction")
+    for run in args.runs:
         opts = recorded_options(run, args.data)
         key = (opts.image_size, opts.colour_constancy)
         if key not in datasets:

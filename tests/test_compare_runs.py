@@ -1,0 +1,27 @@
+"""benchmarks/compare_runs.py: runs are compared only on the same split, every part of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_runs.py"
+
+
+def _run(root: Path, name: str, val: list[int]) -> Path:
+    run = root / name
+    run.mkdir()
+    np.savez(run / "split.npz", train=np.array([0, 1, 2]), val=np.array(val), test=np.array([5, 6]), image_ids=np.arange(7).astype(str))
+    return run
+
+
+def test_runs_split_with_another_validation_share_are_refused(tmp_path: Path) -> None:
+    # same test part, other validation images (another --val-fraction): the val rows would not be comparable
+    a, b = _run(tmp_path, "a", [3, 4]), _run(tmp_path, "b", [3])
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(a), str(b)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "was split differently" in done.stderr, done.stderr
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "split.npz not found" in missing.stderr and "Traceback" not in missing.stderr
