@@ -177,6 +177,8 @@ def main() -> int:
     )
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
     arguments = parser.parse_args()
+    if arguments.no_sqlite and not arguments.postgres:
+        parser.error("--no-sqlite leaves nothing to benchmark: give --postgres URL (or set QANA_TEST_POSTGRES_URL)")
 
     results = []
     with tempfile.TemporaryDirectory(prefix="qana-audit-bench-") as scratch:
