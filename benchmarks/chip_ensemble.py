@@ -106,6 +106,8 @@ def main() -> None:
     from qana.metrics import FAITHFUL, FIDELITY_PAIRS, fidelity_line
 
     groups = [[Path(p) for p in g.split(",") if p] for g in args.groups]
+    if not all(groups):
+        parser.error(f"a group names no run: {' '.join(args.groups)} (give comma-separated run directories)")
     for group in groups:
         for run in group:
             if not (run / "bundle.json").is_file():
