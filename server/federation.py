@@ -596,15 +596,13 @@ class Coordinator:
     # ------------------------------------------------------------------ rounds
 
     def _train(self, round_: int, arrays: ArrayRecord, grid: Grid, head_sha: str, spec: HeadSpec, bundle_id: str):
-        """One training round; returns (aggregate, grown head or None, metrics, participants, rejected, failed).
+        """One training round; returns (aggregate, growing heads or None, metrics, participants, rejected, failed).
 
-        Flower's strategy aggregates the round's classes of every accepted head. When every
-        head has just those, the aggregate ArrayRecord is returned. When some clinic introduced
-        a class, the new classes' columns are merged by name (`server.class_incremental`: each
-        averaged over the clinics that have it, weighted by their examples) beside the
-        strategy's aggregate of the round's classes, and the grown head is returned; the
-        additions go to the audit log, and the strategy is rebuilt because its state (FedAdam's
-        moments, ...) has the old shape.
+        Flower's strategy aggregates the round's classes of every accepted head (the aggregate
+        ArrayRecord). When some clinic introduced a class, the clinics' whole heads are returned
+        too: `_train_round` merges the new classes' columns by name beside the aggregate
+        (`server.class_incremental`), and the strategy is rebuilt here because its state
+        (FedAdam's moments, ...) has the old shape.
         """
         s = self.settings
         config = TrainSettings(
@@ -627,7 +625,7 @@ class Coordinator:
             reply.content = RecordDict({"arrays": floats, REC_METRICS: MetricRecord(dict(update.metrics))})
             accepted.append(reply)
             heads.append(ClinicHead(update.clinic.clinic_id, dequantize(update.qhead, spec.feature_scale), update.num_examples))
-        agg_arrays, agg_metrics, grown = None, None, None
+        agg_arrays, agg_metrics = None, None
         growing = any(h.head.classes != spec.classes for h in heads)
         if growing:  # the strategy sees the round's classes only (every reply starts with them)
             for reply, clinic_head in zip(accepted, heads):
@@ -638,20 +636,10 @@ class Coordinator:
                 agg_arrays, agg_metrics = self.strategy.aggregate_train(round_, accepted)
             except (InconsistentMessageReplies, AggregationError) as exc:
                 log(WARNING, "Round %d: aggregation failed: %s", round_, getattr(exc, "reason", exc))
-        if growing and agg_arrays is not None:
-            try:
-                round_head = head_from_aggregate(agg_arrays, spec)
-            except ProtocolError as exc:
-                log(WARNING, "Round %d: the aggregate is unusable: %s", round_, exc)
-            else:
-                grown, additions = merge_class_incremental(spec.classes, heads, self.audit, s.run_id, round_, round_head)
-                for name, clinic in additions:
-                    log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, grown.num_classes)
-            agg_arrays = None
         if growing:
             self.strategy = self._build_strategy()
         self._server_time += time.perf_counter() - t0
-        return agg_arrays, grown, dict(agg_metrics or {}), participants, rejected, failed
+        return agg_arrays, heads if growing else None, dict(agg_metrics or {}), participants, rejected, failed
 
     def _screen_train_replies(
         self, round_: int, msgs: list[Message], replies: list[Message], validate: Callable[[RecordDict], Any]
@@ -795,14 +783,18 @@ class Coordinator:
         return lambda _ready: opening
 
     def _train_round(self, round_: int, head: Head, head_sha: str, spec: HeadSpec, grid: Grid, bundle_id: str) -> RoundUpdate:
-        agg, grown, train_metrics, participants, rejected, failed = self._train(
+        agg, growing, train_metrics, participants, rejected, failed = self._train(
             round_, global_head_record(head), grid, head_sha, spec, bundle_id
         )
-        if agg is None and grown is None:
+        if agg is None:
             return RoundUpdate(None, {}, participants, rejected, failed, "no valid update")
         t0 = time.perf_counter()
         try:
-            new_head = grown if grown is not None else head_from_aggregate(agg, spec)
+            new_head = head_from_aggregate(agg, spec)
+            if growing is not None:  # the aggregate holds the round's classes; the new ones are merged by name
+                new_head, additions = merge_class_incremental(spec.classes, growing, self.audit, self.settings.run_id, round_, new_head)
+                for name, clinic in additions:
+                    log(INFO, "Round %d: class %r added by %s; the global head now has %d classes", round_, name, clinic, new_head.num_classes)
         except ProtocolError as exc:
             return RoundUpdate(None, train_metrics, participants, rejected, failed, f"the aggregate is unusable ({exc})")
         finally:
