@@ -41,9 +41,17 @@ def smote_whitened(
     keep = max(1, min(keep, n_components))
     pca = PCA(n_components=keep, whiten=True, random_state=seed).fit(x)
     z = pca.transform(x)
-    k = max(1, min(k_neighbors, min(counts[c] for c in strategy) - 1))
-    z_res, y_res = SMOTE(sampling_strategy=strategy, k_neighbors=k, random_state=seed).fit_resample(z, y)
-    synthetic = pca.inverse_transform(z_res[len(x) :])
+    # Each class gets as many neighbours as it has (up to k_neighbors): one SMOTE call per
+    # neighbour count, because imblearn takes one k for all classes, and a class of two images
+    # must not force k=1 (interpolation only towards the nearest image) on every other class.
+    k_of = {c: max(1, min(k_neighbors, int(counts[c]) - 1)) for c in strategy}
+    z_new, y_new = [], []
+    for k in sorted(set(k_of.values()), reverse=True):
+        group = {c: n for c, n in strategy.items() if k_of[c] == k}
+        z_res, y_res = SMOTE(sampling_strategy=group, k_neighbors=k, random_state=seed).fit_resample(z, y)
+        z_new.append(z_res[len(x) :])
+        y_new.append(y_res[len(x) :])
+    synthetic = pca.inverse_transform(np.concatenate(z_new))
     lo, hi = x.min(axis=0), x.max(axis=0)
     synthetic = np.clip(synthetic, lo, hi)  # stay within the features' range (e.g. >= 0 after ReLU)
-    return np.concatenate([x, synthetic]).astype(np.float32), np.concatenate([y, y_res[len(x) :]])
+    return np.concatenate([x, synthetic]).astype(np.float32), np.concatenate([y, *y_new])

@@ -157,6 +157,36 @@ def test_smote_balances_classes_and_stays_in_range() -> None:
     np.testing.assert_array_equal(xr[: len(x)], x)
 
 
+def test_smote_neighbour_count_is_per_class() -> None:
+    # Class 1 is 15 tight pairs far apart: with k=1 every synthetic image lies inside a pair;
+    # with k=5 most lie between pairs. A class of two images (class 2) must not force k=1 on it.
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 10, size=(15, 2))
+    pairs = np.concatenate([centres, centres + 0.01])
+    x = np.concatenate([rng.uniform(0, 10, size=(60, 2)), pairs, [[5.0, 5.0], [5.5, 5.5]]])
+    y = np.array([0] * 60 + [1] * 30 + [2] * 2)
+    xr, yr = smote_whitened(x, y, seed=0)
+    assert np.bincount(yr).tolist() == [60, 60, 60]
+    synthetic = xr[len(x) :][yr[len(x) :] == 1]
+    gap = np.min(np.linalg.norm(synthetic[:, None, :] - pairs[None, :, :], axis=2), axis=1)
+    assert np.mean(gap > 0.1) > 0.3
+
+
+def test_smote_with_enough_images_everywhere_is_one_call() -> None:
+    # the head stage's data (every class far above k): exactly imblearn's SMOTE with k=5
+    from imblearn.over_sampling import SMOTE
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(90, 3))
+    y = np.array([0] * 50 + [1] * 25 + [2] * 15)
+    xr, yr = smote_whitened(x, y, seed=4, variance=1.0)
+    pca = PCA(n_components=3, whiten=True, random_state=4).fit(x)
+    z, ref_y = SMOTE(sampling_strategy={1: 50, 2: 50}, k_neighbors=5, random_state=4).fit_resample(pca.transform(x), y)
+    np.testing.assert_array_equal(yr, ref_y)
+    np.testing.assert_allclose(xr[len(x) :], np.clip(pca.inverse_transform(z[len(x) :]), x.min(0), x.max(0)), atol=1e-5)
+
+
 @pytest.mark.parametrize(("labels", "pred", "what"), [([-1, 0], [2, 1], "labels"), ([0, 1], [0, 3], "predictions")])
 def test_metrics_refuse_indices_outside_the_classes(labels, pred, what) -> None:
     # numpy would count -1 (the "class the head lacks" marker) as the last class
