@@ -56,6 +56,7 @@ def round_config(cfg: SimConfig, server_round: int) -> TrainConfig:
         learning_rate=cfg.learning_rate,
         l2=cfg.l2,
         proximal_mu=0.0,
+        absent_classes=cfg.absent_classes,  # as the federated clinics are told (SimConfig, default keep)
         seed=cfg.seed + server_round,
     )
 
