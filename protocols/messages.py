@@ -333,8 +333,10 @@ def _clinic_id(record: Mapping[str, Any], what: str) -> str:
     return clinic
 
 
-def _metrics(record: MetricRecord, what: str, allowed: tuple[str, ...]) -> dict[str, float]:
-    _keys(record, what, (M_NUM_EXAMPLES,), tuple(k for k in allowed if k != M_NUM_EXAMPLES))
+def _metrics(record: MetricRecord, what: str, required: tuple[str, ...]) -> dict[str, float]:
+    # every key is required: Flower's strategies refuse to aggregate replies whose metric keys
+    # differ, so one reply with fewer metrics would stop the round for every clinic
+    _keys(record, what, required)
     out: dict[str, float] = {}
     for key in record.keys():
         value = record[key]
@@ -389,8 +391,13 @@ def head_from_aggregate(record: ArrayRecord, spec: HeadSpec) -> Head:
 
 
 def _head_from_scaled(weights: np.ndarray, bias: np.ndarray, spec: HeadSpec, what: str) -> Head:
-    _finite(weights, ARR_WEIGHTS, what)
-    _finite(bias, ARR_BIAS, what)
+    # the bound every clinic's update is held to (dequantized_record), in the same units: a
+    # finite but huge head would otherwise train into NaN and fail without naming the message
+    for name, values in ((ARR_WEIGHTS, weights), (ARR_BIAS, bias)):
+        _finite(values, name, what)
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest > MAX_HEAD_VALUE:
+            raise ProtocolError(f"{what}: {name!r} reaches {largest:.3g}; a head's values must stay within {MAX_HEAD_VALUE:g}")
     return Head(weights * np.float32(spec.feature_scale), bias, spec.classes, spec.feature_scale)
 
 

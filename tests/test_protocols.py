@@ -275,6 +275,20 @@ def test_edge_evaluate_instruction_with_a_negative_round_is_refused_by_name() ->
         E.validate_evaluate_edge_ins(content, 16)
 
 
+def test_edge_reply_usage_cannot_wrap_around_to_the_reported_examples() -> None:
+    # int64 usage [2**63-1, 2**63-1, 12] sums (wrapping) to 10: the merge would weigh those
+    # neurons by about 1.8e19 samples while the clinic reported 10
+    big = np.iinfo(np.int64).max
+    head = replace(_edge_head(), usage=np.array([big, big, 12, 0, 0, 0], np.int64))
+    metrics = {P.M_NUM_EXAMPLES: 10, P.M_TRAIN_TOP1: 1.0, P.M_DEVICE_AGREEMENT: 1.0}
+    content = E.train_edge_reply_content(head, metrics, P.ClinicInfo("clinic-a", P.PROTOCOL_VERSION, bundle_id=BUNDLE))
+    spec = E.EdgeSpec(16, CLASSES, head.num_weights, 2, head.learning_competition)
+    with pytest.raises(P.ProtocolError, match="neuron usage sums to 18446744073709551626, but the clinic reports 10"):
+        E.validate_train_edge_reply(content, spec, BUNDLE)
+    honest = E.train_edge_reply_content(replace(head, usage=np.array([4, 0, 6, 0, 0, 0], np.int64)), metrics, P.ClinicInfo("clinic-a", P.PROTOCOL_VERSION, bundle_id=BUNDLE))
+    assert E.validate_train_edge_reply(honest, spec, BUNDLE).head.usage.sum() == 10
+
+
 def test_global_head_with_nan_is_refused(head, spec) -> None:
     record = P.global_head_record(head)
     w = record[P.ARR_WEIGHTS].numpy().copy()
@@ -300,6 +314,19 @@ def test_hello_and_evaluate_replies() -> None:
     assert P.validate_evaluate_reply(content, BUNDLE, HEAD_SHA).metrics[P.M_TOP1] == 0.8
     with pytest.raises(P.ProtocolError, match="evaluated head"):
         P.validate_evaluate_reply(content, BUNDLE, "ef" * 32)
+
+
+def test_a_reply_with_fewer_metrics_is_refused_before_it_can_stop_aggregation(head, spec) -> None:
+    # Flower's strategies refuse replies whose metric keys differ (InconsistentMessageReplies):
+    # one clinic sending only num-examples would leave the whole round without a head
+    content = _train_reply(head)
+    content[P.REC_METRICS] = MetricRecord({P.M_NUM_EXAMPLES: 10})
+    with pytest.raises(P.ProtocolError, match="lacks key.s. train-top1, num-synthetic, device-agreement"):
+        P.validate_train_reply(content, spec, BUNDLE)
+    info = P.ClinicInfo("c1", 1, bundle_id=BUNDLE, head_id=HEAD_SHA)
+    short = P.evaluate_reply_content({P.M_NUM_EXAMPLES: 5, P.M_TOP1: 0.8}, info)
+    with pytest.raises(P.ProtocolError, match="lacks key.s. macro-f1"):
+        P.validate_evaluate_reply(short, BUNDLE, HEAD_SHA)
 
 
 def test_lower_bound_is_parameters_times_bits(spec) -> None:
@@ -375,3 +402,15 @@ def test_absent_classes_setting_travels_and_is_checked(head, spec) -> None:
     content[P.REC_CONFIG][P.K_ABSENT] = "forget"
     with pytest.raises(P.ProtocolError, match="absent-classes='forget'"):
         P.validate_train_ins(content, spec)
+
+
+def test_global_head_beyond_the_update_bound_is_refused_by_name(head, spec) -> None:
+    # 3e38 is finite: it used to pass, train into NaN and come back as "head contains NaN or Inf"
+    record = P.global_head_record(head)
+    record[P.ARR_WEIGHTS] = Array(np.full((8, 3), 3e38, np.float32))
+    with pytest.raises(P.ProtocolError, match="global head: 'weights' reaches 3e.38; a head's values must stay within 1000"):
+        P.head_from_global_record(record, spec)
+    record = P.global_head_record(head)
+    record[P.ARR_BIAS] = Array(np.array([0.0, 1e4, 0.0], np.float32))
+    with pytest.raises(P.ProtocolError, match="'bias' reaches 1e.04"):
+        P.head_from_global_record(record, spec)
