@@ -523,7 +523,7 @@ def validate_train_edge_reply(content: RecordDict, spec: EdgeSpec, bundle_id: st
     metrics = _metrics(content[REC_METRICS], what + " metrics", EDGE_TRAIN_METRICS)
     classes = check_reply_classes(_head_meta(content[REC_EDGE_META], what)[3], spec.classes, what)
     head = edge_head_from_records(content, what, spec.num_features, classes, spec)
-    total = int(head.usage.sum())
+    total = sum(int(u) for u in head.usage)  # Python ints: an int64 sum can wrap back to a small number
     if total != int(metrics[M_NUM_EXAMPLES]):
         raise ProtocolError(f"{what}: neuron usage sums to {total}, but the clinic reports {int(metrics[M_NUM_EXAMPLES])} training examples")
     return EdgeTrainReply(info, head, metrics)
