@@ -28,10 +28,19 @@ class BundleCache:
         return self.root / bundle_id
 
     def ids(self) -> list[str]:
-        """Ids of cached bundles (verified on use, not here: the hello reply must be cheap)."""
+        """Ids of every cached bundle folder, usable or not (to name one, e.g. `learn --bundle ID`)."""
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _BUNDLE_ID.match(p.name))
+
+    def usable_ids(self) -> list[str]:
+        """Ids of cached bundles that pass verification: what the hello reply offers.
+
+        A damaged entry left out here is re-deployed by the coordinator (which sends a backbone
+        only to clinics that lack it); reporting it would leave every round failing at this
+        clinic. Hashing the few files of a bundle costs milliseconds.
+        """
+        return [bundle_id for bundle_id in self.ids() if self.has(bundle_id)]
 
     def get(self, bundle_id: str) -> Bundle:
         """The verified bundle; BundleError if it is missing, tampered with or mislabelled."""

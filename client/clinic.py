@@ -339,7 +339,7 @@ class Clinic:
             clinic_id=self.config.clinic_id,
             protocol_version=PROTOCOL_VERSION,
             bundle_id=bundle_id,
-            cached_bundles=tuple(self.bundles.ids()) if with_cache else (),
+            cached_bundles=tuple(self.bundles.usable_ids()) if with_cache else (),
             device=self.device_description() if with_cache else "",
             head_id=head_id,
         )

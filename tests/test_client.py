@@ -82,6 +82,17 @@ def test_bundle_cache_verifies_id_and_files(tmp_path, bundle) -> None:
         cache.get("1" * 64)
 
 
+def test_a_damaged_cached_bundle_is_not_offered_so_the_coordinator_deploys_it_again(tmp_path, bundle, clinic_dir) -> None:
+    # offered as cached, it was never re-sent, and every round failed at this clinic
+    ctx = context(tmp_path, clinic_dir)
+    send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    (tmp_path / "cache" / "bundles" / bundle.bundle_id / "head.npz").write_bytes(b"disk error")
+    assert P.validate_hello_reply(send(P.hello_content(bundle.bundle_id), P.MSG_HELLO, ctx).content).cached_bundles == ()
+    assert BundleCache(tmp_path / "cache").ids() == [bundle.bundle_id]  # still there to be named, not deleted
+    send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx)
+    assert P.validate_hello_reply(send(P.hello_content(bundle.bundle_id), P.MSG_HELLO, ctx).content).cached_bundles == (bundle.bundle_id,)
+
+
 class CountingExtractor:
     def __init__(self, runtime) -> None:
         self.runtime = runtime
