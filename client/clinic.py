@@ -207,6 +207,10 @@ def persistent_split(
     let a lesion move from held-out to training when images are added, so the "earlier
     held-out accuracy" would be measured partly on training images.
 
+    Later arrivals are held out per diagnosis so that the class's held-out share of all its
+    lesions approaches `eval_fraction` (`_held_out_quota`): splitting each small batch on its
+    own would round a class's share of 1 or 2 new lesions down to none, every time.
+
     Returns (train rows, held-out rows, number of lesions assigned now). A state file that
     cannot be read is an error, never silently replaced: the assignment it holds is the point.
     """
@@ -215,18 +219,42 @@ def persistent_split(
     new_rows = np.flatnonzero([lesion not in recorded for lesion in lesions.tolist()])
     assigned_now = 0
     if len(new_rows):
-        train_part, eval_part = grouped_split(
-            np.asarray(labels)[new_rows], lesions[new_rows], (1.0 - eval_fraction, eval_fraction), seed=seed
-        )
         fresh: dict[str, str] = {}
-        for part, side in ((train_part, TRAIN), (eval_part, HELD_OUT)):
-            for lesion in lesions[new_rows[part]].tolist():
-                fresh[lesion] = side
+        if recorded:
+            fresh = _held_out_quota(recorded, np.asarray(labels), lesions, new_rows, eval_fraction, seed)
+        else:
+            train_part, eval_part = grouped_split(
+                np.asarray(labels)[new_rows], lesions[new_rows], (1.0 - eval_fraction, eval_fraction), seed=seed
+            )
+            for part, side in ((train_part, TRAIN), (eval_part, HELD_OUT)):
+                for lesion in lesions[new_rows[part]].tolist():
+                    fresh[lesion] = side
         assigned_now = len(fresh)
         recorded.update(fresh)
         write_split(path, recorded, eval_fraction, seed)
     sides = np.array([recorded[lesion] for lesion in lesions.tolist()], dtype=object)
     return np.flatnonzero(sides == TRAIN), np.flatnonzero(sides == HELD_OUT), assigned_now
+
+
+def _held_out_quota(
+    recorded: Mapping[str, str], labels: np.ndarray, lesions: np.ndarray, new_rows: np.ndarray, eval_fraction: float, seed: int
+) -> dict[str, str]:
+    """Sides for lesions new to a folder whose split exists: per diagnosis, as many new lesions
+    are held out as bring the class's held-out count to round(eval_fraction x its lesions),
+    chosen at random (seeded by `seed` and how many lesions are recorded, so reruns agree)."""
+    label_of: dict[str, int] = {}
+    for lesion, label in zip(lesions.tolist(), labels.tolist()):
+        label_of.setdefault(lesion, int(label))
+    rng = np.random.default_rng([seed, len(recorded)])
+    new_lesions = list(dict.fromkeys(lesions[new_rows].tolist()))
+    fresh: dict[str, str] = {}
+    for label in sorted({label_of[lesion] for lesion in new_lesions}):
+        members = sorted(lesion for lesion in new_lesions if label_of[lesion] == label)
+        old = [side for lesion, side in recorded.items() if label_of.get(lesion) == label]
+        target = int(round(eval_fraction * (len(old) + len(members)))) - old.count(HELD_OUT)
+        held = set(rng.choice(members, size=min(max(target, 0), len(members)), replace=False).tolist())
+        fresh.update({lesion: HELD_OUT if lesion in held else TRAIN for lesion in members})
+    return fresh
 
 
 @dataclass(frozen=True)
@@ -358,7 +386,9 @@ class Clinic:
         """Diagnoses the clinic's metadata may use: the bundle's, the head's, its own new classes."""
         return tuple(dict.fromkeys((*bundle.classes, *classes, *self.config.new_classes)))
 
-    def prepare(self, bundle_id: str, classes: tuple[str, ...] = (), remember_new: bool = False) -> Prepared:
+    def prepare(
+        self, bundle_id: str, classes: tuple[str, ...] = (), remember_new: bool = False, trains: bool = False
+    ) -> Prepared:
         """Load the bundle, the data and the (cached) features; split train/held-out by lesion.
 
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
@@ -367,6 +397,9 @@ class Clinic:
         (`learn`), images without cached features, and those an earlier `learn` saw but did not
         finish learning, are `new_rows`; they are recorded as pending *before* their features
         are cached, so a `learn` that fails or is interrupted leaves them new for the next one.
+        A call that does not train (`trains` False: deploy, evaluate, the edge rounds) records
+        the images it sees first as pending too: caching their features must not make the next
+        `learn` take them for learned.
         """
         from qana.runtime import shared_runtime
 
@@ -392,6 +425,8 @@ class Clinic:
             new_rows |= np.isin(dataset.content_hashes, sorted(pending))
             if new_rows.any():
                 self._write_pending(bundle_id, pending | set(dataset.content_hashes[new_rows].tolist()))
+        elif not trains and new_rows.any():
+            self._write_pending(bundle_id, self._pending(bundle_id) | set(dataset.content_hashes[new_rows].tolist()))
         features, computed = cache.features(dataset, runtime)
         train_idx, eval_idx, new_lesions = persistent_split(
             self.config.cache / SPLIT_FILE,
@@ -445,7 +480,7 @@ class Clinic:
 
     def train(self, head: Head, settings: TrainSettings) -> tuple[QuantizedHead, dict[str, int | float]]:
         """One round of local head training; returns the quantized head and aggregate metrics."""
-        prep = self.prepare(settings.bundle_id, head.classes)
+        prep = self.prepare(settings.bundle_id, head.classes, trains=True)
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
         if head.num_features != prep.spec.num_features:
@@ -469,6 +504,9 @@ class Clinic:
         trained, report = train_local_head(head, x, y, config, smote=settings.smote)
         qhead = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, qhead)
+        pending = self._pending(settings.bundle_id)
+        if pending:  # the federation has learned these now: the next `learn` need not
+            self._write_pending(settings.bundle_id, pending - set(prep.dataset.content_hashes[train_idx].tolist()))
         metrics: dict[str, int | float] = {
             M_NUM_EXAMPLES: int(report.num_examples),
             M_TRAIN_TOP1: float(np.mean(predict(qhead, x) == y)),
@@ -606,16 +644,17 @@ class Clinic:
             cache_rebuilt=prep.cache_rebuilt,
             skipped=dict(prep.dataset.skipped),
         )
-        if not new_rows.any():
+        grown = self._with_new_classes(head, prep, None)
+        adds_class = grown.num_classes > head.num_classes  # a requested new class is itself news
+        if not new_rows.any() and not adds_class:
             return replace(report, not_updated_because="nothing new since the features were last computed")
-        if not (new_rows & ~is_eval).any():
+        if not (new_rows & ~is_eval).any() and not adds_class:
             # Only held-out images arrived: training again on the same images would replace the
             # deployed head for nothing. They are cached and stay held out; nothing is pending.
             self._pending_path(bundle_id).unlink(missing_ok=True)
             return replace(report, not_updated_because="every new image belongs to a held-out lesion, so there is nothing new to train on")
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
-        grown = self._with_new_classes(head, prep, None)
         labels = labels_for(prep.dataset, grown.classes)
         train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
         x, y = prep.features[train_idx], labels[train_idx]

@@ -15,7 +15,7 @@ from client.clinic import SPLIT_FILE, ClinicError, persistent_split
 from client.features import FeatureCache
 from qana.bundle import load_bundle
 from qana.data import load_dataset
-from qana.head import head_from_npz, predict, quantize_head
+from qana.head import TrainConfig, head_from_npz, predict, quantize_head
 from qana.splits import grouped_split
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
@@ -296,3 +296,61 @@ def test_new_images_of_held_out_lesions_only_do_not_retrain_the_head(tmp_path, b
     assert (deployed / "head.npz").read_bytes() == saved
     again = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert again.exit_code == 0 and "0 new" in again.output, again.output
+
+
+def test_images_first_seen_in_a_round_that_does_not_train_stay_new_for_learn(tmp_path, bundle) -> None:
+    # an evaluate round caches their features; they used to count as learned ("nothing new")
+    from client.clinic import Clinic, ClinicConfig
+    from protocols.messages import EvaluateSettings, TrainSettings
+
+    data, cache, _ = first_learn(tmp_path, bundle, 40, seed=14)
+    clinic = Clinic(ClinicConfig.from_node_config({"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(cache)}))
+    head = bundle.load_head()
+    grow(data, 8, bundle.input_shape[0], seed=78)
+    clinic.evaluate(head, EvaluateSettings(1, bundle.bundle_id, "ab" * 32))
+    after_evaluate = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert after_evaluate.exit_code == 0 and "8 new, 0 through the backbone" in after_evaluate.output, after_evaluate.output
+
+    # a training round learns the new training-side images: they are not new for `learn` after it
+    grow(data, 8, bundle.input_shape[0], seed=79)
+    clinic.evaluate(head, EvaluateSettings(2, bundle.bundle_id, "ab" * 32))
+    clinic.train(head, TrainSettings(3, bundle.bundle_id, "ab" * 32, local_epochs=2))
+    after_train = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert after_train.exit_code == 0 and "8 new" not in after_train.output, after_train.output
+
+
+def test_learn_adds_a_requested_new_class_whose_images_are_already_cached(tmp_path, bundle) -> None:
+    # the federation deployed a head without "df"; the clinic's df images were cached in that
+    # round, and `learn --new-class df` used to stop at "nothing new"
+    from client.clinic import Clinic, ClinicConfig
+    from protocols.messages import EvaluateSettings
+    from qana.head import select_classes
+
+    data = make_synthetic_ham(tmp_path / "data", n_images=40, image_size=bundle.input_shape[0], seed=16).root
+    cache = tmp_path / "cache"
+    clinic = Clinic(ClinicConfig.from_node_config({"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(cache)}))
+    clinic.adopt_bundle(bundle)
+    without_df = select_classes(bundle.load_head(), [c for c in bundle.classes if c != "df"])
+    clinic.evaluate(without_df, EvaluateSettings(1, bundle.bundle_id, "ab" * 32))
+    clinic.learn(bundle.bundle_id, TrainConfig(epochs=2))  # learns what the round cached; df stays out
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--new-class", "df")
+    assert result.exit_code == 0 and "new class(es) added to the head: df" in result.output, result.output
+
+
+def test_lesions_arriving_a_few_at_a_time_are_still_held_out_at_the_asked_share(tmp_path) -> None:
+    # one new lesion per class per batch: each batch split on its own held out none, ever
+    path = tmp_path / SPLIT_FILE
+    lesions = [f"L{i:03d}" for i in range(70)]
+    labels = [i % 7 for i in range(70)]
+    persistent_split(path, np.array(labels), np.array(lesions), 0.2, seed=0)
+    for batch in range(10):
+        lesions += [f"B{batch}-{c}" for c in range(7)]
+        labels += list(range(7))
+        _, held, assigned = persistent_split(path, np.array(labels), np.array(lesions), 0.2, seed=0)
+        assert assigned == 7
+    new_held = [lesion for lesion in np.array(lesions)[held].tolist() if lesion.startswith("B")]
+    assert 12 <= len(new_held) <= 16  # 20 % of 70 new lesions, class by class
+    sides = json.loads(path.read_text())["lesions"]
+    for c in range(7):
+        mine = [side for lesion, side in sides.items() if labels[lesions.index(lesion)] == c]
+        assert mine.count("eval") == round(0.2 * len(mine))
