@@ -505,8 +505,9 @@ class Clinic:
         qhead = quantize_head(trained, prep.bundle.target)
         _, agreement = self._on_device(prep, qhead)
         pending = self._pending(settings.bundle_id)
-        if pending:  # the federation has learned these now: the next `learn` need not
-            self._write_pending(settings.bundle_id, pending - set(prep.dataset.content_hashes[train_idx].tolist()))
+        learned = pending & set(prep.dataset.content_hashes[train_idx].tolist())
+        if learned:  # the federation has learned these now: the next `learn` need not
+            self._write_pending(settings.bundle_id, pending - learned)
         metrics: dict[str, int | float] = {
             M_NUM_EXAMPLES: int(report.num_examples),
             M_TRAIN_TOP1: float(np.mean(predict(qhead, x) == y)),
