@@ -421,6 +421,9 @@ def learn(
     if report.added_classes:
         typer.echo(f"new class(es) added to the head: {', '.join(report.added_classes)}")
     typer.echo(f"trained on {report.train_examples} images (+{report.num_synthetic} SMOTE), old and new, {epochs} epochs, proximal mu {proximal_mu}")
+    if report.left_out:
+        named = ", ".join(f"{n} {name}" for name, n in report.left_out.items())
+        typer.echo(f"left out (the head has no such class; add one with --new-class): {named} training image(s)")
     typer.echo(_change("earlier held-out", report.earlier_before, report.earlier_after))
     typer.echo(_change(f"new {report.new_kind}", report.new_before, report.new_after))
     typer.echo(f"on-device agreement {_pct(report.device_agreement)}; deployed model updated in {report.saved_to}")

@@ -291,6 +291,7 @@ class LearnReport:
     device_agreement: float | None = None
     saved_to: Path | None = None
     added_classes: tuple[str, ...] = ()  # classes the head gained (--new-class)
+    left_out: Mapping[str, int] | None = None  # training images of classes the head lacks, by class
 
 
 def _split_metrics(qhead: QuantizedHead, features: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> SplitMetrics:
@@ -658,6 +659,8 @@ class Clinic:
             raise ClinicError("no local training images after the held-out split")
         labels = labels_for(prep.dataset, grown.classes)
         train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
+        unknown = prep.train_idx[labels[prep.train_idx] < 0]
+        left_out = dict(zip(*np.unique(np.asarray(prep.dataset.class_names)[prep.dataset.labels[unknown]], return_counts=True)))
         x, y = prep.features[train_idx], labels[train_idx]
         # classes without local training images keep the deployed head's columns (no forgetting)
         try:
@@ -712,4 +715,5 @@ class Clinic:
             device_agreement=agreement,
             saved_to=saved,
             added_classes=tuple(grown.classes[head.num_classes :]),
+            left_out={str(name): int(n) for name, n in left_out.items()},
         )

@@ -15,7 +15,7 @@ from client.clinic import SPLIT_FILE, ClinicError, persistent_split
 from client.features import FeatureCache
 from qana.bundle import load_bundle
 from qana.data import load_dataset
-from qana.head import TrainConfig, head_from_npz, predict, quantize_head
+from qana.head import head_from_npz, predict, quantize_head
 from qana.splits import grouped_split
 
 TINY_V2 = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
@@ -332,7 +332,8 @@ def test_learn_adds_a_requested_new_class_whose_images_are_already_cached(tmp_pa
     clinic.adopt_bundle(bundle)
     without_df = select_classes(bundle.load_head(), [c for c in bundle.classes if c != "df"])
     clinic.evaluate(without_df, EvaluateSettings(1, bundle.bundle_id, "ab" * 32))
-    clinic.learn(bundle.bundle_id, TrainConfig(epochs=2))  # learns what the round cached; df stays out
+    plain = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)  # learns what the round cached
+    assert plain.exit_code == 0 and "df training image(s)" in plain.output and "add one with --new-class" in plain.output, plain.output
     result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache, "--new-class", "df")
     assert result.exit_code == 0 and "new class(es) added to the head: df" in result.output, result.output
 
