@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -660,7 +661,7 @@ class Clinic:
         labels = labels_for(prep.dataset, grown.classes)
         train_idx = prep.train_idx[labels[prep.train_idx] >= 0]
         unknown = prep.train_idx[labels[prep.train_idx] < 0]
-        left_out = dict(zip(*np.unique(np.asarray(prep.dataset.class_names)[prep.dataset.labels[unknown]], return_counts=True)))
+        left_out = Counter(prep.dataset.class_names[i] for i in prep.dataset.labels[unknown].tolist())
         x, y = prep.features[train_idx], labels[train_idx]
         # classes without local training images keep the deployed head's columns (no forgetting)
         try:
@@ -715,5 +716,5 @@ class Clinic:
             device_agreement=agreement,
             saved_to=saved,
             added_classes=tuple(grown.classes[head.num_classes :]),
-            left_out={str(name): int(n) for name, n in left_out.items()},
+            left_out=dict(left_out),
         )

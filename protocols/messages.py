@@ -326,6 +326,13 @@ def _finite(value: np.ndarray, name: str, what: str) -> None:
         raise ProtocolError(f"{what}: {name!r} contains {bad} NaN/Inf value(s)")
 
 
+def _within_head_bound(values: np.ndarray, name: str, what: str, how: str = "") -> None:
+    """Every head that enters or leaves aggregation is held to MAX_HEAD_VALUE (finite values only)."""
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > MAX_HEAD_VALUE:
+        raise ProtocolError(f"{what}: {name!r} reaches {largest:.3g}{how}; a head's values must stay within {MAX_HEAD_VALUE:g}")
+
+
 def _clinic_id(record: Mapping[str, Any], what: str) -> str:
     clinic = _typed(record, K_CLINIC_ID, str, what)
     if not clinic.strip() or len(clinic) > 200:
@@ -395,9 +402,7 @@ def _head_from_scaled(weights: np.ndarray, bias: np.ndarray, spec: HeadSpec, wha
     # finite but huge head would otherwise train into NaN and fail without naming the message
     for name, values in ((ARR_WEIGHTS, weights), (ARR_BIAS, bias)):
         _finite(values, name, what)
-        largest = float(np.abs(values).max(initial=0.0))
-        if largest > MAX_HEAD_VALUE:
-            raise ProtocolError(f"{what}: {name!r} reaches {largest:.3g}; a head's values must stay within {MAX_HEAD_VALUE:g}")
+        _within_head_bound(values, name, what)
     return Head(weights * np.float32(spec.feature_scale), bias, spec.classes, spec.feature_scale)
 
 
@@ -442,12 +447,7 @@ def dequantized_record(qhead: QuantizedHead, spec: HeadSpec) -> ArrayRecord:
     for name, values in ((ARR_WEIGHTS, weights), (ARR_BIAS, bias)):
         if not np.isfinite(values).all():
             raise ProtocolError(f"update: {name!r} overflows when dequantized (scale {qhead.scale:g} too large)")
-        largest = float(np.abs(values).max(initial=0.0))
-        if largest > MAX_HEAD_VALUE:
-            raise ProtocolError(
-                f"update: {name!r} reaches {largest:.3g} when dequantized (scale {qhead.scale:g}); "
-                f"a head's values must stay within {MAX_HEAD_VALUE:g}"
-            )
+        _within_head_bound(values, name, "update", f" when dequantized (scale {qhead.scale:g})")
     return ArrayRecord(
         {ARR_WEIGHTS: Array(weights.astype(np.float32)), ARR_BIAS: Array(bias.astype(np.float32))}
     )
