@@ -160,8 +160,6 @@ class Prepared:
     computed: int  # images that went through the backbone just now
     runtime: Any  # qana.runtime.AkidaRuntime
     new_rows: np.ndarray | None = None  # bool per row: features were not cached before this call
-    new_lesions: int = 0  # lesions assigned to a side just now
-    known_lesions: frozenset[str] = frozenset()  # with remember_new: lesions the split file recorded before this call
     cache_rebuilt: bool = False  # the feature cache was damaged: new_rows come from the split file
 
 
@@ -416,13 +414,12 @@ class Clinic:
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
         new_rows = ~cache.cached(dataset.content_hashes)
-        known_lesions: frozenset[str] = frozenset()
-        if remember_new:  # `learn` only: rounds do not need it, and persistent_split reads the file below
-            known_lesions = frozenset(read_split(self.config.cache / SPLIT_FILE))
+        if remember_new:  # `learn` only: rounds do not need it
             if cache.damaged:
                 # The feature cache was also the record of which images had been learned; the
                 # split file names every lesion an earlier call saw, so only other lesions are new.
-                new_rows = ~np.isin(dataset.lesion_ids.astype(str), sorted(known_lesions))
+                known_lesions = sorted(read_split(self.config.cache / SPLIT_FILE))
+                new_rows = ~np.isin(dataset.lesion_ids.astype(str), known_lesions)
             pending = self._pending(bundle_id)
             new_rows |= np.isin(dataset.content_hashes, sorted(pending))
             if new_rows.any():
@@ -430,7 +427,7 @@ class Clinic:
         elif not trains and new_rows.any():
             self._write_pending(bundle_id, self._pending(bundle_id) | set(dataset.content_hashes[new_rows].tolist()))
         features, computed = cache.features(dataset, runtime)
-        train_idx, eval_idx, new_lesions = persistent_split(
+        train_idx, eval_idx, _ = persistent_split(
             self.config.cache / SPLIT_FILE,
             dataset.labels,
             dataset.lesion_ids,
@@ -438,7 +435,7 @@ class Clinic:
             self.config.split_seed,
         )
         return Prepared(
-            bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, new_lesions, known_lesions, cache.damaged
+            bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, cache.damaged
         )
 
     def _pending_path(self, bundle_id: str) -> Path:
@@ -633,15 +630,18 @@ class Clinic:
         new_rows = prep.new_rows
         is_eval = np.zeros(len(prep.dataset), dtype=bool)
         is_eval[prep.eval_idx] = True
-        new_lesion_ids = set(prep.dataset.lesion_ids[new_rows].astype(str).tolist()) - prep.known_lesions
-        held_lesions = set(prep.dataset.lesion_ids[prep.eval_idx].astype(str).tolist())
+        # A new lesion is one with no image learned before, whichever call (a round, or a `learn`
+        # stopped half-way) first assigned it a side.
+        lesions = prep.dataset.lesion_ids.astype(str)
+        new_lesion_ids = set(lesions[new_rows].tolist()) - set(lesions[~new_rows].tolist())
+        held_lesions = set(lesions[prep.eval_idx].tolist())
         report = LearnReport(
             bundle_id=bundle_id,
             start=start,
             images=len(prep.dataset),
             new_images=int(new_rows.sum()),
             computed=prep.computed,
-            new_lesions=prep.new_lesions,
+            new_lesions=len(new_lesion_ids),
             new_lesions_held_out=len(new_lesion_ids & held_lesions),
             updated=False,
             cache_rebuilt=prep.cache_rebuilt,

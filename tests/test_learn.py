@@ -307,9 +307,12 @@ def test_images_first_seen_in_a_round_that_does_not_train_stay_new_for_learn(tmp
     clinic = Clinic(ClinicConfig.from_node_config({"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(cache)}))
     head = bundle.load_head()
     grow(data, 8, bundle.input_shape[0], seed=78)
+    arrived = {line.split(",")[0] for line in (data / "HAM10000_metadata.csv").read_text().splitlines() if line.startswith("HAM_078")}
     clinic.evaluate(head, EvaluateSettings(1, bundle.bundle_id, "ab" * 32))
     after_evaluate = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert after_evaluate.exit_code == 0 and "8 new, 0 through the backbone" in after_evaluate.output, after_evaluate.output
+    # their lesions were given a side by the evaluate round, but they are new lesions all the same
+    assert 0 < len(arrived) and f"new lesions: {len(arrived)} (" in after_evaluate.output, after_evaluate.output
 
     # a training round learns the new training-side images: they are not new for `learn` after it
     grow(data, 8, bundle.input_shape[0], seed=79)
