@@ -604,6 +604,37 @@ def test_forged_chain_head_is_detected(audit_log: AuditLog, history: dict[str, A
     assert first is not None and first.problem == "edited" and first.kind == "chain head"
 
 
+def test_a_log_emptied_or_rolled_back_fails_against_a_kept_entry(
+    audit_log: AuditLog, history: dict[str, Any], db_url: str, key_path: Path
+) -> None:
+    # Emptied with its chain head, a log looks new from inside the database; only an entry hash
+    # kept elsewhere (the chain head an earlier verify printed) tells.
+    kept = audit_log.verify().head_hash
+    earlier = audit_log.entries()[2].entry_hash
+    verify = ("audit", "verify", "--db", db_url, "--key", str(key_path))
+    result = run_cli(*verify, "--expect-entry", kept, "--expect-entry", earlier.upper())
+    assert result.exit_code == 0, result.output
+
+    raw = create_engine(db_url)
+    with raw.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            if table.name.startswith("audit_") and table.name != ChainHead.__tablename__:
+                connection.execute(delete(table))
+        # back to the state a new log starts in (migration 0001)
+        connection.execute(update(ChainHead.__table__).values(seq=0, entry_hash="0" * 64, signer=None, signature=None))
+    raw.dispose()
+    assert audit_log.entries() == []
+    assert audit_log.verify().ok  # the documented blind spot
+    result = run_cli(*verify, "--expect-entry", kept)
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith(f"FAILED: the log: deleted: entry {kept} (kept outside the log) is not in it")
+    report = audit_log.verify(kept_entries=[kept, earlier])
+    assert [p.problem for p in report.problems] == ["deleted", "deleted"]
+
+    result = run_cli(*verify, "--expect-entry", kept[:12])
+    assert result.exit_code == 2 and f"'{kept[:12]}' is not an entry hash" in result.output, result.output
+
+
 # --------------------------------------------------------------------------- keys
 
 

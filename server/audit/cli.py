@@ -312,23 +312,45 @@ def diff_command(
         )
 
 
+def _entry_hashes(values: list[str] | None) -> list[str] | None:
+    """--expect-entry values as stored (lower-case sha256 hex), refused by name if malformed."""
+    hashes = [value.strip().lower() for value in values or []]
+    for value, entry_hash in zip(values or [], hashes, strict=True):
+        if len(entry_hash) != 64 or any(c not in "0123456789abcdef" for c in entry_hash):
+            raise typer.BadParameter(f"{value!r} is not an entry hash (64 hexadecimal digits, as verify prints the chain head)")
+    return hashes or None
+
+
 @audit_app.command("verify")
 def verify_command(
     key: KeyOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    expect_entry: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expect-entry",
+            metavar="HASH",
+            callback=_entry_hashes,
+            help="An entry hash kept outside the log, e.g. the chain head an earlier verify printed "
+            "(repeatable). Fails if the log no longer holds it: the only way to notice a log emptied "
+            "or rolled back together with its chain head.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Check the hash chain, every signature, every typed row and every stored artefact.
 
     Exits 0 if the log is intact, 1 naming the first bad entry (edited, deleted,
-    inserted, reordered, or a modified artefact), 2 if it could not check at all.
+    inserted, reordered, a modified artefact, or a kept entry that is gone), 2 if it
+    could not check at all.
     """
     from server.audit.signing import default_key_path, load_verifier
 
     with _reported_errors():
         verifier = load_verifier(key if key is not None else default_key_path())
         with _open(db) as audit_log:
-            report = audit_log.verify(verifier)
+            report = audit_log.verify(verifier, kept_entries=expect_entry or ())
     if as_json:
         _print_json(report.to_dict())
     elif report.ok:

@@ -19,7 +19,7 @@ import functools
 import json
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -646,18 +646,19 @@ class AuditLog:
         return self.get_artifact(self.version(version).sha256)
 
     @_database_errors
-    def verify(self, verifier: Verifier | None = None) -> VerifyReport:
+    def verify(self, verifier: Verifier | None = None, kept_entries: Sequence[str] = ()) -> VerifyReport:
         """Check the chain, every signature, every projection row and every artefact.
 
         Uses the given verifier (e.g. loaded from a public-key PEM), or else the
-        public half of the signing key this log was opened with.
+        public half of the signing key this log was opened with. `kept_entries`:
+        entry hashes kept outside the database, which must still be in the log.
         """
         if verifier is None:
             if self._signer is None:
                 raise SigningKeyError("verify needs the coordinator's public or private key")
             verifier = self._signer.verifier
         with read_session(self._engine, snapshot=True) as session:
-            return verify_log(session, verifier)
+            return verify_log(session, verifier, kept_entries)
 
 
 __all__ = ["AuditLog", "EntryFilter"]

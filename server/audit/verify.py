@@ -29,8 +29,9 @@ Four independent checks, each naming the entry it finds wrong:
    artefact a genuine version names must be stored (``artifact-missing``).
 
 Truncating the log *and* rolling the signed chain head back to an older signed
-state cannot be detected from inside the database; compare the reported head
-hash with one kept elsewhere for that.
+state (or emptying it) cannot be detected from inside the database. For that,
+keep the reported head hash elsewhere and pass it back as a *kept entry*: an
+entry hash the verified chain does not contain is reported as ``deleted``.
 """
 
 from __future__ import annotations
@@ -413,8 +414,12 @@ def _order(problem: Problem) -> tuple[float, int]:
     return seq, rank
 
 
-def verify_log(session: Session, verifier: Verifier) -> VerifyReport:
-    """Run all checks inside one snapshot of the database."""
+def verify_log(session: Session, verifier: Verifier, kept_entries: Sequence[str] = ()) -> VerifyReport:
+    """Run all checks inside one snapshot of the database.
+
+    `kept_entries` are entry hashes recorded outside the database (an earlier verify's chain
+    head): each must still be a genuine entry of the log, else it was emptied or rolled back.
+    """
     started = time.perf_counter()
     head = session.get(ChainHead, HEAD_ROW_ID)
     ledger = session.execute(select(Entry.__table__).order_by(Entry.seq)).mappings().all()
@@ -456,4 +461,21 @@ def verify_log(session: Session, verifier: Verifier) -> VerifyReport:
     problems.extend(_check_projections(session, documents))
     artifacts_checked, artifact_problems = _check_artifacts(session, documents)
     problems.extend(artifact_problems)
+    problems.extend(_check_kept_entries(facts, kept_entries))
     return report(problems, artifacts_checked)
+
+
+def _check_kept_entries(facts: Sequence[_Examined], kept_entries: Sequence[str]) -> list[Problem]:
+    """Entry hashes kept elsewhere that the log no longer holds as genuine entries."""
+    genuine = {fact.row["entry_hash"] for fact in facts if fact.authentic}
+    return [
+        Problem(
+            DELETED,
+            None,
+            None,
+            None,
+            f"entry {kept} (kept outside the log) is not in it: the log was emptied or rolled back past that entry",
+        )
+        for kept in dict.fromkeys(kept_entries)
+        if kept != GENESIS_HASH and kept not in genuine
+    ]
