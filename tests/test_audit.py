@@ -604,7 +604,7 @@ def test_forged_chain_head_is_detected(audit_log: AuditLog, history: dict[str, A
     assert first is not None and first.problem == "edited" and first.kind == "chain head"
 
 
-def test_a_log_emptied_or_rolled_back_fails_against_a_kept_entry(
+def test_a_log_emptied_back_to_its_start_fails_against_a_kept_entry(
     audit_log: AuditLog, history: dict[str, Any], db_url: str, key_path: Path
 ) -> None:
     # Emptied with its chain head, a log looks new from inside the database; only an entry hash
