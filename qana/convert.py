@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.model import FEATURE_LAYER, HEAD_LAYER
+from qana.model import FEATURE_LAYER, HEAD_LAYER, LAST_CONV_LAYER
 
 ACTIVATION_BITS = {"v2": 8, "v1": 4}
 FEATURE_BITS = {"v2": 8, "v1": 1}
@@ -93,9 +93,28 @@ def quantize_model(model, spec: QuantSpec, samples: np.ndarray):
         if spec.target == "v1" and "output_quantizer" in feature_cfg:
             feature_cfg["output_quantizer"]["bitwidth"] = 1
             changed = True
+        feeding_cfg = config.get(_layer_feeding(model, LAST_CONV_LAYER) or "", {}).get("output_quantizer", {})
+        if spec.target == "v2" and feeding_cfg.get("axis") == "per-axis":
+            # The pooled last conv must see one scale on all its input channels. Per channel,
+            # calibration may give some channels one more fractional bit; cnn2snn then aligns them
+            # with an input shift, and on Akida the pooled features saturate where quantizeml's
+            # do not (session 24: features cut to 1.0, 1.5-1.8 points of macro-F1 lost on two
+            # of four splits; benchmarks/feature_saturation.py). Where calibration gives every
+            # channel the same scale, per tensor is the same quantizer.
+            feeding_cfg["axis"] = "per-tensor"
+            changed = True
         if changed:
             qmodel = quantize(model, q_config=config, qparams=qparams, samples=samples, num_samples=len(samples), batch_size=64)
     return qmodel
+
+
+def _layer_feeding(model, name: str) -> str | None:
+    """Name of the one layer whose output is `name`'s input (None if `name` is not in the model)."""
+    names = {layer.name for layer in model.layers}
+    if name not in names:
+        return None
+    inbound = model.get_layer(name).inbound_nodes[0].inbound_layers
+    return inbound.name if not isinstance(inbound, list) else None
 
 
 def convert_checked(qmodel, target: str):

@@ -22,6 +22,7 @@ from qana.blocks import conv_bn_act, qana_stage, separable_bn_act
 
 FEATURE_LAYER = "features"  # the last bounded ReLU before the head (after pooling)
 HEAD_LAYER = "head"
+LAST_CONV_LAYER = "last_conv"  # Akida 2.0 fuses it with the ReLU and the global pooling
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def build_v2(spec: ModelSpec) -> keras.Model:
             # the first block keeps the names of the one-block model (shipped bundles, ablations)
             name = f"stage{stage + 1}" if block == 0 else f"stage{stage + 1}b{block + 1}"
             x = qana_stage(x, channels, name=name, attention=_attention_for_stage(spec, stage))
-    x = layers.Conv2D(spec.feature_dim, 3, padding="same", use_bias=False, name="last_conv")(x)
+    x = layers.Conv2D(spec.feature_dim, 3, padding="same", use_bias=False, name=LAST_CONV_LAYER)(x)
     x = layers.BatchNormalization(name="last_bn")(x)
     x = layers.ReLU(6.0, name="last_relu")(x)
     x = layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)

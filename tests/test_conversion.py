@@ -47,6 +47,25 @@ def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: st
     assert (akida_out.argmax(1) == keras_out.argmax(1)).all()
 
 
+def test_the_pooled_last_conv_sees_one_input_scale_on_akida_2() -> None:
+    # Per-channel scales before the pooled last conv made cnn2snn add an input shift there and
+    # Akida's features saturate (session 24, two of four training splits); per tensor, none.
+    from cnn2snn import set_akida_version
+    from cnn2snn import AkidaVersion
+    from quantizeml.models import dump_config
+
+    spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="both")
+    model = build_model(spec)
+    feeding = model.get_layer("last_conv").inbound_nodes[0].inbound_layers.name
+    qmodel = quantize_model(model, QuantSpec("v2", 8), _images(32, 32))
+    with set_akida_version(AkidaVersion.v2):
+        config = dump_config(qmodel)
+    assert config[feeding]["output_quantizer"]["axis"] == "per-tensor"
+    akida_model = convert_checked(qmodel, "v2")
+    last_conv = next(layer for layer in akida_model.layers if layer.name == "last_conv")
+    assert not last_conv.get_variable("input_shift").any()
+
+
 def test_a_layer_akida_cannot_run_is_a_conversion_error() -> None:
     import tf_keras as keras
 
