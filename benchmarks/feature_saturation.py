@@ -1,6 +1,7 @@
 """Where does the Akida backbone depart from the quantized Keras model? Its features, side by side.
 
     python benchmarks/feature_saturation.py runs/ssl-seed3 [--data ../shared/data/ham10000] [--images 200]
+                                            [--part test|val] [--requantize]
 
 The converted model should compute what the quantized Keras model computes, in integers: on
 Akida 2.0 the backbone's features (the pooled output of `last_conv`) are integers in units of
@@ -10,6 +11,11 @@ train` run through both and prints, per band of Keras feature value, the mean Ak
 ratio and the largest Akida value: a ratio under 64 in the upper bands means Akida saturates
 features the Keras model (and so QAT) lets grow, which is where the chip's predictions part
 from the quantized model's. Needs the run directory (quantized.h5, akida/model.fbz, split.npz).
+
+`--requantize` compares instead a model quantized now from the run's float model, by today's
+`qana.convert.quantize_model` and calibrated as the quantized stage does (no fine-tuning), then
+converted: how the current quantization settings would have fared on that run. It also prints
+the converted `last_conv`'s input shift and the quantized-vs-Akida agreement of predictions.
 """
 
 from __future__ import annotations
@@ -44,30 +50,73 @@ def keras_features(qmodel, images: np.ndarray, batch: int = 25) -> np.ndarray:
     return np.concatenate(outs).reshape(len(images), -1).astype(np.float64)
 
 
+def keras_logits_batched(qmodel, images: np.ndarray, batch: int = 25) -> np.ndarray:
+    """The quantized model's logits, called in small batches (see `keras_features`)."""
+    import tensorflow as tf
+
+    outs = []
+    for start in range(0, len(images), batch):
+        out = qmodel(tf.constant(images[start : start + batch].astype(np.float32)), training=False)
+        outs.append(out.to_float().numpy() if hasattr(out, "to_float") else np.asarray(out))
+    return np.concatenate(outs)
+
+
+def last_conv_shifts(model_path: Path) -> int:
+    """Input channels of the converted `last_conv` that cnn2snn shifts to align their scales."""
+    import akida
+
+    layer = next(layer for layer in akida.Model(str(model_path)).layers if layer.name == "last_conv")
+    return int((layer.get_variable("input_shift") > 0).sum())
+
+
+def requantized(opts, train):
+    """The run's float model quantized and calibrated now, as `qana train`'s quantized stage does, and converted."""
+    import tempfile
+
+    from qana.convert import convert_checked, quantize_model
+    from qana.train import calibration_images, load_float, set_seeds
+
+    set_seeds(opts.seed)
+    qmodel = quantize_model(load_float(opts), opts.quant_spec(), calibration_images(opts, train))
+    folder = Path(tempfile.mkdtemp(prefix="feature-saturation-"))
+    convert_checked(qmodel, opts.target).save(str(folder / "model.fbz"))
+    return qmodel, folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished `qana train` run directory (v2 target)")
     parser.add_argument("--data", type=Path, default=SHARED_HAM)
-    parser.add_argument("--images", type=int, default=200, help="first N test images (default 200)")
+    parser.add_argument("--images", type=int, default=200, help="first N images of the part (default 200)")
+    parser.add_argument("--part", choices=("test", "val"), default="test", help="the run's split part (default test)")
+    parser.add_argument("--requantize", action="store_true", help="quantize the run's float model now (calibration only) and compare that")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
 
     from qana.data import load_dataset
-    from qana.train import _akida_runtime, load_quantized, load_split, recorded_options
+    from qana.train import _akida_runtime, akida_head_logits, load_quantized, load_split, recorded_options
 
     opts = recorded_options(args.run, args.data)
     if opts.target != "v2":
         parser.error(f"{args.run} is a {opts.target} run; the feature scale compared here is Akida 2.0's")
     dataset = load_dataset(opts.data, size=opts.image_size, cache_dir=opts.cache_dir)
-    _, _, test = load_split(opts, dataset)
-    images = test.images[: args.images]
-    chip = _akida_runtime(opts, args.run / "akida", views=1).features(images).reshape(len(images), -1).astype(np.float64)
-    keras = keras_features(load_quantized(opts), images)
+    train, val, test = load_split(opts, dataset)
+    images = (test if args.part == "test" else val).images[: args.images]
+    if args.requantize:
+        qmodel, akida_dir = requantized(opts, train)
+    else:
+        qmodel, akida_dir = load_quantized(opts), args.run / "akida"
+    chip = _akida_runtime(opts, akida_dir, views=1).features(images).reshape(len(images), -1).astype(np.float64)
+    keras = keras_features(qmodel, images)
 
     fit = float((chip * keras).sum() / (keras * keras).sum())
     residual = float(np.linalg.norm(chip - fit * keras) / np.linalg.norm(fit * keras))
-    print(f"{args.run}: {len(images)} test images, one view, {keras.shape[1]} features")
+    which = "requantized now (calibration only)" if args.requantize else "the run's own"
+    print(f"{args.run}: {which} quantized and Akida models; {len(images)} {args.part} images, one view, {keras.shape[1]} features")
+    print(f"last_conv input shift on {last_conv_shifts(akida_dir / 'model.fbz')} input channel(s)")
+    agreement = float((keras_logits_batched(qmodel, images).argmax(1) == akida_head_logits(akida_dir / "model.fbz", chip).argmax(1)).mean())
+    print(f"quantized vs Akida predictions agree on {agreement:.2%}")
     print(f"least-squares Akida = {fit:.2f} x Keras (faithful: 64), relative residual {residual:.3f}")
     print("Keras feature band | values | mean Akida / Keras | largest Akida value")
     for low, high in BANDS:

@@ -533,6 +533,12 @@ def float_targets(float_model, images: np.ndarray) -> np.ndarray:
     return teacher_probabilities([float_model], images, views=8)
 
 
+def calibration_images(opts: TrainOptions, train: Dataset) -> np.ndarray:
+    """The up to 1,024 training images, drawn by the run's seed, that quantization is calibrated on."""
+    rng = np.random.default_rng(opts.seed)
+    return train.images[rng.permutation(len(train))[: min(1024, len(train))]]
+
+
 def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     """Calibrate the quantized model on training images, fine-tune it (QAT), keep the one that
     is faithful to the float model (`keep_fine_tuned`); every candidate's validation scores are recorded."""
@@ -540,9 +546,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
 
     set_seeds(opts.seed)
     model = load_float(opts)
-    rng = np.random.default_rng(opts.seed)
-    calib = train.images[rng.permutation(len(train))[: min(1024, len(train))]]
-    qmodel = quantize_model(model, opts.quant_spec(), calib)
+    qmodel = quantize_model(model, opts.quant_spec(), calibration_images(opts, train))
     t0 = time.time()
     history: list[dict] = []
     info: dict = {"val_float": _val_scores(model, val.images, val.labels), "val_calibrated": _val_scores(qmodel, val.images, val.labels), "kept": "calibrated"}
