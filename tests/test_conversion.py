@@ -50,8 +50,7 @@ def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: st
 def test_the_pooled_last_conv_sees_one_input_scale_on_akida_2() -> None:
     # Per-channel scales before the pooled last conv made cnn2snn add an input shift there and
     # Akida's features saturate (session 24, two of four training splits); per tensor, none.
-    from cnn2snn import set_akida_version
-    from cnn2snn import AkidaVersion
+    from cnn2snn import AkidaVersion, set_akida_version
     from quantizeml.models import dump_config
 
     spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="both")
