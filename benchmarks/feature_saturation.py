@@ -1,7 +1,7 @@
 """Where does the Akida backbone depart from the quantized Keras model? Its features, side by side.
 
     python benchmarks/feature_saturation.py runs/ssl-seed3 [--data ../shared/data/ham10000] [--images 200]
-                                            [--part test|val] [--requantize]
+                                            [--part test|val] [--requantize | --reconvert]
 
 The converted model should compute what the quantized Keras model computes, in integers: on
 Akida 2.0 the backbone's features (the pooled output of `last_conv`) are integers in units of
@@ -16,6 +16,10 @@ from the quantized model's. Needs the run directory (quantized.h5, akida/model.f
 `qana.convert.quantize_model` and calibrated as the quantized stage does (no fine-tuning), then
 converted: how the current quantization settings would have fared on that run. It also prints
 the converted `last_conv`'s input shift and the quantized-vs-Akida agreement of predictions.
+
+`--reconvert` keeps the run's own quantized model and converts it now with today's
+`qana.convert.convert_checked` (session 25: output rescales below shift -24 rewritten, see
+`qana.convert.keep_output_headroom`): how today's conversion fares on that very model.
 """
 
 from __future__ import annotations
@@ -69,6 +73,15 @@ def last_conv_shifts(model_path: Path) -> int:
     return int((layer.get_variable("input_shift") > 0).sum())
 
 
+def last_conv_output_shifts(model_path: Path) -> dict[int, int]:
+    """Output channels of the converted `last_conv` per output rescale shift (below -24 they saturate early)."""
+    import akida
+
+    layer = next(layer for layer in akida.Model(str(model_path)).layers if layer.name == "last_conv")
+    shifts, counts = np.unique(np.asarray(layer.get_variable("output_shift")).astype(int), return_counts=True)
+    return {int(s): int(c) for s, c in zip(shifts, counts)}
+
+
 def requantized(opts, train):
     """The run's float model quantized and calibrated now, as `qana train`'s quantized stage does, and converted."""
     import tempfile
@@ -83,13 +96,26 @@ def requantized(opts, train):
     return qmodel, folder
 
 
+def reconverted(qmodel):
+    """The run's own quantized model converted now, with today's conversion checks and rewrites."""
+    import tempfile
+
+    from qana.convert import convert_checked
+
+    folder = Path(tempfile.mkdtemp(prefix="feature-saturation-"))
+    convert_checked(qmodel, "v2").save(str(folder / "model.fbz"))
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished `qana train` run directory (v2 target)")
     parser.add_argument("--data", type=Path, default=SHARED_HAM)
     parser.add_argument("--images", type=int, default=200, help="first N images of the part (default 200)")
     parser.add_argument("--part", choices=("test", "val"), default="test", help="the run's split part (default test)")
-    parser.add_argument("--requantize", action="store_true", help="quantize the run's float model now (calibration only) and compare that")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--requantize", action="store_true", help="quantize the run's float model now (calibration only) and compare that")
+    source.add_argument("--reconvert", action="store_true", help="convert the run's own quantized model now and compare that")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")
@@ -105,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     images = (test if args.part == "test" else val).images[: args.images]
     if args.requantize:
         qmodel, akida_dir = requantized(opts, train)
+    elif args.reconvert:
+        qmodel = load_quantized(opts)
+        akida_dir = reconverted(qmodel)
     else:
         qmodel, akida_dir = load_quantized(opts), args.run / "akida"
     chip = _akida_runtime(opts, akida_dir, views=1).features(images).reshape(len(images), -1).astype(np.float64)
@@ -112,9 +141,15 @@ def main(argv: list[str] | None = None) -> int:
 
     fit = float((chip * keras).sum() / (keras * keras).sum())
     residual = float(np.linalg.norm(chip - fit * keras) / np.linalg.norm(fit * keras))
-    which = "requantized now (calibration only)" if args.requantize else "the run's own"
-    print(f"{args.run}: {which} quantized and Akida models; {len(images)} {args.part} images, one view, {keras.shape[1]} features")
+    if args.requantize:
+        which = "the run's float model quantized now (calibration only) and converted now"
+    elif args.reconvert:
+        which = "the run's own quantized model, converted now"
+    else:
+        which = "the run's own quantized and Akida models"
+    print(f"{args.run}: {which}; {len(images)} {args.part} images, one view, {keras.shape[1]} features")
     print(f"last_conv input shift on {last_conv_shifts(akida_dir / 'model.fbz')} input channel(s)")
+    print(f"last_conv output channels per output shift: {last_conv_output_shifts(akida_dir / 'model.fbz')}")
     agreement = float((keras_logits_batched(qmodel, images).argmax(1) == akida_head_logits(akida_dir / "model.fbz", chip).argmax(1)).mean())
     print(f"quantized vs Akida predictions agree on {agreement:.2%}")
     print(f"least-squares Akida = {fit:.2f} x Keras (faithful: 64), relative residual {residual:.3f}")

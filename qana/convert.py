@@ -134,8 +134,52 @@ def convert_checked(qmodel, target: str):
     layer_names = [layer.name for layer in akida_model.layers]
     if HEAD_LAYER not in layer_names:
         raise ConversionError(f"the head layer {HEAD_LAYER!r} is missing from the Akida model: {layer_names}")
+    keep_output_headroom(akida_model)
     check_hardware_mapping(akida_model, target)
     return akida_model
+
+
+# Akida (2.19.3, software backend) rescales a layer's integer outputs per channel by
+# output_scales (an 8-bit mantissa) x 2**output_shift, but where output_shift is below -24 the
+# result saturates at 128 >> (-24 - output_shift) instead of 127: 64 at -25, 32 at -26.
+# cnn2snn does not know this and gives the pooled last conv shifts of -25 to -27 (its pooled
+# sum over 8 x 8 positions adds 6 bits), so some features stop at 1.0 or 0.5 on the chip while
+# the quantized Keras model lets them reach 2.0 (session 25: 78 of the shipped v2 model's 256
+# features; benchmarks/feature_saturation.py).
+MIN_OUTPUT_SHIFT = -24
+
+
+def keep_output_headroom(akida_model) -> dict[str, int]:
+    """Rewrite every output rescale with a shift below -24 as the same scale at shift -24.
+
+    mantissa x 2**shift == (mantissa / 2**k) x 2**-24 with k = -24 - shift: the mantissa is
+    rounded to fewer bits (at k = 1 to 7 bits, a gain error of at most 0.8 %), and the channel
+    keeps the full 8-bit output range. Returns {layer name: channels rewritten}; a scale too
+    small to keep at shift -24 (mantissa rounds to 0) is a ConversionError.
+    """
+    changed: dict[str, int] = {}
+    for layer in akida_model.layers:
+        if not {"output_scales", "output_shift"} <= set(layer.get_variable_names()):
+            continue
+        shifts = np.asarray(layer.get_variable("output_shift")).astype(np.int64)
+        low = shifts < MIN_OUTPUT_SHIFT
+        if not low.any():
+            continue
+        scales = np.asarray(layer.get_variable("output_scales"))
+        if scales.shape != shifts.shape:
+            raise ConversionError(f"{layer.name}: output_scales {scales.shape} and output_shift {shifts.shape} differ in shape")
+        k = MIN_OUTPUT_SHIFT - shifts[low]
+        # half to even: an odd mantissa halved is always x.5, and rounding those all up would
+        # raise every such feature's gain by up to 0.8 % (a measurable 64.08 instead of 64)
+        rounded = np.round(scales[low].astype(np.int64) / 2.0**k).astype(np.int64)
+        if (rounded < 1).any():
+            raise ConversionError(f"{layer.name}: an output scale is too small for Akida's output range (shift {int(shifts.min())})")
+        new_scales, new_shifts = scales.astype(np.int64), shifts.copy()
+        new_scales[low], new_shifts[low] = rounded, MIN_OUTPUT_SHIFT
+        layer.set_variable("output_scales", new_scales.astype(scales.dtype))
+        layer.set_variable("output_shift", new_shifts.astype(np.asarray(layer.get_variable("output_shift")).dtype))
+        changed[layer.name] = int(low.sum())
+    return changed
 
 
 def check_hardware_mapping(akida_model, target: str) -> list[str]:

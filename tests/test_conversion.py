@@ -19,6 +19,7 @@ from qana.convert import (  # noqa: E402
     QuantSpec,
     check_hardware_mapping,
     convert_checked,
+    keep_output_headroom,
     quantize_model,
 )
 from qana.model import ModelSpec, build_model  # noqa: E402
@@ -47,22 +48,72 @@ def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: st
     assert (akida_out.argmax(1) == keras_out.argmax(1)).all()
 
 
-def test_the_pooled_last_conv_sees_one_input_scale_on_akida_2() -> None:
+@pytest.fixture(scope="module")
+def tiny_v2(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """A tiny full-QANA v2 model, quantized and converted once: (quantized Keras model, model.fbz)."""
+    spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="both")
+    qmodel = quantize_model(build_model(spec), QuantSpec("v2", 8), _images(32, 32))
+    path = tmp_path_factory.mktemp("tiny-v2") / "model.fbz"
+    convert_checked(qmodel, "v2").save(str(path))
+    return qmodel, path
+
+
+def test_the_pooled_last_conv_sees_one_input_scale_on_akida_2(tiny_v2: tuple[object, Path]) -> None:
     # Per-channel scales before the pooled last conv made cnn2snn add an input shift there and
     # Akida's features saturate (session 24, two of four training splits); per tensor, none.
+    import akida
     from cnn2snn import AkidaVersion, set_akida_version
     from quantizeml.models import dump_config
 
-    spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="both")
-    model = build_model(spec)
-    feeding = model.get_layer("last_conv").inbound_nodes[0].inbound_layers.name
-    qmodel = quantize_model(model, QuantSpec("v2", 8), _images(32, 32))
+    qmodel, path = tiny_v2
+    feeding = qmodel.get_layer("last_conv").inbound_nodes[0].inbound_layers.name
     with set_akida_version(AkidaVersion.v2):
         config = dump_config(qmodel)
     assert config[feeding]["output_quantizer"]["axis"] == "per-tensor"
-    akida_model = convert_checked(qmodel, "v2")
-    last_conv = next(layer for layer in akida_model.layers if layer.name == "last_conv")
+    last_conv = akida.Model(str(path)).get_layer("last_conv")
     assert not last_conv.get_variable("input_shift").any()
+
+
+def test_output_shifts_below_minus_24_are_rewritten_so_features_keep_their_range(tiny_v2: tuple[object, Path]) -> None:
+    # Akida saturates an output whose rescale shift is below -24 at 128 >> (-24 - shift), not 127
+    # (cnn2snn gave the shipped v2 model's pooled last conv shifts of -25: 78 of 256 features
+    # stopped at 64). Made here with a constant accumulator: bias 100 << 13 at each of the 4 x 4
+    # pooled positions, rescaled by 200 x 2**-25, is 78.1 -- which Akida cuts to 64.
+    import akida
+
+    def features(model) -> np.ndarray:
+        while model.layers[-1].name != "last_conv":
+            model.pop_layer()
+        return model.forward(_images(2, 32)).reshape(2, -1)
+
+    model = akida.Model(str(tiny_v2[1]))
+    layer = model.get_layer("last_conv")
+    n = np.asarray(layer.get_variable("output_scales")).shape[0]
+    layer.set_variable("weights", np.zeros_like(np.asarray(layer.get_variable("weights"))))
+    layer.set_variable("bias", np.full(n, 100, np.int8))
+    layer.set_variable("bias_shift", np.full(n, 13, np.uint8))
+    layer.set_variable("max_value", np.full(n, 255, np.uint8))
+    layer.set_variable("max_value_shift", np.full(n, 20, np.uint8))
+    layer.set_variable("output_scales", np.full(n, 200, np.uint8))
+    layer.set_variable("output_shift", np.full(n, -25, np.int8))
+    assert (features(_reloaded(model)) == 64).all()  # Akida cuts it
+
+    assert keep_output_headroom(model) == {"last_conv": n}
+    assert (np.asarray(layer.get_variable("output_scales")) == 100).all()
+    assert (np.asarray(layer.get_variable("output_shift")) == -24).all()
+    assert (features(_reloaded(model)) == 78).all()  # 100 x 2**-24 x 16 x (100 << 13) = 78.1
+    assert keep_output_headroom(model) == {}
+
+
+def _reloaded(model) -> object:
+    """A copy of an Akida model through its saved form (pop_layer changes the model it is called on)."""
+    import tempfile
+
+    import akida
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(f"{folder}/m.fbz")
+        return akida.Model(f"{folder}/m.fbz")
 
 
 def test_a_layer_akida_cannot_run_is_a_conversion_error() -> None:
