@@ -765,18 +765,20 @@ def akida_features(opts: TrainOptions, part: Dataset) -> np.ndarray:
     return np.stack([cache[h] for h in part.content_hashes])
 
 
-def evaluate_all(opts: TrainOptions, part: Dataset) -> dict:
+def evaluate_all(opts: TrainOptions, part: Dataset, float_model, quantized_model) -> dict:
     """float, quantized (Keras), Akida with the converted head, and the final Akida bundle head.
 
     Akida figures use backbone features executed on Akida plus the head layer's exact integer
     computation (`akida_head_logits`); the full Akida model is run on the first images of the
-    part and must give identical logits (`akida_full_model_check`).
+    part and must give identical logits (`akida_full_model_check`). The Keras models are loaded
+    once by the caller: each quantizeml load and first predict costs ~10 s and some hundred MB
+    that TensorFlow does not give back.
     """
     out: dict[str, Any] = {}
 
-    float_logits = keras_logits(load_float(opts), part.images, opts.test_time_views)
+    float_logits = keras_logits(float_model, part.images, opts.test_time_views)
     float_pred = float_logits.argmax(1)
-    q_pred = keras_logits(load_quantized(opts), part.images, opts.test_time_views).argmax(1)
+    q_pred = keras_logits(quantized_model, part.images, opts.test_time_views).argmax(1)
     feats = akida_features(opts, part)
     conv_logits = akida_head_logits(opts.run_dir / "akida" / "model.fbz", feats)
     final_logits = akida_head_logits(opts.run_dir / "final" / "model.fbz", feats)
@@ -847,7 +849,8 @@ def load_prior(opts: TrainOptions) -> clinical.ClinicalPrior | None:
 def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test: Dataset) -> dict:
     import akida
 
-    metrics = {"val": evaluate_all(opts, val), "test": evaluate_all(opts, test)}
+    float_model, quantized_model = load_float(opts), load_quantized(opts)
+    metrics = {part: evaluate_all(opts, data, float_model, quantized_model) for part, data in (("val", val), ("test", test))}
     manifest = {
         "name": f"qana-{opts.target}-w{opts.weight_bits}",
         "target": opts.target,
