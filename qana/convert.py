@@ -142,10 +142,10 @@ def convert_checked(qmodel, target: str):
 # Akida (2.19.3, software backend) rescales a layer's integer outputs per channel by
 # output_scales (an 8-bit mantissa) x 2**output_shift, but where output_shift is below -24 the
 # result saturates at 128 >> (-24 - output_shift) instead of 127: 64 at -25, 32 at -26.
-# cnn2snn does not know this and gives the pooled last conv shifts of -25 to -27 (its pooled
-# sum over 8 x 8 positions adds 6 bits), so some features stop at 1.0 or 0.5 on the chip while
-# the quantized Keras model lets them reach 2.0 (session 25: 78 of the shipped v2 model's 256
-# features; benchmarks/feature_saturation.py).
+# cnn2snn does not know this and gives the pooled last conv shifts of -25 and -24 (its pooled
+# sum over 8 x 8 positions adds 6 bits; -27 to -25 where it also shifts the inputs), so features
+# stop at 1.0 (or 0.5, 0.25) on the chip while the quantized Keras model lets them reach 2.0
+# (session 25: 141 of the shipped v2 model's 256 features; benchmarks/feature_saturation.py).
 MIN_OUTPUT_SHIFT = -24
 
 
@@ -153,15 +153,16 @@ def keep_output_headroom(akida_model) -> dict[str, int]:
     """Rewrite every output rescale with a shift below -24 as the same scale at shift -24.
 
     mantissa x 2**shift == (mantissa / 2**k) x 2**-24 with k = -24 - shift: the mantissa is
-    rounded to fewer bits (at k = 1 to 7 bits, a gain error of at most 0.8 %), and the channel
-    keeps the full 8-bit output range. Returns {layer name: channels rewritten}; a scale too
+    rounded to 8 - k bits (at k = 1, a gain error of at most 0.8 %; each further k doubles it),
+    and the channel keeps the full 8-bit output range. Returns {layer name: channels rewritten}; a scale too
     small to keep at shift -24 (mantissa rounds to 0) is a ConversionError.
     """
     changed: dict[str, int] = {}
     for layer in akida_model.layers:
         if not {"output_scales", "output_shift"} <= set(layer.get_variable_names()):
             continue
-        shifts = np.asarray(layer.get_variable("output_shift")).astype(np.int64)
+        recorded_shifts = np.asarray(layer.get_variable("output_shift"))
+        shifts = recorded_shifts.astype(np.int64)
         low = shifts < MIN_OUTPUT_SHIFT
         if not low.any():
             continue
@@ -177,7 +178,7 @@ def keep_output_headroom(akida_model) -> dict[str, int]:
         new_scales, new_shifts = scales.astype(np.int64), shifts.copy()
         new_scales[low], new_shifts[low] = rounded, MIN_OUTPUT_SHIFT
         layer.set_variable("output_scales", new_scales.astype(scales.dtype))
-        layer.set_variable("output_shift", new_shifts.astype(np.asarray(layer.get_variable("output_shift")).dtype))
+        layer.set_variable("output_shift", new_shifts.astype(recorded_shifts.dtype))
         changed[layer.name] = int(low.sum())
     return changed
 

@@ -76,8 +76,8 @@ def test_the_pooled_last_conv_sees_one_input_scale_on_akida_2(tiny_v2: tuple[obj
 
 def test_output_shifts_below_minus_24_are_rewritten_so_features_keep_their_range(tiny_v2: tuple[object, Path]) -> None:
     # Akida saturates an output whose rescale shift is below -24 at 128 >> (-24 - shift), not 127
-    # (cnn2snn gave the shipped v2 model's pooled last conv shifts of -25: 78 of 256 features
-    # stopped at 64). Made here with a constant accumulator: bias 100 << 13 at each of the 4 x 4
+    # (cnn2snn gave 141 of the shipped v2 model's 256 pooled last conv channels a shift of -25:
+    # their features stopped at 64). Made here with a constant accumulator: bias 100 << 13 at each of the 4 x 4
     # pooled positions, rescaled by 200 x 2**-25, is 78.1 -- which Akida cuts to 64.
     import akida
 
