@@ -260,6 +260,7 @@ def split(
 def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle directory (default: the shipped v2 bundle).")] = None) -> None:
     """Print a bundle's manifest after verifying every file's sha256."""
     from qana.bundle import BundleError, load_bundle, load_default_bundle
+    from qana.runtime import MIN_OUTPUT_SHIFT, early_saturating_channels, load_akida_model
 
     try:
         bundle = load_bundle(bundle_path) if bundle_path else load_default_bundle("v2")
@@ -280,6 +281,18 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
         typer.echo(f"clinical   prior from {', '.join(prior['inputs'])}, weight {prior['weight']:g}, in {prior['file']}{present}")
     for name, digest in m["files"].items():
         typer.echo(f"file       {name}  sha256 {digest}")
+    try:
+        cut = early_saturating_channels(load_akida_model(bundle))
+    except BundleError as exc:
+        raise fail(str(exc)) from None
+    if cut:
+        where = ", ".join(f"{n} output channel(s) of {layer}" for layer, n in cut.items())
+        typer.echo(
+            f"akida      {where} rescaled below shift {MIN_OUTPUT_SHIFT}: the chip cuts them early "
+            "(converted before session 25's fix; README, pipeline step 6)"
+        )
+    else:
+        typer.echo(f"akida      no output channel rescaled below shift {MIN_OUTPUT_SHIFT} (none cut early by the chip)")
     training = m.get("training", {})
     if training:
         typer.echo(f"trained by {training.get('command', '?')}")

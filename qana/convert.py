@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qana.model import FEATURE_LAYER, HEAD_LAYER, LAST_CONV_LAYER
+from qana.runtime import MIN_OUTPUT_SHIFT
 
 ACTIVATION_BITS = {"v2": 8, "v1": 4}
 FEATURE_BITS = {"v2": 8, "v1": 1}
@@ -146,7 +147,7 @@ def convert_checked(qmodel, target: str):
 # sum over 8 x 8 positions adds 6 bits; -27 to -25 where it also shifts the inputs), so features
 # stop at 1.0 (or 0.5, 0.25) on the chip while the quantized Keras model lets them reach 2.0
 # (session 25: 141 of the shipped v2 model's 256 features; benchmarks/feature_saturation.py).
-MIN_OUTPUT_SHIFT = -24
+# qana.runtime.early_saturating_channels finds them in a converted model (`qana info`).
 
 
 def keep_output_headroom(akida_model) -> dict[str, int]:

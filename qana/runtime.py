@@ -60,6 +60,27 @@ def load_akida_model(bundle: Bundle):
         raise BundleError(f"{bundle.model_path} is not a readable Akida model ({exc})") from None
 
 
+# Akida saturates an output channel whose rescale shift (output_scales x 2**output_shift) is
+# below this at 128 >> (-24 - shift) instead of 127; qana.convert.keep_output_headroom rewrites
+# such rescales at conversion (session 25), so only bundles converted before that have them.
+MIN_OUTPUT_SHIFT = -24
+
+
+def early_saturating_channels(model) -> dict[str, int]:
+    """{layer name: output channels Akida cuts early} for an Akida model (empty when none).
+
+    Read from each layer's `output_shift` (no TensorFlow needed): a bundle converted before
+    session 25 has them in its pooled `last_conv`, whose features then stop at 1.0 on the chip.
+    """
+    found: dict[str, int] = {}
+    for layer in model.layers:
+        if "output_shift" in layer.get_variable_names():
+            low = int((np.asarray(layer.get_variable("output_shift")).astype(np.int64) < MIN_OUTPUT_SHIFT).sum())
+            if low:
+                found[layer.name] = low
+    return found
+
+
 def _layer_type(layer) -> str:
     return str(layer.parameters.layer_type).split(".")[-1]
 

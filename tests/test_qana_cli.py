@@ -95,11 +95,21 @@ def test_info_verifies_and_refuses_a_tampered_bundle(tmp_path: Path) -> None:
 
 
 def test_shipped_bundles_verify() -> None:
-    for name, target in (("v2", "v2"), ("v1", "v1"), ("v2-sqrt", "v2"), ("v2-s7", "v2")):
+    for name, target in (("v2", "v2"), ("v1", "v1"), ("v2-sqrt", "v2"), ("v2-s7", "v2"), ("v2-s10", "v2")):
         path = Path(__file__).resolve().parents[1] / "qana" / "bundles" / name
         result = runner.invoke(app, ["info", str(path)])
         assert result.exit_code == 0, result.output
         assert f"Akida {target}" in result.output
+
+
+def test_info_names_channels_the_chip_cuts_early() -> None:
+    # v2-s10 is the shipped v2 model as converted before session 25 (qana.convert.keep_output_headroom);
+    # qana/bundles/v2 is the same model converted after.
+    bundles = Path(__file__).resolve().parents[1] / "qana" / "bundles"
+    old = runner.invoke(app, ["info", str(bundles / "v2-s10")])
+    assert old.exit_code == 0 and "141 output channel(s) of last_conv rescaled below shift -24" in old.output
+    new = runner.invoke(app, ["info", str(bundles / "v2")])
+    assert new.exit_code == 0 and "no output channel rescaled below shift -24" in new.output
 
 
 def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Path) -> None:
