@@ -266,6 +266,10 @@ def load_bundle(path: Path | str) -> Bundle:
         if name not in files:
             raise BundleError(f"{manifest_path}: no sha256 recorded for {name}")
     for name, expected in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise BundleError(f"{manifest_path}: 'files' entry {name!r} is not a plain file name inside the bundle")
+        if not isinstance(expected, str) or len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+            raise BundleError(f"{manifest_path}: the recorded sha256 of {name} is not 64 lowercase hex digits ({expected!r})")
         file_path = path / name
         if not file_path.is_file():
             if name in (MODEL_FILE, HEAD_FILE):

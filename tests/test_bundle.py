@@ -80,6 +80,25 @@ def test_a_malformed_manifest_field_is_refused_by_name(bundle_dir: Path, field: 
         load_bundle(bundle_dir)
 
 
+@pytest.mark.parametrize(
+    "entry, digest, message",
+    [
+        ("head.npz", 123, "sha256 of head.npz is not 64 lowercase hex digits"),
+        ("head.npz", "ABC", "sha256 of head.npz is not 64 lowercase hex digits"),
+        ("../outside.h5", "0" * 64, "'../outside.h5' is not a plain file name"),
+        ("sub/../../x", "0" * 64, "is not a plain file name"),
+    ],
+)
+def test_a_malformed_files_entry_is_refused_by_name(bundle_dir: Path, entry: str, digest, message: str) -> None:
+    # Before: a number as a hash was a TypeError traceback, and a path leading out of the
+    # bundle was hashed (or silently skipped as an optional extra when missing).
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["files"][entry] = digest
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "qana" / "bundles").iterdir() if p.is_dir()))
 def test_every_shipped_bundle_passes_the_field_checks(name: str) -> None:
     load_bundle(Path(__file__).parents[1] / "qana" / "bundles" / name)
