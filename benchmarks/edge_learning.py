@@ -70,6 +70,7 @@ import numpy as np  # noqa: E402
 from qana import edge  # noqa: E402
 from qana import head as head_math  # noqa: E402
 from qana.atomic import write_atomic  # noqa: E402
+from qana.data import DEFAULT_CACHE_DIR  # noqa: E402
 from qana.metrics import classification_metrics  # noqa: E402
 
 
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=5, help="gradient epochs per federated round")
     parser.add_argument("--epochs", type=int, default=30, help="gradient epochs for local-only and central heads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana")) / "edge-bench")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "edge-bench")
     parser.add_argument("--json", type=Path, default=None, help="also write all numbers here")
     args = parser.parse_args()
     if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):

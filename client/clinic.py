@@ -22,7 +22,6 @@ accuracy on the earlier held-out images is reported before and after (the forget
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -54,7 +53,7 @@ from protocols.messages import (
 )
 from qana.atomic import file_in_the_way, recover_directory, replace_directory, write_atomic
 from qana.bundle import Bundle, pack_bundle
-from qana.data import Dataset, load_dataset
+from qana.data import DEFAULT_CACHE_DIR, Dataset, load_dataset
 from qana.head import (
     Head,
     QuantizedHead,
@@ -68,7 +67,7 @@ from qana.head import (
 from qana.metrics import classification_metrics
 from qana.splits import grouped_split
 
-DEFAULT_CACHE_ROOT = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana")) / "clinics"
+DEFAULT_CACHE_ROOT = DEFAULT_CACHE_DIR / "clinics"
 NODE_CONFIG_KEYS = (
     "data-dir", "clinic-id", "device", "cache-dir", "eval-fraction", "split-seed", "new-classes", "new-classes-from-round",
 )

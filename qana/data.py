@@ -12,8 +12,11 @@ the preprocessing parameters: a second run, or a folder that has grown, decodes 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
+import logging
 import os
 import zipfile
 from collections.abc import Iterable
@@ -29,7 +32,9 @@ METADATA_FILE = "HAM10000_metadata.csv"
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 CLINICAL_COLUMNS = ("age", "sex", "localization")  # optional; read for the clinical prior (qana.clinical)
 DEFAULT_IMAGE_SIZE = 64
-DEFAULT_CACHE_DIR = Path(os.environ.get("QANA_CACHE_DIR", Path.home() / ".cache" / "qana"))
+# An empty QANA_CACHE_DIR counts as unset (it would otherwise put the cache in the working folder).
+DEFAULT_CACHE_DIR = Path(os.environ.get("QANA_CACHE_DIR") or Path.home() / ".cache" / "qana")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -111,13 +116,17 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
         with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet program may add a byte-order mark
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise DataError(f"{path}: column(s) {', '.join(repeated)} appear more than once in the header")
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
             if missing:
                 raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {header}")
             records = []
             seen: set[str] = set()
             clinical = [c in header for c in CLINICAL_COLUMNS]
-            for line_no, row in enumerate(reader, start=2):
+            for row in reader:
+                line_no = reader.line_num  # the physical line the row ends on (blank lines and multi-line fields count)
                 image_id = (row.get("image_id") or "").strip()
                 lesion_id = (row.get("lesion_id") or "").strip()
                 dx = (row.get("dx") or "").strip()
@@ -151,15 +160,44 @@ def find_images(root: Path) -> dict[str, Path]:
 def _scan_images(root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
     """One walk of the folder: the JPEG of each image id, and the names of ISIC_* files in other
     formats (so a missing image can be reported as "only a .png" rather than not found)."""
+    found, others, _ = _scan_all(root)
+    return found, others
+
+
+def _scan_all(root: Path) -> tuple[dict[str, Path], dict[str, list[str]], dict[str, list[Path]]]:
+    """`_scan_images` plus every further JPEG of an id found more than once (e.g. in both
+    `images/` and `HAM10000_images_part_1/` after a partial copy)."""
     found: dict[str, Path] = {}
     others: dict[str, list[str]] = {}
+    copies: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("ISIC_*")):
         if path.suffix.lower() in JPEG_SUFFIXES:
             if path.is_file():
-                found.setdefault(path.stem, path)
+                if path.stem in found:
+                    copies.setdefault(path.stem, [found[path.stem]]).append(path)
+                else:
+                    found[path.stem] = path
         else:
             others.setdefault(path.stem, []).append(path.name)
-    return found, others
+    return found, others, copies
+
+
+def conflicting_copies(copies: dict[str, list[Path]], root: Path) -> dict[str, str]:
+    """Image ids whose copies differ in content -> why they are skipped (naming the copies).
+
+    Identical copies are harmless; different ones (one of them empty or damaged, or another
+    picture under the same id) cannot be told apart safely, so neither is used.
+    """
+    conflicts: dict[str, str] = {}
+    for image_id, paths in copies.items():
+        try:
+            digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+        except OSError as exc:
+            digests = {str(exc)}  # unreadable copy: treated as different
+        if len(digests) > 1:
+            names = ", ".join(str(p.relative_to(root)) for p in paths)
+            conflicts[image_id] = f"conflicting copies with different content: {names} (keep one)"
+    return conflicts
 
 
 def describe_missing(image_ids: list[str], others: dict[str, list[str]]) -> dict[str, str]:
@@ -179,9 +217,10 @@ def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     The centre square keeps the lesion's aspect ratio (HAM10000 lesions are centred);
     the same function runs at the clinic, so training and deployment see identical pixels.
     """
-    import io
-
-    with Image.open(io.BytesIO(data)) as img:
+    # JPEG only (Pillow's JPEG opener also takes MPO, a JPEG with extra frames): a PNG, GIF or
+    # 16-bit TIFF named .jpg would otherwise decode to other pixels than the models were trained
+    # on (16-bit: nearly all white).
+    with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
         img.load()
         rgb = img.convert("RGB")
     width, height = rgb.size
@@ -216,14 +255,30 @@ class ImageCache:
         return arr if arr.shape == (self.size, self.size, 3) and arr.dtype == np.uint8 else None
 
     def put(self, digest: str, image: np.ndarray) -> None:
+        """Store one decoded image; best effort: the cache only saves time.
+
+        A cache that cannot be written (read-only, full disk, a file in the way) is switched off
+        for the rest of the run with one warning naming it, and the images are used as decoded.
+        The entry is written whole (np.save into memory, then one write, which raises on a short
+        write where np.save to a file does not) and renamed into place, so a reader never sees a
+        half-written entry under the final name.
+        """
         if self.root is None:
             return
         path = self._path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            np.save(handle, image)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written entry
+        buffer = io.BytesIO()
+        np.save(buffer, image)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as handle:
+                handle.write(buffer.getvalue())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            log.warning("image cache %s cannot be written (%s); going on without it", self.root, exc.strerror or exc)
+            self.root = None
 
 
 def load_images(
@@ -250,15 +305,21 @@ def load_images(
         try:
             data = path.read_bytes()
         except OSError as exc:
-            skipped[image_id] = f"unreadable: {exc.strerror or exc}"
+            skipped[image_id] = f"unreadable: {path} ({exc.strerror or exc})"
+            continue
+        if not data:
+            skipped[image_id] = f"empty file: {path}"
             continue
         digest = hashlib.sha256(data).hexdigest()
         image = cache.get(digest)
         if image is None:
             try:
                 image = decode_image(data, size)
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-                skipped[image_id] = f"corrupt image: {exc}"
+            except UnidentifiedImageError:
+                skipped[image_id] = f"not a JPEG image: {path}"
+                continue
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                skipped[image_id] = f"corrupt image: {path} ({exc})"
                 continue
             cache.put(digest, image)
         arrays[image_id] = image
@@ -278,14 +339,18 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     records = read_metadata(root / METADATA_FILE, class_names)
-    files, others = _scan_images(root)
+    files, others, copies = _scan_all(root)
     skipped = describe_missing([r.image_id for r in records if r.image_id not in files], others)
-    present = [r for r in records if r.image_id in files]
+    listed = {r.image_id for r in records}
+    skipped.update(conflicting_copies({k: v for k, v in copies.items() if k in listed}, root))
+    present = [r for r in records if r.image_id in files and r.image_id not in skipped]
     arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)
     skipped.update(bad)
     kept = [r for r in present if r.image_id in arrays]
     if not kept:
-        raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read")
+        zips = sorted(p.name for p in root.glob("*.zip"))
+        hint = f"; unpack {', '.join(zips)} first" if zips and all(v.startswith("missing") for v in skipped.values()) else ""
+        raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read ({describe_skipped(skipped, limit=3)}){hint}")
     index = {name: i for i, name in enumerate(class_names)}
     has_clinical = all(r.age is not None and r.sex is not None and r.site is not None for r in kept)
     return Dataset(

@@ -32,8 +32,8 @@ def test_corrupt_and_missing_images_are_skipped_and_named(tmp_path: Path) -> Non
     ds = load_dataset(clinic.root, size=16, cache_dir=None)
     assert len(ds) == 20
     assert set(ds.skipped) == set(clinic.corrupt) | set(clinic.missing)
-    for name in clinic.corrupt:
-        assert ds.skipped[name].startswith("corrupt")
+    for name in clinic.corrupt:  # the synthetic "corrupt" files are text: named, with their path
+        assert ds.skipped[name].startswith(("corrupt image: ", "not a JPEG image: ")) and f"{name}.jpg" in ds.skipped[name]
     for name in clinic.missing:
         assert ds.skipped[name].startswith("missing")
 
@@ -127,3 +127,80 @@ def test_cache_is_keyed_by_content_not_name(tmp_path: Path) -> None:
     index1 = list(after.image_ids).index(paths[1].stem)
     np.testing.assert_array_equal(after.images[index], after.images[index1])
     assert after.content_hashes[index] != before.content_hashes[index]
+
+
+def _one_image_folder(root: Path, n: int = 4) -> list[Path]:
+    clinic = make_synthetic_ham(root, n_images=n, seed=7)
+    return sorted((clinic.root / "images").glob("*.jpg"))
+
+
+def test_an_unwritable_cache_is_switched_off_with_a_warning_not_a_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A file where the cache folder belongs (as a read-only or full disk would): before, an OSError
+    # from the cache stopped the load, and `qana evaluate` printed a traceback.
+    _one_image_folder(tmp_path / "ham")
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="qana.data"):
+        ds = load_dataset(tmp_path / "ham", size=16, cache_dir=blocker)
+    assert len(ds) == 4 and ds.skipped == {}
+    assert sum("cannot be written" in r.getMessage() for r in caplog.records) == 1  # once, not per image
+    assert blocker.read_text() == "not a folder"
+
+
+def test_empty_and_non_jpeg_files_are_named_with_their_path(tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = _one_image_folder(tmp_path / "ham")
+    paths[0].write_bytes(b"")
+    # A 16-bit PNG named .jpg: before, it was decoded (to a nearly all-white image) and used.
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(paths[1], format="PNG")
+    ds = load_dataset(tmp_path / "ham", size=16, cache_dir=None)
+    assert ds.skipped[paths[0].stem] == f"empty file: {paths[0]}"
+    assert ds.skipped[paths[1].stem] == f"not a JPEG image: {paths[1]}"
+    assert "BytesIO" not in " ".join(ds.skipped.values())
+    assert len(ds) == 2
+
+
+def test_when_no_image_can_be_read_the_error_says_why(tmp_path: Path) -> None:
+    paths = _one_image_folder(tmp_path / "ham", n=3)
+    for path in paths:
+        path.unlink()
+    (tmp_path / "ham" / "HAM10000_images_part_1.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"missing: no image file found.*unpack HAM10000_images_part_1.zip first"):
+        load_dataset(tmp_path / "ham", size=16, cache_dir=None)
+
+
+def test_copies_of_one_image_that_differ_are_skipped_and_named(tmp_path: Path) -> None:
+    paths = _one_image_folder(tmp_path / "ham")
+    other = tmp_path / "ham" / "HAM10000_images_part_1"
+    other.mkdir()
+    shutil.copy(paths[0], other / paths[0].name)  # the same bytes twice: harmless
+    (other / paths[1].name).write_bytes(b"")  # an empty copy must not hide (or replace) the good one silently
+    ds = load_dataset(tmp_path / "ham", size=16, cache_dir=None)
+    assert paths[0].stem in set(ds.image_ids)
+    reason = ds.skipped[paths[1].stem]
+    assert reason.startswith("conflicting copies") and f"images/{paths[1].name}" in reason and f"HAM10000_images_part_1/{paths[1].name}" in reason
+    assert len(ds) == 3
+
+
+def test_metadata_errors_name_the_physical_line_and_repeated_columns(tmp_path: Path) -> None:
+    csv_path = tmp_path / "HAM10000_metadata.csv"
+    csv_path.write_text('lesion_id,image_id,dx,localization\n\nL1,ISIC_1,nv,"lower\nback"\n\nL2,ISIC_2,melanoma,back\n')
+    with pytest.raises(DataError, match=r"HAM10000_metadata.csv:6: unknown diagnosis 'melanoma'"):
+        read_metadata(csv_path)
+    csv_path.write_text("lesion_id,image_id,dx,dx\nL1,ISIC_1,nv,mel\n")
+    with pytest.raises(DataError, match="column.s. dx appear more than once"):
+        read_metadata(csv_path)
+
+
+def test_an_empty_cache_variable_does_not_put_the_cache_in_the_working_folder(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "QANA_CACHE_DIR": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", "import qana.data; print(qana.data.DEFAULT_CACHE_DIR)"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out == str(Path.home() / ".cache" / "qana")
