@@ -154,32 +154,65 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")  # any case: cameras and Windows tools often w
 
 def find_images(root: Path) -> dict[str, Path]:
     """Map image_id -> path for every ISIC_*.jpg (or .jpeg, any case) below root (any sub-folder layout)."""
-    return _scan_images(root)[0]
+    return scan_images(root).found
 
 
-def _scan_images(root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """One walk of the folder: the JPEG of each image id, and the names of ISIC_* files in other
-    formats (so a missing image can be reported as "only a .png" rather than not found)."""
-    found, others, _ = _scan_all(root)
-    return found, others
+@dataclass
+class ImageScan:
+    """What one walk of a data folder found, by image id."""
+
+    found: dict[str, Path]  # the JPEG used for each id (the first in path order)
+    others: dict[str, list[str]]  # names of ISIC_* files in other formats ("only a .png")
+    copies: dict[str, list[Path]]  # every JPEG of an id found more than once (partial copies)
+    broken: dict[str, Path]  # ISIC_*.jpg entries that are not readable files (e.g. dangling links)
 
 
-def _scan_all(root: Path) -> tuple[dict[str, Path], dict[str, list[str]], dict[str, list[Path]]]:
-    """`_scan_images` plus every further JPEG of an id found more than once (e.g. in both
-    `images/` and `HAM10000_images_part_1/` after a partial copy)."""
-    found: dict[str, Path] = {}
-    others: dict[str, list[str]] = {}
-    copies: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("ISIC_*")):
-        if path.suffix.lower() in JPEG_SUFFIXES:
-            if path.is_file():
-                if path.stem in found:
-                    copies.setdefault(path.stem, [found[path.stem]]).append(path)
-                else:
-                    found[path.stem] = path
+def _walk_isic(root: Path) -> list[Path]:
+    """Every ISIC_* entry below root, sorted. Linked folders are followed (images kept on
+    another disk); each real folder is read once, so a link loop ends."""
+    entries: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        entries.extend(Path(folder) / name for name in names if name.startswith("ISIC_"))
+    return sorted(entries)
+
+
+def scan_images(root: Path) -> ImageScan:
+    """One walk of the folder (see ImageScan)."""
+    scan = ImageScan({}, {}, {}, {})
+    for path in _walk_isic(root):
+        if path.suffix.lower() not in JPEG_SUFFIXES:
+            scan.others.setdefault(path.stem, []).append(path.name)
+        elif not path.is_file():
+            scan.broken.setdefault(path.stem, path)
+        elif path.stem in scan.found:
+            scan.copies.setdefault(path.stem, [scan.found[path.stem]]).append(path)
         else:
-            others.setdefault(path.stem, []).append(path.name)
-    return found, others, copies
+            scan.found[path.stem] = path
+    return scan
+
+
+def describe_missing(image_ids: list[str], others: dict[str, list[str]], broken: dict[str, Path] | None = None) -> dict[str, str]:
+    """Why each listed image has no JPEG: a file of the same name in another format is named
+    (only JPEG is read: the shipped models were trained on JPEG pixels), and so is a .jpg entry
+    that is not a readable file (a link whose target is gone)."""
+    broken = broken or {}
+
+    def why(image_id: str) -> str:
+        if image_id in broken:
+            path = broken[image_id]
+            target = f" -> {os.readlink(path)}" if path.is_symlink() else ""
+            return f"missing: {path}{target} is not a readable file (broken link?)"
+        if image_id in others:
+            return f"missing: no JPEG file, only {', '.join(others[image_id])} (images must be .jpg/.jpeg)"
+        return "missing: no image file found"
+
+    return {image_id: why(image_id) for image_id in image_ids}
 
 
 def conflicting_copies(copies: dict[str, list[Path]], root: Path) -> dict[str, str]:
@@ -198,17 +231,6 @@ def conflicting_copies(copies: dict[str, list[Path]], root: Path) -> dict[str, s
             names = ", ".join(str(p.relative_to(root)) for p in paths)
             conflicts[image_id] = f"conflicting copies with different content: {names} (keep one)"
     return conflicts
-
-
-def describe_missing(image_ids: list[str], others: dict[str, list[str]]) -> dict[str, str]:
-    """Why each listed image has no JPEG: a file of the same name in another format is named
-    (only JPEG is read: the shipped models were trained on JPEG pixels)."""
-    return {
-        image_id: f"missing: no JPEG file, only {', '.join(others[image_id])} (images must be .jpg/.jpeg)"
-        if image_id in others
-        else "missing: no image file found"
-        for image_id in image_ids
-    }
 
 
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
@@ -339,10 +361,11 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     records = read_metadata(root / METADATA_FILE, class_names)
-    files, others, copies = _scan_all(root)
-    skipped = describe_missing([r.image_id for r in records if r.image_id not in files], others)
+    scan = scan_images(root)
+    files = scan.found
+    skipped = describe_missing([r.image_id for r in records if r.image_id not in files], scan.others, scan.broken)
     listed = {r.image_id for r in records}
-    skipped.update(conflicting_copies({k: v for k, v in copies.items() if k in listed}, root))
+    skipped.update(conflicting_copies({k: v for k, v in scan.copies.items() if k in listed}, root))
     present = [r for r in records if r.image_id in files and r.image_id not in skipped]
     arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)
     skipped.update(bad)

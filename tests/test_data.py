@@ -204,3 +204,19 @@ def test_an_empty_cache_variable_does_not_put_the_cache_in_the_working_folder(tm
         env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert out == str(Path.home() / ".cache" / "qana")
+
+
+def test_images_in_a_linked_folder_are_found_and_a_dangling_link_is_named(tmp_path: Path) -> None:
+    # A clinic keeping its images on another disk links them in; before, rglob did not follow the
+    # link and no image was found. A link loop must not hang the walk.
+    paths = _one_image_folder(tmp_path / "ham")
+    elsewhere = tmp_path / "other-disk"
+    shutil.move(str(tmp_path / "ham" / "images"), elsewhere)
+    (tmp_path / "ham" / "images").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(tmp_path / "ham", target_is_directory=True)
+    gone = elsewhere / paths[0].name
+    gone.rename(tmp_path / "moved-away.jpg")
+    gone.symlink_to(tmp_path / "nowhere.jpg")
+    ds = load_dataset(tmp_path / "ham", size=16, cache_dir=None)
+    assert len(ds) == 3
+    assert ds.skipped[paths[0].stem].startswith("missing: ") and "nowhere.jpg" in ds.skipped[paths[0].stem]
