@@ -20,11 +20,11 @@ import math
 import os
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qana.atomic import replace_directory
 from qana.preprocess import check_colour_constancy
 from qana.views import check_view_count
 
@@ -112,6 +112,9 @@ class Bundle:
         path = self.path / str(entry.get("file", ""))
         if not path.is_file():
             return None
+        if entry.get("file") not in self.manifest.get("files", {}):
+            # load_bundle checks every file with a recorded hash; one without could be anything
+            raise BundleError(f"{path}: the clinical prior has no sha256 in bundle.json 'files'; refusing an unchecked file")
         from qana.clinical import prior_from_npz
 
         try:
@@ -130,7 +133,7 @@ def write_bundle(
     manifest: dict[str, Any],
     extra_files: dict[str, Path] | None = None,
 ) -> Bundle:
-    """Create a bundle directory atomically (written beside, then renamed into place).
+    """Create a bundle directory atomically (written beside, verified, then swapped into place).
 
     `extra_files` (e.g. the float and quantized Keras models, for `qana evaluate --backend
     float|quantized`) are hashed like the rest but are optional on load and never sent to clinics.
@@ -139,29 +142,23 @@ def write_bundle(
     missing = [k for k in REQUIRED_KEYS if k not in manifest and k not in ("files", "format_version")]
     if missing:
         raise BundleError(f"manifest lacks {', '.join(missing)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others
-    try:
-        shutil.copyfile(model_file, tmp / MODEL_FILE)
-        (tmp / HEAD_FILE).write_bytes(head_bytes)
+
+    def build(staging: Path) -> None:
+        shutil.copyfile(model_file, staging / MODEL_FILE)
+        (staging / HEAD_FILE).write_bytes(head_bytes)
         for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
+            shutil.copyfile(source, staging / name)
         full = dict(manifest)
         full["format_version"] = FORMAT_VERSION
         names = (MODEL_FILE, HEAD_FILE, *(extra_files or {}))
-        full["files"] = {name: sha256_file(tmp / name) for name in names}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        full["files"] = {name: sha256_file(staging / name) for name in names}
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        try:
+            load_bundle(staging)  # refused before it can take the place of a bundle that works
+        except BundleError as exc:
+            raise BundleError(f"not written to {path}: " + str(exc).replace(str(staging), "the new bundle")) from None
+
+    replace_directory(path, build)  # the old bundle stays until the new one is complete and verified
     return load_bundle(path)
 
 
@@ -183,6 +180,8 @@ def check_manifest_fields(manifest: dict[str, Any]) -> None:
 
 
 SCORE_KEYS = ("top1", "macro_f1", "balanced_accuracy")
+# Score records `qana info` prints (qana.cli.info): present means complete.
+INFO_BACKENDS = ("float", "quantized", "akida", "akida_with_clinical_prior")
 
 
 def check_optional_fields(manifest: dict[str, Any]) -> None:
@@ -199,13 +198,21 @@ def check_optional_fields(manifest: dict[str, Any]) -> None:
     seed = manifest.get("training", {}).get("seed")
     if seed is not None and type(seed) is not int:
         raise ValueError(f"'training.seed' must be an integer, got {seed!r}")
+    split = manifest.get("training", {}).get("split")
+    if split is not None:
+        if not isinstance(split, dict) or not all(type(v) is int and v >= 0 for v in split.values()):
+            raise ValueError(f"'training.split' must map part names to image counts (integers >= 0), got {split!r}")
     _check_clinical_prior_entry(manifest.get("clinical_prior"))
     for part, scores in manifest.get("metrics", {}).items():
         if not isinstance(scores, dict):
             raise ValueError(f"'metrics.{part}' must be an object, got {scores!r}")
         for backend, result in scores.items():
-            if isinstance(result, dict) and any(k in result for k in (*SCORE_KEYS, "n")):
-                if not all(_is_number(result.get(k)) for k in SCORE_KEYS) or type(result.get("n")) is not int:
+            if backend.startswith("agreement"):
+                if not _is_number(result):
+                    raise ValueError(f"'metrics.{part}.{backend}' must be a number, got {result!r}")
+            elif backend in INFO_BACKENDS or (isinstance(result, dict) and any(k in result for k in (*SCORE_KEYS, "n"))):
+                # the backends `qana info` prints must be complete score records
+                if not isinstance(result, dict) or not all(_is_number(result.get(k)) for k in SCORE_KEYS) or type(result.get("n")) is not int:
                     raise ValueError(f"'metrics.{part}.{backend}' must give numbers for {', '.join(SCORE_KEYS)} and an integer n")
 
 
@@ -240,8 +247,10 @@ def load_bundle(path: Path | str) -> Bundle:
         raise BundleError(f"not a model bundle: {path} has no {MANIFEST}")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSON and Unicode errors, an integer of 4,300+ digits, deep nesting
+        raise BundleError(f"{manifest_path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except OSError as exc:
+        raise BundleError(f"{manifest_path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path}: expected a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -271,11 +280,15 @@ def load_bundle(path: Path | str) -> Bundle:
         if not isinstance(expected, str) or len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
             raise BundleError(f"{manifest_path}: the recorded sha256 of {name} is not 64 lowercase hex digits ({expected!r})")
         file_path = path / name
-        if not file_path.is_file():
+        try:
+            present = file_path.is_file()
+            actual = sha256_file(file_path) if present else None
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise BundleError(f"{manifest_path}: bundle file {name[:80]!r} cannot be read ({exc.strerror or exc})") from None
+        if not present:
             if name in (MODEL_FILE, HEAD_FILE):
                 raise BundleError(f"bundle file missing: {file_path}")
             continue  # optional extras (Keras models) are not shipped to clinics
-        actual = sha256_file(file_path)
         if actual != expected:
             raise BundleError(
                 f"bundle file {file_path} has been modified: sha256 {actual[:12]}… does not match "
@@ -298,7 +311,7 @@ def load_default_bundle(target: str = "v2") -> Bundle:
 def pack_bundle(bundle: Bundle) -> bytes:
     """The bundle as one tar archive (what the coordinator sends to a clinic that lacks it)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode="w", dereference=True) as tar:  # a linked file is sent as its content
         for name in (MANIFEST, MODEL_FILE, HEAD_FILE):
             tar.add(bundle.path / name, arcname=name)
     return buf.getvalue()
@@ -307,28 +320,24 @@ def pack_bundle(bundle: Bundle) -> bytes:
 def unpack_bundle(data: bytes, dest: Path | str, expected_id: str | None = None) -> Bundle:
     """Unpack a packed bundle into dest and verify it (and its id, when one is expected)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+
+    def build(staging: Path) -> None:
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 names = set(tar.getnames())
                 if names != {MANIFEST, MODEL_FILE, HEAD_FILE}:
                     raise BundleError(f"packed bundle holds unexpected files: {sorted(names)}")
-                tar.extractall(tmp, filter="data")
+                tar.extractall(staging, filter="data")
         except tarfile.TarError as exc:
             raise BundleError(f"packed bundle is not a valid archive: {exc}") from None
         try:
-            bundle = load_bundle(tmp)
+            bundle = load_bundle(staging)
         except BundleError as exc:
             # The temporary folder's name means nothing to whoever reads the message.
-            where = str(exc).replace(f"{tmp}{os.sep}", "").replace(str(tmp), "the received bundle")
+            where = str(exc).replace(f"{staging}{os.sep}", "").replace(str(staging), "the received bundle")
             raise BundleError(f"received bundle: {where}") from None
         if expected_id is not None and bundle.bundle_id != expected_id:
             raise BundleError(f"received bundle {bundle.bundle_id[:12]}… but {expected_id[:12]}… was announced")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_directory(dest, build)  # a bad bundle never replaces the copy already cached
     return load_bundle(dest)

@@ -55,9 +55,27 @@ def load_akida_model(bundle: Bundle):
     import akida
 
     try:
-        return akida.Model(str(bundle.model_path))
+        model = akida.Model(str(bundle.model_path))
     except (ValueError, RuntimeError) as exc:
         raise BundleError(f"{bundle.model_path} is not a readable Akida model ({exc})") from None
+    check_model_matches_manifest(model, bundle)
+    return model
+
+
+def check_model_matches_manifest(model, bundle: Bundle) -> None:
+    """The input shape and feature count bundle.json declares are the model's own; otherwise a
+    BundleError naming the field, not a failure deep inside a clinic's first round."""
+    manifest_path = bundle.path / "bundle.json"
+    declared = list(bundle.manifest["input_shape"])
+    actual = [int(d) for d in model.input_shape]
+    if actual != declared:
+        raise BundleError(f"{manifest_path}: 'input_shape' is {declared} but {bundle.model_path.name} takes {actual}")
+    types = [_layer_type(layer) for layer in model.layers]
+    first_head = next((i for i, t in enumerate(types) if t in HEAD_LAYER_TYPES), None)
+    if first_head:
+        features = int(np.prod(model.layers[first_head - 1].output_dims))
+        if features != bundle.feature_dim:
+            raise BundleError(f"{manifest_path}: 'feature_dim' is {bundle.feature_dim} but {bundle.model_path.name} gives {features} features")
 
 
 # Akida saturates an output channel whose rescale shift (output_scales x 2**output_shift) is

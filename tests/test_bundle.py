@@ -135,3 +135,79 @@ def test_unpack_keeps_the_existing_copy_when_the_new_one_is_bad(bundle_dir: Path
     assert str(refused.value).startswith("received bundle: bundle file head.npz has been modified"), refused.value
     assert ".dest." not in str(refused.value)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest.")]
+
+
+# helper-12's audit (session 25): each of these was a traceback or a lost bundle before.
+
+
+def test_a_bundle_refused_on_write_leaves_the_existing_one_in_place(bundle_dir: Path, tmp_path: Path) -> None:
+    from qana.bundle import write_bundle
+
+    b = load_bundle(bundle_dir)
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "format_version")}
+    good = write_bundle(tmp_path / "out", b.model_path, b.head_path.read_bytes(), manifest)
+    with pytest.raises(BundleError, match="not written to .*'target' must be 'v1' or 'v2'"):
+        write_bundle(tmp_path / "out", b.model_path, b.head_path.read_bytes(), {**manifest, "target": "v3"})
+    assert load_bundle(tmp_path / "out").bundle_id == good.bundle_id
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("metrics", {"test": {"akida": "n/a"}}, "'metrics.test.akida' must give numbers"),
+        ("metrics", {"test": {"akida": {}}}, "'metrics.test.akida' must give numbers"),
+        ("metrics", {"test": {"agreement_quantized_vs_akida": "high"}}, "must be a number"),
+        ("training", {"split": {"n_images": None}}, "'training.split' must map part names to image counts"),
+        ("training", {"split": {"test": "many"}}, "'training.split'"),
+    ],
+)
+def test_fields_qana_info_and_split_read_are_checked_on_load(bundle_dir: Path, field: str, value, message: str) -> None:
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest[field] = value
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("text", ['{"n": ' + "9" * 5000 + "}", "[" * 100000 + "]" * 100000])
+def test_a_manifest_python_cannot_parse_is_refused_not_a_traceback(bundle_dir: Path, text: str) -> None:
+    (bundle_dir / "bundle.json").write_text(text)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_dir)
+
+
+def test_a_file_name_too_long_for_the_disk_is_refused(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["files"]["x" * 300] = "0" * 64
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="cannot be read"):
+        load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize("field, value, message", [("input_shape", [48, 48, 3], "'input_shape' is"), ("feature_dim", 128, "'feature_dim' is 128 but model.fbz gives")])
+def test_a_manifest_that_disagrees_with_its_model_is_refused_by_field(bundle_dir: Path, field: str, value, message: str) -> None:
+    from qana.runtime import load_akida_model
+
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest[field] = value
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_akida_model(load_bundle(bundle_dir))
+
+
+def test_a_linked_model_file_is_packed_as_its_content(bundle_dir: Path, tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere.fbz"
+    (bundle_dir / "model.fbz").rename(real)
+    (bundle_dir / "model.fbz").symlink_to(real)
+    b = load_bundle(bundle_dir)
+    assert unpack_bundle(pack_bundle(b), tmp_path / "clinic", expected_id=b.bundle_id).bundle_id == b.bundle_id
+
+
+def test_a_clinical_prior_without_a_recorded_hash_is_refused(tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(Path(__file__).parents[1] / "qana" / "bundles" / "v2-s7", tmp_path / "b"))
+    manifest = json.loads((copy / "bundle.json").read_text())
+    del manifest["files"]["clinical.npz"]
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no sha256 in bundle.json 'files'"):
+        load_bundle(copy).load_clinical_prior()
