@@ -29,6 +29,8 @@ def bundle_logits(bundle: Bundle, images: np.ndarray, backend: str = "akida") ->
         path = bundle.path / f"{backend}.h5"
         if not path.is_file():
             raise ValueError(f"this bundle does not carry the {backend} Keras model ({path.name}); use --backend akida")
+        if path.name not in bundle.manifest["files"]:  # load_bundle checked every file with a recorded hash
+            raise ValueError(f"{path} has no sha256 in the bundle's bundle.json 'files'; refusing an unchecked model")
         if backend == "float":
             import tf_keras as keras
 

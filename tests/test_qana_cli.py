@@ -50,6 +50,11 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     clinic = make_synthetic_ham(tmp_path / "ham", n_images=10, image_size=40, seed=1)
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "float"])
     assert result.exit_code == 2 and "does not carry the float Keras model" in result.output
+    # A Keras model placed in a bundle without a recorded hash is never loaded (helper-12, session 25).
+    unhashed = Path(shutil.copytree(TINY, tmp_path / "unhashed"))
+    (unhashed / "float.h5").write_bytes(b"anything")
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(unhashed), "--backend", "float"])
+    assert result.exit_code == 2 and "float.h5 has no sha256" in result.output
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "gpu"])
     assert result.exit_code == 2 and "unknown backend" in result.output
     # Output paths that cannot work are refused before any image is scored.
