@@ -65,21 +65,14 @@ def keras_logits_batched(qmodel, images: np.ndarray, batch: int = 25) -> np.ndar
     return np.concatenate(outs)
 
 
-def last_conv_shifts(model_path: Path) -> int:
-    """Input channels of the converted `last_conv` that cnn2snn shifts to align their scales."""
+def last_conv_shifts(model_path: Path) -> tuple[int, dict[int, int]]:
+    """The converted `last_conv`: input channels cnn2snn shifts to align their scales, and its
+    output channels per output rescale shift (below -24 they saturate early)."""
     import akida
 
-    layer = next(layer for layer in akida.Model(str(model_path)).layers if layer.name == "last_conv")
-    return int((layer.get_variable("input_shift") > 0).sum())
-
-
-def last_conv_output_shifts(model_path: Path) -> dict[int, int]:
-    """Output channels of the converted `last_conv` per output rescale shift (below -24 they saturate early)."""
-    import akida
-
-    layer = next(layer for layer in akida.Model(str(model_path)).layers if layer.name == "last_conv")
+    layer = akida.Model(str(model_path)).get_layer("last_conv")
     shifts, counts = np.unique(np.asarray(layer.get_variable("output_shift")).astype(int), return_counts=True)
-    return {int(s): int(c) for s, c in zip(shifts, counts)}
+    return int((layer.get_variable("input_shift") > 0).sum()), {int(s): int(c) for s, c in zip(shifts, counts)}
 
 
 def requantized(opts, train):
@@ -148,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         which = "the run's own quantized and Akida models"
     print(f"{args.run}: {which}; {len(images)} {args.part} images, one view, {keras.shape[1]} features")
-    print(f"last_conv input shift on {last_conv_shifts(akida_dir / 'model.fbz')} input channel(s)")
-    print(f"last_conv output channels per output shift: {last_conv_output_shifts(akida_dir / 'model.fbz')}")
+    shifted_inputs, output_shifts = last_conv_shifts(akida_dir / "model.fbz")
+    print(f"last_conv input shift on {shifted_inputs} input channel(s)")
+    print(f"last_conv output channels per output shift: {output_shifts}")
     agreement = float((keras_logits_batched(qmodel, images).argmax(1) == akida_head_logits(akida_dir / "model.fbz", chip).argmax(1)).mean())
     print(f"quantized vs Akida predictions agree on {agreement:.2%}")
     print(f"least-squares Akida = {fit:.2f} x Keras (faithful: 64), relative residual {residual:.3f}")

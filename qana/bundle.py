@@ -154,12 +154,13 @@ def write_bundle(
         full["files"] = {name: sha256_file(staging / name) for name in names}
         (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         try:
-            load_bundle(staging)  # refused before it can take the place of a bundle that works
+            verified.append(load_bundle(staging))  # refused before it can take the place of a bundle that works
         except BundleError as exc:
             raise BundleError(f"not written to {path}: " + str(exc).replace(str(staging), "the new bundle")) from None
 
+    verified: list[Bundle] = []
     replace_directory(path, build)  # the old bundle stays until the new one is complete and verified
-    return load_bundle(path)
+    return Bundle(path, verified[0].manifest)  # the same files, verified in staging: not hashed twice
 
 
 def check_manifest_fields(manifest: dict[str, Any]) -> None:
@@ -332,6 +333,7 @@ def unpack_bundle(data: bytes, dest: Path | str, expected_id: str | None = None)
             raise BundleError(f"packed bundle is not a valid archive: {exc}") from None
         try:
             bundle = load_bundle(staging)
+            verified.append(bundle)
         except BundleError as exc:
             # The temporary folder's name means nothing to whoever reads the message.
             where = str(exc).replace(f"{staging}{os.sep}", "").replace(str(staging), "the received bundle")
@@ -339,5 +341,6 @@ def unpack_bundle(data: bytes, dest: Path | str, expected_id: str | None = None)
         if expected_id is not None and bundle.bundle_id != expected_id:
             raise BundleError(f"received bundle {bundle.bundle_id[:12]}… but {expected_id[:12]}… was announced")
 
+    verified: list[Bundle] = []
     replace_directory(dest, build)  # a bad bundle never replaces the copy already cached
-    return load_bundle(dest)
+    return Bundle(dest, verified[0].manifest)  # the same files, verified in staging: not hashed twice

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.bundle import Bundle, BundleError
+from qana.bundle import MANIFEST, Bundle, BundleError
 from qana.head import QuantizedHead, split_bias_v2
 from qana.preprocess import preprocess
 from qana.views import averaged_features
@@ -65,7 +65,7 @@ def load_akida_model(bundle: Bundle):
 def check_model_matches_manifest(model, bundle: Bundle) -> None:
     """The input shape and feature count bundle.json declares are the model's own; otherwise a
     BundleError naming the field, not a failure deep inside a clinic's first round."""
-    manifest_path = bundle.path / "bundle.json"
+    manifest_path = bundle.path / MANIFEST
     declared = list(bundle.manifest["input_shape"])
     actual = [int(d) for d in model.input_shape]
     if actual != declared:
