@@ -129,6 +129,30 @@ def test_cache_is_keyed_by_content_not_name(tmp_path: Path) -> None:
     assert after.content_hashes[index] != before.content_hashes[index]
 
 
+def test_a_cache_entry_reaches_the_disk_before_it_gets_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # After a power cut a renamed but unflushed entry can keep its header and lose its pixels,
+    # and would then load as a black image. Each entry must be fsynced, whole, before the rename.
+    import os
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=3, seed=6)
+    synced: list[int] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        assert synced and synced[-1] == os.path.getsize(src), f"{src} renamed before its content was flushed"
+        synced.clear()
+        real_replace(src, dst)
+
+    monkeypatch.setattr("qana.data.os.fsync", fsync)
+    monkeypatch.setattr("qana.data.os.replace", replace)
+    load_dataset(clinic.root, size=16, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+
+
 def _one_image_folder(root: Path, n: int = 4) -> list[Path]:
     clinic = make_synthetic_ham(root, n_images=n, seed=7)
     return sorted((clinic.root / "images").glob("*.jpg"))
