@@ -109,10 +109,15 @@ class AkidaRuntime:
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
         self.bundle = bundle
         self.choice = choose_device(device)
+        import akida
+
         self.model = load_akida_model(bundle)
-        self.backbone = load_akida_model(bundle)
-        while self.backbone.layers and _layer_type(self.backbone.layers[-1]) in HEAD_LAYER_TYPES:
-            self.backbone.pop_layer()
+        # The backbone is the model's layers up to the head, built from the loaded model rather
+        # than from a second read of the file (akida keeps every file-loaded model's memory).
+        depth = len(self.model.layers)
+        while depth and _layer_type(self.model.layers[depth - 1]) in HEAD_LAYER_TYPES:
+            depth -= 1
+        self.backbone = akida.Model(layers=self.model.layers[:depth])
         head_layers = [l for l in self.model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")]
         if not head_layers:
             raise RuntimeErrorQana(f"{bundle.model_path}: the model has no Dense1D/FullyConnected head layer")
