@@ -107,10 +107,10 @@ class AkidaRuntime:
     """A bundle's model on a device (or the software backend)."""
 
     def __init__(self, bundle: Bundle, device: str = "auto") -> None:
-        self.bundle = bundle
-        self.choice = choose_device(device)
         import akida
 
+        self.bundle = bundle
+        self.choice = choose_device(device)
         self.model = load_akida_model(bundle)
         # The backbone is the model's layers up to the head, built from the loaded model rather
         # than from a second read of the file (akida keeps every file-loaded model's memory).
