@@ -70,10 +70,9 @@ def check_model_matches_manifest(model, bundle: Bundle) -> None:
     actual = [int(d) for d in model.input_shape]
     if actual != declared:
         raise BundleError(f"{manifest_path}: 'input_shape' is {declared} but {bundle.model_path.name} takes {actual}")
-    types = [_layer_type(layer) for layer in model.layers]
-    first_head = next((i for i, t in enumerate(types) if t in HEAD_LAYER_TYPES), None)
-    if first_head:
-        features = int(np.prod(model.layers[first_head - 1].output_dims))
+    depth = backbone_depth(model)
+    if 0 < depth < len(model.layers):
+        features = int(np.prod(model.layers[depth - 1].output_dims))
         if features != bundle.feature_dim:
             raise BundleError(f"{manifest_path}: 'feature_dim' is {bundle.feature_dim} but {bundle.model_path.name} gives {features} features")
 
@@ -103,6 +102,14 @@ def _layer_type(layer) -> str:
     return str(layer.parameters.layer_type).split(".")[-1]
 
 
+def backbone_depth(model) -> int:
+    """How many layers come before the model's trailing head layers (HEAD_LAYER_TYPES)."""
+    depth = len(model.layers)
+    while depth and _layer_type(model.layers[depth - 1]) in HEAD_LAYER_TYPES:
+        depth -= 1
+    return depth
+
+
 class AkidaRuntime:
     """A bundle's model on a device (or the software backend)."""
 
@@ -114,10 +121,7 @@ class AkidaRuntime:
         self.model = load_akida_model(bundle)
         # The backbone is the model's layers up to the head, built from the loaded model rather
         # than from a second read of the file (akida keeps every file-loaded model's memory).
-        depth = len(self.model.layers)
-        while depth and _layer_type(self.model.layers[depth - 1]) in HEAD_LAYER_TYPES:
-            depth -= 1
-        self.backbone = akida.Model(layers=self.model.layers[:depth])
+        self.backbone = akida.Model(layers=self.model.layers[: backbone_depth(self.model)])
         head_layers = [l for l in self.model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")]
         if not head_layers:
             raise RuntimeErrorQana(f"{bundle.model_path}: the model has no Dense1D/FullyConnected head layer")
@@ -175,7 +179,7 @@ class AkidaRuntime:
         """Give the model a head layer with `num_classes` outputs (class-incremental learning).
 
         An Akida layer's output count is fixed, so a head that grew (or shrank) by a class
-        needs a new layer: the backbone is loaded again, the head layers are popped, and a
+        needs a new layer: a model is built from the backbone's layers and a
         layer of the same kind and bit widths, with the new unit count, is added (plus a new
         Dequantizer on Akida 2.0). Per-input settings (Akida 2.0's `input_shift`) and the
         output rescaling are copied from the old layer, so `write_head` then stores the
@@ -186,9 +190,9 @@ class AkidaRuntime:
         old = self.head_layer
         kind = _layer_type(old)
         params = old.parameters
-        model = load_akida_model(self.bundle)
-        while model.layers and _layer_type(model.layers[-1]) in HEAD_LAYER_TYPES:
-            model.pop_layer()
+        # From the backbone already loaded and checked, not a new read of model.fbz, which could
+        # have changed on disk since (each rebuild still keeps ~0.6 MB that akida never frees).
+        model = akida.Model(layers=self.backbone.layers)
         if kind == "Dense1D":
             for name in ("output_scales", "output_shift"):
                 values = old.get_variable(name)

@@ -112,6 +112,25 @@ def test_a_grown_head_gets_a_head_layer_of_its_size_and_matches_the_reference(ru
     np.testing.assert_allclose(runtime.logits(images), head_math.quantized_logits(q7, feats), rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("target", ["v2", "v1"])
+def test_a_grown_head_is_built_on_the_checked_backbone_not_a_new_read_of_the_file(target: str, tmp_path: Path) -> None:
+    # helper-14 (session 26): the rebuild read model.fbz again, without load_bundle's hash check,
+    # so a file changed on disk after loading ended up behind logits() but not features().
+    import shutil
+
+    bundle = load_bundle(shutil.copytree(BUNDLES / f"tiny-{target}", tmp_path / "b"))
+    runtime = AkidaRuntime(bundle, device="software")
+    images = _images(16, seed=7)
+    feats = runtime.features(images)
+    bundle.model_path.unlink()  # whatever is on disk now must not matter
+    base = bundle.load_head()
+    q = head_math.quantize_head(head_math.grow_head(base, (*base.classes, "scc")), target)
+    runtime.write_head(q)
+    reference = head_math.quantized_logits(q, feats)
+    np.testing.assert_allclose(runtime.logits(images), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    np.testing.assert_array_equal(runtime.features(images), feats)
+
+
 def test_one_shared_runtime_per_bundle_and_device_in_a_process() -> None:
     """Long-lived processes (Ray workers of the simulation) must not load the model per message."""
     from qana.runtime import shared_runtime
