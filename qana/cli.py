@@ -35,6 +35,7 @@ def train(
     epochs: Annotated[int, typer.Option(help="Float training epochs.")] = 20,
     qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs.")] = 3,
     qat_distill: Annotated[bool, typer.Option("--qat-distill", help="Quantization-aware fine-tuning learns the float model's probabilities (averaged over 8 orientations) instead of the labels, so the 8-bit model aims at reproducing the float one.")] = False,
+    keep_quantized: Annotated[str, typer.Option(help="Which quantized model the quantized stage keeps, calibrated or fine-tuned: validation (fine-tuned unless it falls more than a point short of float on validation and calibration falls less) | agreement (whichever agrees better with the float model's predictions, as macro-F1, on validation plus 2,048 further training images; a tie keeps calibrated).")] = "validation",
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate of the float stage (cosine decay; QAT uses 1/20 of it).")] = 2e-3,
     width: Annotated[int, typer.Option(help="Channels of the first stage (later stages double).")] = 32,
@@ -74,7 +75,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunSettingsError, TrainOptions, run
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -113,6 +114,8 @@ def train(
         raise fail(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     if not 0.0 <= focal_gamma <= 10.0:
         raise fail(f"--focal-gamma must be from 0 to 10, not {focal_gamma}")
+    if keep_quantized not in KEEP_QUANTIZED:
+        raise fail(f"--keep-quantized must be {' or '.join(KEEP_QUANTIZED)}, not {keep_quantized!r}")
     if clinical_prior not in CLINICAL_PRIOR_MODES:
         raise fail(f"--clinical-prior must be {' or '.join(CLINICAL_PRIOR_MODES)}, not {clinical_prior!r}")
     if stop_after is not None and stop_after not in STAGES:
@@ -124,7 +127,7 @@ def train(
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
     opts = TrainOptions(
-        data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill,
+        data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
         blocks=blocks, zoom=zoom, affine=affine, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,

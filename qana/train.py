@@ -64,6 +64,7 @@ class TrainOptions:
     teachers: tuple[str, ...] = ()  # run directories (same split) whose float models teach this one (qana.distill)
     label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
     qat_distill: bool = False  # QAT targets = the float model's probabilities (8 views), not the labels: aim at fidelity
+    keep_quantized: str = "validation"  # how the quantized stage picks calibrated vs fine-tuned: "validation" | "agreement"
     weight_ema: float = 0.0  # float stage: validate/keep an exponential moving average of the weights (e.g. 0.995); 0 = off
     pretrain_epochs: int = 0  # self-supervised (VICReg) pretraining of the backbone on the training images (qana.pretrain); 0 = off
     saliency_teacher: str | None = None  # Grad-CAM crops of training images (qana.saliency): model file | resnet50:<weights>
@@ -505,6 +506,18 @@ def load_float(opts: TrainOptions):
     return keras.models.load_model(opts.run_dir / "float.h5", compile=False)
 
 
+CALIBRATION_IMAGES = 1024  # training images quantization is calibrated on
+AGREEMENT_TRAIN_IMAGES = 2048  # further training images the candidates are compared with float on (`agreement_images`)
+KEEP_QUANTIZED = ("validation", "agreement")  # `--keep-quantized`: `keep_fine_tuned` | `keep_fine_tuned_by_agreement`
+
+
+def check_keep_quantized(mode: str) -> str:
+    """A clear error for an unknown `--keep-quantized` before any stage runs."""
+    if mode not in KEEP_QUANTIZED:
+        raise ValueError(f"--keep-quantized must be {' or '.join(KEEP_QUANTIZED)}, not {mode!r}")
+    return mode
+
+
 def keep_fine_tuned(float_val: dict, calibrated_val: dict, fine_tuned_val: dict) -> bool:
     """Keep the quantization-aware fine-tuned model unless it falls more than FAITHFUL short of
     the float model on validation and the merely calibrated model falls less short.
@@ -533,23 +546,70 @@ def float_targets(float_model, images: np.ndarray) -> np.ndarray:
     return teacher_probabilities([float_model], images, views=8)
 
 
+def _training_order(opts: TrainOptions, train: Dataset) -> np.ndarray:
+    """The training images' indices in the order, drawn by the run's seed, that calibration and
+    the agreement check take them from."""
+    return np.random.default_rng(opts.seed).permutation(len(train))
+
+
 def calibration_images(opts: TrainOptions, train: Dataset) -> np.ndarray:
     """The up to 1,024 training images, drawn by the run's seed, that quantization is calibrated on."""
-    rng = np.random.default_rng(opts.seed)
-    return train.images[rng.permutation(len(train))[: min(1024, len(train))]]
+    return train.images[_training_order(opts, train)[:CALIBRATION_IMAGES]]
+
+
+def agreement_images(opts: TrainOptions, train: Dataset, val: Dataset) -> np.ndarray:
+    """The images the quantized candidates are compared with the float model on: every
+    validation image plus up to 2,048 training images that calibration did not see.
+
+    No labels are needed to measure fidelity, so the check can use six times as many images as
+    the 400-odd validation ones that decide `keep_fine_tuned`, where a split's choice rests on a
+    handful of images of the rare classes.
+    """
+    extra = _training_order(opts, train)[CALIBRATION_IMAGES : CALIBRATION_IMAGES + AGREEMENT_TRAIN_IMAGES]
+    return np.concatenate([val.images, train.images[extra]])
+
+
+def agreement_scores(float_predictions: np.ndarray, predictions: np.ndarray) -> dict:
+    """How closely a quantized candidate reproduces the float model: the share of images where
+    their top class agrees, and macro-F1 with the float model's top class as the label (so a
+    rare class the candidate stops predicting counts as much as the common one)."""
+    m = classification_metrics(float_predictions, predictions, CLASS_NAMES)
+    return {"agreement": m["top1"], "macro_f1": m["macro_f1"]}
+
+
+def keep_fine_tuned_by_agreement(calibrated: dict, fine_tuned: dict) -> bool:
+    """`--keep-quantized agreement`: keep the fine-tuned model only if it agrees with the float
+    model better (agreement macro-F1) than the calibrated one; on a tie the calibrated one,
+    which has not moved away from the float weights."""
+    return fine_tuned["macro_f1"] > calibrated["macro_f1"]
+
+
+def _predict(model, images: np.ndarray) -> np.ndarray:
+    return model.predict(images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
 
 
 def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     """Calibrate the quantized model on training images, fine-tune it (QAT), keep the one that
-    is faithful to the float model (`keep_fine_tuned`); every candidate's validation scores are recorded."""
+    is faithful to the float model (`keep_fine_tuned`, or `keep_fine_tuned_by_agreement` with
+    `--keep-quantized agreement`); every candidate's validation and agreement scores are recorded."""
     from qana.convert import quantize_model
 
+    check_keep_quantized(opts.keep_quantized)
     set_seeds(opts.seed)
     model = load_float(opts)
     qmodel = quantize_model(model, opts.quant_spec(), calibration_images(opts, train))
     t0 = time.time()
     history: list[dict] = []
-    info: dict = {"val_float": _val_scores(model, val.images, val.labels), "val_calibrated": _val_scores(qmodel, val.images, val.labels), "kept": "calibrated"}
+    compared = agreement_images(opts, train, val)
+    float_predictions = _predict(model, compared)
+    info: dict = {
+        "val_float": _val_scores(model, val.images, val.labels),
+        "val_calibrated": _val_scores(qmodel, val.images, val.labels),
+        "agreement_images": len(compared),
+        "agreement_calibrated": agreement_scores(float_predictions, _predict(qmodel, compared)),
+        "keep_quantized": opts.keep_quantized,
+        "kept": "calibrated",
+    }
     if opts.qat_epochs > 0:
         calibrated = qmodel.get_weights()
         qat_train = with_saliency_crops(opts, train)
@@ -559,10 +619,15 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
             targets=targets, backup_dir=opts.run_dir / "quantized.backup",
         )
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
-        if keep_fine_tuned(info["val_float"], info["val_calibrated"], info["val_fine_tuned"]):
+        info["agreement_fine_tuned"] = agreement_scores(float_predictions, _predict(qmodel, compared))
+        if opts.keep_quantized == "agreement":
+            keep = keep_fine_tuned_by_agreement(info["agreement_calibrated"], info["agreement_fine_tuned"])
+        else:
+            keep = keep_fine_tuned(info["val_float"], info["val_calibrated"], info["val_fine_tuned"])
+        if keep:
             info["kept"] = "fine-tuned"
         else:
-            log.info("QAT moved away from the float model on validation; keeping the calibrated model")
+            log.info("keeping the calibrated model (--keep-quantized %s)", opts.keep_quantized)
             qmodel.set_weights(calibrated)
     qmodel.save(opts.run_dir / "quantized.h5")
     return {"seconds": round(time.time() - t0, 1), "history": history, **info, **opts.quant_spec().describe()}
@@ -981,6 +1046,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)
     check_colour_constancy(opts.colour_constancy)
+    check_keep_quantized(opts.keep_quantized)
     if opts.colour_constancy != "none" and opts.target != "v2":
         raise ValueError(
             "--colour-constancy is applied by the Akida 2.0 runtime only: the v1 edge-learning path feeds "
