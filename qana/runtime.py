@@ -11,6 +11,9 @@ Uses only the `akida` runtime: clinics never import TensorFlow.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,11 +52,52 @@ def choose_device(mode: str = "auto") -> DeviceChoice:
     return DeviceChoice(None, "Akida software backend (CPU; no Akida device found)" if mode == "auto" else "Akida software backend (CPU)")
 
 
+# Reads a model file in a child process (see `probe_model_file`); exit 3 = akida raised an error.
+_PROBE = """
+import sys
+import akida
+try:
+    akida.Model(sys.argv[1])
+except Exception as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+"""
+PROBE_TIMEOUT = 120.0  # seconds; reading a model takes well under one
+_PROBED: set[str] = set()  # sha256 of the model files a child process has read without dying
+
+
+def probe_model_file(path, digest: str) -> None:
+    """Have a child process read the model file once before this process does.
+
+    akida 2.19.3 kills the process (SIGSEGV) on some damaged files instead of raising: a
+    model.fbz cut short by an interrupted copy, then written into a bundle with its (matching)
+    hash, would take a clinic's process down with no message. The child dies instead and the
+    caller gets a BundleError naming the file. About 0.3 s, once per file content per process.
+    """
+    if digest in _PROBED:
+        return
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"{path}: akida did not finish reading the model within {PROBE_TIMEOUT:.0f} s") from None
+    if done.returncode < 0:
+        raise BundleError(
+            f"{path} is not a readable Akida model (akida crashed reading it, signal {-done.returncode}): "
+            "the file is damaged or cut short; copy or unpack the bundle again"
+        )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise BundleError(f"{path} is not a readable Akida model ({reason})")
+    _PROBED.add(digest)
+
+
 def load_akida_model(bundle: Bundle):
     """The bundle's Akida model; BundleError naming the file when akida cannot read it (the
-    sha256 check passes for a file replaced together with its recorded hash)."""
+    sha256 check passes for a file replaced together with its recorded hash), probed in a
+    child process first because akida crashes on some damaged files (`probe_model_file`)."""
     import akida
 
+    probe_model_file(bundle.model_path, bundle.manifest["files"][bundle.model_path.name])
     try:
         model = akida.Model(str(bundle.model_path))
     except (ValueError, RuntimeError) as exc:
@@ -175,15 +219,16 @@ class AkidaRuntime:
         """Classes the model's head layer has now (more than the bundle's after class growth)."""
         return int(self.head_layer.get_variable("weights").shape[-1])
 
-    def _rebuild_head(self, num_classes: int) -> None:
-        """Give the model a head layer with `num_classes` outputs (class-incremental learning).
+    def _grown_model(self, num_classes: int):
+        """A new model: the backbone's layers and a head layer with `num_classes` outputs
+        (class-incremental learning). `self` is not changed; `write_head` swaps it in once the
+        new head's variables are all set.
 
         An Akida layer's output count is fixed, so a head that grew (or shrank) by a class
-        needs a new layer: a model is built from the backbone's layers and a
-        layer of the same kind and bit widths, with the new unit count, is added (plus a new
-        Dequantizer on Akida 2.0). Per-input settings (Akida 2.0's `input_shift`) and the
-        output rescaling are copied from the old layer, so `write_head` then stores the
-        quantized head exactly as before and `qana.head.quantized_logits` stays the reference.
+        needs a new layer of the same kind and bit widths (plus a new Dequantizer on Akida
+        2.0). Per-input settings (Akida 2.0's `input_shift`) and the output rescaling are
+        copied from the old layer, so the quantized head is stored exactly as before and
+        `qana.head.quantized_logits` stays the reference.
         """
         import akida
 
@@ -223,37 +268,90 @@ class AkidaRuntime:
             raise RuntimeErrorQana(f"cannot rebuild a head layer of type {kind}")
         if self.choice.device is not None:
             model.map(self.choice.device)
-        self.model = model
-        self.head_layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
-        deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
-        self.dequantizer = deq[-1] if deq else None
+        return model
+
+    def _head_values(self, qhead: QuantizedHead) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Every value the head layer (and the Dequantizer's scales) will hold for `qhead`,
+        checked before anything is written: a refused head leaves the chip's head as it was.
+
+        The checks are the layer's own limits. akida stores a value before refusing it, numpy
+        wraps a weight of 200 to -56 in int8, and a zero scale would make every logit 0; each of
+        these used to surface after part of the head had been overwritten.
+        """
+        layer = self.head_layer
+        layer_bits = int(layer.parameters.weights_bits)
+        w = np.asarray(qhead.weights)
+        if w.ndim != 2 or w.shape[0] != self.bundle.feature_dim or w.shape[1] < 1:
+            raise RuntimeErrorQana(f"head weights {w.shape} do not fit the backbone's {self.bundle.feature_dim} features")
+        classes = int(w.shape[1])
+        if int(qhead.weight_bits) > layer_bits:
+            raise RuntimeErrorQana(
+                f"the head was quantized to {qhead.weight_bits}-bit weights but head layer {layer.name} takes {layer_bits} bits: "
+                f"quantize it with weight_bits={layer_bits}"
+            )
+        if not (np.all(np.isfinite(w)) and np.array_equal(w, np.round(w))):
+            raise RuntimeErrorQana("head weights must be integers (quantize the head with qana.head.quantize_head)")
+        limit = (1 << (layer_bits - 1)) - 1
+        if np.abs(w).max() > limit:
+            raise RuntimeErrorQana(f"head weights reach {int(np.abs(w).max())}; the {layer_bits}-bit head layer {layer.name} holds at most +-{limit}")
+        bias = np.asarray(qhead.bias)
+        if bias.shape != (classes,):
+            raise RuntimeErrorQana(f"head bias has shape {bias.shape}; {classes} classes need ({classes},)")
+        if not (np.all(np.isfinite(bias)) and np.array_equal(bias, np.round(bias))):
+            raise RuntimeErrorQana("head bias must be integers (quantize the head with qana.head.quantize_head)")
+        scale = float(qhead.scale)
+        if not (np.isfinite(scale) and scale > 0 and np.isfinite(np.float32(1.0 / scale))):
+            raise RuntimeErrorQana(f"head scale must be a finite number > 0, not {qhead.scale!r}")
+        bias = bias.astype(np.int64)
+        w = w.astype(np.int64)
+        if _layer_type(layer) == "Dense1D":
+            b_int, shift = split_bias_v2(bias)
+            if not np.array_equal(b_int.astype(np.int64) << shift.astype(np.int64), bias):
+                raise RuntimeErrorQana("head bias not representable as int8 << shift; quantize the head for target 'v2'")
+            values = {"weights": w, "bias": b_int.astype(np.int8), "bias_shift": shift}
+            return values, (np.full(classes, scale, np.float32) if self.dequantizer is not None else None)
+        # FullyConnected (Akida 1.0): potential = f @ W - threshold; output / act_step
+        low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+        if np.any(-bias < low) or np.any(-bias > high):
+            raise RuntimeErrorQana("head bias outside the int32 threshold range of the Akida 1.0 head layer; quantize the head for target 'v1'")
+        return {"weights": w, "threshold": (-bias).astype(np.int32), "act_step": np.full(classes, 1.0 / scale, np.float32)}, None
+
+    @staticmethod
+    def _set_head(layer, dequantizer, values: dict[str, np.ndarray], scales: np.ndarray | None) -> None:
+        for name, value in values.items():
+            current = layer.get_variable(name)
+            layer.set_variable(name, value.reshape(current.shape).astype(current.dtype))
+        if scales is not None:
+            dequantizer.set_variable("scales", scales)
 
     def write_head(self, qhead: QuantizedHead) -> None:
         """Store a quantized head in the Akida head layer (so on-chip predictions use it).
 
-        A head with a different class count than the layer (a class was added) first gets a
-        head layer of the right size (`_rebuild_head`); the backbone is untouched.
+        A head with a different class count than the layer (a class was added) gets a new
+        model with a head layer of the right size (`_grown_model`), swapped in only once it
+        holds the whole head; the backbone is untouched. A head the layer cannot hold is
+        refused (RuntimeErrorQana naming the field) and the previous head stays in place.
         """
-        w = qhead.weights
-        if w.ndim != 2 or w.shape[0] != self.bundle.feature_dim:
-            raise RuntimeErrorQana(f"head weights {w.shape} do not fit the backbone's {self.bundle.feature_dim} features")
-        if w.shape[1] != self.num_classes:
-            self._rebuild_head(int(w.shape[1]))
-        layer = self.head_layer
-        kind = _layer_type(layer)
-        current = layer.get_variable("weights")
-        layer.set_variable("weights", w.reshape(current.shape).astype(current.dtype))
-        if kind == "Dense1D":
-            b_int, shift = split_bias_v2(qhead.bias)
-            if not np.array_equal(b_int.astype(np.int64) << shift.astype(np.int64), qhead.bias):
-                raise RuntimeErrorQana("bias not representable as int8 << shift; quantize the head for target 'v2'")
-            layer.set_variable("bias", b_int.astype(np.int8))
-            layer.set_variable("bias_shift", shift)
-            if self.dequantizer is not None:
-                self.dequantizer.set_variable("scales", np.full(w.shape[1], qhead.scale, np.float32))
-        else:  # FullyConnected (Akida 1.0): potential = f @ W - threshold; output / act_step
-            layer.set_variable("threshold", (-qhead.bias).astype(np.int32))
-            layer.set_variable("act_step", np.full(w.shape[1], 1.0 / qhead.scale, np.float32))
+        values, scales = self._head_values(qhead)
+        classes = int(values["weights"].shape[1])
+        if classes != self.num_classes:
+            model = self._grown_model(classes)
+            layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
+            deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
+            dequantizer = deq[-1] if deq else None
+            try:
+                self._set_head(layer, dequantizer, values, scales)
+            except (ValueError, RuntimeError) as exc:
+                raise RuntimeErrorQana(f"akida refused the head ({exc}); the previous head is kept") from None
+            self.model, self.head_layer, self.dequantizer = model, layer, dequantizer
+            return
+        saved = {name: self.head_layer.get_variable(name) for name in values}
+        saved_scales = self.dequantizer.get_variable("scales") if scales is not None else None
+        try:
+            self._set_head(self.head_layer, self.dequantizer, values, scales)
+        except (ValueError, RuntimeError) as exc:
+            self._set_head(self.head_layer, self.dequantizer, saved, saved_scales)
+            raise RuntimeErrorQana(f"akida refused the head ({exc}); the previous head is kept") from None
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Logits of the whole model as run by Akida, shape (N, C).
@@ -264,6 +362,8 @@ class AkidaRuntime:
         if self.bundle.test_time_views > 1:
             return self.head_logits(self.features(images, batch_size))  # features() prepares the images
         images = self._prepared(images)
+        if not len(images):
+            return np.zeros((0, self.num_classes), np.float32)
         out = [self.model.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(out).reshape(len(images), -1)
 
@@ -280,9 +380,12 @@ class AkidaRuntime:
         """
         import akida
 
-        feats = np.asarray(features).reshape(len(features), -1).astype(np.int64)
+        features = np.asarray(features)
+        feats = features.reshape(len(features), int(np.prod(features.shape[1:]))).astype(np.int64)  # not -1: 0 rows
         if feats.shape[1] != self.bundle.feature_dim:
-            raise RuntimeErrorQana(f"features must be (N, {self.bundle.feature_dim}); got {np.asarray(features).shape}")
+            raise RuntimeErrorQana(f"features must be (N, {self.bundle.feature_dim}); got {features.shape}")
+        if not len(feats):
+            return np.zeros((0, self.num_classes), np.float32)
         if self._input_shift is not None and np.any(self._input_shift):
             feats = feats >> self._input_shift[None, :]  # features() shifted them left; the layer shifts itself
         head = akida.Model(layers=[l for l in self.model.layers if _layer_type(l) in HEAD_LAYER_TYPES])
@@ -294,14 +397,13 @@ class AkidaRuntime:
         low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
         if len(feats) and (feats.min() < low or feats.max() > high):
             raise RuntimeErrorQana(f"features outside the head input's {bits}-bit {'signed' if signed else 'unsigned'} range")
-        x = feats.astype(np.int8 if signed else np.uint8).reshape(len(feats), 1, 1, -1)
-        if not len(x):
-            return np.zeros((0, self.num_classes), np.float32)
+        x = feats.astype(np.int8 if signed else np.uint8).reshape(len(feats), 1, 1, feats.shape[1])
         out = [head.predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(out).reshape(len(x), -1)
 
 
 _SHARED: dict[tuple[str, str], AkidaRuntime] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def shared_runtime(bundle: Bundle, device: str = "auto") -> AkidaRuntime:
@@ -313,10 +415,12 @@ def shared_runtime(bundle: Bundle, device: str = "auto") -> AkidaRuntime:
     Flower's simulation engine handles thousands — would grow by gigabytes, while a
     SuperNode's ClientApp process handles one message and is not affected. Callers write
     their head before predicting (the head is the only state that changes) and must not use
-    one runtime from two threads at once.
+    one runtime from two threads at once. Concurrent first calls wait for one load (a lock),
+    so they share one runtime instead of each loading the model.
     """
     key = (bundle.bundle_id, device)
-    runtime = _SHARED.get(key)
-    if runtime is None:
-        runtime = _SHARED[key] = AkidaRuntime(bundle, device)
+    with _SHARED_LOCK:
+        runtime = _SHARED.get(key)
+        if runtime is None:
+            runtime = _SHARED[key] = AkidaRuntime(bundle, device)
     return runtime

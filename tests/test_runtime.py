@@ -140,3 +140,133 @@ def test_one_shared_runtime_per_bundle_and_device_in_a_process() -> None:
     assert shared_runtime(load_bundle(BUNDLES / "tiny-v2"), "software") is a
     assert shared_runtime(v1, "software") is not a
     assert shared_runtime(v2, "auto") is not a
+
+
+# ----------------------------------------------------------------------------- refused heads (helper-14, session 26)
+
+
+def _written(runtime: AkidaRuntime, images: np.ndarray) -> tuple[head_math.QuantizedHead, np.ndarray, np.ndarray]:
+    """Write a valid trained head; return it with the chip's logits for `images` and their features."""
+    feats = runtime.features(images)
+    trained = head_math.train_head(runtime.bundle.load_head(), feats, np.arange(len(images)) % 7, head_math.TrainConfig(epochs=3))
+    q = head_math.quantize_head(trained, runtime.bundle.target)
+    runtime.write_head(q)
+    return q, runtime.logits(images), feats
+
+
+def _bad_heads(q: head_math.QuantizedHead, layer_bits: int, target: str) -> dict[str, tuple[head_math.QuantizedHead, str]]:
+    from dataclasses import replace
+
+    too_big = q.weights.astype(np.int64).copy()
+    too_big[0, 0] = 1 << (layer_bits - 1)  # one past the layer's largest weight
+    odd_bias = q.bias.astype(np.int64).copy()
+    odd_bias[0] = 12345 if target == "v2" else 1 << 40  # v2: not int8 << shift; v1: beyond the int32 threshold
+    grown = head_math.QuantizedHead(
+        np.concatenate([q.weights, q.weights[:, :1]], axis=1), np.append(q.bias, 0), q.scale, q.weight_bits, (*q.classes, "scc")
+    )
+    return {
+        "weight beyond the layer's bits": (replace(q, weights=too_big), "weights"),
+        "more weight bits than the layer": (replace(q, weight_bits=layer_bits + 4), "bits"),
+        "fractional weights": (replace(q, weights=q.weights.astype(np.float64) + 0.5), "integers"),
+        "bias of the wrong length": (replace(q, bias=q.bias[:-1]), "bias"),
+        "unrepresentable bias": (replace(q, bias=odd_bias), "bias"),
+        "zero scale": (replace(q, scale=0.0), "scale"),
+        "NaN scale": (replace(q, scale=float("nan")), "scale"),
+        "negative scale": (replace(q, scale=-0.5), "scale"),
+        "grown head with a zero scale": (replace(grown, scale=0.0), "scale"),
+        "grown head with an unrepresentable bias": (replace(grown, bias=np.append(odd_bias, 0)), "bias"),
+    }
+
+
+def test_a_refused_head_is_refused_before_anything_is_written(runtime: AkidaRuntime) -> None:
+    """Before session 27 the layer was changed first and checked after: a refused head was left
+    half-written (weights new, bias old; or a grown layer with a zero bias), a weight of 200
+    wrapped to -56, and a zero scale was stored or crashed after writing."""
+    images = _images(24, seed=8)
+    q, before, feats = _written(runtime, images)
+    layer_bits = int(runtime.head_layer.parameters.weights_bits)
+    for what, (bad, named) in _bad_heads(q, layer_bits, runtime.bundle.target).items():
+        with pytest.raises(RuntimeErrorQana, match=named):
+            runtime.write_head(bad)
+        assert runtime.num_classes == q.weights.shape[1], what
+        np.testing.assert_array_equal(runtime.logits(images), before, err_msg=what)
+        np.testing.assert_array_equal(runtime.head_logits(feats), before, err_msg=what)
+
+
+def test_a_head_with_fewer_bits_than_the_layer_is_written_exactly(runtime: AkidaRuntime) -> None:
+    layer_bits = int(runtime.head_layer.parameters.weights_bits)
+    images = _images(24, seed=9)
+    feats = runtime.features(images)
+    q = head_math.quantize_head(runtime.bundle.load_head(), runtime.bundle.target, weight_bits=layer_bits - 1)
+    runtime.write_head(q)
+    reference = head_math.quantized_logits(q, feats)
+    np.testing.assert_allclose(runtime.logits(images), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_no_images_give_no_logits_not_a_numpy_error(runtime: AkidaRuntime) -> None:
+    side = runtime.bundle.input_shape[0]
+    empty = np.zeros((0, side, side, 3), np.uint8)
+    assert runtime.features(empty).shape == (0, runtime.bundle.feature_dim)
+    assert runtime.logits(empty).shape == (0, runtime.num_classes)
+    assert runtime.head_logits(np.zeros((0, runtime.bundle.feature_dim), np.int32)).shape == (0, runtime.num_classes)
+    with pytest.raises(RuntimeErrorQana, match="images must be"):
+        runtime.logits(np.zeros((0, side + 1, side, 3), np.uint8))
+
+
+def test_concurrent_first_calls_share_one_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shared_runtime promises one runtime per bundle and device: two threads asking at once
+    must not both load the model (akida never frees it) and get runtimes whose heads diverge."""
+    import threading
+    import time
+
+    import qana.runtime
+
+    built: list[object] = []
+
+    class SlowRuntime:
+        def __init__(self, bundle, device) -> None:
+            time.sleep(0.2)  # loading a model takes a while: the window the race needs
+            built.append(self)
+
+    monkeypatch.setattr(qana.runtime, "_SHARED", {})
+    monkeypatch.setattr(qana.runtime, "AkidaRuntime", SlowRuntime)
+    bundle = load_bundle(BUNDLES / "tiny-v2")
+    got: list[object] = []
+    start = threading.Barrier(2)
+
+    def ask() -> None:
+        start.wait()
+        got.append(qana.runtime.shared_runtime(bundle, "software"))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and got[0] is got[1]
+
+
+def test_a_model_file_cut_short_is_a_bundle_error_not_a_crash(tmp_path: Path) -> None:
+    """akida 2.19.3 dies with SIGSEGV reading some truncated files; a bundle written from one has
+    a matching hash, so only reading it tells. Run in a child so a crash fails this test, not the run."""
+    import subprocess
+    import sys
+
+    src = load_bundle(BUNDLES / "tiny-v2")
+    data = src.model_path.read_bytes()
+    (tmp_path / "model.fbz").write_bytes(data[: len(data) // 3])
+    script = f"""
+from pathlib import Path
+from qana.bundle import BundleError, load_bundle, write_bundle
+from qana.runtime import AkidaRuntime
+src = load_bundle({str(src.path)!r})
+manifest = {{k: v for k, v in src.manifest.items() if k not in ("files", "format_version", "clinical_prior")}}
+bundle = write_bundle({str(tmp_path / "bundle")!r}, Path({str(tmp_path / "model.fbz")!r}), src.head_path.read_bytes(), manifest)
+try:
+    AkidaRuntime(bundle, device="software")
+except BundleError as exc:
+    print("REFUSED:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, f"the process died (exit {done.returncode}): {done.stderr[-500:]}"
+    assert "REFUSED:" in done.stdout and "model.fbz" in done.stdout and "not a readable Akida model" in done.stdout
