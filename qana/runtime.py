@@ -180,6 +180,8 @@ class AkidaRuntime:
         if self.choice.device is not None:
             self.backbone.map(self.choice.device)
             self.model.map(self.choice.device)
+        # class count -> (model, head layer, Dequantizer): see write_head
+        self._models_by_classes: dict[int, tuple] = {self.num_classes: (self.model, self.head_layer, self.dequantizer)}
 
     @property
     def device_description(self) -> str:
@@ -236,7 +238,8 @@ class AkidaRuntime:
         kind = _layer_type(old)
         params = old.parameters
         # From the backbone already loaded and checked, not a new read of model.fbz, which could
-        # have changed on disk since (each rebuild still keeps ~0.6 MB that akida never frees).
+        # have changed on disk since. Each build keeps ~0.6 MB that akida never frees, so write_head
+        # builds one per class count and reuses it.
         model = akida.Model(layers=self.backbone.layers)
         if kind == "Dense1D":
             for name in ("output_scales", "output_shift"):
@@ -327,31 +330,33 @@ class AkidaRuntime:
     def write_head(self, qhead: QuantizedHead) -> None:
         """Store a quantized head in the Akida head layer (so on-chip predictions use it).
 
-        A head with a different class count than the layer (a class was added) gets a new
-        model with a head layer of the right size (`_grown_model`), swapped in only once it
-        holds the whole head; the backbone is untouched. A head the layer cannot hold is
-        refused (RuntimeErrorQana naming the field) and the previous head stays in place.
+        A head with a different class count than the layer (a class was added) is written into
+        a model whose head layer has that many outputs (`_grown_model`), swapped in only once it
+        holds the whole head; the backbone is untouched. Each class count's model is built once
+        and kept: akida never frees a model, so a shared runtime serving clinics with 7- and
+        8-class heads in turn would otherwise grow with every switch. A head the layer cannot
+        hold is refused (RuntimeErrorQana naming the field) and the previous head stays in place.
         """
         values, scales = self._head_values(qhead)
         classes = int(values["weights"].shape[1])
-        if classes != self.num_classes:
+        known = self._models_by_classes.get(classes)
+        if known is None:
             model = self._grown_model(classes)
             layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
             deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
-            dequantizer = deq[-1] if deq else None
-            try:
-                self._set_head(layer, dequantizer, values, scales)
-            except (ValueError, RuntimeError) as exc:
-                raise RuntimeErrorQana(f"akida refused the head ({exc}); the previous head is kept") from None
-            self.model, self.head_layer, self.dequantizer = model, layer, dequantizer
-            return
-        saved = {name: self.head_layer.get_variable(name) for name in values}
-        saved_scales = self.dequantizer.get_variable("scales") if scales is not None else None
+            model, layer, dequantizer = model, layer, (deq[-1] if deq else None)
+            saved = None
+        else:
+            model, layer, dequantizer = known
+            saved = {name: layer.get_variable(name) for name in values}, (dequantizer.get_variable("scales") if scales is not None else None)
         try:
-            self._set_head(self.head_layer, self.dequantizer, values, scales)
+            self._set_head(layer, dequantizer, values, scales)
         except (ValueError, RuntimeError) as exc:
-            self._set_head(self.head_layer, self.dequantizer, saved, saved_scales)
+            if saved is not None:
+                self._set_head(layer, dequantizer, *saved)
             raise RuntimeErrorQana(f"akida refused the head ({exc}); the previous head is kept") from None
+        self._models_by_classes[classes] = (model, layer, dequantizer)
+        self.model, self.head_layer, self.dequantizer = model, layer, dequantizer
 
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Logits of the whole model as run by Akida, shape (N, C).
