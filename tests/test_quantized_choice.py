@@ -119,6 +119,7 @@ def test_the_quantized_stage_keeps_the_model_its_rule_chooses_and_records_both_a
     assert info["agreement_calibrated"]["agreement"] == pytest.approx(1.0, abs=0.2)
     assert set(info["agreement_fine_tuned"]) == {"agreement", "macro_f1"}
     if qat_moves_weights:
+        assert info["agreement_fine_tuned"]["macro_f1"] < info["agreement_calibrated"]["macro_f1"]
         saved = qana.train.load_quantized(opts)
         assert any(np.any(w != 0) for w in saved.get_weights())  # the calibrated weights were put back
 
