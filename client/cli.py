@@ -30,6 +30,7 @@ from qana.cli_errors import fail, reported_errors
 REPO_ROOT = Path(client.__file__).resolve().parents[1]
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print clinic data or keys
     name="qana-client",
     no_args_is_help=True,
     help="QANA-FL clinic: join a federation; only the trained projection head ever leaves this machine.",

@@ -22,6 +22,7 @@ from qana.splits import VAL_FRACTION, VAL_FRACTION_RANGE
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print images and patient metadata
     help="QANA model pipeline: HAM10000 images -> quantized QANA network -> Akida model bundle.",
 )
 
@@ -159,7 +160,7 @@ def train(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Option(help="HAM10000-style folder to evaluate on (every readable image is used).")],
+    data: Annotated[Path, typer.Option(help="HAM10000-style folder to evaluate on (every readable image the metadata lists is used; the others are reported).")],
     model: Annotated[Optional[Path], typer.Option(help="Bundle directory; default: the shipped v2 bundle.")] = None,
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
@@ -171,14 +172,17 @@ def evaluate(
     from qana.bundle import BundleError, load_bundle, load_default_bundle
     from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
-    from qana.evaluate import PLOT_NEEDS, can_plot, clinical_inputs, evaluate_bundle, plot_confusion
+    from qana.evaluate import BACKENDS, PLOT_NEEDS, can_plot, clinical_inputs, evaluate_bundle, plot_confusion
     from qana.fusion import describe_lesions
 
+    if backend not in BACKENDS:  # before any image is decoded
+        raise fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if plot and not can_plot():
         raise fail(f"--plot {plot}: {PLOT_NEEDS}")
-    if json_out is not None and plot is None and can_plot():
-        plot = json_out.with_suffix(".png")
     _check_outputs(json_out, plot)
+    no_plot = f"no PNG, {PLOT_NEEDS}"
+    if json_out is not None and plot is None and can_plot():
+        plot, no_plot = _png_beside(json_out)
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
@@ -188,40 +192,75 @@ def evaluate(
         raise fail(f"{exc} (fix the metadata, or score the images alone: --no-clinical-prior)") from None
     except (BundleError, DataError, ValueError) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # an unreadable metadata file or image folder, a failing disk
+        raise fail(describe_os_error(exc)) from None
     typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}; {prior_use}")
     fusion_use = f"on ({describe_lesions(dataset.lesion_ids)})" if lesion_fusion else "off (each image decided alone)"
     typer.echo(f"lesion fusion: {fusion_use}")
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
         typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
-    with reported_errors():
-        if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(result, indent=2))
-            typer.echo(f"metrics: {json_out}")
-            if not plot:
-                typer.echo(f"confusion matrix: no PNG, {PLOT_NEEDS}")
-        if plot:
-            plot_confusion(result["confusion"], bundle.classes, plot, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
-            typer.echo(f"confusion matrix: {plot}")
+    from qana.atomic import write_atomic
+
+    for flag, path, write in (
+        ("--json", json_out, lambda p: write_atomic(p, json.dumps(result, indent=2).encode())),
+        ("--plot", plot, lambda p: plot_confusion(result["confusion"], bundle.classes, p, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")),
+    ):
+        if path is None:
+            continue
+        try:  # replaced in one step: a failed write leaves an earlier file whole
+            write(path)
+        except OSError as exc:
+            raise fail(f"{flag} {path}: {exc.strerror or exc}") from None
+        typer.echo(f"{'metrics' if flag == '--json' else 'confusion matrix'}: {path}")
+    if json_out is not None and plot is None:
+        typer.echo(f"confusion matrix: {no_plot}")
 
 
 def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
     """Refuse output paths that cannot work before evaluating, not after a long evaluation."""
-    from qana.atomic import file_in_the_way
-
+    if json_out is not None and json_out.suffix.lower() == ".png":
+        raise fail(f"--json {json_out} ends in .png: the metrics are JSON (the confusion-matrix PNG is written beside it)")
     if plot is not None and plot.suffix.lower() != ".png":
         raise fail(f"--plot {plot}: the confusion matrix is a PNG; give a path ending in .png")
     if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
         raise fail(f"--json and --plot are the same file ({plot}); one would overwrite the other")
     for flag, path in (("--json", json_out), ("--plot", plot)):
-        if path is None:
-            continue
-        if path.is_dir():
-            raise fail(f"{flag} {path} is a directory; give a file path")
-        blocking = file_in_the_way(path.parent)
-        if blocking is not None:
-            raise fail(f"{flag} {path}: {blocking} is a file, not a folder")
+        if path is not None:
+            problem = _unwritable(path)
+            if problem:
+                raise fail(f"{flag} {path}: {problem}")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why `path` cannot be written (None if it can): a folder in its place, a file where a parent
+    folder should be, or a folder that refuses new files (tried by creating one)."""
+    import tempfile
+
+    from qana.atomic import file_in_the_way
+
+    if path.is_dir():
+        return "is a directory; give a file path"
+    blocking = file_in_the_way(path.parent)
+    if blocking is not None:
+        return f"{blocking} is a file, not a folder"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write to {path.parent} ({exc.strerror or exc})"
+    return None
+
+
+def _png_beside(json_out: Path) -> tuple[Path | None, str]:
+    """The confusion-matrix PNG that goes beside `--json` when no --plot is given, or (None, why
+    not). It is a by-product: a path that cannot take it skips the PNG rather than the run."""
+    png = json_out.with_suffix(".png")
+    problem = _unwritable(png)
+    if problem:
+        return None, f"no PNG beside --json: {png} {problem}"
+    return png, ""
 
 
 @app.command()

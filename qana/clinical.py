@@ -101,7 +101,7 @@ def _age_column(age, name: str) -> int:
     try:
         years = float(age)
     except (TypeError, ValueError):
-        raise ClinicalDataError(f"{name}: age {age!r} is not a number of years") from None
+        raise ClinicalDataError(f"{name}: age {str(age)!r} is not a number of years") from None
     if math.isnan(years):
         return len(AGE_BANDS)
     if not 0.0 <= years <= MAX_AGE:
@@ -115,7 +115,7 @@ def _vocab_column(value, vocabulary: tuple[str, ...], what: str, name: str) -> i
         return len(vocabulary)
     if text not in vocabulary:
         raise ClinicalDataError(
-            f"{name}: {what} {value!r} is not one the clinical prior knows "
+            f"{name}: {what} {str(value)!r} is not one the clinical prior knows "
             f"({', '.join(vocabulary)}, or empty/unknown)"
         )
     return vocabulary.index(text)

@@ -127,6 +127,12 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
             clinical = [c in header for c in CLINICAL_COLUMNS]
             for row in reader:
                 line_no = reader.line_num  # the physical line the row ends on (blank lines and multi-line fields count)
+                surplus = row.get(None) or []  # fields beyond the header's columns
+                if any((v or "").strip() for v in surplus):
+                    raise DataError(
+                        f"{path}:{line_no}: {len(surplus)} more field(s) than the header's {len(header)} columns "
+                        f"({', '.join(repr(v) for v in surplus[:3])}): is a comma inside a value not quoted?"
+                    )
                 image_id = (row.get("image_id") or "").strip()
                 lesion_id = (row.get("lesion_id") or "").strip()
                 dx = (row.get("dx") or "").strip()
@@ -144,6 +150,8 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
         raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from None
     except csv.Error as exc:
         raise DataError(f"{path}: malformed CSV ({exc})") from None
+    except OSError as exc:  # permission denied, a failing disk
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not records:
         raise DataError(f"{path}: no rows")
     return records
@@ -379,6 +387,9 @@ def load_dataset(
         zips = sorted(p.name for p in root.glob("*.zip"))
         hint = f"; unpack {', '.join(zips)} first" if zips and all(v.startswith("missing") for v in skipped.values()) else ""
         raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read ({describe_skipped(skipped, limit=3)}){hint}")
+    # ISIC images the metadata does not list have no label: not used, but named, so a folder whose
+    # metadata lacks rows does not quietly give a smaller `n`.
+    skipped.update({k: f"not in {METADATA_FILE}: no label, not used" for k in sorted(files) if k not in listed})
     index = {name: i for i, name in enumerate(class_names)}
     has_clinical = all(r.age is not None and r.sex is not None and r.site is not None for r in kept)
     return Dataset(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qana import clinical
+from qana.atomic import write_atomic
 from qana.bundle import Bundle
 from qana.clinical import ClinicalPrior
 from qana.data import Dataset
@@ -114,5 +116,7 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: P
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())  # a failed write leaves an earlier plot whole

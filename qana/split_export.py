@@ -120,7 +120,9 @@ def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> 
         for image_id in image_ids:
             shutil.copyfile(files[image_id], tmp / "images" / files[image_id].name)
         with (tmp / METADATA_FILE).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
+            # extrasaction: a row's empty trailing fields (a spreadsheet's trailing comma, which
+            # read_metadata accepts; it refuses non-empty ones) are not copied
+            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows[image_id] for image_id in image_ids)
         (tmp / "README.md").write_text(readme)
@@ -136,6 +138,11 @@ def export_part(
     """Write `part` of the split of `dataset` (loaded from `data`) to `out`; with a bundle's
     `training` record, only if the part is the one that bundle was split with."""
     index = part_indices(dataset, part, seed, val_fraction)
+    if not len(index):
+        raise SplitExportError(
+            f"the {part} part of this split is empty ({len(dataset)} images of {len(set(dataset.lesion_ids))} lesions "
+            f"are too few for a {part} share); nothing written"
+        )
     if training is not None:
         check_bundle_split(training, dataset, part, len(index))
     readme = README.format(

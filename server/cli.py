@@ -17,6 +17,7 @@ from server.federation_cli import (
 )
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print clinic data or keys
     name="qana-server",
     no_args_is_help=True,
     help="QANA-FL coordinator: runs the federation and keeps the signed audit log of model versions.",

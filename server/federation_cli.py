@@ -78,6 +78,7 @@ def certs_command(
 # --------------------------------------------------------------------------- nodes
 
 nodes_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print clinic data or keys
     name="nodes",
     no_args_is_help=True,
     help="Clinic keys for SuperNode authentication: only registered clinics can connect.",

@@ -24,6 +24,7 @@ from qana.invocation import invoked_command
 EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print clinic data or keys
     name="qana-sim",
     no_args_is_help=True,
     add_completion=False,

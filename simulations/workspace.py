@@ -97,7 +97,7 @@ def load_source(cfg: SimConfig, cache_root: Path, progress: bool = False) -> Sou
     description = (
         f"{what} at {data_dir}: {len(dataset)} images of {n_lesions} lesions from {len(centres)} source "
         f"centre(s) ({', '.join(centres)}), decoded at {size}x{size}"
-        + (f"; {len(dataset.skipped)} listed image(s) unreadable and skipped" if dataset.skipped else "")
+        + (f"; {len(dataset.skipped)} image(s) skipped (unreadable, or not in the metadata)" if dataset.skipped else "")
     )
     return Source(data_dir, embedded, dataset, bundle, description)
 

@@ -208,3 +208,12 @@ def test_the_clinical_stage_steps_aside_when_it_cannot_or_should_not_fit(tmp_pat
     bare = ds.subset(np.arange(len(ds)))
     bare.ages = bare.sexes = bare.sites = None
     assert stage_clinical(opts, bare, bare)["reason"] == "the metadata has no age, sex, localization columns"
+
+
+def test_values_from_a_dataset_are_shown_as_written_in_the_csv() -> None:
+    """Dataset columns are numpy arrays: under numpy 2 `!r` showed np.str_('45 years') (helper-15)."""
+    with pytest.raises(clinical.ClinicalDataError, match=r"age '45 years' is not") as age:
+        clinical.encode(np.array(["45 years"]), np.array(["male"]), np.array(["back"]), np.array(["ISIC_0"]))
+    with pytest.raises(clinical.ClinicalDataError, match=r"sex 'M' is not") as sex:
+        clinical.encode(np.array(["45"]), np.array(["M"]), np.array(["back"]), np.array(["ISIC_0"]))
+    assert "np.str_" not in str(age.value) + str(sex.value)

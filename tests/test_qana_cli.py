@@ -56,7 +56,7 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(unhashed), "--backend", "float"])
     assert result.exit_code == 2 and "float.h5 has no sha256" in result.output
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "gpu"])
-    assert result.exit_code == 2 and "unknown backend" in result.output
+    assert result.exit_code == 2 and "--backend must be one of" in result.output
     # Output paths that cannot work are refused before any image is scored.
     (tmp_path / "afile").write_text("kept")
     (tmp_path / "adir").mkdir()
@@ -64,7 +64,7 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         (["--json", tmp_path / "adir"], "is a directory"),
         (["--json", tmp_path / "afile" / "m.json"], "is a file, not a folder"),
         (["--plot", tmp_path / "cm.txt"], "give a path ending in .png"),
-        (["--json", tmp_path / "m.png"], "are the same file"),
+        (["--json", tmp_path / "m.png"], "ends in .png"),
     ):
         result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), *map(str, outputs)])
         assert result.exit_code == 2 and message in result.output and "top1" not in result.output, (outputs, result.output)
@@ -181,3 +181,103 @@ def test_train_resumed_with_other_settings_is_a_one_line_error(tmp_path: Path) -
     (tmp_path / "afile").write_text("kept")
     on_file = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "afile"), "--stop-after", "split"])
     assert on_file.exit_code == 2 and "--run-dir" in on_file.output and (tmp_path / "afile").read_text() == "kept", on_file.output
+
+
+# ----------------------------------------------------------------------------- helper-15's audit (session 27)
+
+
+def test_an_unreadable_metadata_file_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    import qana.data
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=6, image_size=40, seed=1)
+    real_open = Path.open
+
+    def refuse_metadata(self, *args, **kwargs):
+        if self.name == "HAM10000_metadata.csv":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse_metadata)
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY)])
+    assert result.exit_code == 2, result.output
+    assert "cannot read" in result.output and "Permission denied" in result.output and "Traceback" not in result.output
+    assert qana.data.DataError  # the error type the CLI reports
+
+
+def test_no_command_line_prints_local_variables_in_a_traceback() -> None:
+    """A bug's traceback printed every local: image arrays, patient age/sex/site, keys (helper-15)."""
+    from client.cli import app as client_app
+    from server.cli import app as server_app
+    from simulations.cli import app as sim_app
+
+    for typer_app in (app, client_app, server_app, sim_app):
+        assert typer_app.pretty_exceptions_show_locals is False, typer_app.info.name
+
+
+def test_a_failed_metrics_write_keeps_the_previous_file_whole(tmp_path: Path) -> None:
+    """Written in place, a full disk left 1,024 bytes of invalid JSON where good metrics were.
+    The second run here may write at most 1 KiB per file (RLIMIT_FSIZE); the metrics are more."""
+    import os
+    import resource
+    import subprocess
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=3)
+    out = tmp_path / "m.json"
+    env = {**os.environ, "QANA_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-c", "from qana.cli import app; app()", "evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(out)]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    assert len(before) > 1024 and json.loads(before)["n"] == 12
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, preexec_fn=small_files)
+    assert second.returncode == 2, second.stderr
+    assert f"--json {out}" in second.stderr and "Traceback" not in second.stderr
+    assert out.read_bytes() == before
+
+
+def test_images_the_metadata_does_not_list_are_named(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=8, image_size=40, seed=4)
+    extra = clinic.root / "images" / "ISIC_9999999.jpg"
+    shutil.copyfile(next((clinic.root / "images").glob("ISIC_*.jpg")), extra)
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY)])
+    assert result.exit_code == 0, result.output
+    assert "8 images (skipped 1 image(s): ISIC_9999999 (not in HAM10000_metadata.csv" in result.output
+
+
+def test_output_and_backend_problems_are_refused_before_any_image_is_decoded(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    import qana.data
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=6, image_size=40, seed=5)
+    decoded: list[object] = []
+    monkeypatch.setattr(qana.data, "load_images", lambda *a, **k: decoded.append(a) or ({}, {}, {}))
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "akidda"])
+    assert result.exit_code == 2 and "--backend must be one of akida, quantized, float, not 'akidda'" in result.output
+    locked = tmp_path / "locked"
+    real = tempfile.TemporaryFile
+
+    def refuse_in_locked(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_in_locked)
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(locked / "m.json")])
+    assert result.exit_code == 2 and f"cannot write to {locked} (Permission denied)" in result.output
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(tmp_path / "m.png")])
+    assert result.exit_code == 2 and "ends in .png" in result.output
+    assert not decoded
+
+
+def test_a_folder_where_the_png_would_go_skips_the_png_not_the_evaluation(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=6, image_size=40, seed=6)
+    (tmp_path / "result.png").mkdir()
+    result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(tmp_path / "result.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "result.json").read_text())["n"] == 6
+    assert "no PNG beside --json" in result.output and "--plot" not in result.output

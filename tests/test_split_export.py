@@ -112,3 +112,28 @@ def test_a_bundle_s_split_is_reproduced_or_refused(clinic, private_cache, tmp_pa
         check_bundle_split({"split": record, "command": "qana train --val-fraction 0.2"}, dataset, "val", val + 1)
     with pytest.raises(SplitExportError, match="does not record its training split"):
         check_bundle_split({"command": "python tests/fixtures/make_tiny_bundle.py"}, dataset, "test", test)
+
+
+def test_a_trailing_comma_is_copied_without_it_and_a_misaligned_row_is_refused(private_cache, tmp_path: Path) -> None:
+    """A spreadsheet's trailing comma made `qana split` crash with a traceback (helper-15) while
+    `qana evaluate` accepted the file; a non-empty extra field means the columns are shifted."""
+    data = make_synthetic_ham(tmp_path / "data", n_images=40, image_size=32, seed=8).root
+    metadata = data / METADATA_FILE
+    lines = metadata.read_text().splitlines()
+    metadata.write_text("\n".join([lines[0], *(line + "," for line in lines[1:])]) + "\n")
+    out = tmp_path / "part"
+    result = runner.invoke(app, ["split", "--data", str(data), "--out", str(out), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert all(None not in row and row["dx"] for row in _rows(out).values())
+    lines[3] = lines[3] + ",shifted"
+    metadata.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["split", "--data", str(data), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 2 and f"{METADATA_FILE}:4: 1 more field(s)" in result.output and "'shifted'" in result.output
+
+
+def test_an_empty_part_is_refused_not_written(private_cache, tmp_path: Path) -> None:
+    data = make_synthetic_ham(tmp_path / "data", n_images=3, image_size=32, seed=9).root
+    out = tmp_path / "tiny-test"
+    result = runner.invoke(app, ["split", "--data", str(data), "--out", str(out), "--part", "val", "--val-fraction", "0.05"])
+    assert result.exit_code == 2 and "the val part of this split is empty" in result.output, result.output
+    assert not out.exists()

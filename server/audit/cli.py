@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 EXIT_INVALID = 1  # verify found a problem
 
 audit_app = typer.Typer(
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not print clinic data or keys
     name="audit",
     no_args_is_help=True,
     help=(
