@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.bundle import MANIFEST, Bundle, BundleError
+from qana.bundle import MANIFEST, Bundle, BundleError, sha256_file
 from qana.head import QuantizedHead, split_bias_v2
 from qana.preprocess import preprocess
 from qana.views import averaged_features
@@ -77,7 +77,9 @@ def probe_model_file(path, digest: str) -> None:
     if digest in _PROBED:
         return
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        # -P: the working directory is not put on the child's import path (a statistics.py there
+        # would shadow the standard library's and break `import akida`)
+        done = subprocess.run([sys.executable, "-P", "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise BundleError(f"{path}: akida did not finish reading the model within {PROBE_TIMEOUT:.0f} s") from None
     if done.returncode < 0:
@@ -97,7 +99,9 @@ def load_akida_model(bundle: Bundle):
     child process first because akida crashes on some damaged files (`probe_model_file`)."""
     import akida
 
-    probe_model_file(bundle.model_path, bundle.manifest["files"][bundle.model_path.name])
+    # the hash load_bundle verified; a run's own folder (qana.train) has no manifest of files
+    recorded = bundle.manifest.get("files", {}).get(bundle.model_path.name)
+    probe_model_file(bundle.model_path, recorded or sha256_file(bundle.model_path))
     try:
         model = akida.Model(str(bundle.model_path))
     except (ValueError, RuntimeError) as exc:

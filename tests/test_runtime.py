@@ -292,3 +292,28 @@ def test_switching_between_class_counts_reuses_each_counts_model(runtime: AkidaR
             reference = head_math.quantized_logits(q, feats)
             for chip in (runtime.logits(images), runtime.head_logits(feats)):
                 np.testing.assert_allclose(chip, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_a_run_folder_without_a_file_manifest_still_loads(tmp_path: Path) -> None:
+    """qana.train runs the converted model from its run folder through a Bundle with no 'files'
+    record; the model-file probe must not need one (helper-16: every new training crashed there)."""
+    import shutil
+
+    from qana.bundle import Bundle
+
+    shutil.copyfile(BUNDLES / "tiny-v2" / "model.fbz", tmp_path / "model.fbz")
+    src = load_bundle(BUNDLES / "tiny-v2")
+    manifest = {"input_shape": list(src.input_shape), "feature_dim": src.feature_dim, "test_time_views": 1}
+    runtime = AkidaRuntime(Bundle(tmp_path, manifest), device="software")
+    assert runtime.features(_images(2)).shape == (2, src.feature_dim)
+
+
+def test_a_module_in_the_working_directory_does_not_break_the_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -c` puts the working directory first on the import path; a statistics.py there
+    broke the child's `import akida` and every bundle was 'not a readable Akida model'."""
+    import qana.runtime
+
+    (tmp_path / "statistics.py").write_text("raise ImportError('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qana.runtime, "_PROBED", set())
+    AkidaRuntime(load_bundle(BUNDLES / "tiny-v2"), device="software")
