@@ -172,7 +172,7 @@ def evaluate(
     from qana.bundle import BundleError, load_bundle, load_default_bundle
     from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
-    from qana.evaluate import BACKENDS, PLOT_NEEDS, can_plot, clinical_inputs, evaluate_bundle, plot_confusion
+    from qana.evaluate import BACKENDS, PLOT_NEEDS, can_plot, clinical_inputs, confusion_png, evaluate_bundle
     from qana.fusion import describe_lesions
 
     if backend not in BACKENDS:  # before any image is decoded
@@ -200,16 +200,14 @@ def evaluate(
     typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
         typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
-    from qana.atomic import write_atomic
-
-    for flag, path, write in (
-        ("--json", json_out, lambda p: write_atomic(p, json.dumps(result, indent=2).encode())),
-        ("--plot", plot, lambda p: plot_confusion(result["confusion"], bundle.classes, p, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")),
+    for flag, path, content in (
+        ("--json", json_out, lambda: json.dumps(result, indent=2).encode()),
+        ("--plot", plot, lambda: confusion_png(result["confusion"], bundle.classes, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")),
     ):
         if path is None:
             continue
-        try:  # replaced in one step: a failed write leaves an earlier file whole
-            write(path)
+        try:
+            _write_output(path, content())
         except OSError as exc:
             raise fail(f"{flag} {path}: {exc.strerror or exc}") from None
         typer.echo(f"{'metrics' if flag == '--json' else 'confusion matrix'}: {path}")
@@ -234,28 +232,59 @@ def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
 
 def _unwritable(path: Path) -> str | None:
     """Why `path` cannot be written (None if it can): a folder in its place, a file where a parent
-    folder should be, or a folder that refuses new files (tried by creating one)."""
+    folder should be, or a folder that refuses new files (tried by creating one in the nearest
+    folder that exists, so nothing is created for a run that then fails)."""
+    import os
     import tempfile
 
     from qana.atomic import file_in_the_way
 
     if path.is_dir():
         return "is a directory; give a file path"
-    blocking = file_in_the_way(path.parent)
+    if path.exists() and not path.is_file():  # a pipe or terminal, e.g. /dev/stdout: written directly
+        return None if os.access(path, os.W_OK) else "cannot be written"
+    target = path.resolve() if path.is_symlink() else path
+    blocking = file_in_the_way(target.parent)
     if blocking is not None:
         return f"{blocking} is a file, not a folder"
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        return f"cannot write to {path.parent} ({exc.strerror or exc})"
+        return f"cannot write to {folder} ({exc.strerror or exc})"
     return None
+
+
+def _write_output(path: Path, data: bytes) -> None:
+    """Write an output file the way a user expects of a command's output, but in one step.
+
+    A regular file is replaced atomically (a full disk leaves an earlier one whole), with the
+    user's umask; a link is followed and its target replaced; a pipe or terminal (--json
+    /dev/stdout) is written directly.
+    """
+    import os
+
+    from qana.atomic import write_atomic
+
+    if path.exists() and not path.is_file():
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return
+    target = path.resolve() if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    write_atomic(target, data, mode=0o666 & ~umask)
 
 
 def _png_beside(json_out: Path) -> tuple[Path | None, str]:
     """The confusion-matrix PNG that goes beside `--json` when no --plot is given, or (None, why
     not). It is a by-product: a path that cannot take it skips the PNG rather than the run."""
+    if json_out.exists() and not json_out.is_file():
+        return None, f"no PNG beside --json {json_out}: it is not a regular file (give --plot for one)"
     png = json_out.with_suffix(".png")
     problem = _unwritable(png)
     if problem:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from qana import clinical
-from qana.atomic import write_atomic
 from qana.bundle import Bundle
 from qana.clinical import ClinicalPrior
 from qana.data import Dataset
@@ -94,8 +93,8 @@ def can_plot() -> bool:
     return True
 
 
-def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: Path, title: str = "") -> None:
-    """Row-normalised confusion matrix with counts, as a PNG."""
+def confusion_png(confusion: list[list[int]], classes: tuple[str, ...], title: str = "") -> bytes:
+    """Row-normalised confusion matrix with counts, as the bytes of a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +114,7 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: P
     fig.colorbar(im, ax=ax, label="fraction of true class")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())  # a failed write leaves an earlier plot whole
+    return buffer.getvalue()

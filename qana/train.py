@@ -563,7 +563,10 @@ def agreement_images(opts: TrainOptions, train: Dataset, val: Dataset) -> np.nda
 
     No labels are needed to measure fidelity, so the check can use six times as many images as
     the 400-odd validation ones that decide `keep_fine_tuned`, where a split's choice rests on a
-    handful of images of the rare classes.
+    handful of images of the rare classes. The training images are not independent of the
+    candidates: QAT fine-tunes on them (with `--qat-distill`, towards the float model's outputs),
+    the calibrated model never trained on them. That tilts the comparison towards the
+    fine-tuned model, so a choice of the calibrated one is the conservative direction.
     """
     extra = _training_order(opts, train)[CALIBRATION_IMAGES : CALIBRATION_IMAGES + AGREEMENT_TRAIN_IMAGES]
     return np.concatenate([val.images, train.images[extra]])

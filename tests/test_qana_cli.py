@@ -259,6 +259,7 @@ def test_output_and_backend_problems_are_refused_before_any_image_is_decoded(tmp
     result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--backend", "akidda"])
     assert result.exit_code == 2 and "--backend must be one of akida, quantized, float, not 'akidda'" in result.output
     locked = tmp_path / "locked"
+    locked.mkdir()
     real = tempfile.TemporaryFile
 
     def refuse_in_locked(*args, dir=None, **kwargs):
@@ -281,3 +282,26 @@ def test_a_folder_where_the_png_would_go_skips_the_png_not_the_evaluation(tmp_pa
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "result.json").read_text())["n"] == 6
     assert "no PNG beside --json" in result.output and "--plot" not in result.output
+
+
+def test_outputs_follow_links_keep_the_umask_and_nothing_is_created_for_a_failed_run(tmp_path: Path) -> None:
+    """helper-16: the atomic write replaced a link instead of its target, ignored the umask, and
+    the early writability check created output folders for a run that then failed."""
+    import os
+    import stat
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=6, image_size=40, seed=7)
+    result = runner.invoke(app, ["evaluate", "--data", str(tmp_path / "none"), "--model", str(TINY), "--json", str(tmp_path / "new" / "a" / "m.json")])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+
+    real = tmp_path / "real.json"
+    real.write_text('{"old": 1}')
+    (tmp_path / "latest.json").symlink_to(real)
+    old_umask = os.umask(0o077)
+    try:
+        result = runner.invoke(app, ["evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", str(tmp_path / "latest.json")])
+    finally:
+        os.umask(old_umask)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "latest.json").is_symlink() and json.loads(real.read_text())["n"] == 6
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
