@@ -348,8 +348,8 @@ class AkidaRuntime:
             model = self._grown_model(classes)
             layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
             deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
-            model, layer, dequantizer = model, layer, (deq[-1] if deq else None)
-            saved = None
+            dequantizer = deq[-1] if deq else None
+            saved = None  # a new model: on failure it is simply not swapped in
         else:
             model, layer, dequantizer = known
             saved = {name: layer.get_variable(name) for name in values}, (dequantizer.get_variable("scales") if scales is not None else None)
