@@ -107,9 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.resamples < 1:
         sys.exit(f"error: --resamples must be at least 1, got {args.resamples}")
-    for run in args.runs:
-        if not (run / "bundle.json").is_file():
-            sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
+    import chip_ensemble
+
+    chip_ensemble.require_finished_runs(args.runs)
 
     datasets: dict = {}
     points = []

@@ -35,6 +35,13 @@ METRICS = ("top1", "macro_f1", "balanced_accuracy")
 MODELS = ("float", "akida", "float+prior", "akida+prior")
 
 
+def require_finished_runs(runs: list[Path]) -> None:
+    """Exit with one `error:` line naming the first run whose bundle stage has not finished."""
+    for run in runs:
+        if not (run / "bundle.json").is_file():
+            sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
+
+
 def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, dict, dict]:
     """Mean float and Akida logits of a group of runs on its validation and test parts, the
     parts' labels, and the rest a scorer needs: the prior's training inputs and each part's
@@ -108,10 +115,7 @@ def main() -> None:
     groups = [[Path(p) for p in g.split(",") if p] for g in args.groups]
     if not all(groups):
         parser.error(f"a group names no run: {' '.join(args.groups)} (give comma-separated run directories)")
-    for group in groups:
-        for run in group:
-            if not (run / "bundle.json").is_file():
-                sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
+    require_finished_runs([run for group in groups for run in group])
     datasets: dict = {}
     results = []
     print(f"{'group':40s} {'part':5s} " + " ".join(f"{m + ' top-1/mF1/bal':>26s}" for m in MODELS) + "  prior weight")

@@ -57,11 +57,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="the HAM10000-style folder the runs were trained on")
     parser.add_argument("--test", action="store_true", help="also print the test part")
     args = parser.parse_args()
-    for run in args.runs:
-        if not (run / "bundle.json").is_file():
-            sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
+    from benchmarks.chip_ensemble import group_logits, require_finished_runs
 
-    from benchmarks.chip_ensemble import group_logits
+    require_finished_runs(args.runs)
+
     from qana.train import load_prior, recorded_options
 
     datasets: dict = {}

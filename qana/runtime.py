@@ -150,6 +150,13 @@ def _layer_type(layer) -> str:
     return str(layer.parameters.layer_type).split(".")[-1]
 
 
+def head_layers(model) -> tuple[object | None, object | None]:
+    """The model's last Dense1D/FullyConnected layer and its last Dequantizer (None where absent)."""
+    heads = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")]
+    deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
+    return (heads[-1] if heads else None), (deq[-1] if deq else None)
+
+
 def backbone_depth(model) -> int:
     """How many layers come before the model's trailing head layers (HEAD_LAYER_TYPES)."""
     depth = len(model.layers)
@@ -170,17 +177,14 @@ class AkidaRuntime:
         # The backbone is the model's layers up to the head, built from the loaded model rather
         # than from a second read of the file (akida keeps every file-loaded model's memory).
         self.backbone = akida.Model(layers=self.model.layers[: backbone_depth(self.model)])
-        head_layers = [l for l in self.model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")]
-        if not head_layers:
+        self.head_layer, self.dequantizer = head_layers(self.model)
+        if self.head_layer is None:
             raise RuntimeErrorQana(f"{bundle.model_path}: the model has no Dense1D/FullyConnected head layer")
-        self.head_layer = head_layers[-1]
         # Akida 2.0 Dense1D shifts each input channel left by input_shift to align per-channel
         # activation scales; the features handed to the head math include that shift so the
         # integer reference is exactly what the layer accumulates.
         names = self.head_layer.variables.names
         self._input_shift = self.head_layer.get_variable("input_shift").astype(np.int64) if "input_shift" in names else None
-        deq = [l for l in self.model.layers if _layer_type(l) == "Dequantizer"]
-        self.dequantizer = deq[-1] if deq else None
         if self.choice.device is not None:
             self.backbone.map(self.choice.device)
             self.model.map(self.choice.device)
@@ -346,9 +350,7 @@ class AkidaRuntime:
         known = self._models_by_classes.get(classes)
         if known is None:
             model = self._grown_model(classes)
-            layer = [l for l in model.layers if _layer_type(l) in ("Dense1D", "FullyConnected")][-1]
-            deq = [l for l in model.layers if _layer_type(l) == "Dequantizer"]
-            dequantizer = deq[-1] if deq else None
+            layer, dequantizer = head_layers(model)
             saved = None  # a new model: on failure it is simply not swapped in
         else:
             model, layer, dequantizer = known

@@ -222,10 +222,14 @@ def _averaged_weights(model):
             var.assign(value)
 
 
+def _predict(model, images: np.ndarray) -> np.ndarray:
+    """A Keras model's top class for each uint8 image (one view)."""
+    return model.predict(images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
+
+
 def _val_scores(model, images: np.ndarray, labels: np.ndarray) -> dict:
     """Top-1, macro-F1 and balanced accuracy of a Keras model on uint8 images (one view)."""
-    pred = model.predict(images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
-    m = classification_metrics(labels, pred, CLASS_NAMES)
+    m = classification_metrics(labels, _predict(model, images), CLASS_NAMES)
     return {k: m[k] for k in ("top1", "macro_f1", "balanced_accuracy")}
 
 
@@ -585,10 +589,6 @@ def keep_fine_tuned_by_agreement(calibrated: dict, fine_tuned: dict) -> bool:
     model better (agreement macro-F1) than the calibrated one; on a tie the calibrated one,
     which has not moved away from the float weights."""
     return fine_tuned["macro_f1"] > calibrated["macro_f1"]
-
-
-def _predict(model, images: np.ndarray) -> np.ndarray:
-    return model.predict(images.astype(np.float32), batch_size=256, verbose=0).argmax(1)
 
 
 def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
