@@ -23,7 +23,7 @@ import numpy as np
 from qana import clinical
 from qana import head as head_math
 from qana.atomic import replace_atomic, write_atomic
-from qana.augment import op_seed, random_affine
+from qana.augment import mix_batch, op_seed, random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
@@ -60,6 +60,7 @@ class TrainOptions:
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
     affine: bool = False  # random affine warp of training images: any rotation, shear, zoom, shift (qana.augment)
+    mixup: float = 0.0  # mixup (qana.augment.mix_batch): Beta(mixup, mixup) blends of training images and their labels; 0 = off
     test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
     teachers: tuple[str, ...] = ()  # run directories (same split) whose float models teach this one (qana.distill)
     label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
@@ -164,11 +165,13 @@ def backbone_loss(opts: TrainOptions, soft_targets: bool):
 
 def make_dataset(
     images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None, zoom: float = 0.0,
-    affine: bool = False,
+    affine: bool = False, mixup: float = 0.0,
 ):
     """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
     back: lesions vary in size and position), optional random affine warp (qana.augment) and
-    luminance/contrast jitter (no hue shifts: colour is diagnostic)."""
+    luminance/contrast jitter (no hue shifts: colour is diagnostic); with `mixup` > 0 each
+    augmented batch is blended with a shuffled copy of itself (qana.augment.mix_batch), so
+    `labels` must then be per-class targets (N, C), not class numbers."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if weights is None else (images, labels, weights))
@@ -196,6 +199,8 @@ def make_dataset(
             return (x, y, *w)
 
         ds = ds.map(aug, num_parallel_calls=2)
+        if mixup > 0:
+            return ds.batch(batch).map(lambda *b: mix_batch(*b, alpha=mixup, seed=seed)).prefetch(2)
     else:
         ds = ds.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w))
     return ds.batch(batch).prefetch(2)
@@ -311,10 +316,10 @@ def _fit(
     import tf_keras as keras
 
     cw = sample_class_weights(train.labels, len(CLASS_NAMES), opts.class_weighting)
-    if targets is None and opts.loss == "focal":  # the focal loss takes one-hot targets
+    if targets is None and (opts.loss == "focal" or opts.mixup > 0):  # focal loss and mixup take one-hot targets
         targets = np.eye(len(CLASS_NAMES), dtype=np.float32)[train.labels]
     y = train.labels if targets is None else targets
-    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine)
+    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine, opts.mixup)
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(

@@ -132,6 +132,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--class-weighting", "inverse"], "--class-weighting must be sqrt, balanced or none"),
         (["--loss", "hinge"], "--loss must be one of ce, focal"),
         (["--loss", "focal", "--focal-gamma", "-1"], "--focal-gamma must be from 0 to 10"),
+        (["--mixup", "-0.2"], "--mixup must be from 0 (off) to 10, not -0.2"),
         (["--stop-after", "floats"], "--stop-after must be one of split, saliency, pretrain, float"),
         (["--pretrain-epochs", "-1"], "--pretrain-epochs must be 0 (off) or more, not -1"),
         (["--epochs", "0"], "--epochs must be at least 1, not 0"),
