@@ -63,11 +63,12 @@ def _reported_errors() -> Iterator[None]:
     """A bad setting, unreadable data or an impossible split is one error line and exit status 2."""
     from simulations.config import ConfigError
     from simulations.edge_baselines import EdgeSimError
+    from simulations.out_folder import OutFolderError
     from simulations.partition import PartitionError
     from simulations.scenario import ScenarioError
     from simulations.workspace import SourceError
 
-    with reported_errors(ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError):
+    with reported_errors(ConfigError, SourceError, PartitionError, EdgeSimError, ScenarioError, OutFolderError):
         yield
 
 
@@ -95,7 +96,7 @@ def run(
     new_class_clinic: Annotated[Optional[str], typer.Option("--new-class-clinic", help="new-class scenario: the clinic that has it (default: most training lesions of it)")] = None,
     bundle: Annotated[Optional[Path], typer.Option("--bundle", help="model bundle directory (default: the shipped v2 bundle; v1 for --learning akida-edge)")] = None,
     seed: SeedOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results); its run/, work/ and plots/ from an earlier run are replaced once the inputs check out")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results directory (default ./qana-sim-results); the run/, work/ and plots/ of an earlier qana-sim run there (one that wrote results.json) are replaced once this run has written its results, and kept if it is refused; folders of that name no qana-sim run made are never touched")] = None,
     keep_work: Annotated[Optional[bool], typer.Option("--keep-work/--no-keep-work", help="keep the clinics' folders and caches under OUT/work")] = None,
     quiet: QuietOption = False,
 ) -> None:

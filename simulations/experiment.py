@@ -23,6 +23,7 @@ import numpy as np
 from simulations import baselines, edge_baselines
 from simulations.config import SimConfig
 from simulations.engine import Job, Progress, run_federation
+from simulations.out_folder import check_out_folder, replacing_earlier_run
 from simulations.partition import Partition, make_partition
 from simulations.report import ExperimentResult, write_results
 from simulations.results import collect
@@ -208,6 +209,7 @@ def run_experiment(
     state = {"phase": "loading data"}
     t_start = time.perf_counter()
 
+    check_out_folder(out)  # before the data loads: a folder the run may not use costs nothing
     with _phase(seconds, "loading data", state):
         source = load_source(cfg, cache_root, progress=progress)
     echo(f"Data: {source.description}")
@@ -224,94 +226,93 @@ def run_experiment(
             partition, ds.labels, ds.lesion_ids, ds.class_names, cfg.new_class, cfg.new_class_round, cfg.new_class_clinic
         )
         echo(f"Scenario: {partition.notes[-1]}")
-    # Only now that the data, bundle and partition are known good: the previous run's audit log,
-    # signing key and plots go (a bad --bundle or --data must not cost them).
-    for old in (run_dir, work, out / "plots"):
-        shutil.rmtree(old, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    notes = list(partition.notes)
-    if partition.moved_lesions:
-        notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")
-    n = len(partition.clinics)
-    method = "akida-edge learning, k-medoids merge" if cfg.learning == "akida-edge" else cfg.strategy
-    per_round = "1 Akida learning pass" if cfg.learning == "akida-edge" else f"{cfg.local_epochs} local epochs"
-    echo(f"Federation: {n} clinics ({cfg.split} split), {method}, {cfg.rounds} rounds x {per_round}; results in {out}")
-    result = ExperimentResult(
-        cfg=cfg, status="interrupted", data=source.description,
-        bundle={"path": str(source.bundle.path), "id": source.bundle.bundle_id, "target": source.bundle.target,
-                "feature_dim": source.bundle.feature_dim, "input_shape": list(source.bundle.input_shape)},
-        classes=tuple(ds.class_names), partition=partition_table(partition, source), partition_notes=notes,
-        seconds=seconds, command=command,
-    )
-    federation_progress: Progress | None = None
-    try:
-        with _phase(seconds, "backbone features", state):
-            with tqdm(total=len(ds), desc="backbone features", unit="img", disable=not progress, leave=False) as bar:
-                features, computed = source_features(source, cache_root, cfg.device, advance=bar.update)
-            result.features_computed = computed
-        echo(
-            f"Backbone features: the backbone ran on {computed} image(s) now; the other {len(ds) - computed} "
-            "came from the feature cache (or repeat an image's content)"
+    # Only now that the data, bundle and partition are known good does the earlier run's audit
+    # log, signing key and plots make way, and they come back if this run is refused before it
+    # has written its results (simulations.out_folder).
+    with replacing_earlier_run(out):
+        notes = list(partition.notes)
+        if partition.moved_lesions:
+            notes.append(f"{partition.moved_lesions} lesion(s) were moved to clinics that had too little data for a local train and test part")
+        n = len(partition.clinics)
+        method = "akida-edge learning, k-medoids merge" if cfg.learning == "akida-edge" else cfg.strategy
+        per_round = "1 Akida learning pass" if cfg.learning == "akida-edge" else f"{cfg.local_epochs} local epochs"
+        echo(f"Federation: {n} clinics ({cfg.split} split), {method}, {cfg.rounds} rounds x {per_round}; results in {out}")
+        result = ExperimentResult(
+            cfg=cfg, status="interrupted", data=source.description,
+            bundle={"path": str(source.bundle.path), "id": source.bundle.bundle_id, "target": source.bundle.target,
+                    "feature_dim": source.bundle.feature_dim, "input_shape": list(source.bundle.input_shape)},
+            classes=tuple(ds.class_names), partition=partition_table(partition, source), partition_notes=notes,
+            seconds=seconds, command=command,
         )
-        with _phase(seconds, "clinic folders", state):
-            sites = build_clinics(source, partition, features, work, cache_root, cfg.eval_fraction, cfg.seed)
-        target = source.bundle.target
-        edge_config: dict[str, Any] = {}
-        if cfg.learning == "akida-edge":  # simulations.edge_baselines: Akida on-chip learning instead of head training
-            with _phase(seconds, "baselines", state):
-                params, choices = edge_baselines.federation_params(cfg, features, ds.labels, ds.lesion_ids, partition, result.classes)
-                echo(f"Edge settings (clinics' choices combined): {params.num_weights} weights, {params.neurons_per_class} neurons/class, competition {params.learning_competition}")
-                result.partition_notes.append(f"akida-edge settings {edge_baselines.run_config(params)}; each clinic's choice: {choices}")
-                edge_config = edge_baselines.run_config(params)
-                with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
-                    result.pooled = edge_baselines.pooled(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
-                    result.local_only = edge_baselines.local_only(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
-        else:
-            start = baselines.initial_head(cfg, source.bundle.load_head())
-            with _phase(seconds, "baselines", state), _single_threaded_blas():
-                with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
-                    result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
-                    result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
-        run_id = run_id_for(cfg)
-        job = Job(
-            run_id=run_id,
-            node_configs=[
-                s.node_config(cfg, scenario.from_round if scenario and s.clinic_id == scenario.clinic_id else None) for s in sites
-            ],
-            run_config={**server_run_config(cfg, source, n, run_dir), **edge_config, **scenario_config(scenario, result.classes)},
-            dropout=cfg.dropout,
-            seed=cfg.seed,
-            timings=str(run_dir / "timings.json"),
-        )
-        bars = _RoundBars(n, cfg.rounds, progress)
-
-        def on_progress(p: Progress) -> None:
-            nonlocal federation_progress
-            federation_progress = p
-            bars(p)
-
-        with _phase(seconds, "federation (Flower simulation, incl. Ray start)", state):
-            echo("Federation: starting Flower's simulation engine (Ray, 2 CPUs, 1 per ClientApp) with the deployment's ServerApp and ClientApp")
-            try:
-                run = run_federation(job, run_dir, on_progress=on_progress)
-            finally:
-                bars.done(federation_progress)
-        with _phase(seconds, "results and report", state):
-            result.federated = collect(run, str(run_id), target, features, ds.labels, partition, result.classes)
-            if scenario is not None:
-                result.scenario = scenario_summary(
-                    result.federated.heads, target, features, ds.labels, partition, result.classes, scenario
-                )
-            if run.status == "finished":
-                result.status = "finished"
-            elif run.status == "interrupted":
-                result.status, result.message = "interrupted", "interrupted (Ctrl-C) during the federation"
+        federation_progress: Progress | None = None
+        try:
+            with _phase(seconds, "backbone features", state):
+                with tqdm(total=len(ds), desc="backbone features", unit="img", disable=not progress, leave=False) as bar:
+                    features, computed = source_features(source, cache_root, cfg.device, advance=bar.update)
+                result.features_computed = computed
+            echo(
+                f"Backbone features: the backbone ran on {computed} image(s) now; the other {len(ds) - computed} "
+                "came from the feature cache (or repeat an image's content)"
+            )
+            with _phase(seconds, "clinic folders", state):
+                sites = build_clinics(source, partition, features, work, cache_root, cfg.eval_fraction, cfg.seed)
+            target = source.bundle.target
+            edge_config: dict[str, Any] = {}
+            if cfg.learning == "akida-edge":  # simulations.edge_baselines: Akida on-chip learning instead of head training
+                with _phase(seconds, "baselines", state):
+                    params, choices = edge_baselines.federation_params(cfg, features, ds.labels, ds.lesion_ids, partition, result.classes)
+                    echo(f"Edge settings (clinics' choices combined): {params.num_weights} weights, {params.neurons_per_class} neurons/class, competition {params.learning_competition}")
+                    result.partition_notes.append(f"akida-edge settings {edge_baselines.run_config(params)}; each clinic's choice: {choices}")
+                    edge_config = edge_baselines.run_config(params)
+                    with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
+                        result.pooled = edge_baselines.pooled(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
+                        result.local_only = edge_baselines.local_only(cfg, params, target, features, ds.labels, partition, result.classes, on_round=lambda _r: bar.update())
             else:
-                result.status, result.message = "failed", "the simulated federation failed"
-    except KeyboardInterrupt:
-        result.status, result.message = "interrupted", f"interrupted (Ctrl-C) during {state['phase']}"
-    seconds["total"] = time.perf_counter() - t_start
-    write_results(result, out)
+                start = baselines.initial_head(cfg, source.bundle.load_head())
+                with _phase(seconds, "baselines", state), _single_threaded_blas():
+                    with tqdm(total=2 * cfg.rounds, desc="baselines (pooled, local-only)", unit="round", disable=not progress, leave=False) as bar:
+                        result.pooled = baselines.pooled(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+                        result.local_only = baselines.local_only(cfg, start, target, features, ds.labels, partition, on_round=lambda _r: bar.update())
+            run_id = run_id_for(cfg)
+            job = Job(
+                run_id=run_id,
+                node_configs=[
+                    s.node_config(cfg, scenario.from_round if scenario and s.clinic_id == scenario.clinic_id else None) for s in sites
+                ],
+                run_config={**server_run_config(cfg, source, n, run_dir), **edge_config, **scenario_config(scenario, result.classes)},
+                dropout=cfg.dropout,
+                seed=cfg.seed,
+                timings=str(run_dir / "timings.json"),
+            )
+            bars = _RoundBars(n, cfg.rounds, progress)
+
+            def on_progress(p: Progress) -> None:
+                nonlocal federation_progress
+                federation_progress = p
+                bars(p)
+
+            with _phase(seconds, "federation (Flower simulation, incl. Ray start)", state):
+                echo("Federation: starting Flower's simulation engine (Ray, 2 CPUs, 1 per ClientApp) with the deployment's ServerApp and ClientApp")
+                try:
+                    run = run_federation(job, run_dir, on_progress=on_progress)
+                finally:
+                    bars.done(federation_progress)
+            with _phase(seconds, "results and report", state):
+                result.federated = collect(run, str(run_id), target, features, ds.labels, partition, result.classes)
+                if scenario is not None:
+                    result.scenario = scenario_summary(
+                        result.federated.heads, target, features, ds.labels, partition, result.classes, scenario
+                    )
+                if run.status == "finished":
+                    result.status = "finished"
+                elif run.status == "interrupted":
+                    result.status, result.message = "interrupted", "interrupted (Ctrl-C) during the federation"
+                else:
+                    result.status, result.message = "failed", "the simulated federation failed"
+        except KeyboardInterrupt:
+            result.status, result.message = "interrupted", f"interrupted (Ctrl-C) during {state['phase']}"
+        seconds["total"] = time.perf_counter() - t_start
+        write_results(result, out)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return result

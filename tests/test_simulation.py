@@ -103,7 +103,8 @@ def test_cli_refuses_bad_input_with_one_line_and_no_traceback(ham: Path, tmp_pat
     (tmp_path / "BAD.toml").write_text("clinics = 4\nsplti = \"iid\"\n")
     args = [a.replace("MISSING.toml", str(tmp_path / "missing.toml")).replace("BAD.toml", str(tmp_path / "BAD.toml")) for a in args]
     bundle = [] if "--bundle" in args else ["--bundle", str(TINY_V2)]
-    previous = {tmp_path / "out" / "run" / "audit.db": b"earlier run", tmp_path / "out" / "plots" / "f1.png": b"png"}
+    previous = {tmp_path / "out" / "run" / "audit.db": b"earlier run", tmp_path / "out" / "plots" / "f1.png": b"png",
+                tmp_path / "out" / "results.json": b"{}"}  # as an earlier qana-sim run left them
     for path, data in previous.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)

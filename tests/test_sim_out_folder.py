@@ -1,0 +1,116 @@
+"""qana-sim's --out folder (simulations.out_folder): a new run replaces only what an earlier
+qana-sim run made, and only once it has written its own results; a refused run puts the
+earlier run's audit log, key and plots back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from simulations.out_folder import PREVIOUS, OutFolderError, check_out_folder, replacing_earlier_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_V2 = REPO / "tests" / "fixtures" / "bundles" / "tiny-v2"
+
+
+def _earlier_run(out: Path) -> dict[Path, bytes]:
+    files = {out / "results.json": b"{}", out / "report.md": b"# earlier", out / "run" / "audit.db": b"signed log",
+             out / "run" / "audit_key.pem": b"key", out / "plots" / "f1.png": b"png"}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def _contents(files: dict[Path, bytes]) -> dict[Path, bytes | None]:
+    return {path: path.read_bytes() if path.is_file() else None for path in files}
+
+
+def test_a_run_that_raises_puts_the_earlier_run_back_and_leaves_nothing_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    with pytest.raises(RuntimeError, match="refused half-way"):
+        with replacing_earlier_run(out):
+            assert not (out / "run").exists() and (out / PREVIOUS / "run" / "audit.db").is_file()
+            (out / "run").mkdir()
+            (out / "run" / "audit.db").write_bytes(b"new, unfinished")
+            (out / "work").mkdir()
+            raise RuntimeError("refused half-way")
+    assert _contents(files) == files
+    assert not (out / "work").exists() and not (out / PREVIOUS).exists()
+
+
+def test_a_run_that_ends_normally_replaces_the_earlier_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _earlier_run(out)
+    with replacing_earlier_run(out):
+        (out / "run").mkdir()
+        (out / "run" / "audit.db").write_bytes(b"new log")
+    assert (out / "run" / "audit.db").read_bytes() == b"new log"
+    assert not (out / "plots").exists() and not (out / PREVIOUS).exists()
+
+
+def test_folders_no_qana_sim_run_made_are_refused_and_kept(tmp_path: Path) -> None:
+    out = tmp_path / "thesis"
+    (out / "work").mkdir(parents=True)
+    (out / "work" / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutFolderError, match=r"already has work/ but no results.json"):
+        with replacing_earlier_run(out):
+            pass
+    assert (out / "work" / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutFolderError, match="is a file, not a folder"):
+        check_out_folder(tmp_path / "file")
+    check_out_folder(tmp_path / "new")  # a new or empty folder is fine
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_killed_run_is_named_instead_of_guessed_at(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _earlier_run(out)
+    (out / PREVIOUS / "run").mkdir(parents=True)  # what a SIGKILL mid-run leaves
+    with pytest.raises(OutFolderError, match="was stopped before it finished"):
+        check_out_folder(out)
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_qana_sim_refused_after_the_features_keeps_the_earlier_run(ham: Path, tmp_path: Path, monkeypatch) -> None:
+    """The helper-17 case: a run refused after the earlier run's folders made way (here: by the
+    features step) used to leave a report whose audit log and plots were gone."""
+    import simulations.experiment as experiment
+    from simulations.cli import app
+    from simulations.workspace import SourceError
+
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+
+    def refuse(*args, **kwargs):
+        raise SourceError("the backbone emits nothing for these images")
+
+    monkeypatch.setattr(experiment, "source_features", refuse)
+    result = CliRunner().invoke(app, ["run", "--data", str(ham), "--bundle", str(TINY_V2), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "error: the backbone emits nothing" in result.output and "Traceback" not in result.output
+    assert _contents(files) == files
+    assert not (out / "work").exists() and not (out / PREVIOUS).exists()
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_qana_sim_refuses_a_foreign_out_folder_before_loading_data(ham: Path, tmp_path: Path, monkeypatch) -> None:
+    import simulations.experiment as experiment
+    from simulations.cli import app
+
+    out = tmp_path / "victim"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "figure1.png").write_bytes(b"mine")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was loaded for a run that could not write its results")
+
+    monkeypatch.setattr(experiment, "load_source", never)
+    result = CliRunner().invoke(app, ["run", "--data", str(ham), "--bundle", str(TINY_V2), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "already has plots/ but no results.json" in result.output
+    assert (out / "plots" / "figure1.png").read_bytes() == b"mine"
