@@ -126,6 +126,9 @@ MAX_HEAD_VALUE = 1e3
 MAX_ROUND = 1_000_000
 MAX_SEED = 2**31 - 1
 MAX_LEARNING_RATE = 10.0  # the coordinator's --learning-rate range ends here too
+MIN_LEARNING_RATE = 1e-9  # the coordinator's and qana-sim's lower end (the protocol takes any rate > 0)
+MAX_LOCAL_EPOCHS = 1000
+MAX_BATCH_SIZE = 1 << 16
 # Largest l2 and proximal-mu a train instruction may carry. Local training takes Adam steps,
 # whose size does not grow with these strengths, so anything above ~1 already just holds the
 # head at zero (l2) or at the global head (proximal-mu). Far larger values make the float32
@@ -570,7 +573,7 @@ def validate_train_ins(content: RecordDict, spec: HeadSpec) -> tuple[Head, Train
     )
     if settings.absent_classes not in ABSENT_CLASSES:
         raise ProtocolError(f"{what}: absent-classes={settings.absent_classes!r}: use {' or '.join(ABSENT_CLASSES)}")
-    if not (0 < settings.local_epochs <= 1000 and 0 < settings.batch_size <= 1 << 16):
+    if not (0 < settings.local_epochs <= MAX_LOCAL_EPOCHS and 0 < settings.batch_size <= MAX_BATCH_SIZE):
         raise ProtocolError(f"{what}: local-epochs/batch-size out of range")
     check_round_and_seed(settings.server_round, settings.seed, what)
     if not (math.isfinite(settings.learning_rate) and 0 < settings.learning_rate <= MAX_LEARNING_RATE):

@@ -101,8 +101,10 @@ def parse_options(text: str) -> dict[str, float | int]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise StrategyError(f"strategy option {part!r} is not key=value")
+        if key in out:
+            raise StrategyError(f"strategy option {key} is given twice; give it once")
         try:
-            number: float | int = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            number: float | int = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
         except ValueError:
             raise StrategyError(f"strategy option {key}={value!r} is not a number") from None
         out[key] = number

@@ -195,7 +195,7 @@ def compare(
         "seed": seed,
     }
     with _reported_errors():
-        base = resolve(config, flags)
+        base = resolve(config, flags, allow_unused=True)  # each of the four runs uses part of it (compare.plan)
     command = invoked_command("qana-sim")
     out_dir = out.expanduser().resolve()
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from simulations.config import SimConfig
+from simulations.config import APPLY_ONLY_WITH, SimConfig
 from simulations.report import ExperimentResult
 
 RUNS = (
@@ -44,9 +44,31 @@ def plan(base: SimConfig, out: Path) -> list[SimConfig]:
 
     bundle = base.bundle or str(default_bundle_path("v1"))
     return [
-        replace(base, learning=learning, scenario=scenario, bundle=bundle, out=str(out / run_name(learning, scenario))).validate()
+        without_unused(replace(base, learning=learning, scenario=scenario, bundle=bundle, out=str(out / run_name(learning, scenario)))).validate()
         for learning, scenario in RUNS
     ]
+
+
+def without_unused(cfg: SimConfig) -> SimConfig:
+    """`cfg` with the settings of the other learning mode and scenario back at their defaults
+    (an akida-edge run has no strategy, a standard run no new class), so each run records only
+    what it ran with. The split's settings stay: every run has the same split, so a setting it
+    does not use (--alpha with split centre) is refused by `validate` as in `qana-sim run`."""
+    defaults = SimConfig()
+    for (field, value), names in APPLY_ONLY_WITH.items():
+        if field in ("learning", "scenario") and getattr(cfg, field) != value:
+            cfg = replace(cfg, **{name: getattr(defaults, name) for name in names})
+    return cfg
+
+
+def check_scenario(cfg: SimConfig) -> None:
+    """Split the data as the experiment will and place its new class, without running anything
+    (the images are decoded into the cache the experiments then read)."""
+    import qana.data
+    from simulations.experiment import partition_for
+    from simulations.workspace import load_source
+
+    partition_for(cfg, load_source(cfg, qana.data.DEFAULT_CACHE_DIR).dataset)
 
 
 def _row(result: ExperimentResult) -> dict[str, Any]:
@@ -146,13 +168,17 @@ def run_comparison(
 ) -> list[dict[str, Any]]:
     """Run the four experiments with `run` (simulations.experiment.run_experiment) and write the comparison.
 
-    Every experiment's bundle is checked first: a v2 bundle would otherwise be refused only by
-    the first akida-edge run, after the gradient run before it had taken its time."""
+    Every experiment's bundle, and the new-class scenario's class and clinic, are checked first:
+    a v2 bundle would otherwise be refused only by the first akida-edge run, and a misspelt
+    --new-class by the third experiment, after the runs before it had taken their time."""
     from simulations.workspace import resolve_bundle
 
     configs = plan(base, out)
     for cfg in configs:
         resolve_bundle(cfg)
+    for cfg in configs:
+        if cfg.scenario == "new-class":
+            check_scenario(cfg)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for cfg in configs:

@@ -22,11 +22,24 @@ from simulations.partition import SPLITS
 DEVICES = ("software", "auto")
 INITIAL_HEADS = ("random", "bundle")
 SCENARIOS = ("standard", "new-class")  # new-class: simulations.scenario
+MAX_ALPHA = 1e4  # Dirichlet concentration: far above this every clinic gets the same class mix (use --split iid)
 LEARNINGS = ("gradient", "akida-edge")  # akida-edge: Akida 1.0 on-chip learning (v1 bundle), simulations.edge_baselines
 
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and says what is allowed."""
+
+
+# Settings only some runs use, by the setting that makes them count. Given another value while
+# they do not count, they would be silently ignored (qana-server refuses the same for its edge
+# keys in a gradient run), so `SimConfig.validate` refuses them.
+GRADIENT_ONLY = ("strategy", "strategy_options", "local_epochs", "learning_rate", "batch_size", "l2", "smote", "absent_classes")
+APPLY_ONLY_WITH: dict[tuple[str, str], tuple[str, ...]] = {
+    ("split", "dirichlet"): ("alpha",),
+    ("split", "pathological"): ("classes_per_clinic",),
+    ("scenario", "new-class"): ("new_class", "new_class_round", "new_class_clinic"),
+    ("learning", "gradient"): GRADIENT_ONLY,
+}
 
 
 @dataclass(frozen=True)
@@ -68,14 +81,21 @@ class SimConfig:
             return self.clinics
         return None if self.split == "centre" else 4
 
-    def validate(self) -> SimConfig:
-        """Raise ConfigError for the first setting that is out of range; return self."""
+    def validate(self, allow_unused: bool = False) -> SimConfig:
+        """Raise ConfigError for the first setting that is out of range; return self.
+
+        `allow_unused` lets settings this run would not use pass (`qana-sim compare`'s base
+        settings: each of its runs uses some of them, `compare.plan` resets the rest)."""
+        from protocols.messages import MAX_BATCH_SIZE, MAX_LEARNING_RATE, MAX_LOCAL_EPOCHS, MAX_REGULARISATION, MIN_LEARNING_RATE
         from server.strategies import StrategyError, canonical_name, check_options, parse_options
 
         if self.split not in SPLITS:
             raise ConfigError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha}: the Dirichlet concentration must be > 0")
+        if not 0 < self.alpha <= MAX_ALPHA:
+            raise ConfigError(
+                f"alpha={self.alpha}: the Dirichlet concentration must be > 0 and at most {MAX_ALPHA:g} "
+                "(larger values split as evenly as --split iid; use that)"
+            )
         if self.clinics is not None and self.clinics < 1:
             raise ConfigError(f"clinics={self.clinics}: need at least 1 clinic")
         if self.classes_per_clinic < 1:
@@ -84,14 +104,16 @@ class SimConfig:
             raise ConfigError(f"eval-fraction={self.eval_fraction}: must be between 0 and 1")
         if not 1 <= self.rounds <= 10_000:
             raise ConfigError(f"rounds={self.rounds}: must be between 1 and 10000")
-        if not 1 <= self.local_epochs <= 1000:
-            raise ConfigError(f"local-epochs={self.local_epochs}: must be between 1 and 1000")
-        if not 0.0 < self.learning_rate <= 10.0:
-            raise ConfigError(f"learning-rate={self.learning_rate}: must be in (0, 10]")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch-size={self.batch_size}: must be at least 1")
-        if self.l2 < 0:
-            raise ConfigError(f"l2={self.l2}: must be >= 0")
+        # The coordinator's ranges (protocols.messages): a value it would refuse must fail here,
+        # before features, baselines and Ray have taken their minutes.
+        if not 1 <= self.local_epochs <= MAX_LOCAL_EPOCHS:
+            raise ConfigError(f"local-epochs={self.local_epochs}: must be between 1 and {MAX_LOCAL_EPOCHS}")
+        if not MIN_LEARNING_RATE <= self.learning_rate <= MAX_LEARNING_RATE:
+            raise ConfigError(f"learning-rate={self.learning_rate}: must be from {MIN_LEARNING_RATE:g} to {MAX_LEARNING_RATE:g}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"batch-size={self.batch_size}: must be between 1 and {MAX_BATCH_SIZE}")
+        if not 0.0 <= self.l2 <= MAX_REGULARISATION:  # also refuses NaN
+            raise ConfigError(f"l2={self.l2}: must be a number from 0 to {MAX_REGULARISATION:g}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout}: must be in [0, 1)")
         if self.initial_head not in INITIAL_HEADS:
@@ -116,7 +138,23 @@ class SimConfig:
             check_options(name, parse_options(self.strategy_options))
         except StrategyError as exc:
             raise ConfigError(str(exc)) from None
-        return replace(self, strategy=name)
+        checked = replace(self, strategy=name)
+        if not allow_unused:
+            checked.refuse_settings_without_effect()
+        return checked
+
+    def refuse_settings_without_effect(self) -> None:
+        """ConfigError for settings changed from their defaults that this run would not use
+        (`APPLY_ONLY_WITH`), e.g. --alpha with split centre or --strategy with akida-edge."""
+        defaults = SimConfig()
+        ignored = []
+        for (field, value), names in APPLY_ONLY_WITH.items():
+            given = [f"{n.replace('_', '-')}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(defaults, n)]
+            if given and getattr(self, field) != value:
+                verb = "applies" if len(given) == 1 else "apply"
+                ignored.append(f"{', '.join(given)} {verb} only to {field} {value!r} ({field} is {getattr(self, field)!r})")
+        if ignored:
+            raise ConfigError(f"{'; '.join(ignored)}: leave them out, or they would be silently ignored")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,10 +230,11 @@ def load_toml(path: Path | str) -> dict[str, Any]:
     return _checked(data, str(path))
 
 
-def resolve(config_file: Path | str | None, flags: Mapping[str, Any]) -> SimConfig:
-    """Defaults, then the TOML file, then the flags that were given (None = not given); validated."""
+def resolve(config_file: Path | str | None, flags: Mapping[str, Any], allow_unused: bool = False) -> SimConfig:
+    """Defaults, then the TOML file, then the flags that were given (None = not given); validated
+    (`allow_unused`: see `SimConfig.validate`)."""
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_toml(config_file))
     values.update(_checked({k: v for k, v in flags.items() if v is not None}, "command line"))
-    return SimConfig(**values).validate()
+    return SimConfig(**values).validate(allow_unused)

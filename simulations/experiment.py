@@ -184,6 +184,24 @@ def scenario_config(scenario: NewClass | None, classes: tuple[str, ...]) -> dict
     return {"initial-classes": ",".join(c for c in classes if c != scenario.name)}
 
 
+def partition_for(cfg: SimConfig, dataset: Any) -> tuple[Partition, NewClass | None]:
+    """The clinics of a run (and, in the new-class scenario, where the new class starts).
+
+    Raises PartitionError / ScenarioError for a split or scenario the data cannot give;
+    `qana-sim compare` calls it before its first experiment, so a bad --new-class or
+    --new-class-clinic does not wait for the third."""
+    partition = make_partition(
+        dataset.labels, dataset.lesion_ids, dataset.centres,
+        split=cfg.split, num_clinics=cfg.num_clinics, alpha=cfg.alpha,
+        classes_per_clinic=cfg.classes_per_clinic, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
+    )
+    if cfg.scenario != "new-class":
+        return partition, None
+    return apply_new_class(
+        partition, dataset.labels, dataset.lesion_ids, dataset.class_names, cfg.new_class, cfg.new_class_round, cfg.new_class_clinic
+    )
+
+
 def run_experiment(
     cfg: SimConfig,
     *,
@@ -215,16 +233,8 @@ def run_experiment(
     echo(f"Data: {source.description}")
     echo(f"Bundle: {source.bundle.path} (target {source.bundle.target}, {source.bundle.feature_dim} features)")
     ds = source.dataset
-    partition = make_partition(
-        ds.labels, ds.lesion_ids, ds.centres,
-        split=cfg.split, num_clinics=cfg.num_clinics, alpha=cfg.alpha,
-        classes_per_clinic=cfg.classes_per_clinic, seed=cfg.seed, eval_fraction=cfg.eval_fraction,
-    )
-    scenario = None
-    if cfg.scenario == "new-class":
-        partition, scenario = apply_new_class(
-            partition, ds.labels, ds.lesion_ids, ds.class_names, cfg.new_class, cfg.new_class_round, cfg.new_class_clinic
-        )
+    partition, scenario = partition_for(cfg, ds)
+    if scenario is not None:
         echo(f"Scenario: {partition.notes[-1]}")
     # Only now that the data, bundle and partition are known good does the earlier run's audit
     # log, signing key and plots make way, and they come back if this run is refused before it

@@ -249,13 +249,19 @@ def make_partition(
     notes: list[str] = []
     if split == "centre":
         parts, names = _centre(lesions, num_clinics)
+        moved = np.asarray(centres).astype(str) != lesions.centre[lesions.row_lesion].astype(str)
+        if moved.any():  # HAM10000: 9 images of lesions photographed at both vidir_modern and vidir_molemax
+            notes.append(
+                f"{int(moved.sum())} image(s) of {len(np.unique(lesions.row_lesion[moved]))} lesion(s) photographed at two "
+                "centres went with their lesion to the centre of its first metadata row, so a lesion stays in one clinic"
+            )
     else:
         n = int(num_clinics)  # type: ignore[arg-type]
         width = max(3, len(str(n)))
         names = [f"clinic-{i + 1:0{width}d}" for i in range(n)]
         if split == "dirichlet":
-            if not alpha > 0:
-                raise PartitionError(f"alpha={alpha}: the Dirichlet concentration must be > 0")
+            if not (alpha > 0 and np.isfinite(alpha)):
+                raise PartitionError(f"alpha={alpha}: the Dirichlet concentration must be > 0 and finite")
             parts = _dirichlet(lesions, n, float(alpha), rng)
         elif split == "iid":
             parts = _iid(lesions, n, rng)

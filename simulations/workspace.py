@@ -28,7 +28,7 @@ import qana
 from client.clinic import HELD_OUT, SPLIT_FILE, TRAIN, write_split
 from client.features import FeatureCache
 from qana.bundle import Bundle, BundleError, default_bundle_path, load_bundle
-from qana.data import METADATA_FILE, Dataset, ImageCache, find_images, load_dataset
+from qana.data import METADATA_FILE, Dataset, ImageCache, describe_skipped, find_images, load_dataset
 from simulations.config import SimConfig
 from simulations.partition import Partition
 
@@ -97,7 +97,7 @@ def load_source(cfg: SimConfig, cache_root: Path, progress: bool = False) -> Sou
     description = (
         f"{what} at {data_dir}: {len(dataset)} images of {n_lesions} lesions from {len(centres)} source "
         f"centre(s) ({', '.join(centres)}), decoded at {size}x{size}"
-        + (f"; {len(dataset.skipped)} image(s) skipped (unreadable, or not in the metadata)" if dataset.skipped else "")
+        + (f"; {describe_skipped(dataset.skipped, limit=3)}" if dataset.skipped else "")
     )
     return Source(data_dir, embedded, dataset, bundle, description)
 

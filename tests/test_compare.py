@@ -50,3 +50,41 @@ def test_compare_refuses_a_v2_bundle_before_running_anything(tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["compare", "--bundle", str(tiny_v2), "--out", str(out), "--quiet"])
     assert result.exit_code == 2 and "needs a v1 bundle" in result.output, result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [({"new_class": "zzz"}, "new class 'zzz' is not a class of the data"),
+     ({"new_class_clinic": "nope"}, "new-class clinic 'nope' is not one of")],
+)
+def test_compare_checks_the_new_class_before_the_first_experiment(ham: Path, tmp_path: Path, flags: dict, message: str) -> None:
+    """helper-17 F3: a misspelt --new-class / --new-class-clinic used to be refused by the third
+    experiment, after two whole runs."""
+    from simulations.compare import run_comparison
+    from simulations.config import resolve
+    from simulations.scenario import ScenarioError
+
+    base = resolve(None, {"data": str(ham), "bundle": str(Path(__file__).resolve().parent / "fixtures" / "bundles" / "tiny-v1"),
+                          "rounds": 1, "new_class_round": 1, "split": "iid", **flags}, allow_unused=True)
+
+    def never(cfg):
+        raise AssertionError(f"an experiment ran ({cfg.learning}, {cfg.scenario}) before the scenario was checked")
+
+    with pytest.raises(ScenarioError, match=message):
+        run_comparison(base, tmp_path / "compare", never)
+
+
+def test_each_compared_run_keeps_only_the_settings_it_uses(tmp_path: Path) -> None:
+    """The base settings serve all four runs: an akida-edge run gets no strategy and a standard
+    run no new class (they would be refused as unused), but a split setting no run uses is refused."""
+    from simulations.compare import plan
+    from simulations.config import ConfigError, resolve
+
+    base = resolve(None, {"strategy": "fedprox", "strategy_options": "proximal_mu=0.1", "new_class": "mel", "rounds": 4},
+                   allow_unused=True)
+    runs = {(c.learning, c.scenario): c for c in plan(base, tmp_path)}
+    assert runs[("gradient", "new-class")].strategy == "fedprox" and runs[("gradient", "new-class")].new_class == "mel"
+    assert runs[("akida-edge", "new-class")].strategy == "fedavg" and runs[("akida-edge", "new-class")].new_class == "mel"
+    assert runs[("gradient", "standard")].strategy == "fedprox" and runs[("gradient", "standard")].new_class == "df"
+    with pytest.raises(ConfigError, match="alpha=0.3 applies only to split 'dirichlet'"):
+        plan(resolve(None, {"alpha": 0.3}, allow_unused=True), tmp_path)

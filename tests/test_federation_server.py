@@ -259,6 +259,11 @@ def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
         FederationSettings.from_run_config({"l2": 1e300}, "r")
     with pytest.raises(StrategyError, match="proximal_mu=10000000.0: must be a number >= 0 and < 1e[+]06"):
         build_strategy("fedprox", {"proximal_mu": 1e7})
+    from server.strategies import parse_options
+
+    with pytest.raises(StrategyError, match="strategy option proximal_mu is given twice"):
+        parse_options("proximal_mu=0.1, proximal-mu=0.9")  # the last value used to win silently
+    assert parse_options("num_malicious_nodes=+1") == {"num_malicious_nodes": 1}  # an int, not 1.0
     from server.edge_rounds import EdgeSettings
 
     with pytest.raises(FederationError, match="edge-learning-competition=1.5 must be a number up to 1"):

@@ -68,9 +68,22 @@ def test_flags_override_the_toml_file_and_the_resolved_config_reads_back(tmp_pat
         ("", {"strategy": "fedprox", "strategy_options": "proximal_mu=-1"}, "proximal_mu=-1: must be a number >= 0"),
         ("", {"strategy": "krum", "strategy_options": "num_malicious_nodes=-3"}, "num_malicious_nodes=-3: must be a whole number >= 0"),
         ("", {"strategy": "krum", "strategy_options": "num_malicious_nodes=1.5"}, "num_malicious_nodes=1.5: must be a whole number"),
+        ("", {"strategy": "fedprox", "strategy_options": "proximal_mu=0.1,proximal-mu=0.9"}, "strategy option proximal_mu is given twice"),
         ("", {"strategy": "fedadam", "strategy_options": "eta=0"}, "eta=0: must be a number > 0"),
         ("", {"strategy": "fedadam", "strategy_options": "beta_2=nan"}, "beta_2=nan: must be a number >= 0 and < 1"),
         ("rounds = 3\nrounds = 4\n", {}, "not valid TOML"),
+        # helper-17: accepted before, then a degenerate split or a refusal only inside the ServerApp
+        ("", {"split": "dirichlet", "alpha": float("inf")}, "alpha=inf: the Dirichlet concentration must be > 0 and at most 10000"),
+        ("l2 = nan\n", {}, "l2=nan: must be a number from 0 to 1e+06"),
+        ("l2 = inf\n", {}, "l2=inf: must be a number from 0 to 1e+06"),
+        ("", {"batch_size": 70000}, "batch-size=70000: must be between 1 and 65536"),
+        ("", {"learning_rate": 1e-12}, "learning-rate=1e-12: must be from 1e-09 to 10"),
+        # settings the run would not use (helper-17 F7): refused as qana-server refuses edge keys in a gradient run
+        ("", {"alpha": 0.3}, "alpha=0.3 applies only to split 'dirichlet' (split is 'centre')"),
+        ("", {"split": "iid", "classes_per_clinic": 3}, "classes-per-clinic=3 applies only to split 'pathological'"),
+        ("", {"learning": "akida-edge", "strategy": "krum", "local_epochs": 50},
+         "strategy='krum', local-epochs=50 apply only to learning 'gradient' (learning is 'akida-edge')"),
+        ("", {"new_class": "mel", "new_class_round": 2}, "new-class='mel', new-class-round=2 apply only to scenario 'new-class'"),
     ],
 )
 def test_bad_settings_are_one_clear_error(tmp_path: Path, toml: str, flags: dict, message: str) -> None:
@@ -88,6 +101,7 @@ def test_bad_settings_are_one_clear_error(tmp_path: Path, toml: str, flags: dict
     [
         (["--split", "random"], "error: unknown split 'random'; choose one of centre, dirichlet, iid, pathological"),
         (["--split", "dirichlet", "--alpha", "0"], "error: alpha=0.0: the Dirichlet concentration must be > 0"),
+        (["--split", "dirichlet", "--alpha", "1e308"], "error: alpha=1e+308: the Dirichlet concentration must be > 0 and at most 10000"),
         (["--split", "iid", "--clinics", "500"], "error: 500 clinics but the data has only"),
         (["--split", "centre", "--clinics", "3"], "error: split 'centre' makes one clinic per source centre and the data has 4"),
         (["--config", "MISSING.toml"], "error: config file not found"),

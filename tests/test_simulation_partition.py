@@ -92,6 +92,25 @@ def test_centre_split_is_one_clinic_per_real_source_centre() -> None:
         assert set(centres[clinic.rows]) == {clinic.clinic_id}
 
 
+def test_centre_split_names_images_that_went_with_their_lesion_to_another_centre() -> None:
+    """HAM10000 has 9 lesions photographed at two centres: a lesion stays whole in one clinic,
+    and the few images that therefore sit at another centre's clinic are counted in the notes."""
+    labels, lesions, centres = ham_like()
+    assert not make_partition(labels, lesions, centres, split="centre", num_clinics=4, seed=0).notes
+    first = {}
+    for row, lesion in enumerate(lesions):
+        first.setdefault(lesion, row)
+    twice = [r for r in range(len(lesions)) if first[lesions[r]] != r][:3]  # second images of three lesions
+    centres = centres.copy()
+    for r in twice:
+        centres[r] = next(c for c in CENTRES if c != centres[first[lesions[r]]])
+    part = make_partition(labels, lesions, centres, split="centre", num_clinics=4, seed=0)
+    assert part.notes == ("3 image(s) of 3 lesion(s) photographed at two centres went with their lesion to the centre of "
+                          "its first metadata row, so a lesion stays in one clinic",)
+    for clinic in part.clinics:
+        assert len(set(lesions[clinic.rows]) & set().union(*(set(lesions[c.rows]) for c in part.clinics if c is not clinic))) == 0
+
+
 def _label_skew(part, labels) -> float:
     """Mean total-variation distance between each clinic's class mix and the overall one."""
     overall = np.bincount(labels, minlength=7) / len(labels)
@@ -136,6 +155,7 @@ def test_tiny_clinics_are_topped_up_from_the_richest_clinic() -> None:
         ({"split": "random", "num_clinics": 4}, "unknown split 'random'; choose one of centre, dirichlet, iid, pathological"),
         ({"split": "dirichlet", "num_clinics": 4, "alpha": 0.0}, "alpha=0.0: the Dirichlet concentration must be > 0"),
         ({"split": "dirichlet", "num_clinics": 4, "alpha": -1.0}, "must be > 0"),
+        ({"split": "dirichlet", "num_clinics": 4, "alpha": float("inf")}, "alpha=inf: the Dirichlet concentration must be > 0 and finite"),
         ({"split": "iid", "num_clinics": 901}, "901 clinics but the data has only 900 lesions"),
         ({"split": "iid", "num_clinics": 0}, "need at least 1 clinic"),
         ({"split": "centre", "num_clinics": 3}, "one clinic per source centre and the data has 4"),

@@ -1,6 +1,6 @@
-"""qana-sim's --out folder (simulations.out_folder): a new run replaces only what an earlier
-qana-sim run made, and only once it has written its own results; a refused run puts the
-earlier run's audit log, key and plots back."""
+"""qana-sim's inputs. The --out folder (simulations.out_folder): a new run replaces only what an
+earlier qana-sim run made, and only once it has written its own results; a refused run puts
+the earlier run's audit log, key and plots back. Skipped images are named with their reason."""
 
 from __future__ import annotations
 
@@ -114,3 +114,18 @@ def test_qana_sim_refuses_a_foreign_out_folder_before_loading_data(ham: Path, tm
     assert result.exit_code == 2, result.output
     assert "already has plots/ but no results.json" in result.output
     assert (out / "plots" / "figure1.png").read_bytes() == b"mine"
+
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_skipped_images_are_named_with_their_reason(tmp_path: Path) -> None:
+    """helper-17 F6: qana-sim said only "3 image(s) skipped (unreadable, or not in the metadata)"."""
+    from simulations.config import resolve
+    from simulations.workspace import load_source
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=32, seed=0, n_corrupt=1, n_missing=1)
+    source = load_source(resolve(None, {"data": str(clinic.root), "bundle": str(TINY_V2)}), tmp_path / "cache")
+    assert "skipped 2 image(s): " in source.description
+    for image_id, reason in source.dataset.skipped.items():
+        assert f"{image_id} ({reason})" in source.description
