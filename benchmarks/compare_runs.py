@@ -73,6 +73,8 @@ def main() -> None:
             described += f" blk={opts.blocks} zoom={opts.zoom}"
         if opts.affine:
             described += " +affine"
+        if opts.mixup:
+            described += f" mixup={opts.mixup}"
         if opts.saliency_teacher:
             described += " +saliency"
         if opts.colour_constancy != "none":

@@ -132,6 +132,9 @@ def run(
     try:
         with _reported_errors():
             cfg = resolve(config, flags)
+            unused = cfg.settings_without_effect()
+            if unused:  # only from --config (flags are refused): e.g. a file an older qana-sim wrote
+                typer.echo(f"note: {cfg.describe_without_effect(unused)}; from {config}, they are ignored", err=True)
             result = run_experiment(cfg, echo=typer.echo, progress=not quiet, command=invoked_command("qana-sim"))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -195,7 +198,7 @@ def compare(
         "seed": seed,
     }
     with _reported_errors():
-        base = resolve(config, flags, allow_unused=True)  # each of the four runs uses part of it (compare.plan)
+        base = resolve(config, flags, varied=("learning", "scenario"))  # compare.plan gives each run what it uses
     command = invoked_command("qana-sim")
     out_dir = out.expanduser().resolve()
 

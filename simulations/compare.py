@@ -168,14 +168,17 @@ def run_comparison(
 ) -> list[dict[str, Any]]:
     """Run the four experiments with `run` (simulations.experiment.run_experiment) and write the comparison.
 
-    Every experiment's bundle, and the new-class scenario's class and clinic, are checked first:
+    Every experiment's bundle and results folder, and the new-class scenario's class and clinic,
+    are checked first:
     a v2 bundle would otherwise be refused only by the first akida-edge run, and a misspelt
     --new-class by the third experiment, after the runs before it had taken their time."""
+    from simulations.out_folder import check_out_folder
     from simulations.workspace import resolve_bundle
 
     configs = plan(base, out)
     for cfg in configs:
         resolve_bundle(cfg)
+        check_out_folder(Path(cfg.out).expanduser().resolve())
     for cfg in configs:
         if cfg.scenario == "new-class":
             check_scenario(cfg)

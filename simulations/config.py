@@ -81,11 +81,8 @@ class SimConfig:
             return self.clinics
         return None if self.split == "centre" else 4
 
-    def validate(self, allow_unused: bool = False) -> SimConfig:
-        """Raise ConfigError for the first setting that is out of range; return self.
-
-        `allow_unused` lets settings this run would not use pass (`qana-sim compare`'s base
-        settings: each of its runs uses some of them, `compare.plan` resets the rest)."""
+    def validate(self) -> SimConfig:
+        """Raise ConfigError for the first setting that is out of range; return self."""
         from protocols.messages import MAX_BATCH_SIZE, MAX_LEARNING_RATE, MAX_LOCAL_EPOCHS, MAX_REGULARISATION, MIN_LEARNING_RATE
         from server.strategies import StrategyError, canonical_name, check_options, parse_options
 
@@ -138,23 +135,30 @@ class SimConfig:
             check_options(name, parse_options(self.strategy_options))
         except StrategyError as exc:
             raise ConfigError(str(exc)) from None
-        checked = replace(self, strategy=name)
-        if not allow_unused:
-            checked.refuse_settings_without_effect()
-        return checked
+        return replace(self, strategy=name)
 
-    def refuse_settings_without_effect(self) -> None:
-        """ConfigError for settings changed from their defaults that this run would not use
-        (`APPLY_ONLY_WITH`), e.g. --alpha with split centre or --strategy with akida-edge."""
+    def settings_without_effect(self, varied: tuple[str, ...] = ()) -> list[str]:
+        """Settings changed from their defaults that this run would not use (`APPLY_ONLY_WITH`),
+        e.g. alpha with split centre or strategy with akida-edge; those that depend on a field
+        in `varied` are left out (`qana-sim compare` varies learning and scenario itself)."""
         defaults = SimConfig()
-        ignored = []
-        for (field, value), names in APPLY_ONLY_WITH.items():
-            given = [f"{n.replace('_', '-')}={getattr(self, n)!r}" for n in names if getattr(self, n) != getattr(defaults, n)]
-            if given and getattr(self, field) != value:
+        return [
+            name
+            for (field, value), names in APPLY_ONLY_WITH.items()
+            if field not in varied and getattr(self, field) != value
+            for name in names
+            if getattr(self, name) != getattr(defaults, name)
+        ]
+
+    def describe_without_effect(self, names: list[str]) -> str:
+        """'alpha=0.3 applies only to split 'dirichlet' (split is 'centre')', for `names`."""
+        parts = []
+        for (field, value), group in APPLY_ONLY_WITH.items():
+            given = [f"{n.replace('_', '-')}={getattr(self, n)!r}" for n in group if n in names]
+            if given:
                 verb = "applies" if len(given) == 1 else "apply"
-                ignored.append(f"{', '.join(given)} {verb} only to {field} {value!r} ({field} is {getattr(self, field)!r})")
-        if ignored:
-            raise ConfigError(f"{'; '.join(ignored)}: leave them out, or they would be silently ignored")
+                parts.append(f"{', '.join(given)} {verb} only to {field} {value!r} ({field} is {getattr(self, field)!r})")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,11 +234,21 @@ def load_toml(path: Path | str) -> dict[str, Any]:
     return _checked(data, str(path))
 
 
-def resolve(config_file: Path | str | None, flags: Mapping[str, Any], allow_unused: bool = False) -> SimConfig:
-    """Defaults, then the TOML file, then the flags that were given (None = not given); validated
-    (`allow_unused`: see `SimConfig.validate`)."""
+def resolve(config_file: Path | str | None, flags: Mapping[str, Any], varied: tuple[str, ...] = ()) -> SimConfig:
+    """Defaults, then the TOML file, then the flags that were given (None = not given); validated.
+
+    A flag this run would not use (`SimConfig.settings_without_effect`, `varied` as there) is a
+    ConfigError: it would be silently ignored. The same in a config file is let through (the
+    caller says so): files written by qana-sim before session 28 carry such settings, and
+    `--config` must still rerun them.
+    """
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_toml(config_file))
-    values.update(_checked({k: v for k, v in flags.items() if v is not None}, "command line"))
-    return SimConfig(**values).validate(allow_unused)
+    given = _checked({k: v for k, v in flags.items() if v is not None}, "command line")
+    values.update(given)
+    cfg = SimConfig(**values).validate()
+    from_flags = [name for name in cfg.settings_without_effect(varied) if name in given]
+    if from_flags:
+        raise ConfigError(f"{cfg.describe_without_effect(from_flags)}: leave them out, or they would be silently ignored")
+    return cfg

@@ -1,43 +1,76 @@
 """The `--out` folder of a `qana-sim run`: what a new run may replace, and getting it back.
 
 Why: a run's `run/` holds the signed audit log and its key, `plots/` the figures report.md
-links to. A new run in the same folder replaces them, but only
+links to, and the result files say what the run found. A new run in the same folder replaces
+them, but only
 
 - if an earlier qana-sim run made them (its `results.json` is there): a `work/` or `plots/`
   of the user's own in a folder given as `--out` is never deleted;
-- once the new run has written its own results: a run refused half-way (a setting only the
-  features can show to be impossible, a crash) puts the earlier run's folders back, so the
-  folder again holds one consistent run.
+- once the new run has written all its results (`results.json`, written last): a run refused
+  or stopped half-way puts the earlier run back, so the folder always holds one whole run;
+- by one run at a time: a lock (`.qana-sim.lock`, held while the run lasts and released by
+  the system if the process dies) refuses a second run in the same folder.
 
-While a run is under way the earlier folders wait in `.previous-run/`. If that folder is still
-there when the next run starts, a run was killed (power cut, SIGKILL) before it could clean
-up; the next run then stops and says so rather than guess which files belong together.
+While a run is under way the earlier run waits in `.previous-run/`. If that folder is still
+there when no run holds the lock, a run was killed (power cut, SIGKILL) before it could tidy
+up; the next run stops and says which run is where rather than guess.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-RUN_FOLDERS = ("run", "work", "plots")  # what a qana-sim run writes below --out (besides its files)
-MARKER = "results.json"  # written by every run that got as far as its results (simulations.report)
+from simulations.report import RESULT_FILES
+
+RUN_FOLDERS = ("run", "work", "plots")  # what a qana-sim run writes below --out besides RESULT_FILES
+MARKER = "results.json"  # written last by every run that got as far as its results (simulations.report)
 PREVIOUS = ".previous-run"
+LOCK = ".qana-sim.lock"
 
 
 class OutFolderError(ValueError):
     """An --out folder a run must not write into (one line for the user)."""
 
 
+def _held_by_another_run(out: Path) -> bool:
+    """Is another live process running qana-sim in `out`? (Creates nothing.)"""
+    path = out / LOCK
+    if not path.is_file():
+        return False
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def check_out_folder(out: Path) -> None:
-    """Refuse, before any work, an --out whose run folders a new run could not safely replace."""
+    """Refuse, before any work, an --out whose earlier run a new run could not safely replace."""
     if out.exists() and not out.is_dir():
         raise OutFolderError(f"--out {out} is a file, not a folder")
+    if _held_by_another_run(out):
+        raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out")
+    _check_earlier_run(out)
+
+
+def _check_earlier_run(out: Path) -> None:
+    """Refuse a folder whose earlier run is not one whole, finished qana-sim run."""
     if (out / PREVIOUS).exists():
+        if (out / MARKER).is_file():
+            raise OutFolderError(
+                f"{out / PREVIOUS} holds the run before the last one: the last run finished but was stopped while "
+                "tidying up. Delete that folder (or move it elsewhere to keep it), then run again"
+            )
         raise OutFolderError(
-            f"{out / PREVIOUS} holds the folders of the run before the last one: the last run in {out} was stopped "
-            "before it finished. Move them back into the folder (or delete them), then run again"
+            f"the last run in {out} was stopped before it finished; {out / PREVIOUS} holds the run before it. "
+            f"Move its contents back into {out} (replacing the unfinished run's) or delete it, then run again"
         )
     foreign = [name for name in RUN_FOLDERS if (out / name).exists()]
     if foreign and not (out / MARKER).is_file():
@@ -49,24 +82,43 @@ def check_out_folder(out: Path) -> None:
 
 
 @contextmanager
-def replacing_earlier_run(out: Path) -> Iterator[None]:
-    """Move the earlier run's folders aside for the block; keep the new ones if it ends normally,
-    put the earlier ones back if it raises (also on Ctrl-C before the run has written results)."""
-    check_out_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    aside = out / PREVIOUS
-    earlier = [name for name in RUN_FOLDERS if (out / name).exists()]
-    if earlier:
-        aside.mkdir()
-        for name in earlier:
-            (out / name).rename(aside / name)
+def _locked(out: Path) -> Iterator[None]:
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out") from None
         yield
-    except BaseException:
-        for name in RUN_FOLDERS:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in earlier:
-            (aside / name).rename(out / name)
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a run taking it)
+
+
+@contextmanager
+def replacing_earlier_run(out: Path) -> Iterator[None]:
+    """Hold the folder's lock and move the earlier run aside for the block; keep the new run if
+    the block ends normally, put the earlier one back if it raises (Ctrl-C included)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        _check_earlier_run(out)  # again: the folder may have changed since the run's first check
+        aside = out / PREVIOUS
+        names = RUN_FOLDERS + RESULT_FILES
+        earlier = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+        if earlier:
+            aside.mkdir()
+            for name in earlier:
+                (out / name).rename(aside / name)
+        try:
+            yield
+        except BaseException:
+            for name in names:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+            for name in earlier:
+                (aside / name).rename(out / name)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
         shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

@@ -391,11 +391,16 @@ def _scenario_md(sc: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Every file `write_results` writes under out (plots/ aside); results.json comes last, so its
+# presence means the run's results are complete (simulations.out_folder relies on it).
+RESULT_FILES = ("config.toml", "rounds.csv", "clinics.csv", "partition.csv", "report.md", "results.json")
+
+
 def write_results(result: ExperimentResult, out: Path) -> None:
-    """config.toml, results.json, CSVs, plots and report.md under out (each file replaced atomically)."""
+    """config.toml, CSVs, plots, report.md and, last, results.json under out (each file replaced atomically)."""
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "config.toml", result.cfg.to_toml())
-    _atomic_text(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     write_csvs(result, out)
     plots = write_plots(result, out)
     _atomic_text(out / "report.md", _report_md(result, plots))
+    _atomic_text(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")

@@ -65,7 +65,7 @@ def test_compare_checks_the_new_class_before_the_first_experiment(ham: Path, tmp
     from simulations.scenario import ScenarioError
 
     base = resolve(None, {"data": str(ham), "bundle": str(Path(__file__).resolve().parent / "fixtures" / "bundles" / "tiny-v1"),
-                          "rounds": 1, "new_class_round": 1, "split": "iid", **flags}, allow_unused=True)
+                          "rounds": 1, "new_class_round": 1, "split": "iid", **flags}, varied=("learning", "scenario"))
 
     def never(cfg):
         raise AssertionError(f"an experiment ran ({cfg.learning}, {cfg.scenario}) before the scenario was checked")
@@ -81,10 +81,27 @@ def test_each_compared_run_keeps_only_the_settings_it_uses(tmp_path: Path) -> No
     from simulations.config import ConfigError, resolve
 
     base = resolve(None, {"strategy": "fedprox", "strategy_options": "proximal_mu=0.1", "new_class": "mel", "rounds": 4},
-                   allow_unused=True)
+                   varied=("learning", "scenario"))
     runs = {(c.learning, c.scenario): c for c in plan(base, tmp_path)}
     assert runs[("gradient", "new-class")].strategy == "fedprox" and runs[("gradient", "new-class")].new_class == "mel"
     assert runs[("akida-edge", "new-class")].strategy == "fedavg" and runs[("akida-edge", "new-class")].new_class == "mel"
     assert runs[("gradient", "standard")].strategy == "fedprox" and runs[("gradient", "standard")].new_class == "df"
     with pytest.raises(ConfigError, match="alpha=0.3 applies only to split 'dirichlet'"):
-        plan(resolve(None, {"alpha": 0.3}, allow_unused=True), tmp_path)
+        resolve(None, {"alpha": 0.3}, varied=("learning", "scenario"))
+
+
+def test_compare_checks_every_results_folder_before_the_first_experiment(ham: Path, tmp_path: Path) -> None:
+    """helper-18 F8: a folder the 4th run may not use was refused only after three whole runs."""
+    from simulations.compare import run_comparison, run_name
+    from simulations.config import resolve
+    from simulations.out_folder import OutFolderError
+
+    base = resolve(None, {"data": str(ham), "bundle": str(Path(__file__).resolve().parent / "fixtures" / "bundles" / "tiny-v1"),
+                          "rounds": 1, "new_class_round": 1, "split": "iid"}, varied=("learning", "scenario"))
+    (tmp_path / "compare" / run_name("akida-edge", "new-class") / "work").mkdir(parents=True)  # not a qana-sim run's
+
+    def never(cfg):
+        raise AssertionError(f"an experiment ran ({cfg.learning}, {cfg.scenario}) before every folder was checked")
+
+    with pytest.raises(OutFolderError, match="already has work/ but no results.json"):
+        run_comparison(base, tmp_path / "compare", never)

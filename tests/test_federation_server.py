@@ -263,7 +263,11 @@ def test_bad_run_config_is_a_clear_error(tmp_path, bundle) -> None:
 
     with pytest.raises(StrategyError, match="strategy option proximal_mu is given twice"):
         parse_options("proximal_mu=0.1, proximal-mu=0.9")  # the last value used to win silently
-    assert parse_options("num_malicious_nodes=+1") == {"num_malicious_nodes": 1}  # an int, not 1.0
+    from server.strategies import check_options
+
+    options = parse_options("num_malicious_nodes=+1")
+    assert type(options["num_malicious_nodes"]) is int  # was 1.0, which krum then refused as "not a whole number"
+    check_options("krum", options)
     from server.edge_rounds import EdgeSettings
 
     with pytest.raises(FederationError, match="edge-learning-competition=1.5 must be a number up to 1"):

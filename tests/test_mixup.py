@@ -64,11 +64,27 @@ def test_training_pipeline_with_mixup_gives_blended_targets() -> None:
     assert np.asarray(next(iter(plain))[1]).max(1).min() == 1.0  # without mixup the targets stay one-hot
 
 
-def test_a_fit_with_mixup_trains_on_class_numbers_turned_into_targets(tmp_path: Path) -> None:
+def test_a_fit_with_mixup_trains_on_blended_one_hot_targets(tmp_path: Path, monkeypatch) -> None:
+    """Class numbers must become one-hot targets before blending (blended class numbers would be
+    cast back to wrong classes by the sparse loss without an error), and the loss must take them."""
+    import qana.train as train
+
+    seen: dict = {}
+    real = train.make_dataset
+
+    def spy(images, labels, *args, **kwargs):
+        seen["labels"], seen["mixup"] = np.asarray(labels), (args[6] if len(args) > 6 else kwargs.get("mixup", 0.0))
+        return real(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(train, "make_dataset", spy)
     keras.utils.set_random_seed(0)
     model = _tiny_model()
     start = [w.copy() for w in model.get_weights()]
+    data = _data(64, 0)
     opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0, mixup=0.2)
-    history = _fit(model, _data(64, 0), _data(21, 1), opts, epochs=1, lr=0.5, weights_path=tmp_path / "w.h5")
+    history = _fit(model, data, _data(21, 1), opts, epochs=1, lr=0.5, weights_path=tmp_path / "w.h5")
+    assert seen["mixup"] == 0.2
+    np.testing.assert_array_equal(seen["labels"], np.eye(7, dtype=np.float32)[data.labels])
+    assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
     assert len(history) == 1
     assert max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), start)) > 0.01

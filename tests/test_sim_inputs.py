@@ -50,6 +50,7 @@ def test_a_run_that_ends_normally_replaces_the_earlier_one(tmp_path: Path) -> No
         (out / "run" / "audit.db").write_bytes(b"new log")
     assert (out / "run" / "audit.db").read_bytes() == b"new log"
     assert not (out / "plots").exists() and not (out / PREVIOUS).exists()
+    assert not (out / "report.md").exists()  # the earlier run's results went with it
 
 
 def test_folders_no_qana_sim_run_made_are_refused_and_kept(tmp_path: Path) -> None:
@@ -70,9 +71,60 @@ def test_folders_no_qana_sim_run_made_are_refused_and_kept(tmp_path: Path) -> No
 def test_a_killed_run_is_named_instead_of_guessed_at(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _earlier_run(out)
-    (out / PREVIOUS / "run").mkdir(parents=True)  # what a SIGKILL mid-run leaves
+    (out / PREVIOUS / "run").mkdir(parents=True)  # a SIGKILL after the new run wrote its results.json
+    with pytest.raises(OutFolderError, match="the last run finished but was stopped while tidying up"):
+        check_out_folder(out)
+    (out / "results.json").unlink()  # a SIGKILL before it: the earlier run's results.json is aside
     with pytest.raises(OutFolderError, match="was stopped before it finished"):
         check_out_folder(out)
+
+
+def test_writing_the_results_half_way_is_undone_whole(tmp_path: Path) -> None:
+    """helper-18 F1: a second Ctrl-C while the plots were drawn left the new results.json beside
+    the earlier report.md, audit log and plots."""
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing_earlier_run(out):
+            (out / "config.toml").write_text("new")
+            (out / "plots").mkdir()
+            raise KeyboardInterrupt  # in write_results, before its last file (results.json)
+    assert _contents(files) == files
+    assert not (out / "config.toml").exists() and not (out / PREVIOUS).exists()
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """helper-18 F6: two runs in one new folder both passed the checks, and one's failure
+    deleted the other's folders."""
+    import multiprocessing
+
+    out = tmp_path / "out"
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    first = multiprocessing.get_context("fork").Process(target=_hold, args=(out, ready, release))
+    first.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(OutFolderError, match="another qana-sim run is writing into"):
+            check_out_folder(out)
+        with pytest.raises(OutFolderError, match="another qana-sim run is writing into"):
+            with replacing_earlier_run(out):
+                raise AssertionError("a second run got in")
+        assert (out / "run" / "audit.db").read_bytes() == b"first run's"
+    finally:
+        release.set()
+        first.join(30)
+    assert first.exitcode == 0
+    with replacing_earlier_run(out):  # once the first has finished, a new run may go ahead
+        pass
+
+
+def _hold(out: Path, ready, release) -> None:
+    with replacing_earlier_run(out):
+        (out / "run").mkdir()
+        (out / "run" / "audit.db").write_bytes(b"first run's")
+        (out / "results.json").write_text("{}")
+        ready.set()
+        release.wait(30)
 
 
 @pytest.mark.usefixtures("private_cache")
@@ -129,3 +181,29 @@ def test_skipped_images_are_named_with_their_reason(tmp_path: Path) -> None:
     assert "skipped 2 image(s): " in source.description
     for image_id, reason in source.dataset.skipped.items():
         assert f"{image_id} ({reason})" in source.description
+
+
+def test_a_config_file_with_settings_its_run_does_not_use_still_runs_with_a_note(tmp_path: Path, monkeypatch) -> None:
+    """helper-18 F2: qana-sim compare wrote config.toml files whose akida-edge runs carry the
+    gradient strategy; `--config` must still rerun them, saying what it ignores. The same
+    setting as a flag is refused."""
+    import simulations.experiment as experiment
+    from simulations.cli import app
+    from simulations.config import ConfigError, resolve
+    from simulations.workspace import SourceError
+
+    old = tmp_path / "config.toml"
+    old.write_text('learning = "akida-edge"\nstrategy = "fedprox"\nstrategy_options = "proximal_mu=1.0"\nrounds = 2\n')
+    cfg = resolve(old, {})
+    assert cfg.settings_without_effect() == ["strategy", "strategy_options"]
+    with pytest.raises(ConfigError, match="strategy='fedprox' applies only to learning 'gradient'"):
+        resolve(None, {"learning": "akida-edge", "strategy": "fedprox"})
+
+    def stop(*args, **kwargs):
+        raise SourceError("stopped here by the test")
+
+    monkeypatch.setattr(experiment, "run_experiment", stop)
+    result = CliRunner().invoke(app, ["run", "--config", str(old), "--out", str(tmp_path / "out"), "--quiet"])
+    assert "note: strategy='fedprox', strategy-options='proximal_mu=1.0' apply only to learning 'gradient'" in result.output
+    assert f"from {old}, they are ignored" in result.output
+    assert "error: stopped here by the test" in result.output
