@@ -52,8 +52,8 @@ def plan(base: SimConfig, out: Path) -> list[SimConfig]:
 def without_unused(cfg: SimConfig) -> SimConfig:
     """`cfg` with the settings of the other learning mode and scenario back at their defaults
     (an akida-edge run has no strategy, a standard run no new class), so each run records only
-    what it ran with. The split's settings stay: every run has the same split, so a setting it
-    does not use (--alpha with split centre) is refused by `validate` as in `qana-sim run`."""
+    what it ran with. The split's settings stay: every run has the same split, so a flag it
+    does not use (--alpha with split centre) is refused by `config.resolve` as in `qana-sim run`."""
     defaults = SimConfig()
     for (field, value), names in APPLY_ONLY_WITH.items():
         if field in ("learning", "scenario") and getattr(cfg, field) != value:
@@ -169,9 +169,9 @@ def run_comparison(
     """Run the four experiments with `run` (simulations.experiment.run_experiment) and write the comparison.
 
     Every experiment's bundle and results folder, and the new-class scenario's class and clinic,
-    are checked first:
-    a v2 bundle would otherwise be refused only by the first akida-edge run, and a misspelt
-    --new-class by the third experiment, after the runs before it had taken their time."""
+    are checked first: a v2 bundle would otherwise be refused only by the first akida-edge run,
+    and a misspelt --new-class by the third experiment, after the runs before it had taken
+    their time."""
     from simulations.out_folder import check_out_folder
     from simulations.workspace import resolve_bundle
 
