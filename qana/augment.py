@@ -122,6 +122,9 @@ def mix_batch(images, targets, *weights, alpha: float, seed: int | None = None):
     weight lam_i ~ Beta(alpha, alpha): x = lam x_i + (1 - lam) x_perm, the same for the (N, C)
     `targets` and for sample `weights` if given. Pixels stay in range (a convex blend of two
     in-range images). Training batches only: validation, test and clinics see plain images.
+
+    Off by default: screened in session 28 it raised the chip's test accuracy but failed its
+    rule, on validation top-1 and on float-to-chip fidelity (README, ablations, "Mixup").
     """
     import tensorflow as tf
 
