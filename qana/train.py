@@ -198,12 +198,12 @@ def make_dataset(
             x = tf.clip_by_value(x, 0.0, 255.0)
             return (x, y, *w)
 
-        ds = ds.map(aug, num_parallel_calls=2)
+        ds = ds.map(aug, num_parallel_calls=2).batch(batch)
         if mixup > 0:
-            return ds.batch(batch).map(lambda *b: mix_batch(*b, alpha=mixup, seed=seed)).prefetch(2)
+            ds = ds.map(lambda *b: mix_batch(*b, alpha=mixup, seed=seed))
     else:
-        ds = ds.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w))
-    return ds.batch(batch).prefetch(2)
+        ds = ds.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w)).batch(batch)
+    return ds.prefetch(2)
 
 
 @contextmanager

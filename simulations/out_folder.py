@@ -37,26 +37,29 @@ class OutFolderError(ValueError):
     """An --out folder a run must not write into (one line for the user)."""
 
 
-def _held_by_another_run(out: Path) -> bool:
-    """Is another live process running qana-sim in `out`? (Creates nothing.)"""
+def _take_lock(out: Path, create: bool) -> int | None:
+    """The folder's lock, taken: an open descriptor (closing it releases the lock, as the system
+    does if the process dies). None when `create` is off and no run ever locked the folder.
+    OutFolderError when a live run holds it."""
     path = out / LOCK
-    if not path.is_file():
-        return False
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    if not create and not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out") from None
+    return fd
 
 
 def check_out_folder(out: Path) -> None:
     """Refuse, before any work, an --out whose earlier run a new run could not safely replace."""
     if out.exists() and not out.is_dir():
         raise OutFolderError(f"--out {out} is a file, not a folder")
-    if _held_by_another_run(out):
-        raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out")
+    fd = _take_lock(out, create=False)  # creates nothing; refuses a folder a live run is writing into
+    if fd is not None:
+        os.close(fd)
     _check_earlier_run(out)
 
 
@@ -83,12 +86,8 @@ def _check_earlier_run(out: Path) -> None:
 
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take_lock(out, create=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out") from None
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a run taking it)
