@@ -287,16 +287,32 @@ class _MacroF1Checkpoint:
             write_atomic(self._state_path, json.dumps({"best": self.best, "history": self.history}).encode())
 
 
+def stage_backup_dir(opts: TrainOptions, stage: str) -> Path:
+    """Where a training stage keeps its per-epoch backup (the Keras checkpoint and the scores so far).
+
+    It stays until `run` has marked the stage finished: a stop after the last epoch, while the
+    stage saves its model or writes its record, then resumes with the fit already done instead
+    of training it again from epoch 1.
+    """
+    return opts.run_dir / f"{stage}.backup"
+
+
+def _has_epoch_backup(backup_dir: Path) -> bool:
+    """Whether Keras BackupAndRestore has a checkpoint in `backup_dir` to continue from."""
+    return any((backup_dir / "keras").rglob("checkpoint"))
+
+
 def epoch_backup(opts: TrainOptions, backup_dir: Path):
     """A Keras callback that backs a fit up after every epoch into `backup_dir`, so a fit
     stopped mid-way continues from its last finished epoch; with --fresh (resume off) an
-    earlier attempt's backup is removed first, so its epochs are not continued."""
+    earlier attempt's backup is removed first, so its epochs are not continued. The checkpoint
+    outlives the fit (`stage_backup_dir` says who removes it)."""
     import tf_keras as keras
 
     if not opts.resume:
         shutil.rmtree(backup_dir, ignore_errors=True)
     backup_dir.mkdir(parents=True, exist_ok=True)
-    return keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)
+    return keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=False)
 
 
 def _fit(
@@ -309,9 +325,10 @@ def _fit(
     With `backup_dir` the weights, optimizer state (step count, so the learning-rate schedule
     too) and epoch are saved after every epoch (Keras BackupAndRestore), and a later call with
     the same directory continues from the last finished epoch instead of epoch 1: an 80-epoch
-    float stage outlasts a working session on two cores. The directory is removed once the
-    fit completes. A resumed fit is not bit-identical to an uninterrupted one (the shuffling
-    and augmentation draws start again from the seed).
+    float stage outlasts a working session on two cores. A finished fit keeps the directory (a
+    second call runs no epoch); `run` removes it once the stage is marked finished. A resumed
+    fit is not bit-identical to an uninterrupted one (the shuffling and augmentation draws
+    start again from the seed).
     """
     import tf_keras as keras
 
@@ -332,13 +349,17 @@ def _fit(
         callbacks = [ckpt.callback]
     else:
         backup = epoch_backup(opts, backup_dir)
-        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json")
+        state = backup_dir / "progress.json"
+        if state.is_file() and not _has_epoch_backup(backup_dir):
+            # Keras will start this fit over from epoch 1, so the earlier attempt's best score and
+            # history must go too: kept, they would pick the final weights from two different fits.
+            print(f"  {state} has no epoch checkpoint beside it; the fit starts over from epoch 1", flush=True)
+            state.unlink()
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state)
         callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
     model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
     if weights_path.exists():
         model.load_weights(str(weights_path))
-    if backup_dir is not None:
-        shutil.rmtree(backup_dir, ignore_errors=True)
     return ckpt.history
 
 
@@ -445,13 +466,11 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
     steps = max(1, len(train) // batch) * opts.pretrain_epochs
     schedule = keras.optimizers.schedules.CosineDecay(PRETRAIN_LEARNING_RATE, decay_steps=steps, alpha=0.05)
     pretrainer.compile(optimizer=keras.optimizers.Adam(schedule))
-    backup_dir = opts.run_dir / "pretrain.backup"
     fit = pretrainer.fit(
         view_pairs(train.images, batch, opts.seed), epochs=opts.pretrain_epochs, verbose=2,
-        callbacks=[epoch_backup(opts, backup_dir)],
+        callbacks=[epoch_backup(opts, stage_backup_dir(opts, "pretrain"))],
     )
     model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
-    shutil.rmtree(backup_dir, ignore_errors=True)
     ran = len(fit.history.get("loss", []))  # a resumed fit reports only the epochs it ran itself
     first = opts.pretrain_epochs - ran + 1
     history = [
@@ -461,7 +480,9 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
         "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)),
         "seconds": round(time.time() - t0, 1), "history": history,
     }
-    if first > 1:
+    if ran == 0:
+        info["resumed_after_last_epoch"] = True  # stopped after the fit, before the stage was marked finished
+    elif first > 1:
         info["resumed_at_epoch"] = first
     return info
 
@@ -487,7 +508,7 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     model = initial_float_model(opts)
     history = _fit(
         model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
-        ema=opts.weight_ema, targets=targets, backup_dir=opts.run_dir / "float.backup",
+        ema=opts.weight_ema, targets=targets, backup_dir=stage_backup_dir(opts, "float"),
     )
     model.save(opts.run_dir / "float.h5")
     info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
@@ -624,7 +645,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         targets = float_targets(model, qat_train.images) if opts.qat_distill else None
         history = _fit(
             qmodel, qat_train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5",
-            targets=targets, backup_dir=opts.run_dir / "quantized.backup",
+            targets=targets, backup_dir=stage_backup_dir(opts, "quantized"),
         )
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
         info["agreement_fine_tuned"] = agreement_scores(float_predictions, _predict(qmodel, compared))
@@ -1113,6 +1134,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         if stage in VIEW_STAGES:
             info["test_time_views"] = opts.test_time_views
         infos[stage] = _finish(opts, stage, info)
+        shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)  # only now: see stage_backup_dir
         # later stages were made from this stage's old output (an optional stage that was off changes nothing)
         redo_rest = redo_rest or stage not in OPTIONAL_STAGES or bool(info.get("enabled"))
         progress(f"[{stage}] done")
