@@ -77,7 +77,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunRecordError, RunSettingsError, TrainOptions, run, settings_without_effect
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -130,12 +130,19 @@ def train(
         raise fail("--colour-constancy is applied by the Akida 2.0 runtime only; use it with --target v2")
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
+    if target == "v2" and weight_bits == 4 and (stop_after is None or STAGES.index(stop_after) > STAGES.index("quantized")):
+        # certain to be refused by the akida stage's hardware mapping check, after hours of training
+        raise fail("Akida 2.0 hardware cannot map a 4-bit v2 model (its Add inputs need 8-bit outputs; README, "
+                   "'4-bit weights on Akida 2.0'): add --stop-after quantized to train and score the quantized "
+                   "Keras model only, or use --target v1 for 4-bit weights on hardware")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
         blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
+    for inert in settings_without_effect(opts):
+        raise fail(inert)
     try:
         infos = run(opts, progress=lambda msg: typer.echo(msg))
     except DataError as exc:
@@ -146,7 +153,7 @@ def train(
         raise fail(f"--saliency-teacher: {exc}") from None
     except TeacherError as exc:
         raise fail(f"--teacher: {exc}") from None
-    except RunSettingsError as exc:
+    except (RunSettingsError, RunRecordError) as exc:
         raise fail(str(exc)) from None
     except ClinicalDataError as exc:
         raise fail(f"{exc} (fix the metadata, or train without the prior: --clinical-prior off)") from None
