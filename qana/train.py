@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -24,7 +25,7 @@ import numpy as np
 
 from qana import clinical
 from qana import head as head_math
-from qana.atomic import replace_atomic, write_atomic
+from qana.atomic import file_in_the_way, replace_atomic, try_lock, write_atomic
 from qana.augment import mix_batch, op_seed, random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
@@ -41,6 +42,7 @@ log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
 VIEW_STAGES = ("head", "clinical", "bundle")  # stages whose output depends on the number of test-time views
 OPTIONAL_STAGES = ("saliency", "pretrain")  # off by default: a stage that did nothing leaves later stages valid
+RUN_LOCK = ".qana-train.lock"  # held by the `qana train` process writing into a run directory
 
 
 @dataclass
@@ -307,7 +309,11 @@ class _MacroF1Checkpoint:
         self.history.append(entry)
         if score > self.best:
             self.best = score
-            model.save_weights(str(self._path))
+            # written aside and renamed over the old file: a stop mid-write must not leave a
+            # damaged best-weights file that progress.json vouches for
+            partial = self._path.with_name(f".partial-{self._path.name}")
+            model.save_weights(str(partial))
+            replace_atomic(partial, self._path)
         if self._state_path is not None:
             write_atomic(self._state_path, json.dumps({"best": self.best, "history": self.history}).encode())
 
@@ -382,9 +388,16 @@ def _fit(
             state.unlink()
         ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state)
         callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
-    model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
+    model.fit(ds, epochs=epochs, verbose=2, callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()])
     if weights_path.exists():
         model.load_weights(str(weights_path))
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        if backup_dir is not None:
+            shutil.rmtree(backup_dir, ignore_errors=True)  # a resume must not continue the diverged fit
+        raise RunSettingsError(
+            f"training diverged (weights are not finite numbers) at learning rate {lr:g}: nothing of this stage "
+            "was kept; lower --learning-rate"
+        )
     return ckpt.history
 
 
@@ -1093,6 +1106,20 @@ def _read_options_json(path: Path) -> dict:
     return recorded
 
 
+def recorded_test_time_views(run_dir: Path) -> int | None:
+    """The test-time views a run directory's finished stages were made with, None for a new
+    run: a resumed command that leaves out --test-time-views keeps them, rather than redoing
+    three stages and replacing the bundle with a one-view one."""
+    path = Path(run_dir) / "options.json"
+    if not path.is_file() or not any(_marker(Path(run_dir), s).is_file() for s in STAGES):
+        return None
+    try:
+        views = _read_options_json(path).get("test_time_views", 1)
+    except RunRecordError:
+        return None  # check_resume_settings names the problem
+    return views if isinstance(views, int) else None
+
+
 def check_resume_settings(opts: TrainOptions) -> None:
     """Refuse to resume a run whose finished stages were made with other settings.
 
@@ -1207,6 +1234,9 @@ def check_bundle_out(opts: TrainOptions) -> None:
             raise RunSettingsError(f"--bundle-out {opts.bundle_out} would replace {name} {other}: give a folder of its own")
     if out.exists() and not out.is_dir():
         raise RunSettingsError(f"--bundle-out {opts.bundle_out} is a file; give a new folder or an earlier bundle's")
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise RunSettingsError(f"--bundle-out {opts.bundle_out} cannot be made: {blocking} is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "bundle.json").is_file():
         raise RunSettingsError(
             f"--bundle-out {opts.bundle_out} holds other files and no bundle.json; writing the bundle would delete them: "
@@ -1243,6 +1273,9 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         raise ValueError(f"unknown stage {opts.stop_after!r} to stop after (stages: {', '.join(STAGES)})")
     if opts.run_dir.exists() and not opts.run_dir.is_dir():
         raise NotADirectoryError(f"{opts.run_dir} is a file, not a run directory")
+    early = _take_run_lock(opts.run_dir, create=False)  # creates nothing; refuses a directory a live run writes into
+    if early is not None:
+        os.close(early)
     check_bundle_out(opts)
     check_teacher_paths(opts)
     check_resume_settings(opts)
@@ -1252,7 +1285,27 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     # as it was (or absent). With --fresh the old stage markers go first, and every stage's
     # per-epoch backup with them: options.json must describe every stage marked finished, and
     # a later resume must not continue a fit made with the old settings.
+    if opts.clinical_prior != "off":
+        clinical.encode_dataset(dataset)  # a metadata value the prior cannot read: refused now, not after the training
     opts.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_run_lock(opts.run_dir, create=True)
+    try:
+        return _run_stages(opts, dataset, progress)
+    finally:
+        os.close(lock)
+
+
+def _take_run_lock(run_dir: Path, create: bool) -> int | None:
+    """The run directory's lock (qana.atomic.try_lock): two `qana train` processes writing one
+    run's files at once would leave records that describe neither."""
+    try:
+        return try_lock(run_dir / RUN_LOCK, create)
+    except BlockingIOError:
+        raise RunSettingsError(f"another qana train is running in {run_dir}; wait for it or use another --run-dir") from None
+
+
+def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], None]) -> dict[str, dict]:
+    """`run` after its checks, with the data loaded and the run directory locked."""
     if not opts.resume:
         for stage in STAGES:
             _marker(opts.run_dir, stage).unlink(missing_ok=True)

@@ -193,3 +193,94 @@ def test_a_refused_data_folder_leaves_no_run_directory(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "empty"), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and "metadata file not found" in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- helper-19's later findings
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from qana.atomic import try_lock
+    from qana.train import RUN_LOCK
+
+    opts = _opts(tmp_path)
+    opts.run_dir.mkdir()
+    held = try_lock(opts.run_dir / RUN_LOCK)  # stands in for a live `qana train`
+    try:
+        with pytest.raises(RunSettingsError, match="another qana train is running in"):
+            run(replace(opts, stop_after="split"), progress=lambda m: None)
+    finally:
+        os.close(held)
+    run(replace(opts, stop_after="split"), progress=lambda m: None)  # released: the run goes on
+
+
+def test_a_stop_while_saving_the_best_weights_keeps_the_earlier_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tf_keras as keras
+
+    from qana.train import _MacroF1Checkpoint
+    from tests.test_weight_ema import _data, _tiny_model
+
+    best = tmp_path / "float.best.weights.h5"
+    best.write_bytes(b"the earlier best epoch")
+    val = _data(14, 1)
+    ckpt = _MacroF1Checkpoint(val.images, val.labels, best)
+
+    def stopped_mid_write(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save_weights", stopped_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.score(_tiny_model(), 0)
+    assert best.read_bytes() == b"the earlier best epoch"
+
+
+def test_a_diverged_fit_is_refused_not_marked_finished(tmp_path: Path) -> None:
+    from qana.train import _fit
+    from tests.test_weight_ema import _data, _tiny_model
+
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0)
+    backup = tmp_path / "float.backup"
+    with pytest.raises(RunSettingsError, match="training diverged"):
+        _fit(_tiny_model(), _data(32, 0), _data(14, 1), opts, epochs=2, lr=float("inf"), weights_path=tmp_path / "b.h5", backup_dir=backup)
+    assert not backup.exists()  # a resume starts the fit afresh rather than continuing the diverged one
+
+
+def test_metadata_the_prior_cannot_read_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from qana.clinical import ClinicalDataError
+
+    opts = _opts(tmp_path)
+    metadata = opts.data / "HAM10000_metadata.csv"
+    header, first, *rows = metadata.read_text().splitlines()
+    cells = first.split(",")
+    cells[header.split(",").index("localization")] = "elbow"
+    metadata.write_text("\n".join([header, ",".join(cells), *rows]) + "\n")
+    with pytest.raises(ClinicalDataError, match="elbow"):
+        run(opts, progress=lambda m: None)
+    assert not opts.run_dir.exists()
+    # the advice in the error then works: nothing was recorded that would refuse it
+    run(replace(opts, clinical_prior="off", stop_after="split"), progress=lambda m: None)
+
+
+def test_a_resumed_command_keeps_the_runs_test_time_views(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=40, seed=2)
+    base = ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "run"), "--image-size", "32", "--stop-after", "split"]
+    assert runner.invoke(app, [*base, "--test-time-views", "2"]).exit_code == 0
+    again = runner.invoke(app, base)  # the flag left out: 2 views, not a redo with 1
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["test_time_views"] == 2
+
+
+def test_cli_refuses_values_that_fail_later(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=4, image_size=40, seed=1)
+    (tmp_path / "afile").write_text("x")
+    for args, message in (
+        (["--width", "3"], "--width must be even on v2"),
+        (["--learning-rate", "inf"], "--learning-rate must be above 0 and at most 1"),
+        (["--learning-rate", "1e6"], "--learning-rate must be above 0 and at most 1"),
+        (["--bundle-out", str(tmp_path / "afile" / "bundle")], f"cannot be made: {tmp_path / 'afile'} is a file"),
+    ):
+        result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "run"), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not (tmp_path / "run").exists()
