@@ -14,6 +14,7 @@ back if a crash fell between the two renames of the swap.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -80,6 +81,22 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
         raise
     for folder in {path.parent for path in files}:
         sync_directory(folder)
+
+
+def try_lock(path: Path, create: bool = True) -> int | None:
+    """An open descriptor holding an exclusive lock on `path`, for one writer per folder:
+    closing it releases the lock, as the system does if the process dies, so a killed run never
+    leaves a stale lock. None when `create` is off and the file does not exist.
+    BlockingIOError when another process holds it."""
+    if not create and not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def replace_atomic(written: Path | str, path: Path | str) -> None:

@@ -48,7 +48,7 @@ def train(
     zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
     affine: Annotated[bool, typer.Option("--affine", help="Random affine warp of each training image: any rotation, shear up to 11 degrees, zoom 0.9-1.25, shift up to 10 % (Perez et al. 2018's geometric augmentations, qana.augment).")] = False,
     mixup: Annotated[float, typer.Option(help="Mixup: train the backbone (float and QAT stages) on blends of two training images and their labels, blend weight ~ Beta(MIXUP, MIXUP), e.g. 0.2; 0 = off (qana.augment.mix_batch).")] = 0.0,
-    test_time_views: Annotated[int, typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle.")] = 1,
+    test_time_views: Annotated[Optional[int], typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle. Default: the run's own count when resuming (another count redoes the head, clinical and bundle stages), else 1.")] = None,
     teacher: Annotated[Optional[list[Path]], typer.Option(help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation).")] = None,
     label_weight: Annotated[float, typer.Option(help="With --teacher: weight of the true label against the teachers' averaged probabilities.")] = 0.5,
     weight_ema: Annotated[float, typer.Option(help="Float stage: validate and keep a moving average of the weights with this momentum, e.g. 0.995 (0 = off).")] = 0.0,
@@ -77,7 +77,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunSettingsError, TrainOptions, run
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_test_time_views, run, settings_without_effect
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -90,8 +90,10 @@ def train(
                                ("--width", width, 1), ("--feature-dim", feature_dim, 1), ("--limit", limit, 0), ("--seed", seed, 0)):
         if value < least:
             raise fail(f"{flag} must be at least {least}, not {value}" + (" (0 = all images)" if flag == "--limit" else ""))
-    if not learning_rate > 0:
-        raise fail(f"--learning-rate must be positive, not {learning_rate}")
+    if not 0 < learning_rate <= 1:  # also refuses nan and inf; larger rates diverge (and used to be marked finished)
+        raise fail(f"--learning-rate must be above 0 and at most 1, not {learning_rate}")
+    if target == "v2" and width % 2:
+        raise fail(f"--width must be even on v2 (a Ghost module makes half its channels cheaply and adds them to its input), not {width}")
     if attention not in ATTENTION_CHOICES:
         raise fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if head_smote not in ("auto", "on", "off"):
@@ -100,6 +102,8 @@ def train(
         raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
         raise fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
+    if test_time_views is None:
+        test_time_views = (None if fresh else recorded_test_time_views(run_dir)) or 1
     if test_time_views not in VIEW_COUNTS:
         raise fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:
@@ -130,12 +134,19 @@ def train(
         raise fail("--colour-constancy is applied by the Akida 2.0 runtime only; use it with --target v2")
     if target == "v1" and weight_bits != 4:
         raise fail("Akida 1.0 (v1) supports at most 4-bit weights: use --weight-bits 4")
+    if target == "v2" and weight_bits == 4 and (stop_after is None or STAGES.index(stop_after) > STAGES.index("quantized")):
+        # certain to be refused by the akida stage's hardware mapping check, after hours of training
+        raise fail("Akida 2.0 hardware cannot map a 4-bit v2 model (its Add inputs need 8-bit outputs; README, "
+                   "'4-bit weights on Akida 2.0'): add --stop-after quantized to train and score the quantized "
+                   "Keras model only, or use --target v1 for 4-bit weights on hardware")
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
         blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
+    for inert in settings_without_effect(opts):
+        raise fail(inert)
     try:
         infos = run(opts, progress=lambda msg: typer.echo(msg))
     except DataError as exc:
@@ -146,12 +157,14 @@ def train(
         raise fail(f"--saliency-teacher: {exc}") from None
     except TeacherError as exc:
         raise fail(f"--teacher: {exc}") from None
-    except RunSettingsError as exc:
+    except (RunSettingsError, RunRecordError) as exc:
         raise fail(str(exc)) from None
     except ClinicalDataError as exc:
         raise fail(f"{exc} (fix the metadata, or train without the prior: --clinical-prior off)") from None
     except (FileExistsError, NotADirectoryError) as exc:  # e.g. --run-dir names a file
         raise fail(f"--run-dir {run_dir}: {describe_os_error(exc)}") from None
+    except OSError as exc:  # a file of the run that cannot be read or written: named, not a traceback
+        raise fail(f"{describe_os_error(exc)} (finished stages are kept in {run_dir})") from None
     if "bundle" not in infos:  # --stop-after: no bundle, so no test figures either
         typer.echo(f"finished stages: {', '.join(infos)} (in {run_dir})")
         return

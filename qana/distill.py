@@ -58,27 +58,38 @@ class Teacher:
         return preprocess(images, self.colour_constancy)
 
 
+def check_teacher_files(teacher_run: Path) -> tuple[Path, Path]:
+    """A teacher run's float.h5 and split.npz, refused if either is missing: checked before a
+    run changes anything, so a mistyped --teacher costs no stage."""
+    teacher_run = Path(teacher_run)
+    model, split = teacher_run / "float.h5", teacher_run / "split.npz"
+    if not model.is_file():
+        raise TeacherError(f"teacher {teacher_run}: no float.h5 (the run's float stage has not finished)")
+    if not split.is_file():
+        raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
+    return model, split
+
+
+def same_split(teacher_run: Path, student_run: Path) -> bool:
+    """Whether two run directories hold the same split of the same images (split.npz)."""
+    with np.load(Path(teacher_run) / "split.npz") as t, np.load(Path(student_run) / "split.npz") as s:
+        return all(np.array_equal(t[k], s[k]) for k in ("train", "val", "test", "image_ids"))
+
+
 def check_teacher(
     teacher_run: Path, student_run: Path, image_size: int | None = None, colour_constancy: str = "none"
 ) -> Teacher:
     """The teacher's float model and preprocessing, after checking its run used the student's split
     and images the student's can be turned into."""
     teacher_run = Path(teacher_run)
-    model = teacher_run / "float.h5"
-    if not model.is_file():
-        raise TeacherError(f"teacher {teacher_run}: no float.h5 (the run's float stage has not finished)")
-    split = teacher_run / "split.npz"
-    if not split.is_file():
-        raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
+    model, split = check_teacher_files(teacher_run)
     options_file = teacher_run / "options.json"
     options = json.loads(options_file.read_text()) if options_file.is_file() else {}
     if image_size is not None:
         teacher_size = options.get("image_size", image_size)
         if teacher_size != image_size:
             raise TeacherError(f"teacher {teacher_run} takes {teacher_size}x{teacher_size} images, this run {image_size}x{image_size}")
-    with np.load(split) as t, np.load(Path(student_run) / "split.npz") as s:
-        same = all(np.array_equal(t[k], s[k]) for k in ("train", "val", "test", "image_ids"))
-    if not same:
+    if not same_split(teacher_run, student_run):
         raise TeacherError(
             f"teacher {teacher_run} was trained on another split than {student_run}: it has seen validation or "
             "test lesions of this run; use runs with the same data and seed"

@@ -111,7 +111,8 @@ def view_pairs(images: np.ndarray, batch: int, seed: int):
         x = tf.cast(x, tf.float32)
         return random_view(x, seed, 0), random_view(x, seed, 1)
 
-    return ds.map(pair, num_parallel_calls=2).batch(batch, drop_remainder=True).prefetch(2)
+    # one call at a time: parallel calls would hand the stateful draws out in scheduling order
+    return ds.map(pair).batch(batch, drop_remainder=True).prefetch(2)
 
 
 def build_pretrainer(model):

@@ -57,22 +57,32 @@ def _last_spatial_layer(model) -> str:
     raise SaliencyError(f"teacher {model.name!r} has no spatial feature map for Grad-CAM")
 
 
+def check_teacher_file(spec: str) -> Path:
+    """The file a teacher spec names, refused if it is not there: checked before a run changes
+    anything, so a typo costs neither the stages before the saliency stage nor a finished run."""
+    if spec.startswith(RESNET_PREFIX):
+        weights = Path(spec[len(RESNET_PREFIX) :]).expanduser()
+        if not weights.is_file():
+            raise SaliencyError(f"ResNet-50 weights file not found: {weights} (no download happens; supply the file)")
+        return weights
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise SaliencyError(f"saliency teacher not found: {path} (e.g. runs/<earlier run>/float.h5)")
+    return path
+
+
 def load_teacher(spec: str) -> Teacher:
     """`<model file>` (tf_keras .h5/.keras with a Rescaling input) or `resnet50:<weights.h5>`."""
     import tf_keras as keras
 
     if spec.startswith(RESNET_PREFIX):
-        weights = Path(spec[len(RESNET_PREFIX) :]).expanduser()
-        if not weights.is_file():
-            raise SaliencyError(f"ResNet-50 weights file not found: {weights} (no download happens; supply the file)")
+        weights = check_teacher_file(spec)
         try:
             model = keras.applications.ResNet50(weights=str(weights), include_top=True, input_shape=(224, 224, 3))
         except (ValueError, OSError) as exc:
             raise SaliencyError(f"{weights}: not ImageNet ResNet-50 weights ({exc})") from None
         return Teacher(model, 224, "conv5_block3_out", "resnet50", f"ImageNet ResNet-50 ({weights})")
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise SaliencyError(f"saliency teacher not found: {path} (e.g. runs/<earlier run>/float.h5)")
+    path = check_teacher_file(spec)
     try:
         model = keras.models.load_model(path, compile=False)
     except (ValueError, OSError, ImportError) as exc:

@@ -8,10 +8,13 @@ The held-out test part is touched only by the final evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -22,12 +25,12 @@ import numpy as np
 
 from qana import clinical
 from qana import head as head_math
-from qana.atomic import replace_atomic, write_atomic
+from qana.atomic import file_in_the_way, replace_atomic, try_lock, write_atomic
 from qana.augment import mix_batch, op_seed, random_affine
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
-from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, Dataset, describe_skipped, load_dataset
+from qana.data import CLINICAL_COLUMNS, DEFAULT_CACHE_DIR, DataError, Dataset, describe_skipped, load_dataset
 from qana.invocation import invoked_command
 from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.model import ModelSpec
@@ -39,6 +42,7 @@ log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
 VIEW_STAGES = ("head", "clinical", "bundle")  # stages whose output depends on the number of test-time views
 OPTIONAL_STAGES = ("saliency", "pretrain")  # off by default: a stage that did nothing leaves later stages valid
+RUN_LOCK = ".qana-train.lock"  # held by the `qana train` process writing into a run directory
 
 
 @dataclass
@@ -96,6 +100,27 @@ class TrainOptions:
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.target, self.weight_bits)
+
+
+def settings_without_effect(opts: TrainOptions) -> list[str]:
+    """One message per setting that the others leave without effect (`qana train` refuses them).
+
+    Accepted, such a setting would be recorded in options.json, and resuming the run without
+    the flag that did nothing would then be refused as "other settings".
+    """
+    default = TrainOptions(data=opts.data, run_dir=opts.run_dir)
+    inert = []
+    if opts.target == "v1" and (opts.blocks != default.blocks or opts.attention != default.attention):
+        inert.append("--blocks and --attention shape the v2 network; the v1 network is sequential and has neither")
+    if opts.qat_epochs == 0 and opts.qat_distill:
+        inert.append("--qat-distill needs quantization-aware fine-tuning, which --qat-epochs 0 turns off")
+    if opts.qat_epochs == 0 and opts.keep_quantized != default.keep_quantized:
+        inert.append("--keep-quantized chooses between the calibrated and the fine-tuned model; --qat-epochs 0 fine-tunes none")
+    if opts.loss != "focal" and opts.focal_gamma != default.focal_gamma:
+        inert.append("--focal-gamma applies only with --loss focal")
+    if not opts.teachers and opts.label_weight != default.label_weight:
+        inert.append("--label-weight applies only with --teacher")
+    return inert
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -198,7 +223,9 @@ def make_dataset(
             x = tf.clip_by_value(x, 0.0, 255.0)
             return (x, y, *w)
 
-        ds = ds.map(aug, num_parallel_calls=2).batch(batch)
+        # One call at a time: the draws are stateful, and two parallel calls would hand them to
+        # the images in scheduling order, so one seed would not give one model.
+        ds = ds.map(aug).batch(batch)
         if mixup > 0:
             ds = ds.map(lambda *b: mix_batch(*b, alpha=mixup, seed=seed))
     else:
@@ -282,21 +309,41 @@ class _MacroF1Checkpoint:
         self.history.append(entry)
         if score > self.best:
             self.best = score
-            model.save_weights(str(self._path))
+            # written aside and renamed over the old file: a stop mid-write must not leave a
+            # damaged best-weights file that progress.json vouches for
+            partial = self._path.with_name(f".partial-{self._path.name}")
+            model.save_weights(str(partial))
+            replace_atomic(partial, self._path)
         if self._state_path is not None:
             write_atomic(self._state_path, json.dumps({"best": self.best, "history": self.history}).encode())
+
+
+def stage_backup_dir(opts: TrainOptions, stage: str) -> Path:
+    """Where a training stage keeps its per-epoch backup (the Keras checkpoint and the scores so far).
+
+    It stays until `run` has marked the stage finished: a stop after the last epoch, while the
+    stage saves its model or writes its record, then resumes with the fit already done instead
+    of training it again from epoch 1.
+    """
+    return opts.run_dir / f"{stage}.backup"
+
+
+def _has_epoch_backup(backup_dir: Path) -> bool:
+    """Whether Keras BackupAndRestore has a checkpoint in `backup_dir` to continue from."""
+    return any((backup_dir / "keras").rglob("checkpoint"))
 
 
 def epoch_backup(opts: TrainOptions, backup_dir: Path):
     """A Keras callback that backs a fit up after every epoch into `backup_dir`, so a fit
     stopped mid-way continues from its last finished epoch; with --fresh (resume off) an
-    earlier attempt's backup is removed first, so its epochs are not continued."""
+    earlier attempt's backup is removed first, so its epochs are not continued. The checkpoint
+    outlives the fit (`stage_backup_dir` says who removes it)."""
     import tf_keras as keras
 
     if not opts.resume:
         shutil.rmtree(backup_dir, ignore_errors=True)
     backup_dir.mkdir(parents=True, exist_ok=True)
-    return keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=True)
+    return keras.callbacks.BackupAndRestore(str(backup_dir / "keras"), save_freq="epoch", delete_checkpoint=False)
 
 
 def _fit(
@@ -309,9 +356,10 @@ def _fit(
     With `backup_dir` the weights, optimizer state (step count, so the learning-rate schedule
     too) and epoch are saved after every epoch (Keras BackupAndRestore), and a later call with
     the same directory continues from the last finished epoch instead of epoch 1: an 80-epoch
-    float stage outlasts a working session on two cores. The directory is removed once the
-    fit completes. A resumed fit is not bit-identical to an uninterrupted one (the shuffling
-    and augmentation draws start again from the seed).
+    float stage outlasts a working session on two cores. A finished fit keeps the directory (a
+    second call runs no epoch); `run` removes it once the stage is marked finished. A resumed
+    fit is not bit-identical to an uninterrupted one (the shuffling and augmentation draws
+    start again from the seed).
     """
     import tf_keras as keras
 
@@ -332,13 +380,24 @@ def _fit(
         callbacks = [ckpt.callback]
     else:
         backup = epoch_backup(opts, backup_dir)
-        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, backup_dir / "progress.json")
+        state = backup_dir / "progress.json"
+        if state.is_file() and not _has_epoch_backup(backup_dir):
+            # Keras will start this fit over from epoch 1, so the earlier attempt's best score and
+            # history must go too: kept, they would pick the final weights from two different fits.
+            print(f"  {state} has no epoch checkpoint beside it; the fit starts over from epoch 1", flush=True)
+            state.unlink()
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state)
         callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
-    model.fit(ds, epochs=epochs, verbose=2, callbacks=callbacks)
+    model.fit(ds, epochs=epochs, verbose=2, callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()])
     if weights_path.exists():
         model.load_weights(str(weights_path))
-    if backup_dir is not None:
-        shutil.rmtree(backup_dir, ignore_errors=True)
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        if backup_dir is not None:
+            shutil.rmtree(backup_dir, ignore_errors=True)  # a resume must not continue the diverged fit
+        raise RunSettingsError(
+            f"training diverged (weights are not finite numbers) at learning rate {lr:g}: nothing of this stage "
+            "was kept; lower --learning-rate"
+        )
     return ckpt.history
 
 
@@ -346,10 +405,20 @@ def _fit(
 
 
 def stage_split(opts: TrainOptions, dataset: Dataset) -> dict:
+    """Split the lesions into train / validation / test (qana.splits) and save the split with
+    a fingerprint of the labels and image contents it was made from (`data_fingerprint`)."""
     train_idx, val_idx, test_idx = train_val_test(
         dataset.labels, dataset.lesion_ids, opts.val_fraction, opts.test_fraction, opts.seed
     )
-    np.savez(opts.run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
+    sizes = {"train": len(train_idx), "validation": len(val_idx), "test": len(test_idx)}
+    if min(sizes.values()) == 0:  # refused now, not after hours of training, in the bundle stage
+        raise DataError(
+            f"{len(dataset)} images of {len(np.unique(dataset.lesion_ids))} lesions give "
+            + " / ".join(f"{k} {v}" for k, v in sizes.items())
+            + " images: every part needs images; use more images (or a larger --limit)"
+        )
+    np.savez(opts.run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids,
+             data_fingerprint=data_fingerprint(dataset))
     return {
         "n_images": len(dataset),
         "n_lesions": int(len(np.unique(dataset.lesion_ids))),
@@ -361,13 +430,53 @@ def stage_split(opts: TrainOptions, dataset: Dataset) -> dict:
     }
 
 
+def data_fingerprint(dataset: Dataset) -> str:
+    """sha256 over every image's id, label, lesion and content hash: a corrected diagnosis or a
+    replaced image file changes it, so a resume does not reuse stages made from the old data."""
+    digest = hashlib.sha256()
+    for row in zip(dataset.image_ids.tolist(), dataset.labels.tolist(), dataset.lesion_ids.tolist(), dataset.content_hashes.tolist()):
+        digest.update(("\t".join(map(str, row)) + "\n").encode())
+    return digest.hexdigest()
+
+
 def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, Dataset]:
-    with np.load(opts.run_dir / "split.npz") as z:
-        if not np.array_equal(z["image_ids"], dataset.image_ids):
-            raise RunSettingsError(
-                f"the data in {opts.data} changed since {opts.run_dir} was split; start a new run directory (or --fresh)"
-            )
-        return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
+    path = opts.run_dir / "split.npz"
+    changed = RunSettingsError(
+        f"the data in {opts.data} changed since {opts.run_dir} was split (images, labels or lesions); "
+        "start a new run directory (or --fresh)"
+    )
+    try:
+        with np.load(path) as z:
+            if not np.array_equal(z["image_ids"], dataset.image_ids):
+                raise changed
+            # splits made before the fingerprint was recorded: the image ids are all that can be compared
+            if "data_fingerprint" in z.files and str(z["data_fingerprint"]) != data_fingerprint(dataset):
+                raise changed
+            return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, RunSettingsError):
+            raise
+        raise RunRecordError(f"{path}: unreadable ({exc}); add --fresh to split again and redo the run") from None
+
+
+def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
+    """Refuse a saliency teacher that is an earlier run's float.h5 trained on another split (it
+    saw this run's validation or test lesions, and would choose the crops with that knowledge);
+    False when it cannot be checked (no split.npz beside the file, e.g. ImageNet weights)."""
+    from qana.distill import same_split
+    from qana.saliency import RESNET_PREFIX, SaliencyError
+
+    if opts.saliency_teacher.startswith(RESNET_PREFIX):
+        return False
+    teacher_run = Path(opts.saliency_teacher).expanduser().parent
+    if not (teacher_run / "split.npz").is_file():
+        return False
+    if not same_split(teacher_run, opts.run_dir):
+        raise SaliencyError(
+            f"{opts.saliency_teacher} was trained on another split than {opts.run_dir}: it has seen validation or "
+            "test lesions of this run; use a run with the same data and seed"
+        )
+    return True
 
 
 def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict:
@@ -381,6 +490,7 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
         return {"enabled": False}
     from qana.saliency import crop_images, gradcam, load_teacher, saliency_boxes
 
+    split_checked = saliency_teacher_split_checked(opts)
     teacher = load_teacher(opts.saliency_teacher)
     source_size = max(teacher.size, 2 * opts.image_size)
     sources = run_dataset(replace(opts, image_size=source_size), progress=True)  # preprocessed as the training images are
@@ -396,6 +506,7 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     return {
         "enabled": True,
         "teacher": teacher.description,
+        "teacher_split_checked": split_checked,
         "layer": teacher.layer,
         "images": int(len(crops)),
         "mean_crop_side": float(boxes[:, 2].mean()),
@@ -445,13 +556,11 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
     steps = max(1, len(train) // batch) * opts.pretrain_epochs
     schedule = keras.optimizers.schedules.CosineDecay(PRETRAIN_LEARNING_RATE, decay_steps=steps, alpha=0.05)
     pretrainer.compile(optimizer=keras.optimizers.Adam(schedule))
-    backup_dir = opts.run_dir / "pretrain.backup"
     fit = pretrainer.fit(
         view_pairs(train.images, batch, opts.seed), epochs=opts.pretrain_epochs, verbose=2,
-        callbacks=[epoch_backup(opts, backup_dir)],
+        callbacks=[epoch_backup(opts, stage_backup_dir(opts, "pretrain"))],
     )
     model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
-    shutil.rmtree(backup_dir, ignore_errors=True)
     ran = len(fit.history.get("loss", []))  # a resumed fit reports only the epochs it ran itself
     first = opts.pretrain_epochs - ran + 1
     history = [
@@ -461,7 +570,9 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
         "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)),
         "seconds": round(time.time() - t0, 1), "history": history,
     }
-    if first > 1:
+    if ran == 0:
+        info["resumed_after_last_epoch"] = True  # stopped after the fit, before the stage was marked finished
+    elif first > 1:
         info["resumed_at_epoch"] = first
     return info
 
@@ -487,7 +598,7 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     model = initial_float_model(opts)
     history = _fit(
         model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
-        ema=opts.weight_ema, targets=targets, backup_dir=opts.run_dir / "float.backup",
+        ema=opts.weight_ema, targets=targets, backup_dir=stage_backup_dir(opts, "float"),
     )
     model.save(opts.run_dir / "float.h5")
     info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
@@ -624,7 +735,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         targets = float_targets(model, qat_train.images) if opts.qat_distill else None
         history = _fit(
             qmodel, qat_train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5",
-            targets=targets, backup_dir=opts.run_dir / "quantized.backup",
+            targets=targets, backup_dir=stage_backup_dir(opts, "quantized"),
         )
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
         info["agreement_fine_tuned"] = agreement_scores(float_predictions, _predict(qmodel, compared))
@@ -963,7 +1074,7 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
         extras[clinical.PRIOR_FILE] = opts.run_dir / "final" / clinical.PRIOR_FILE
         manifest["clinical_prior"] = clinical.manifest_entry(prior)
     bundle = write_bundle(out, opts.run_dir / "final" / "model.fbz", (opts.run_dir / "final" / "head.npz").read_bytes(), manifest, extras)
-    return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "metrics": metrics}
+    return {"bundle": str(bundle.path), "bundle_resolved": str(bundle.path.resolve()), "bundle_id": bundle.bundle_id, "metrics": metrics}
 
 
 # Options that only steer the run (where it goes, whether it resumes, when it stops) and may
@@ -975,6 +1086,40 @@ class RunSettingsError(ValueError):
     """A run directory is being resumed with settings (or data) other than those its stages were made with."""
 
 
+class RunRecordError(ValueError):
+    """A run directory whose records (options.json, split.npz, a stage's output) are missing or unreadable."""
+
+
+def _flag(name: str) -> str:
+    """The `qana train` flag of a TrainOptions field (`teachers` is given as --teacher, repeated)."""
+    return "--teacher" if name == "teachers" else f"--{name.replace('_', '-')}"
+
+
+def _read_options_json(path: Path) -> dict:
+    """A run's options.json as a dict, or a RunRecordError naming what is wrong with it."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunRecordError(f"{path}: not valid JSON ({exc}); add --fresh to redo the run, or use another --run-dir") from None
+    if not isinstance(recorded, dict):
+        raise RunRecordError(f"{path}: expected a JSON object of settings")
+    return recorded
+
+
+def recorded_test_time_views(run_dir: Path) -> int | None:
+    """The test-time views a run directory's finished stages were made with, None for a new
+    run: a resumed command that leaves out --test-time-views keeps them, rather than redoing
+    three stages and replacing the bundle with a one-view one."""
+    path = Path(run_dir) / "options.json"
+    if not path.is_file() or not any(_marker(Path(run_dir), s).is_file() for s in STAGES):
+        return None
+    try:
+        views = _read_options_json(path).get("test_time_views", 1)
+    except RunRecordError:
+        return None  # check_resume_settings names the problem
+    return views if isinstance(views, int) else None
+
+
 def check_resume_settings(opts: TrainOptions) -> None:
     """Refuse to resume a run whose finished stages were made with other settings.
 
@@ -984,13 +1129,19 @@ def check_resume_settings(opts: TrainOptions) -> None:
     defaults.
     """
     recorded_path = opts.run_dir / "options.json"
-    if not (opts.resume and recorded_path.is_file() and any(_marker(opts.run_dir, s).is_file() for s in STAGES)):
+    finished = [s for s in STAGES if _marker(opts.run_dir, s).is_file()]
+    if not (opts.resume and finished):
         return
-    recorded = json.loads(recorded_path.read_text())
+    if not recorded_path.is_file():
+        raise RunSettingsError(
+            f"{opts.run_dir} has finished stages ({', '.join(finished)}) but no options.json, so which settings made "
+            "them cannot be told: add --fresh to redo everything, or use another --run-dir"
+        )
+    recorded = _read_options_json(recorded_path)
     current = json.loads(json.dumps(asdict(opts), default=str))
     defaults = json.loads(json.dumps(asdict(TrainOptions(data=opts.data, run_dir=opts.run_dir)), default=str))
     changed = [
-        f"--{name.replace('_', '-')} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
+        f"{_flag(name)} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
         for name in current
         if name not in RUN_CONTROL and recorded.get(name, defaults[name]) != current[name]
     ]
@@ -1008,10 +1159,6 @@ def run_dataset(opts: TrainOptions, progress: bool = False) -> Dataset:
     return replace(dataset, images=preprocess(dataset.images, opts.colour_constancy))
 
 
-class RunRecordError(ValueError):
-    """A run directory whose options.json is missing or unreadable."""
-
-
 def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
     """The TrainOptions a finished run was made with, read back from its options.json.
 
@@ -1026,12 +1173,7 @@ def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
     path = run_dir / "options.json"
     if not path.is_file():
         raise RunRecordError(f"{run_dir}: no options.json (not a `qana train` run directory, or it never started)")
-    try:
-        recorded = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunRecordError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(recorded, dict):
-        raise RunRecordError(f"{path}: expected a JSON object of settings")
+    recorded = _read_options_json(path)
     defaults = TrainOptions(data=data, run_dir=run_dir)
     settings: dict[str, Any] = {}
     for name, default in asdict(defaults).items():
@@ -1050,6 +1192,73 @@ def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
     return TrainOptions(data=data, run_dir=run_dir, **settings)
 
 
+def stage_outputs(opts: TrainOptions, stage: str, info: dict) -> list[Path]:
+    """The files a finished stage left for later stages: a marker without them (a partial copy
+    of a run, a file cleaned up) means the stage is redone rather than failing stages later."""
+    run_dir = opts.run_dir
+    if stage == "split":
+        return [run_dir / "split.npz"]
+    if stage == "saliency":
+        return [run_dir / "saliency.npz"] if info.get("enabled") else []
+    if stage == "pretrain":
+        return [run_dir / "pretrain.weights.h5"] if info.get("enabled") else []
+    if stage in ("float", "quantized"):
+        return [run_dir / f"{stage}.h5"]
+    if stage == "akida":
+        return [run_dir / "akida" / "model.fbz"]
+    if stage == "head":
+        return [run_dir / "final" / "model.fbz", run_dir / "final" / "head.npz"]
+    if stage == "clinical":
+        return [run_dir / "final" / clinical.PRIOR_FILE] if info.get("used") else []
+    # where the bundle went, as an absolute path (older records: not checked)
+    return [Path(info["bundle_resolved"]) / "bundle.json"] if info.get("bundle_resolved") else []
+
+
+def _same_path(a: Path | str, b: Path | str | None) -> bool:
+    return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_bundle_out(opts: TrainOptions) -> None:
+    """Refuse a --bundle-out whose contents writing the bundle would destroy.
+
+    The bundle replaces its folder whole (qana.atomic.replace_directory), which is right for an
+    earlier bundle and wrong for anything else: a folder of the user's, a parent of the run or
+    of the data. Checked before anything is loaded or written.
+    """
+    if opts.bundle_out is None:
+        return
+    out = Path(opts.bundle_out).expanduser().resolve()
+    for name, other in (("--run-dir", opts.run_dir), ("--data", opts.data)):
+        other = Path(other).expanduser().resolve()
+        if out == other or out in other.parents:
+            raise RunSettingsError(f"--bundle-out {opts.bundle_out} would replace {name} {other}: give a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise RunSettingsError(f"--bundle-out {opts.bundle_out} is a file; give a new folder or an earlier bundle's")
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        raise RunSettingsError(f"--bundle-out {opts.bundle_out} cannot be made: {blocking} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / "bundle.json").is_file():
+        raise RunSettingsError(
+            f"--bundle-out {opts.bundle_out} holds other files and no bundle.json; writing the bundle would delete them: "
+            "give a new or empty folder (an earlier bundle's folder is replaced)"
+        )
+
+
+def check_teacher_paths(opts: TrainOptions) -> None:
+    """Refuse a --saliency-teacher or --teacher that is not there before the run changes
+    anything: found only in their own stages, a typo would cost the stages before them (and,
+    with --fresh, the finished run)."""
+    if opts.saliency_teacher:
+        from qana.saliency import check_teacher_file
+
+        check_teacher_file(opts.saliency_teacher)
+    if opts.teachers:
+        from qana.distill import check_teacher_files
+
+        for teacher in opts.teachers:
+            check_teacher_files(Path(teacher))
+
+
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)
@@ -1062,16 +1271,45 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         )
     if opts.stop_after is not None and opts.stop_after not in STAGES:
         raise ValueError(f"unknown stage {opts.stop_after!r} to stop after (stages: {', '.join(STAGES)})")
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    if opts.run_dir.exists() and not opts.run_dir.is_dir():
+        raise NotADirectoryError(f"{opts.run_dir} is a file, not a run directory")
+    early = _take_run_lock(opts.run_dir, create=False)  # creates nothing; refuses a directory a live run writes into
+    if early is not None:
+        os.close(early)
+    check_bundle_out(opts)
+    check_teacher_paths(opts)
     check_resume_settings(opts)
     progress(f"loading {opts.data} ...")
     dataset = run_dataset(opts, progress=True)
     # Only once the data has loaded does the run directory change, so a refused --data leaves it
-    # as it was. With --fresh the old stage markers go first: options.json must describe every
-    # stage marked finished, or a later resume would reuse stages made with other settings.
+    # as it was (or absent). With --fresh the old stage markers go first, and every stage's
+    # per-epoch backup with them: options.json must describe every stage marked finished, and
+    # a later resume must not continue a fit made with the old settings.
+    if opts.clinical_prior != "off":
+        clinical.encode_dataset(dataset)  # a metadata value the prior cannot read: refused now, not after the training
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_run_lock(opts.run_dir, create=True)
+    try:
+        return _run_stages(opts, dataset, progress)
+    finally:
+        os.close(lock)
+
+
+def _take_run_lock(run_dir: Path, create: bool) -> int | None:
+    """The run directory's lock (qana.atomic.try_lock): two `qana train` processes writing one
+    run's files at once would leave records that describe neither."""
+    try:
+        return try_lock(run_dir / RUN_LOCK, create)
+    except BlockingIOError:
+        raise RunSettingsError(f"another qana train is running in {run_dir}; wait for it or use another --run-dir") from None
+
+
+def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], None]) -> dict[str, dict]:
+    """`run` after its checks, with the data loaded and the run directory locked."""
     if not opts.resume:
         for stage in STAGES:
             _marker(opts.run_dir, stage).unlink(missing_ok=True)
+            shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)
     write_atomic(opts.run_dir / "options.json", json.dumps(asdict(opts), indent=2, default=str).encode())
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
     if opts.limit:
@@ -1083,6 +1321,13 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         if done is not None and stage in VIEW_STAGES and done.get("test_time_views", 1) != opts.test_time_views:
             progress(f"[{stage}] was finished with {done.get('test_time_views', 1)} test-time view(s); redoing it with {opts.test_time_views}")
             done, redo_rest = None, True
+        missing = [] if done is None else [p for p in stage_outputs(opts, stage, done) if not p.exists()]
+        if missing:
+            progress(f"[{stage}] is marked finished but {', '.join(map(str, missing))} is missing; redoing it and every later stage")
+            done, redo_rest = None, True
+        if done is not None and stage == "bundle" and opts.bundle_out is not None and not _same_path(opts.bundle_out, done.get("bundle_resolved", done.get("bundle"))):
+            progress(f"[bundle] was written to {done.get('bundle')}; writing it again to {opts.bundle_out}")
+            done = None
         if done is not None:
             progress(f"[{stage}] already finished (resume)")
             infos[stage] = done
@@ -1113,6 +1358,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         if stage in VIEW_STAGES:
             info["test_time_views"] = opts.test_time_views
         infos[stage] = _finish(opts, stage, info)
+        shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)  # only now: see stage_backup_dir
         # later stages were made from this stage's old output (an optional stage that was off changes nothing)
         redo_rest = redo_rest or stage not in OPTIONAL_STAGES or bool(info.get("enabled"))
         progress(f"[{stage}] done")

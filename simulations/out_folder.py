@@ -18,13 +18,13 @@ up; the next run stops and says which run is where rather than guess.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qana.atomic import try_lock
 from simulations.report import RESULT_FILES
 
 RUN_FOLDERS = ("run", "work", "plots")  # what a qana-sim run writes below --out besides RESULT_FILES
@@ -41,16 +41,10 @@ def _take_lock(out: Path, create: bool) -> int | None:
     """The folder's lock, taken: an open descriptor (closing it releases the lock, as the system
     does if the process dies). None when `create` is off and no run ever locked the folder.
     OutFolderError when a live run holds it."""
-    path = out / LOCK
-    if not create and not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return try_lock(out / LOCK, create)
     except BlockingIOError:
-        os.close(fd)
         raise OutFolderError(f"another qana-sim run is writing into {out}; wait for it or choose another --out") from None
-    return fd
 
 
 def check_out_folder(out: Path) -> None:

@@ -213,3 +213,9 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
     saved = qana.train._val_scores(qana.train.load_quantized(opts), val.images, val.labels)
     assert saved == pytest.approx(redone["quantized"]["val_calibrated"])
     assert redone["head"]["chip_vs_reference_agreement"] == 1.0
+    # --bundle-out on a finished run writes the bundle there (before: ignored, exit 0), redoing
+    # only the bundle stage; a folder of other files is refused, and kept.
+    messages = []
+    elsewhere = run(replace(opts, test_time_views=2, bundle_out=tmp_path / "wanted"), progress=messages.append)
+    assert [m for m in messages if m.endswith("running ...")] == ["[bundle] running ..."]
+    assert load_bundle(tmp_path / "wanted").bundle_id == elsewhere["bundle"]["bundle_id"]

@@ -139,7 +139,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
         (["--limit", "-1"], "--limit must be at least 0, not -1 (0 = all images)"),
         (["--seed", "-1"], "--seed must be at least 0, not -1"),
-        (["--learning-rate", "-1"], "--learning-rate must be positive, not -1.0"),
+        (["--learning-rate", "-1"], "--learning-rate must be above 0 and at most 1, not -1.0"),
         (["--attention", "bogus"], "--attention must be one of both, seca, se, none, not 'bogus'"),
         (["--head-smote", "bogus"], "--head-smote must be auto, on or off, not 'bogus'"),
         (["--clinical-prior", "on"], "--clinical-prior must be auto or off, not 'on'"),
