@@ -145,8 +145,9 @@ def train(
         blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         resume=not fresh, stop_after=stop_after,
     )
-    for inert in settings_without_effect(opts):
-        raise fail(inert)
+    inert = settings_without_effect(opts)
+    if inert:
+        raise fail(inert[0])
     try:
         infos = run(opts, progress=lambda msg: typer.echo(msg))
     except DataError as exc:

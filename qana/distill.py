@@ -58,16 +58,16 @@ class Teacher:
         return preprocess(images, self.colour_constancy)
 
 
-def check_teacher_files(teacher_run: Path) -> tuple[Path, Path]:
-    """A teacher run's float.h5 and split.npz, refused if either is missing: checked before a
-    run changes anything, so a mistyped --teacher costs no stage."""
+def check_teacher_files(teacher_run: Path) -> Path:
+    """A teacher run's float.h5, refused if it or the run's split.npz is missing: checked before
+    a run changes anything, so a mistyped --teacher costs no stage."""
     teacher_run = Path(teacher_run)
-    model, split = teacher_run / "float.h5", teacher_run / "split.npz"
+    model = teacher_run / "float.h5"
     if not model.is_file():
         raise TeacherError(f"teacher {teacher_run}: no float.h5 (the run's float stage has not finished)")
-    if not split.is_file():
+    if not (teacher_run / "split.npz").is_file():
         raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
-    return model, split
+    return model
 
 
 def same_split(teacher_run: Path, student_run: Path) -> bool:
@@ -82,7 +82,7 @@ def check_teacher(
     """The teacher's float model and preprocessing, after checking its run used the student's split
     and images the student's can be turned into."""
     teacher_run = Path(teacher_run)
-    model, split = check_teacher_files(teacher_run)
+    model = check_teacher_files(teacher_run)
     options_file = teacher_run / "options.json"
     options = json.loads(options_file.read_text()) if options_file.is_file() else {}
     if image_size is not None:
