@@ -63,6 +63,8 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = VAL_FRACTION,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
+    reuse_from: Annotated[Optional[Path], typer.Option(help="Start from another run's finished stages instead of redoing them, e.g. to compare two recipes on the same split: a new RUN_DIR gets copies of that run's stages up to --reuse-through. Rerunning the same command resumes.")] = None,
+    reuse_through: Annotated[str, typer.Option(help="With --reuse-from: the last stage reused: split | saliency | pretrain | float (from float on, the models must have the same shape).")] = "split",
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
     stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical | bundle (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
@@ -77,7 +79,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_test_time_views, run, settings_without_effect
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_test_time_views, run, settings_without_effect
     from qana.views import VIEW_COUNTS
 
     if target not in ("v2", "v1"):
@@ -128,6 +130,8 @@ def train(
         raise fail(f"--clinical-prior must be {' or '.join(CLINICAL_PRIOR_MODES)}, not {clinical_prior!r}")
     if stop_after is not None and stop_after not in STAGES:
         raise fail(f"--stop-after must be one of {', '.join(STAGES)}, not {stop_after!r}")
+    if reuse_through not in REUSABLE_STAGES:
+        raise fail(f"--reuse-through must be one of {', '.join(REUSABLE_STAGES)}, not {reuse_through!r}")
     if colour_constancy not in COLOUR_CONSTANCY:
         raise fail(f"--colour-constancy must be one of {', '.join(COLOUR_CONSTANCY)}, not {colour_constancy!r}")
     if colour_constancy != "none" and target != "v2":
@@ -143,7 +147,7 @@ def train(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
         blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
-        resume=not fresh, stop_after=stop_after,
+        reuse_from=reuse_from, reuse_through=reuse_through, resume=not fresh, stop_after=stop_after,
     )
     inert = settings_without_effect(opts)
     if inert:

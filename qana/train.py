@@ -85,6 +85,8 @@ class TrainOptions:
     resume: bool = True
     stop_after: str | None = None  # a stage name: stop once it is finished (ablations that need only the float model)
     bundle_out: Path | None = None
+    reuse_from: Path | None = None  # start from another run's finished stages (`adopt_stages`), e.g. its split
+    reuse_through: str = "split"  # the last of that run's stages to reuse: split | saliency | pretrain | float
     command: str = field(default_factory=lambda: invoked_command("qana"))
 
     def model_spec(self) -> ModelSpec:
@@ -120,6 +122,8 @@ def settings_without_effect(opts: TrainOptions) -> list[str]:
         inert.append("--focal-gamma applies only with --loss focal")
     if not opts.teachers and opts.label_weight != default.label_weight:
         inert.append("--label-weight applies only with --teacher")
+    if opts.reuse_from is None and opts.reuse_through != default.reuse_through:
+        inert.append("--reuse-through applies only with --reuse-from")
     return inert
 
 
@@ -1079,7 +1083,8 @@ def stage_bundle(opts: TrainOptions, infos: dict[str, dict], val: Dataset, test:
 
 # Options that only steer the run (where it goes, whether it resumes, when it stops) and may
 # differ between a run and its resumption; test-time views redo their own stages (VIEW_STAGES).
-RUN_CONTROL = ("data", "run_dir", "resume", "stop_after", "command", "bundle_out", "cache_dir", "test_time_views")
+RUN_CONTROL = ("data", "run_dir", "resume", "stop_after", "command", "bundle_out", "cache_dir", "test_time_views",
+               "reuse_from", "reuse_through")
 
 
 class RunSettingsError(ValueError):
@@ -1135,7 +1140,8 @@ def check_resume_settings(opts: TrainOptions) -> None:
     if not recorded_path.is_file():
         raise RunSettingsError(
             f"{opts.run_dir} has finished stages ({', '.join(finished)}) but no options.json, so which settings made "
-            "them cannot be told: add --fresh to redo everything, or use another --run-dir"
+            "them cannot be told: add --fresh to redo everything, or use another --run-dir (to start from another "
+            "run's finished stages, e.g. its split, give a new --run-dir and --reuse-from THAT_RUN rather than copying its files)"
         )
     recorded = _read_options_json(recorded_path)
     current = json.loads(json.dumps(asdict(opts), default=str))
@@ -1150,6 +1156,103 @@ def check_resume_settings(opts: TrainOptions) -> None:
             f"{opts.run_dir} was started with other settings: {'; '.join(changed)}. Resuming would reuse stages "
             "made with the old ones: rerun with the same settings, add --fresh to redo everything, or use another --run-dir"
         )
+
+
+# ----------------------------------------------------------------------------- reusing another run's stages
+
+REUSABLE_STAGES = ("split", "saliency", "pretrain", "float")
+# What a reused saliency/pretrain/float stage's files are shaped by: a float model of another
+# architecture or input size cannot go on into this run's later stages (other differences, e.g.
+# --mixup for a run that reuses only the split, are the point of reusing and are only named).
+SHAPE_SETTINGS = ("target", "image_size", "width", "feature_dim", "attention", "blocks")
+
+
+def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]:
+    """Check `--reuse-from` before anything runs: the other run's options and the stages to copy.
+
+    Comparing two recipes on the same split (or two quantized stages on the same float model)
+    used to mean copying that run's files by hand into a new run directory; such a directory
+    has stage records but no options.json of its own and is refused (`check_resume_settings`).
+    Reusing names the source, copies exactly the files the stages need, and marks each copied
+    stage `reused_from`, so rerunning the same command resumes and another source is refused.
+    """
+    if opts.reuse_from is None:
+        return None, []
+    if opts.reuse_through not in REUSABLE_STAGES:
+        raise RunSettingsError(f"--reuse-through must be one of {', '.join(REUSABLE_STAGES)}, not {opts.reuse_through!r}")
+    source_dir = Path(opts.reuse_from)
+    if _same_path(source_dir, opts.run_dir):
+        raise RunSettingsError(f"--reuse-from {source_dir} is the run directory itself")
+    if not source_dir.is_dir():
+        raise RunRecordError(f"--reuse-from {source_dir}: no such run directory")
+    source = recorded_options(source_dir, opts.data)
+    wanted = REUSABLE_STAGES[: REUSABLE_STAGES.index(opts.reuse_through) + 1]
+    if opts.reuse_through != "split":
+        shape = [f"{_flag(n)} {getattr(source, n)} there, {getattr(opts, n)} here" for n in SHAPE_SETTINGS if getattr(source, n) != getattr(opts, n)]
+        if shape:
+            raise RunSettingsError(f"--reuse-from {source_dir} through {opts.reuse_through}: its models have another shape ({'; '.join(shape)})")
+    to_copy = []
+    for stage in wanted:
+        info = _read_marker(source_dir, stage)
+        if info is None:
+            raise RunRecordError(f"--reuse-from {source_dir}: its {stage} stage is not finished")
+        missing = [str(p) for p in stage_outputs(source, stage, info) if not p.exists()]
+        if missing:
+            raise RunRecordError(f"--reuse-from {source_dir}: its {stage} stage is marked finished but {', '.join(missing)} is missing")
+        own = _read_marker(opts.run_dir, stage) if opts.resume else None
+        if own is None:
+            to_copy.append(stage)
+        elif not _same_path(source_dir, own.get("reused_from")):
+            raise RunSettingsError(
+                f"{opts.run_dir} already has a {stage} stage of its own; --reuse-from starts a new run from another "
+                "run's stages: use a new --run-dir, or add --fresh to replace this run's stages"
+            )
+    return source, to_copy
+
+
+def _read_marker(run_dir: Path, stage: str) -> dict | None:
+    path = _marker(run_dir, stage)
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunRecordError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise RunRecordError(f"{path}: expected a JSON object")
+    return info
+
+
+def adopt_stages(opts: TrainOptions, source: TrainOptions, stages: list[str], dataset: Dataset,
+                 progress: Callable[[str], None]) -> None:
+    """Copy `source`'s finished `stages` (from `stages_to_reuse`) into this run directory.
+
+    Each stage's files are copied under a temporary name and renamed, and its record is written
+    last, so an interrupted copy leaves a stage unfinished rather than a record without files.
+    """
+    if not stages:
+        return
+    if "split" in stages:
+        try:
+            load_split(source, dataset)  # a split made from other data (or another --limit): refused now
+        except RunSettingsError:
+            raise RunSettingsError(
+                f"--reuse-from {source.run_dir}: its split was made from other data than {opts.data} "
+                "(other images, labels or lesions, or another --limit)"
+            ) from None
+    differ = [f"{_flag(n)} {getattr(source, n)!r}" for n in asdict(source) if n not in RUN_CONTROL and getattr(source, n) != getattr(opts, n)]
+    for stage in stages:
+        info = _read_marker(source.run_dir, stage)
+        for path in stage_outputs(source, stage, info):
+            target = opts.run_dir / path.relative_to(source.run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.copying")
+            shutil.copyfile(path, partial)
+            replace_atomic(partial, target)
+        _finish(opts, stage, {**info, "reused_from": str(source.run_dir)})
+        progress(f"[{stage}] reused from {source.run_dir}")
+    if differ:
+        progress(f"note: the reused stages were made with {'; '.join(differ)} (this run: the settings given)")
 
 
 def run_dataset(opts: TrainOptions, progress: bool = False) -> Dataset:
@@ -1279,6 +1382,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     check_bundle_out(opts)
     check_teacher_paths(opts)
     check_resume_settings(opts)
+    source, reused = stages_to_reuse(opts)
     progress(f"loading {opts.data} ...")
     dataset = run_dataset(opts, progress=True)
     # Only once the data has loaded does the run directory change, so a refused --data leaves it
@@ -1290,7 +1394,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_run_lock(opts.run_dir, create=True)
     try:
-        return _run_stages(opts, dataset, progress)
+        return _run_stages(opts, dataset, progress, source, reused)
     finally:
         os.close(lock)
 
@@ -1304,8 +1408,10 @@ def _take_run_lock(run_dir: Path, create: bool) -> int | None:
         raise RunSettingsError(f"another qana train is running in {run_dir}; wait for it or use another --run-dir") from None
 
 
-def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], None]) -> dict[str, dict]:
-    """`run` after its checks, with the data loaded and the run directory locked."""
+def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], None],
+                source: TrainOptions | None = None, reused: list[str] | None = None) -> dict[str, dict]:
+    """`run` after its checks, with the data loaded and the run directory locked; `source` and
+    `reused` are `stages_to_reuse`'s answer."""
     if not opts.resume:
         for stage in STAGES:
             _marker(opts.run_dir, stage).unlink(missing_ok=True)
@@ -1314,6 +1420,8 @@ def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], 
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
     if opts.limit:
         dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
+    if source is not None:
+        adopt_stages(opts, source, reused or [], dataset, progress)
     infos: dict[str, dict] = {}
     redo_rest = False  # once a stage is (re)done, every later stage is redone on its new output
     for stage in STAGES:
