@@ -1102,12 +1102,17 @@ def _flag(name: str) -> str:
 
 def _read_options_json(path: Path) -> dict:
     """A run's options.json as a dict, or a RunRecordError naming what is wrong with it."""
+    return _read_record(path, "; add --fresh to redo the run, or use another --run-dir")
+
+
+def _read_record(path: Path, remedy: str = "") -> dict:
+    """A JSON record of a run (options.json, a stage's record) as a dict, or a RunRecordError."""
     try:
         recorded = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunRecordError(f"{path}: not valid JSON ({exc}); add --fresh to redo the run, or use another --run-dir") from None
+        raise RunRecordError(f"{path}: not valid JSON ({exc}){remedy}") from None
     if not isinstance(recorded, dict):
-        raise RunRecordError(f"{path}: expected a JSON object of settings")
+        raise RunRecordError(f"{path}: expected a JSON object{remedy}")
     return recorded
 
 
@@ -1212,15 +1217,7 @@ def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]
 
 def _read_marker(run_dir: Path, stage: str) -> dict | None:
     path = _marker(run_dir, stage)
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunRecordError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise RunRecordError(f"{path}: expected a JSON object")
-    return info
+    return _read_record(path) if path.is_file() else None
 
 
 def adopt_stages(opts: TrainOptions, source: TrainOptions, stages: list[str], dataset: Dataset,
