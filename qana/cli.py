@@ -64,7 +64,7 @@ def train(
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
     bundle_out: Annotated[Optional[Path], typer.Option(help="Where to write the bundle (default RUN_DIR/bundle).")] = None,
     reuse_from: Annotated[Optional[Path], typer.Option(help="Start from another run's finished stages instead of redoing them, e.g. to compare two recipes on the same split: a new RUN_DIR gets copies of that run's stages up to --reuse-through. Rerunning the same command resumes.")] = None,
-    reuse_through: Annotated[str, typer.Option(help="With --reuse-from: the last stage reused: split | saliency | pretrain | float (from float on, the models must have the same shape).")] = "split",
+    reuse_through: Annotated[str, typer.Option(help="With --reuse-from: the last stage reused: split | saliency | pretrain | float. A reused stage must have been made with this run's settings for it (the split: any).")] = "split",
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore finished stages in RUN_DIR and redo everything.")] = False,
     stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical | bundle (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:

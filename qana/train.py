@@ -589,7 +589,7 @@ def initial_float_model(opts: TrainOptions):
     if opts.pretrain_epochs > 0:
         path = opts.run_dir / "pretrain.weights.h5"
         if not path.is_file():
-            raise RuntimeError(f"{path} is missing although the pretrain stage is marked finished; rerun with --fresh")
+            raise RunRecordError(f"{path} is missing although the pretrain stage is marked finished; rerun with --fresh")
         model.load_weights(str(path))
     return model
 
@@ -1166,10 +1166,19 @@ def check_resume_settings(opts: TrainOptions) -> None:
 # ----------------------------------------------------------------------------- reusing another run's stages
 
 REUSABLE_STAGES = ("split", "saliency", "pretrain", "float")
-# What a reused saliency/pretrain/float stage's files are shaped by: a float model of another
-# architecture or input size cannot go on into this run's later stages (other differences, e.g.
-# --mixup for a run that reuses only the split, are the point of reusing and are only named).
 SHAPE_SETTINGS = ("target", "image_size", "width", "feature_dim", "attention", "blocks")
+# The settings each reusable stage's files were made with. A run that reuses a stage must ask for
+# the same ones, or its options.json would record settings that stage never ran with; every other
+# setting may differ (a run reusing only the split may change the whole recipe: that is the point).
+# An optional stage that was off needs only its switch (the first name) to agree.
+_PRETRAIN_SETTINGS = ("pretrain_epochs", "colour_constancy", "seed", *SHAPE_SETTINGS)
+REUSED_STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "split": (),
+    "saliency": ("saliency_teacher", "image_size", "colour_constancy"),
+    "pretrain": _PRETRAIN_SETTINGS,
+    "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine",
+              "mixup", "teachers", "label_weight", "weight_ema", "class_weighting", "loss", "focal_gamma"),
+}
 
 
 def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]:
@@ -1178,8 +1187,11 @@ def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]
     Comparing two recipes on the same split (or two quantized stages on the same float model)
     used to mean copying that run's files by hand into a new run directory; such a directory
     has stage records but no options.json of its own and is refused (`check_resume_settings`).
-    Reusing names the source, copies exactly the files the stages need, and marks each copied
-    stage `reused_from`, so rerunning the same command resumes and another source is refused.
+    Reusing names the source, copies exactly the files each stage needs, and records in the
+    copied stage `reused_from` and the sha256 of each file. Stages this run already reused are
+    kept whatever the source has become since (the same command resumes, even after the source
+    moved or was redone); a stage whose copy is gone is copied again only if the source's file
+    is still the one this run's later stages were made on.
     """
     if opts.reuse_from is None:
         return None, []
@@ -1188,29 +1200,39 @@ def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]
     source_dir = Path(opts.reuse_from)
     if _same_path(source_dir, opts.run_dir):
         raise RunSettingsError(f"--reuse-from {source_dir} is the run directory itself")
-    if not source_dir.is_dir():
-        raise RunRecordError(f"--reuse-from {source_dir}: no such run directory")
-    source = recorded_options(source_dir, opts.data)
     wanted = REUSABLE_STAGES[: REUSABLE_STAGES.index(opts.reuse_through) + 1]
-    if opts.reuse_through != "split":
-        shape = [f"{_flag(n)} {getattr(source, n)} there, {getattr(opts, n)} here" for n in SHAPE_SETTINGS if getattr(source, n) != getattr(opts, n)]
-        if shape:
-            raise RunSettingsError(f"--reuse-from {source_dir} through {opts.reuse_through}: its models have another shape ({'; '.join(shape)})")
-    to_copy = []
-    for stage in wanted:
-        info = _read_marker(source_dir, stage)
-        if info is None:
-            raise RunRecordError(f"--reuse-from {source_dir}: its {stage} stage is not finished")
-        missing = [str(p) for p in stage_outputs(source, stage, info) if not p.exists()]
-        if missing:
-            raise RunRecordError(f"--reuse-from {source_dir}: its {stage} stage is marked finished but {', '.join(missing)} is missing")
-        own = _read_marker(opts.run_dir, stage) if opts.resume else None
-        if own is None:
-            to_copy.append(stage)
-        elif not _same_path(source_dir, own.get("reused_from")):
+    owns = {stage: _read_marker(opts.run_dir, stage) if opts.resume else None for stage in wanted}
+    for stage, own in owns.items():
+        if own is not None and "reused_from" not in own:
             raise RunSettingsError(
                 f"{opts.run_dir} already has a {stage} stage of its own; --reuse-from starts a new run from another "
                 "run's stages: use a new --run-dir, or add --fresh to replace this run's stages"
+            )
+    to_copy = [s for s, own in owns.items() if own is None or not all(p.exists() for p in stage_outputs(opts, s, own))]
+    if not to_copy:
+        return None, []
+    if not source_dir.is_dir():
+        raise RunRecordError(f"--reuse-from {source_dir}: no such run directory")
+    source = recorded_options(source_dir, opts.data)
+    for stage in wanted:
+        info = _source_record(source, stage)
+        missing = [str(p) for p in stage_outputs(source, stage, info) if not p.exists()]
+        if missing:
+            raise RunRecordError(f"--reuse-from {source_dir}: its {stage} stage is marked finished but {', '.join(missing)} is missing")
+        names = REUSED_STAGE_SETTINGS[stage]
+        if stage in OPTIONAL_STAGES and not info.get("enabled"):
+            names = names[:1]
+        differ = [f"{_flag(n)} {getattr(source, n)!r} there, {getattr(opts, n)!r} here" for n in names if getattr(source, n) != getattr(opts, n)]
+        if differ:
+            raise RunSettingsError(
+                f"--reuse-from {source_dir}: its {stage} stage was made with other settings ({'; '.join(differ)}); "
+                "give the same ones, or reuse fewer stages (--reuse-through)"
+            )
+        recorded = (owns[stage] or {}).get("reused_files")
+        if recorded is not None and recorded != _file_digests(source, stage, info):
+            raise RunSettingsError(
+                f"{source_dir}'s {stage} stage is no longer the one {opts.run_dir} reused (its files changed), and this "
+                f"run's later stages were made on the old one: add --fresh to start this run again from {source_dir}"
             )
     return source, to_copy
 
@@ -1220,36 +1242,59 @@ def _read_marker(run_dir: Path, stage: str) -> dict | None:
     return _read_record(path) if path.is_file() else None
 
 
-def adopt_stages(opts: TrainOptions, source: TrainOptions, stages: list[str], dataset: Dataset,
-                 progress: Callable[[str], None]) -> None:
+def _source_record(source: TrainOptions, stage: str) -> dict:
+    """A reused run's record of `stage`; an optional stage a run made before it existed
+    (no record, but later stages finished) was off."""
+    info = _read_marker(source.run_dir, stage)
+    if info is None and stage in OPTIONAL_STAGES and any(_marker(source.run_dir, s).is_file() for s in STAGES[STAGES.index(stage) + 1:]):
+        return {"enabled": False}
+    if info is None:
+        raise RunRecordError(f"--reuse-from {source.run_dir}: its {stage} stage is not finished")
+    return info
+
+
+def _file_digests(opts: TrainOptions, stage: str, info: dict) -> dict[str, str]:
+    return {p.relative_to(opts.run_dir).as_posix(): sha256_file(p) for p in stage_outputs(opts, stage, info)}
+
+
+def check_reused_split(opts: TrainOptions, source: TrainOptions, dataset: Dataset) -> None:
+    """Refuse a reused split made from other data (or another --limit), before the run directory changes."""
+    try:
+        load_split(source, dataset)
+    except RunSettingsError:
+        raise RunSettingsError(
+            f"--reuse-from {source.run_dir}: its split was made from other data than {opts.data} "
+            "(other images, labels or lesions, or another --limit)"
+        ) from None
+
+
+def adopt_stages(opts: TrainOptions, source: TrainOptions, stages: list[str], progress: Callable[[str], None]) -> None:
     """Copy `source`'s finished `stages` (from `stages_to_reuse`) into this run directory.
 
     Each stage's files are copied under a temporary name and renamed, and its record is written
     last, so an interrupted copy leaves a stage unfinished rather than a record without files.
     """
-    if not stages:
-        return
-    if "split" in stages:
-        try:
-            load_split(source, dataset)  # a split made from other data (or another --limit): refused now
-        except RunSettingsError:
-            raise RunSettingsError(
-                f"--reuse-from {source.run_dir}: its split was made from other data than {opts.data} "
-                "(other images, labels or lesions, or another --limit)"
-            ) from None
-    differ = [f"{_flag(n)} {getattr(source, n)!r}" for n in asdict(source) if n not in RUN_CONTROL and getattr(source, n) != getattr(opts, n)]
     for stage in stages:
-        info = _read_marker(source.run_dir, stage)
+        info = _source_record(source, stage)
         for path in stage_outputs(source, stage, info):
             target = opts.run_dir / path.relative_to(source.run_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.copying")
             shutil.copyfile(path, partial)
             replace_atomic(partial, target)
-        _finish(opts, stage, {**info, "reused_from": str(source.run_dir)})
+        reused = {"reused_from": str(source.run_dir.resolve()), "reused_files": _file_digests(source, stage, info)}
+        _finish(opts, stage, {**info, **reused})
         progress(f"[{stage}] reused from {source.run_dir}")
-    if differ:
-        progress(f"note: the reused stages were made with {'; '.join(differ)} (this run: the settings given)")
+    differ = [f"{_flag(n)} {getattr(source, n)!r}" for n in asdict(source) if n not in RUN_CONTROL and getattr(source, n) != getattr(opts, n)]
+    if stages and differ:
+        progress(f"note: {source.run_dir} was made with {'; '.join(differ)} (this run: the settings given)")
+
+
+def limited(opts: TrainOptions, dataset: Dataset) -> Dataset:
+    """The images a run uses: all of them, or `--limit` of them drawn with its seed."""
+    if not opts.limit:
+        return dataset
+    return dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
 
 
 def run_dataset(opts: TrainOptions, progress: bool = False) -> Dataset:
@@ -1388,6 +1433,8 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     # a later resume must not continue a fit made with the old settings.
     if opts.clinical_prior != "off":
         clinical.encode_dataset(dataset)  # a metadata value the prior cannot read: refused now, not after the training
+    if source is not None and "split" in reused:
+        check_reused_split(opts, source, limited(opts, dataset))
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_run_lock(opts.run_dir, create=True)
     try:
@@ -1415,10 +1462,9 @@ def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], 
             shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)
     write_atomic(opts.run_dir / "options.json", json.dumps(asdict(opts), indent=2, default=str).encode())
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
-    if opts.limit:
-        dataset = dataset.subset(np.random.default_rng(opts.seed).permutation(len(dataset))[: opts.limit])
+    dataset = limited(opts, dataset)
     if source is not None:
-        adopt_stages(opts, source, reused or [], dataset, progress)
+        adopt_stages(opts, source, reused or [], progress)
     infos: dict[str, dict] = {}
     redo_rest = False  # once a stage is (re)done, every later stage is redone on its new output
     for stage in STAGES:
