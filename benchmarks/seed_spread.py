@@ -6,7 +6,8 @@ The seed chooses the lesion-grouped split *and* the training randomness, so runs
 only in `--seed` show how far one split's figures can be trusted: a gap between two models
 smaller than this spread is not evidence. Reads what each run's bundle stage recorded
 (`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models, and
-of the Akida model with the clinical prior when every run has that) and
+of the Akida model with the clinical prior when every run has that; a run whose prior got
+weight 0 counts with its images-only figures, which is what its bundle scores) and
 prints each run, whether its chip stays within the 1-point fidelity bar of its float model on
 test (images only, and with the prior when recorded), then the mean and sample standard
 deviation over runs. Warns when the runs differ in anything but the seed.
@@ -46,7 +47,21 @@ def load_run(run: Path) -> tuple[dict, dict]:
     finished, or of a shipped bundle (options then hold only its recorded seed and command); exits
     with a clear message otherwise."""
     options, metrics = _recorded(run)
-    return options, {part: {RECORDED_NAMES.get(name, name): m for name, m in scores.items()} for part, scores in metrics.items()}
+    named = {part: {RECORDED_NAMES.get(name, name): m for name, m in scores.items()} for part, scores in metrics.items()}
+    if prior_weighted_zero(options, named):
+        print(f"note: {run.name}'s clinical prior got weight 0 on validation (no prior in its bundle): its + prior figures are its images-only ones")
+        for scores in named.values():
+            scores["akida+prior"], scores["float+prior"] = scores["akida"], scores["float"]
+    return options, named
+
+
+def prior_weighted_zero(options: dict, metrics: dict) -> bool:
+    """True for a run that fitted the clinical prior (`--clinical-prior auto`) and whose
+    validation chose weight 0: its bundle has no prior, so what `qana evaluate` scores is the
+    chip alone, and its "+ prior" figures are its images-only ones. Without this, one such run
+    dropped the prior column of every run beside it. Runs recorded before the prior existed
+    (no `clinical_prior` setting) and runs trained with it off are left as they are."""
+    return options.get("clinical_prior") == "auto" and "akida+prior" not in metrics["test"]
 
 
 def _recorded(run: Path) -> tuple[dict, dict]:

@@ -51,6 +51,19 @@ def test_clinical_prior_column_only_when_every_run_has_it(tmp_path: Path) -> Non
     assert one.returncode == 0 and "akida+prior" not in one.stdout
 
 
+def test_a_run_whose_prior_got_weight_zero_counts_with_its_images_only_figures(tmp_path: Path) -> None:
+    """Its bundle has no prior, so `qana evaluate` scores the chip alone; it used to drop the
+    prior column of every run beside it. A run trained without the prior setting is unchanged."""
+    zero = _run_dir(tmp_path, "zero", 1, 0.80)
+    options = json.loads((zero / "options.json").read_text())
+    (zero / "options.json").write_text(json.dumps({**options, "clinical_prior": "auto"}))
+    done = _spread(_run_dir(tmp_path, "a", 0, 0.70, prior=0.72), zero)
+    assert done.returncode == 0, done.stderr
+    assert "note: zero's clinical prior got weight 0" in done.stdout
+    assert "akida+prior:    0.760±0.057/0.610±0.014/0.585±0.049" in done.stdout, done.stdout  # (0.72, 0.80) ...
+    assert "zero                   images only" in done.stdout and "with the prior" in done.stdout
+
+
 def test_fidelity_bar_is_judged_per_run_and_one_sided(tmp_path: Path) -> None:
     done = _spread(
         _run_dir(tmp_path, "faithful", 0, 0.70, akida_macro_f1_loss=0.005),
