@@ -1130,8 +1130,16 @@ def recorded_test_time_views(run_dir: Path) -> int | None:
     return views if isinstance(views, int) else None
 
 
-def check_resume_settings(opts: TrainOptions) -> None:
-    """Refuse to resume a run whose finished stages were made with other settings.
+# Settings that only a stage after the float stage reads. Changing one on a resumed run redoes
+# that stage and every later one, keeping the float model (the hours of training), instead of
+# refusing the command (helper-19's F10: `--clinical-prior off` on a finished run needed --fresh).
+LATE_SETTINGS = {"qat_epochs": "quantized", "qat_distill": "quantized", "keep_quantized": "quantized",
+                 "weight_bits": "quantized", "head_smote": "head", "clinical_prior": "clinical"}
+
+
+def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
+    """Refuse to resume a run whose finished stages were made with other settings, unless all
+    the changed ones are LATE_SETTINGS: then (first stage to redo, the changes) is returned.
 
     Resuming reuses every finished stage, so `--loss focal` on a directory whose float stage
     was trained with cross-entropy would silently keep the old model (and overwrite the record
@@ -1141,7 +1149,7 @@ def check_resume_settings(opts: TrainOptions) -> None:
     recorded_path = opts.run_dir / "options.json"
     finished = [s for s in STAGES if _marker(opts.run_dir, s).is_file()]
     if not (opts.resume and finished):
-        return
+        return None
     if not recorded_path.is_file():
         raise RunSettingsError(
             f"{opts.run_dir} has finished stages ({', '.join(finished)}) but no options.json, so which settings made "
@@ -1151,16 +1159,21 @@ def check_resume_settings(opts: TrainOptions) -> None:
     recorded = _read_options_json(recorded_path)
     current = json.loads(json.dumps(asdict(opts), default=str))
     defaults = json.loads(json.dumps(asdict(TrainOptions(data=opts.data, run_dir=opts.run_dir)), default=str))
-    changed = [
-        f"{_flag(name)} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
+    changed = {
+        name: f"{_flag(name)} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
         for name in current
         if name not in RUN_CONTROL and recorded.get(name, defaults[name]) != current[name]
-    ]
-    if changed:
+    }
+    if not changed:
+        return None
+    if any(name not in LATE_SETTINGS for name in changed):
         raise RunSettingsError(
-            f"{opts.run_dir} was started with other settings: {'; '.join(changed)}. Resuming would reuse stages "
-            "made with the old ones: rerun with the same settings, add --fresh to redo everything, or use another --run-dir"
+            f"{opts.run_dir} was started with other settings: {'; '.join(changed.values())}. Resuming would reuse stages "
+            "made with the old ones: rerun with the same settings, add --fresh to redo everything, or use another "
+            "--run-dir (with --reuse-from to keep this run's split or float model)"
         )
+    first = min((LATE_SETTINGS[name] for name in changed), key=STAGES.index)
+    return first, "; ".join(changed.values())
 
 
 # ----------------------------------------------------------------------------- reusing another run's stages
@@ -1423,7 +1436,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
         os.close(early)
     check_bundle_out(opts)
     check_teacher_paths(opts)
-    check_resume_settings(opts)
+    redo = check_resume_settings(opts)
     source, reused = stages_to_reuse(opts)
     progress(f"loading {opts.data} ...")
     dataset = run_dataset(opts, progress=True)
@@ -1438,7 +1451,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_run_lock(opts.run_dir, create=True)
     try:
-        return _run_stages(opts, dataset, progress, source, reused)
+        return _run_stages(opts, dataset, progress, source, reused, redo)
     finally:
         os.close(lock)
 
@@ -1453,11 +1466,16 @@ def _take_run_lock(run_dir: Path, create: bool) -> int | None:
 
 
 def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], None],
-                source: TrainOptions | None = None, reused: list[str] | None = None) -> dict[str, dict]:
+                source: TrainOptions | None = None, reused: list[str] | None = None,
+                redo: tuple[str, str] | None = None) -> dict[str, dict]:
     """`run` after its checks, with the data loaded and the run directory locked; `source` and
-    `reused` are `stages_to_reuse`'s answer."""
-    if not opts.resume:
-        for stage in STAGES:
+    `reused` are `stages_to_reuse`'s answer, `redo` `check_resume_settings`'."""
+    first_redone = STAGES[0] if not opts.resume else redo[0] if redo else None
+    if redo and opts.resume:
+        progress(f"[{redo[0]}] and the stages after it were made with other settings ({redo[1]}); redoing them")
+    if first_redone is not None:
+        # markers go before options.json is rewritten: stages it does not describe are never marked finished
+        for stage in STAGES[STAGES.index(first_redone):]:
             _marker(opts.run_dir, stage).unlink(missing_ok=True)
             shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)
     write_atomic(opts.run_dir / "options.json", json.dumps(asdict(opts), indent=2, default=str).encode())

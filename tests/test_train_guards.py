@@ -284,3 +284,23 @@ def test_cli_refuses_values_that_fail_later(tmp_path: Path) -> None:
         result = runner.invoke(app, ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "run"), *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_late_setting_redoes_only_the_stages_that_read_it(tmp_path: Path) -> None:
+    """helper-19's F10: settings read only after the float stage (LATE_SETTINGS) no longer need
+    --fresh; the float model is kept and the quantized stage onwards is redone with them."""
+    opts = _opts(tmp_path, qat_epochs=0, stop_after="quantized")
+    run(opts, progress=lambda m: None)
+    float_model = (opts.run_dir / "float.h5").read_bytes()
+    assert not json.loads((opts.run_dir / "quantized.json").read_text()).get("history")  # calibration only
+    messages: list[str] = []
+    run(replace(opts, qat_epochs=1, clinical_prior="off"), progress=messages.append)
+    assert "[quantized] and the stages after it were made with other settings (--qat-epochs 0 (now 1); --clinical-prior 'auto' (now 'off')); redoing them" in messages, messages
+    assert "[float] already finished (resume)" in messages and "[quantized] running ..." in messages
+    assert (opts.run_dir / "float.h5").read_bytes() == float_model
+    assert len(json.loads((opts.run_dir / "quantized.json").read_text())["history"]) == 1  # one QAT epoch this time
+    assert json.loads((opts.run_dir / "options.json").read_text())["qat_epochs"] == 1
+    # an earlier stage's setting among them: refused as before, nothing changed
+    with pytest.raises(RunSettingsError, match=r"--epochs 1 \(now 2\).*--head-smote 'auto' \(now 'off'\)"):
+        run(replace(opts, qat_epochs=1, clinical_prior="off", epochs=2, head_smote="off"), progress=lambda m: None)
+    assert (opts.run_dir / "quantized.json").is_file()
