@@ -6,8 +6,9 @@ The seed chooses the lesion-grouped split *and* the training randomness, so runs
 only in `--seed` show how far one split's figures can be trusted: a gap between two models
 smaller than this spread is not evidence. Reads what each run's bundle stage recorded
 (`RUN/bundle.json`: validation and test metrics of the float, quantized and Akida models, and
-of the Akida model with the clinical prior when every run has that; a run whose prior got
-weight 0 counts with its images-only figures, which is what its bundle scores) and
+of the Akida model with the clinical prior when every run has that; beside such runs, one that
+tried the prior and has none in its bundle counts with its images-only figures, which is what
+it scores) and
 prints each run, whether its chip stays within the 1-point fidelity bar of its float model on
 test (images only, and with the prior when recorded), then the mean and sample standard
 deviation over runs. Warns when the runs differ in anything but the seed.
@@ -47,21 +48,30 @@ def load_run(run: Path) -> tuple[dict, dict]:
     finished, or of a shipped bundle (options then hold only its recorded seed and command); exits
     with a clear message otherwise."""
     options, metrics = _recorded(run)
-    named = {part: {RECORDED_NAMES.get(name, name): m for name, m in scores.items()} for part, scores in metrics.items()}
-    if prior_weighted_zero(options, named):
-        print(f"note: {run.name}'s clinical prior got weight 0 on validation (no prior in its bundle): its + prior figures are its images-only ones")
-        for scores in named.values():
-            scores["akida+prior"], scores["float+prior"] = scores["akida"], scores["float"]
-    return options, named
+    return options, {part: {RECORDED_NAMES.get(name, name): m for name, m in scores.items()} for part, scores in metrics.items()}
 
 
-def prior_weighted_zero(options: dict, metrics: dict) -> bool:
-    """True for a run that fitted the clinical prior (`--clinical-prior auto`) and whose
-    validation chose weight 0: its bundle has no prior, so what `qana evaluate` scores is the
-    chip alone, and its "+ prior" figures are its images-only ones. Without this, one such run
-    dropped the prior column of every run beside it. Runs recorded before the prior existed
-    (no `clinical_prior` setting) and runs trained with it off are left as they are."""
-    return options.get("clinical_prior") == "auto" and "akida+prior" not in metrics["test"]
+def tried_the_prior(options: dict) -> bool:
+    """Whether a run was trained to fit the clinical prior (`--clinical-prior auto`), whatever came
+    of it; runs recorded before the prior existed (no such setting) count as not."""
+    if options.get("shipped_bundle"):
+        return "--clinical-prior" not in shlex.split(options.get("command", "")) or "--clinical-prior auto" in options.get("command", "")
+    return options.get("clinical_prior") == "auto"
+
+
+def count_runs_without_a_prior(runs: list[tuple[Path, dict, dict]]) -> None:
+    """Beside runs whose bundles have the clinical prior, a run that tried it and ended without one
+    (validation gave it weight 0, or it could not be fitted) scores with the chip alone, which is
+    what `qana evaluate` scores for it: its images-only figures count as its "+ prior" ones.
+    Without this, one such run dropped the prior column of every run beside it."""
+    if not any("akida+prior" in metrics["test"] for _, _, metrics in runs):
+        return
+    for run, options, metrics in runs:
+        if "akida+prior" not in metrics["test"] and tried_the_prior(options):
+            print(f"note: {run.name} has no clinical prior in its bundle (validation gave it weight 0, or it could not be "
+                  "fitted): its images-only figures, what it scores, count as its + prior ones")
+            for scores in metrics.values():
+                scores["akida+prior"], scores["float+prior"] = scores["akida"], scores["float"]
 
 
 def _recorded(run: Path) -> tuple[dict, dict]:
@@ -121,6 +131,7 @@ def main() -> None:
 
     runs = [(run, *load_run(run)) for run in args.runs]
     check_one_run_per_split(runs)
+    count_runs_without_a_prior(runs)
     first = runs[0][1]
     for run, options, _ in runs[1:]:
         differs = differences(first, options)

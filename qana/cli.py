@@ -32,11 +32,11 @@ def train(
     data: Annotated[Path, typer.Option(help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it.")],
     run_dir: Annotated[Path, typer.Option(help="Where every stage's output goes; rerun to resume (an interrupted training stage continues from its last epoch).")] = Path("runs/qana-v2"),
     target: Annotated[str, typer.Option(help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features).")] = "v2",
-    weight_bits: Annotated[int, typer.Option(help="Backbone weight bits: 8 or 4 (v1 needs 4).")] = 8,
+    weight_bits: Annotated[Optional[int], typer.Option(help="Backbone weight bits: 8 (default) or 4 (v1 needs 4). Left out on a resumed run: the run's own.")] = None,
     epochs: Annotated[int, typer.Option(help="Float training epochs.")] = 20,
-    qat_epochs: Annotated[int, typer.Option(help="Quantization-aware fine-tuning epochs.")] = 3,
-    qat_distill: Annotated[bool, typer.Option("--qat-distill", help="Quantization-aware fine-tuning learns the float model's probabilities (averaged over 8 orientations) instead of the labels, so the 8-bit model aims at reproducing the float one.")] = False,
-    keep_quantized: Annotated[str, typer.Option(help="Which quantized model the quantized stage keeps, calibrated or fine-tuned: validation (fine-tuned unless it falls more than a point short of float on validation and calibration falls less) | agreement (whichever agrees better with the float model's predictions, as macro-F1, on validation plus 2,048 further training images; a tie keeps calibrated).")] = "validation",
+    qat_epochs: Annotated[Optional[int], typer.Option(help="Quantization-aware fine-tuning epochs (default 3). Left out on a resumed run: the run's own.")] = None,
+    qat_distill: Annotated[Optional[bool], typer.Option("--qat-distill/--no-qat-distill", help="Quantization-aware fine-tuning learns the float model's probabilities (averaged over 8 orientations) instead of the labels, so the 8-bit model aims at reproducing the float one. Left out on a resumed run: the run's own.")] = None,
+    keep_quantized: Annotated[Optional[str], typer.Option(help="Which quantized model the quantized stage keeps, calibrated or fine-tuned: validation (fine-tuned unless it falls more than a point short of float on validation and calibration falls less) | agreement (whichever agrees better with the float model's predictions, as macro-F1, on validation plus 2,048 further training images; a tie keeps calibrated). Left out on a resumed run: the run's own.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per training step.")] = 64,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate of the float stage (cosine decay; QAT uses 1/20 of it).")] = 2e-3,
     width: Annotated[int, typer.Option(help="Channels of the first stage (later stages double).")] = 32,
@@ -57,8 +57,8 @@ def train(
     class_weighting: Annotated[str, typer.Option(help="Backbone loss class weights: sqrt | balanced | none.")] = "sqrt",
     loss: Annotated[str, typer.Option(help="Backbone loss: ce (cross-entropy) | focal (focal loss; combine with --class-weighting none for focal alone).")] = "ce",
     focal_gamma: Annotated[float, typer.Option(help="With --loss focal: how strongly images already classified well are down-weighted (0 = cross-entropy).")] = 2.0,
-    clinical_prior: Annotated[str, typer.Option(help="Clinical prior from age, sex and body site (qana.clinical), added to the logits on the host: auto (fit it; its weight, 0 = off, is chosen on validation) | off.")] = "auto",
-    head_smote: Annotated[str, typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off.")] = "auto",
+    clinical_prior: Annotated[Optional[str], typer.Option(help="Clinical prior from age, sex and body site (qana.clinical), added to the logits on the host: auto (fit it; its weight, 0 = off, is chosen on validation) | off. Left out on a resumed run: the run's own.")] = None,
+    head_smote: Annotated[Optional[str], typer.Option(help="Head: SMOTE on PCA-whitened features: auto (try it; a retrained head is kept only if it beats the converted one in 95 % of validation bootstrap resamples) | on | off. Left out on a resumed run: the run's own.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the lesion-grouped split and of training (another seed is another split).")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Share of lesions held out for validation (checkpoints, stage choices). The test share stays 15 %, and for one seed the test lesions are the same whatever this is: a smaller value only moves validation lesions into training.")] = VAL_FRACTION,
     limit: Annotated[int, typer.Option(help="Use only N images (smoke tests); 0 = all.")] = 0,
@@ -79,9 +79,18 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_test_time_views, run, settings_without_effect
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_late_settings, recorded_test_time_views, run, settings_without_effect
     from qana.views import VIEW_COUNTS
 
+    # settings read only after the float stage: left out on a resumed run, the run's own values
+    # (as --test-time-views), so re-exporting a bundle does not redo its quantized stage onwards
+    own = {} if fresh else recorded_late_settings(run_dir)
+    weight_bits = weight_bits if weight_bits is not None else own.get("weight_bits", 8)
+    qat_epochs = qat_epochs if qat_epochs is not None else own.get("qat_epochs", 3)
+    qat_distill = qat_distill if qat_distill is not None else own.get("qat_distill", False)
+    keep_quantized = keep_quantized if keep_quantized is not None else own.get("keep_quantized", "validation")
+    clinical_prior = clinical_prior if clinical_prior is not None else own.get("clinical_prior", "auto")
+    head_smote = head_smote if head_smote is not None else own.get("head_smote", "auto")
     if target not in ("v2", "v1"):
         raise fail(f"--target must be v2 or v1, not {target!r}")
     if weight_bits not in (4, 8):

@@ -1137,6 +1137,20 @@ LATE_SETTINGS = {"qat_epochs": "quantized", "qat_distill": "quantized", "keep_qu
                  "weight_bits": "quantized", "head_smote": "head", "clinical_prior": "clinical"}
 
 
+def recorded_late_settings(run_dir: Path) -> dict[str, Any]:
+    """The LATE_SETTINGS a run directory's finished stages were made with ({} for a new run, and
+    without values of the wrong type): `qana train` keeps them when their flags are left out."""
+    path = Path(run_dir) / "options.json"
+    if not path.is_file() or not any(_marker(Path(run_dir), s).is_file() for s in STAGES):
+        return {}
+    try:
+        recorded = _read_options_json(path)
+    except RunRecordError:
+        return {}  # check_resume_settings names the problem
+    defaults = asdict(TrainOptions(data=Path("."), run_dir=Path(run_dir)))
+    return {n: recorded[n] for n in LATE_SETTINGS if n in recorded and type(recorded[n]) is type(defaults[n])}
+
+
 def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
     """Refuse to resume a run whose finished stages were made with other settings, unless all
     the changed ones are LATE_SETTINGS: then (first stage to redo, the changes) is returned.
@@ -1173,6 +1187,12 @@ def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
             "--run-dir (with --reuse-from to keep this run's split or float model)"
         )
     first = min((LATE_SETTINGS[name] for name in changed), key=STAGES.index)
+    if opts.stop_after is not None and STAGES.index(opts.stop_after) < STAGES.index(first):
+        # it would unmark the later stages (intact, matching the old settings) and redo none of them
+        raise RunSettingsError(
+            f"{'; '.join(changed.values())} changes the {first} stage onwards, but --stop-after {opts.stop_after} "
+            "stops before it: leave the change out, or stop later"
+        )
     return first, "; ".join(changed.values())
 
 
@@ -1451,6 +1471,9 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_run_lock(opts.run_dir, create=True)
     try:
+        # again under the lock: another `qana train` may have finished in this directory while the data loaded
+        if check_resume_settings(opts) != redo or stages_to_reuse(opts)[1] != reused:
+            raise RunSettingsError(f"{opts.run_dir} changed while this command loaded the data (another qana train ran in it); run the command again")
         return _run_stages(opts, dataset, progress, source, reused, redo)
     finally:
         os.close(lock)

@@ -15,7 +15,7 @@ pytest.importorskip("tensorflow")
 import tf_keras as keras  # noqa: E402
 
 from qana import pretrain  # noqa: E402
-from qana.train import TrainOptions, initial_float_model, run  # noqa: E402
+from qana.train import RunRecordError, TrainOptions, initial_float_model, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def test_the_float_stage_starts_from_the_pretrained_backbone(tmp_path: Path) -> 
     after = run(replace(opts, stop_after="float"), progress=lambda m: None)
     assert after["float"]["pretrained"] is True
     saved.unlink()
-    with pytest.raises(RuntimeError, match="pretrain.weights.h5 is missing"):
+    with pytest.raises(RunRecordError, match="pretrain.weights.h5 is missing"):
         initial_float_model(opts)
 
 

@@ -306,3 +306,23 @@ def test_outputs_follow_links_keep_the_umask_and_nothing_is_created_for_a_failed
     assert result.exit_code == 0, result.output
     assert (tmp_path / "latest.json").is_symlink() and json.loads(real.read_text())["n"] == 6
     assert stat.S_IMODE(real.stat().st_mode) == 0o600
+
+
+def test_train_left_out_late_flags_keep_the_runs_own_values(tmp_path: Path) -> None:
+    """Left out on a resumed run, settings read only after the float stage keep the recorded
+    values (as --test-time-views does): re-exporting a bundle without repeating --qat-epochs 1
+    must not redo the run's quantized stage onwards with the default 3 (helper-21's F1)."""
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=40, seed=2)
+    base = ["train", "--data", str(clinic.root), "--run-dir", str(tmp_path / "run"), "--image-size", "32", "--stop-after", "split"]
+    late = ["--qat-epochs", "1", "--qat-distill", "--weight-bits", "8", "--keep-quantized", "agreement",
+            "--head-smote", "off", "--clinical-prior", "off"]
+    first = runner.invoke(app, [*base, *late])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, base)
+    assert again.exit_code == 0 and "finished stages: split" in again.output, again.output
+    recorded = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert (recorded["qat_epochs"], recorded["qat_distill"], recorded["keep_quantized"], recorded["head_smote"],
+            recorded["clinical_prior"]) == (1, True, "agreement", "off", "off")
+    # given, a late setting that would change stages after --stop-after is refused, not half-applied
+    changed = runner.invoke(app, [*base, "--no-qat-distill"])
+    assert changed.exit_code == 2 and "--qat-distill True (now False) changes the quantized stage onwards, but --stop-after split stops before it" in changed.output, changed.output

@@ -59,9 +59,17 @@ def test_a_run_whose_prior_got_weight_zero_counts_with_its_images_only_figures(t
     (zero / "options.json").write_text(json.dumps({**options, "clinical_prior": "auto"}))
     done = _spread(_run_dir(tmp_path, "a", 0, 0.70, prior=0.72), zero)
     assert done.returncode == 0, done.stderr
-    assert "note: zero's clinical prior got weight 0" in done.stdout
+    assert "note: zero has no clinical prior in its bundle" in done.stdout
     assert "akida+prior:    0.760±0.057/0.610±0.014/0.585±0.049" in done.stdout, done.stdout  # (0.72, 0.80) ...
     assert "zero                   images only" in done.stdout and "with the prior" in done.stdout
+    # so does a shipped bundle made with the prior on (its command), not one made with it off
+    shipped = _bundle_dir(tmp_path, "v2", 3, 0.78, "qana train --data d --seed 3")
+    assert "note: v2 has no clinical prior" in _spread(_run_dir(tmp_path, "p", 4, 0.70, prior=0.72), shipped).stdout
+    off = _bundle_dir(tmp_path, "v2off", 5, 0.78, "qana train --data d --seed 5 --clinical-prior off")
+    assert "note:" not in _spread(_run_dir(tmp_path, "q", 6, 0.70, prior=0.72), off).stdout
+    # alone, or beside runs that have no prior either, nothing is added
+    alone = _spread(zero, _run_dir(tmp_path, "b", 2, 0.75))
+    assert alone.returncode == 0 and "akida+prior" not in alone.stdout and "note:" not in alone.stdout, alone.stdout
 
 
 def test_fidelity_bar_is_judged_per_run_and_one_sided(tmp_path: Path) -> None:

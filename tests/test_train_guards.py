@@ -304,3 +304,25 @@ def test_a_changed_late_setting_redoes_only_the_stages_that_read_it(tmp_path: Pa
     with pytest.raises(RunSettingsError, match=r"--epochs 1 \(now 2\).*--head-smote 'auto' \(now 'off'\)"):
         run(replace(opts, qat_epochs=1, clinical_prior="off", epochs=2, head_smote="off"), progress=lambda m: None)
     assert (opts.run_dir / "quantized.json").is_file()
+
+
+def test_a_run_directory_changed_while_the_data_loaded_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings are checked before the data loads and again under the run's lock: another
+    `qana train` that finished in the directory meanwhile (helper-21's F2) is not overwritten."""
+    import qana.train as train
+
+    opts = _opts(tmp_path, stop_after="split")
+    real = train.run_dataset
+
+    def load_while_another_run_finishes(o, progress=False):
+        monkeypatch.setattr(train, "run_dataset", real)
+        dataset = real(o, progress=progress)
+        run(replace(opts, seed=9), progress=lambda m: None)  # the other command, done while this one loaded
+        return dataset
+
+    monkeypatch.setattr(train, "run_dataset", load_while_another_run_finishes)
+    # here the other run's settings differ, so the second check names them (a run it left with the
+    # same settings but other stages to redo gets "changed while this command loaded the data")
+    with pytest.raises(RunSettingsError, match=r"was started with other settings: --seed 9 \(now 0\)"):
+        run(opts, progress=lambda m: None)
+    assert json.loads((opts.run_dir / "options.json").read_text())["seed"] == 9
