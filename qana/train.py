@@ -1187,6 +1187,8 @@ def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
             "--run-dir (with --reuse-from to keep this run's split or float model)"
         )
     first = min((LATE_SETTINGS[name] for name in changed), key=STAGES.index)
+    if not any(s in finished for s in STAGES[STAGES.index(first):]):
+        return None  # the stages these settings steer have not run yet: nothing to redo
     if opts.stop_after is not None and STAGES.index(opts.stop_after) < STAGES.index(first):
         # it would unmark the later stages (intact, matching the old settings) and redo none of them
         raise RunSettingsError(

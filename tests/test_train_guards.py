@@ -300,6 +300,9 @@ def test_a_changed_late_setting_redoes_only_the_stages_that_read_it(tmp_path: Pa
     assert (opts.run_dir / "float.h5").read_bytes() == float_model
     assert len(json.loads((opts.run_dir / "quantized.json").read_text())["history"]) == 1  # one QAT epoch this time
     assert json.loads((opts.run_dir / "options.json").read_text())["qat_epochs"] == 1
+    # a change that --stop-after would stop before: refused, not half-applied (records unmarked, nothing redone)
+    with pytest.raises(RunSettingsError, match=r"--qat-epochs 1 \(now 2\) changes the quantized stage onwards, but --stop-after float stops before it"):
+        run(replace(opts, qat_epochs=2, clinical_prior="off", stop_after="float"), progress=lambda m: None)
     # an earlier stage's setting among them: refused as before, nothing changed
     with pytest.raises(RunSettingsError, match=r"--epochs 1 \(now 2\).*--head-smote 'auto' \(now 'off'\)"):
         run(replace(opts, qat_epochs=1, clinical_prior="off", epochs=2, head_smote="off"), progress=lambda m: None)
