@@ -79,18 +79,15 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, recorded_late_settings, recorded_test_time_views, run, settings_without_effect
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, run, settings_left_out, settings_without_effect
     from qana.views import VIEW_COUNTS
 
-    # settings read only after the float stage: left out on a resumed run, the run's own values
-    # (as --test-time-views), so re-exporting a bundle does not redo its quantized stage onwards
-    own = {} if fresh else recorded_late_settings(run_dir)
-    weight_bits = weight_bits if weight_bits is not None else own.get("weight_bits", 8)
-    qat_epochs = qat_epochs if qat_epochs is not None else own.get("qat_epochs", 3)
-    qat_distill = qat_distill if qat_distill is not None else own.get("qat_distill", False)
-    keep_quantized = keep_quantized if keep_quantized is not None else own.get("keep_quantized", "validation")
-    clinical_prior = clinical_prior if clinical_prior is not None else own.get("clinical_prior", "auto")
-    head_smote = head_smote if head_smote is not None else own.get("head_smote", "auto")
+    # left out on a resumed run: the run's own values (qana.train.KEPT_WHEN_LEFT_OUT)
+    kept = settings_left_out(run_dir, resume=not fresh, given={
+        "weight_bits": weight_bits, "qat_epochs": qat_epochs, "qat_distill": qat_distill, "keep_quantized": keep_quantized,
+        "clinical_prior": clinical_prior, "head_smote": head_smote, "test_time_views": test_time_views})
+    weight_bits, qat_epochs, qat_distill, keep_quantized = kept["weight_bits"], kept["qat_epochs"], kept["qat_distill"], kept["keep_quantized"]
+    clinical_prior, head_smote, test_time_views = kept["clinical_prior"], kept["head_smote"], kept["test_time_views"]
     if target not in ("v2", "v1"):
         raise fail(f"--target must be v2 or v1, not {target!r}")
     if weight_bits not in (4, 8):
@@ -113,8 +110,6 @@ def train(
         raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
         raise fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
-    if test_time_views is None:
-        test_time_views = (None if fresh else recorded_test_time_views(run_dir)) or 1
     if test_time_views not in VIEW_COUNTS:
         raise fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:

@@ -134,11 +134,15 @@ def _marker(run_dir: Path, stage: str) -> Path:
     return run_dir / f"{stage}.json"
 
 
+def _read_marker(run_dir: Path, stage: str) -> dict | None:
+    """A stage's record in `run_dir`, None if the stage has not finished there."""
+    path = _marker(run_dir, stage)
+    return _read_record(path) if path.is_file() else None
+
+
 def _done(opts: TrainOptions, stage: str) -> dict | None:
-    path = _marker(opts.run_dir, stage)
-    if opts.resume and path.is_file():
-        return json.loads(path.read_text())
-    return None
+    """This run's record of `stage` when resuming and the stage has finished, else None."""
+    return _read_marker(opts.run_dir, stage) if opts.resume else None
 
 
 def _finish(opts: TrainOptions, stage: str, info: dict) -> dict:
@@ -1116,20 +1120,6 @@ def _read_record(path: Path, remedy: str = "") -> dict:
     return recorded
 
 
-def recorded_test_time_views(run_dir: Path) -> int | None:
-    """The test-time views a run directory's finished stages were made with, None for a new
-    run: a resumed command that leaves out --test-time-views keeps them, rather than redoing
-    three stages and replacing the bundle with a one-view one."""
-    path = Path(run_dir) / "options.json"
-    if not path.is_file() or not any(_marker(Path(run_dir), s).is_file() for s in STAGES):
-        return None
-    try:
-        views = _read_options_json(path).get("test_time_views", 1)
-    except RunRecordError:
-        return None  # check_resume_settings names the problem
-    return views if isinstance(views, int) else None
-
-
 # Settings that only a stage after the float stage reads. Changing one on a resumed run redoes
 # that stage and every later one, keeping the float model (the hours of training), instead of
 # refusing the command (helper-19's F10: `--clinical-prior off` on a finished run needed --fresh).
@@ -1137,18 +1127,26 @@ LATE_SETTINGS = {"qat_epochs": "quantized", "qat_distill": "quantized", "keep_qu
                  "weight_bits": "quantized", "head_smote": "head", "clinical_prior": "clinical"}
 
 
-def recorded_late_settings(run_dir: Path) -> dict[str, Any]:
-    """The LATE_SETTINGS a run directory's finished stages were made with ({} for a new run, and
-    without values of the wrong type): `qana train` keeps them when their flags are left out."""
-    path = Path(run_dir) / "options.json"
-    if not path.is_file() or not any(_marker(Path(run_dir), s).is_file() for s in STAGES):
-        return {}
-    try:
-        recorded = _read_options_json(path)
-    except RunRecordError:
-        return {}  # check_resume_settings names the problem
+# Settings a resumed command keeps from its run when their flags are left out: the late ones
+# (left out, --qat-epochs would redo the quantized stage onwards with the default) and the
+# test-time views (left out, a one-view bundle would replace an 8-view one).
+KEPT_WHEN_LEFT_OUT = (*LATE_SETTINGS, "test_time_views")
+
+
+def settings_left_out(run_dir: Path, resume: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """`given` (KEPT_WHEN_LEFT_OUT names -> a flag's value, None when left out) completed with the
+    values a resumed run directory's finished stages were made with, else TrainOptions' defaults
+    (a new run, --fresh, or a recorded value of the wrong type)."""
     defaults = asdict(TrainOptions(data=Path("."), run_dir=Path(run_dir)))
-    return {n: recorded[n] for n in LATE_SETTINGS if n in recorded and type(recorded[n]) is type(defaults[n])}
+    recorded: dict[str, Any] = {}
+    path = Path(run_dir) / "options.json"
+    if resume and path.is_file() and any(_marker(Path(run_dir), s).is_file() for s in STAGES):
+        try:
+            recorded = _read_options_json(path)
+        except RunRecordError:
+            pass  # check_resume_settings names the problem
+    kept = {n: recorded[n] for n in KEPT_WHEN_LEFT_OUT if n in recorded and type(recorded[n]) is type(defaults[n])}
+    return {n: value if value is not None else kept.get(n, defaults[n]) for n, value in given.items()}
 
 
 def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
@@ -1236,7 +1234,7 @@ def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]
     if _same_path(source_dir, opts.run_dir):
         raise RunSettingsError(f"--reuse-from {source_dir} is the run directory itself")
     wanted = REUSABLE_STAGES[: REUSABLE_STAGES.index(opts.reuse_through) + 1]
-    owns = {stage: _read_marker(opts.run_dir, stage) if opts.resume else None for stage in wanted}
+    owns = {stage: _done(opts, stage) for stage in wanted}
     for stage, own in owns.items():
         if own is not None and "reused_from" not in own:
             raise RunSettingsError(
@@ -1270,11 +1268,6 @@ def stages_to_reuse(opts: TrainOptions) -> tuple[TrainOptions | None, list[str]]
                 f"run's later stages were made on the old one: add --fresh to start this run again from {source_dir}"
             )
     return source, to_copy
-
-
-def _read_marker(run_dir: Path, stage: str) -> dict | None:
-    path = _marker(run_dir, stage)
-    return _read_record(path) if path.is_file() else None
 
 
 def _source_record(source: TrainOptions, stage: str) -> dict:
