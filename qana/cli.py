@@ -48,6 +48,7 @@ def train(
     zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
     affine: Annotated[bool, typer.Option("--affine", help="Random affine warp of each training image: any rotation, shear up to 11 degrees, zoom 0.9-1.25, shift up to 10 % (Perez et al. 2018's geometric augmentations, qana.augment).")] = False,
     mixup: Annotated[float, typer.Option(help="Mixup: train the backbone (float and QAT stages) on blends of two training images and their labels, blend weight ~ Beta(MIXUP, MIXUP), e.g. 0.2; 0 = off (qana.augment.mix_batch).")] = 0.0,
+    mixup_epochs: Annotated[Optional[int], typer.Option(help="With --mixup: blend only in the first MIXUP_EPOCHS float epochs; the later float epochs and the QAT epochs train on plain images, which sharpens the margins before quantization. Default: mixup in every epoch of both stages.")] = None,
     test_time_views: Annotated[Optional[int], typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle. Default: the run's own count when resuming (another count redoes the head, clinical and bundle stages), else 1.")] = None,
     teacher: Annotated[Optional[list[Path]], typer.Option(help="Run directory (same data and seed) whose float model teaches this one; repeat for an ensemble (knowledge distillation).")] = None,
     label_weight: Annotated[float, typer.Option(help="With --teacher: weight of the true label against the teachers' averaged probabilities.")] = 0.5,
@@ -79,7 +80,7 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, run, settings_left_out, settings_without_effect
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, MIXUP_EPOCHS_WITH_EMA, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, run, settings_left_out, settings_without_effect
     from qana.views import VIEW_COUNTS
 
     # left out on a resumed run: the run's own values (qana.train.KEPT_WHEN_LEFT_OUT)
@@ -118,6 +119,10 @@ def train(
         raise fail(f"--pretrain-epochs must be 0 (off) or more, not {pretrain_epochs}")
     if not 0.0 <= mixup <= 10.0:
         raise fail(f"--mixup must be from 0 (off) to 10, not {mixup}")
+    if mixup_epochs is not None and not 1 <= mixup_epochs <= epochs:
+        raise fail(f"--mixup-epochs must be from 1 to --epochs ({epochs}), not {mixup_epochs}")
+    if mixup_epochs is not None and weight_ema > 0:
+        raise fail(MIXUP_EPOCHS_WITH_EMA)
     if not 0.0 <= weight_ema < 1.0:
         raise fail(f"--weight-ema must be in [0, 1), not {weight_ema}")
     if not VAL_FRACTION_RANGE[0] <= val_fraction <= VAL_FRACTION_RANGE[1]:
@@ -150,7 +155,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, mixup_epochs=mixup_epochs, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         reuse_from=reuse_from, reuse_through=reuse_through, resume=not fresh, stop_after=stop_after,
     )
     inert = settings_without_effect(opts)

@@ -65,6 +65,7 @@ class TrainOptions:
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
     affine: bool = False  # random affine warp of training images: any rotation, shear, zoom, shift (qana.augment)
     mixup: float = 0.0  # mixup (qana.augment.mix_batch): Beta(mixup, mixup) blends of training images and their labels; 0 = off
+    mixup_epochs: int | None = None  # with mixup: blend only in the first N float epochs, the rest and QAT on plain images; None = all
     test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
     teachers: tuple[str, ...] = ()  # run directories (same split) whose float models teach this one (qana.distill)
     label_weight: float = 0.5  # with teachers: weight of the true label against the teachers' probabilities
@@ -124,6 +125,8 @@ def settings_without_effect(opts: TrainOptions) -> list[str]:
         inert.append("--label-weight applies only with --teacher")
     if opts.reuse_from is None and opts.reuse_through != default.reuse_through:
         inert.append("--reuse-through applies only with --reuse-from")
+    if opts.mixup_epochs is not None and opts.mixup <= 0:
+        inert.append("--mixup-epochs says how long mixup lasts; without --mixup there is none")
     return inert
 
 
@@ -356,10 +359,12 @@ def epoch_backup(opts: TrainOptions, backup_dir: Path):
 
 def _fit(
     model, train: Dataset, val: Dataset, opts: TrainOptions, epochs: int, lr: float, weights_path: Path, ema: float = 0.0,
-    targets: np.ndarray | None = None, backup_dir: Path | None = None,
+    targets: np.ndarray | None = None, backup_dir: Path | None = None, mixup_epochs: int | None = None,
 ) -> list[dict]:
     """Train with augmentation and class weights; `targets` (N, C) replaces the one-hot labels
-    (distillation: label mixed with teacher probabilities, qana.distill).
+    (distillation: label mixed with teacher probabilities, qana.distill). With --mixup, the
+    first `mixup_epochs` epochs (None: all) train on blended images and the rest on plain ones
+    (`mixup_phases`).
 
     With `backup_dir` the weights, optimizer state (step count, so the learning-rate schedule
     too) and epoch are saved after every epoch (Keras BackupAndRestore), and a later call with
@@ -375,7 +380,6 @@ def _fit(
     if targets is None and (opts.loss == "focal" or opts.mixup > 0):  # focal loss and mixup take one-hot targets
         targets = np.eye(len(CLASS_NAMES), dtype=np.float32)[train.labels]
     y = train.labels if targets is None else targets
-    ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine, opts.mixup)
     steps = max(1, int(np.ceil(len(train) / opts.batch_size))) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
     model.compile(
@@ -396,7 +400,20 @@ def _fit(
             state.unlink()
         ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state)
         callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
-    model.fit(ds, epochs=epochs, verbose=2, callbacks=[*callbacks, keras.callbacks.TerminateOnNaN()])
+    stop_on_nan = keras.callbacks.TerminateOnNaN()
+    phases = mixup_phases(opts.mixup, epochs, mixup_epochs)
+    if len(phases) > 1 and ema > 0:
+        raise RunSettingsError(MIXUP_EPOCHS_WITH_EMA)
+    start = 0
+    for end, alpha in phases:
+        # A phase's fit continues the epoch count, the optimizer and its learning-rate schedule;
+        # resumed, BackupAndRestore starts it at the epoch after its checkpoint's (a phase
+        # already past runs no epoch).
+        ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine, alpha)
+        model.fit(ds, initial_epoch=start, epochs=end, verbose=2, callbacks=[*callbacks, stop_on_nan])
+        if model.stop_training:  # TerminateOnNaN: the weights are checked below
+            break
+        start = end
     if weights_path.exists():
         model.load_weights(str(weights_path))
     if not all(np.isfinite(w).all() for w in model.get_weights()):
@@ -407,6 +424,27 @@ def _fit(
             "was kept; lower --learning-rate"
         )
     return ckpt.history
+
+
+MIXUP_EPOCHS_WITH_EMA = (
+    "--mixup-epochs cannot be combined with --weight-ema: Keras puts the averaged weights in place at the end of the "
+    "mixup epochs, so the plain epochs would not continue the training weights"
+)
+
+
+def mixup_phases(mixup: float, epochs: int, mixup_epochs: int | None) -> list[tuple[int, float]]:
+    """The parts of a fit as (epoch it ends after, mixup alpha): mixup (alpha `mixup`) for the
+    first `mixup_epochs` epochs, plain images after. None = mixup throughout; 0 = none.
+
+    Why plain images at the end: a model trained on blends learns soft margins between
+    classes, and quantizing it flips more decisions than quantizing one trained on plain
+    images (README, Mixup ablation); the last epochs at a low learning rate sharpen them again.
+    """
+    if mixup <= 0 or mixup_epochs is None or mixup_epochs >= epochs:
+        return [(epochs, mixup)]
+    if mixup_epochs <= 0:
+        return [(epochs, 0.0)]
+    return [(mixup_epochs, mixup), (epochs, 0.0)]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -606,7 +644,7 @@ def stage_float(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     model = initial_float_model(opts)
     history = _fit(
         model, train, val, opts, opts.epochs, opts.learning_rate, opts.run_dir / "float.best.weights.h5",
-        ema=opts.weight_ema, targets=targets, backup_dir=stage_backup_dir(opts, "float"),
+        ema=opts.weight_ema, targets=targets, backup_dir=stage_backup_dir(opts, "float"), mixup_epochs=opts.mixup_epochs,
     )
     model.save(opts.run_dir / "float.h5")
     info = {"seconds": round(time.time() - t0, 1), "history": history, "params": int(model.count_params())}
@@ -715,6 +753,12 @@ def keep_fine_tuned_by_agreement(calibrated: dict, fine_tuned: dict) -> bool:
     return fine_tuned["macro_f1"] > calibrated["macro_f1"]
 
 
+def qat_mixup_epochs(opts: TrainOptions) -> int | None:
+    """QAT's share of mixup: all of it by default (--mixup trains both stages), none once
+    --mixup-epochs has ended it in the float stage (the quantized model keeps sharp margins)."""
+    return None if opts.mixup_epochs is None else 0
+
+
 def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     """Calibrate the quantized model on training images, fine-tune it (QAT), keep the one that
     is faithful to the float model (`keep_fine_tuned`, or `keep_fine_tuned_by_agreement` with
@@ -744,6 +788,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
         history = _fit(
             qmodel, qat_train, val, opts, opts.qat_epochs, opts.learning_rate * 0.05, opts.run_dir / "quantized.best.weights.h5",
             targets=targets, backup_dir=stage_backup_dir(opts, "quantized"),
+            mixup_epochs=qat_mixup_epochs(opts),
         )
         info["val_fine_tuned"] = _val_scores(qmodel, val.images, val.labels)
         info["agreement_fine_tuned"] = agreement_scores(float_predictions, _predict(qmodel, compared))
@@ -1210,7 +1255,7 @@ REUSED_STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "saliency": ("saliency_teacher", "image_size", "colour_constancy"),
     "pretrain": _PRETRAIN_SETTINGS,
     "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine",
-              "mixup", "teachers", "label_weight", "weight_ema", "class_weighting", "loss", "focal_gamma"),
+              "mixup", "mixup_epochs", "teachers", "label_weight", "weight_ema", "class_weighting", "loss", "focal_gamma"),
 }
 
 

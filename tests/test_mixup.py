@@ -13,7 +13,8 @@ tf = pytest.importorskip("tensorflow")
 import tf_keras as keras  # noqa: E402
 
 from qana.augment import mix_batch, mixup_weights  # noqa: E402
-from qana.train import TrainOptions, _fit, make_dataset  # noqa: E402
+from qana.train import RunSettingsError, TrainOptions, _fit, make_dataset, mixup_phases, qat_mixup_epochs  # noqa: E402
+from tests.test_fit_resume import _stop_after_epoch, _Stopped  # noqa: E402
 from tests.test_weight_ema import _data, _tiny_model  # noqa: E402
 
 
@@ -88,3 +89,74 @@ def test_a_fit_with_mixup_trains_on_blended_one_hot_targets(tmp_path: Path, monk
     assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
     assert len(history) == 1
     assert max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), start)) > 0.01
+
+
+def test_mixup_phases_blend_the_first_epochs_and_train_the_rest_on_plain_images() -> None:
+    assert mixup_phases(0.2, 40, None) == [(40, 0.2)]  # the default: mixup throughout
+    assert mixup_phases(0.2, 40, 30) == [(30, 0.2), (40, 0.0)]
+    assert mixup_phases(0.2, 40, 40) == [(40, 0.2)]
+    assert mixup_phases(0.2, 2, 0) == [(2, 0.0)]  # QAT after --mixup-epochs: plain
+    assert mixup_phases(0.0, 40, 30) == [(40, 0.0)]  # no mixup: nothing to schedule
+
+
+def test_qat_trains_on_plain_images_only_when_mixup_is_scheduled(tmp_path: Path) -> None:
+    assert qat_mixup_epochs(TrainOptions(data=tmp_path, run_dir=tmp_path, mixup=0.2)) is None  # mixup in QAT too, as before
+    assert qat_mixup_epochs(TrainOptions(data=tmp_path, run_dir=tmp_path, mixup=0.2, mixup_epochs=30)) == 0
+
+
+def _spy_alphas(monkeypatch) -> list[float]:
+    import qana.train as train
+
+    alphas: list[float] = []
+    real = train.make_dataset
+
+    def spy(*args, **kwargs):
+        alphas.append(args[8] if len(args) > 8 else kwargs.get("mixup", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_dataset", spy)
+    return alphas
+
+
+def test_mixup_epochs_split_one_fit_into_blended_then_plain_epochs(tmp_path: Path, monkeypatch) -> None:
+    """One learning-rate schedule over both parts (not two restarts), one history, and epochs counted on."""
+    alphas = _spy_alphas(monkeypatch)
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0, mixup=0.2, mixup_epochs=2)
+    history = _fit(model, _data(64, 0), _data(21, 1), opts, epochs=3, lr=0.1, weights_path=tmp_path / "w.h5",
+                   mixup_epochs=opts.mixup_epochs)
+    assert alphas == [0.2, 0.0]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert int(model.optimizer.iterations.numpy()) == 3 * 8
+
+
+@pytest.mark.parametrize("stopped_after", [1, 3])
+def test_a_fit_with_mixup_epochs_resumes_in_the_part_it_stopped_in(tmp_path: Path, monkeypatch, stopped_after: int) -> None:
+    """Stopped in the blended part (epoch 1 of 2) or in the plain part (epoch 3): the resumed fit
+    trains exactly the missing epochs, each on the images its part names."""
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0, mixup=0.2, mixup_epochs=2)
+    train, val = _data(64, 0), _data(21, 1)
+    backup, best = tmp_path / "float.backup", tmp_path / "best.h5"
+    keras.utils.set_random_seed(0)
+    _stop_after_epoch(monkeypatch, stopped_after)
+    with pytest.raises(_Stopped):
+        _fit(_tiny_model(), train, val, opts, epochs=4, lr=0.1, weights_path=best, backup_dir=backup, mixup_epochs=2)
+    monkeypatch.undo()
+
+    alphas = _spy_alphas(monkeypatch)
+    trained: list[int] = []
+    monkeypatch.setattr(keras.callbacks.TerminateOnNaN, "on_epoch_end", lambda self, epoch, logs=None: trained.append(epoch + 1))
+    model = _tiny_model()
+    history = _fit(model, train, val, opts, epochs=4, lr=0.1, weights_path=best, backup_dir=backup, mixup_epochs=2)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert trained == list(range(stopped_after + 1, 5))
+    assert alphas == [0.2, 0.0]  # the blended part's fit runs no epoch once it is past
+    assert int(model.optimizer.iterations.numpy()) == 4 * 8
+
+
+def test_mixup_epochs_with_a_weight_average_are_refused(tmp_path: Path) -> None:
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path, batch_size=8, seed=0, mixup=0.2, mixup_epochs=1)
+    with pytest.raises(RunSettingsError, match="--weight-ema"):
+        _fit(_tiny_model(), _data(16, 0), _data(8, 1), opts, epochs=2, lr=0.1, weights_path=tmp_path / "w.h5",
+             ema=0.99, mixup_epochs=1)
