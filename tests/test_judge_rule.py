@@ -1,0 +1,99 @@
+"""benchmarks/judge_rule.py: the three criteria of the project's pre-written rule, on synthetic run records."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "judge_rule.py"
+
+
+def _run(root: Path, name: str, seed: int, val: tuple[float, float], chip_loss: float = 0.0, prior_loss: float = 0.0,
+         mixup: float = 0.0, prior: bool = True) -> Path:
+    """A finished run's record: validation Akida + prior = `val` (top-1, macro-F1); on test the
+    chip loses `chip_loss` of macro-F1 against float images only and `prior_loss` with the prior."""
+    run = root / name
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"seed": seed, "mixup": mixup, "clinical_prior": "auto", "run_dir": str(run)}))
+
+    def m(top1: float, mf1: float) -> dict:
+        return {"top1": top1, "macro_f1": mf1, "balanced_accuracy": mf1}
+
+    test = {"float": m(0.80, 0.60), "quantized": m(0.80, 0.60), "akida": m(0.80, 0.60 - chip_loss)}
+    valid = {"float": m(*val), "quantized": m(*val), "akida": m(*val)}
+    if prior:
+        test |= {"float_with_clinical_prior": m(0.81, 0.62), "akida_with_clinical_prior": m(0.81, 0.62 - prior_loss)}
+        valid |= {"float_with_clinical_prior": m(*val), "akida_with_clinical_prior": m(*val)}
+    (run / "bundle.json").write_text(json.dumps({"metrics": {"val": valid, "test": test}}))
+    return run
+
+
+def _judge(baseline: list[Path], variant: list[Path]) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(SCRIPT), "--baseline", *map(str, baseline), "--variant", *map(str, variant)]
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=60)
+
+
+def _arms(tmp_path: Path, variant_val: tuple[float, float], variant_losses=((0.0, 0.0), (0.0, 0.0)), baseline_losses=((0.0, 0.0), (0.0, 0.0))):
+    base = [_run(tmp_path, f"base{s}", s, (0.80, 0.60), *baseline_losses[i]) for i, s in enumerate((1, 2))]
+    var = [_run(tmp_path, f"var{s}", s, variant_val, *variant_losses[i], mixup=0.2) for i, s in enumerate((1, 2))]
+    return base, var
+
+
+def test_a_variant_better_on_validation_and_as_faithful_passes(tmp_path: Path) -> None:
+    done = _judge(*_arms(tmp_path, (0.806, 0.606)))
+    assert done.returncode == 0, done.stderr
+    assert "RULE PASSES" in done.stdout, done.stdout
+    assert "variant differs from the baseline in: mixup" in done.stdout
+    assert "0.810" not in done.stdout and "0.620" not in done.stdout  # the test accuracies are not shown
+
+
+def test_each_criterion_alone_fails_the_rule(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    small = _judge(*_arms(tmp_path / "a", (0.804, 0.605)))  # +0.009 in all: under the margin
+    assert "FAIL  (a)" in small.stdout and "pass  (b)" in small.stdout and "RULE FAILS" in small.stdout, small.stdout
+    traded = _judge(*_arms(tmp_path / "b", (0.799, 0.630)))  # +0.029 in all, but top-1 lower
+    assert "pass  (a)" in traded.stdout and "FAIL  (b)" in traded.stdout and "RULE FAILS" in traded.stdout, traded.stdout
+    # one split loses 1.5 points of macro-F1 with the prior only: counted there and on "both"
+    lossy = _judge(*_arms(tmp_path / "c", (0.810, 0.610), variant_losses=((0.0, 0.015), (0.005, 0.0))))
+    assert "FAIL  (c)" in lossy.stdout and "with the prior variant 1 vs baseline 2" in lossy.stdout, lossy.stdout
+    assert "images only variant 2 vs baseline 2" in lossy.stdout and "both variant 1 vs baseline 2" in lossy.stdout
+    assert "RULE FAILS" in lossy.stdout
+
+
+def test_fidelity_is_compared_with_the_baselines_own_count(tmp_path: Path) -> None:
+    """A split outside the bar in both arms does not fail the variant."""
+    done = _judge(*_arms(tmp_path, (0.810, 0.610), variant_losses=((0.02, 0.0), (0.0, 0.0)), baseline_losses=((0.02, 0.0), (0.0, 0.0))))
+    assert "pass  (c)" in done.stdout and "images only variant 1 vs baseline 1" in done.stdout, done.stdout
+    assert "RULE PASSES" in done.stdout
+
+
+def test_a_run_whose_prior_got_weight_zero_counts_with_its_images_only_figures(tmp_path: Path) -> None:
+    base, var = _arms(tmp_path, (0.810, 0.610))
+    var.append(_run(tmp_path, "var3", 3, (0.81, 0.61), chip_loss=0.02, mixup=0.2, prior=False))
+    base.append(_run(tmp_path, "base3", 3, (0.80, 0.60)))
+    done = _judge(base, var)
+    assert done.returncode == 0, done.stderr
+    assert "note: var3 has no clinical prior" in done.stdout
+    assert "with the prior variant 2 vs baseline 3" in done.stdout, done.stdout  # its images-only loss counts there too
+
+
+def test_arms_on_other_splits_or_mixed_recipes_are_refused(tmp_path: Path) -> None:
+    base, var = _arms(tmp_path, (0.81, 0.61))
+    other = _run(tmp_path, "var9", 9, (0.81, 0.61), mixup=0.2)
+    done = _judge(base, [var[0], other])
+    assert done.returncode != 0 and "not on the same splits" in done.stderr, done.stderr
+    mixed = _run(tmp_path, "var2b", 2, (0.81, 0.61), mixup=0.4)
+    done = _judge(base, [var[0], mixed])
+    assert done.returncode != 0 and "differs from" in done.stderr and "mixup" in done.stderr
+    older = _run(tmp_path, "var2c", 2, (0.81, 0.61))  # recorded before the mixup setting existed
+    options = json.loads((older / "options.json").read_text())
+    del options["mixup"]
+    (older / "options.json").write_text(json.dumps(options))
+    done = _judge(base, [var[0], older])
+    assert done.returncode == 0 and "warning: --variant" in done.stdout and "mixup recorded for only one" in done.stdout, done
+    done = _judge(base, [var[0], var[0]])
+    assert done.returncode != 0 and "same split" in done.stderr
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    done = _judge(base, [var[0], unfinished])
+    assert done.returncode != 0 and "bundle.json not found" in done.stderr
