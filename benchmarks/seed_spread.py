@@ -55,8 +55,20 @@ def tried_the_prior(options: dict) -> bool:
     """Whether a run was trained to fit the clinical prior (`--clinical-prior auto`), whatever came
     of it; runs recorded before the prior existed (no such setting) count as not."""
     if options.get("shipped_bundle"):
-        return "--clinical-prior" not in shlex.split(options.get("command", "")) or "--clinical-prior auto" in options.get("command", "")
+        return command_option(options.get("command", ""), "--clinical-prior") in (None, "auto")  # auto is the default
     return options.get("clinical_prior") == "auto"
+
+
+def command_option(command: str, flag: str) -> str | None:
+    """The value `flag` has in a recorded command, spelt `--flag VALUE` or `--flag=VALUE` (the
+    last one given wins, as on the command line); None when the command leaves it out."""
+    words, value = shlex.split(command), None
+    for i, word in enumerate(words):
+        if word == flag and i + 1 < len(words):
+            value = words[i + 1]
+        elif word.startswith(flag + "="):
+            value = word[len(flag) + 1:]
+    return value
 
 
 def count_runs_without_a_prior(runs: list[tuple[Path, dict, dict]]) -> None:

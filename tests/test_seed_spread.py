@@ -67,6 +67,10 @@ def test_a_run_whose_prior_got_weight_zero_counts_with_its_images_only_figures(t
     assert "note: v2 has no clinical prior" in _spread(_run_dir(tmp_path, "p", 4, 0.70, prior=0.72), shipped).stdout
     off = _bundle_dir(tmp_path, "v2off", 5, 0.78, "qana train --data d --seed 5 --clinical-prior off")
     assert "note:" not in _spread(_run_dir(tmp_path, "q", 6, 0.70, prior=0.72), off).stdout
+    off_eq = _bundle_dir(tmp_path, "v2offeq", 7, 0.78, "qana train --data d --seed 7 --clinical-prior=off")
+    assert "note:" not in _spread(_run_dir(tmp_path, "r", 8, 0.70, prior=0.72), off_eq).stdout
+    auto_eq = _bundle_dir(tmp_path, "v2autoeq", 9, 0.78, "qana train --data d --seed 9 --clinical-prior=auto")
+    assert "note: v2autoeq has no clinical prior" in _spread(_run_dir(tmp_path, "s", 10, 0.70, prior=0.72), auto_eq).stdout
     # alone, or beside runs that have no prior either, nothing is added
     alone = _spread(zero, _run_dir(tmp_path, "b", 2, 0.75))
     assert alone.returncode == 0 and "akida+prior" not in alone.stdout and "note:" not in alone.stdout, alone.stdout
