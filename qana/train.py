@@ -286,9 +286,11 @@ class _MacroF1Checkpoint:
     a stage interrupted mid-way (a stopped session, a reboot) resumes with them: an epoch redone
     after the restart replaces its earlier entry, and the first epoch scored after a restart is
     marked `"resumed": true`. The kept weights file is only ever replaced by a better score.
+    Epochs before `keep_from` (0-based) are scored and recorded but never kept: with
+    --mixup-epochs only a model that has trained on plain images after the blends is kept.
     """
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path, state_path: Path | None = None) -> None:
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, path: Path, state_path: Path | None = None, keep_from: int = 0) -> None:
         import tf_keras as keras
 
         outer = self
@@ -301,12 +303,14 @@ class _MacroF1Checkpoint:
         self.best = -1.0
         self.history: list[dict] = []
         self._resumed = False
-        if state_path is not None and state_path.is_file() and path.is_file():
-            state = json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text()) if state_path is not None and state_path.is_file() else None
+        # a kept score needs its weights file; none is kept yet while only blended epochs ran (keep_from)
+        if state is not None and (path.is_file() or float(state["best"]) < 0):
             self.best, self.history, self._resumed = float(state["best"]), list(state["history"]), True
             print(f"  continuing an interrupted fit: {len(self.history)} epoch(s) already done ({state_path.parent})", flush=True)
         self.callback = _CB()
         self._x_val, self._y_val, self._path, self._state_path = x_val, y_val, path, state_path
+        self._keep_from = keep_from
 
     def score(self, model, epoch: int) -> None:
         m = _val_scores(model, self._x_val, self._y_val)
@@ -318,7 +322,7 @@ class _MacroF1Checkpoint:
         if self._resumed:
             entry["resumed"], self._resumed = True, False
         self.history.append(entry)
-        if score > self.best:
+        if epoch >= self._keep_from and score > self.best:
             self.best = score
             # written aside and renamed over the old file: a stop mid-write must not leave a
             # damaged best-weights file that progress.json vouches for
@@ -364,7 +368,7 @@ def _fit(
     """Train with augmentation and class weights; `targets` (N, C) replaces the one-hot labels
     (distillation: label mixed with teacher probabilities, qana.distill). With --mixup, the
     first `mixup_epochs` epochs (None: all) train on blended images and the rest on plain ones
-    (`mixup_phases`).
+    (`mixup_phases`), and the kept checkpoint is the best of the plain epochs.
 
     With `backup_dir` the weights, optimizer state (step count, so the learning-rate schedule
     too) and epoch are saved after every epoch (Keras BackupAndRestore), and a later call with
@@ -387,8 +391,12 @@ def _fit(
         loss=backbone_loss(opts, soft_targets=targets is not None),
         weighted_metrics=["accuracy"],
     )
+    phases = mixup_phases(opts.mixup, epochs, mixup_epochs)
+    if len(phases) > 1 and ema > 0:
+        raise RunSettingsError(MIXUP_EPOCHS_WITH_EMA)
+    keep_from = phases[0][0] if len(phases) > 1 else 0  # after blends, only a model sharpened on plain images is kept
     if backup_dir is None:
-        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path)
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, keep_from=keep_from)
         callbacks = [ckpt.callback]
     else:
         backup = epoch_backup(opts, backup_dir)
@@ -398,12 +406,9 @@ def _fit(
             # history must go too: kept, they would pick the final weights from two different fits.
             print(f"  {state} has no epoch checkpoint beside it; the fit starts over from epoch 1", flush=True)
             state.unlink()
-        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state)
+        ckpt = _MacroF1Checkpoint(val.images, val.labels, weights_path, state, keep_from=keep_from)
         callbacks = [ckpt.callback, backup]  # scored (and its state written) before the epoch's backup
     stop_on_nan = keras.callbacks.TerminateOnNaN()
-    phases = mixup_phases(opts.mixup, epochs, mixup_epochs)
-    if len(phases) > 1 and ema > 0:
-        raise RunSettingsError(MIXUP_EPOCHS_WITH_EMA)
     start = 0
     for end, alpha in phases:
         # A phase's fit continues the epoch count, the optimizer and its learning-rate schedule;

@@ -160,3 +160,19 @@ def test_mixup_epochs_with_a_weight_average_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RunSettingsError, match="--weight-ema"):
         _fit(_tiny_model(), _data(16, 0), _data(8, 1), opts, epochs=2, lr=0.1, weights_path=tmp_path / "w.h5",
              ema=0.99, mixup_epochs=1)
+
+
+def test_after_blends_only_a_plain_epoch_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """The best validation score of a blended epoch must not become the kept model: that would
+    undo the plain epochs --mixup-epochs adds to sharpen it before quantization."""
+    import qana.train as train
+
+    scores = iter([0.9, 0.8, 0.5, 0.6])
+    monkeypatch.setattr(train, "_val_scores", lambda model, x, y: {"top1": (s := next(scores)), "macro_f1": s, "balanced_accuracy": s})
+    ckpt = train._MacroF1Checkpoint(np.zeros((1, 8, 8, 3)), np.zeros(1), tmp_path / "best.h5", keep_from=2)
+    model = _tiny_model()
+    for epoch in range(4):
+        ckpt.score(model, epoch)
+    assert ckpt.best == pytest.approx(1.2)  # epoch 4's 0.6 + 0.6, not epoch 1's 0.9 + 0.9
+    assert [h["epoch"] for h in ckpt.history] == [1, 2, 3, 4]  # the blended epochs are still recorded
+    assert (tmp_path / "best.h5").is_file()
