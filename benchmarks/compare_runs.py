@@ -74,7 +74,7 @@ def main() -> None:
         if opts.affine:
             described += " +affine"
         if opts.mixup:
-            described += f" mixup={opts.mixup}"
+            described += f" mixup={opts.mixup}" + (f" for {opts.mixup_epochs} epochs" if opts.mixup_epochs is not None else "")
         if opts.saliency_teacher:
             described += " +saliency"
         if opts.colour_constancy != "none":

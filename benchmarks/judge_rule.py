@@ -21,7 +21,10 @@ accuracy is not judged here). Only validation figures and the fidelity verdicts 
 the arms' test accuracies are for `benchmarks/seed_spread.py`, after the decision.
 
 A run whose clinical prior got weight 0 on validation counts with its images-only figures,
-as in seed_spread (`count_runs_without_a_prior`). Exit status 0 whatever the verdict; an
+as in seed_spread (`count_runs_without_a_prior`, over both arms). Settings missing from an
+older run's options.json count as their defaults (as `qana train` reads them); the runs of
+one seed must also agree on the split's other settings, and on the split itself where their
+records hold its fingerprint (`split-indices.sha256`, benchmarks/records). Exit status 0 whatever the verdict; an
 `error:` line and a non-zero status on unusable input (unfinished runs, other splits, an arm
 that is not one recipe).
 """
@@ -29,6 +32,7 @@ that is not one recipe).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -41,30 +45,65 @@ from seed_spread import check_one_run_per_split, count_runs_without_a_prior, dif
 
 SCORED = "akida+prior"  # what `qana evaluate` scores with a bundle that has the clinical prior
 MEASURES = ("top1", "macro_f1")
+SPLIT_SETTINGS = ("val_fraction", "test_fraction", "limit")  # with the seed and the data, they make the split
+SPLIT_FINGERPRINT = "split-indices.sha256"  # written beside a record (benchmarks/records/README.md)
 Run = tuple[Path, dict, dict]
 
 
-def load_arm(name: str, paths: list[Path]) -> list[Run]:
-    """One arm's runs, each with the prior figures a run without a prior counts with; exits when
-    a seed repeats, a run has no prior figures, or a run's recorded settings differ from the
-    first's in more than the seed (then the arm is not one recipe)."""
+def training_defaults() -> dict:
+    """`qana train`'s settings as options.json records them, for runs recorded before a setting existed."""
+    from dataclasses import asdict
+
+    from qana.train import TrainOptions  # imports TensorFlow; the judge runs where training does
+
+    return json.loads(json.dumps(asdict(TrainOptions(data=Path("."), run_dir=Path("."))), default=str))
+
+
+def completed(options: dict, defaults: dict) -> dict:
+    """A run's recorded settings, those it predates as their defaults (a shipped bundle's record
+    holds only its command, which seed_spread compares instead)."""
+    return options if options.get("shipped_bundle") else {**defaults, **options}
+
+
+def load_arm(name: str, paths: list[Path], defaults: dict) -> list[Run]:
+    """One arm's runs; exits when a seed repeats or a run's settings differ from the first's in
+    more than the seed (then the arm is not one recipe)."""
     runs = [(path, *load_run(path)) for path in paths]
     check_one_run_per_split(runs)
-    count_runs_without_a_prior(runs)
-    missing = [path.name for path, _, metrics in runs if SCORED not in metrics["val"] or "float+prior" not in metrics["test"]]
-    if missing:
-        sys.exit(f"error: {name}: {', '.join(missing)} recorded no figures with the clinical prior, which the rule judges")
-    first = runs[0][1]
+    first = completed(runs[0][1], defaults)
     for path, options, _ in runs[1:]:
-        differs = differences(first, options)
-        # a setting added after a run was made is missing from its record: its value then is not known here
-        unknown = [k for k in differs if (k in first) != (k in options)]
-        if len(unknown) < len(differs):
+        differs = differences(first, completed(options, defaults))
+        if differs:
             sys.exit(f"error: {name}: {path} differs from {runs[0][0]} in more than the seed ({', '.join(differs)})")
-        if unknown:
-            print(f"warning: {name}: {path} and {runs[0][0]}: {', '.join(unknown)} recorded for only one of them "
-                  "(a setting added later); check that both ran with its default")
     return runs
+
+
+def check_same_splits(baseline: list[Run], variant: list[Run], defaults: dict) -> None:
+    """Exit unless each seed of one arm has a run of the same split in the other: the same seed,
+    the same split settings and, where both records hold one, the same split fingerprint."""
+    by_seed = {str(options.get("seed")): (path, completed(options, defaults)) for path, options, _ in baseline}
+    seeds = sorted(by_seed), sorted(str(options.get("seed")) for _, options, _ in variant)
+    if seeds[0] != seeds[1]:
+        sys.exit(f"error: the arms are not on the same splits: baseline seeds {', '.join(seeds[0])}, "
+                 f"variant seeds {', '.join(seeds[1])}")
+    for path, options, _ in variant:
+        base_path, base = by_seed[str(options.get("seed"))]
+        options = completed(options, defaults)
+        other = [k for k in SPLIT_SETTINGS if base.get(k) != options.get(k)]
+        if other:
+            sys.exit(f"error: {base_path} and {path} have the same seed but other split settings ({', '.join(other)})")
+        prints = [p / SPLIT_FINGERPRINT for p in (base_path, path)]
+        if all(p.is_file() for p in prints) and len({p.read_text().split()[0] for p in prints}) > 1:
+            sys.exit(f"error: {base_path} and {path} have the same seed but other splits ({SPLIT_FINGERPRINT} differs)")
+
+
+def with_prior_figures(baseline: list[Run], variant: list[Run]) -> None:
+    """Give a run whose prior got weight 0 its images-only figures as prior ones (over both
+    arms: one arm may have no run with a prior); exit if a run still has none."""
+    count_runs_without_a_prior(baseline + variant)
+    missing = [path.name for path, _, metrics in baseline + variant if SCORED not in metrics["val"] or "float+prior" not in metrics["test"]]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} recorded no figures with the clinical prior, which the rule judges")
 
 
 def validation_means(runs: list[Run]) -> dict[str, float]:
@@ -109,12 +148,12 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.010, help="how much higher the variant's validation top-1 + macro-F1 must be")
     args = parser.parse_args()
 
-    baseline, variant = load_arm("--baseline", args.baseline), load_arm("--variant", args.variant)
-    seeds = {arm: sorted(str(options.get("seed")) for _, options, _ in runs) for arm, runs in (("baseline", baseline), ("variant", variant))}
-    if seeds["baseline"] != seeds["variant"]:
-        sys.exit(f"error: the arms are not on the same splits: baseline seeds {', '.join(seeds['baseline'])}, "
-                 f"variant seeds {', '.join(seeds['variant'])}")
-    print(f"variant differs from the baseline in: {', '.join(differences(baseline[0][1], variant[0][1])) or 'nothing recorded'}")
+    defaults = training_defaults()
+    baseline, variant = load_arm("--baseline", args.baseline, defaults), load_arm("--variant", args.variant, defaults)
+    check_same_splits(baseline, variant, defaults)
+    with_prior_figures(baseline, variant)
+    changed = differences(completed(baseline[0][1], defaults), completed(variant[0][1], defaults))
+    print(f"variant differs from the baseline in: {', '.join(changed) or 'nothing recorded'}")
     print(f"\nvalidation, {SCORED} top-1 / macro-F1, and whether the chip is within the bar on test")
     for arm, runs in (("baseline", baseline), ("variant", variant)):
         for path, options, metrics in sorted(runs, key=lambda r: str(r[1].get("seed"))):

@@ -40,7 +40,9 @@ OPTIONAL_MODELS = ("akida+prior",)
 # bundle.json's names for the scores with the clinical prior -> the benchmarks' score names (qana.metrics.FIDELITY_PAIRS).
 RECORDED_NAMES = {"akida_with_clinical_prior": "akida+prior", "float_with_clinical_prior": "float+prior"}
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
-IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data"}
+# Settings that steer how a run was carried out, not its recipe (a run reusing another's split
+# names that run in reuse_from).
+IGNORED_OPTIONS = {"seed", "run_dir", "bundle_out", "command", "resume", "cache_dir", "data", "reuse_from", "reuse_through", "stop_after"}
 
 
 def load_run(run: Path) -> tuple[dict, dict]:

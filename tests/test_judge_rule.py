@@ -9,12 +9,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "judge_rule.py"
 
 
 def _run(root: Path, name: str, seed: int, val: tuple[float, float], chip_loss: float = 0.0, prior_loss: float = 0.0,
-         mixup: float = 0.0, prior: bool = True) -> Path:
+         mixup: float = 0.0, prior: bool = True, extra: dict | None = None) -> Path:
     """A finished run's record: validation Akida + prior = `val` (top-1, macro-F1); on test the
     chip loses `chip_loss` of macro-F1 against float images only and `prior_loss` with the prior."""
     run = root / name
     run.mkdir()
-    (run / "options.json").write_text(json.dumps({"seed": seed, "mixup": mixup, "clinical_prior": "auto", "run_dir": str(run)}))
+    (run / "options.json").write_text(json.dumps({"seed": seed, "mixup": mixup, "clinical_prior": "auto", "run_dir": str(run), **(extra or {})}))
 
     def m(top1: float, mf1: float) -> dict:
         return {"top1": top1, "macro_f1": mf1, "balanced_accuracy": mf1}
@@ -85,15 +85,41 @@ def test_arms_on_other_splits_or_mixed_recipes_are_refused(tmp_path: Path) -> No
     mixed = _run(tmp_path, "var2b", 2, (0.81, 0.61), mixup=0.4)
     done = _judge(base, [var[0], mixed])
     assert done.returncode != 0 and "differs from" in done.stderr and "mixup" in done.stderr
-    older = _run(tmp_path, "var2c", 2, (0.81, 0.61))  # recorded before the mixup setting existed
-    options = json.loads((older / "options.json").read_text())
-    del options["mixup"]
-    (older / "options.json").write_text(json.dumps(options))
-    done = _judge(base, [var[0], older])
-    assert done.returncode == 0 and "warning: --variant" in done.stdout and "mixup recorded for only one" in done.stdout, done
+    # a setting a run predates counts as its default: full mixup (recorded before --mixup-epochs
+    # existed) and mixup for 30 epochs are two recipes
+    scheduled = _run(tmp_path, "var2d", 2, (0.81, 0.61), mixup=0.2, extra={"mixup_epochs": 30})
+    done = _judge(base, [var[0], scheduled])
+    assert done.returncode != 0 and "mixup_epochs" in done.stderr, done.stderr
+    # the same seed with another validation fraction is another split
+    other_split = [_run(tmp_path, f"var{s}e", s, (0.81, 0.61), mixup=0.2, extra={"val_fraction": 0.1}) for s in (1, 2)]
+    done = _judge(base, other_split)
+    assert done.returncode != 0 and "other split settings (val_fraction)" in done.stderr, done.stderr
+    # where both records carry the split's fingerprint, it must agree
+    for run, digest in ((base[1], "a" * 64), (var[1], "b" * 64)):
+        (run / "split-indices.sha256").write_text(digest + "  indices\n")
+    done = _judge(base, var)
+    assert done.returncode != 0 and "other splits (split-indices.sha256 differs)" in done.stderr, done.stderr
     done = _judge(base, [var[0], var[0]])
     assert done.returncode != 0 and "same split" in done.stderr
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     done = _judge(base, [var[0], unfinished])
     assert done.returncode != 0 and "bundle.json not found" in done.stderr
+
+
+def test_runs_that_reused_their_baselines_split_are_one_recipe(tmp_path: Path) -> None:
+    """Each variant run names its own baseline in reuse_from: how it was made, not what."""
+    base, _ = _arms(tmp_path, (0.81, 0.61))
+    var = [_run(tmp_path, f"reused{s}", s, (0.81, 0.61), mixup=0.2,
+                extra={"reuse_from": f"runs/base{s}", "reuse_through": "split"}) for s in (1, 2)]
+    done = _judge(base, var)
+    assert done.returncode == 0 and "RULE PASSES" in done.stdout, done.stderr
+    assert "variant differs from the baseline in: mixup" in done.stdout, done.stdout
+
+
+def test_a_prior_with_weight_zero_is_filled_in_across_both_arms(tmp_path: Path) -> None:
+    """A one-run variant arm whose prior got weight 0 is judged on its images-only figures."""
+    base = [_run(tmp_path, "base1", 1, (0.80, 0.60))]
+    var = [_run(tmp_path, "var1", 1, (0.81, 0.61), mixup=0.2, prior=False)]
+    done = _judge(base, var)
+    assert done.returncode == 0 and "note: var1 has no clinical prior" in done.stdout, done.stderr
