@@ -24,7 +24,7 @@ A run whose clinical prior got weight 0 on validation counts with its images-onl
 as in seed_spread (`count_runs_without_a_prior`, over both arms). Settings missing from an
 older run's options.json count as their defaults (as `qana train` reads them); the runs of
 one seed must also agree on the split's other settings, and on the split itself where their
-records hold its fingerprint (`split-indices.sha256`, benchmarks/records). Exit status 0 whatever the verdict; an
+records hold its fingerprint (`split-indices.sha256`, benchmarks/record_run.py). Exit status 0 whatever the verdict; an
 `error:` line and a non-zero status on unusable input (unfinished runs, other splits, an arm
 that is not one recipe).
 """
@@ -41,18 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qana.metrics import FAITHFUL, FIDELITY_PAIRS, shortfall  # noqa: E402  (no TensorFlow)
+from record_run import SPLIT_FINGERPRINT  # noqa: E402
 from seed_spread import check_one_run_per_split, count_runs_without_a_prior, differences, load_run  # noqa: E402
 
 SCORED = "akida+prior"  # what `qana evaluate` scores with a bundle that has the clinical prior
 MEASURES = ("top1", "macro_f1")
 SPLIT_SETTINGS = ("val_fraction", "test_fraction", "limit")  # with the seed and the data, they make the split
-SPLIT_FINGERPRINT = "split-indices.sha256"  # written beside a record (benchmarks/records/README.md)
 Run = tuple[Path, dict, dict]
 
 
-def training_defaults() -> dict:
-    """`qana train`'s settings as options.json records them, for runs recorded before a setting existed."""
+def training_defaults(paths: list[Path]) -> dict:
+    """`qana train`'s settings as options.json records them, for runs recorded before a setting
+    existed; {} when every run records the same settings (no TensorFlow import needed then)."""
     from dataclasses import asdict
+
+    recorded = [load_run(path)[0] for path in paths]
+    recorded = [set(options) for options in recorded if not options.get("shipped_bundle")]
+    if all(keys == recorded[0] for keys in recorded):
+        return {}
 
     from qana.train import TrainOptions  # imports TensorFlow; the judge runs where training does
 
@@ -148,7 +154,7 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.010, help="how much higher the variant's validation top-1 + macro-F1 must be")
     args = parser.parse_args()
 
-    defaults = training_defaults()
+    defaults = training_defaults([*args.baseline, *args.variant])
     baseline, variant = load_arm("--baseline", args.baseline, defaults), load_arm("--variant", args.variant, defaults)
     check_same_splits(baseline, variant, defaults)
     with_prior_figures(baseline, variant)

@@ -1,0 +1,89 @@
+"""Keep the small records of a finished `qana train` run in benchmarks/records/, where git keeps them.
+
+    python benchmarks/record_run.py runs/fixaug-seed19            # -> benchmarks/records/fixaug-seed19/
+
+A run directory holds gigabytes and lives on one machine; the benchmarks that compare runs
+(`seed_spread.py`, `judge_rule.py`) need only its `bundle.json` (metrics and command),
+`options.json` (settings), `quantized.json` (which quantized model was kept) and `split.json`
+(part sizes). Beside them goes `split-indices.sha256`: the sha256 of the split's train,
+validation and test indices (int64, in that order) from `split.npz`, so that a run remade on
+another machine from the same seed can be shown to have the same split (`split_fingerprint`).
+
+Nothing is printed of the metrics: a record is committed before a rule judges it. An existing
+record with other contents is not overwritten (a record may already be part of a judgement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RECORDS = Path(__file__).resolve().parent / "records"
+RECORDED_FILES = ("bundle.json", "options.json", "quantized.json", "split.json")
+SPLIT_FINGERPRINT = "split-indices.sha256"
+
+
+class RecordError(Exception):
+    """A run that cannot be recorded, or a record that would be overwritten."""
+
+
+def split_fingerprint(split_npz: Path) -> str:
+    """sha256 of the train, validation and test indices of a run's split.npz, as int64."""
+    digest = hashlib.sha256()
+    try:
+        with np.load(split_npz) as z:
+            for part in ("train", "val", "test"):
+                digest.update(np.ascontiguousarray(z[part], dtype=np.int64).tobytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise RecordError(f"{split_npz}: not a readable split ({exc})") from None
+    return digest.hexdigest()
+
+
+def record_contents(run: Path) -> dict[str, bytes]:
+    """The files a record of `run` holds, by name; refuses a run whose bundle stage has not finished."""
+    missing = [name for name in (*RECORDED_FILES, "split.npz") if not (run / name).is_file()]
+    if missing:
+        raise RecordError(f"{run} has no {', '.join(missing)}: not a finished `qana train` run (its bundle stage writes bundle.json)")
+    contents = {name: (run / name).read_bytes() for name in RECORDED_FILES}
+    contents[SPLIT_FINGERPRINT] = f"{split_fingerprint(run / 'split.npz')}  train+val+test indices (int64) of split.npz\n".encode()
+    return contents
+
+
+def write_record(run: Path, out: Path) -> Path:
+    """Write `run`'s record into `out`; an identical record is left as it is, another one refused."""
+    contents = record_contents(run)
+    if out.exists():
+        differing = [name for name, data in contents.items() if not (out / name).is_file() or (out / name).read_bytes() != data]
+        if differing:
+            raise RecordError(f"{out} already holds another record ({', '.join(differing)} differ): remove it first if it should go")
+        return out
+    partial = out.with_name(f".partial-{out.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, data in contents.items():
+        (partial / name).write_bytes(data)
+    partial.rename(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="finished `qana train` run directories")
+    parser.add_argument("--records", type=Path, default=RECORDS, help="where the record folders go (one per run, named as the run)")
+    args = parser.parse_args()
+    for run in args.runs:
+        try:
+            print(f"recorded {run} in {write_record(run, args.records / run.resolve().name)}")
+        except RecordError as exc:
+            sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    from qana.cli_errors import script_main
+
+    script_main(main)
