@@ -24,9 +24,9 @@ A run whose clinical prior got weight 0 on validation counts with its images-onl
 as in seed_spread (`count_runs_without_a_prior`, over both arms). Settings missing from an
 older run's options.json count as their defaults (as `qana train` reads them); the runs of
 one seed must also agree on the split's other settings, and on the split itself where their
-records hold its fingerprint (`split-indices.sha256`, benchmarks/record_run.py). Exit status 0 whatever the verdict; an
-`error:` line and a non-zero status on unusable input (unfinished runs, other splits, an arm
-that is not one recipe).
+records hold its fingerprint (`split-indices.sha256`, benchmarks/record_run.py). Exit status
+0 whatever the verdict; an `error:` line and a non-zero status on unusable input (unfinished
+runs, other splits, an arm that is not one recipe).
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ Run = tuple[Path, dict, dict]
 def training_defaults(paths: list[Path]) -> dict:
     """`qana train`'s settings as options.json records them, for runs recorded before a setting
     existed; {} when every run records the same settings (no TensorFlow import needed then)."""
-    from dataclasses import asdict
-
     recorded = [load_run(path)[0] for path in paths]
     recorded = [set(options) for options in recorded if not options.get("shipped_bundle")]
     if all(keys == recorded[0] for keys in recorded):
         return {}
+
+    from dataclasses import asdict
 
     from qana.train import TrainOptions  # imports TensorFlow; the judge runs where training does
 
@@ -117,13 +117,18 @@ def validation_means(runs: list[Run]) -> dict[str, float]:
     return {k: statistics.mean(float(metrics["val"][SCORED][k]) for _, _, metrics in runs) for k in MEASURES}
 
 
+def inside_the_bar(metrics: dict) -> dict[str, bool]:
+    """Per fidelity pair (images only; with the prior): whether a run's chip stays within
+    FAITHFUL of its float model on test."""
+    return {label: shortfall(metrics["test"][reference], metrics["test"][chip]) <= FAITHFUL
+            for chip, reference, label in FIDELITY_PAIRS}
+
+
 def splits_inside_the_bar(runs: list[Run]) -> dict[str, int]:
-    """How many of an arm's splits keep the chip within FAITHFUL of float on test, per fidelity
-    pair (images only; with the prior) and on both at once."""
+    """How many of an arm's splits keep the chip inside the bar, per fidelity pair and on both at once."""
     counts = {label: 0 for _, _, label in FIDELITY_PAIRS} | {"both": 0}
     for _, _, metrics in runs:
-        inside = {label: shortfall(metrics["test"][reference], metrics["test"][chip]) <= FAITHFUL
-                  for chip, reference, label in FIDELITY_PAIRS}
+        inside = inside_the_bar(metrics)
         for label, ok in inside.items():
             counts[label] += ok
         counts["both"] += all(inside.values())
@@ -164,8 +169,7 @@ def main() -> None:
     for arm, runs in (("baseline", baseline), ("variant", variant)):
         for path, options, metrics in sorted(runs, key=lambda r: str(r[1].get("seed"))):
             val = metrics["val"][SCORED]
-            verdicts = [f"{label} {'ok' if shortfall(metrics['test'][ref], metrics['test'][chip]) <= FAITHFUL else 'outside'}"
-                        for chip, ref, label in FIDELITY_PAIRS]
+            verdicts = [f"{label} {'ok' if ok else 'outside'}" for label, ok in inside_the_bar(metrics).items()]
             print(f"{arm:<9} {path.name:<22} seed {options.get('seed')!s:>3}  val {val['top1']:.3f} / {val['macro_f1']:.3f}  "
                   f"test fidelity: {', '.join(verdicts)}")
     passes, lines = judge(baseline, variant, args.margin)
