@@ -32,7 +32,6 @@ runs, other splits, an arm that is not one recipe).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -50,19 +49,16 @@ SPLIT_SETTINGS = ("val_fraction", "test_fraction", "limit")  # with the seed and
 Run = tuple[Path, dict, dict]
 
 
-def training_defaults(paths: list[Path]) -> dict:
+def training_defaults(runs: list[Run]) -> dict:
     """`qana train`'s settings as options.json records them, for runs recorded before a setting
     existed; {} when every run records the same settings (no TensorFlow import needed then)."""
-    recorded = [load_run(path)[0] for path in paths]
-    recorded = [set(options) for options in recorded if not options.get("shipped_bundle")]
+    recorded = [set(options) for _, options, _ in runs if not options.get("shipped_bundle")]
     if all(keys == recorded[0] for keys in recorded):
         return {}
 
-    from dataclasses import asdict
+    from qana.train import default_settings  # imports TensorFlow; the judge runs where training does
 
-    from qana.train import TrainOptions  # imports TensorFlow; the judge runs where training does
-
-    return json.loads(json.dumps(asdict(TrainOptions(data=Path("."), run_dir=Path("."))), default=str))
+    return default_settings()
 
 
 def completed(options: dict, defaults: dict) -> dict:
@@ -71,17 +67,15 @@ def completed(options: dict, defaults: dict) -> dict:
     return options if options.get("shipped_bundle") else {**defaults, **options}
 
 
-def load_arm(name: str, paths: list[Path], defaults: dict) -> list[Run]:
-    """One arm's runs; exits when a seed repeats or a run's settings differ from the first's in
-    more than the seed (then the arm is not one recipe)."""
-    runs = [(path, *load_run(path)) for path in paths]
+def check_arm(name: str, runs: list[Run], defaults: dict) -> None:
+    """Exit when a seed repeats in one arm or a run's settings differ from the first's in more
+    than the seed (then the arm is not one recipe)."""
     check_one_run_per_split(runs)
     first = completed(runs[0][1], defaults)
     for path, options, _ in runs[1:]:
         differs = differences(first, completed(options, defaults))
         if differs:
             sys.exit(f"error: {name}: {path} differs from {runs[0][0]} in more than the seed ({', '.join(differs)})")
-    return runs
 
 
 def check_same_splits(baseline: list[Run], variant: list[Run], defaults: dict) -> None:
@@ -159,8 +153,10 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.010, help="how much higher the variant's validation top-1 + macro-F1 must be")
     args = parser.parse_args()
 
-    defaults = training_defaults([*args.baseline, *args.variant])
-    baseline, variant = load_arm("--baseline", args.baseline, defaults), load_arm("--variant", args.variant, defaults)
+    baseline, variant = ([(path, *load_run(path)) for path in paths] for paths in (args.baseline, args.variant))
+    defaults = training_defaults(baseline + variant)
+    check_arm("--baseline", baseline, defaults)
+    check_arm("--variant", variant, defaults)
     check_same_splits(baseline, variant, defaults)
     with_prior_figures(baseline, variant)
     changed = differences(completed(baseline[0][1], defaults), completed(variant[0][1], defaults))

@@ -1187,7 +1187,7 @@ def settings_left_out(run_dir: Path, resume: bool, given: dict[str, Any]) -> dic
     """`given` (KEPT_WHEN_LEFT_OUT names -> a flag's value, None when left out) completed with the
     values a resumed run directory's finished stages were made with, else TrainOptions' defaults
     (a new run, --fresh, or a recorded value of the wrong type)."""
-    defaults = asdict(TrainOptions(data=Path("."), run_dir=Path(run_dir)))
+    defaults = default_settings()
     recorded: dict[str, Any] = {}
     path = Path(run_dir) / "options.json"
     if resume and path.is_file() and any(_marker(Path(run_dir), s).is_file() for s in STAGES):
@@ -1197,6 +1197,17 @@ def settings_left_out(run_dir: Path, resume: bool, given: dict[str, Any]) -> dic
             pass  # check_resume_settings names the problem
     kept = {n: recorded[n] for n in KEPT_WHEN_LEFT_OUT if n in recorded and type(recorded[n]) is type(defaults[n])}
     return {n: value if value is not None else kept.get(n, defaults[n]) for n, value in given.items()}
+
+
+def recorded_settings(opts: TrainOptions) -> dict[str, Any]:
+    """`opts` as a run's options.json records them (paths as text, tuples as lists)."""
+    return json.loads(json.dumps(asdict(opts), default=str))
+
+
+def default_settings() -> dict[str, Any]:
+    """The settings of a run given no flag, as options.json records them: what a setting an
+    older options.json predates counts as (its data and run_dir are placeholders)."""
+    return recorded_settings(TrainOptions(data=Path("."), run_dir=Path(".")))
 
 
 def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
@@ -1219,8 +1230,7 @@ def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
             "run's finished stages, e.g. its split, give a new --run-dir and --reuse-from THAT_RUN rather than copying its files)"
         )
     recorded = _read_options_json(recorded_path)
-    current = json.loads(json.dumps(asdict(opts), default=str))
-    defaults = json.loads(json.dumps(asdict(TrainOptions(data=opts.data, run_dir=opts.run_dir)), default=str))
+    current, defaults = recorded_settings(opts), default_settings()
     changed = {
         name: f"{_flag(name)} {recorded.get(name, defaults[name])!r} (now {current[name]!r})"
         for name in current
