@@ -310,14 +310,21 @@ def _array(record: ArrayRecord, name: str, dtype: np.dtype, shape: tuple[int, ..
         raise ProtocolError(f"{what}: {name!r} is not an Array")
     if arr.stype != "numpy.ndarray":
         raise ProtocolError(f"{what}: {name!r} has serialisation {arr.stype!r}, expected numpy.ndarray")
-    if np.dtype(arr.dtype) != dtype:
+    try:
+        declared = np.dtype(arr.dtype)
+    except (TypeError, ValueError):  # a free string from the wire, e.g. "int9"
+        raise ProtocolError(f"{what}: {name!r} has unknown dtype {arr.dtype!r}, expected {dtype.name}") from None
+    if declared != dtype:
         raise ProtocolError(f"{what}: {name!r} has dtype {arr.dtype}, expected {dtype.name}")
     if tuple(arr.shape) != shape:
         raise ProtocolError(f"{what}: {name!r} has shape {tuple(arr.shape)}, expected {shape}")
     try:
         value = arr.numpy()
-    except (ValueError, TypeError, OSError) as exc:
-        raise ProtocolError(f"{what}: {name!r} cannot be decoded ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  numpy's .npy reader fails on untrusted bytes in many ways
+        # (ValueError, EOFError for no data, tokenize.TokenError for a broken header, ...): every one
+        # is one clinic's bad update, which is rejected; it must never stop the round for the others.
+        reason = str(exc) or type(exc).__name__
+        raise ProtocolError(f"{what}: {name!r} cannot be decoded ({reason})") from None
     if value.dtype != dtype or value.shape != shape:
         raise ProtocolError(f"{what}: {name!r} decodes to {value.dtype} {value.shape}, not its declared {dtype.name} {shape}")
     return value

@@ -87,6 +87,33 @@ def test_malformed_updates_are_refused_with_a_reason(head, spec, name, value, re
         P.validate_train_reply(content, spec, BUNDLE)
 
 
+def _with_raw_array(content: RecordDict, name: str, raw: Array) -> RecordDict:
+    arrays = dict(content[P.REC_HEAD].items())
+    arrays[name] = raw
+    return RecordDict({P.REC_HEAD: ArrayRecord(arrays), P.REC_METRICS: content[P.REC_METRICS], P.REC_CLINIC: content[P.REC_CLINIC]})
+
+
+_BROKEN_NPY_HEADER = b"\x93NUMPY\x01\x00" + (10).to_bytes(2, "little") + b"{'descr':(\n"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "data", "reason"),
+    [
+        ("int9", np.zeros((8, 3), np.int8).tobytes(), "unknown dtype 'int9'"),  # numpy: TypeError
+        ("", np.zeros((8, 3), np.int8).tobytes(), "unknown dtype ''"),
+        ("int8", b"", "cannot be decoded"),  # numpy: EOFError
+        ("int8", _BROKEN_NPY_HEADER, "cannot be decoded"),  # numpy: tokenize.TokenError
+    ],
+)
+def test_an_array_numpy_cannot_read_is_one_refused_update(head, spec, dtype, data, reason) -> None:
+    """Whatever numpy raises on a clinic's bytes must come out as a ProtocolError: the coordinator
+    rejects that one update and goes on; any other exception would stop the round for everyone."""
+    raw = Array(dtype=dtype, shape=(8, 3), stype="numpy.ndarray", data=data)
+    content = _with_raw_array(_train_reply(head), P.ARR_WEIGHTS_Q, raw)
+    with pytest.raises(P.ProtocolError, match=re.escape(reason)):
+        P.validate_train_reply(content, spec, BUNDLE)
+
+
 @pytest.mark.parametrize(("scale", "reason"), [(1e36, "reaches 2.54e\\+39"), (1e307, "overflows"), (10.0, "reaches 2.54e\\+04")])
 def test_a_finite_scale_too_large_for_a_head_is_refused(head, spec, scale, reason) -> None:
     """1e36 is finite in float32 but 127 * 1e36 / 0.05 is not: the check must come before the cast."""
