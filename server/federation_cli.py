@@ -124,6 +124,12 @@ def nodes_register(
         shutil.copyfile(public_key.expanduser(), stored)
         entry = {"public_key": str(stored.relative_to(state.root)), "fingerprint": fingerprint, "registered_at": _now(), "node_id": None, "revoked": False}
         previous = nodes.get(clinic, {})
+        if not previous.get("revoked") and previous.get("fingerprint") == fingerprint:
+            # The same key again (a re-run): the SuperLink already knows it under the stored node id
+            # and answers "already in use" without one, so dropping the id would leave `revoke`
+            # nothing to unregister.
+            entry["node_id"] = previous.get("node_id")
+            entry["registered_at"] = previous.get("registered_at", entry["registered_at"])
         if previous.get("revoked"):
             # The revoked key's node may still be registered with the SuperLink (revoked while it was
             # down): keep its id so the next start unregisters it, as `revoke` promised.

@@ -84,6 +84,31 @@ def test_a_key_revoked_while_the_superlink_was_down_is_unregistered_after_a_new_
     assert not any("unregister" in c for c in calls)  # done once, not at every start
 
 
+def test_registering_the_same_key_again_keeps_its_superlink_node(tmp_path, monkeypatch) -> None:
+    """A re-run of `nodes register` while the SuperLink is down must not forget the node id a start
+    stored: Flower answers "already in use" for that key, so the id could never be learnt again and
+    a later revoke would leave the key registered at the SuperLink."""
+    import server.deployment as deployment
+    import server.federation_cli as federation_cli
+
+    state = tmp_path / "state"
+    assert run(client_cli, "keygen", "--out", tmp_path / "a" / "node.key").exit_code == 0
+    key = tmp_path / "a" / "node.key.pub"
+    assert run(server_cli, "nodes", "register", key, "--clinic", "clinic-a", "--state-dir", state).exit_code == 0
+    nodes = json.loads((state / "nodes.json").read_text())
+    nodes["clinics"]["clinic-a"]["node_id"] = "123"  # as an earlier start registered it
+    (state / "nodes.json").write_text(json.dumps(nodes))
+    again = run(server_cli, "nodes", "register", key, "--clinic", "clinic-a", "--state-dir", state)
+    assert again.exit_code == 0 and "SuperLink node 123" in again.output, again.output
+    assert json.loads((state / "nodes.json").read_text())["clinics"]["clinic-a"]["node_id"] == "123"
+
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(deployment, "flwr", lambda _state, *args, **_kw: calls.append(args) or {})
+    monkeypatch.setattr(federation_cli, "_superlink_running", lambda _state: True)
+    assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 0
+    assert ("supernode", "unregister", "123", deployment.CONNECTION) in calls
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
