@@ -403,6 +403,34 @@ def test_cli_rollback(db_url: str, key_path: Path, history: dict[str, Any]) -> N
     assert "signing key not found" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{bad", "Expecting property name"),
+        ("[]", "not an entry object with a body"),
+        ('{"seq": 3}', "not an entry object with a body"),
+        ('{"seq": 3, "kind": "head", "created_at": "yesterday", "prev_hash": "", "signer": "", "body": {}}', "Invalid isoformat"),
+        ('{"seq": "3", "kind": "head", "created_at": "2026-01-01", "prev_hash": "", "signer": "", "body": {}}', "not a whole number"),
+        ('{"seq": 3, "kind": "head", "created_at": "2026-01-01", "prev_hash": "", "signer": "", "body": {}}', "its head record lacks version, number, sha256, size"),
+        ('{"seq": 3, "kind": "note", "created_at": "2026-01-01", "prev_hash": "", "signer": "", "body": {}}', "unknown entry kind 'note'"),
+    ],
+)
+def test_a_damaged_entry_is_named_by_every_reading_command(
+    db_url: str, key_path: Path, history: dict[str, Any], audit_log: AuditLog, content: str, reason: str
+) -> None:
+    """Edited rows are what a tamper-evident log exists to show: reading it must name the entry
+    (and point at verify), not die with a JSON or key error; the other entries stay readable."""
+    with audit_log.engine.begin() as connection:
+        connection.execute(update(EntryRow.__table__).where(EntryRow.seq == 3).values(content=content))
+    for command in (["audit", "log"], ["audit", "show", "h2"], ["audit", "diff", "h1", "h2"], ["audit", "export"]):
+        result = run_cli(*command, "--db", db_url)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.startswith("error: audit entry #3 is damaged (") and reason in result.stderr, (command, result.stderr)
+    assert [e.seq for e in audit_log.entries(EntryFilter(kinds=("backbone",)))] == [1]
+    verdict = run_cli("audit", "verify", "--db", db_url, "--key", str(key_path))
+    assert verdict.exit_code == 1 and "entry #3" in verdict.output
+
+
 # --------------------------------------------------------------------------- verification
 
 

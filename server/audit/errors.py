@@ -16,6 +16,10 @@ class StoreError(AuditError):
     """The database cannot be opened, migrated or written."""
 
 
+class DamagedEntryError(StoreError):
+    """A stored entry cannot be decoded: it was edited or damaged after it was signed."""
+
+
 class UnknownVersionError(AuditError):
     """A version reference (``h3``, ``b1``, a sha256 prefix) matches nothing, or several things."""
 

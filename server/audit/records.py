@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from server.audit.errors import DamagedEntryError
+
 KIND_BACKBONE = "backbone"
 KIND_HEAD = "head"
 KIND_DEPLOYMENT = "deployment"
@@ -26,6 +28,45 @@ KIND_EVALUATION = "evaluation"
 VERSION_KINDS = (KIND_BACKBONE, KIND_HEAD)
 ALL_KINDS = (KIND_BACKBONE, KIND_HEAD, KIND_DEPLOYMENT, KIND_REJECTION, KIND_CLASS_ADDITION, KIND_ROLLBACK, KIND_EVALUATION)
 VERSION_PREFIX = {KIND_BACKBONE: "b", KIND_HEAD: "h"}
+
+
+# What each kind's body must hold for the log to be read and shown (projection.py and
+# render.py index these); a stored entry without them was damaged after it was signed.
+REQUIRED_BODY = {
+    KIND_BACKBONE: ("version", "number", "sha256", "size"),
+    KIND_HEAD: ("version", "number", "sha256", "size"),
+    KIND_DEPLOYMENT: ("clinic_id", "version"),
+    KIND_REJECTION: ("run_id", "round", "clinic_id", "reason"),
+    KIND_CLASS_ADDITION: ("run_id", "round", "class_name", "clinic_id"),
+    KIND_ROLLBACK: ("version",),
+    KIND_EVALUATION: ("version",),
+}
+
+
+def _body(kind: str, body: Any) -> Mapping[str, Any]:
+    if kind not in REQUIRED_BODY:
+        raise ValueError(f"unknown entry kind {kind!r}")
+    if not isinstance(body, dict):
+        raise ValueError("not an entry object with a body")
+    missing = [key for key in REQUIRED_BODY[kind] if key not in body]
+    if missing:
+        raise ValueError(f"its {kind} record lacks {', '.join(missing)}")
+    for participant in body.get("participants") or ():
+        if not isinstance(participant, dict) or "clinic_id" not in participant or "num_examples" not in participant:
+            raise ValueError(f"its {kind} record has a participant without clinic_id/num_examples")
+    return body
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seq {value!r} is not a whole number")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not text")
+    return value
 
 
 def utc(moment: datetime) -> datetime:
@@ -55,19 +96,33 @@ class Entry:
     body: Mapping[str, Any] = field(repr=False)
 
     @classmethod
-    def from_content(cls, content: str, entry_hash: str, signature: str) -> Entry:
-        document = json.loads(content)
-        return cls(
-            seq=document["seq"],
-            kind=document["kind"],
-            created_at=datetime.fromisoformat(document["created_at"]),
-            prev_hash=document["prev_hash"],
-            entry_hash=entry_hash,
-            signer=document["signer"],
-            signature=signature,
-            content=content,
-            body=document["body"],
-        )
+    def from_content(cls, content: str, entry_hash: str, signature: str, seq: int | None = None) -> Entry:
+        """Decode a stored entry. A damaged one (edited in the database, a broken disk) is a
+        DamagedEntryError naming it, because showing the log must not die with a bare traceback
+        exactly when the log has something to show; ``seq`` is the database row's number, for the
+        message when the content itself cannot say which entry it is."""
+        try:
+            document = json.loads(content)
+            if not isinstance(document, dict) or not isinstance(document.get("body"), dict):
+                raise ValueError("not an entry object with a body")
+            kind = _text(document["kind"])
+            return cls(
+                seq=_whole_number(document["seq"]),
+                kind=kind,
+                created_at=datetime.fromisoformat(document["created_at"]),
+                prev_hash=_text(document["prev_hash"]),
+                entry_hash=entry_hash,
+                signer=_text(document["signer"]),
+                signature=signature,
+                content=content,
+                body=_body(kind, document["body"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            reason = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            which = f"#{seq}" if seq is not None else "(unknown number)"
+            raise DamagedEntryError(
+                f"audit entry {which} is damaged ({reason}); `qana-server audit verify` checks the whole log"
+            ) from None
 
     @property
     def version(self) -> str | None:

@@ -547,7 +547,7 @@ class AuditLog:
         row = session.execute(
             select(EntryRow.content, EntryRow.entry_hash, EntryRow.signature).where(EntryRow.seq == seq)
         ).one()
-        return Entry.from_content(row.content, row.entry_hash, row.signature)
+        return Entry.from_content(row.content, row.entry_hash, row.signature, seq=seq)
 
     @_database_errors
     def resolve_version(self, reference: str) -> str:
@@ -569,11 +569,11 @@ class AuditLog:
         with read_session(self._engine) as session:
             found = self._resolve(session, reference)
             scored = session.execute(
-                select(EntryRow.content, EntryRow.entry_hash, EntryRow.signature)
+                select(EntryRow.seq, EntryRow.content, EntryRow.entry_hash, EntryRow.signature)
                 .where(EntryRow.kind == KIND_EVALUATION, EntryRow.version == found.version)
                 .order_by(EntryRow.seq)
             ).all()
-            evaluations = [Entry.from_content(row.content, row.entry_hash, row.signature) for row in scored]
+            evaluations = [Entry.from_content(row.content, row.entry_hash, row.signature, seq=row.seq) for row in scored]
             return VersionInfo.from_entry(self._load_entry(session, found.seq), evaluations)
 
     @_database_errors
@@ -627,7 +627,7 @@ class AuditLog:
                 rows = list(reversed(session.execute(query).all()))
             else:
                 rows = session.execute(query.order_by(EntryRow.seq)).all()
-            return [Entry.from_content(row.content, row.entry_hash, row.signature) for row in rows]
+            return [Entry.from_content(row.content, row.entry_hash, row.signature, seq=row.seq) for row in rows]
 
     @_database_errors
     def get_artifact(self, sha256: str) -> bytes:
