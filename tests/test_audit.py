@@ -1001,6 +1001,31 @@ def test_cli_bad_input_is_one_clear_line_and_loses_nothing(
         assert log.current_version() == "h3"
 
 
+def test_reading_commands_leave_a_database_without_an_audit_log_untouched(tmp_path: Path) -> None:
+    """`audit log --db sqlite:///.../superlink.db` (the SuperLink's own file, an easy mix-up) must
+    be refused by name: migrating it would add the audit tables, switch it to WAL and then show
+    an empty, "verified" log."""
+    import sqlite3
+
+    other = tmp_path / "superlink.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE run (run_id INTEGER PRIMARY KEY)")
+    connection.close()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for database, holds in ((other, "(its tables: run)"), (empty, "(it is empty)")):
+        before = database.read_bytes()
+        for command in (("audit", "log"), ("audit", "show", "h1"), ("audit", "export")):
+            result = run_cli(*command, "--db", f"sqlite:///{database}")
+            assert result.exit_code == 2, (command, result.output)
+            assert result.stderr.startswith(f"error: no QANA audit log in sqlite:///{database} {holds}"), result.stderr
+        assert database.read_bytes() == before
+        assert not Path(f"{database}-wal").exists()
+        with sqlite3.connect(database) as connection:
+            assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        connection.close()
+
+
 def test_cli_help_explains_commands() -> None:
     result = run_cli("audit", "--help")
     assert result.exit_code == 0

@@ -17,19 +17,21 @@ exclusive right to append, so that difference is kept here:
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from server.audit.errors import StoreError
 
 DB_ENV_VAR = "QANA_AUDIT_DB"
+VERSION_TABLE = "audit_alembic_version"  # alembic's table in an audit database (migrate.py)
 SQLITE_BUSY_TIMEOUT_SECONDS = 60.0
 _BEGIN_OPTION = "qana_sqlite_begin"
 
@@ -95,7 +97,37 @@ def create_audit_engine(url: str | URL, *, must_exist: bool = False) -> Engine:
         raise StoreError(f"unsupported database URL scheme: {parsed.drivername!r}") from None
     except (ArgumentError, ImportError) as exc:
         raise StoreError(f"cannot use database URL {display_url(parsed)}: {exc}") from None
+    if must_exist:
+        try:
+            _refuse_without_an_audit_log(parsed, engine)
+        except StoreError:
+            engine.dispose()
+            raise
     return engine
+
+
+def _refuse_without_an_audit_log(parsed: URL, engine: Engine) -> None:
+    """Read-only commands pointed at another database (the SuperLink's superlink.db, a typo'd
+    PostgreSQL name) must say so and leave it untouched: migrating it would add the audit
+    tables to it (and switch a SQLite file to WAL), then report an empty, "valid" log. A SQLite
+    file is looked at through a read-only connection, because any connection of ``engine``
+    switches the file to WAL."""
+    database_file = sqlite_file(parsed)
+    try:
+        if database_file is not None:
+            uri = f"{database_file.resolve().as_uri()}?mode=ro"
+            with closing(sqlite3.connect(uri, uri=True)) as connection:
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        else:
+            tables = set(inspect(engine).get_table_names())
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the audit database {database_file}: {exc}") from None
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot open the audit database: {describe_database_error(exc)}") from None
+    if VERSION_TABLE not in tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        holds = f"its tables: {shown}" if tables else "it is empty"
+        raise StoreError(f"no QANA audit log in {display_url(parsed)} ({holds}); check --db / ${DB_ENV_VAR}")
 
 
 def _take_over_sqlite_transactions(engine: Engine) -> None:

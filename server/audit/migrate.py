@@ -19,11 +19,10 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, text
 
-from server.audit.db import writer_engine
+from server.audit.db import VERSION_TABLE, writer_engine
 from server.audit.errors import StoreError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-VERSION_TABLE = "audit_alembic_version"
 # Arbitrary constant naming "the audit-log migration lock" (pg_advisory_xact_lock key).
 _PG_MIGRATION_LOCK = 0x51414E41_0001
 

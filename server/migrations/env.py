@@ -13,10 +13,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from server.audit.db import default_db_url
+from server.audit.db import VERSION_TABLE, default_db_url
 from server.audit.models import Base
-
-VERSION_TABLE = "audit_alembic_version"
 
 config = context.config
 
