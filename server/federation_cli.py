@@ -9,6 +9,7 @@ command that fails.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -263,6 +264,8 @@ def start_command(
     from flwr.common.config import parse_config_args
 
     from server.audit import AuditLog
+    from server.audit.db import DB_ENV_VAR
+    from server.audit.signing import KEY_ENV_VAR
     from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, load_certificate
     from server.deployment import (
         CONNECTION,
@@ -321,13 +324,18 @@ def start_command(
         app_run_config(config)
         check_port_free(host, port)  # before anything is written; start_superlink checks again
         audit_db = _absolute_sqlite(audit_db)
-        with AuditLog.open(audit_db, audit_key, create=True):
+        # $QANA_AUDIT_DB / $QANA_AUDIT_KEY are pinned like the options: the ServerApp runs in the
+        # state directory, where a relative path would name another log and another signing key.
+        log_url = audit_db or _absolute_sqlite(os.environ.get(DB_ENV_VAR) or None)
+        key_path = (audit_key or (Path(os.environ[KEY_ENV_VAR]) if os.environ.get(KEY_ENV_VAR) else None))
+        key_path = key_path.expanduser().resolve() if key_path else None
+        with AuditLog.open(log_url, key_path, create=True):
             pass  # creates/migrates the database and the signing key now, not in the middle of a run
         env = {ENV_STATE_DIR: str(state.root), ENV_BUNDLE: str(loaded.path.resolve())}
-        if audit_db:
-            env["QANA_AUDIT_DB"] = audit_db
-        if audit_key:
-            env["QANA_AUDIT_KEY"] = str(audit_key.expanduser().resolve())
+        if log_url:
+            env[DB_ENV_VAR] = log_url
+        if key_path:
+            env[KEY_ENV_VAR] = str(key_path)
         if wire_log:
             env[ENV_WIRE_LOG] = "1"
         node_auth = tls is not None and not no_node_auth

@@ -132,6 +132,29 @@ def test_start_refuses_bad_settings_before_starting_anything(tmp_path, args, mes
     assert not (state / "superlink.db").exists()
 
 
+def test_start_pins_relative_audit_paths_from_the_environment(tmp_path, monkeypatch) -> None:
+    """The ServerApp runs in the state directory: a relative $QANA_AUDIT_DB / $QANA_AUDIT_KEY must
+    reach it as the absolute paths `start` checked, or it writes another log with another key."""
+    import server.deployment as deployment
+
+    seen: dict[str, str] = {}
+
+    def fake_superlink(_state, _host, _port, _tls, _node_auth, env):
+        seen.update(env)
+        raise deployment.DeploymentError("stopped by the test")
+
+    monkeypatch.setattr(deployment, "start_superlink", fake_superlink)
+    monkeypatch.setattr(deployment, "check_port_free", lambda _host, _port: None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QANA_AUDIT_DB", "sqlite:///ops/audit.db")
+    monkeypatch.setenv("QANA_AUDIT_KEY", "ops/audit_key.pem")
+    result = run(server_cli, "start", "--insecure", "--state-dir", tmp_path / "state", "--bundle", TINY_V2)
+    assert result.exit_code == 2 and "stopped by the test" in result.output, result.output
+    assert (tmp_path / "ops" / "audit.db").is_file() and (tmp_path / "ops" / "audit_key.pem").is_file()
+    assert seen["QANA_AUDIT_DB"] == f"sqlite:///{tmp_path / 'ops' / 'audit.db'}"
+    assert seen["QANA_AUDIT_KEY"] == str(tmp_path / "ops" / "audit_key.pem")
+
+
 def test_start_on_a_port_in_use_leaves_the_state_directory_as_it_was(tmp_path) -> None:
     """A second `start` must not rewrite the files a coordinator already running from this state uses."""
     import socket
