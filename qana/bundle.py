@@ -309,12 +309,25 @@ def load_default_bundle(target: str = "v2") -> Bundle:
     return load_bundle(default_bundle_path(target))
 
 
+def _content_only(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Drop what a copy, checkout or backup changes (times, owners, permissions) from a member."""
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o644
+    return info
+
+
 def pack_bundle(bundle: Bundle) -> bytes:
-    """The bundle as one tar archive (what the coordinator sends to a clinic that lacks it)."""
+    """The bundle as one tar archive (what the coordinator sends to a clinic that lacks it).
+
+    The archive depends on the files' bytes only, so the same bundle always packs to the same
+    bytes: the coordinator's audit log names a backbone by the sha256 of this archive, and a
+    copied or checked-out bundle must stay the same backbone version."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", dereference=True) as tar:  # a linked file is sent as its content
-        for name in (MANIFEST, MODEL_FILE, HEAD_FILE):
-            tar.add(bundle.path / name, arcname=name)
+    with tarfile.open(fileobj=buf, mode="w", dereference=True, format=tarfile.USTAR_FORMAT) as tar:
+        for name in (MANIFEST, MODEL_FILE, HEAD_FILE):  # a linked file is sent as its content
+            tar.add(bundle.path / name, arcname=name, filter=_content_only)
     return buf.getvalue()
 
 

@@ -480,7 +480,7 @@ class Coordinator:
                     if head.num_features == spec.num_features and (not wanted or head.classes == wanted):
                         log(INFO, "Starting from the current head %s (%d classes)", current, head.num_classes)
                         return head, current, data
-                log(INFO, "Current head %s belongs to another backbone or class list; starting from the bundle's head", current)
+                log(WARNING, "Current head %s belongs to another backbone or class list; starting from the bundle's head", current)
         classes = wanted or spec.classes
         if mode == "random":
             head = init_head(spec.num_features, classes, spec.feature_scale, seed=self.settings.seed)

@@ -122,6 +122,23 @@ def test_pack_unpack_round_trip_and_wrong_id(bundle_dir: Path, tmp_path: Path) -
         unpack_bundle(b"garbage", tmp_path / "junk")
 
 
+def test_the_same_bundle_always_packs_to_the_same_bytes(bundle_dir: Path, tmp_path: Path) -> None:
+    """The audit log names a backbone by the sha256 of its packed bundle: a copy with other file
+    times and permissions (cp, git checkout, a restored backup) must stay the same backbone."""
+    import os
+    import shutil
+
+    original = pack_bundle(load_bundle(bundle_dir))
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    for path in copy.iterdir():
+        os.utime(path, (1_900_000_000, 1_900_000_000))
+        path.chmod(0o600)
+    assert pack_bundle(load_bundle(copy)) == original
+    unpacked = unpack_bundle(original, tmp_path / "unpacked")
+    assert pack_bundle(unpacked) == original
+
+
 def test_unpack_keeps_the_existing_copy_when_the_new_one_is_bad(bundle_dir: Path, tmp_path: Path) -> None:
     good = unpack_bundle(pack_bundle(load_bundle(bundle_dir)), tmp_path / "dest")
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
