@@ -476,11 +476,19 @@ class Coordinator:
                 info = self.audit.version(current)
                 if info.backbone == backbone:
                     data = self.audit.artifact_of(current)
-                    head = head_from_npz(data)
-                    if head.num_features == spec.num_features and (not wanted or head.classes == wanted):
+                    try:
+                        head = head_from_npz(data)
+                    except ValueError:  # an akida-edge run's head of the same (v1) backbone
+                        head = None
+                    if head is not None and head.num_features == spec.num_features and (not wanted or head.classes == wanted):
                         log(INFO, "Starting from the current head %s (%d classes)", current, head.num_classes)
                         return head, current, data
-                log(WARNING, "Current head %s belongs to another backbone or class list; starting from the bundle's head", current)
+                log(
+                    WARNING,
+                    "Current head %s belongs to another backbone, class list or kind of learning (akida-edge); "
+                    "starting from the bundle's head",
+                    current,
+                )
         classes = wanted or spec.classes
         if mode == "random":
             head = init_head(spec.num_features, classes, spec.feature_scale, seed=self.settings.seed)

@@ -353,3 +353,22 @@ def test_initial_classes_must_be_classes_of_the_bundle_head(tmp_path, bundle, au
         Coordinator(LoopbackGrid(clinics(bundle)), cfg, audit).run()
     with pytest.raises(FederationError, match="listed twice"):
         settings(tmp_path, bundle, **{"initial-classes": "nv,nv"})
+
+
+def test_a_gradient_run_after_an_akida_edge_run_on_the_same_backbone_starts_from_the_bundle_head(tmp_path, bundle, audit) -> None:
+    """The current audited head may be an akida-edge head of this very backbone (a v1 bundle
+    federates both ways): initial-head auto cannot continue it and must start from the bundle's
+    head instead of stopping on "not a valid head file"."""
+    from qana.bundle import pack_bundle
+    from qana.edge import EdgeParams
+    from server.edge_rounds import fresh_edge_head
+
+    backbone = audit.record_backbone(pack_bundle(bundle), run_id="edge-run").version
+    edge = fresh_edge_head(bundle.feature_dim, bundle.classes, EdgeParams(8, 2, 0.1, 4.0), seed=0).to_npz()
+    audit.record_head("edge-run", 1, edge, parent=None, backbone=backbone, strategy="akida-edge", strategy_config={}, participants=[], aggregate_metrics={})
+    result = Coordinator(LoopbackGrid(clinics(bundle)), settings(tmp_path, bundle, **{"num-rounds": 1}), audit).run()
+    assert [r.head_version for r in result.rounds] == ["h2", "h3"]
+    start = audit.version("h2")
+    assert start.backbone == backbone and start.parent is None
+    assert head_from_npz(audit.artifact_of("h2")).classes == bundle.classes
+
