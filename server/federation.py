@@ -169,6 +169,12 @@ class FederationSettings:
                 raise FederationError(f"run-config {key}={value!r} must be between {low} and {high}")
             return kind(value)
 
+        def flag(key: str) -> bool:
+            value = cfg[key]
+            if not isinstance(value, bool):  # smote="false" is a TOML string, and bool("false") is True
+                raise FederationError(f"run-config {key}={value!r} must be true or false (unquoted)")
+            return value
+
         learning = str(cfg["learning"])
         if learning not in LEARNING_MODES:
             raise FederationError(f"run-config learning={learning!r}: use {' or '.join(LEARNING_MODES)}")
@@ -207,7 +213,7 @@ class FederationSettings:
             learning_rate=number("learning-rate", float, MIN_LEARNING_RATE, MAX_LEARNING_RATE),
             batch_size=number("batch-size", int, 1, MAX_BATCH_SIZE),
             l2=number("l2", float, 0.0, MAX_REGULARISATION),
-            smote=bool(cfg["smote"]),
+            smote=flag("smote"),
             absent_classes=absent,
             seed=number("seed", int, 0, 2**31 - 1),
             initial_head=initial,
@@ -215,7 +221,7 @@ class FederationSettings:
             audit_db=str(cfg["audit-db"]) or None,
             audit_key=Path(str(cfg["audit-key"])).expanduser() if cfg["audit-key"] else None,
             state_dir=Path(state_dir).expanduser() if state_dir else None,
-            wire_log=bool(cfg["wire-log"]) or os.environ.get(ENV_WIRE_LOG) == "1",
+            wire_log=flag("wire-log") or os.environ.get(ENV_WIRE_LOG) == "1",
             learning=learning,
         )
 
