@@ -298,9 +298,15 @@ def start_command(
             "learning": learning,
         }
         try:
-            config.update(parse_config_args(run_config or []))
+            extra = parse_config_args(run_config or [])
         except Exception as exc:  # flwr raises ValueError/TOML errors for bad syntax
             raise fail(f"--run-config: {exc}") from None
+        # A key with its own option would silently override it (and `start` would announce the option's value).
+        options_of = {key: "--" + ("rounds" if key == "num-rounds" else "strategy-option" if key == "strategy-options" else key) for key in config}
+        doubled = sorted(key for key in extra if key in config)
+        if doubled:
+            raise fail("--run-config " + ", ".join(doubled) + ": use " + ", ".join(options_of[key] for key in doubled) + " instead")
+        config.update(extra)
         for secret in ("audit-db", "audit-key", "state-dir", "bundle"):
             if secret in config:
                 raise fail(f"--run-config {secret}: use the --{secret} option instead (the run config is visible to clinics)")

@@ -117,6 +117,7 @@ def test_registering_the_same_key_again_keeps_its_superlink_node(tmp_path, monke
         (["--strategy", "fedavg", "--strategy-options", "eta=0.1,tau=0.01"], "fedavg does not take option(s) eta, tau"),  # qana-sim's spelling
         (["--strategy", "krum", "--strategy-option", "num_malicious_nodes=-3"], "krum option num_malicious_nodes=-3: must be a whole number >= 0"),
         (["--run-config", "num-round=3"], "unknown run-config key"),
+        (["--run-config", 'num-rounds=10', "--run-config", 'strategy="krum"'], "--run-config num-rounds, strategy: use --rounds, --strategy instead"),
         (["--run-config", 'smote="false"'], "run-config smote='false' must be true or false"),
         (["--run-config", "wire-log=1"], "run-config wire-log=1 must be true or false"),
         (["--run-config", 'audit-db="postgresql://u:secret@h/db"'], "--run-config audit-db: use the --audit-db option"),
