@@ -114,11 +114,14 @@ class StateDir:
 
     def read_json(self, path: Path) -> dict[str, Any]:
         try:
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DeploymentError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise DeploymentError(f"{path} is not a JSON object (damaged or edited by hand?)")
+        return data
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
         write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
@@ -300,7 +303,11 @@ def start_superlink(
 
 
 def read_nodes(state: StateDir) -> dict[str, dict[str, Any]]:
-    return state.read_json(state.nodes_file).get("clinics", {})
+    """The registered clinics; a damaged registry is a DeploymentError naming the file."""
+    clinics = state.read_json(state.nodes_file).get("clinics", {})
+    if not isinstance(clinics, dict) or not all(isinstance(entry, dict) for entry in clinics.values()):
+        raise DeploymentError(f"{state.nodes_file} does not hold a clinic registry (damaged or edited by hand?)")
+    return clinics
 
 
 def write_nodes(state: StateDir, nodes: dict[str, dict[str, Any]]) -> None:

@@ -487,7 +487,8 @@ def status_command(
             with AuditLog.open(audit_db, None, create=False, sign=False) as audit:
                 current_head = audit.current_version("head")
                 current_backbone = audit.current_version("backbone")
-    names = {str(c.get("node_id")): name for name, c in read_nodes(state).items() if c.get("node_id")}
+        registered = read_nodes(state)
+    names = {str(c.get("node_id")): name for name, c in registered.items() if c.get("node_id")}
     for node_id, c in progress.get("clinics", {}).items():
         names.setdefault(str(node_id), c["clinic_id"])
     clinics = [

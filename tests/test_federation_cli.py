@@ -60,6 +60,30 @@ def test_node_registry_without_a_running_superlink(tmp_path) -> None:
     assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 2
 
 
+@pytest.mark.parametrize("damage", ["{not json", "[1]", '{"clinics": [1]}', '{"clinics": {"clinic-a": 3}}'])
+def test_a_damaged_node_registry_is_one_error_line_in_every_command(tmp_path, damage) -> None:
+    state = tmp_path / "state"
+    assert run(client_cli, "keygen", "--out", tmp_path / "a" / "node.key").exit_code == 0
+    state.mkdir()
+    (state / "nodes.json").write_text(damage)
+    (state / "server.json").write_text(json.dumps({"host": "127.0.0.1", "port": 9092, "run_id": "1", "stopped_at": "x"}))
+    commands = [
+        ("nodes", "list"),
+        ("nodes", "register", tmp_path / "a" / "node.key.pub", "--clinic", "clinic-a"),
+        ("nodes", "revoke", "clinic-a"),
+        ("status", "--audit-db", f"sqlite:///{tmp_path / 'audit.db'}"),
+    ]
+    from server.audit import AuditLog
+
+    AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}", tmp_path / "audit_key.pem").close()
+    for command in commands:
+        result = run(server_cli, *command, "--state-dir", state)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.output.startswith("error: ") and "nodes.json" in result.output, (command, result.output)
+        assert "Traceback" not in result.output
+    assert (state / "nodes.json").read_text() == damage  # nothing stored is overwritten
+
+
 def test_a_key_revoked_while_the_superlink_was_down_is_unregistered_after_a_new_key_replaces_it(tmp_path, monkeypatch) -> None:
     import server.deployment as deployment
     from server.federation_cli import _apply_registry, _state
