@@ -981,6 +981,7 @@ def test_cli_bad_input_is_one_clear_line_and_loses_nothing(
         (("audit", "log", "--db", f"sqlite:///{tmp_path / 'typo.db'}"), "error: no audit database at"),
         (("audit", "export", "--format", "xml", "--db", db_url), "error: unknown export format 'xml'"),
         (("audit", "log", "--since", "last tuesday", "--db", db_url), "error: --since: not an ISO 8601"),
+        (("audit", "log", "--since", "0001-01-01T00:00+05:00", "--db", db_url), "error: --since: '0001-01-01T00:00+05:00' is out of range in UTC"),
         (("audit", "log", "--kind", "heads", "--db", db_url), "error: unknown entry kind(s): heads"),
         (("audit", "verify", "--db", db_url, "--key", str(tmp_path / "none.pem")), "error: signing key not found"),
         (("rollback", "h99", "--db", db_url, "--key", str(key_path)), "error: unknown version 'h99'"),
@@ -1024,6 +1025,14 @@ def test_reading_commands_leave_a_database_without_an_audit_log_untouched(tmp_pa
         with sqlite3.connect(database) as connection:
             assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
         connection.close()
+
+
+def test_until_the_last_representable_day_shows_everything(db_url: str, history: dict[str, Any]) -> None:
+    """`--until 9999-12-31` is the natural "until forever"; its end of day must not overflow."""
+    for command in (("audit", "log", "--json"), ("audit", "export")):
+        result = run_cli(*command, "--until", "9999-12-31", "--db", db_url)
+        assert result.exit_code == 0, result.output
+    assert len(json.loads(run_cli("audit", "log", "--json", "--until", "9999-12-31", "--db", db_url).stdout)) == HISTORY_LENGTH
 
 
 def test_cli_help_explains_commands() -> None:

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
@@ -123,8 +123,12 @@ def _parse_when(text: str | None, option: str, *, end_of_day: bool = False) -> d
         raise InvalidRecordError(f"{option}: not an ISO 8601 date or date/time: {text!r}") from None
     bare_date = len(text.strip()) == 10
     if bare_date and end_of_day:
-        moment = datetime.combine(moment.date() + timedelta(days=1), time.min) - timedelta(microseconds=1)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        moment = datetime.combine(moment.date(), time.max)  # through the last microsecond of that day
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+05:00 is before year 1 in UTC
+        raise InvalidRecordError(f"{option}: {text!r} is out of range in UTC") from None
 
 
 def _filters(
@@ -166,7 +170,7 @@ def log_command(
     until: UntilOption = None,
     kind: KindOption = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", metavar="N", help="Only the N most recent matching entries.")
+        int | None, typer.Option("--limit", metavar="N", min=1, max=2**63 - 1, help="Only the N most recent matching entries.")
     ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
