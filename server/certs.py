@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,25 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+MAX_DAYS = 36_500  # a hundred years; datetime overflows not far beyond
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_host(host: str) -> str:
+    """An IP address or a DNS name, as clinics will dial it; anything else could never match a
+    clinic's TLS check, so it is refused before a certificate is made for it."""
+    try:
+        return str(ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if ":" in host and not host.startswith("["):
+        raise CertError(f"--host {host!r}: give the name or IP only; the port is set with `qana-server start --port`")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        raise CertError(f"--host {host!r} is not a DNS name or IP address (letters, digits, '-' and '.'; labels of at most 63 characters)")
+    return name
+
+
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -107,11 +127,15 @@ def create_server_certificate(
     """The SuperLink's certificate; `hosts` (DNS names or IPs) are what clinics dial."""
     if not hosts:
         raise CertError("the server certificate needs at least one host name or IP address (--host)")
+    hosts = [check_host(host) for host in hosts]
     key = ec.generate_private_key(ec.SECP384R1())
     now = dt.datetime.now(dt.UTC)
+    # X.509 limits a common name to 64 characters; clinics match the SAN, so a longer name only
+    # needs a shorter common name.
+    common_name = hosts[0] if len(hosts[0]) <= 64 else "QANA-FL SuperLink"
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
+        .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -142,11 +166,16 @@ def create_pilot_certificates(
             check_clinic_name(clinic)
     except AuthError as exc:
         raise CertError(str(exc)) from None
+    if not 1 <= days <= MAX_DAYS:
+        raise CertError(f"--days {days}: a certificate is valid for 1 to {MAX_DAYS} days")
     ca_cert, ca_key = create_ca(days=max(days, 825))
     cert, key = create_server_certificate(ca_cert, ca_key, list(hosts), days=days)
     paths = CertPaths(out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY, {})
     if not overwrite:
-        for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key):
+        # Every target, the clinics' key pairs included, is checked before anything is written:
+        # a refusal half-way would leave a new CA behind that the next attempt then refuses.
+        clinic_files = [out / "clinics" / clinic / name for clinic in clinics for name in ("node.key", "node.key.pub")]
+        for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, *clinic_files):
             if path.exists():
                 raise CertError(f"{path} already exists; refusing to overwrite it (use --overwrite to replace it)")
     _write(paths.ca_key, _pem_key(ca_key), private=True, overwrite=overwrite)

@@ -41,6 +41,40 @@ def test_certs_make_a_ca_a_server_cert_for_the_hosts_and_clinic_keys(tmp_path) -
     assert again.exit_code == 2 and "refusing to overwrite" in again.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", ""], "--host '' is not a DNS name or IP address"),
+        (["--host", "bad host/with slash"], "--host 'bad host/with slash' is not a DNS name"),
+        (["--host", "coord.example.org:9092"], "give the name or IP only"),
+        (["--host", "a" * 64 + ".example.org"], "labels of at most 63 characters"),
+        (["--days", "5000000"], "--days 5000000: a certificate is valid for 1 to 36500 days"),
+    ],
+)
+def test_certs_refuse_hosts_and_lifetimes_no_clinic_could_use(tmp_path, args, message) -> None:
+    result = run(server_cli, "certs", "--out", tmp_path / "certs", *args)
+    assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
+    assert not (tmp_path / "certs").exists() or not any((tmp_path / "certs").iterdir())
+
+
+def test_certs_for_a_long_host_name_put_it_in_the_san(tmp_path) -> None:
+    """DNS names may be 253 characters long; only the certificate's common name is limited to 64."""
+    host = "federation-coordinator-for-dermatology-clinics.hospital-network.example.org"
+    result = run(server_cli, "certs", "--out", tmp_path / "certs", "--host", host)
+    assert result.exit_code == 0, result.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    assert host in san.get_values_for_type(x509.DNSName)
+
+
+def test_certs_check_the_clinic_keys_before_writing_anything(tmp_path) -> None:
+    out = tmp_path / "certs"
+    assert run(client_cli, "keygen", "--out", out / "clinics" / "clinic-a" / "node.key").exit_code == 0
+    result = run(server_cli, "certs", "--out", out, "--clinic", "clinic-a")
+    assert result.exit_code == 2 and "node.key already exists" in result.output, result.output
+    assert not (out / "ca.pem").exists() and not (out / "ca.key").exists() and not (out / "server.pem").exists()
+
+
 def test_node_registry_without_a_running_superlink(tmp_path) -> None:
     state = tmp_path / "state"
     assert run(client_cli, "keygen", "--out", tmp_path / "a" / "node.key").exit_code == 0
