@@ -180,11 +180,16 @@ def fresh_edge_head(num_features: int, classes: tuple[str, ...], params: EdgePar
     )
 
 
-def check_edge_bundle(bundle: Bundle) -> None:
+def check_edge_bundle(bundle: Bundle, edge: EdgeSettings | None = None) -> None:
+    """What can be checked against the bundle before any clinic is waited for."""
     if bundle.target != "v1":
         raise FederationError(
             f"learning akida-edge needs a v1 bundle (Akida 1.0 learns on-chip from 1-bit spikes); "
             f"{bundle.path} targets {bundle.target!r}. Pass --bundle with a v1 bundle (the package ships qana/bundles/v1)"
+        )
+    if edge is not None and edge.num_weights is not None and edge.num_weights > bundle.feature_dim:
+        raise FederationError(
+            f"run-config edge-num-weights={edge.num_weights} must be at most {bundle.feature_dim} (the bundle's backbone features)"
         )
 
 
@@ -388,7 +393,7 @@ class EdgeCoordinator(Coordinator):
 
         s = self.settings
         bundle = load_bundle(s.bundle) if s.bundle else load_default_bundle("v1")
-        check_edge_bundle(bundle)
+        check_edge_bundle(bundle, self.edge)
         initial_edge_classes(bundle, s.initial_classes)  # a wrong class name fails before anything is audited or awaited
         return bundle
 

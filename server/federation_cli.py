@@ -312,12 +312,12 @@ def start_command(
                 raise fail(f"--run-config {secret}: use the --{secret} option instead (the run config is visible to clinics)")
         from server.edge_rounds import check_edge_bundle, read_run_config
 
-        settings, _edge = read_run_config(config, run_id="check")
+        settings, edge = read_run_config(config, run_id="check")
         from qana.bundle import load_bundle, load_default_bundle
 
         loaded = load_bundle(bundle) if bundle else load_default_bundle("v1" if settings.learning == "akida-edge" else "v2")
         if settings.learning == "akida-edge":
-            check_edge_bundle(loaded)
+            check_edge_bundle(loaded, edge)
         tls: tuple[Path, Path, Path] | None = None
         if not insecure:
             cdir = (certs or state.certs).expanduser().resolve()

@@ -540,6 +540,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "bundles"
         (["--learning", "akida-edge", "--bundle", str(FIXTURES / "tiny-v2")], "learning akida-edge needs a v1 bundle"),
         (["--learning", "edge", "--bundle", str(FIXTURES / "tiny-v1")], "learning='edge': use gradient or akida-edge"),
         (["--bundle", str(FIXTURES / "tiny-v2"), "--run-config", "edge-num-weights=20"], "only apply to learning akida-edge"),
+        (["--learning", "akida-edge", "--bundle", str(FIXTURES / "tiny-v1"), "--run-config", "edge-num-weights=100000"], "edge-num-weights=100000 must be at most"),
         # valid edge settings get as far as the certificates (TLS by default)
         (["--learning", "akida-edge", "--bundle", str(FIXTURES / "tiny-v1"), "--run-config", "edge-num-weights=20"], "ca.pem not found"),
     ],
