@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -199,3 +200,26 @@ def load_certificate(path: Path | str) -> x509.Certificate:
         raise CertError(f"certificate file not found: {path}") from None
     except ValueError as exc:
         raise CertError(f"{path} is not a PEM certificate ({exc})") from None
+
+
+def check_server_certificates(ca_path: Path, cert_path: Path, key_path: Path) -> None:
+    """The SuperLink's TLS files belong together: the certificate is issued by the CA the clinics
+    trust and matches the private key. A mismatch would otherwise surface only as every clinic's
+    failed handshake, while the coordinator waits for clinics that can never connect."""
+    ca = load_certificate(ca_path)
+    cert = load_certificate(cert_path)
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise CertError(f"private key file not found: {key_path}") from None
+    except (ValueError, TypeError) as exc:
+        raise CertError(f"{key_path} is not an unencrypted PEM private key ({exc})") from None
+    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise CertError(f"{key_path} is not the private key of {cert_path}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise CertError(f"{cert_path} was not issued by {ca_path}: clinics trusting that CA could not connect") from None
+

@@ -266,7 +266,7 @@ def start_command(
     from server.audit import AuditLog
     from server.audit.db import DB_ENV_VAR
     from server.audit.signing import KEY_ENV_VAR
-    from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, load_certificate
+    from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_server_certificates
     from server.deployment import (
         CONNECTION,
         DeploymentError,
@@ -325,8 +325,7 @@ def start_command(
             for path in tls:
                 if not path.is_file():
                     raise fail(f"{path} not found: run `qana-server certs --out {cdir} --host <this machine's name>` first, or pass --insecure")
-            load_certificate(tls[0])
-            load_certificate(tls[1])
+            check_server_certificates(*tls)
         app_run_config(config)
         check_port_free(host, port)  # before anything is written; start_superlink checks again
         audit_db = _absolute_sqlite(audit_db)

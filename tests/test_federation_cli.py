@@ -216,6 +216,29 @@ def test_start_pins_relative_audit_paths_from_the_environment(tmp_path, monkeypa
     assert seen["QANA_AUDIT_KEY"] == str(tmp_path / "ops" / "audit_key.pem")
 
 
+def test_start_refuses_tls_files_that_do_not_belong_together(tmp_path) -> None:
+    """A server key that is not the certificate's, or a certificate another CA issued, would only
+    show as every clinic's failed handshake while the coordinator waits: refused before starting."""
+    state = tmp_path / "state"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        assert run(server_cli, "certs", "--out", out).exit_code == 0
+    base = ["start", "--state-dir", state, "--bundle", TINY_V2, "--audit-db", f"sqlite:///{tmp_path / 'a.db'}", "--audit-key", tmp_path / "k.pem"]
+    mixed = tmp_path / "mixed"
+    for case, (ca, cert, key), message in [
+        ("other key", (first, first, second), "is not the private key of"),
+        ("other CA", (second, first, first), "was not issued by"),
+        ("garbage key", (first, first, None), "is not an unencrypted PEM private key"),
+    ]:
+        mixed.mkdir(exist_ok=True)
+        (mixed / "ca.pem").write_bytes((ca / "ca.pem").read_bytes())
+        (mixed / "server.pem").write_bytes((cert / "server.pem").read_bytes())
+        (mixed / "server.key").write_bytes((key / "server.key").read_bytes() if key else b"not a key")
+        result = run(server_cli, *base, "--certs", mixed)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, (case, result.output)
+    assert not (state / "superlink.db").exists()
+
+
 def test_start_on_a_port_in_use_leaves_the_state_directory_as_it_was(tmp_path) -> None:
     """A second `start` must not rewrite the files a coordinator already running from this state uses."""
     import socket
