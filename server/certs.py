@@ -71,8 +71,8 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-MAX_DAYS = 36_500  # a hundred years; datetime overflows not far beyond
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+MAX_DAYS = 36_500  # a hundred years: anything longer is a typo (and past year 9999 datetime overflows)
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")  # '_' for internal names (docker services)
 
 
 def check_host(host: str) -> str:
@@ -86,7 +86,7 @@ def check_host(host: str) -> str:
     if ":" in host and not host.startswith("["):
         raise CertError(f"--host {host!r}: give the name or IP only; the port is set with `qana-server start --port`")
     if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
-        raise CertError(f"--host {host!r} is not a DNS name or IP address (letters, digits, '-' and '.'; labels of at most 63 characters)")
+        raise CertError(f"--host {host!r} is not a DNS name or IP address (letters, digits, '-', '_' and '.'; labels of at most 63 characters)")
     return name
 
 

@@ -43,11 +43,9 @@ REQUIRED_BODY = {
 }
 
 
-def _body(kind: str, body: Any) -> Mapping[str, Any]:
+def _body(kind: str, body: dict[str, Any]) -> Mapping[str, Any]:
     if kind not in REQUIRED_BODY:
         raise ValueError(f"unknown entry kind {kind!r}")
-    if not isinstance(body, dict):
-        raise ValueError("not an entry object with a body")
     missing = [key for key in REQUIRED_BODY[kind] if key not in body]
     if missing:
         raise ValueError(f"its {kind} record lacks {', '.join(missing)}")
