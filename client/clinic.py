@@ -385,9 +385,7 @@ class Clinic:
         """Diagnoses the clinic's metadata may use: the bundle's, the head's, its own new classes."""
         return tuple(dict.fromkeys((*bundle.classes, *classes, *self.config.new_classes)))
 
-    def prepare(
-        self, bundle_id: str, classes: tuple[str, ...] = (), remember_new: bool = False, trains: bool = False
-    ) -> Prepared:
+    def prepare(self, bundle_id: str, classes: tuple[str, ...] = (), remember_new: bool = False) -> Prepared:
         """Load the bundle, the data and the (cached) features; split train/held-out by lesion.
 
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
@@ -396,9 +394,10 @@ class Clinic:
         (`learn`), images without cached features, and those an earlier `learn` saw but did not
         finish learning, are `new_rows`; they are recorded as pending *before* their features
         are cached, so a `learn` that fails or is interrupted leaves them new for the next one.
-        A call that does not train (`trains` False: deploy, evaluate, the edge rounds) records
-        the images it sees first as pending too: caching their features must not make the next
-        `learn` take them for learned.
+        Every round (deploy, evaluate, train, the edge rounds) records the images it sees first
+        as pending too: caching their features must not make the next `learn` take them for
+        learned. A training round takes off the ones it trained on only once it has trained, so
+        one interrupted or failed mid-way leaves them new.
         """
         from qana.runtime import shared_runtime
 
@@ -423,7 +422,7 @@ class Clinic:
             new_rows |= np.isin(dataset.content_hashes, sorted(pending))
             if new_rows.any():
                 self._write_pending(bundle_id, pending | set(dataset.content_hashes[new_rows].tolist()))
-        elif not trains and new_rows.any():
+        elif new_rows.any():
             self._write_pending(bundle_id, self._pending(bundle_id) | set(dataset.content_hashes[new_rows].tolist()))
         features, computed = cache.features(dataset, runtime)
         train_idx, eval_idx, _ = persistent_split(
@@ -478,7 +477,7 @@ class Clinic:
 
     def train(self, head: Head, settings: TrainSettings) -> tuple[QuantizedHead, dict[str, int | float]]:
         """One round of local head training; returns the quantized head and aggregate metrics."""
-        prep = self.prepare(settings.bundle_id, head.classes, trains=True)
+        prep = self.prepare(settings.bundle_id, head.classes)
         if len(prep.train_idx) == 0:
             raise ClinicError("no local training images after the held-out split")
         if head.num_features != prep.spec.num_features:

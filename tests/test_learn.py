@@ -322,6 +322,28 @@ def test_images_first_seen_in_a_round_that_does_not_train_stay_new_for_learn(tmp
     assert after_train.exit_code == 0 and "8 new" not in after_train.output, after_train.output
 
 
+def test_images_first_seen_by_an_interrupted_training_round_stay_new_for_learn(tmp_path, bundle, monkeypatch) -> None:
+    """A training round caches new images' features before it trains; stopped (or failed) before
+    training finished, it has learned nothing, so the next `learn` must still see them as new."""
+    import client.clinic
+    from client.clinic import Clinic, ClinicConfig
+    from protocols.messages import TrainSettings
+
+    data, cache, _ = first_learn(tmp_path, bundle, 40, seed=15)
+    clinic = Clinic(ClinicConfig.from_node_config({"data-dir": str(data), "clinic-id": "clinic-x", "device": "software", "cache-dir": str(cache)}))
+    grow(data, 8, bundle.input_shape[0], seed=80)
+
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt("the clinic was stopped during the round's training")
+
+    monkeypatch.setattr(client.clinic, "train_local_head", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        clinic.train(bundle.load_head(), TrainSettings(1, bundle.bundle_id, "ab" * 32, local_epochs=2))
+    monkeypatch.undo()
+    after = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert after.exit_code == 0 and "8 new, 0 through the backbone" in after.output, after.output
+
+
 def test_learn_adds_a_requested_new_class_whose_images_are_already_cached(tmp_path, bundle) -> None:
     # the federation deployed a head without "df"; the clinic's df images were cached in that
     # round, and `learn --new-class df` used to stop at "nothing new"
