@@ -332,6 +332,13 @@ def run_supernode(cmd: list[str], env: dict[str, str]) -> int:
         backoff = min(backoff * 2, MAX_BACKOFF)
 
 
+def _finite(value: float) -> float:
+    """Click's range checks let NaN and Inf through (NaN compares false); a step size must be a number."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
@@ -353,11 +360,11 @@ def learn(
     bundle: Annotated[str | None, typer.Option("--bundle", metavar="DIR|ID", help="A bundle folder, or the id of a bundle in the clinic's cache (default: the one deployed here).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto: an Akida device if one is found, else the software backend; software: always the software backend.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option("--cache-dir", metavar="DIR", help="The clinic's cache (default ~/.cache/qana/clinics/NAME), as for `start`.")] = None,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of *new* lesions held out; earlier lesions keep their side.")] = 0.2,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of each diagnosis's lesions kept held out; new lesions fill the held-out side up to it, earlier lesions keep their side.")] = 0.2,
     new_class: Annotated[list[str] | None, typer.Option("--new-class", metavar="NAME", help="A diagnosis (the metadata's dx name) this clinic adds to the deployed head; its images must be in --data. Repeatable.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over old + new training features.")] = 20,
-    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, max=10.0, help="Step size of the head update (at most 10, as for qana-sim).")] = 0.01,
-    proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, max=10.0, callback=_finite, help="Step size of the head update (at most 10, as for qana-sim).")] = 0.01,
+    proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, max=1e6, callback=_finite, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
     smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of SMOTE and of the order training samples are presented in.")] = 0,
 ) -> None:
@@ -394,9 +401,12 @@ def learn(
                 bundle_id = matches[0]
             else:
                 deployed = clinic.deployed_bundle_ids()
-                if len(deployed) != 1:
-                    found = "no bundle is" if not deployed else f"{len(deployed)} bundles are"
-                    raise ClinicError(f"{found} deployed in {clinic.config.cache}; name one with --bundle DIR|ID")
+                if not deployed:
+                    clinic.refuse_an_edge_only_clinic()
+                    raise ClinicError(f"no bundle is deployed in {clinic.config.cache}; name one with --bundle DIR|ID")
+                if len(deployed) > 1:
+                    ids = ", ".join(b[:12] for b in deployed)
+                    raise ClinicError(f"{len(deployed)} bundles are deployed in {clinic.config.cache} ({ids}); name one with --bundle ID")
                 bundle_id = deployed[0]
             config = TrainConfig(epochs=epochs, learning_rate=learning_rate, proximal_mu=proximal_mu, seed=seed)
             report = clinic.learn(bundle_id, config, smote=smote)

@@ -73,6 +73,7 @@ NODE_CONFIG_KEYS = (
 )
 SPLIT_FILE = "split.json"
 SPLIT_FORMAT = 1
+DEPLOYED_EDGE_DIR = "deployed-edge"  # <cache>/deployed-edge/<bundle id>/: an akida-edge federation's head (edge_learning.py)
 PENDING_DIR = "pending"  # <cache>/pending/<bundle id>.json: images `learn` has seen but not yet learned
 PENDING_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
@@ -583,6 +584,21 @@ class Clinic:
             recover_directory(root / previous.name[1 : -len(".previous")])
         return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "head.npz").is_file())
 
+    def refuse_an_edge_only_clinic(self, bundle_id: str | None = None) -> None:
+        """`learn` updates a gradient head; a clinic of an akida-edge federation has only an
+        on-chip-learned head (deployed-edge/), which its edge rounds update. Training a gradient
+        head from the bundle's original one beside it would ignore what the federation learned."""
+        root = self.config.cache / DEPLOYED_EDGE_DIR
+        edge = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+        if bundle_id is not None:
+            edge = [b for b in edge if b == bundle_id and not (self.deployed_dir(b) / "head.npz").is_file()]
+        if edge:
+            raise ClinicError(
+                f"this clinic's deployed head for bundle {edge[0][:12]}… is an akida-edge head ({root / edge[0]}), which "
+                "the federation's edge rounds update on the chip; `learn` updates gradient heads only, so the new images "
+                "are left for the next edge round"
+            )
+
     def adopt_bundle(self, bundle: Bundle) -> str:
         """Put a bundle given on the command line into the clinic's verified bundle cache."""
         if not self.bundles.has(bundle.bundle_id):
@@ -618,6 +634,7 @@ class Clinic:
         Accuracy is reported on the earlier held-out images before and after (forgetting), and
         on the new images.
         """
+        self.refuse_an_edge_only_clinic(bundle_id)
         head, start = self.current_head(bundle_id, head_spec(self.bundles.get(bundle_id)))
         prep = self.prepare(bundle_id, head.classes, remember_new=True)
         assert prep.new_rows is not None
@@ -666,8 +683,9 @@ class Clinic:
             trained, local = train_local_head(grown, x, y, replace(config, absent_classes="keep"), smote=smote)
         except ValueError as exc:  # e.g. weights that became NaN or Inf at a too large step size
             raise ClinicError(
-                f"the head update failed ({exc}) at learning rate {config.learning_rate:g}; try a smaller "
-                "--learning-rate. The deployed head is unchanged and the new images stay new."
+                f"the head update failed ({exc}) at learning rate {config.learning_rate:g} and proximal mu "
+                f"{config.proximal_mu:g}; try a smaller --learning-rate (or --proximal-mu). The deployed head is "
+                "unchanged and the new images stay new."
             ) from None
         # In the units the protocol bounds a clinic's update by (protocols.messages.dequantized_record):
         # weights per scaled feature, i.e. divided by feature_scale.
@@ -676,7 +694,8 @@ class Clinic:
         if largest > MAX_HEAD_VALUE:  # finite, but far beyond any head learned at a sane step size
             raise ClinicError(
                 f"the head update diverged (a weight reached {largest:.3g}, over {MAX_HEAD_VALUE:g}) at learning rate "
-                f"{config.learning_rate:g}; try a smaller --learning-rate. The deployed head is unchanged and the new images stay new."
+                f"{config.learning_rate:g} and proximal mu {config.proximal_mu:g}; try a smaller --learning-rate (or "
+                "--proximal-mu). The deployed head is unchanged and the new images stay new."
             )
         before = quantize_head(head, prep.bundle.target)
         after = quantize_head(trained, prep.bundle.target)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from client.clinic import (
+    DEPLOYED_EDGE_DIR,
     Clinic,
     ClinicError,
     Prepared,
@@ -60,8 +61,6 @@ from qana.edge import (
     predict_edge,
     predict_edge_reference,
 )
-
-DEPLOYED_EDGE_DIR = "deployed-edge"
 
 
 @dataclass

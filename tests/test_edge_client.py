@@ -160,3 +160,25 @@ def test_a_clinic_with_new_classes_grows_the_edge_head_and_the_chip_agrees(clini
     df_spikes = spikes_for(np.full(20, bundle.classes.index("df")), bundle.feature_dim)  # scc images carry df's pattern
     chip = edge.predict_edge(grown, df_spikes)
     assert np.array_equal(chip, edge.predict_edge_reference(grown, df_spikes)) and np.mean(chip == len(old)) > 0.8
+
+
+def test_learn_on_a_clinic_of_an_akida_edge_federation_refuses_instead_of_ignoring_its_head(clinic, bundle) -> None:
+    """The clinic's head is in deployed-edge/ (on-chip learned); `learn` trains gradient heads, and
+    one started from the bundle's original head would ignore what the federation learned."""
+    from typer.testing import CliRunner
+
+    from client.cli import app as client_cli
+
+    ctx, _ = clinic
+    assert not send(P.deploy_content(bundle.bundle_id, pack_bundle(bundle)), P.MSG_DEPLOY, ctx).has_error()
+    head = fresh_edge_head(bundle.feature_dim, bundle.classes, edge.EdgeParams(10, 2, 0.1, 0.0), seed=0)
+    evaluated = send(E.evaluate_edge_content(head, E.EdgeEvaluateSettings(1, bundle.bundle_id, HEAD_SHA)), E.MSG_EVALUATE_EDGE, ctx)
+    assert not evaluated.has_error(), evaluated.error.reason if evaluated.has_error() else ""
+    cache = Path(ctx.node_config["cache-dir"])
+    base = ["learn", "--data", ctx.node_config["data-dir"], "--clinic-id", "clinic-e", "--cache-dir", str(cache), "--device", "software"]
+    for extra in ([], ["--bundle", bundle.bundle_id[:12]]):
+        result = CliRunner().invoke(client_cli, base + extra)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: this clinic's deployed head for bundle") and "akida-edge head" in result.output, result.output
+    assert not (cache / "deployed").exists()
+

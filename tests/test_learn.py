@@ -344,6 +344,20 @@ def test_images_first_seen_by_an_interrupted_training_round_stay_new_for_learn(t
     assert after.exit_code == 0 and "8 new, 0 through the backbone" in after.output, after.output
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--proximal-mu", "nan", "is not a finite number"),
+        ("--proximal-mu", "inf", "is not in the range"),
+        ("--learning-rate", "nan", "is not a finite number"),
+    ],
+)
+def test_learn_refuses_a_step_that_is_not_a_finite_number(tmp_path, option, value, message) -> None:
+    """Click's range checks let NaN through; the update would then fail and blame the learning rate."""
+    result = learn("--data", tmp_path, "--clinic-id", "clinic-x", "--cache-dir", tmp_path / "cache", option, value)
+    assert result.exit_code == 2 and message in result.output and option in result.output, result.output
+
+
 def test_learn_adds_a_requested_new_class_whose_images_are_already_cached(tmp_path, bundle) -> None:
     # the federation deployed a head without "df"; the clinic's df images were cached in that
     # round, and `learn --new-class df` used to stop at "nothing new"
