@@ -52,7 +52,8 @@ class FeatureCache:
         return hashes, feats
 
     def _discard(self, problem: str, empty: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        log.warning("feature cache %s %s; recomputing it", self.path, problem)
+        if not self.damaged:  # `cached` and `features` both read the file: say it once
+            log.warning("feature cache %s %s; recomputing it", self.path, problem)
         self.damaged = True
         return empty
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def test_features_are_computed_once_and_only_for_new_images(tmp_path, bundle, cl
         {"hashes": "ok", "features": "float"},
     ],
 )
-def test_a_feature_cache_of_the_wrong_shape_or_type_is_rebuilt(tmp_path, bundle, clinic_dir, arrays) -> None:
+def test_a_feature_cache_of_the_wrong_shape_or_type_is_rebuilt(tmp_path, bundle, clinic_dir, arrays, caplog) -> None:
     """Such a file used to end every round on this bundle in a TypeError."""
     from qana.runtime import AkidaRuntime
 
@@ -148,10 +149,12 @@ def test_a_feature_cache_of_the_wrong_shape_or_type_is_rebuilt(tmp_path, bundle,
     feats = good.astype(np.float32) if arrays["features"] == "float" else good
     np.savez(cache.path, hashes=hashes, features=feats)
     fresh = FeatureCache(tmp_path / "cache", bundle)
-    assert not fresh.cached(data.content_hashes).any() and fresh.damaged
-    again, computed = fresh.features(data, extractor)
+    with caplog.at_level(logging.WARNING, logger="client.features"):
+        assert not fresh.cached(data.content_hashes).any() and fresh.damaged
+        again, computed = fresh.features(data, extractor)
     assert computed == len(data)
     np.testing.assert_array_equal(again, good)
+    assert [r.getMessage().count("recomputing it") for r in caplog.records] == [1]  # read twice, said once
 
 
 def test_a_failed_feature_cache_write_leaves_no_temporary_file(tmp_path, bundle, clinic_dir, monkeypatch) -> None:
