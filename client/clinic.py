@@ -121,8 +121,11 @@ class ClinicConfig:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ClinicError(f"node-config split-seed={seed!r}: must be an integer >= 0")
         cache = node_config.get("cache-dir")
-        if cache and (blocking := file_in_the_way(Path(str(cache)).expanduser())) is not None:
-            raise ClinicError(f"cache folder {Path(str(cache)).expanduser()}: {blocking} is a file, not a folder")
+        # The default folder is checked too: a file in the way of ~/.cache/qana/clinics would
+        # otherwise surface as "Not a directory" naming a folder deep below it.
+        folder = Path(str(cache)).expanduser() if cache else DEFAULT_CACHE_ROOT / str(node_config["clinic-id"])
+        if (blocking := file_in_the_way(folder)) is not None:
+            raise ClinicError(f"cache folder {folder}: {blocking} is a file, not a folder")
         new_classes: tuple[str, ...] = ()
         text = node_config.get("new-classes", "")
         if not isinstance(text, str):

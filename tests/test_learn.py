@@ -358,6 +358,18 @@ def test_learn_refuses_a_step_that_is_not_a_finite_number(tmp_path, option, valu
     assert result.exit_code == 2 and message in result.output and option in result.output, result.output
 
 
+def test_a_file_in_the_way_of_the_default_cache_is_named(tmp_path, monkeypatch) -> None:
+    import client.clinic
+
+    blocker = tmp_path / "clinics"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(client.clinic, "DEFAULT_CACHE_ROOT", blocker)
+    data = make_synthetic_ham(tmp_path / "data", n_images=4, image_size=16, seed=1).root
+    result = learn("--data", data, "--clinic-id", "clinic-x")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: cache folder {blocker / 'clinic-x'}: {blocker} is a file, not a folder"), result.output
+
+
 def test_learn_adds_a_requested_new_class_whose_images_are_already_cached(tmp_path, bundle) -> None:
     # the federation deployed a head without "df"; the clinic's df images were cached in that
     # round, and `learn --new-class df` used to stop at "nothing new"
