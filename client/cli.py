@@ -445,10 +445,19 @@ def keygen(
     out: Annotated[str, typer.Option("--out", metavar="KEY", help="Private key file; the public key is written to KEY.pub.")] = str(Path.home() / ".qana" / "clinic" / "node.key"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing key pair.")] = False,
 ) -> None:
-    """Make this clinic's SuperNode key pair; send only the .pub file to the coordinator."""
-    from protocols.auth import create_node_keys, key_fingerprint, load_public_key
+    """Make this clinic's SuperNode key pair; send only the .pub file to the coordinator.
+
+    If the private key exists but its .pub is missing or is not its half, the .pub is written
+    again from it (the identity the coordinator registered stays); --overwrite makes a new pair.
+    """
+    from protocols.auth import create_node_keys, key_fingerprint, load_public_key, restore_public_key
 
     with _reported_errors():
+        existing = Path(out).expanduser()
+        if not overwrite and existing.is_file() and (restored := restore_public_key(existing)) is not None:
+            public, problem = restored
+            typer.echo(f"public key  {public} ({key_fingerprint(load_public_key(public))}) written again from {existing} ({problem})")
+            return
         private, public = create_node_keys(out, overwrite=overwrite)  # as typed: "k4/" names a folder
         fingerprint = key_fingerprint(load_public_key(public))
     typer.echo(f"private key {private} (keep it here; mode 0600)")

@@ -106,6 +106,30 @@ def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple
     return private_path, public_path
 
 
+def restore_public_key(private_path: Path | str) -> tuple[Path, str] | None:
+    """Rewrite `<key>.pub` from an existing private key when it is missing or is not that key's
+    half (lost, or left by a `keygen --overwrite` stopped between its two renames); returns
+    (path, what was wrong), or None when it already matches. The public half can always be made
+    again; the private key, the identity the coordinator registered, is never touched."""
+    private_path = Path(private_path).expanduser()
+    public_path = private_path.with_name(private_path.name + ".pub")
+    public = load_private_key(private_path).public_key()
+    wanted = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if public_path.is_dir():
+        raise AuthError(f"{public_path} is a folder; refusing to replace it with a key")
+    if not public_path.is_file():
+        problem = "it was missing"
+    else:
+        try:
+            if load_public_key(public_path).public_numbers() == public.public_numbers():
+                return None
+            problem = "it was another key's"
+        except AuthError:
+            problem = "it was unreadable"
+    write_key_file(public_path, wanted + b"\n", private=False)
+    return public_path, problem
+
+
 def load_private_key(path: Path | str) -> ec.EllipticCurvePrivateKey:
     """Check a SuperNode private key before handing it to Flower (which exits without detail)."""
     path = Path(path).expanduser()

@@ -382,6 +382,24 @@ def test_keygen_never_leaves_a_half_replaced_pair(tmp_path) -> None:
     assert blocked_by_file.exit_code == 2 and f"{key} is a file, not a folder" in blocked_by_file.output
 
 
+def test_keygen_writes_a_lost_or_mismatched_public_key_again_from_the_private_one(tmp_path) -> None:
+    """The .pub can always be made again; --overwrite would replace the registered identity."""
+    key, public = tmp_path / "node.key", tmp_path / "node.key.pub"
+    assert run(client_cli, "keygen", "--out", key).exit_code == 0
+    private, original = key.read_bytes(), public.read_bytes()
+    again = run(client_cli, "keygen", "--out", key)  # a matching pair is left alone
+    assert again.exit_code == 2 and "already exists" in again.output
+    public.unlink()
+    lost = run(client_cli, "keygen", "--out", key)
+    assert lost.exit_code == 0 and "written again from" in lost.output and "(it was missing)" in lost.output, lost.output
+    assert public.read_bytes() == original and key.read_bytes() == private
+    assert run(client_cli, "keygen", "--out", tmp_path / "other.key").exit_code == 0
+    public.write_bytes((tmp_path / "other.key.pub").read_bytes())  # as a stopped --overwrite can leave it
+    mismatched = run(client_cli, "keygen", "--out", key)
+    assert mismatched.exit_code == 0 and "(it was another key's)" in mismatched.output, mismatched.output
+    assert public.read_bytes() == original and key.read_bytes() == private
+
+
 def test_node_config_string_round_trips_through_flowers_parser() -> None:
     from flwr.common.config import parse_config_args
 
