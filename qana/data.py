@@ -1,7 +1,8 @@
 """Reading a HAM10000-style folder: metadata, image discovery, decoding, and the on-disk cache.
 
 A folder is valid when it holds `HAM10000_metadata.csv` (the Harvard Dataverse columns) and
-`ISIC_*.jpg` files anywhere below it (`images/`, or the official `HAM10000_images_part_1/2`).
+`ISIC_*.jpg` files anywhere below it (`images/`, or the official `HAM10000_images_part_1/2`);
+a clinic's own images may keep other names, `<image_id>.jpg`, where the metadata lists them.
 Images that are missing, unreadable or corrupt are skipped and reported by name, so one bad
 file never stops a clinic's run half-way. A missing or malformed metadata file is a
 `DataError` with a message that says what is wrong.
@@ -175,9 +176,10 @@ class ImageScan:
     broken: dict[str, Path]  # ISIC_*.jpg entries that are not readable files (e.g. dangling links)
 
 
-def _walk_isic(root: Path) -> list[Path]:
-    """Every ISIC_* entry below root, sorted. Linked folders are followed (images kept on
-    another disk); each real folder is read once, so a link loop ends."""
+def _walk_isic(root: Path, listed: frozenset[str] = frozenset()) -> list[Path]:
+    """Every ISIC_* entry below root, and every entry whose name without suffix is a `listed`
+    image id (a clinic's own images need not be named ISIC_*), sorted. Linked folders are
+    followed (images kept on another disk); each real folder is read once, so a link loop ends."""
     entries: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
@@ -186,14 +188,14 @@ def _walk_isic(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
-        entries.extend(Path(folder) / name for name in names if name.startswith("ISIC_"))
+        entries.extend(Path(folder) / name for name in names if name.startswith("ISIC_") or Path(name).stem in listed)
     return sorted(entries)
 
 
-def scan_images(root: Path) -> ImageScan:
-    """One walk of the folder (see ImageScan)."""
+def scan_images(root: Path, listed: frozenset[str] = frozenset()) -> ImageScan:
+    """One walk of the folder (see ImageScan); `listed`: the metadata's image ids."""
     scan = ImageScan({}, {}, {}, {})
-    for path in _walk_isic(root):
+    for path in _walk_isic(root, listed):
         if path.suffix.lower() not in JPEG_SUFFIXES:
             scan.others.setdefault(path.stem, []).append(path.name)
         elif not path.is_file():
@@ -374,10 +376,10 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     records = read_metadata(root / METADATA_FILE, class_names)
-    scan = scan_images(root)
+    listed = frozenset(r.image_id for r in records)
+    scan = scan_images(root, listed)
     files = scan.found
     skipped = describe_missing([r.image_id for r in records if r.image_id not in files], scan.others, scan.broken)
-    listed = {r.image_id for r in records}
     skipped.update(conflicting_copies({k: v for k, v in scan.copies.items() if k in listed}, root))
     present = [r for r in records if r.image_id in files and r.image_id not in skipped]
     arrays, hashes, bad = load_images(((r.image_id, files[r.image_id]) for r in present), size, cache_dir, progress)

@@ -27,6 +27,19 @@ def test_reads_images_anywhere_below_the_folder(tmp_path: Path) -> None:
     assert ds.skipped == {}
 
 
+def test_a_clinic_s_own_image_names_are_read_when_the_metadata_lists_them(tmp_path: Path) -> None:
+    """A clinic adding its own images (metadata rows plus JPEGs) need not rename them ISIC_*."""
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=2)
+    first = clinic.image_ids[0]
+    (clinic.root / "images" / f"{first}.jpg").rename(clinic.root / "images" / "IMG_0001.jpg")
+    meta = clinic.root / "HAM10000_metadata.csv"
+    meta.write_text(meta.read_text().replace(f",{first},", ",IMG_0001,"))
+    (clinic.root / "images" / "IMG_0002.jpg").write_bytes((clinic.root / "images" / f"{clinic.image_ids[1]}.jpg").read_bytes())
+    ds = load_dataset(clinic.root, size=16, cache_dir=tmp_path / "cache")
+    assert "IMG_0001" in set(ds.image_ids) and len(ds) == 12
+    assert ds.skipped == {}  # a JPEG the metadata does not list, not named ISIC_*, is not the data's business
+
+
 def test_corrupt_and_missing_images_are_skipped_and_named(tmp_path: Path) -> None:
     clinic = make_synthetic_ham(tmp_path / "ham", n_images=20, seed=2, n_corrupt=2, n_missing=1)
     ds = load_dataset(clinic.root, size=16, cache_dir=None)
