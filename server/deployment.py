@@ -261,6 +261,19 @@ def check_port_free(host: str, port: int) -> None:
         raise DeploymentError(f"port {port} on {client_host(host)} is already in use (another SuperLink?): pick another --port")
 
 
+def die_with_parent() -> None:
+    """Run in a child before it starts (`preexec_fn`): on Linux the kernel sends it SIGTERM when
+    the process that started it dies, however it dies. `qana-server start` stops its SuperLink in
+    a `finally`, but SIGKILL (the OOM killer, `kill -9`) skips that and would leave a SuperLink
+    holding the port, in its own session, for nobody; elsewhere this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_superlink(
     state: StateDir,
     host: str,
@@ -284,7 +297,13 @@ def start_superlink(
     state.root.mkdir(parents=True, exist_ok=True)
     log = state.superlink_log.open("ab")
     process = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=python_path_env(env), cwd=state.root, start_new_session=True
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=python_path_env(env),
+        cwd=state.root,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     log.close()
     link = SuperLinkProcess(process, host, port, state.superlink_log)

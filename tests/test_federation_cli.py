@@ -400,6 +400,45 @@ def test_keygen_writes_a_lost_or_mismatched_public_key_again_from_the_private_on
     assert public.read_bytes() == original and key.read_bytes() == private
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_superlink_dies_with_a_killed_coordinator(tmp_path) -> None:
+    """`qana-server start` starts the SuperLink in its own session with `die_with_parent`: killed
+    with SIGKILL (no finally runs), the coordinator must not leave it holding the port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time, pathlib\n"
+        "from server.deployment import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True, preexec_fn=die_with_parent)\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 30
+    while not pid_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{child}/stat").exists() else "Z"
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its SIGKILLed parent")
+
+
 def test_node_config_string_round_trips_through_flowers_parser() -> None:
     from flwr.common.config import parse_config_args
 
