@@ -9,7 +9,6 @@ command that fails.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -264,8 +263,8 @@ def start_command(
     from flwr.common.config import parse_config_args
 
     from server.audit import AuditLog
-    from server.audit.db import DB_ENV_VAR
-    from server.audit.signing import KEY_ENV_VAR
+    from server.audit.db import DB_ENV_VAR, default_db_url
+    from server.audit.signing import KEY_ENV_VAR, default_key_path
     from server.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_server_certificates
     from server.deployment import (
         CONNECTION,
@@ -302,10 +301,10 @@ def start_command(
         except Exception as exc:  # flwr raises ValueError/TOML errors for bad syntax
             raise fail(f"--run-config: {exc}") from None
         # A key with its own option would silently override it (and `start` would announce the option's value).
-        options_of = {key: "--" + ("rounds" if key == "num-rounds" else "strategy-option" if key == "strategy-options" else key) for key in config}
         doubled = sorted(key for key in extra if key in config)
         if doubled:
-            raise fail("--run-config " + ", ".join(doubled) + ": use " + ", ".join(options_of[key] for key in doubled) + " instead")
+            flags = [{"num-rounds": "--rounds", "strategy-options": "--strategy-option"}.get(key, f"--{key}") for key in doubled]
+            raise fail(f"--run-config {', '.join(doubled)}: use {', '.join(flags)} instead")
         config.update(extra)
         for secret in ("audit-db", "audit-key", "state-dir", "bundle"):
             if secret in config:
@@ -331,16 +330,11 @@ def start_command(
         audit_db = _absolute_sqlite(audit_db)
         # $QANA_AUDIT_DB / $QANA_AUDIT_KEY are pinned like the options: the ServerApp runs in the
         # state directory, where a relative path would name another log and another signing key.
-        log_url = audit_db or _absolute_sqlite(os.environ.get(DB_ENV_VAR) or None)
-        key_path = (audit_key or (Path(os.environ[KEY_ENV_VAR]) if os.environ.get(KEY_ENV_VAR) else None))
-        key_path = key_path.expanduser().resolve() if key_path else None
+        log_url = audit_db or _absolute_sqlite(default_db_url())
+        key_path = (audit_key or default_key_path()).expanduser().resolve()
         with AuditLog.open(log_url, key_path, create=True):
             pass  # creates/migrates the database and the signing key now, not in the middle of a run
-        env = {ENV_STATE_DIR: str(state.root), ENV_BUNDLE: str(loaded.path.resolve())}
-        if log_url:
-            env[DB_ENV_VAR] = log_url
-        if key_path:
-            env[KEY_ENV_VAR] = str(key_path)
+        env = {ENV_STATE_DIR: str(state.root), ENV_BUNDLE: str(loaded.path.resolve()), DB_ENV_VAR: log_url, KEY_ENV_VAR: str(key_path)}
         if wire_log:
             env[ENV_WIRE_LOG] = "1"
         node_auth = tls is not None and not no_node_auth
