@@ -422,8 +422,9 @@ def learn(
             "split file are taken as learned before, so a new image of a known lesion is not counted as new",
             err=True,
         )
+    relabelled = f", {report.relabelled} of them with a corrected diagnosis" if report.relabelled else ""
     typer.echo(
-        f"images: {report.images} ({report.new_images} new, {report.computed} through the backbone; "
+        f"images: {report.images} ({report.new_images} new{relabelled}, {report.computed} through the backbone; "
         f"{old} earlier); new lesions: {report.new_lesions} ({report.new_lesions_held_out} held out)"
     )
     if not report.updated:

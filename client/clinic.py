@@ -22,6 +22,7 @@ accuracy on the earlier held-out images is reported before and after (the forget
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -67,6 +68,8 @@ from qana.head import (
 from qana.metrics import classification_metrics
 from qana.splits import grouped_split
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CACHE_ROOT = DEFAULT_CACHE_DIR / "clinics"
 NODE_CONFIG_KEYS = (
     "data-dir", "clinic-id", "device", "cache-dir", "eval-fraction", "split-seed", "new-classes", "new-classes-from-round",
@@ -76,6 +79,8 @@ SPLIT_FORMAT = 1
 DEPLOYED_EDGE_DIR = "deployed-edge"  # <cache>/deployed-edge/<bundle id>/: an akida-edge federation's head (edge_learning.py)
 PENDING_DIR = "pending"  # <cache>/pending/<bundle id>.json: images `learn` has seen but not yet learned
 PENDING_FORMAT = 1
+SEEN_DIR = "seen"  # <cache>/seen/<bundle id>.json: each image's diagnosis as the last call that saw it read it
+SEEN_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
 
 
@@ -162,8 +167,9 @@ class Prepared:
     eval_idx: np.ndarray
     computed: int  # images that went through the backbone just now
     runtime: Any  # qana.runtime.AkidaRuntime
-    new_rows: np.ndarray | None = None  # bool per row: features were not cached before this call
-    cache_rebuilt: bool = False  # the feature cache was damaged: new_rows come from the split file
+    new_rows: np.ndarray | None = None  # bool per row: not learned before this call (`learn` only)
+    relabelled: np.ndarray | None = None  # bool per row: seen before, under another diagnosis
+    cache_rebuilt: bool = False  # no seen-images record and a damaged feature cache: new_rows come from the split file
 
 
 def write_split(path: Path, sides: Mapping[str, str], eval_fraction: float, seed: int) -> None:
@@ -275,13 +281,14 @@ class LearnReport:
     bundle_id: str
     start: str  # "deployed head" or "bundle head"
     images: int
-    new_images: int  # rows whose features were not cached: the data that arrived
+    new_images: int  # rows not learned before: the data that arrived, and corrected diagnoses
     computed: int  # distinct images the backbone ran over now
     new_lesions: int
     new_lesions_held_out: int
     updated: bool  # False when there was nothing to learn (the deployed files are untouched)
     not_updated_because: str = ""
-    cache_rebuilt: bool = False  # the feature cache was damaged and rebuilt (new images judged by lesion)
+    relabelled: int = 0  # of the new images: seen before under another diagnosis (a corrected dx)
+    cache_rebuilt: bool = False  # no seen-images record and a damaged feature cache (new images judged by lesion)
     skipped: Mapping[str, str] | None = None  # unreadable images, by name (qana.data)
     train_examples: int = 0
     num_synthetic: int = 0
@@ -395,13 +402,14 @@ class Clinic:
         The split is the clinic's persistent one (`persistent_split`): lesions keep their side
         across calls and only lesions new to the folder are assigned. `classes` are the global
         head's (they may include classes the bundle was not trained on). With `remember_new`
-        (`learn`), images without cached features, and those an earlier `learn` saw but did not
-        finish learning, are `new_rows`; they are recorded as pending *before* their features
-        are cached, so a `learn` that fails or is interrupted leaves them new for the next one.
-        Every round (deploy, evaluate, train, the edge rounds) records the images it sees first
-        as pending too: caching their features must not make the next `learn` take them for
-        learned. A training round takes off the ones it trained on only once it has trained, so
-        one interrupted or failed mid-way leaves them new.
+        (`learn`), images no call has seen with their present diagnosis (new ones, and corrected
+        diagnoses: `_seen`), and those an earlier `learn` saw but did not finish learning, are
+        `new_rows`; they are recorded as pending *before* their features are cached, so a
+        `learn` that fails or is interrupted leaves them new for the next one. Every round
+        (deploy, evaluate, train, the edge rounds) records the images it sees first as pending
+        too: seeing them must not make the next `learn` take them for learned. A training round
+        takes off the ones it trained on only once it has trained, so one interrupted or failed
+        mid-way leaves them new.
         """
         from qana.runtime import shared_runtime
 
@@ -415,19 +423,31 @@ class Clinic:
         )
         runtime = shared_runtime(bundle, self.config.device)  # one per process: akida leaks a model per load
         cache = FeatureCache(self.config.cache, bundle)
-        new_rows = ~cache.cached(dataset.content_hashes)
-        if remember_new:  # `learn` only: rounds do not need it
-            if cache.damaged:
-                # The feature cache was also the record of which images had been learned; the
-                # split file names every lesion an earlier call saw, so only other lesions are new.
+        hashes = dataset.content_hashes
+        diagnoses = [dataset.class_names[i] for i in dataset.labels.tolist()]
+        seen = self._seen(bundle_id)
+        by_lesion = False
+        if seen is None:  # a cache from before the record: the feature cache says what was seen
+            unseen = ~cache.cached(hashes)
+            relabelled = np.zeros(len(dataset), dtype=bool)
+            if remember_new and cache.damaged:
+                # ... and it was damaged: the split file names every lesion an earlier call saw,
+                # so only other lesions are new.
                 known_lesions = sorted(read_split(self.config.cache / SPLIT_FILE))
-                new_rows = ~np.isin(dataset.lesion_ids.astype(str), known_lesions)
-            pending = self._pending(bundle_id)
-            new_rows |= np.isin(dataset.content_hashes, sorted(pending))
-            if new_rows.any():
-                self._write_pending(bundle_id, pending | set(dataset.content_hashes[new_rows].tolist()))
-        elif new_rows.any():
-            self._write_pending(bundle_id, self._pending(bundle_id) | set(dataset.content_hashes[new_rows].tolist()))
+                unseen = ~np.isin(dataset.lesion_ids.astype(str), known_lesions)
+                by_lesion = True
+        else:
+            unseen = np.array([dx not in seen.get(h, ()) for h, dx in zip(hashes.tolist(), diagnoses)], dtype=bool)
+            relabelled = unseen & np.isin(hashes, sorted(seen))
+        pending = self._pending(bundle_id) if remember_new or unseen.any() else set()
+        new_rows = unseen | np.isin(hashes, sorted(pending)) if remember_new else unseen
+        if unseen.any():  # pending first: stopped before it is learned, an image stays new
+            self._write_pending(bundle_id, pending | set(hashes[unseen].tolist()))
+        current: dict[str, set[str]] = {}
+        for h, dx in zip(hashes.tolist(), diagnoses):
+            current.setdefault(h, set()).add(dx)
+        if seen is None or any(seen.get(h) != dxs for h, dxs in current.items()):
+            self._write_seen(bundle_id, {**(seen or {}), **current})
         features, computed = cache.features(dataset, runtime)
         train_idx, eval_idx, _ = persistent_split(
             self.config.cache / SPLIT_FILE,
@@ -437,7 +457,8 @@ class Clinic:
             self.config.split_seed,
         )
         return Prepared(
-            bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime, new_rows, cache.damaged
+            bundle, spec, dataset, features, train_idx, eval_idx, computed, runtime,
+            new_rows if remember_new else None, relabelled, by_lesion,
         )
 
     def _pending_path(self, bundle_id: str) -> Path:
@@ -462,6 +483,38 @@ class Clinic:
     def _write_pending(self, bundle_id: str, hashes: set[str]) -> None:
         state = {"format": PENDING_FORMAT, "bundle_id": bundle_id, "images": sorted(hashes)}
         write_atomic(self._pending_path(bundle_id), (json.dumps(state, indent=1) + "\n").encode())
+
+    def _seen_path(self, bundle_id: str) -> Path:
+        return self.config.cache / SEEN_DIR / f"{bundle_id}.json"
+
+    def _seen(self, bundle_id: str) -> dict[str, set[str]] | None:
+        """Diagnoses of every image a call has seen, by content hash; None if there is no usable record.
+
+        Kept apart from the feature cache so that deleting or rebuilding that cache does not
+        make every image new, and so that an image whose diagnosis was corrected in the
+        metadata counts as new (it has not been learned under that label). Without a record
+        (a clinic cache from before it existed, or an unreadable one) the feature cache tells
+        which images were seen, as it did before.
+        """
+        path = self._seen_path(bundle_id)
+        if not path.is_file():
+            return None
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            images = state["images"] if isinstance(state, dict) and state.get("format") == SEEN_FORMAT else None
+            if not isinstance(images, dict) or not all(isinstance(v, list) for v in images.values()):
+                raise ValueError("unexpected content")
+            return {str(h): {str(dx) for dx in dxs} for h, dxs in images.items()}
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "seen-images record %s is unreadable (%s); it is rebuilt, and until then images with cached "
+                "features count as seen", path, exc,
+            )
+            return None
+
+    def _write_seen(self, bundle_id: str, record: Mapping[str, set[str]]) -> None:
+        state = {"format": SEEN_FORMAT, "bundle_id": bundle_id, "images": {h: sorted(record[h]) for h in sorted(record)}}
+        write_atomic(self._seen_path(bundle_id), (json.dumps(state, separators=(",", ":")) + "\n").encode())
 
     # ------------------------------------------------------------------ rounds
 
@@ -649,15 +702,18 @@ class Clinic:
         is_eval = np.zeros(len(prep.dataset), dtype=bool)
         is_eval[prep.eval_idx] = True
         # A new lesion is one with no image learned before, whichever call (a round, or a `learn`
-        # stopped half-way) first assigned it a side.
+        # stopped half-way) first assigned it a side; a corrected diagnosis does not make one.
+        assert prep.relabelled is not None
         lesions = prep.dataset.lesion_ids.astype(str)
-        new_lesion_ids = set(lesions[new_rows].tolist()) - set(lesions[~new_rows].tolist())
+        arrived = new_rows & ~prep.relabelled
+        new_lesion_ids = set(lesions[arrived].tolist()) - set(lesions[~arrived].tolist())
         held_lesions = set(lesions[prep.eval_idx].tolist())
         report = LearnReport(
             bundle_id=bundle_id,
             start=start,
             images=len(prep.dataset),
             new_images=int(new_rows.sum()),
+            relabelled=int(prep.relabelled.sum()),
             computed=prep.computed,
             new_lesions=len(new_lesion_ids),
             new_lesions_held_out=len(new_lesion_ids & held_lesions),
@@ -668,7 +724,7 @@ class Clinic:
         grown = self._with_new_classes(head, prep, None)
         adds_class = grown.num_classes > head.num_classes  # a requested new class is itself news
         if not new_rows.any() and not adds_class:
-            return replace(report, not_updated_because="nothing new since the features were last computed")
+            return replace(report, not_updated_because="no image is new, and none has a corrected diagnosis")
         if not (new_rows & ~is_eval).any() and not adds_class:
             # Only held-out images arrived: training again on the same images would replace the
             # deployed head for nothing. They are cached and stay held out; nothing is pending.

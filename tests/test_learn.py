@@ -248,22 +248,97 @@ def test_damaged_cache_files_are_rebuilt_and_a_damaged_head_is_named(tmp_path, b
     data, cache, deployed = first_learn(tmp_path, bundle, 24, seed=13)
     size = bundle.input_shape[0]
     # a feature cache and an image cache entry cut short (e.g. by a power cut): rebuilt, with no error
-    (cache / "features" / f"{bundle.bundle_id}.npz").write_bytes(damage)
+    features = cache / "features" / f"{bundle.bundle_id}.npz"
+    features.write_bytes(damage)
     image_entry = next((cache / f"images-v1-{size}px-centre").rglob("*.npy"))
     image_entry.write_bytes(damage)
     saved = (deployed / "head.npz").read_bytes()
     rebuilt = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert rebuilt.exit_code == 0, rebuilt.output
-    # the features were recomputed, but the split file knows every lesion: no image is new,
+    # the features were recomputed, but the seen-images record knows every image: none is new,
     # so the deployed head is not retrained on the same images
-    assert "24 (0 new, 24 through the backbone" in rebuilt.output and "feature cache was unreadable" in rebuilt.output
-    assert "unchanged" in rebuilt.output and (deployed / "head.npz").read_bytes() == saved
+    assert "24 (0 new, 24 through the backbone" in rebuilt.output and "unchanged" in rebuilt.output, rebuilt.output
+    assert (deployed / "head.npz").read_bytes() == saved
+    # a clinic cache from before that record: the split file still knows every lesion
+    features.write_bytes(damage)
+    (cache / "seen" / f"{bundle.bundle_id}.json").unlink()
+    by_lesion = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert by_lesion.exit_code == 0 and "24 (0 new, 24 through the backbone" in by_lesion.output, by_lesion.output
+    assert "feature cache was unreadable" in by_lesion.output and (deployed / "head.npz").read_bytes() == saved
     # the deployed head is the clinic's own state: a damaged one is an error naming it, never replaced silently
     head = deployed / "head.npz"
     head.write_bytes(damage)
     named = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
     assert named.exit_code == 2 and str(head) in named.output and "Traceback" not in named.output, named.output
     assert head.read_bytes() == damage
+
+
+def test_a_deleted_feature_cache_does_not_make_learned_images_new(tmp_path, bundle) -> None:
+    """Deleting the feature cache (to free space) costs a backbone pass, not a retraining."""
+    data, cache, deployed = first_learn(tmp_path, bundle, 24, seed=16)
+    saved = (deployed / "head.npz").read_bytes()
+    (cache / "features" / f"{bundle.bundle_id}.npz").unlink()
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert result.exit_code == 0 and "24 (0 new, 24 through the backbone" in result.output, result.output
+    assert "unchanged" in result.output and (deployed / "head.npz").read_bytes() == saved
+    # images added since are still new, and only they
+    grow(data, 6, bundle.input_shape[0], seed=81)
+    (cache / "features" / f"{bundle.bundle_id}.npz").unlink()
+    grown = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert grown.exit_code == 0 and "30 (6 new, 30 through the backbone" in grown.output, grown.output
+
+
+def _relabel(metadata: Path, image_id: str, dx: str) -> str:
+    """Correct one image's diagnosis in the clinic's metadata; returns the old one."""
+    import csv
+
+    with metadata.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    row = next(r for r in rows if r["image_id"] == image_id)
+    old, row["dx"] = row["dx"], dx
+    with metadata.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return old
+
+
+def test_a_corrected_diagnosis_is_relearned(tmp_path, bundle) -> None:
+    """A diagnosis corrected in the metadata (say, after histology) has not been learned under its new label."""
+    data, cache, deployed = first_learn(tmp_path, bundle, 40, seed=17)
+    sides = json.loads((cache / SPLIT_FILE).read_text())["lesions"]
+    dataset = load_dataset(data, size=bundle.input_shape[0], cache_dir=cache)
+    row = next(i for i in range(len(dataset)) if sides[str(dataset.lesion_ids[i])] == "train")
+    image_id = str(dataset.image_ids[row])
+    old = dataset.class_names[int(dataset.labels[row])]
+    new = next(c for c in bundle.classes if c != old)
+    assert _relabel(data / "HAM10000_metadata.csv", image_id, new) == old
+    saved = (deployed / "head.npz").read_bytes()
+    result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    assert "40 (1 new, 1 of them with a corrected diagnosis, 0 through the backbone; 39 earlier); new lesions: 0" in result.output
+    assert (deployed / "head.npz").read_bytes() != saved and json.loads((deployed / "deployed.json").read_text())["new_images"] == 1
+    again = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert again.exit_code == 0 and "40 (0 new" in again.output and "unchanged" in again.output, again.output
+    # corrected back: the head last learned the other label, so it is new once more
+    _relabel(data / "HAM10000_metadata.csv", image_id, old)
+    back = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+    assert back.exit_code == 0 and "1 of them with a corrected diagnosis" in back.output, back.output
+
+
+def test_an_unreadable_seen_record_is_rebuilt_from_the_feature_cache(tmp_path, bundle, caplog) -> None:
+    data, cache, deployed = first_learn(tmp_path, bundle, 24, seed=18)
+    record = cache / "seen" / f"{bundle.bundle_id}.json"
+    saved = (deployed / "head.npz").read_bytes()
+    for damage in (b"", b'{"format": 1, "images": ["not", "a", "mapping"]}'):
+        record.write_bytes(damage)
+        with caplog.at_level("WARNING"):
+            result = learn("--data", data, "--clinic-id", "clinic-x", "--cache-dir", cache)
+        assert result.exit_code == 0 and "24 (0 new, 0 through the backbone" in result.output, result.output
+        assert f"seen-images record {record} is unreadable" in caplog.text
+        assert (deployed / "head.npz").read_bytes() == saved
+        assert json.loads(record.read_text())["format"] == 1  # rebuilt
+        caplog.clear()
 
 
 def test_a_new_class_the_data_lacks_is_an_error(tmp_path, bundle) -> None:
