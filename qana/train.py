@@ -810,10 +810,29 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     return {"seconds": round(time.time() - t0, 1), "history": history, **info, **opts.quant_spec().describe()}
 
 
+_LOADED_QUANTIZED: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> (file identity, model)
+
+
 def load_quantized(opts: TrainOptions):
+    """The run's quantized Keras model: one load per process while quantized.h5 is unchanged.
+
+    quantizeml rebuilds every layer on load, which takes 15-25 s even for the tests' tiny
+    model, and a new model's first predict as long again, with some hundred MB TensorFlow does
+    not give back. The akida and bundle stages, and runs resumed in the same process (the
+    tests), read the same file, so they share one model. Callers must not change it.
+    """
     from quantizeml import load_model
 
-    return load_model(str(opts.run_dir / "quantized.h5"), compile_model=False)
+    path = (opts.run_dir / "quantized.h5").resolve()
+    status = path.stat()
+    identity = (status.st_ino, status.st_size, status.st_mtime_ns)  # a rewrite replaces the file
+    cached = _LOADED_QUANTIZED.get(str(path))
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    model = load_model(str(path), compile_model=False)
+    _LOADED_QUANTIZED.clear()  # keep one: a process holding many runs' models would only grow
+    _LOADED_QUANTIZED[str(path)] = (identity, model)
+    return model
 
 
 def stage_akida(opts: TrainOptions) -> dict:
