@@ -810,7 +810,7 @@ def stage_quantized(opts: TrainOptions, train: Dataset, val: Dataset) -> dict:
     return {"seconds": round(time.time() - t0, 1), "history": history, **info, **opts.quant_spec().describe()}
 
 
-_LOADED_QUANTIZED: dict[str, tuple[tuple[int, int, int], Any]] = {}  # path -> (file identity, model)
+_loaded_quantized: tuple[tuple[str, int, int, int], Any] | None = None  # ((path, inode, size, mtime), model)
 
 
 def load_quantized(opts: TrainOptions):
@@ -819,20 +819,18 @@ def load_quantized(opts: TrainOptions):
     quantizeml rebuilds every layer on load, which takes 15-25 s even for the tests' tiny
     model, and a new model's first predict as long again, with some hundred MB TensorFlow does
     not give back. The akida and bundle stages, and runs resumed in the same process (the
-    tests), read the same file, so they share one model. Callers must not change it.
+    tests), read the same file, so they share one model. Only the last one is kept, so a
+    process going through many runs does not grow. Callers must not change it.
     """
+    global _loaded_quantized
     from quantizeml import load_model
 
     path = (opts.run_dir / "quantized.h5").resolve()
     status = path.stat()
-    identity = (status.st_ino, status.st_size, status.st_mtime_ns)  # a rewrite replaces the file
-    cached = _LOADED_QUANTIZED.get(str(path))
-    if cached is not None and cached[0] == identity:
-        return cached[1]
-    model = load_model(str(path), compile_model=False)
-    _LOADED_QUANTIZED.clear()  # keep one: a process holding many runs' models would only grow
-    _LOADED_QUANTIZED[str(path)] = (identity, model)
-    return model
+    identity = (str(path), status.st_ino, status.st_size, status.st_mtime_ns)  # a rewrite replaces the file
+    if _loaded_quantized is None or _loaded_quantized[0] != identity:
+        _loaded_quantized = (identity, load_model(str(path), compile_model=False))
+    return _loaded_quantized[1]
 
 
 def stage_akida(opts: TrainOptions) -> dict:
