@@ -186,8 +186,14 @@ class EdgeHead:
 
     @property
     def learned(self) -> np.ndarray:
-        """(N,) bool: neurons that have learned at least once (Akida sets threshold_learning)."""
-        return self.threshold_learning > 0
+        """(N,) bool: neurons that have learned at least once.
+
+        Akida marks a neuron that learned with threshold_learning > 0, except at a learning
+        competition of about 0.99 or more, where it moves the weights and spends plasticity
+        (thswap) but leaves threshold_learning at 0 (akida 2.19.3). A fresh neuron has
+        thswap == num_weights, so a spent swap counts as learning too.
+        """
+        return (self.threshold_learning > 0) | (self.thswap < self.num_weights)
 
     def to_npz(self) -> bytes:
         """Serialise (for the wire and the audit log). Only the neurons and their parameters."""
@@ -845,21 +851,27 @@ def merge_edge_heads(
     """Federated merge of clinics' edge heads; bits are never averaged.
 
     For every class of the merged order (see `merge_classes`):
-    1. pool that class's neurons from every head that has the class; keep those that won local
-       samples (usage > 0); if none did, those that learned at all (weight 1 each);
-    2. if the pool fits in `budget_per_class`, keep it all; otherwise cluster it with
-       usage-weighted k-medoids in Hamming distance (`weighted_kmedoids`) and keep the medoids.
-       A kept neuron keeps its own per-neuron parameters and learning state and carries the
-       summed usage of its cluster, so a mode seen by many patients at several clinics keeps a
-       neuron and an outlier learned from one sample is what gets dropped;
-    3. fill up to the budget with fresh neurons (seeded random weights, unlearned state), as
-       Akida itself starts, so every class has the same neuron count and clinics can go on
-       learning on-chip from the merged head. A class nobody has learned yet gets only fresh
-       neurons.
+    1. pool that class's neurons from every head that has the class, one entry per distinct
+       neuron: a neuron several clinics returned unchanged (they all started from the same
+       global head) is one neuron, with their usage summed;
+    2. keep the neurons that won local samples this round (usage > 0): all of them if they fit
+       in `budget_per_class`, otherwise the medoids of usage-weighted k-medoids in Hamming
+       distance (`weighted_kmedoids`). A kept neuron keeps its own per-neuron parameters and
+       learning state and carries the summed usage of its cluster, so a mode seen by many
+       patients at several clinics keeps a neuron and an outlier learned from one sample is
+       what gets dropped;
+    3. fill spare budget with neurons that have learned but won nothing this round (usage 0;
+       unweighted k-medoids if they do not all fit). These are what absent clinics taught: a
+       clinic that misses a round (partial participation, a timeout) or a class no
+       participating clinic has this round must not be forgotten while there is room for it;
+    4. fill the rest with fresh neurons (seeded random weights, unlearned state), as Akida itself
+       starts, so every class has the same neuron count and clinics can go on learning
+       on-chip from the merged head. A class nobody has learned yet gets only fresh neurons.
 
-    Kept neurons are ordered class-major, most used first. All heads must share num_features,
-    num_weights and learning_competition (one federation, one learning configuration); the
-    budget defaults to the heads' common neurons per class.
+    Kept neurons are ordered class-major, used ones most used first, then the idle learned
+    ones, then the fresh ones. All heads must share num_features, num_weights and
+    learning_competition (one federation, one learning configuration); the budget defaults to
+    the heads' common neurons per class.
     """
     heads = list(heads)
     if not heads:
@@ -883,54 +895,22 @@ def merge_edge_heads(
     rng = np.random.default_rng(seed)
     d, nw = first.num_features, first.num_weights
     rows_w: list[np.ndarray] = []
-    rows_state: dict[str, list[np.ndarray]] = {k: [] for k in ("threshold", "act_step", "threshold_learning", "thswap")}
+    rows_state: dict[str, list[np.ndarray]] = {k: [] for k in _STATE_FIELDS}
     rows_usage: list[np.ndarray] = []
-    for ci, name in enumerate(merged_classes):
-        pool_w, pool_usage, pool_learned = [], [], []
-        pool_state: dict[str, list[np.ndarray]] = {k: [] for k in rows_state}
-        for h in heads:
-            if name not in h.classes:
-                continue
-            sel = h.neuron_classes == h.classes.index(name)
-            pool_w.append(h.weights[sel])
-            pool_usage.append(h.usage[sel])
-            pool_learned.append(h.learned[sel])
-            for k in pool_state:
-                pool_state[k].append(getattr(h, k)[sel])
-        if pool_w:
-            w_all = np.concatenate(pool_w)
-            u_all = np.concatenate(pool_usage)
-            l_all = np.concatenate(pool_learned)
-            s_all = {k: np.concatenate(v) for k, v in pool_state.items()}
-            if (u_all > 0).any():
-                keep = u_all > 0
-                weight = u_all[keep]
-            else:
-                keep = l_all
-                weight = np.ones(int(keep.sum()), np.int64)
-            w_pool, s_pool = w_all[keep], {k: v[keep] for k, v in s_all.items()}
-        else:
-            w_pool, weight, s_pool = np.zeros((0, d), np.uint8), np.zeros(0, np.int64), {k: np.zeros(0) for k in rows_state}
-        if len(w_pool) > budget:
-            medoids, assign = weighted_kmedoids(w_pool, weight, budget, rng)
-            kept_usage = np.array([weight[assign == j].sum() for j in range(budget)], np.int64)
-            chosen = medoids
-        else:
-            chosen = np.arange(len(w_pool))
-            kept_usage = weight.astype(np.int64)
-        order = np.argsort(-kept_usage, kind="stable")
-        chosen, kept_usage = chosen[order], kept_usage[order]
-        fresh = budget - len(chosen)
-        rows_w.append(np.concatenate([w_pool[chosen], random_neurons(fresh, d, nw, rng)]))
-        rows_usage.append(np.concatenate([kept_usage, np.zeros(fresh, np.int64)]))
+    for name in merged_classes:
+        pool = _class_pool([h for h in heads if name in h.classes], name, d)
+        kept, kept_usage = _keep_for_class(pool, budget, rng)
+        fresh = budget - len(kept)
         fresh_state = {
             "threshold": np.full(fresh, FRESH_THRESHOLD, np.int32),
             "act_step": np.full(fresh, FRESH_ACT_STEP, np.float32),
             "threshold_learning": np.full(fresh, FRESH_THRESHOLD_LEARNING, np.int32),
             "thswap": np.full(fresh, nw, np.int32),
         }
-        for k in rows_state:
-            rows_state[k].append(np.concatenate([s_pool[k][chosen].astype(fresh_state[k].dtype), fresh_state[k]]))
+        rows_w.append(np.concatenate([pool.weights[kept], random_neurons(fresh, d, nw, rng)]))
+        rows_usage.append(np.concatenate([kept_usage, np.zeros(fresh, np.int64)]))
+        for k in _STATE_FIELDS:
+            rows_state[k].append(np.concatenate([pool.state[k][kept].astype(fresh_state[k].dtype), fresh_state[k]]))
     return _head_from_rows(
         np.concatenate(rows_w),
         np.repeat(np.arange(len(merged_classes), dtype=np.int32), budget),
@@ -940,3 +920,65 @@ def merge_edge_heads(
         nw,
         first.learning_competition,
     )
+
+
+_STATE_FIELDS = ("threshold", "act_step", "threshold_learning", "thswap")
+
+
+@dataclass(frozen=True)
+class _ClassPool:
+    """One class's distinct neurons over every head that has the class (see merge_edge_heads)."""
+
+    weights: np.ndarray  # (M, D) uint8, distinct rows, in order of first appearance
+    usage: np.ndarray  # (M,) int64: summed over the copies
+    learned: np.ndarray  # (M,) bool: some copy has learned
+    state: dict[str, np.ndarray]  # per-neuron parameters of the most used copy (the first on ties)
+
+
+def _class_pool(heads: Sequence[EdgeHead], name: str, d: int) -> _ClassPool:
+    if not heads:
+        return _ClassPool(np.zeros((0, d), np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {k: np.zeros(0) for k in _STATE_FIELDS})
+    selections = [h.neuron_classes == h.classes.index(name) for h in heads]
+    w_all = np.concatenate([h.weights[sel] for h, sel in zip(heads, selections)])
+    u_all = np.concatenate([h.usage[sel] for h, sel in zip(heads, selections)])
+    l_all = np.concatenate([h.learned[sel] for h, sel in zip(heads, selections)])
+    s_all = {k: np.concatenate([getattr(h, k)[sel] for h, sel in zip(heads, selections)]) for k in _STATE_FIELDS}
+    _, first_row, inverse = np.unique(w_all, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(first_row, kind="stable")  # distinct rows in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    group = rank[inverse]
+    m = len(order)
+    usage = np.zeros(m, np.int64)
+    np.add.at(usage, group, u_all)
+    learned = np.zeros(m, bool)
+    np.logical_or.at(learned, group, l_all)
+    # the copy whose state is kept: the most used one, the first on ties
+    best = np.full(m, -1, np.int64)
+    for i in range(len(group)):
+        g = group[i]
+        if best[g] < 0 or u_all[i] > u_all[best[g]]:
+            best[g] = i
+    return _ClassPool(w_all[best], usage, learned, {k: v[best] for k, v in s_all.items()})
+
+
+def _keep_for_class(pool: _ClassPool, budget: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows to keep, their usage): used neurons first (k-medoids if too many), then idle learned ones."""
+    used = np.flatnonzero(pool.usage > 0)
+    if len(used) > budget:
+        medoids, assign = weighted_kmedoids(pool.weights[used], pool.usage[used], budget, rng)
+        kept_used = used[medoids]
+        used_usage = np.array([pool.usage[used][assign == j].sum() for j in range(budget)], np.int64)
+    else:
+        kept_used, used_usage = used, pool.usage[used]
+    order = np.argsort(-used_usage, kind="stable")
+    kept_used, used_usage = kept_used[order], used_usage[order]
+    spare = budget - len(kept_used)
+    idle = np.flatnonzero(pool.learned & (pool.usage == 0))
+    if spare and len(idle) > spare:
+        medoids, _ = weighted_kmedoids(pool.weights[idle], np.ones(len(idle), np.int64), spare, rng)
+        idle = idle[np.sort(medoids)]
+    elif not spare:
+        idle = idle[:0]
+    return np.concatenate([kept_used, idle]).astype(np.int64), np.concatenate([used_usage, np.zeros(len(idle), np.int64)])

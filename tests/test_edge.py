@@ -223,6 +223,82 @@ def test_merge_with_different_class_sets_keeps_order_and_shapes(clinics) -> None
     assert again.classes == merged.classes
 
 
+ONE_MODE = ({0: (0,), 1: (0,), 2: (0,)}, {0: (1,), 1: (1,), 2: (1,)})  # mode 0 / mode 1 of every class
+
+
+def _blank(npc: int = 4, nw: int = 32, comp: float = 0.1) -> edge.EdgeHead:
+    """The federation's round-0 head: fresh neurons only."""
+    return edge.learn_edge_head(np.zeros((0, D), np.uint8), np.zeros(0, int), CLASSES, npc, nw, comp, seed=0)
+
+
+def test_a_clinic_missing_a_round_is_not_forgotten() -> None:
+    """Partial participation: clinic A saw mode 0, clinic B mode 1. A round with A alone must keep
+    what B taught while the budget has room (A returns B's neurons unused; the old merge replaced
+    them with random neurons and the global head fell to chance on mode 1)."""
+    (xa, ya), (xb, yb) = (toy(200, ONE_MODE[0], seed=1), toy(200, ONE_MODE[1], seed=2))
+    t0, t1 = toy(600, ONE_MODE[0], seed=90), toy(600, ONE_MODE[1], seed=91)
+    start = _blank()
+    g1 = edge.merge_edge_heads([edge.learn_edge_head(x, y, CLASSES, 4, 32, 0.1, seed=1, init=start) for x, y in ((xa, ya), (xb, yb))], 4, seed=1)
+    assert accuracy(g1, *t0) > 0.95 and accuracy(g1, *t1) > 0.95
+    g2 = edge.merge_edge_heads([edge.learn_edge_head(xa, ya, CLASSES, 4, 32, 0.1, seed=2, init=g1)], 4, seed=2)
+    assert accuracy(g2, *t0) > 0.95
+    assert accuracy(g2, *t1) > 0.95, "one round without clinic B erased what B taught"
+
+
+def test_a_class_nobody_has_this_round_keeps_its_neurons_once() -> None:
+    """Every clinic returns a class it has no images of unchanged: one neuron each, usage 0 (nobody
+    used it this round), and spare budget stays fresh (the old merge kept a copy per clinic and
+    counted the copies as usage)."""
+    x, y = toy(400, ONE_MODE[0], seed=0)
+    rare = np.flatnonzero(y == 2)[2:]  # class c: 2 samples in round 1
+    g1 = edge.learn_edge_head(np.delete(x, rare, axis=0), np.delete(y, rare), CLASSES, 4, 32, 0.1, seed=1, init=_blank())
+    c1 = g1.neuron_classes == 2
+    learned_c = {r.tobytes() for r in g1.weights[c1 & g1.learned]}
+    assert learned_c
+    heads = []
+    for i in range(3):
+        xi, yi = toy(200, ONE_MODE[0], seed=10 + i)
+        heads.append(edge.learn_edge_head(xi[yi != 2], yi[yi != 2], CLASSES, 4, 32, 0.1, seed=20 + i, init=g1))
+    g = g1
+    for r in range(2):  # two rounds in a row without class c
+        g = edge.merge_edge_heads(heads, 4, seed=2 + r)
+        c = g.neuron_classes == 2
+        rows = [w.tobytes() for w in g.weights[c]]
+        assert len(set(rows)) == len(rows), "a class's merged neurons must be distinct"
+        assert {w for w, learned in zip(rows, g.learned[c]) if learned} == learned_c
+        assert (g.usage[c] == 0).all(), "nobody used class c's neurons this round"
+        heads = []
+        for i in range(3):  # the next round: again no clinic has class c
+            xi, yi = toy(200, ONE_MODE[0], seed=30 + 10 * r + i)
+            heads.append(edge.learn_edge_head(xi[yi != 2], yi[yi != 2], CLASSES, 4, 32, 0.1, seed=40 + i, init=g))
+
+
+def test_neurons_several_clinics_learned_identically_are_merged_into_one() -> None:
+    """Noise-free features: clinics learn bit-identical prototypes. They are one neuron with the usage
+    summed, and the spare budget gets fresh neurons (the old merge kept exact copies that can never
+    win a sample)."""
+    start = _blank()
+    heads = [edge.learn_edge_head(*toy(150, ALL_MODES, seed=i, flip=0.0), CLASSES, 4, 32, 0.1, seed=11, init=start) for i in range(3)]
+    merged = edge.merge_edge_heads(heads, 4, seed=1)
+    for c in range(3):
+        sel = merged.neuron_classes == c
+        rows = [w.tobytes() for w in merged.weights[sel]]
+        assert len(set(rows)) == len(rows)
+        assert int(merged.usage[sel].sum()) == sum(int(h.usage[h.neuron_classes == c].sum()) for h in heads)
+    assert not merged.learned[merged.usage == 0].any(), "spare budget beyond the distinct prototypes is fresh"
+
+
+def test_neurons_learned_at_full_competition_count_as_learned() -> None:
+    """At learning_competition 1.0 Akida leaves threshold_learning at 0 while it moves the weights and
+    spends plasticity; such neurons are learned (the merge would otherwise treat them as blank)."""
+    start = _blank(comp=1.0)
+    head = edge.learn_edge_head(*toy(300, ALL_MODES, seed=0), CLASSES, 4, 32, 1.0, seed=1, init=start)
+    moved = (head.weights != start.weights).any(axis=1)
+    assert moved.any() and not (head.threshold_learning > 0).any()
+    np.testing.assert_array_equal(head.learned, moved | (head.thswap < 32))
+    assert head.learned[moved].all() and not _blank(comp=1.0).learned.any()
+
+
 def test_merging_incompatible_heads_is_refused(clinic_heads, clinics) -> None:
     x, y = clinics[0]
     other = edge.learn_edge_head(x, y, CLASSES, 4, 30, 0.1, seed=0)
