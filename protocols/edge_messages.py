@@ -35,7 +35,7 @@ An edge head on the wire (N neurons, class-major, D binary features):
                                                                   no bit set past D
                       neuron-classes      int32  (N,)            = repeat(0..C-1, neurons-per-class)
                       threshold           int32  (N,)
-                      act-step            float32 (N,)           finite, > 0
+                      act-step            float32 (N,)           finite, >= 1/16 (Akida's smallest step)
                       threshold-learning  int32  (N,)            >= 0 (Akida's learning state)
                       thswap              int32  (N,)            in [0, num-weights]
                       usage               int64  (N,)            >= 0; in a clinic's reply the counts sum
@@ -98,7 +98,7 @@ from protocols.messages import (
     check_round_and_seed,
     clinic_record,
 )
-from qana.edge import EdgeHead
+from qana.edge import MAX_LEARNING_COMPETITION, MIN_ACT_STEP, EdgeHead
 
 # Flower message types (named actions of Flower's train/evaluate/query categories).
 MSG_EDGE_PARAMS = "query.edge_params"
@@ -153,7 +153,6 @@ EDGE_TRAIN_METRICS = (M_NUM_EXAMPLES, M_TRAIN_TOP1, M_DEVICE_AGREEMENT)
 MAX_NEURONS_PER_CLASS = 1024
 MAX_EDGE_EPOCHS = 100
 MAX_CLASSES = 1000
-MAX_LEARNING_COMPETITION = 1.0  # Akida refuses more: "The learning competition must be between 0 and 1."
 
 
 @dataclass(frozen=True)
@@ -298,8 +297,9 @@ def edge_head_from_records(
 
     Checks: dtypes and shapes of every array, no bit past D, exactly num-weights ones per neuron,
     the class-major uniform layout (`neuron-classes` = 0..C-1 each repeated neurons-per-class
-    times, so the head can be written back into an Akida learning layer), finite positive
-    act-step, non-negative learning state and usage, thswap within [0, num-weights].
+    times, so the head can be written back into an Akida learning layer), finite
+    act-step of at least 1/16 (Akida's smallest), non-negative learning state and usage, thswap within
+    [0, num-weights].
     """
     arrays, meta = content[REC_EDGE], content[REC_EDGE_META]
     d, nw, comp, head_classes = _head_meta(meta, what)
@@ -332,8 +332,8 @@ def edge_head_from_records(
     if not np.array_equal(values[ARR_NEURON_CLASSES], np.repeat(np.arange(c, dtype=np.int32), npc)):
         raise ProtocolError(f"{what}: neuron-classes must be 0..{c - 1}, each repeated {npc} times (class-major layout)")
     act = values[ARR_ACT_STEP]
-    if not (np.isfinite(act).all() and (act > 0).all()):
-        raise ProtocolError(f"{what}: act-step must be finite and positive")
+    if not (np.isfinite(act).all() and (act >= MIN_ACT_STEP).all()):
+        raise ProtocolError(f"{what}: act-step must be finite and at least {MIN_ACT_STEP} (Akida refuses smaller steps)")
     for name in (ARR_THRESHOLD_LEARNING, ARR_USAGE):
         if (values[name] < 0).any():
             raise ProtocolError(f"{what}: {name} cannot be negative")

@@ -57,6 +57,11 @@ from qana.bundle import Bundle
 FORMAT_VERSION = 1
 EDGE_LAYER_NAME = "qana_edge"
 LEARNING_VARIABLES = ("threshold_learning", "thswap")
+# Akida refuses a smaller act_step ("Unsupported act_step, it should be equal or greater than 1/16")
+# and a learning competition outside [0, 1] (akida 2.19.3): a head Akida would refuse is refused here,
+# so the reference and the chip agree on which heads are valid.
+MIN_ACT_STEP = 1.0 / 16
+MAX_LEARNING_COMPETITION = 1.0
 # Per-neuron state of a neuron that has not learned yet, exactly as `compile` and `add_classes`
 # create it (checked against akida by tests/test_edge.py): these are what padding neurons get.
 FRESH_THRESHOLD = 0
@@ -95,22 +100,18 @@ class EdgeHead:
     learning_competition: float
 
     def __post_init__(self) -> None:
-        classes = tuple(str(c) for c in self.classes)
-        if not classes:
-            raise ValueError("an edge head needs at least one class")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"duplicate class names in {classes}")
-        d = int(self.num_features)
+        classes = _check_classes(self.classes, "an edge head's classes")
+        d = _integer(self.num_features, "num_features")
         if d < 1:
             raise ValueError(f"num_features must be positive, got {d}")
-        packed = np.asarray(self.weights_packed)
+        packed = np.array(self.weights_packed, copy=True)  # a copy: the caller's buffer cannot change a validated head
         if packed.dtype != np.uint8 or packed.ndim != 2 or packed.shape[1] != (d + 7) // 8 or packed.shape[0] < 1:
             raise ValueError(f"weights_packed must be (N, {(d + 7) // 8}) uint8 for {d} features, got {packed.shape} {packed.dtype}")
         n = packed.shape[0]
         unpacked = np.unpackbits(packed, axis=1)
         if unpacked[:, d:].any():
             raise ValueError("weights_packed has bits set beyond num_features")
-        nw = int(self.num_weights)
+        nw = _integer(self.num_weights, "num_weights")
         if not 1 <= nw <= d:
             raise ValueError(f"num_weights must be in [1, {d}], got {nw}")
         ones = unpacked[:, :d].sum(axis=1)
@@ -120,39 +121,47 @@ class EdgeHead:
                 f"every Akida learning neuron has exactly num_weights={nw} ones; neurons {bad} have "
                 f"{ones[bad].tolist()} (averaged or corrupted weights?)"
             )
+        # integer fields: (dtype, smallest, largest) checked on the values as given, before any cast
+        # (a cast would wrap 2**32 + 1 to 1 and the range checks would pass on the wrapped value)
+        bounds = {
+            "neuron_classes": (np.int32, 0, len(classes) - 1),
+            "threshold": (np.int32, np.iinfo(np.int32).min, np.iinfo(np.int32).max),
+            "threshold_learning": (np.int32, 0, np.iinfo(np.int32).max),
+            "thswap": (np.int32, 0, nw),
+            "usage": (np.int64, 0, np.iinfo(np.int64).max),
+        }
         arrays: dict[str, np.ndarray] = {}
-        for name, dtype in (
-            ("neuron_classes", np.int32),
-            ("threshold", np.int32),
-            ("act_step", np.float32),
-            ("threshold_learning", np.int32),
-            ("thswap", np.int32),
-            ("usage", np.int64),
-        ):
+        for name, (dtype, low, high) in bounds.items():
             raw = np.asarray(getattr(self, name))
             if raw.shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {raw.shape}")
-            if name != "act_step" and raw.size and not np.issubdtype(raw.dtype, np.integer):
+            if not np.issubdtype(raw.dtype, np.integer):
                 raise ValueError(f"{name} must be integers, got {raw.dtype}")
+            if n and (int(raw.min()) < low or int(raw.max()) > high):
+                raise ValueError(f"{name} must be in [{low}, {high}], got {int(raw.min())}..{int(raw.max())}")
             arrays[name] = raw.astype(dtype)
+        raw_step = np.asarray(self.act_step)
+        if raw_step.shape != (n,):
+            raise ValueError(f"act_step must have shape ({n},), got {raw_step.shape}")
+        if not (np.issubdtype(raw_step.dtype, np.floating) or np.issubdtype(raw_step.dtype, np.integer)):
+            raise ValueError(f"act_step must be real numbers, got {raw_step.dtype}")
+        arrays["act_step"] = raw_step.astype(np.float32)
+        if not (np.isfinite(arrays["act_step"]).all() and (arrays["act_step"] >= MIN_ACT_STEP).all()):
+            raise ValueError(f"act_step must be finite and at least {MIN_ACT_STEP} (Akida's smallest step)")
         nc = arrays["neuron_classes"]
-        if nc.min() < 0 or nc.max() >= len(classes):
-            raise ValueError(f"neuron_classes must index the {len(classes)} classes, got {nc.min()}..{nc.max()}")
         if np.any(np.diff(nc) < 0):
             raise ValueError("neurons must be stored class-major (neuron_classes non-decreasing)")
-        if not (np.isfinite(arrays["act_step"]).all() and (arrays["act_step"] > 0).all()):
-            raise ValueError("act_step must be finite and positive")
-        if (arrays["usage"] < 0).any():
-            raise ValueError("usage counts cannot be negative")
-        lc = float(self.learning_competition)
-        if not math.isfinite(lc) or lc < 0:
-            raise ValueError(f"learning_competition must be a finite number >= 0, got {lc}")
+        lc = _real(self.learning_competition, "learning_competition")
+        if not 0 <= lc <= MAX_LEARNING_COMPETITION:
+            raise ValueError(f"learning_competition must be from 0 to {MAX_LEARNING_COMPETITION:g} (Akida's range), got {lc}")
+        packed.flags.writeable = False
         object.__setattr__(self, "weights_packed", packed)
         object.__setattr__(self, "num_features", d)
         object.__setattr__(self, "num_weights", nw)
         object.__setattr__(self, "learning_competition", lc)
         object.__setattr__(self, "classes", classes)
         for name, value in arrays.items():
+            value.flags.writeable = False  # frozen means frozen: a validated head stays valid
             object.__setattr__(self, name, value)
 
     @property
@@ -303,13 +312,34 @@ def _check_labels(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
     return y.astype(np.int32)
 
 
-def _check_classes(classes: Iterable[str]) -> tuple[str, ...]:
-    out = tuple(str(c) for c in classes)
+def _check_classes(classes: Iterable[str], what: str = "classes") -> tuple[str, ...]:
+    """Class names as a tuple of strings (numbers or bytes are refused: they would be turned into
+    names like "1" or "b'nv'" that never match the federation's classes)."""
+    out = tuple(classes)
     if not out:
         raise ValueError("at least one class is needed")
+    bad = [c for c in out if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"{what} must be strings, got {bad[:3]!r}")
+    out = tuple(str(c) for c in out)  # numpy str_ -> str
     if len(set(out)) != len(out):
         raise ValueError(f"duplicate class names in {out}")
     return out
+
+
+def _integer(value: Any, name: str) -> int:
+    """An integral number as int; 16.7, True or "16" is an error, not 16, 1 or 16."""
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.issubdtype(v.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(v)
+
+
+def _real(value: Any, name: str) -> float:
+    v = np.asarray(value)
+    if v.ndim != 0 or not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(v)
 
 
 def _check_settings(num_features: int, neurons_per_class: int, num_weights: int, learning_competition: float) -> None:
@@ -317,8 +347,8 @@ def _check_settings(num_features: int, neurons_per_class: int, num_weights: int,
         raise ValueError(f"neurons_per_class must be at least 1, got {neurons_per_class}")
     if not 1 <= int(num_weights) <= num_features:
         raise ValueError(f"num_weights must be in [1, {num_features}] (the feature dimension), got {num_weights}")
-    if not math.isfinite(learning_competition) or learning_competition < 0:
-        raise ValueError(f"learning_competition must be >= 0, got {learning_competition}")
+    if not math.isfinite(learning_competition) or not 0 <= learning_competition <= MAX_LEARNING_COMPETITION:
+        raise ValueError(f"learning_competition must be from 0 to {MAX_LEARNING_COMPETITION:g} (Akida's range), got {learning_competition}")
 
 
 def random_neurons(count: int, num_features: int, num_weights: int, rng: np.random.Generator) -> np.ndarray:

@@ -344,6 +344,58 @@ def test_a_head_with_averaged_or_corrupt_bits_is_refused(clinic_heads) -> None:
                       h.threshold_learning, h.thswap, h.usage, h.classes, h.num_weights, 0.1)
 
 
+def _fields(h: edge.EdgeHead, **changes) -> dict:
+    fields = dict(weights_packed=h.weights_packed, num_features=h.num_features, neuron_classes=h.neuron_classes,
+                  threshold=h.threshold, act_step=h.act_step, threshold_learning=h.threshold_learning, thswap=h.thswap,
+                  usage=h.usage, classes=h.classes, num_weights=h.num_weights, learning_competition=h.learning_competition)
+    fields.update(changes)
+    return fields
+
+
+def test_a_head_akida_would_refuse_is_refused(clinic_heads) -> None:
+    """act_step below 1/16 and a learning competition above 1 pass a finite/positive check but Akida
+    refuses them, so such a head broke every clinic one round after the merge kept it."""
+    h = clinic_heads[0]
+    with pytest.raises(ValueError, match="act_step must be finite and at least"):
+        edge.EdgeHead(**_fields(h, act_step=np.where(np.arange(h.num_neurons) == 0, 0.05, h.act_step).astype(np.float32)))
+    with pytest.raises(ValueError, match="learning_competition must be from 0 to 1"):
+        edge.EdgeHead(**_fields(h, learning_competition=1.5))
+    with pytest.raises(ValueError, match="learning_competition must be from 0 to 1"):
+        edge.learn_edge_head(np.zeros((4, D), np.uint8), np.zeros(4, int), CLASSES, 2, 32, 1.5)
+    edge.EdgeHead(**_fields(h, act_step=np.full(h.num_neurons, 1 / 16, np.float32)))  # the smallest step is fine
+
+
+def test_out_of_range_integers_are_refused_not_wrapped(clinic_heads) -> None:
+    """Values checked as given: 2**32 + 1 must not pass as class 1, 2**32 as "never learned"."""
+    h = clinic_heads[0]
+    n = h.num_neurons
+    big_class = h.neuron_classes.astype(np.int64)
+    big_class[-1] = 2**32 + 2
+    with pytest.raises(ValueError, match="neuron_classes must be in"):
+        edge.EdgeHead(**_fields(h, neuron_classes=big_class))
+    with pytest.raises(ValueError, match="threshold_learning must be in"):
+        edge.EdgeHead(**_fields(h, threshold_learning=np.full(n, 2**32, np.int64)))
+    with pytest.raises(ValueError, match="threshold_learning must be in"):
+        edge.EdgeHead(**_fields(h, threshold_learning=np.full(n, -5, np.int32)))
+    with pytest.raises(ValueError, match="thswap must be in"):
+        edge.EdgeHead(**_fields(h, thswap=np.full(n, h.num_weights + 1, np.int32)))
+    with pytest.raises(ValueError, match="num_features must be an integer"):
+        edge.EdgeHead(**_fields(h, num_features=64.7))
+    with pytest.raises(ValueError, match="must be strings"):
+        edge.EdgeHead(**_fields(h, classes=(0, 1, 2)))
+
+
+def test_a_validated_head_cannot_be_changed_afterwards(clinic_heads) -> None:
+    h = clinic_heads[0]
+    buffer = h.weights_packed.copy()
+    head = edge.EdgeHead(**_fields(h, weights_packed=buffer))
+    buffer[0] = 0xFF  # the caller reuses its buffer
+    np.testing.assert_array_equal(head.weights_packed, h.weights_packed)
+    with pytest.raises(ValueError, match="read-only"):
+        head.usage[0] = -7
+    assert edge.EdgeHead.from_npz(head.to_npz()).to_npz() == head.to_npz()
+
+
 # --------------------------------------------------------------------------- bad input
 
 

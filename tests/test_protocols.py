@@ -282,8 +282,11 @@ def test_edge_train_settings_that_would_fail_in_akida_are_refused_by_name(key, v
 def test_edge_train_instruction_with_a_learning_competition_akida_refuses_is_refused_by_name() -> None:
     """Head and settings agreeing on 1.5 used to pass, and Akida then failed deep in learning with
     "The learning competition must be between 0 and 1."."""
+    content = _edge_train_content()  # (an EdgeHead with 1.5 cannot be built any more: set it on the wire)
+    content[P.REC_CONFIG][E.K_EDGE_COMPETITION] = 1.5
+    content[E.REC_EDGE_META][E.K_COMPETITION] = 1.5
     with pytest.raises(P.ProtocolError, match=re.escape("edge train instruction: learning-competition 1.5 must be from 0 to 1")):
-        E.validate_train_edge_ins(_edge_train_content(1.5), 16)
+        E.validate_train_edge_ins(content, 16)
 
 
 def test_edge_params_reply_with_a_learning_competition_akida_refuses_is_refused() -> None:
