@@ -283,7 +283,7 @@ def as_binary_features(features: np.ndarray, num_features: int | None = None, wh
     activations) would be silently clipped by the chip, so it is refused here instead.
     """
     f = np.asarray(features)
-    if f.ndim < 2:
+    if not (f.ndim == 2 or (f.ndim == 4 and f.shape[1:3] == (1, 1))):
         raise ValueError(f"{what} must be (N, D) or (N, 1, 1, D), got shape {f.shape}")
     f = f.reshape(f.shape[0], int(np.prod(f.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
     if num_features is not None and f.shape[1] != num_features:
@@ -455,15 +455,22 @@ def read_layer_state(model) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return weights, state
 
 
-def write_edge_head(model, head: EdgeHead) -> None:
-    """Store a head's neurons in the model's edge layer (learning state too, when it is compiled)."""
+def _fitting_layer(model, head: EdgeHead):
+    """The model's edge layer, if it has one unit per neuron of `head` on its features (else ValueError)."""
     layer = _layer(model)
-    current = layer.get_variable("weights")
-    if current.shape[-1] != head.num_neurons or current.shape[-2] != head.num_features:
+    shape = layer.get_variable("weights").shape
+    if shape[-1] != head.num_neurons or shape[-2] != head.num_features:
         raise ValueError(
             f"edge head with {head.num_neurons} neurons on {head.num_features} features does not fit "
-            f"a layer of {current.shape[-1]} units on {current.shape[-2]} inputs"
+            f"a layer of {shape[-1]} units on {shape[-2]} inputs"
         )
+    return layer
+
+
+def write_edge_head(model, head: EdgeHead) -> None:
+    """Store a head's neurons in the model's edge layer (learning state too, when it is compiled)."""
+    layer = _fitting_layer(model, head)
+    current = layer.get_variable("weights")
     layer.set_variable("weights", head.weights.T.reshape(current.shape).astype(current.dtype))
     layer.set_variable("threshold", head.threshold)
     layer.set_variable("act_step", head.act_step)
@@ -488,8 +495,10 @@ def _potentials(weights: np.ndarray, state: dict[str, np.ndarray] | EdgeHead, x:
 def neuron_usage(potentials: np.ndarray, labels: np.ndarray, neuron_classes: np.ndarray) -> np.ndarray:
     """For each sample, the best-matching neuron of its own class wins one count (first on ties).
 
-    This is the neuron Akida's labelled learning would update for that sample, so the count
-    says how much of the class's local data the neuron represents.
+    The count is of inference wins among the class's neurons: how much of the class's local
+    data the neuron represents. It is usually, not always, the neuron Akida's learning updates
+    for that sample: learning also skips a learned neuron whose overlap does not exceed its
+    threshold_learning.
     """
     usage = np.zeros(potentials.shape[1], np.int64)
     for c in np.unique(labels):
@@ -670,6 +679,8 @@ def predict_edge(head: EdgeHead, features: np.ndarray, model: Any = None, batch_
     x = as_binary_features(features, head.num_features)
     if model is None:
         model = edge_inference_model(head)
+    else:
+        _fitting_layer(model, head)  # another head's model would answer with the wrong neurons
     n, d = x.shape
     if n == 0:
         return np.zeros(0, np.int64)
@@ -700,6 +711,7 @@ def predict_edge_images(model, head: EdgeHead, images: np.ndarray, batch_size: i
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    _fitting_layer(model, head)
     if len(images) == 0:
         return np.zeros(0, np.int64)
     out = [model.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
@@ -745,7 +757,7 @@ def choose_edge_params(
       and scored by balanced accuracy on the validation part (HAM10000 is dominated by `nv`,
       so plain accuracy would reward ignoring rare lesions). Grid values above the largest
       class's training count are skipped: only one neuron learns per sample, so extra neurons
-      stay unused. The chosen pair is the one with the fewest neurons whose score is within
+      stay unused (if that skips the whole grid, that count itself is tried). The chosen pair is the one with the fewest neurons whose score is within
       `tolerance` of the best (the start of the plateau: more neurons cost memory and time on
       the chip and dilute usage counts in the merge without helping).
     """
@@ -768,12 +780,19 @@ def choose_edge_params(
     num_weights = int(min(d, max(1, round(NUM_WEIGHTS_FACTOR * median_active))))
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    asked = sorted({int(k) for k in neurons_grid})
+    if not asked or asked[0] < 1:
+        raise ValueError(f"neurons_grid must hold neuron counts >= 1, got {list(neurons_grid)}")
     group_keys = np.arange(n) if groups is None else np.asarray(groups)
     train_idx, val_idx = grouped_split(y, group_keys, (1.0 - val_fraction, val_fraction), seed)
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise ValueError(f"too few samples ({n}) for a train/validation split")
     max_count = int(np.bincount(y[train_idx], minlength=len(classes)).max())
-    grid = sorted({int(k) for k in neurons_grid if 1 <= int(k) <= max_count} | {1})
+    # counts above the largest class's training count cannot all learn; if that leaves nothing of
+    # the caller's grid, the largest count that can (never a count the caller did not ask for otherwise)
+    grid = [k for k in asked if k <= max_count] or [max_count]
     comps = sorted({float(c) for c in competition_grid})
     if not comps:
         raise ValueError("competition_grid is empty")
@@ -828,11 +847,19 @@ def weighted_kmedoids(weights: np.ndarray, usage: np.ndarray, k: int, rng: np.ra
     Minimises sum_i usage_i * hamming(w_i, nearest medoid) over medoids chosen among the w_i
     (so every kept vector is a real learned neuron, never a mixture). Seeded k-means++ start,
     then alternating assignment / medoid update until nothing changes. Returns (medoid row
-    indices, cluster index of every row).
+    indices, cluster index of every row). Identical rows are one vector, so k can be at most the
+    number of distinct rows (more medoids would be copies that never win a row).
     """
+    weights = as_binary_features(weights, what="weights")
     n = weights.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+    usage = np.asarray(usage)
+    if usage.shape != (n,) or not (np.issubdtype(usage.dtype, np.integer) or np.issubdtype(usage.dtype, np.floating)):
+        raise ValueError(f"usage must be {n} numbers, one per row of weights, got {usage.shape} {usage.dtype}")
+    if not (np.isfinite(usage).all() and (usage >= 0).all()):
+        raise ValueError("usage must be finite and >= 0")
+    distinct = len(np.unique(weights, axis=0)) if n else 0
+    if not 1 <= k <= distinct:
+        raise ValueError(f"k must be in [1, {distinct}] (the distinct rows), got {k}")
     dist = _hamming(weights, weights).astype(np.float64)
     w = usage.astype(np.float64)
     medoids = [int(np.argmax(w))]

@@ -421,6 +421,35 @@ def test_bad_input_is_a_clear_value_error(clinics, clinic_heads) -> None:
         edge.bundle_edge_model(load_bundle(BUNDLES / "tiny-v2"), 6)
 
 
+def test_more_bad_input_is_a_clear_value_error(clinics, clinic_heads) -> None:
+    x, y = clinics[0]
+    head = clinic_heads[0]
+    with pytest.raises(ValueError, match=r"\(N, D\) or \(N, 1, 1, D\)"):
+        edge.predict_edge_reference(head, x.reshape(len(x), 2, D // 2))
+    edge.predict_edge_reference(head, x.reshape(len(x), 1, 1, D))  # the backbone's own layout is fine
+    other = edge.learn_edge_head(x, y, CLASSES, 2, 32, 0.1, seed=0)  # 6 neurons, the head has 12
+    with pytest.raises(ValueError, match="does not fit"):
+        edge.predict_edge(head, x, model=edge.edge_inference_model(other))
+    rows = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], np.uint8)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="distinct rows"):
+        edge.weighted_kmedoids(rows, np.ones(3), 3, rng)
+    with pytest.raises(ValueError, match="usage must be finite and >= 0"):
+        edge.weighted_kmedoids(rows, np.array([1.0, np.nan, 1.0]), 2, rng)
+    with pytest.raises(ValueError, match="usage must be 3 numbers"):
+        edge.weighted_kmedoids(rows, np.ones(2), 2, rng)
+    with pytest.raises(ValueError, match="tolerance"):
+        edge.choose_edge_params(x, y, CLASSES, neurons_grid=(1, 2), competition_grid=(0.1,), tolerance=-0.1)
+
+
+def test_choose_edge_params_sweeps_only_the_grid_it_is_given(clinics) -> None:
+    x, y = clinics[0]
+    params = edge.choose_edge_params(x, y, CLASSES, neurons_grid=(2, 4), competition_grid=(0.1,), seed=0)
+    assert {s["neurons_per_class"] for s in params.sweep} == {2, 4}
+    few = edge.choose_edge_params(x[:12], y[:12], CLASSES, neurons_grid=(16, 32), competition_grid=(0.1,), seed=0)
+    assert len({s["neurons_per_class"] for s in few.sweep}) == 1 and few.neurons_per_class > 1
+
+
 # --------------------------------------------------------------------------- choosing settings
 
 
