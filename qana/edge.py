@@ -904,6 +904,7 @@ def merge_edge_heads(
     budget_per_class: int | None = None,
     seed: int = 0,
     classes: Iterable[str] | None = None,
+    keep_idle_neurons: bool = False,
 ) -> EdgeHead:
     """Federated merge of clinics' edge heads; bits are never averaged.
 
@@ -917,10 +918,14 @@ def merge_edge_heads(
        learning state and carries the summed usage of its cluster, so a mode seen by many
        patients at several clinics keeps a neuron and an outlier learned from one sample is
        what gets dropped;
-    3. fill spare budget with neurons that have learned but won nothing this round (usage 0;
-       unweighted k-medoids if they do not all fit). These are what absent clinics taught: a
-       clinic that misses a round (partial participation, a timeout) or a class no
-       participating clinic has this round must not be forgotten while there is room for it;
+    3. learned neurons that won nothing this round (usage 0; unweighted k-medoids if they do
+       not all fit the budget) are kept where nobody used any neuron of the class (no clinic
+       in this merge has images of it: it must not be forgotten), and, with
+       `keep_idle_neurons`, in any spare budget. Pass it when a clinic of the federation is
+       missing from this merge (partial participation, a timeout, a clinic offline): what it
+       taught shows up in the others' replies as idle neurons, and dropping them would erase
+       that clinic's modes in one round. With every clinic present an idle neuron is one that
+       no clinic's data needs any more, and a fresh neuron is worth more;
     4. fill the rest with fresh neurons (seeded random weights, unlearned state), as Akida itself
        starts, so every class has the same neuron count and clinics can go on learning
        on-chip from the merged head. A class nobody has learned yet gets only fresh neurons.
@@ -956,7 +961,7 @@ def merge_edge_heads(
     rows_usage: list[np.ndarray] = []
     for name in merged_classes:
         pool = _class_pool([h for h in heads if name in h.classes], name, d)
-        kept, kept_usage = _keep_for_class(pool, budget, rng)
+        kept, kept_usage = _keep_for_class(pool, budget, rng, keep_idle_neurons)
         fresh = budget - len(kept)
         fresh_state = {
             "threshold": np.full(fresh, FRESH_THRESHOLD, np.int32),
@@ -1020,8 +1025,9 @@ def _class_pool(heads: Sequence[EdgeHead], name: str, d: int) -> _ClassPool:
     return _ClassPool(w_all[best], usage, learned, {k: v[best] for k, v in s_all.items()})
 
 
-def _keep_for_class(pool: _ClassPool, budget: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(pool rows to keep, their usage): used neurons first (k-medoids if too many), then idle learned ones."""
+def _keep_for_class(pool: _ClassPool, budget: int, rng: np.random.Generator, keep_idle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows to keep, their usage): used neurons first (k-medoids if too many), then idle
+    learned ones where the class had no use at all or `keep_idle` (see merge_edge_heads step 3)."""
     used = np.flatnonzero(pool.usage > 0)
     if len(used) > budget:
         medoids, assign = weighted_kmedoids(pool.weights[used], pool.usage[used], budget, rng)
@@ -1031,7 +1037,7 @@ def _keep_for_class(pool: _ClassPool, budget: int, rng: np.random.Generator) -> 
         kept_used, used_usage = used, pool.usage[used]
     order = np.argsort(-used_usage, kind="stable")
     kept_used, used_usage = kept_used[order], used_usage[order]
-    spare = budget - len(kept_used)
+    spare = budget - len(kept_used) if (keep_idle or not len(used)) else 0
     idle = np.flatnonzero(pool.learned & (pool.usage == 0))
     if spare and len(idle) > spare:
         medoids, _ = weighted_kmedoids(pool.weights[idle], np.ones(len(idle), np.int64), spare, rng)

@@ -246,6 +246,10 @@ class EdgeMerge:
     min_clinics: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # clinics whose heads this run has merged (in memory: a resumed run starts counting again)
+        self._clinics_merged: set[str] = set()
+
     def _sample(self, server_round: int, grid: Grid, fraction: float, salt: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
         if fraction == 0.0 or not nodes:
@@ -264,13 +268,24 @@ class EdgeMerge:
 
         Replies are taken in clinic-id order, so the merged head (and the order of classes
         clinics introduce: appended after the round's classes, first seen in that order) does
-        not depend on the order in which replies arrived.
+        not depend on the order in which replies arrived. When a clinic merged in an earlier
+        round is missing from this one (not sampled, timed out, rejected, offline), the merge
+        keeps idle learned neurons in spare budget: they hold what that clinic taught.
         """
         if not replies:
             raise ValueError("no edge heads to merge")
         ordered = sorted(replies, key=lambda r: r.clinic.clinic_id)
+        present = {r.clinic.clinic_id for r in ordered}
+        absent = sorted(self._clinics_merged - present)
+        self._clinics_merged |= present
+        if absent:
+            log(INFO, "Round %d: %s missing from this merge; idle learned neurons are kept where there is room", server_round, ", ".join(absent))
         return merge_edge_heads(
-            [r.head for r in ordered], budget_per_class=spec.neurons_per_class, seed=self.seed + server_round, classes=spec.classes
+            [r.head for r in ordered],
+            budget_per_class=spec.neurons_per_class,
+            seed=self.seed + server_round,
+            classes=spec.classes,
+            keep_idle_neurons=bool(absent),
         )
 
     def configure_evaluate(self, server_round: int, content: RecordDict, grid: Grid) -> list[Message]:

@@ -240,9 +240,13 @@ def test_a_clinic_missing_a_round_is_not_forgotten() -> None:
     start = _blank()
     g1 = edge.merge_edge_heads([edge.learn_edge_head(x, y, CLASSES, 4, 32, 0.1, seed=1, init=start) for x, y in ((xa, ya), (xb, yb))], 4, seed=1)
     assert accuracy(g1, *t0) > 0.95 and accuracy(g1, *t1) > 0.95
-    g2 = edge.merge_edge_heads([edge.learn_edge_head(xa, ya, CLASSES, 4, 32, 0.1, seed=2, init=g1)], 4, seed=2)
+    reply_a = edge.learn_edge_head(xa, ya, CLASSES, 4, 32, 0.1, seed=2, init=g1)
+    g2 = edge.merge_edge_heads([reply_a], 4, seed=2, keep_idle_neurons=True)
     assert accuracy(g2, *t0) > 0.95
     assert accuracy(g2, *t1) > 0.95, "one round without clinic B erased what B taught"
+    # with every clinic present, idle neurons are not needed by anyone: the spare budget stays fresh
+    full = edge.merge_edge_heads([reply_a], 4, seed=2)
+    assert not full.learned[full.usage == 0].any()
 
 
 def test_a_class_nobody_has_this_round_keeps_its_neurons_once() -> None:

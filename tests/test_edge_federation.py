@@ -505,6 +505,28 @@ def test_new_classes_from_several_clinics_are_appended_in_clinic_id_order(tmp_pa
     assert class_additions(("akiec",), replies) == [("bcc", "clinic-a"), ("bkl", "clinic-b")]
 
 
+def test_a_clinic_missing_from_a_round_keeps_its_neurons_in_the_merge() -> None:
+    """Clinic a saw mode 0 of every class, clinic b mode 1. A round that merges a's head alone must
+    keep b's neurons (idle in a's reply) while there is room; a round with both keeps only used ones."""
+    one_mode = ({0: (0,), 1: (0,), 2: (0,)}, {0: (1,), 1: (1,), 2: (1,)})
+    data = {name: toy(200, modes, seed=i) for i, (name, modes) in enumerate(zip(("clinic-a", "clinic-b"), one_mode))}
+    spec = E.EdgeSpec(D, CLASSES, 25, 4, 0.1)
+    merge = EdgeMerge()
+
+    def reply(name: str, init: edge.EdgeHead, seed: int) -> E.EdgeTrainReply:
+        head = edge.learn_edge_head(*data[name], CLASSES, 4, 25, 0.1, seed=seed, init=init)
+        return E.EdgeTrainReply(P.ClinicInfo(name, P.PROTOCOL_VERSION), head, {P.M_NUM_EXAMPLES: 200})
+
+    start = fresh_edge_head(D, CLASSES, edge.EdgeParams(25, 4, 0.1, 0.0), seed=0)
+    g1 = merge.aggregate_train(1, [reply("clinic-a", start, 1), reply("clinic-b", start, 2)], spec)
+    mode1 = toy(600, one_mode[1], seed=91)
+    assert np.mean(edge.predict_edge_reference(g1, mode1[0]) == mode1[1]) > 0.95
+    g2 = merge.aggregate_train(2, [reply("clinic-a", g1, 3)], spec)
+    assert np.mean(edge.predict_edge_reference(g2, mode1[0]) == mode1[1]) > 0.95, "clinic b's modes were forgotten"
+    g3 = merge.aggregate_train(3, [reply("clinic-a", g2, 4), reply("clinic-b", g2, 5)], spec)
+    assert not g3.learned[g3.usage == 0].any(), "with every clinic present, idle neurons give way to fresh ones"
+
+
 def test_initial_classes_must_be_classes_of_the_bundle(tmp_path, bundle, audit) -> None:
     with pytest.raises(FederationError, match=r"initial-classes scc are not classes of the bundle \(akiec, bcc, bkl\)"):
         coordinator(tmp_path, bundle, audit, toy_clinics(bundle), **{"initial-classes": "akiec,scc", **FIXED}).run()
