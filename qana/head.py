@@ -138,6 +138,33 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
     return w.astype(np.float32)
 
 
+def training_inputs(head: Head, features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features as (N, D) rows, labels as int64 class indices), checked for training `head`.
+
+    The one check of training data, for `train_head` and for the recipes that resample before it
+    (`qana.learning.train_local_head`): it runs before anything casts the labels (1.7 would train
+    class 1) or hands them to np.bincount or SMOTE (where -1, a stray 2e8 or a missing label fail
+    with numpy's or sklearn's words, or allocate memory in proportion to the label). Features keep
+    their dtype: callers decide how to convert them.
+    """
+    x = _flatten(features, head.num_features)
+    return x, _class_indices(labels, x.shape[0], head.num_classes)
+
+
+def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:
+    """`labels` as int64, or ValueError naming what makes them unusable as one class index per row."""
+    raw = np.asarray(labels)
+    if raw.ndim != 1:  # (N, 1) would pass the row count and fail inside np.bincount
+        raise ValueError(f"labels must be a 1-D array of class indices, not shape {raw.shape}")
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, not {raw.dtype}")  # 1.7 would train class 1
+    if raw.shape[0] != num_rows:
+        raise ValueError(f"{num_rows} feature rows but {raw.shape[0]} labels")
+    if raw.size and (raw.min() < 0 or raw.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}); got {raw.min()}..{raw.max()}")
+    return raw.astype(np.int64)
+
+
 def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: TrainConfig | None = None) -> Head:
     """Softmax regression with Adam, weighted cross-entropy, L2 and an optional proximal term.
 
@@ -145,19 +172,12 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
     on the backbone's integer range; the result is mapped back to integer-feature units.
     """
     cfg = config or TrainConfig()
-    raw = np.asarray(labels)
-    if raw.size and not np.issubdtype(raw.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, not {raw.dtype}")  # 1.7 would train class 1
     if cfg.batch_size < 1 or cfg.epochs < 0:
         raise ValueError(f"batch_size must be at least 1 and epochs at least 0; got {cfg.batch_size} and {cfg.epochs}")
-    labels = raw.astype(np.int64)
-    x = _flatten(features, head.num_features).astype(np.float32) * head.feature_scale
-    if x.shape[0] != labels.shape[0]:
-        raise ValueError(f"{x.shape[0]} feature rows but {labels.shape[0]} labels")
+    x, labels = training_inputs(head, features, labels)
+    x = x.astype(np.float32) * head.feature_scale
     if x.shape[0] == 0:
         return head
-    if labels.min() < 0 or labels.max() >= head.num_classes:
-        raise ValueError(f"labels must be in [0, {head.num_classes}); got {labels.min()}..{labels.max()}")
     k = head.feature_scale
     w = head.weights / k  # weights in scaled-feature units: (f * k) @ (W / k) == f @ W
     b = head.bias.copy()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.head import Head, TrainConfig, train_head
+from qana.head import Head, TrainConfig, train_head, training_inputs
 from qana.imbalance import smote_whitened
 
 
@@ -37,9 +37,7 @@ def train_local_head(
     smote: bool = True,
 ) -> tuple[Head, LocalTrainingReport]:
     """Train the head on this clinic's features (optionally SMOTE-balanced), starting from `head`."""
-    x = np.asarray(features)
-    x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
-    y = np.asarray(labels, dtype=np.int64)
+    x, y = training_inputs(head, features, labels)  # before SMOTE sees them: train_head's checks, not sklearn's
     if smote and len(y):
         x_all, y_all = smote_whitened(x, y, seed=config.seed)
     else:

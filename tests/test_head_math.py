@@ -218,3 +218,13 @@ def test_absent_classes_keep_their_columns_only_when_asked() -> None:
     assert np.all(pushed.bias[2:] < head.bias[2:])  # the default pushes classes it never sees down
     with pytest.raises(ValueError, match="absent_classes"):
         train_head(head, x, y, TrainConfig(absent_classes="freeze"))
+
+
+# --------------------------------------------------------------------------- refusals found by the s34 audit
+
+
+def test_labels_must_be_one_dimensional() -> None:
+    # (N, 1) passed the row count and failed inside np.bincount with "object too deep for desired array"
+    head = H.init_head(3, ("a", "b"))
+    with pytest.raises(ValueError, match=r"labels must be a 1-D array of class indices, not shape \(4, 1\)"):
+        H.train_head(head, np.ones((4, 3), np.int8), np.array([[0], [1], [0], [1]]))
