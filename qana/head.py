@@ -144,11 +144,22 @@ def training_inputs(head: Head, features: np.ndarray, labels: np.ndarray) -> tup
     The one check of training data, for `train_head` and for the recipes that resample before it
     (`qana.learning.train_local_head`): it runs before anything casts the labels (1.7 would train
     class 1) or hands them to np.bincount or SMOTE (where -1, a stray 2e8 or a missing label fail
-    with numpy's or sklearn's words, or allocate memory in proportion to the label). Features keep
-    their dtype: callers decide how to convert them.
+    with numpy's or sklearn's words, or allocate memory in proportion to the label). Features must
+    be finite and keep their dtype: callers decide how to convert them.
     """
     x = _flatten(features, head.num_features)
-    return x, _class_indices(labels, x.shape[0], head.num_classes)
+    y = _class_indices(labels, x.shape[0], head.num_classes)
+    _check_finite(x)
+    return x, y
+
+
+def _check_finite(x: np.ndarray) -> None:
+    """ValueError naming the rows with NaN or Inf: trained on, they give a NaN head, which would be
+    reported as a broken head (and at a clinic as a too large learning rate) after the whole run."""
+    if x.dtype.kind in "fc":  # integer features (the backbone's) are always finite
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if rows.size:
+            raise ValueError(f"features contain NaN or Inf ({rows.size} row(s), first row {rows[0]}); they cannot train a head")
 
 
 def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:

@@ -228,3 +228,13 @@ def test_labels_must_be_one_dimensional() -> None:
     head = H.init_head(3, ("a", "b"))
     with pytest.raises(ValueError, match=r"labels must be a 1-D array of class indices, not shape \(4, 1\)"):
         H.train_head(head, np.ones((4, 3), np.int8), np.array([[0], [1], [0], [1]]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_training_refuses_features_that_are_not_finite(bad: float) -> None:
+    # they trained to a NaN head, reported as "head contains NaN or Inf" (and at the clinic as a too large step)
+    x, y = _separable(n=60, d=4, k=2)
+    x = x.astype(np.float32)
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf \(1 row\(s\), first row 7\)"):
+        H.train_head(H.init_head(4, ("a", "b")), x, y)

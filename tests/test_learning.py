@@ -83,3 +83,13 @@ def test_local_training_checks_labels_as_train_head_does_before_smote(change, me
     finally:
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"refusing 40 labels allocated {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("smote", [True, False])
+def test_local_training_names_features_that_are_not_finite(smote: bool) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (40, 6)).astype(np.float32)
+    x[3, 1] = np.nan
+    y = np.array([0] * 30 + [1] * 10)
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf \(1 row\(s\), first row 3\)"):
+        train_local_head(init_head(6, "ab"), x, y, TrainConfig(epochs=1), smote=smote)
