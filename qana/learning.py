@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qana.head import Head, TrainConfig, train_head, training_inputs
-from qana.imbalance import smote_whitened
+from qana.imbalance import check_seed, smote_whitened
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ def train_local_head(
     smote: bool = True,
 ) -> tuple[Head, LocalTrainingReport]:
     """Train the head on this clinic's features (optionally SMOTE-balanced), starting from `head`."""
+    if smote:
+        check_seed(config.seed)
     x, y = training_inputs(head, features, labels)  # before SMOTE sees them: train_head's checks, not sklearn's
     if smote and len(y):
         x_all, y_all = smote_whitened(x, y, seed=config.seed)

@@ -93,3 +93,20 @@ def test_local_training_names_features_that_are_not_finite(smote: bool) -> None:
     y = np.array([0] * 30 + [1] * 10)
     with pytest.raises(ValueError, match=r"features contain NaN or Inf \(1 row\(s\), first row 3\)"):
         train_local_head(init_head(6, "ab"), x, y, TrainConfig(epochs=1), smote=smote)
+
+
+@pytest.mark.parametrize("labels", [[0] * 20 + [1] * 20, [0] * 30 + [1] * 10])
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40])
+def test_a_seed_smote_cannot_take_is_refused_whatever_the_data(labels, seed: int) -> None:
+    """sklearn/imblearn take seeds in [0, 2**32): 2**32 failed only when SMOTE had a class to oversample."""
+    x = np.random.default_rng(0).integers(0, 20, (40, 6)).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\) for SMOTE"):
+        train_local_head(init_head(6, "ab"), x, np.array(labels), TrainConfig(epochs=1, seed=seed), smote=True)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\) for SMOTE"):
+        smote_whitened(x, np.array(labels), seed=seed)
+
+
+def test_the_largest_smote_seed_works() -> None:
+    x = np.random.default_rng(0).integers(0, 20, (40, 6)).astype(np.uint8)
+    _, report = train_local_head(init_head(6, "ab"), x, np.array([0] * 30 + [1] * 10), TrainConfig(epochs=1, seed=2**32 - 1))
+    assert report.num_synthetic == 20
