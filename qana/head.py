@@ -20,9 +20,12 @@ Akida 1.0 `FullyConnected`. `quantized_logits` is the reference the chip must ag
 from __future__ import annotations
 
 import io
+import math
 import zipfile
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -39,8 +42,8 @@ class Head:
     feature_scale: float = 1.0  # typical magnitude of 1 feature unit, for well-conditioned training
 
     def __post_init__(self) -> None:
-        w = np.asarray(self.weights, dtype=np.float32)
-        b = np.asarray(self.bias, dtype=np.float32)
+        w = _real_float32(self.weights, "weights")
+        b = _real_float32(self.bias, "bias")
         if w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[1] != len(self.classes):
             raise ValueError(
                 f"inconsistent head: weights {w.shape}, bias {b.shape}, {len(self.classes)} classes"
@@ -49,6 +52,11 @@ class Head:
             raise ValueError("head contains NaN or Inf")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"head lists a class twice: {tuple(self.classes)}")
+        odd = [c for c in self.classes if not isinstance(c, str)]
+        if odd:  # (1, 2) would come back from head_to_npz as ("1", "2"): names match by string
+            raise ValueError(f"class names must be strings, not {type(odd[0]).__name__} ({odd[0]!r})")
+        if np.asarray(self.feature_scale).dtype.kind not in NUMBERS:  # float("0.5") would parse it
+            raise ValueError(f"head feature_scale must be a real number, not {self.feature_scale!r}")
         scale = float(self.feature_scale)
         if not (np.isfinite(scale) and scale > 0):
             # training divides by it and multiplies features by it: 0, negative or NaN cannot be right
@@ -65,6 +73,15 @@ class Head:
     @property
     def num_classes(self) -> int:
         return int(self.weights.shape[1])
+
+
+def _real_float32(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` as float32 (not copied if they already are); ValueError unless they are real numbers:
+    numpy would drop a complex part with only a warning and parse numeric strings."""
+    array = np.asarray(values)
+    if array.dtype.kind not in NUMBERS:
+        raise ValueError(f"head {what} must be real numbers, not {array.dtype}")
+    return array.astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -418,29 +435,98 @@ def head_to_npz(head: Head) -> bytes:
 
 def head_from_npz(data: bytes) -> Head:
     """Inverse of head_to_npz, with a clear error for a file that is not a head."""
-    try:
-        with open_npz(data) as z:
-            return Head(z["weights"], z["bias"], names_in(z, "classes"), float(z["feature_scale"]))
-    except NPZ_ERRORS as exc:
-        raise ValueError(f"not a valid head file: {exc or type(exc).__name__}") from None
+    return read_npz(data, "head", _head_in)
+
+
+def _head_in(archive: np.lib.npyio.NpzFile) -> Head:
+    weights, bias, classes = array_in(archive, "weights"), array_in(archive, "bias"), names_in(archive, "classes")
+    return Head(weights, bias, classes, float(array_in(archive, "feature_scale")))
 
 
 # What reading a damaged or foreign .npz raises: EOFError when empty, BadZipFile when truncated,
-# KeyError for a missing array, TypeError for float() of an array of several values.
-NPZ_ERRORS = (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile)
+# KeyError for a member the archive lacks, TypeError for float() of an array of several values, zipfile's RuntimeError for an encrypted
+# member and NotImplementedError (a RuntimeError) for an unknown version or flag, zlib.error for a
+# broken deflate stream. MemoryError and OverflowError stay as a last guard behind the size checks
+# of open_npz and array_in.
+NPZ_ERRORS = (
+    KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, zlib.error, MemoryError, OverflowError,
+)
+NUMBERS = "fiu"  # dtype kinds of real numbers: complex would lose its imaginary part, strings would be parsed
+NAMES = "U"  # unicode strings: bytes ('S') would be read as "b'nv'", numbers as "1"
+_MEANING = {NUMBERS: "real numbers", NAMES: "names (strings)"}
+_NPY_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data further: a larger uncompressed size is a lie
+
+_Read = TypeVar("_Read")
+
+
+def read_npz(data: bytes, what: str, build: Callable[[np.lib.npyio.NpzFile], _Read]) -> _Read:
+    """`build(archive)` on the .npz archive in `data`, with every way a damaged or foreign file fails
+    turned into ValueError("not a valid <what> file: <reason>"): callers catch ValueError to name the
+    file (a deployed head, a bundle's files), anything else stopped a clinic or server with a traceback.
+    `build` reads arrays with `array_in` / `names_in`, which check them before numpy allocates them."""
+    try:
+        with open_npz(data) as archive:
+            return build(archive)
+    except NPZ_ERRORS as exc:  # str(): an exception is always true, zipfile raises a bare EOFError()
+        raise ValueError(f"not a valid {what} file: {str(exc) or type(exc).__name__}") from None
 
 
 def open_npz(data: bytes) -> np.lib.npyio.NpzFile:
-    """The .npz archive in `data`; ValueError for a single array (.npy), which np.load also reads."""
+    """The .npz archive in `data`; ValueError for a single array (.npy), which np.load would read in
+    full, and for a member whose claimed sizes the file cannot hold (checked before anything is read)."""
+    single = ValueError("a single array (.npy), not an .npz archive")
+    if data.startswith(np.lib.format.MAGIC_PREFIX):  # before np.load allocates what its header claims
+        raise single
     loaded = np.load(io.BytesIO(data), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError("a single array (.npy), not an .npz archive")
+        raise single
+    try:
+        for info in loaded.zip.infolist():
+            _check_member(info, len(data))
+    except ValueError:
+        loaded.close()
+        raise
     return loaded
 
 
+def _check_member(info: zipfile.ZipInfo, archive_size: int) -> None:
+    """ValueError unless the member's sizes can be true of an `archive_size`-byte file written as numpy
+    writes (stored or deflated): its uncompressed size then bounds what `array_in` lets numpy allocate."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise ValueError(f"{info.filename!r} uses compression method {info.compress_type}, not stored or deflated as numpy writes")
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO)
+    if info.header_offset + info.compress_size > archive_size or info.file_size > most:
+        raise ValueError(
+            f"{info.filename!r} claims {info.file_size} bytes ({info.compress_size} compressed), "
+            f"more than a {archive_size}-byte file can hold"
+        )
+
+
+def array_in(archive: np.lib.npyio.NpzFile, key: str, kinds: str = NUMBERS) -> np.ndarray:
+    """Array `key` of an .npz archive, read only once its .npy header has passed two checks: a dtype
+    of `kinds` (NUMBERS or NAMES), and no more data than the member holds, so a damaged header in a
+    1 KB file cannot make numpy allocate the terabytes it claims."""
+    name = f"{key}.npy"
+    if name not in archive.zip.namelist():
+        raise ValueError(f"it has no array {key!r}")
+    info = archive.zip.getinfo(name)
+    with archive.zip.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in _NPY_HEADER:
+            raise ValueError(f"{key!r} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0 as numpy writes arrays")
+        shape, _, dtype = _NPY_HEADER[version](member)
+        if dtype.kind not in kinds:
+            raise ValueError(f"{key!r} must be {_MEANING[kinds]}, not {dtype}")
+        size, held = math.prod(shape) * dtype.itemsize, info.file_size - member.tell()
+    if size > held:
+        raise ValueError(f"{key!r} claims shape {shape} of {dtype}: {size} bytes, but its file holds {held}")
+    return archive[name]  # by member name: a member called plain `key` would be read instead
+
+
 def names_in(archive: np.lib.npyio.NpzFile, key: str) -> tuple[str, ...]:
-    """A list of names stored in an .npz archive; ValueError unless it is one-dimensional."""
-    names = archive[key]
+    """A list of names stored in an .npz archive; ValueError unless it is a one-dimensional array of strings."""
+    names = array_in(archive, key, NAMES)
     if names.ndim != 1:
         raise ValueError(f"{key!r} must be a list of names, not an array of shape {names.shape}")
     return tuple(str(n) for n in names)
