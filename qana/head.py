@@ -278,15 +278,17 @@ def quantize_head(head: Head, target: str = "v2", weight_bits: int | None = None
     w_q = np.clip(np.round(head.weights / scale), -qmax, qmax).astype(np.int8)
     bias_acc = np.round(head.bias.astype(np.float64) / scale)
     limit = 2**31 - 1  # v1 stores an int32 threshold; v2's bias << shift is read back as int32 too
-    if not np.all(np.abs(bias_acc) <= limit):
+    # Checked on the stored value: v2's int8 << shift rounds (2**31 - 1 becomes 64 << 25 == 2**31).
+    # Clipping just past the range first keeps the int64 cast from wrapping what is out of range.
+    stored = np.clip(bias_acc, -(2**31), 2**31).astype(np.int64)
+    stored = _encode_bias_v2(stored) if target == "v2" else stored
+    if not np.all(np.abs(stored) <= limit):
         raise ValueError(
             f"head bias too large for its weights: bias/scale reaches {np.abs(bias_acc).max():.3g}, above the "
             f"chip's 32-bit range (weights at most {float(np.abs(head.weights).max()):.3g}, bias up to "
             f"{float(np.abs(head.bias).max()):.3g})"
         )
-    bias_acc = bias_acc.astype(np.int64)
-    bias_acc = _encode_bias_v2(bias_acc) if target == "v2" else bias_acc
-    return QuantizedHead(w_q, bias_acc, float(scale), bits, head.classes)
+    return QuantizedHead(w_q, stored, float(scale), bits, head.classes)
 
 
 def quantized_potentials(qhead: QuantizedHead, features: np.ndarray) -> np.ndarray:

@@ -360,3 +360,14 @@ def test_a_head_refuses_class_names_that_are_not_strings_and_weights_that_are_no
         H.Head(np.ones((3, 2)), np.array(["0", "1"]), ("a", "b"))
     with pytest.raises(ValueError, match="head feature_scale must be a real number, not '0.5'"):
         H.Head(np.ones((3, 2)), np.zeros(2), ("a", "b"), "0.5")
+
+
+def test_v2_bias_encoding_cannot_round_past_int32() -> None:
+    # 2**31 - 1 passed the 32-bit check, then int8 << shift rounded it to 64 << 25 == 2**31 (-2**31 as int32)
+    w = np.zeros((3, 2), np.float32)
+    w[0, 0] = 127.0  # scale 1: bias/scale is the bias
+    head = H.Head(w, np.array([2147483500.0, 0.0], np.float32), ("a", "b"))
+    with pytest.raises(ValueError, match="bias too large for its weights"):
+        H.quantize_head(head, "v2")
+    ok = H.Head(w, np.array([127 * 2.0**24, 0.0], np.float32), ("a", "b"))
+    assert H.quantize_head(ok, "v2").bias.tolist() == [127 << 24, 0]  # the largest positive v2 bias still fits
