@@ -407,8 +407,9 @@ def merge_aligned(heads: Sequence[Head], weights: Sequence[float], base: Sequenc
     if len(heads) != len(weights):
         raise ValueError(f"{len(heads)} heads but {len(weights)} weights")
     weight = np.asarray(weights, dtype=np.float64)
-    if not np.all(np.isfinite(weight)) or np.any(weight < 0) or not weight.sum() > 0:
-        raise ValueError(f"weights must be non-negative, finite and not all zero: {list(weights)}")
+    # a sum of inf (1e308 + 1e308) would make every share 0: an all-zero head, silently
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0) or not 0 < weight.sum() < np.inf:
+        raise ValueError(f"weights must be non-negative, finite, with a finite sum and not all zero: {list(weights)}")
     classes, aligned = align_heads(heads, base)
     has = np.array([[c in head.classes for c in classes] for head in heads], dtype=np.float64)  # (H, C)
     per_column = has * weight[:, None]
