@@ -48,6 +48,8 @@ class Head:
             raise ValueError(
                 f"inconsistent head: weights {w.shape}, bias {b.shape}, {len(self.classes)} classes"
             )
+        if 0 in w.shape:  # quantize_head and grow/align (means over columns) would fail far from here
+            raise ValueError(f"a head needs at least one feature and one class, not weights of shape {w.shape}")
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise ValueError("head contains NaN or Inf")
         if len(set(self.classes)) != len(self.classes):
@@ -344,11 +346,12 @@ def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
 
 def select_classes(head: Head, classes: Sequence[str]) -> Head:
     """The head's columns of `classes`, in that order (every one must be a class of the head)."""
+    classes = tuple(classes)  # iterated three times: a generator would leave an empty head
     missing = [c for c in classes if c not in head.classes]
     if missing:
         raise ValueError(f"the head has no class(es) {missing}; it has {head.classes}")
     idx = [head.classes.index(c) for c in classes]
-    return Head(head.weights[:, idx], head.bias[idx], tuple(classes), head.feature_scale)
+    return Head(head.weights[:, idx], head.bias[idx], classes, head.feature_scale)
 
 
 def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[str, ...], list[Head]]:
@@ -370,9 +373,10 @@ def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[
     if not heads:
         raise ValueError("no heads to align")
     first = heads[0]
+    base = tuple(base)  # iterated twice: an iterator would look like a list of duplicates
     classes: list[str] = list(dict.fromkeys(base))
-    if len(classes) != len(tuple(base)):
-        raise ValueError(f"duplicate class names in the global order {tuple(base)}")
+    if len(classes) != len(base):
+        raise ValueError(f"duplicate class names in the global order {base}")
     for i, head in enumerate(heads):
         if len(set(head.classes)) != head.num_classes:
             raise ValueError(f"head {i} lists a class twice: {head.classes}")

@@ -371,3 +371,27 @@ def test_v2_bias_encoding_cannot_round_past_int32() -> None:
         H.quantize_head(head, "v2")
     ok = H.Head(w, np.array([127 * 2.0**24, 0.0], np.float32), ("a", "b"))
     assert H.quantize_head(ok, "v2").bias.tolist() == [127 << 24, 0]  # the largest positive v2 bias still fits
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 2)])
+def test_a_head_without_classes_or_features_is_refused(shape) -> None:
+    # quantize_head then failed inside numpy, grow/align reported an empty head as "NaN or Inf"
+    classes = tuple("ab"[: shape[1]])
+    with pytest.raises(ValueError, match=rf"a head needs at least one feature and one class, not weights of shape \({shape[0]}, {shape[1]}\)"):
+        H.Head(np.zeros(shape), np.zeros(shape[1]), classes)
+    with pytest.raises(ValueError, match="not a valid head file: a head needs at least one feature and one class"):
+        H.head_from_npz(_npz(weights=np.zeros(shape), bias=np.zeros(shape[1]), classes=np.array(classes, dtype="<U1"),
+                             feature_scale=np.array(1.0)))
+
+
+def test_selecting_no_classes_is_refused() -> None:
+    with pytest.raises(ValueError, match="a head needs at least one feature and one class"):
+        H.select_classes(H.init_head(4, ("a", "b")), [])
+
+
+def test_select_classes_takes_any_iterable_once() -> None:
+    # a generator was consumed by the membership check: a head with classes () and weights (4, 0), no error
+    head = H.init_head(4, ("akiec", "bcc", "nv"))
+    picked = H.select_classes(head, (c for c in ["nv", "bcc"]))
+    assert picked.classes == ("nv", "bcc")
+    np.testing.assert_array_equal(picked.weights, head.weights[:, [2, 1]])
