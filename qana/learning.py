@@ -8,8 +8,10 @@ pipeline's head stage (`qana.train.fit_head`). At a clinic everything uses its d
 the PCA, the neighbours and the synthetic points never leave the clinic.
 
 The loss is class-weighted ("balanced", `TrainConfig`'s default) after SMOTE as well: SMOTE
-brings every class with two or more examples up to the largest, so those weights are exactly
-1, and only a class SMOTE cannot oversample (a single example) keeps a larger weight.
+brings every class with two or more examples up to the largest, so those classes get equal
+weights, and only a class SMOTE cannot oversample (a single example) keeps a larger one. The
+equal weights are exactly 1 only when no such class is left (counts 30, 30, 1 give 0.68, 0.68,
+20.3); train_head normalises by each batch's weight sum, so only these ratios matter.
 """
 
 from __future__ import annotations
