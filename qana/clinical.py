@@ -252,4 +252,5 @@ def _prior_in(archive: np.lib.npyio.NpzFile) -> ClinicalPrior:
         raise ValueError("it was made for another metadata encoding than this version of qana reads")
     weights, bias = head_math.array_in(archive, "weights"), head_math.array_in(archive, "bias")
     model = head_math.Head(weights, bias, head_math.names_in(archive, "classes"))
-    return ClinicalPrior(model, head_math.array_in(archive, "log_class_frequency"), float(head_math.array_in(archive, "weight")))
+    frequency, weight = head_math.array_in(archive, "log_class_frequency"), float(head_math.array_in(archive, "weight"))
+    return ClinicalPrior(model, frequency, weight)

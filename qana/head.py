@@ -178,7 +178,9 @@ def _check_finite(x: np.ndarray) -> None:
     if x.dtype.kind in "fc":  # integer features (the backbone's) are always finite
         rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
         if rows.size:
-            raise ValueError(f"features contain NaN or Inf ({rows.size} row(s), first row {rows[0]}); they cannot train a head")
+            raise ValueError(
+                f"features contain NaN or Inf ({rows.size} row(s), first row {rows[0]}); they cannot train a head"
+            )
 
 
 def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:
@@ -451,12 +453,13 @@ def _head_in(archive: np.lib.npyio.NpzFile) -> Head:
 
 
 # What reading a damaged or foreign .npz raises: EOFError when empty, BadZipFile when truncated,
-# KeyError for a member the archive lacks, TypeError for float() of an array of several values, zipfile's RuntimeError for an encrypted
-# member and NotImplementedError (a RuntimeError) for an unknown version or flag, zlib.error for a
-# broken deflate stream. MemoryError and OverflowError stay as a last guard behind the size checks
-# of open_npz and array_in.
+# KeyError for a member the archive lacks, TypeError for float() of an array of several values,
+# zipfile's RuntimeError for an encrypted member and NotImplementedError (a RuntimeError) for an
+# unknown version or flag, zlib.error for a broken deflate stream. MemoryError and OverflowError
+# stay as a last guard behind the size checks of open_npz and array_in.
 NPZ_ERRORS = (
-    KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, RuntimeError, zlib.error, MemoryError, OverflowError,
+    KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile,
+    RuntimeError, zlib.error, MemoryError, OverflowError,
 )
 NUMBERS = "fiu"  # dtype kinds of real numbers: complex would lose its imaginary part, strings would be parsed
 NAMES = "U"  # unicode strings: bytes ('S') would be read as "b'nv'", numbers as "1"
@@ -501,7 +504,8 @@ def _check_member(info: zipfile.ZipInfo, archive_size: int) -> None:
     """ValueError unless the member's sizes can be true of an `archive_size`-byte file written as numpy
     writes (stored or deflated): its uncompressed size then bounds what `array_in` lets numpy allocate."""
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise ValueError(f"{info.filename!r} uses compression method {info.compress_type}, not stored or deflated as numpy writes")
+        method = info.compress_type
+        raise ValueError(f"{info.filename!r} uses compression method {method}, not stored or deflated as numpy writes")
     most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO)
     if info.header_offset + info.compress_size > archive_size or info.file_size > most:
         raise ValueError(
