@@ -244,11 +244,13 @@ def prior_to_npz(prior: ClinicalPrior) -> bytes:
 
 def prior_from_npz(data: bytes) -> ClinicalPrior:
     """Inverse of prior_to_npz; refuses a file made for another metadata encoding."""
-    try:
-        with head_math.open_npz(data) as z:
-            if head_math.names_in(z, "feature_names") != FEATURE_NAMES:
-                raise ValueError("it was made for another metadata encoding than this version of qana reads")
-            model = head_math.Head(z["weights"], z["bias"], head_math.names_in(z, "classes"))
-            return ClinicalPrior(model, z["log_class_frequency"], float(z["weight"]))
-    except head_math.NPZ_ERRORS as exc:
-        raise ValueError(f"not a valid clinical prior file: {exc}") from None
+    return head_math.read_npz(data, "clinical prior", _prior_in)
+
+
+def _prior_in(archive: np.lib.npyio.NpzFile) -> ClinicalPrior:
+    if head_math.names_in(archive, "feature_names") != FEATURE_NAMES:
+        raise ValueError("it was made for another metadata encoding than this version of qana reads")
+    weights, bias = head_math.array_in(archive, "weights"), head_math.array_in(archive, "bias")
+    model = head_math.Head(weights, bias, head_math.names_in(archive, "classes"))
+    frequency, weight = head_math.array_in(archive, "log_class_frequency"), float(head_math.array_in(archive, "weight"))
+    return ClinicalPrior(model, frequency, weight)

@@ -20,9 +20,12 @@ Akida 1.0 `FullyConnected`. `quantized_logits` is the reference the chip must ag
 from __future__ import annotations
 
 import io
+import math
 import zipfile
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -39,16 +42,23 @@ class Head:
     feature_scale: float = 1.0  # typical magnitude of 1 feature unit, for well-conditioned training
 
     def __post_init__(self) -> None:
-        w = np.asarray(self.weights, dtype=np.float32)
-        b = np.asarray(self.bias, dtype=np.float32)
+        w = _real_float32(self.weights, "weights")
+        b = _real_float32(self.bias, "bias")
         if w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[1] != len(self.classes):
             raise ValueError(
                 f"inconsistent head: weights {w.shape}, bias {b.shape}, {len(self.classes)} classes"
             )
+        if 0 in w.shape:  # quantize_head and grow/align (means over columns) would fail far from here
+            raise ValueError(f"a head needs at least one feature and one class, not weights of shape {w.shape}")
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise ValueError("head contains NaN or Inf")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"head lists a class twice: {tuple(self.classes)}")
+        odd = [c for c in self.classes if not isinstance(c, str)]
+        if odd:  # (1, 2) would come back from head_to_npz as ("1", "2"): names match by string
+            raise ValueError(f"class names must be strings, not {type(odd[0]).__name__} ({odd[0]!r})")
+        if np.asarray(self.feature_scale).dtype.kind not in NUMBERS:  # float("0.5") would parse it
+            raise ValueError(f"head feature_scale must be a real number, not {self.feature_scale!r}")
         scale = float(self.feature_scale)
         if not (np.isfinite(scale) and scale > 0):
             # training divides by it and multiplies features by it: 0, negative or NaN cannot be right
@@ -65,6 +75,15 @@ class Head:
     @property
     def num_classes(self) -> int:
         return int(self.weights.shape[1])
+
+
+def _real_float32(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` as float32 (not copied if they already are); ValueError unless they are real numbers:
+    numpy would drop a complex part with only a warning and parse numeric strings."""
+    array = np.asarray(values)
+    if array.dtype.kind not in NUMBERS:
+        raise ValueError(f"head {what} must be real numbers, not {array.dtype}")
+    return array.astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,46 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") 
     return w.astype(np.float32)
 
 
+def training_inputs(head: Head, features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features as (N, D) rows, labels as int64 class indices), checked for training `head`.
+
+    The one check of training data, for `train_head` and for the recipes that resample before it
+    (`qana.learning.train_local_head`): it runs before anything casts the labels (1.7 would train
+    class 1) or hands them to np.bincount or SMOTE (where -1, a stray 2e8 or a missing label fail
+    with numpy's or sklearn's words, or allocate memory in proportion to the label). Features must
+    be finite and keep their dtype: callers decide how to convert them.
+    """
+    x = _flatten(features, head.num_features)
+    y = _class_indices(labels, x.shape[0], head.num_classes)
+    _check_finite(x)
+    return x, y
+
+
+def _check_finite(x: np.ndarray) -> None:
+    """ValueError naming the rows with NaN or Inf: trained on, they give a NaN head, which would be
+    reported as a broken head (and at a clinic as a too large learning rate) after the whole run."""
+    if x.dtype.kind in "fc":  # integer features (the backbone's) are always finite
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if rows.size:
+            raise ValueError(
+                f"features contain NaN or Inf ({rows.size} row(s), first row {rows[0]}); they cannot train a head"
+            )
+
+
+def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:
+    """`labels` as int64, or ValueError naming what makes them unusable as one class index per row."""
+    raw = np.asarray(labels)
+    if raw.ndim != 1:  # (N, 1) would pass the row count and fail inside np.bincount
+        raise ValueError(f"labels must be a 1-D array of class indices, not shape {raw.shape}")
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, not {raw.dtype}")  # 1.7 would train class 1
+    if raw.shape[0] != num_rows:
+        raise ValueError(f"{num_rows} feature rows but {raw.shape[0]} labels")
+    if raw.size and (raw.min() < 0 or raw.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}); got {raw.min()}..{raw.max()}")
+    return raw.astype(np.int64)
+
+
 def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: TrainConfig | None = None) -> Head:
     """Softmax regression with Adam, weighted cross-entropy, L2 and an optional proximal term.
 
@@ -145,19 +204,12 @@ def train_head(head: Head, features: np.ndarray, labels: np.ndarray, config: Tra
     on the backbone's integer range; the result is mapped back to integer-feature units.
     """
     cfg = config or TrainConfig()
-    raw = np.asarray(labels)
-    if raw.size and not np.issubdtype(raw.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, not {raw.dtype}")  # 1.7 would train class 1
     if cfg.batch_size < 1 or cfg.epochs < 0:
         raise ValueError(f"batch_size must be at least 1 and epochs at least 0; got {cfg.batch_size} and {cfg.epochs}")
-    labels = raw.astype(np.int64)
-    x = _flatten(features, head.num_features).astype(np.float32) * head.feature_scale
-    if x.shape[0] != labels.shape[0]:
-        raise ValueError(f"{x.shape[0]} feature rows but {labels.shape[0]} labels")
+    x, labels = training_inputs(head, features, labels)
+    x = x.astype(np.float32) * head.feature_scale
     if x.shape[0] == 0:
         return head
-    if labels.min() < 0 or labels.max() >= head.num_classes:
-        raise ValueError(f"labels must be in [0, {head.num_classes}); got {labels.min()}..{labels.max()}")
     k = head.feature_scale
     w = head.weights / k  # weights in scaled-feature units: (f * k) @ (W / k) == f @ W
     b = head.bias.copy()
@@ -230,15 +282,17 @@ def quantize_head(head: Head, target: str = "v2", weight_bits: int | None = None
     w_q = np.clip(np.round(head.weights / scale), -qmax, qmax).astype(np.int8)
     bias_acc = np.round(head.bias.astype(np.float64) / scale)
     limit = 2**31 - 1  # v1 stores an int32 threshold; v2's bias << shift is read back as int32 too
-    if not np.all(np.abs(bias_acc) <= limit):
+    # Checked on the stored value: v2's int8 << shift rounds (2**31 - 1 becomes 64 << 25 == 2**31).
+    # Clipping just past the range first keeps the int64 cast from wrapping what is out of range.
+    stored = np.clip(bias_acc, -(2**31), 2**31).astype(np.int64)
+    stored = _encode_bias_v2(stored) if target == "v2" else stored
+    if not np.all(np.abs(stored) <= limit):
         raise ValueError(
             f"head bias too large for its weights: bias/scale reaches {np.abs(bias_acc).max():.3g}, above the "
             f"chip's 32-bit range (weights at most {float(np.abs(head.weights).max()):.3g}, bias up to "
             f"{float(np.abs(head.bias).max()):.3g})"
         )
-    bias_acc = bias_acc.astype(np.int64)
-    bias_acc = _encode_bias_v2(bias_acc) if target == "v2" else bias_acc
-    return QuantizedHead(w_q, bias_acc, float(scale), bits, head.classes)
+    return QuantizedHead(w_q, stored, float(scale), bits, head.classes)
 
 
 def quantized_potentials(qhead: QuantizedHead, features: np.ndarray) -> np.ndarray:
@@ -294,11 +348,12 @@ def grow_head(head: Head, classes: Iterable[str], seed: int = 0) -> Head:
 
 def select_classes(head: Head, classes: Sequence[str]) -> Head:
     """The head's columns of `classes`, in that order (every one must be a class of the head)."""
+    classes = tuple(classes)  # iterated three times: a generator would leave an empty head
     missing = [c for c in classes if c not in head.classes]
     if missing:
         raise ValueError(f"the head has no class(es) {missing}; it has {head.classes}")
     idx = [head.classes.index(c) for c in classes]
-    return Head(head.weights[:, idx], head.bias[idx], tuple(classes), head.feature_scale)
+    return Head(head.weights[:, idx], head.bias[idx], classes, head.feature_scale)
 
 
 def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[str, ...], list[Head]]:
@@ -320,9 +375,10 @@ def align_heads(heads: Sequence[Head], base: Sequence[str] = ()) -> tuple[tuple[
     if not heads:
         raise ValueError("no heads to align")
     first = heads[0]
+    base = tuple(base)  # iterated twice: an iterator would look like a list of duplicates
     classes: list[str] = list(dict.fromkeys(base))
-    if len(classes) != len(tuple(base)):
-        raise ValueError(f"duplicate class names in the global order {tuple(base)}")
+    if len(classes) != len(base):
+        raise ValueError(f"duplicate class names in the global order {base}")
     for i, head in enumerate(heads):
         if len(set(head.classes)) != head.num_classes:
             raise ValueError(f"head {i} lists a class twice: {head.classes}")
@@ -357,8 +413,9 @@ def merge_aligned(heads: Sequence[Head], weights: Sequence[float], base: Sequenc
     if len(heads) != len(weights):
         raise ValueError(f"{len(heads)} heads but {len(weights)} weights")
     weight = np.asarray(weights, dtype=np.float64)
-    if not np.all(np.isfinite(weight)) or np.any(weight < 0) or not weight.sum() > 0:
-        raise ValueError(f"weights must be non-negative, finite and not all zero: {list(weights)}")
+    # a sum of inf (1e308 + 1e308) would make every share 0: an all-zero head, silently
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0) or not 0 < weight.sum() < np.inf:
+        raise ValueError(f"weights must be non-negative, finite, with a finite sum and not all zero: {list(weights)}")
     classes, aligned = align_heads(heads, base)
     has = np.array([[c in head.classes for c in classes] for head in heads], dtype=np.float64)  # (H, C)
     per_column = has * weight[:, None]
@@ -387,29 +444,100 @@ def head_to_npz(head: Head) -> bytes:
 
 def head_from_npz(data: bytes) -> Head:
     """Inverse of head_to_npz, with a clear error for a file that is not a head."""
-    try:
-        with open_npz(data) as z:
-            return Head(z["weights"], z["bias"], names_in(z, "classes"), float(z["feature_scale"]))
-    except NPZ_ERRORS as exc:
-        raise ValueError(f"not a valid head file: {exc or type(exc).__name__}") from None
+    return read_npz(data, "head", _head_in)
+
+
+def _head_in(archive: np.lib.npyio.NpzFile) -> Head:
+    weights, bias, classes = array_in(archive, "weights"), array_in(archive, "bias"), names_in(archive, "classes")
+    return Head(weights, bias, classes, float(array_in(archive, "feature_scale")))
 
 
 # What reading a damaged or foreign .npz raises: EOFError when empty, BadZipFile when truncated,
-# KeyError for a missing array, TypeError for float() of an array of several values.
-NPZ_ERRORS = (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile)
+# KeyError for a member the archive lacks, TypeError for float() of an array of several values,
+# zipfile's RuntimeError for an encrypted member and NotImplementedError (a RuntimeError) for an
+# unknown version or flag, zlib.error for a broken deflate stream. MemoryError and OverflowError
+# stay as a last guard behind the size checks of open_npz and array_in.
+NPZ_ERRORS = (
+    KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile,
+    RuntimeError, zlib.error, MemoryError, OverflowError,
+)
+NUMBERS = "fiu"  # dtype kinds of real numbers: complex would lose its imaginary part, strings would be parsed
+NAMES = "U"  # unicode strings: bytes ('S') would be read as "b'nv'", numbers as "1"
+_MEANING = {NUMBERS: "real numbers", NAMES: "names (strings)"}
+_NPY_HEADER = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand data further: a larger uncompressed size is a lie
+
+_Read = TypeVar("_Read")
+
+
+def read_npz(data: bytes, what: str, build: Callable[[np.lib.npyio.NpzFile], _Read]) -> _Read:
+    """`build(archive)` on the .npz archive in `data`, with every way a damaged or foreign file fails
+    turned into ValueError("not a valid <what> file: <reason>"): callers catch ValueError to name the
+    file (a deployed head, a bundle's files), anything else stopped a clinic or server with a traceback.
+    `build` reads arrays with `array_in` / `names_in`, which check them before numpy allocates them."""
+    try:
+        with open_npz(data) as archive:
+            return build(archive)
+    except NPZ_ERRORS as exc:  # str(): an exception is always true, zipfile raises a bare EOFError()
+        raise ValueError(f"not a valid {what} file: {str(exc) or type(exc).__name__}") from None
 
 
 def open_npz(data: bytes) -> np.lib.npyio.NpzFile:
-    """The .npz archive in `data`; ValueError for a single array (.npy), which np.load also reads."""
+    """The .npz archive in `data`; ValueError for a single array (.npy), which np.load would read in
+    full, and for a member whose claimed sizes the file cannot hold (checked before anything is read)."""
+    single = ValueError("a single array (.npy), not an .npz archive")
+    if data.startswith(np.lib.format.MAGIC_PREFIX):  # before np.load allocates what its header claims
+        raise single
     loaded = np.load(io.BytesIO(data), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError("a single array (.npy), not an .npz archive")
+        raise single
+    try:
+        for info in loaded.zip.infolist():
+            _check_member(info, len(data))
+    except ValueError:
+        loaded.close()
+        raise
     return loaded
 
 
+def _check_member(info: zipfile.ZipInfo, archive_size: int) -> None:
+    """ValueError unless the member's sizes can be true of an `archive_size`-byte file written as numpy
+    writes (stored or deflated): its uncompressed size then bounds what `array_in` lets numpy allocate."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        method = info.compress_type
+        raise ValueError(f"{info.filename!r} uses compression method {method}, not stored or deflated as numpy writes")
+    most = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO)
+    if info.header_offset + info.compress_size > archive_size or info.file_size > most:
+        raise ValueError(
+            f"{info.filename!r} claims {info.file_size} bytes ({info.compress_size} compressed), "
+            f"more than a {archive_size}-byte file can hold"
+        )
+
+
+def array_in(archive: np.lib.npyio.NpzFile, key: str, kinds: str = NUMBERS) -> np.ndarray:
+    """Array `key` of an .npz archive, read only once its .npy header has passed two checks: a dtype
+    of `kinds` (NUMBERS or NAMES), and no more data than the member holds, so a damaged header in a
+    1 KB file cannot make numpy allocate the terabytes it claims."""
+    name = f"{key}.npy"
+    if name not in archive.zip.namelist():
+        raise ValueError(f"it has no array {key!r}")
+    info = archive.zip.getinfo(name)
+    with archive.zip.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in _NPY_HEADER:
+            raise ValueError(f"{key!r} is in .npy format {version[0]}.{version[1]}, not 1.0 or 2.0 as numpy writes arrays")
+        shape, _, dtype = _NPY_HEADER[version](member)
+        if dtype.kind not in kinds:
+            raise ValueError(f"{key!r} must be {_MEANING[kinds]}, not {dtype}")
+        size, held = math.prod(shape) * dtype.itemsize, info.file_size - member.tell()
+    if size > held:
+        raise ValueError(f"{key!r} claims shape {shape} of {dtype}: {size} bytes, but its file holds {held}")
+    return archive[name]  # by member name: a member called plain `key` would be read instead
+
+
 def names_in(archive: np.lib.npyio.NpzFile, key: str) -> tuple[str, ...]:
-    """A list of names stored in an .npz archive; ValueError unless it is one-dimensional."""
-    names = archive[key]
+    """A list of names stored in an .npz archive; ValueError unless it is a one-dimensional array of strings."""
+    names = array_in(archive, key, NAMES)
     if names.ndim != 1:
         raise ValueError(f"{key!r} must be a list of names, not an array of shape {names.shape}")
     return tuple(str(n) for n in names)

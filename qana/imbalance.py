@@ -13,6 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
+SEED_LIMIT = 2**32  # sklearn's PCA and imblearn's SMOTE take random_state in [0, 2**32)
+
+
+def check_seed(seed: int) -> None:
+    """ValueError unless sklearn and imblearn accept `seed`. Checked before the data decide whether
+    SMOTE has anything to do, so one seed does not work on balanced data and fail on imbalanced data
+    (np.random.default_rng, which orders the training samples, takes any non-negative integer)."""
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32) for SMOTE, not {seed!r}")
+
 
 def smote_whitened(
     features: np.ndarray, labels: np.ndarray, seed: int = 0, k_neighbors: int = 5, variance: float = 0.99
@@ -22,6 +32,7 @@ def smote_whitened(
     Returns (features, labels) including the originals. Classes with a single example are
     kept as they are (SMOTE needs a neighbour); with fewer than two classes nothing changes.
     """
+    check_seed(seed)
     from imblearn.over_sampling import SMOTE
     from sklearn.decomposition import PCA
 

@@ -8,8 +8,10 @@ pipeline's head stage (`qana.train.fit_head`). At a clinic everything uses its d
 the PCA, the neighbours and the synthetic points never leave the clinic.
 
 The loss is class-weighted ("balanced", `TrainConfig`'s default) after SMOTE as well: SMOTE
-brings every class with two or more examples up to the largest, so those weights are exactly
-1, and only a class SMOTE cannot oversample (a single example) keeps a larger weight.
+brings every class with two or more examples up to the largest, so those classes get equal
+weights, and only a class SMOTE cannot oversample (a single example) keeps a larger one. The
+equal weights are exactly 1 only when no such class is left (counts 30, 30, 1 give 0.68, 0.68,
+20.3); train_head normalises by each batch's weight sum, so only these ratios matter.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qana.head import Head, TrainConfig, train_head
-from qana.imbalance import smote_whitened
+from qana.head import Head, TrainConfig, train_head, training_inputs
+from qana.imbalance import check_seed, smote_whitened
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,9 @@ def train_local_head(
     smote: bool = True,
 ) -> tuple[Head, LocalTrainingReport]:
     """Train the head on this clinic's features (optionally SMOTE-balanced), starting from `head`."""
-    x = np.asarray(features)
-    x = x.reshape(len(x), int(np.prod(x.shape[1:])))  # not -1: numpy cannot infer it for 0 rows
-    y = np.asarray(labels, dtype=np.int64)
+    if smote:
+        check_seed(config.seed)
+    x, y = training_inputs(head, features, labels)  # before SMOTE sees them: train_head's checks, not sklearn's
     if smote and len(y):
         x_all, y_all = smote_whitened(x, y, seed=config.seed)
     else:

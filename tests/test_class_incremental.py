@@ -114,3 +114,15 @@ def test_coordinator_merge_is_order_independent_and_audits_the_class_addition(tm
         assert log.verify().ok
     finally:
         log.close()
+
+
+def test_weights_whose_sum_overflows_are_refused_not_merged_to_zero() -> None:
+    # 1e308 + 1e308 = inf: every share became 0 and the merged head was all zeros, silently
+    with pytest.raises(ValueError, match="weights must be non-negative, finite, with a finite sum"):
+        merge_aligned([random_head(GLOBAL, 1), random_head(GLOBAL, 2)], [1e308, 1e308])
+
+
+def test_align_takes_a_one_shot_base_once() -> None:
+    # an iterator was consumed by dict.fromkeys: "duplicate class names in the global order ()"
+    classes, aligned = align_heads([random_head(("bcc", "mel"), 1)], base=iter(("akiec", "bcc")))
+    assert classes == ("akiec", "bcc", "mel") and aligned[0].classes == classes

@@ -217,3 +217,23 @@ def test_values_from_a_dataset_are_shown_as_written_in_the_csv() -> None:
     with pytest.raises(clinical.ClinicalDataError, match=r"sex 'M' is not") as sex:
         clinical.encode(np.array(["45"]), np.array(["M"]), np.array(["back"]), np.array(["ISIC_0"]))
     assert "np.str_" not in str(age.value) + str(sex.value)
+
+
+def test_damaged_prior_files_are_value_errors_with_a_reason() -> None:
+    """Shared with head files (qana.head.read_npz): zipfile's RuntimeError / NotImplementedError and numpy's
+    MemoryError escaped, and names that are not strings were read as str() of whatever was stored."""
+    import io
+    import struct
+
+    labels, _, encoded = _informative(300, seed=3)
+    prior = clinical.fit_prior(encoded, labels, CLASS_NAMES)
+    good = clinical.prior_to_npz(prior)
+    encrypted = bytearray(good)
+    struct.pack_into("<H", encrypted, encrypted.index(b"PK\x01\x02") + 8, 0x0001)
+    with pytest.raises(ValueError, match="not a valid clinical prior file: .*encrypted"):
+        clinical.prior_from_npz(bytes(encrypted))
+    buf = io.BytesIO()
+    np.savez(buf, weights=prior.model.weights, bias=prior.model.bias, classes=np.array(CLASS_NAMES, dtype="S"),
+             log_class_frequency=prior.log_class_frequency, weight=np.array(1.0), feature_names=np.array(clinical.FEATURE_NAMES))
+    with pytest.raises(ValueError, match=r"not a valid clinical prior file: 'classes' must be names \(strings\)"):
+        clinical.prior_from_npz(buf.getvalue())

@@ -218,3 +218,180 @@ def test_absent_classes_keep_their_columns_only_when_asked() -> None:
     assert np.all(pushed.bias[2:] < head.bias[2:])  # the default pushes classes it never sees down
     with pytest.raises(ValueError, match="absent_classes"):
         train_head(head, x, y, TrainConfig(absent_classes="freeze"))
+
+
+# --------------------------------------------------------------------------- refusals found by the s34 audit
+
+
+def test_labels_must_be_one_dimensional() -> None:
+    # (N, 1) passed the row count and failed inside np.bincount with "object too deep for desired array"
+    head = H.init_head(3, ("a", "b"))
+    with pytest.raises(ValueError, match=r"labels must be a 1-D array of class indices, not shape \(4, 1\)"):
+        H.train_head(head, np.ones((4, 3), np.int8), np.array([[0], [1], [0], [1]]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_training_refuses_features_that_are_not_finite(bad: float) -> None:
+    # they trained to a NaN head, reported as "head contains NaN or Inf" (and at the clinic as a too large step)
+    x, y = _separable(n=60, d=4, k=2)
+    x = x.astype(np.float32)
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match=r"features contain NaN or Inf \(1 row\(s\), first row 7\)"):
+        H.train_head(H.init_head(4, ("a", "b")), x, y)
+
+
+def _stored_npz(**arrays: np.ndarray) -> bytes:
+    """np.savez of `arrays` where each value may also be raw bytes (written as that member's content)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for key, value in arrays.items():
+            if isinstance(value, np.ndarray):
+                member = io.BytesIO()
+                np.save(member, value)
+                value = member.getvalue()
+            z.writestr(f"{key}.npy", value)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _valid_head_arrays() -> dict[str, np.ndarray]:
+    return {"weights": np.zeros((4, 2), np.float32), "bias": np.zeros(2, np.float32),
+            "classes": np.array(["a", "b"]), "feature_scale": np.array(1.0)}
+
+
+def _central_entry_patched(offset: int, value: int) -> bytes:
+    """A valid head file with a 16-bit field of its first central directory entry changed."""
+    import struct
+
+    data = bytearray(H.head_to_npz(H.init_head(4, ("a", "b"))))
+    struct.pack_into("<H", data, data.index(b"PK\x01\x02") + offset, value)
+    return bytes(data)
+
+
+def _deflate_damaged() -> bytes:
+    """A savez_compressed head whose compressed weights stream is broken (zlib.error inside zipfile)."""
+    import io
+    import struct
+    import zipfile
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{**_valid_head_arrays(), "weights": np.arange(400, dtype=np.float32).reshape(200, 2)})
+    data = bytearray(buf.getvalue())
+    at = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("weights.npy").header_offset
+    name_length, extra_length = struct.unpack_from("<HH", data, at + 26)  # of the local header
+    start = at + 30 + name_length + extra_length
+    data[start : start + 8] = b"\xff" * 8
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        # a 1 KB file claiming a 4 TiB array: numpy's MemoryError escaped
+        (_stored_npz(**{**_valid_head_arrays(), "weights": _npy_header((2**20, 2**20)) + bytes(64)}), "'weights' claims"),
+        (_npy_header((2**20, 2**20)) + bytes(64), r"a single array \(.npy\)"),  # np.load read it in full: MemoryError
+        (_central_entry_patched(8, 0x0001), "encrypted"),  # RuntimeError escaped
+        (_central_entry_patched(10, 99), "compression method"),  # NotImplementedError escaped
+        (_central_entry_patched(6, 163), "version"),  # NotImplementedError escaped
+        (_deflate_damaged(), "decompressing"),  # zlib.error escaped
+    ],
+)
+def test_every_damaged_head_file_is_a_value_error_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"not a valid head file: .*{reason}"):
+        H.head_from_npz(data)
+
+
+def test_a_damaged_file_never_has_an_empty_reason() -> None:
+    # a local header's extra-field length past the end: zipfile's bare EOFError() gave "not a valid head file: "
+    data = bytearray(H.head_to_npz(H.init_head(4, ("a", "b"))))
+    data[29] = 6
+    with pytest.raises(ValueError, match=r"not a valid head file: \S"):
+        H.head_from_npz(bytes(data))
+
+
+def test_a_small_head_file_cannot_make_numpy_allocate_what_it_claims() -> None:
+    import tracemalloc
+
+    data = _stored_npz(**{**_valid_head_arrays(), "weights": _npy_header((2**13, 2**13)) + bytes(64)})  # claims 256 MiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"'weights' claims shape \(8192, 8192\) of float32: 268435456 bytes"):
+            H.head_from_npz(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"reading a {len(data)}-byte file allocated {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("classes", np.array([b"a", b"b"]), "'classes' must be names \\(strings\\), not \\|S1"),  # loaded as "b'a'"
+        ("classes", np.array([1, 2]), "'classes' must be names \\(strings\\), not int64"),  # loaded as "1"
+        ("classes", np.array([True, False]), "'classes' must be names \\(strings\\), not bool"),
+        ("weights", np.ones((4, 2)) + 5j, "'weights' must be real numbers, not complex128"),  # imaginary part dropped
+        ("weights", np.array([["1", "2"]] * 4), "'weights' must be real numbers, not <U1"),  # parsed as numbers
+        ("bias", np.array(["0", "0"]), "'bias' must be real numbers, not <U1"),
+        ("feature_scale", np.array("0.5"), "'feature_scale' must be real numbers, not <U3"),
+    ],
+)
+def test_head_files_with_names_that_are_not_strings_or_numbers_that_are_not_real_are_refused(key, value, message) -> None:
+    with pytest.raises(ValueError, match=f"not a valid head file: {message}"):
+        H.head_from_npz(_npz(**{**_valid_head_arrays(), key: value}))
+
+
+def test_a_head_refuses_class_names_that_are_not_strings_and_weights_that_are_not_real() -> None:
+    # Head(w, b, (1, 2)) was accepted and its own npz round trip turned the classes into ("1", "2")
+    with pytest.raises(ValueError, match="class names must be strings, not int"):
+        H.Head(np.ones((3, 2)), np.zeros(2), (1, 2))
+    with pytest.raises(ValueError, match="head weights must be real numbers, not complex128"):
+        H.Head(np.ones((3, 2)) + 1j, np.zeros(2), ("a", "b"))
+    with pytest.raises(ValueError, match="head bias must be real numbers, not <U1"):
+        H.Head(np.ones((3, 2)), np.array(["0", "1"]), ("a", "b"))
+    with pytest.raises(ValueError, match="head feature_scale must be a real number, not '0.5'"):
+        H.Head(np.ones((3, 2)), np.zeros(2), ("a", "b"), "0.5")
+
+
+def test_v2_bias_encoding_cannot_round_past_int32() -> None:
+    # 2**31 - 1 passed the 32-bit check, then int8 << shift rounded it to 64 << 25 == 2**31 (-2**31 as int32)
+    w = np.zeros((3, 2), np.float32)
+    w[0, 0] = 127.0  # scale 1: bias/scale is the bias
+    head = H.Head(w, np.array([2147483500.0, 0.0], np.float32), ("a", "b"))
+    with pytest.raises(ValueError, match="bias too large for its weights"):
+        H.quantize_head(head, "v2")
+    ok = H.Head(w, np.array([127 * 2.0**24, 0.0], np.float32), ("a", "b"))
+    assert H.quantize_head(ok, "v2").bias.tolist() == [127 << 24, 0]  # the largest positive v2 bias still fits
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 2)])
+def test_a_head_without_classes_or_features_is_refused(shape) -> None:
+    # quantize_head then failed inside numpy, grow/align reported an empty head as "NaN or Inf"
+    classes = tuple("ab"[: shape[1]])
+    with pytest.raises(ValueError, match=rf"a head needs at least one feature and one class, not weights of shape \({shape[0]}, {shape[1]}\)"):
+        H.Head(np.zeros(shape), np.zeros(shape[1]), classes)
+    with pytest.raises(ValueError, match="not a valid head file: a head needs at least one feature and one class"):
+        H.head_from_npz(_npz(weights=np.zeros(shape), bias=np.zeros(shape[1]), classes=np.array(classes, dtype="<U1"),
+                             feature_scale=np.array(1.0)))
+
+
+def test_selecting_no_classes_is_refused() -> None:
+    with pytest.raises(ValueError, match="a head needs at least one feature and one class"):
+        H.select_classes(H.init_head(4, ("a", "b")), [])
+
+
+def test_select_classes_takes_any_iterable_once() -> None:
+    # a generator was consumed by the membership check: a head with classes () and weights (4, 0), no error
+    head = H.init_head(4, ("akiec", "bcc", "nv"))
+    picked = H.select_classes(head, (c for c in ["nv", "bcc"]))
+    assert picked.classes == ("nv", "bcc")
+    np.testing.assert_array_equal(picked.weights, head.weights[:, [2, 1]])

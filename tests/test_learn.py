@@ -481,3 +481,9 @@ def test_lesions_arriving_a_few_at_a_time_are_still_held_out_at_the_asked_share(
     for c in range(7):
         mine = [side for lesion, side in sides.items() if labels[lesions.index(lesion)] == c]
         assert mine.count("eval") == round(0.2 * len(mine))
+
+
+def test_learn_refuses_a_seed_smote_cannot_take(tmp_path) -> None:
+    """sklearn/imblearn take seeds below 2**32; a larger one failed in SMOTE and was blamed on the learning rate."""
+    result = learn("--data", tmp_path, "--clinic-id", "clinic-x", "--cache-dir", tmp_path / "cache", "--seed", 2**32)
+    assert result.exit_code == 2 and "is not in the range" in result.output and "--seed" in result.output, result.output
