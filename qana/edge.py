@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import io
 import math
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from qana.bundle import Bundle
+from qana.head import array_in, names_in, read_npz
 
 FORMAT_VERSION = 1
 EDGE_LAYER_NAME = "qana_edge"
@@ -226,27 +226,43 @@ class EdgeHead:
 
     @classmethod
     def from_npz(cls, data: bytes) -> EdgeHead:
-        """Inverse of to_npz; anything that is not a valid edge head is a ValueError."""
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                version = int(z["format_version"])
-                if version != FORMAT_VERSION:
-                    raise ValueError(f"format_version {version} is not supported (expected {FORMAT_VERSION})")
-                return cls(
-                    weights_packed=z["weights_packed"],
-                    num_features=int(z["num_features"]),
-                    neuron_classes=z["neuron_classes"],
-                    threshold=z["threshold"],
-                    act_step=z["act_step"],
-                    threshold_learning=z["threshold_learning"],
-                    thswap=z["thswap"],
-                    usage=z["usage"],
-                    classes=tuple(str(c) for c in z["classes"]),
-                    num_weights=int(z["num_weights"]),
-                    learning_competition=float(z["learning_competition"]),
-                )
-        except (KeyError, ValueError, OSError, EOFError, TypeError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"not a valid edge head file: {exc}") from None
+        """Inverse of to_npz; anything that is not a valid edge head is a ValueError naming why.
+
+        Read with qana.head's npz reader: member and array sizes are checked before numpy
+        allocates anything, so a small damaged file cannot claim gigabytes (the coordinator
+        reads audited heads back when it resumes a run).
+        """
+        return read_npz(data, "edge head", cls._from_archive)
+
+    @classmethod
+    def _from_archive(cls, archive: np.lib.npyio.NpzFile) -> EdgeHead:
+        members = {name.removesuffix(".npy") for name in archive.zip.namelist()}
+        if members != NPZ_MEMBERS:
+            odd = sorted(members ^ NPZ_MEMBERS)
+            raise ValueError(f"its arrays are not those of an edge head (differ in {odd})")
+        version = _integer(array_in(archive, "format_version"), "format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"format_version {version} is not supported (expected {FORMAT_VERSION})")
+        return cls(
+            weights_packed=array_in(archive, "weights_packed"),
+            num_features=_integer(array_in(archive, "num_features"), "num_features"),
+            neuron_classes=array_in(archive, "neuron_classes"),
+            threshold=array_in(archive, "threshold"),
+            act_step=array_in(archive, "act_step"),
+            threshold_learning=array_in(archive, "threshold_learning"),
+            thswap=array_in(archive, "thswap"),
+            usage=array_in(archive, "usage"),
+            classes=names_in(archive, "classes"),
+            num_weights=_integer(array_in(archive, "num_weights"), "num_weights"),
+            learning_competition=_real(array_in(archive, "learning_competition"), "learning_competition"),
+        )
+
+
+# the arrays to_npz writes, and all that from_npz accepts
+NPZ_MEMBERS = frozenset((
+    "format_version", "weights_packed", "num_features", "neuron_classes", "threshold", "act_step",
+    "threshold_learning", "thswap", "usage", "classes", "num_weights", "learning_competition",
+))
 
 
 def _head_from_rows(

@@ -336,6 +336,48 @@ def test_serialisation_round_trip(clinic_heads) -> None:
         edge.EdgeHead.from_npz(data[: len(data) // 2])
 
 
+def _npz(head: edge.EdgeHead, **changes) -> bytes:
+    import io
+
+    arrays = {name.removesuffix(".npy"): value for name, value in np.load(io.BytesIO(head.to_npz())).items()}
+    arrays.update(changes)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _member_replaced(data: bytes, name: str, raw: bytes) -> bytes:
+    import io
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            z.writestr(info.filename, raw if info.filename == name else src.read(info.filename))
+    return out.getvalue()
+
+
+def test_every_damaged_or_foreign_head_file_is_a_value_error(clinic_heads) -> None:
+    """The coordinator reads audited heads back on resume and catches ValueError: a MemoryError or an
+    OverflowError stopped it, a file claiming 64 TiB made numpy try to allocate it, and foreign arrays or
+    byte-string class names were accepted."""
+    import io
+
+    head = clinic_heads[0]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (2**46,)})
+    cases = {
+        "claims": _member_replaced(head.to_npz(), "format_version.npy", header.getvalue() + b"\x01"),
+        "num_features must be an integer": _npz(head, num_features=np.array(np.inf)),
+        "format_version must be an integer": _npz(head, format_version=np.array(np.inf)),
+        "must be names": _npz(head, classes=np.array([b"a", b"b", b"c"])),
+        "not those of an edge head": _npz(head, junk=np.zeros(10, np.uint8)),
+    }
+    for reason, data in cases.items():
+        with pytest.raises(ValueError, match=f"not a valid edge head file: .*{reason}"):
+            edge.EdgeHead.from_npz(data)
+
+
 def test_a_head_with_averaged_or_corrupt_bits_is_refused(clinic_heads) -> None:
     h = clinic_heads[0]
     w = h.weights.copy()
