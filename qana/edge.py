@@ -773,9 +773,10 @@ def choose_edge_params(
       and scored by balanced accuracy on the validation part (HAM10000 is dominated by `nv`,
       so plain accuracy would reward ignoring rare lesions). Grid values above the largest
       class's training count are skipped: only one neuron learns per sample, so extra neurons
-      stay unused (if that skips the whole grid, that count itself is tried). The chosen pair is the one with the fewest neurons whose score is within
-      `tolerance` of the best (the start of the plateau: more neurons cost memory and time on
-      the chip and dilute usage counts in the merge without helping).
+      stay unused (if that skips the whole grid, that training count itself is tried). The
+      chosen pair is the one with the fewest neurons whose score is within `tolerance` of the
+      best (the start of the plateau: more neurons cost memory and time on the chip and dilute
+      usage counts in the merge without helping).
     """
     from qana.metrics import classification_metrics
     from qana.splits import grouped_split
