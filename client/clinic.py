@@ -84,6 +84,16 @@ SEEN_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
 
 
+
+def _swapped_folders(root: Path) -> list[str]:
+    """Names of the folders in `root` written by qana.atomic.replace_directory, after undoing any
+    swap a crash interrupted (its folder then exists only as the hidden `.NAME.previous`)."""
+    if not root.is_dir():
+        return []
+    for previous in root.glob(".*.previous"):
+        recover_directory(root / previous.name[1 : -len(".previous")])
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+
 class ClinicError(RuntimeError):
     """The clinic cannot do what was asked; the message says why (it becomes the error reply)."""
 
@@ -634,18 +644,14 @@ class Clinic:
     def deployed_bundle_ids(self) -> list[str]:
         """Bundles with a deployed head in this clinic's cache (after undoing an interrupted swap)."""
         root = self.config.cache / "deployed"
-        if not root.is_dir():
-            return []
-        for previous in root.glob(".*.previous"):
-            recover_directory(root / previous.name[1 : -len(".previous")])
-        return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "head.npz").is_file())
+        return [name for name in _swapped_folders(root) if (root / name / "head.npz").is_file()]
 
     def refuse_an_edge_only_clinic(self, bundle_id: str | None = None) -> None:
         """`learn` updates a gradient head; a clinic of an akida-edge federation has only an
         on-chip-learned head (deployed-edge/), which its edge rounds update. Training a gradient
         head from the bundle's original one beside it would ignore what the federation learned."""
         root = self.config.cache / DEPLOYED_EDGE_DIR
-        edge = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+        edge = _swapped_folders(root)  # a swap cut short leaves the head as .NAME.previous: it still counts
         if bundle_id is not None:
             edge = [b for b in edge if b == bundle_id and not (self.deployed_dir(b) / "head.npz").is_file()]
         if edge:

@@ -51,23 +51,36 @@ def sync_file(path: Path) -> None:
 
 
 def write_atomic(path: Path | str, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` in one step. The file is created with `mode` from the start
-    (0o600 for a private key: never readable by others, not even for a moment), under a fresh
-    name that no stale or planted file can take over."""
+    """Replace `path` with `data` in one step. The file is created with at most `mode` from the
+    start (0o600 for a private key: never readable by others, not even for a moment), under a
+    fresh name that no stale or planted file can take over (see write_together for the rest)."""
     write_together({Path(path): (data, mode)})
 
 
 def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
     """Write several files (path -> (data, mode)) so that a failure while writing (a full disk)
     replaces none of them: every new file is written and flushed under a temporary name first,
-    and only then are they renamed into place. For files that belong together, like a key pair."""
+    and only then are they renamed into place. For files that belong together, like a key pair.
+
+    A replaced file keeps what its owner set: its permissions (never wider than `mode`) and, where
+    this process may, its owner; a new file gets `mode` less the umask, as open() would give it.
+    A path that is a symbolic link is written where the link points (the link stays), and a path
+    that is a folder is refused before anything is written.
+    """
+    targets = {_followed(path): spec for path, spec in files.items()}
+    for path in targets:
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot write {path}: it is a folder")
     written: list[tuple[str, Path]] = []
     try:
-        for path, (data, mode) in files.items():
+        for path, (data, mode) in targets.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+            except PermissionError:
+                raise PermissionError(f"cannot write {path}: its folder {path.parent} is not writable") from None
             written.append((tmp, path))
-            os.fchmod(fd, mode)
+            _take_over_attributes(fd, path, mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -79,8 +92,46 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
-    for folder in {path.parent for path in files}:
+    for folder in {path.parent for path in targets}:
         sync_directory(folder)
+
+
+def _followed(path: Path) -> Path:
+    """Where a write to `path` should land: the file a symbolic link points to (so a state file an
+    administrator moved to another disk and linked back stays there), else `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _temporary_prefix(path: Path) -> str:
+    """`.NAME.` (mkstemp adds 8 random characters and `.tmp`); a generic one for names so long that
+    the temporary name would pass the file system's 255-byte limit that the real name keeps."""
+    prefix = f".{path.name}."
+    return prefix if len(os.fsencode(prefix)) + 12 <= 255 else ".qana-write."
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux /proc) where possible."""
+    with suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _take_over_attributes(fd: int, path: Path, mode: int) -> None:
+    """Give the new file the permissions (and, where allowed, the owner) the file it replaces has."""
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        os.fchmod(fd, mode & ~_umask())
+        return
+    os.fchmod(fd, mode & old.st_mode & 0o7777)
+    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+        with suppress(PermissionError):
+            os.fchown(fd, old.st_uid, old.st_gid)
 
 
 def try_lock(path: Path, create: bool = True) -> int | None:
@@ -130,8 +181,13 @@ def replace_directory(target: Path, build: Callable[[Path], None]) -> None:
     """Write a new version of folder `target` with `build(staging)` and swap it in as a whole.
 
     If `build` fails, `target` is untouched. Every file `build` wrote is flushed to disk before
-    the swap, so after a crash `target` holds either the old set or the new one.
+    the swap, so after a crash `target` holds either the old set or the new one. A `target` that
+    is a symbolic link to a folder is swapped where it points (the link stays); one that is a
+    file is refused before anything is written.
     """
+    target = _followed(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot replace {target} with a folder: it is a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))

@@ -9,7 +9,6 @@ command that fails.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from qana.atomic import write_atomic
 from qana.cli_errors import fail, reported_errors
 
 DEFAULT_STATE = Path.home() / ".qana" / "server"
@@ -120,8 +120,7 @@ def nodes_register(
         if clinic in nodes and not nodes[clinic].get("revoked") and nodes[clinic].get("fingerprint") != fingerprint:
             raise fail(f"clinic {clinic!r} is registered with another key; revoke it first")
         stored = state.root / "nodes" / f"{clinic}.pub"
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(public_key.expanduser(), stored)
+        write_atomic(stored, public_key.expanduser().read_bytes())  # a re-run must not leave half a key in place
         entry = {"public_key": str(stored.relative_to(state.root)), "fingerprint": fingerprint, "registered_at": _now(), "node_id": None, "revoked": False}
         previous = nodes.get(clinic, {})
         if not previous.get("revoked") and previous.get("fingerprint") == fingerprint:

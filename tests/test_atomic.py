@@ -76,3 +76,79 @@ def test_recover_directory_undoes_a_swap_cut_between_its_renames(tmp_path: Path)
     assert (target / "head.npz").read_text() == "old head" and not previous.exists()
     recover_directory(target)  # nothing to do
     assert (target / "head.npz").read_text() == "old head"
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_new_one_follows_the_umask(tmp_path: Path) -> None:
+    """write_atomic set every file to 0644: a state file an administrator had made 0600 became
+    readable by everyone at its next write, and a umask of 077 was ignored."""
+    private = tmp_path / "seen.json"
+    private.write_bytes(b"old")
+    os.chmod(private, 0o600)
+    write_atomic(private, b"new")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    old_mask = os.umask(0o077)
+    try:
+        write_atomic(tmp_path / "fresh.json", b"{}")
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE((tmp_path / "fresh.json").stat().st_mode) == 0o600
+    key = tmp_path / "node.key"
+    key.write_bytes(b"x")
+    os.chmod(key, 0o644)
+    write_atomic(key, b"secret", mode=0o600)  # never wider than asked, whatever was there
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_a_symlinked_state_file_is_written_where_it_points(tmp_path: Path) -> None:
+    real = tmp_path / "disk2" / "state.json"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "state.json"
+    link.symlink_to(real)
+    write_atomic(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new"
+
+
+def test_writing_files_together_checks_every_path_before_replacing_any(tmp_path: Path) -> None:
+    first, second = tmp_path / "node.key", tmp_path / "node.pub"
+    first.write_bytes(b"old key")
+    second.mkdir()
+    with pytest.raises(IsADirectoryError, match="node.pub: it is a folder"):
+        atomic.write_together({first: (b"new key", 0o600), second: (b"new pub", 0o644)})
+    assert first.read_bytes() == b"old key"  # the pair was not split
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.pub"]
+
+
+def test_a_read_only_folder_is_named(tmp_path: Path, monkeypatch) -> None:
+    """The error named a random temporary file (".status.json.qz9kf6a0.tmp: Permission denied")."""
+
+    def denied(*args, **kwargs):  # what mkstemp raises in a read-only folder (root is never denied)
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".status.json.qz9kf6a0.tmp"))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=r"cannot write .*status.json: its folder .* is not writable"):
+        write_atomic(tmp_path / "status.json", b"{}")
+
+
+def test_a_name_near_the_file_system_limit_can_be_written(tmp_path: Path) -> None:
+    """The temporary name added 14 bytes, so a valid 250-byte name failed with "File name too long"."""
+    long = tmp_path / ("r" * 250 + ".json")
+    write_atomic(long, b"{}")
+    assert long.read_bytes() == b"{}"
+
+
+def test_replace_directory_refuses_a_file_and_follows_a_link(tmp_path: Path) -> None:
+    """A file as target was hidden as .NAME.previous and every later write failed; a link to a folder
+    was replaced by a folder while the folder it pointed to kept the old set."""
+    a_file = tmp_path / "bundle"
+    a_file.write_bytes(b"not a folder")
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        replace_directory(a_file, lambda staging: (staging / "x").write_bytes(b"x"))
+    assert a_file.read_bytes() == b"not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    real = tmp_path / "disk2" / "out"
+    real.mkdir(parents=True)
+    (real / "old").write_bytes(b"old")
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    replace_directory(link, lambda staging: (staging / "new").write_bytes(b"new"))
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["new"]

@@ -9,6 +9,7 @@ Akida's own algorithm. Everything else is the real path: bundle cache, persisten
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from synthetic import make_synthetic_ham
 
 from client.app import app as client_app
+from client.clinic import DEPLOYED_EDGE_DIR
 from client.features import FeatureCache
 from protocols import edge_messages as E
 from protocols import messages as P
@@ -181,4 +183,11 @@ def test_learn_on_a_clinic_of_an_akida_edge_federation_refuses_instead_of_ignori
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: this clinic's deployed head for bundle") and "akida-edge head" in result.output, result.output
     assert not (cache / "deployed").exists()
+    # a crash between the two renames of the next swap leaves the head only as .NAME.previous:
+    # it is still this clinic's head (the check used to skip it and let `learn` train beside it)
+    edge_dir = cache / DEPLOYED_EDGE_DIR / bundle.bundle_id
+    os.replace(edge_dir, edge_dir.with_name(f".{edge_dir.name}.previous"))
+    result = CliRunner().invoke(client_cli, base)
+    assert result.exit_code == 2 and "akida-edge head" in result.output, result.output
+    assert edge_dir.is_dir() and not (cache / "deployed").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -165,6 +166,34 @@ def test_registering_the_same_key_again_keeps_its_superlink_node(tmp_path, monke
     monkeypatch.setattr(federation_cli, "_superlink_running", lambda _state: True)
     assert run(server_cli, "nodes", "revoke", "clinic-a", "--state-dir", state).exit_code == 0
     assert ("supernode", "unregister", "123", deployment.CONNECTION) in calls
+
+
+def test_registering_again_on_a_full_disk_keeps_the_stored_key(tmp_path, monkeypatch) -> None:
+    """The re-run copied the key over the stored one in place: a full disk left half a key that no
+    longer loads while nodes.json still listed the clinic."""
+    import qana.atomic
+
+    state = tmp_path / "state"
+    assert run(client_cli, "keygen", "--out", tmp_path / "a" / "node.key").exit_code == 0
+    key = tmp_path / "a" / "node.key.pub"
+    assert run(server_cli, "nodes", "register", key, "--clinic", "clinic-a", "--state-dir", state).exit_code == 0
+    stored = state / "nodes" / "clinic-a.pub"
+    before = stored.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    real_sendfile = os.sendfile
+
+    def sendfile_until_full(out_fd, in_fd, offset, count):  # how shutil.copyfile copies on Linux
+        real_sendfile(out_fd, in_fd, offset, min(count, 20))
+        disk_full()
+
+    monkeypatch.setattr(qana.atomic.os, "fsync", disk_full)  # a full disk, whichever way the key is written
+    monkeypatch.setattr(os, "sendfile", sendfile_until_full)
+    again = run(server_cli, "nodes", "register", key, "--clinic", "clinic-a", "--state-dir", state)
+    assert again.exit_code != 0
+    assert stored.read_bytes() == before
 
 
 @pytest.mark.parametrize(
