@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from qana.atomic import write_atomic
 from simulations.config import APPLY_ONLY_WITH, SimConfig
 from simulations.report import ExperimentResult
 
@@ -186,6 +187,7 @@ def run_comparison(
     rows = []
     for cfg in configs:
         rows.append(_row(run(cfg)))
-        (out / "comparison.json").write_text(json.dumps({"config": base.to_dict(), "runs": rows}, indent=2, default=str) + "\n")
-        (out / "comparison.md").write_text(comparison_md(rows, base, command))
+        # rewritten after every run: whole or not at all, so a crash keeps the runs already compared
+        write_atomic(out / "comparison.json", (json.dumps({"config": base.to_dict(), "runs": rows}, indent=2, default=str) + "\n").encode())
+        write_atomic(out / "comparison.md", comparison_md(rows, base, command).encode())
     return rows
