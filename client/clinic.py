@@ -84,7 +84,6 @@ SEEN_FORMAT = 1
 TRAIN, HELD_OUT = "train", "eval"
 
 
-
 def _swapped_folders(root: Path) -> list[str]:
     """Names of the folders in `root` written by qana.atomic.replace_directory, after undoing any
     swap a crash interrupted (its folder then exists only as the hidden `.NAME.previous`)."""
@@ -93,6 +92,7 @@ def _swapped_folders(root: Path) -> list[str]:
     for previous in root.glob(".*.previous"):
         recover_directory(root / previous.name[1 : -len(".previous")])
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.is_dir())
+
 
 class ClinicError(RuntimeError):
     """The clinic cannot do what was asked; the message says why (it becomes the error reply)."""
