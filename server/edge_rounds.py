@@ -247,8 +247,16 @@ class EdgeMerge:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # clinics whose heads this run has merged (in memory: a resumed run starts counting again)
         self._clinics_merged: set[str] = set()
+
+    @property
+    def clinics_merged(self) -> frozenset[str]:
+        """Clinics whose heads have gone into this run's head: the merges so far, and the
+        participants of an audited head the run continues (`remember_clinics`)."""
+        return frozenset(self._clinics_merged)
+
+    def remember_clinics(self, clinic_ids: Iterable[str]) -> None:
+        self._clinics_merged |= set(clinic_ids)
 
     def _sample(self, server_round: int, grid: Grid, fraction: float, salt: int) -> list[int]:
         nodes = sorted(grid.get_node_ids())
@@ -426,6 +434,8 @@ class EdgeCoordinator(Coordinator):
             if found is not None:
                 head, version, data = found
                 log(INFO, "Starting from the current edge head %s", version)
+                # its clinics count as merged: one missing from the first round keeps its neurons
+                self.merge.remember_clinics(p.clinic_id for p in self.audit.version(version).participants)
                 return self._opened(Opening(head, data, version, self._spec_of(head, bundle)), f"continued from {version}", {})
         classes = initial_edge_classes(bundle, s.initial_classes)
         params, source, by_clinic = self._settle_params(ready, bundle)

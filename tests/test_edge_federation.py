@@ -551,6 +551,16 @@ def test_initial_head_auto_continues_the_audited_edge_head(tmp_path, bundle, aud
     assert audit.version("h3").parent == "h2"
 
 
+def test_a_continued_run_remembers_the_clinics_of_the_head_it_continues(tmp_path, bundle, audit) -> None:
+    """Without them, a clinic missing from the first round after a restart had its neurons dropped."""
+    fixed = {"num-rounds": 1, "edge-num-weights": 25, "edge-neurons-per-class": 2, "edge-learning-competition": 0.1}
+    coordinator(tmp_path, bundle, audit, toy_clinics(bundle), **fixed).run()
+    two = {k: v for k, v in toy_clinics(bundle).items() if k != 202}
+    again = coordinator(tmp_path, bundle, audit, two, **{**fixed, "initial-head": "auto"})
+    again.run()
+    assert again.merge.clinics_merged == {"clinic-0", "clinic-1", "clinic-2"}
+
+
 # --------------------------------------------------------------------------- qana-server start --learning
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bundles"
