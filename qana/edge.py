@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from qana.bundle import Bundle
-from qana.head import array_in, names_in, read_npz
+from qana.head import NUMBERS, array_in, names_in, read_npz
 
 FORMAT_VERSION = 1
 EDGE_LAYER_NAME = "qana_edge"
@@ -143,7 +143,7 @@ class EdgeHead:
         raw_step = np.asarray(self.act_step)
         if raw_step.shape != (n,):
             raise ValueError(f"act_step must have shape ({n},), got {raw_step.shape}")
-        if not (np.issubdtype(raw_step.dtype, np.floating) or np.issubdtype(raw_step.dtype, np.integer)):
+        if raw_step.dtype.kind not in NUMBERS:
             raise ValueError(f"act_step must be real numbers, got {raw_step.dtype}")
         arrays["act_step"] = raw_step.astype(np.float32)
         if not (np.isfinite(arrays["act_step"]).all() and (arrays["act_step"] >= MIN_ACT_STEP).all()):
@@ -306,7 +306,7 @@ def as_binary_features(features: np.ndarray, num_features: int | None = None, wh
         raise ValueError(f"{what} have {f.shape[1]} dimensions, the edge head expects {num_features}")
     if f.dtype == np.bool_:
         return f.astype(np.uint8)
-    if not (np.issubdtype(f.dtype, np.integer) or np.issubdtype(f.dtype, np.floating)):
+    if f.dtype.kind not in NUMBERS:
         raise ValueError(f"{what} must be numeric 0/1 spikes, got dtype {f.dtype}")
     if f.size and not np.isin(f, (0, 1)).all():
         bad = np.unique(f[~np.isin(f, (0, 1))])[:5]
@@ -353,7 +353,7 @@ def _integer(value: Any, name: str) -> int:
 
 def _real(value: Any, name: str) -> float:
     v = np.asarray(value)
-    if v.ndim != 0 or not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)) or not math.isfinite(float(v)):
+    if v.ndim != 0 or v.dtype.kind not in NUMBERS or not math.isfinite(float(v)):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(v)
 
@@ -870,7 +870,7 @@ def weighted_kmedoids(weights: np.ndarray, usage: np.ndarray, k: int, rng: np.ra
     weights = as_binary_features(weights, what="weights")
     n = weights.shape[0]
     usage = np.asarray(usage)
-    if usage.shape != (n,) or not (np.issubdtype(usage.dtype, np.integer) or np.issubdtype(usage.dtype, np.floating)):
+    if usage.shape != (n,) or usage.dtype.kind not in NUMBERS:
         raise ValueError(f"usage must be {n} numbers, one per row of weights, got {usage.shape} {usage.dtype}")
     if not (np.isfinite(usage).all() and (usage >= 0).all()):
         raise ValueError("usage must be finite and >= 0")
