@@ -1049,16 +1049,15 @@ def _keep_for_class(pool: _ClassPool, budget: int, rng: np.random.Generator, kee
     if len(used) > budget:
         medoids, assign = weighted_kmedoids(pool.weights[used], pool.usage[used], budget, rng)
         kept_used = used[medoids]
-        used_usage = np.array([pool.usage[used][assign == j].sum() for j in range(budget)], np.int64)
+        used_usage = np.zeros(budget, np.int64)
+        np.add.at(used_usage, assign, pool.usage[used])  # each medoid carries its cluster's usage
     else:
         kept_used, used_usage = used, pool.usage[used]
     order = np.argsort(-used_usage, kind="stable")
     kept_used, used_usage = kept_used[order], used_usage[order]
     spare = budget - len(kept_used) if (keep_idle or not len(used)) else 0
-    idle = np.flatnonzero(pool.learned & (pool.usage == 0))
-    if spare and len(idle) > spare:
+    idle = np.flatnonzero(pool.learned & (pool.usage == 0)) if spare else np.zeros(0, np.int64)
+    if len(idle) > spare:
         medoids, _ = weighted_kmedoids(pool.weights[idle], np.ones(len(idle), np.int64), spare, rng)
         idle = idle[np.sort(medoids)]
-    elif not spare:
-        idle = idle[:0]
     return np.concatenate([kept_used, idle]).astype(np.int64), np.concatenate([used_usage, np.zeros(len(idle), np.int64)])
