@@ -110,8 +110,9 @@ def _temporary_prefix(path: Path) -> str:
     return prefix if len(os.fsencode(prefix)) + 12 <= 255 else ".qana-write."
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux /proc) where possible."""
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux /proc) where possible: setting it to
+    read it back would, for that moment, change it for every thread of the process."""
     with suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -126,7 +127,7 @@ def _take_over_attributes(fd: int, path: Path, mode: int) -> None:
     try:
         old = os.stat(path)
     except FileNotFoundError:
-        os.fchmod(fd, mode & ~_umask())
+        os.fchmod(fd, mode & ~current_umask())
         return
     os.fchmod(fd, mode & old.st_mode & 0o7777)
     if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):

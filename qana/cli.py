@@ -295,19 +295,13 @@ def _write_output(path: Path, data: bytes) -> None:
     user's umask; a link is followed and its target replaced; a pipe or terminal (--json
     /dev/stdout) is written directly.
     """
-    import os
-
-    from qana.atomic import write_atomic
+    from qana.atomic import current_umask, write_atomic
 
     if path.exists() and not path.is_file():
         with open(path, "wb") as handle:
             handle.write(data)
         return
-    target = path.resolve() if path.is_symlink() else path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    write_atomic(target, data, mode=0o666 & ~umask)
+    write_atomic(path, data, mode=0o666 & ~current_umask())  # write_atomic follows a link and makes the folder
 
 
 def _png_beside(json_out: Path) -> tuple[Path | None, str]:
