@@ -26,6 +26,7 @@ import typer
 
 import client
 from qana.cli_errors import fail, reported_errors
+from qana.imbalance import SEED_LIMIT
 
 REPO_ROOT = Path(client.__file__).resolve().parents[1]
 
@@ -366,7 +367,7 @@ def learn(
     learning_rate: Annotated[float, typer.Option("--learning-rate", min=1e-9, max=10.0, callback=_finite, help="Step size of the head update (at most 10, as for qana-sim).")] = 0.01,
     proximal_mu: Annotated[float, typer.Option("--proximal-mu", min=0.0, max=1e6, callback=_finite, help="Pull towards the deployed head's weights (0: replay of old features only).")] = 0.1,
     smote: Annotated[bool, typer.Option("--smote/--no-smote", help="Oversample minority classes as in federation rounds.")] = True,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of SMOTE and of the order training samples are presented in (below 2**32, as sklearn takes).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_LIMIT - 1, help="Seed of SMOTE and of the order training samples are presented in (below 2**32, as sklearn takes).")] = 0,
 ) -> None:
     """Update this clinic's deployed head from images added to its folder, outside a round.
 
