@@ -9,15 +9,15 @@ renamed file is not recomputed. One file per bundle, replaced atomically.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from qana.atomic import replace_atomic
+from qana.atomic import write_atomic
 from qana.bundle import Bundle
 from qana.data import Dataset
 
@@ -58,15 +58,11 @@ class FeatureCache:
         return empty
 
     def _save(self, hashes: np.ndarray, feats: np.ndarray) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as handle:
-                np.savez(handle, hashes=hashes, features=feats)
-            replace_atomic(tmp, self.path)
-        except BaseException:  # incl. Ctrl-C: no stray temporary file beside the cache
-            tmp.unlink(missing_ok=True)
-            raise
+        # Built in memory (a few MB for a whole clinic) and written by write_atomic: a stop
+        # mid-write leaves the old cache, and a killed writer's temporary file is removed later.
+        buffer = io.BytesIO()
+        np.savez(buffer, hashes=hashes, features=feats)
+        write_atomic(self.path, buffer.getvalue())
 
     def cached(self, hashes: np.ndarray) -> np.ndarray:
         """Which of these image content hashes already have features (bool mask, nothing computed).

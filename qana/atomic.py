@@ -10,17 +10,31 @@ empty file behind.
 A *set* of files that must change together (a deployed model and its head) is written as a
 new folder and swapped in by `replace_directory`; `recover_directory` puts the previous set
 back if a crash fell between the two renames of the swap.
+
+A writer killed before its rename leaves its temporary file or staging folder behind (hidden,
+full size). The next write of the same target removes such leftovers once nothing has touched
+them for `STALE_AFTER` seconds: a live writer keeps touching its own, so it is never one.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
+
+
+STALE_AFTER = 3600.0
+"""Seconds without a change after which a temporary file or staging folder of a target is a dead
+writer's leftover. Writing a state file or building a bundle folder takes seconds."""
+
+# mkstemp and mkdtemp add 8 characters from this alphabet to the prefix.
+_RANDOM = "[a-z0-9_]{8}"
 
 
 def file_in_the_way(folder: Path) -> Path | None:
@@ -94,6 +108,48 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
         raise
     for folder in {path.parent for path in targets}:
         sync_directory(folder)
+    for path in targets:
+        remove_stale_leftovers(path)
+
+
+def remove_stale_leftovers(target: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporary files (`.NAME.xxxxxxxx.tmp`) and staging folders
+    (`.NAME.incoming-xxxxxxxx`) of `target` that no writer has touched for `STALE_AFTER` seconds;
+    returns what was removed. Only names this module makes for exactly this target are matched,
+    so another file's leftovers and anything a person put there stay."""
+    target = Path(target)
+    now = time.time() if now is None else now
+    name = re.escape(target.name)
+    pattern = re.compile(rf"\.{name}\.(?:{_RANDOM}\.tmp|incoming-{_RANDOM})")
+    removed: list[Path] = []
+    try:
+        candidates = [entry for entry in os.scandir(target.parent) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return removed
+    for entry in candidates:
+        path = Path(entry.path)
+        with suppress(OSError):
+            if now - _last_change(path) < STALE_AFTER:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time in `path` (a file, or a folder and everything in it): a
+    staging folder whose build is still writing a large file has an old folder time but a new
+    file time."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, _, names in os.walk(path):
+            for item in (folder, *(os.path.join(folder, n) for n in names)):
+                with suppress(OSError):
+                    newest = max(newest, os.lstat(item).st_mtime)
+    return newest
 
 
 def _followed(path: Path) -> Path:
@@ -191,6 +247,7 @@ def replace_directory(target: Path, build: Callable[[Path], None]) -> None:
         raise NotADirectoryError(f"cannot replace {target} with a folder: it is a file")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
+    remove_stale_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.incoming-", dir=target.parent))
     try:
         os.chmod(staging, 0o755)  # as a plain mkdir would make it, not mkdtemp's 0o700

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,46 @@ def test_replace_directory_refuses_a_file_and_follows_a_link(tmp_path: Path) -> 
     link.symlink_to(real)
     replace_directory(link, lambda staging: (staging / "new").write_bytes(b"new"))
     assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["new"]
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Make `path` (and, for a folder, everything in it) look untouched for `seconds`."""
+    then = time.time() - seconds
+    for item in [path, *path.rglob("*")]:
+        os.utime(item, (then, then), follow_symlinks=False)
+
+
+def test_a_killed_writers_leftovers_go_with_the_next_write_once_stale(tmp_path: Path) -> None:
+    state = tmp_path / "status.json"
+    dead = tmp_path / ".status.json.5lht_ks5.tmp"  # a writer killed before its rename
+    dead.write_bytes(b"x" * 1000)
+    _age(dead, atomic.STALE_AFTER + 60)
+    live = tmp_path / ".status.json.abcdefgh.tmp"  # another writer, still writing
+    live.write_bytes(b"y")
+    other = tmp_path / ".other.json.5lht_ks5.tmp"  # another target's: not ours to judge
+    other.write_bytes(b"z")
+    _age(other, atomic.STALE_AFTER + 60)
+    kept_by_hand = tmp_path / ".status.json.backup.tmp"  # not a name mkstemp makes
+    kept_by_hand.write_bytes(b"w")
+    _age(kept_by_hand, atomic.STALE_AFTER + 60)
+    write_atomic(state, b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [state.name, live.name, other.name, kept_by_hand.name]
+    )
+
+
+def test_a_killed_builds_staging_folder_goes_with_the_next_swap_once_stale(tmp_path: Path) -> None:
+    target = tmp_path / "deployed" / "bundle"
+    replace_directory(target, lambda staging: (staging / "model.fbz").write_bytes(b"v1"))
+    dead = target.parent / ".bundle.incoming-a3rmtedh"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.fbz").write_bytes(b"half")
+    _age(dead, atomic.STALE_AFTER + 60)
+    busy = target.parent / ".bundle.incoming-qwertyui"  # old folder, but a file still being written
+    busy.mkdir()
+    (busy / "model.fbz").write_bytes(b"growing")
+    _age(busy, atomic.STALE_AFTER + 60)
+    os.utime(busy / "model.fbz")
+    replace_directory(target, lambda staging: (staging / "model.fbz").write_bytes(b"v2"))
+    assert (target / "model.fbz").read_bytes() == b"v2"
+    assert sorted(p.name for p in target.parent.iterdir()) == [busy.name, "bundle"]

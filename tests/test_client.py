@@ -166,7 +166,9 @@ def test_a_failed_feature_cache_write_leaves_no_temporary_file(tmp_path, bundle,
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", interrupted)
+    from qana import atomic
+
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)  # Ctrl-C while the new cache is written
     with pytest.raises(KeyboardInterrupt):
         cache.features(data, AkidaRuntime(bundle, "software"))
     assert list(cache.path.parent.iterdir()) == []
