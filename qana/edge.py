@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from qana.bundle import Bundle
-from qana.head import NUMBERS, array_in, names_in, read_npz
+from qana.head import NUMBERS, array_in, class_indices, names_in, read_npz
 
 FORMAT_VERSION = 1
 EDGE_LAYER_NAME = "qana_edge"
@@ -317,17 +317,6 @@ def as_binary_features(features: np.ndarray, num_features: int | None = None, wh
     return f.astype(np.uint8)
 
 
-def _check_labels(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"{n} feature rows but labels have shape {y.shape}")
-    if n and not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, got {y.dtype}")
-    if n and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must be class indices in [0, {num_classes}); got {int(y.min())}..{int(y.max())}")
-    return y.astype(np.int32)
-
-
 def _check_classes(classes: Iterable[str], what: str = "classes") -> tuple[str, ...]:
     """Class names as a tuple of strings (numbers or bytes are refused: they would be turned into
     names like "1" or "b'nv'" that never match the federation's classes)."""
@@ -564,7 +553,7 @@ def _learn(
     cached features through a 1-layer model give the same head. The arguments both entry points
     share are checked here, once, before anything is built.
     """
-    y = _check_labels(labels, len(inputs), len(classes))
+    y = class_indices(labels, len(inputs), len(classes)).astype(np.int32)
     _check_settings(num_features, npc, num_weights, learning_competition)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -784,7 +773,7 @@ def choose_edge_params(
     classes = _check_classes(classes)
     x = as_binary_features(features)
     n, d = x.shape
-    y = _check_labels(labels, n, len(classes))
+    y = class_indices(labels, n, len(classes)).astype(np.int32)
     if n < 2:
         raise ValueError(f"at least 2 samples are needed to choose edge parameters, got {n}")
     active = x.sum(axis=1)

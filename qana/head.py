@@ -167,7 +167,7 @@ def training_inputs(head: Head, features: np.ndarray, labels: np.ndarray) -> tup
     be finite and keep their dtype: callers decide how to convert them.
     """
     x = _flatten(features, head.num_features)
-    y = _class_indices(labels, x.shape[0], head.num_classes)
+    y = class_indices(labels, x.shape[0], head.num_classes)
     _check_finite(x)
     return x, y
 
@@ -183,8 +183,9 @@ def _check_finite(x: np.ndarray) -> None:
             )
 
 
-def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:
-    """`labels` as int64, or ValueError naming what makes them unusable as one class index per row."""
+def class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.ndarray:
+    """`labels` as int64, or ValueError naming what makes them unusable as one class index per row
+    (the one check every learner uses: gradient head, SMOTE, Akida edge learning)."""
     raw = np.asarray(labels)
     if raw.ndim != 1:  # (N, 1) would pass the row count and fail inside np.bincount
         raise ValueError(f"labels must be a 1-D array of class indices, not shape {raw.shape}")
@@ -193,7 +194,7 @@ def _class_indices(labels: np.ndarray, num_rows: int, num_classes: int) -> np.nd
     if raw.shape[0] != num_rows:
         raise ValueError(f"{num_rows} feature rows but {raw.shape[0]} labels")
     if raw.size and (raw.min() < 0 or raw.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes}); got {raw.min()}..{raw.max()}")
+        raise ValueError(f"labels must be class indices in [0, {num_classes}); got {raw.min()}..{raw.max()}")
     return raw.astype(np.int64)
 
 

@@ -61,8 +61,8 @@ def test_the_head_stage_trains_as_clinics_do() -> None:
     ("change", "message"),
     [
         (lambda y: y.astype(float) + np.eye(1, len(y), 5)[0] * 0.7, "labels must be integer class indices, not float64"),
-        (lambda y: np.where(np.arange(len(y)) == 0, -1, y), r"labels must be in \[0, 3\); got -1..2"),
-        (lambda y: np.where(np.arange(len(y)) == 0, 200_000_000, y), r"labels must be in \[0, 3\); got 0..200000000"),
+        (lambda y: np.where(np.arange(len(y)) == 0, -1, y), r"labels must be class indices in \[0, 3\); got -1..2"),
+        (lambda y: np.where(np.arange(len(y)) == 0, 200_000_000, y), r"labels must be class indices in \[0, 3\); got 0..200000000"),
         (lambda y: y[1:], "40 feature rows but 39 labels"),
         (lambda y: y[:, None], r"labels must be a 1-D array of class indices, not shape \(40, 1\)"),
     ],
