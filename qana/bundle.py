@@ -244,8 +244,17 @@ def load_bundle(path: Path | str) -> Bundle:
     """Load and verify a bundle; raise BundleError naming the first problem."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"not a model bundle: {path} has no {MANIFEST}")
+    try:
+        if not path.exists():
+            raise BundleError(f"bundle folder not found: {path}")
+        if not path.is_dir():
+            raise BundleError(f"not a model bundle: {path} is a file, not a bundle folder")
+        if manifest_path.exists() and not manifest_path.is_file():
+            raise BundleError(f"not a model bundle: {manifest_path} is not a file")
+        if not manifest_path.is_file():
+            raise BundleError(f"not a model bundle: {path} has no {MANIFEST}")
+    except OSError as exc:  # a name longer than the file system allows, a looping link
+        raise BundleError(f"{path}: cannot be read as a bundle folder ({exc.strerror or exc})") from None
     try:
         manifest = json.loads(manifest_path.read_text())
     except (ValueError, RecursionError) as exc:  # JSON and Unicode errors, an integer of 4,300+ digits, deep nesting
@@ -257,8 +266,9 @@ def load_bundle(path: Path | str) -> Bundle:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{manifest_path}: missing key(s) {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format_version {manifest['format_version']} is not supported (expected {FORMAT_VERSION})")
+    version = manifest["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:  # "1", 1.0 and true are not the format's integer
+        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     try:
         check_manifest_fields(manifest)
         check_optional_fields(manifest)

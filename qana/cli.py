@@ -1,7 +1,8 @@
 """`qana`: train, evaluate and inspect QANA model bundles.
 
     qana train --data DIR --run-dir runs/v2 [--target v2|v1] [--weight-bits 8|4] ...
-    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE] [--no-clinical-prior] [--lesion-fusion]
+    qana evaluate --data DIR [--model BUNDLE] [--backend akida|quantized|float] [--json FILE] [--plot PNG] [--no-clinical-prior] [--lesion-fusion]
+    qana split --data DIR --out NEW_DIR [--part train|val|test] [--model BUNDLE] [--seed N] [--val-fraction F]
     qana info [BUNDLE]
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from qana.cli_errors import describe_os_error, fail, reported_errors
+from qana.imbalance import SEED_LIMIT
 from qana.invocation import invoked_command
 from qana.splits import VAL_FRACTION, VAL_FRACTION_RANGE
 
@@ -70,7 +73,11 @@ def train(
     stop_after: Annotated[Optional[str], typer.Option(help="Stop once this stage is finished: split | saliency | pretrain | float | quantized | akida | head | clinical | bundle (e.g. float for a training-recipe ablation); rerun without it to go on.")] = None,
 ) -> None:
     """Train, quantize (QAT), convert to Akida and write an evaluated model bundle."""
-    if not data.is_dir():  # before TensorFlow loads: a typo should not cost its start-up time
+    try:
+        found = data.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise fail(f"--data {data}: {exc.strerror or exc}") from None
+    if not found:  # before TensorFlow loads: a typo should not cost its start-up time
         raise fail(f"data folder not found: {data}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from qana.convert import ConversionError
@@ -99,6 +106,8 @@ def train(
                                ("--width", width, 1), ("--feature-dim", feature_dim, 1), ("--limit", limit, 0), ("--seed", seed, 0)):
         if value < least:
             raise fail(f"{flag} must be at least {least}, not {value}" + (" (0 = all images)" if flag == "--limit" else ""))
+    if seed >= SEED_LIMIT:  # numpy's, sklearn's and imblearn's generators take seeds below 2**32
+        raise fail(f"--seed must be from 0 to {SEED_LIMIT - 1}, not {seed}")
     if not 0 < learning_rate <= 1:  # also refuses nan and inf; larger rates diverge (and used to be marked finished)
         raise fail(f"--learning-rate must be above 0 and at most 1, not {learning_rate}")
     if target == "v2" and width % 2:
@@ -194,12 +203,12 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Option(help="Bundle directory; default: the shipped v2 bundle.")] = None,
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: the --json path with .png). Needs matplotlib (the \\[train] extra).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json, m.json -> m.png, other names with .png added). Needs matplotlib (the \\[train] extra).")] = None,
     clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
     lesion_fusion: Annotated[bool, typer.Option(help="One decision per lesion: images with the same lesion_id in the metadata share the mean of their logits (qana.fusion). Metrics are still counted per image.")] = False,
 ) -> None:
     """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
-    from qana.bundle import BundleError, load_bundle, load_default_bundle
+    from qana.bundle import BundleError, default_bundle_path, load_bundle, load_default_bundle
     from qana.clinical import ClinicalDataError
     from qana.data import DataError, describe_skipped, load_dataset
     from qana.evaluate import BACKENDS, PLOT_NEEDS, can_plot, clinical_inputs, confusion_png, evaluate_bundle
@@ -209,10 +218,13 @@ def evaluate(
         raise fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if plot and not can_plot():
         raise fail(f"--plot {plot}: {PLOT_NEEDS}")
-    _check_outputs(json_out, plot)
+    bundle_dir = model if model else default_bundle_path("v2")
+    _check_outputs(json_out, plot, inputs=(bundle_dir, data))
     no_plot = f"no PNG, {PLOT_NEEDS}"
     if json_out is not None and plot is None and can_plot():
-        plot, no_plot = _png_beside(json_out)
+        plot, no_plot = _png_beside(json_out, inputs=(bundle_dir, data))
+    # with --json /dev/stdout the JSON alone goes to stdout, so it can be piped; the report goes to stderr
+    report = partial(typer.echo, err=json_out is not None and _is_stdout(json_out))
     try:
         bundle = load_bundle(model) if model else load_default_bundle("v2")
         dataset = load_dataset(data, size=bundle.input_shape[0], progress=sys.stderr.isatty())
@@ -224,56 +236,91 @@ def evaluate(
         raise fail(str(exc)) from None
     except OSError as exc:  # an unreadable metadata file or image folder, a failing disk
         raise fail(describe_os_error(exc)) from None
-    typer.echo(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}; {prior_use}")
+    report(f"{result['n']} images ({describe_skipped(dataset.skipped)}); backend {backend}; {prior_use}")
     fusion_use = f"on ({describe_lesions(dataset.lesion_ids)})" if lesion_fusion else "off (each image decided alone)"
-    typer.echo(f"lesion fusion: {fusion_use}")
-    typer.echo(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
+    report(f"lesion fusion: {fusion_use}")
+    report(f"top1 {result['top1']:.4f}  macro_f1 {result['macro_f1']:.4f}  balanced_accuracy {result['balanced_accuracy']:.4f}")
     for name, pc in result["per_class"].items():
-        typer.echo(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
-    for flag, path, content in (
-        ("--json", json_out, lambda: json.dumps(result, indent=2).encode()),
-        ("--plot", plot, lambda: confusion_png(result["confusion"], bundle.classes, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")),
-    ):
-        if path is None:
-            continue
-        try:
-            _write_output(path, content())
-        except OSError as exc:
-            raise fail(f"{flag} {path}: {exc.strerror or exc}") from None
-        typer.echo(f"{'metrics' if flag == '--json' else 'confusion matrix'}: {path}")
-    if json_out is not None and plot is None:
-        typer.echo(f"confusion matrix: {no_plot}")
+        report(f"  {name:6s} precision {pc['precision']:.3f}  recall {pc['recall']:.3f}  f1 {pc['f1']:.3f}  n {pc['support']}")
+    outputs: dict[Path, bytes] = {}
+    if json_out is not None:
+        outputs[json_out] = (json.dumps(result, indent=2) + "\n").encode()
+    if plot is not None:
+        outputs[plot] = confusion_png(result["confusion"], bundle.classes, title=f"{bundle.manifest.get('name', 'qana')} ({backend})")
+    try:
+        _write_outputs(outputs)
+    except OSError as exc:
+        raise fail(f"{describe_os_error(exc)} (an existing --json or --plot file was left as it was)") from None
+    if json_out is not None:
+        report(f"metrics: {json_out}")
+    if plot is not None:
+        report(f"confusion matrix: {plot}")
+    elif json_out is not None:
+        report(f"confusion matrix: {no_plot}")
 
 
-def _check_outputs(json_out: Path | None, plot: Path | None) -> None:
+def _check_outputs(json_out: Path | None, plot: Path | None, inputs: tuple[Path, Path]) -> None:
     """Refuse output paths that cannot work before evaluating, not after a long evaluation."""
     if json_out is not None and json_out.suffix.lower() == ".png":
         raise fail(f"--json {json_out} ends in .png: the metrics are JSON (the confusion-matrix PNG is written beside it)")
     if plot is not None and plot.suffix.lower() != ".png":
         raise fail(f"--plot {plot}: the confusion matrix is a PNG; give a path ending in .png")
-    if json_out is not None and plot is not None and json_out.resolve() == plot.resolve():
+    if json_out is not None and plot is not None and os.path.realpath(json_out) == os.path.realpath(plot):
         raise fail(f"--json and --plot are the same file ({plot}); one would overwrite the other")
     for flag, path in (("--json", json_out), ("--plot", plot)):
         if path is not None:
-            problem = _unwritable(path)
+            problem = _unwritable(path) or _overwrites_input(path, *inputs)
             if problem:
                 raise fail(f"{flag} {path}: {problem}")
 
 
+def _overwrites_input(path: Path, bundle_dir: Path, data: Path) -> str | None:
+    """Why writing `path` would damage what this run reads (None if it would not): anything inside
+    the bundle folder (its bundle.json holds every file's sha256), the data folder's metadata file
+    or one of its images."""
+    from qana.data import METADATA_FILE
+
+    target = Path(os.path.realpath(path))
+    if target.is_relative_to(os.path.realpath(bundle_dir)):
+        return f"is inside the bundle folder {bundle_dir}; write the results elsewhere"
+    root = Path(os.path.realpath(data))
+    if target.is_relative_to(root) and target.is_file():
+        if target == root / METADATA_FILE or target.suffix.lower() in (".jpg", ".jpeg"):
+            return f"is one of the data folder's own files ({target.name}); write the results elsewhere"
+    return None
+
+
 def _unwritable(path: Path) -> str | None:
     """Why `path` cannot be written (None if it can): a folder in its place, a file where a parent
-    folder should be, or a folder that refuses new files (tried by creating one in the nearest
-    folder that exists, so nothing is created for a run that then fails)."""
-    import os
+    folder should be, a link that loops or leads nowhere, or a folder that refuses new files (tried
+    by creating one in the nearest folder that exists, so nothing is created for a run that then fails)."""
+    try:
+        return _why_unwritable(path)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return exc.strerror or str(exc)
+
+
+def _why_unwritable(path: Path) -> str | None:
+    import errno
     import tempfile
 
     from qana.atomic import file_in_the_way
 
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            return exc.strerror
     if path.is_dir():
         return "is a directory; give a file path"
     if path.exists() and not path.is_file():  # a pipe or terminal, e.g. /dev/stdout: written directly
         return None if os.access(path, os.W_OK) else "cannot be written"
-    target = path.resolve() if path.is_symlink() else path
+    for folder in Path(os.path.abspath(path)).parents:
+        if folder.is_symlink() and not folder.exists():
+            return f"{folder} is a link to {os.readlink(folder)}, which does not exist"
+    target = Path(os.path.realpath(path))
     blocking = file_in_the_way(target.parent)
     if blocking is not None:
         return f"{blocking} is a file, not a folder"
@@ -288,29 +335,43 @@ def _unwritable(path: Path) -> str | None:
     return None
 
 
-def _write_output(path: Path, data: bytes) -> None:
-    """Write an output file the way a user expects of a command's output, but in one step.
+def _is_stdout(path: Path) -> bool:
+    """Whether `path` is this process's standard output (--json /dev/stdout)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):  # no such file, or stdout is not a real file (a test runner's capture)
+        return str(path) in ("/dev/stdout", "/proc/self/fd/1")
 
-    A regular file is replaced atomically (a full disk leaves an earlier one whole), with the
-    user's umask; a link is followed and its target replaced; a pipe or terminal (--json
+
+def _write_outputs(outputs: dict[Path, bytes]) -> None:
+    """Write the command's outputs the way a user expects of a command's output, but in one step.
+
+    Regular files are written together (qana.atomic.write_together): a full disk or a failure
+    leaves earlier ones whole, and the metrics are never replaced without their plot. They get
+    the user's umask; a link is followed and its target replaced. A pipe or terminal (--json
     /dev/stdout) is written directly.
     """
-    from qana.atomic import current_umask, write_atomic
+    from qana.atomic import current_umask, write_together
 
-    if path.exists() and not path.is_file():
-        with open(path, "wb") as handle:
-            handle.write(data)
-        return
-    write_atomic(path, data, mode=0o666 & ~current_umask())  # write_atomic follows a link and makes the folder
+    regular: dict[Path, tuple[bytes, int]] = {}
+    for path, data in outputs.items():
+        if path.exists() and not path.is_file():
+            with open(path, "wb") as handle:
+                handle.write(data)
+        else:
+            regular[path] = (data, 0o666 & ~current_umask())
+    write_together(regular)  # follows a link and makes the folder
 
 
-def _png_beside(json_out: Path) -> tuple[Path | None, str]:
+def _png_beside(json_out: Path, inputs: tuple[Path, Path]) -> tuple[Path | None, str]:
     """The confusion-matrix PNG that goes beside `--json` when no --plot is given, or (None, why
-    not). It is a by-product: a path that cannot take it skips the PNG rather than the run."""
+    not). It is a by-product: a path that cannot take it skips the PNG rather than the run.
+    `m.json` gets `m.png`; any other name gets `.png` added (`eval.v2` -> `eval.v2.png`), so runs
+    told apart by their --json names never share a PNG."""
     if json_out.exists() and not json_out.is_file():
         return None, f"no PNG beside --json {json_out}: it is not a regular file (give --plot for one)"
-    png = json_out.with_suffix(".png")
-    problem = _unwritable(png)
+    png = json_out.with_suffix(".png") if json_out.suffix.lower() == ".json" else json_out.with_name(json_out.name + ".png")
+    problem = _unwritable(png) or _overwrites_input(png, *inputs)
     if problem:
         return None, f"no PNG beside --json: {png} {problem}"
     return png, ""
@@ -327,8 +388,8 @@ def split(
 ) -> None:
     """Write one part of `qana train`'s lesion-grouped split as its own folder.
 
-    E.g. the test images a bundle never trained on, so that `qana evaluate --data OUT --model
-    BUNDLE` can check the bundle's recorded test figures.
+    E.g. the test images a bundle never trained on, so that
+    `qana evaluate --data OUT --model BUNDLE` can check the bundle's recorded test figures.
     """
     from qana.bundle import BundleError, load_bundle
     from qana.data import DataError, describe_skipped, load_dataset
@@ -359,6 +420,7 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
 
     try:
         bundle = load_bundle(bundle_path) if bundle_path else load_default_bundle("v2")
+        bundle.load_clinical_prior()  # as evaluate and the clinics check it: hashed, readable, the bundle's classes
     except BundleError as exc:
         raise fail(str(exc)) from None
     m = bundle.manifest
@@ -370,12 +432,18 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
     views = bundle.test_time_views
     typer.echo(f"views      {views} test-time view(s) per image" + (" (flips/turns, features averaged: qana.views)" if views > 1 else ""))
     typer.echo(f"bits       {json.dumps(m.get('bits', {}))}")
+    # in the order a clinic's runtime applies them (colour constancy on the resized image: qana.preprocess)
+    steps = {**m.get("preprocessing", {}), "colour_constancy": bundle.colour_constancy}
+    order = ["decode", "crop", "resize", "colour_constancy", "scaling"]
+    named = sorted(steps, key=lambda k: (order.index(k) if k in order else len(order), k))
+    typer.echo("preprocess " + "; ".join(f"{k.replace('_', ' ')} {steps[k]}" for k in named))
     prior = m.get("clinical_prior")
     if prior:
         present = "" if (bundle.path / prior["file"]).is_file() else " (file not in this copy)"
         typer.echo(f"clinical   prior from {', '.join(prior['inputs'])}, weight {prior['weight']:g}, in {prior['file']}{present}")
+    present = [name for name in m["files"] if (bundle.path / name).is_file()]  # load_bundle checked these
     for name, digest in m["files"].items():
-        typer.echo(f"file       {name}  sha256 {digest}")
+        typer.echo(f"file       {name}  sha256 {digest}" + ("" if name in present else "  (not in this copy)"))
     try:
         cut = early_saturating_channels(load_akida_model(bundle))
     except BundleError as exc:
@@ -396,7 +464,11 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
         if backend in test:
             r = test[backend]
             typer.echo(f"test {label:9s} top1 {r['top1']:.4f}  macro_f1 {r['macro_f1']:.4f}  balanced_acc {r['balanced_accuracy']:.4f}  n {r['n']}")
-    typer.echo("verified: every file matches its recorded sha256")
+    absent = len(m["files"]) - len(present)
+    typer.echo(
+        f"verified: the {len(present)} file(s) in this copy match their recorded sha256"
+        + (f" ({absent} listed file(s) not in this copy: optional extras, never loaded)" if absent else "")
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Uses only the `akida` runtime: clinics never import TensorFlow.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -99,6 +100,13 @@ def load_akida_model(bundle: Bundle):
     child process first because akida crashes on some damaged files (`probe_model_file`)."""
     import akida
 
+    try:
+        os.fsencode(bundle.model_path).decode("utf-8")
+    except UnicodeDecodeError:  # akida takes the path as UTF-8 text and refuses it, as if the file were damaged
+        raise BundleError(
+            f"{os.fsdecode(bundle.model_path)!r}: akida can only open files whose path is valid UTF-8; "
+            "rename the bundle's folder (or a folder above it)"
+        ) from None
     # the hash load_bundle verified; a run's own folder (qana.train) has no manifest of files
     recorded = bundle.manifest.get("files", {}).get(bundle.model_path.name)
     probe_model_file(bundle.model_path, recorded or sha256_file(bundle.model_path))
@@ -114,6 +122,9 @@ def check_model_matches_manifest(model, bundle: Bundle) -> None:
     """The input shape and feature count bundle.json declares are the model's own; otherwise a
     BundleError naming the field, not a failure deep inside a clinic's first round."""
     manifest_path = bundle.path / MANIFEST
+    made_for = str(getattr(model, "ip_version", ""))
+    if made_for.startswith("IpVersion.") and made_for != f"IpVersion.{bundle.target}":
+        raise BundleError(f"{manifest_path}: 'target' is {bundle.target} but {bundle.model_path.name} is an Akida {made_for.split('.')[-1]} model")
     declared = list(bundle.manifest["input_shape"])
     actual = [int(d) for d in model.input_shape]
     if actual != declared:

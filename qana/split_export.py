@@ -23,6 +23,7 @@ import numpy as np
 
 from qana.atomic import file_in_the_way
 from qana.data import METADATA_FILE, Dataset, find_images
+from qana.imbalance import SEED_LIMIT
 from qana.splits import VAL_FRACTION_RANGE, train_val_test
 
 PARTS = ("train", "val", "test")
@@ -53,9 +54,9 @@ def check_settings(part: str, val_fraction: float) -> None:
 
 
 def check_seed(seed: int) -> None:
-    """`qana train` takes seeds from 0 up (numpy's generators refuse negative ones)."""
-    if seed < 0:
-        raise SplitExportError(f"--seed must be 0 or more, as for `qana train`; got {seed}")
+    """The seeds `qana train` takes: 0 up to 2**32 - 1 (numpy's generators refuse the others)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise SplitExportError(f"--seed must be from 0 to {SEED_LIMIT - 1}, as for `qana train`; got {seed}")
 
 
 def part_indices(dataset: Dataset, part: str, seed: int, val_fraction: float) -> np.ndarray:
@@ -107,6 +108,7 @@ def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> 
     Written into a hidden folder beside `out` and renamed into place at the end, so a failed
     copy (disk full, an image removed meanwhile) never leaves a part that looks complete."""
     check_new_folder(out)
+    out = Path(os.path.realpath(out))  # a link to an empty folder: the part goes where it points
     with (data / METADATA_FILE).open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
@@ -125,7 +127,8 @@ def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> 
             writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows[image_id] for image_id in image_ids)
-        (tmp / "README.md").write_text(readme)
+        # a path that is not valid UTF-8 (in the command or the source) is written as \x escapes
+        (tmp / "README.md").write_text(readme, encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, out)  # onto a missing or empty folder only (checked above)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

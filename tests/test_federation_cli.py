@@ -208,7 +208,7 @@ def test_registering_again_on_a_full_disk_keeps_the_stored_key(tmp_path, monkeyp
         (["--run-config", 'smote="false"'], "run-config smote='false' must be true or false"),
         (["--run-config", "wire-log=1"], "run-config wire-log=1 must be true or false"),
         (["--run-config", 'audit-db="postgresql://u:secret@h/db"'], "--run-config audit-db: use the --audit-db option"),
-        (["--bundle", "/nonexistent"], "not a model bundle"),
+        (["--bundle", "/nonexistent"], "bundle folder not found"),
         ([], "ca.pem not found"),  # TLS by default: certificates are required
     ],
 )
