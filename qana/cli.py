@@ -250,7 +250,8 @@ def evaluate(
     try:
         _write_outputs(outputs)
     except OSError as exc:
-        raise fail(f"{describe_os_error(exc)} (an existing --json or --plot file was left as it was)") from None
+        named = " and ".join(f"{flag} {path}" for flag, path in (("--json", json_out), ("--plot", plot)) if path is not None)
+        raise fail(f"{named}: {exc.strerror or exc} (an existing file there is kept whole)") from None
     if json_out is not None:
         report(f"metrics: {json_out}")
     if plot is not None:

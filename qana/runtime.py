@@ -123,8 +123,9 @@ def check_model_matches_manifest(model, bundle: Bundle) -> None:
     BundleError naming the field, not a failure deep inside a clinic's first round."""
     manifest_path = bundle.path / MANIFEST
     made_for = str(getattr(model, "ip_version", ""))
-    if made_for.startswith("IpVersion.") and made_for != f"IpVersion.{bundle.target}":
-        raise BundleError(f"{manifest_path}: 'target' is {bundle.target} but {bundle.model_path.name} is an Akida {made_for.split('.')[-1]} model")
+    target = bundle.manifest.get("target")  # a run's own folder (qana.train) records none
+    if target is not None and made_for.startswith("IpVersion.") and made_for != f"IpVersion.{target}":
+        raise BundleError(f"{manifest_path}: 'target' is {target} but {bundle.model_path.name} is an Akida {made_for.split('.')[-1]} model")
     declared = list(bundle.manifest["input_shape"])
     actual = [int(d) for d in model.input_shape]
     if actual != declared:

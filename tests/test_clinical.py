@@ -3,6 +3,7 @@ the bundle file, and `qana evaluate` with and without it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -156,8 +157,6 @@ def test_bundle_loads_its_prior_and_refuses_a_tampered_one(prior_bundle: Path, t
 
 
 def test_evaluate_uses_the_prior_only_when_asked_and_possible(prior_bundle: Path, tmp_path: Path) -> None:
-    import json
-
     runner = CliRunner()
     ham = make_synthetic_ham(tmp_path / "ham", n_images=30, image_size=40, seed=4)
     rows = ham.metadata.read_text().splitlines()
@@ -237,3 +236,21 @@ def test_damaged_prior_files_are_value_errors_with_a_reason() -> None:
              log_class_frequency=prior.log_class_frequency, weight=np.array(1.0), feature_names=np.array(clinical.FEATURE_NAMES))
     with pytest.raises(ValueError, match=r"not a valid clinical prior file: 'classes' must be names \(strings\)"):
         clinical.prior_from_npz(buf.getvalue())
+
+
+def test_info_refuses_the_prior_evaluate_would_refuse(prior_bundle: Path, tmp_path: Path) -> None:
+    """helper-30 P1: a prior without a hash (or naming another file) was printed and called verified."""
+    runner = CliRunner()
+    unhashed = Path(shutil.copytree(prior_bundle, tmp_path / "unhashed"))
+    manifest = json.loads((unhashed / "bundle.json").read_text())
+    del manifest["files"][clinical.PRIOR_FILE]
+    (unhashed / "bundle.json").write_text(json.dumps(manifest))
+    (unhashed / clinical.PRIOR_FILE).write_bytes(b"junk")
+    result = runner.invoke(app, ["info", str(unhashed)])
+    assert result.exit_code == 2 and "has no sha256" in result.output and "verified" not in result.output
+    other = Path(shutil.copytree(prior_bundle, tmp_path / "other"))
+    manifest = json.loads((other / "bundle.json").read_text())
+    manifest["clinical_prior"]["file"] = "head.npz"
+    (other / "bundle.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["info", str(other)])
+    assert result.exit_code == 2 and "not a valid clinical prior file" in result.output

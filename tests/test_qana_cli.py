@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -138,6 +139,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--mixup-epochs", "10"], "--mixup-epochs says how long mixup lasts; without --mixup there is none"),
         (["--mixup", "0.2", "--mixup-epochs", "10", "--weight-ema", "0.99"], "--mixup-epochs cannot be combined with --weight-ema"),
         (["--stop-after", "floats"], "--stop-after must be one of split, saliency, pretrain, float"),
+        (["--seed", str(2**32)], "--seed must be from 0 to 4294967295, not 4294967296"),  # helper-30 P16: crashed in the float stage
         (["--pretrain-epochs", "-1"], "--pretrain-epochs must be 0 (off) or more, not -1"),
         (["--epochs", "0"], "--epochs must be at least 1, not 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
@@ -331,3 +333,110 @@ def test_train_left_out_late_flags_keep_the_runs_own_values(tmp_path: Path) -> N
     changed = runner.invoke(app, [*base, "--no-qat-distill"])
     assert changed.exit_code == 0 and "redoing" not in changed.output, changed.output
     assert json.loads((tmp_path / "run" / "options.json").read_text())["qat_distill"] is False
+
+
+def test_info_says_what_it_verified_and_prints_the_preprocessing(tmp_path: Path) -> None:
+    """helper-30 P2/P3: files absent from a copy were listed with a hash and called verified;
+    the preprocessing (colour constancy included) was never printed."""
+    copy = Path(shutil.copytree(TINY, tmp_path / "b"))
+    manifest = json.loads((copy / "bundle.json").read_text())
+    listed = len(manifest["files"])
+    manifest["files"]["float.h5"] = "0" * 64  # listed, as in the shipped v2-s10, but not in this copy
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["info", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert f"file       float.h5  sha256 {'0' * 64}  (not in this copy)" in result.output
+    assert f"verified: the {listed} file(s) in this copy match their recorded sha256 (1 listed file(s) not in this copy" in result.output
+    assert "\npreprocess crop centre square; resize 32x32 box filter; colour constancy none\n" in result.output
+
+
+def test_info_names_a_model_made_for_the_other_akida(tmp_path: Path) -> None:
+    """helper-30 P15: a v2 bundle holding a v1 model (hash updated) was shown as v2 and verified."""
+    import hashlib
+
+    copy = Path(shutil.copytree(TINY, tmp_path / "b"))
+    shutil.copyfile(TINY.parent / "tiny-v1" / "model.fbz", copy / "model.fbz")
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["files"]["model.fbz"] = hashlib.sha256((copy / "model.fbz").read_bytes()).hexdigest()
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["info", str(copy)])
+    assert result.exit_code == 2 and "'target' is v2 but model.fbz is an Akida v1 model" in result.output, result.output
+
+
+def test_info_names_what_is_wrong_with_the_folder(tmp_path: Path) -> None:
+    """helper-30 P4/P11: every one of these said "has no bundle.json", or was a traceback."""
+    (tmp_path / "dir-manifest" / "bundle.json").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    version = Path(shutil.copytree(TINY, tmp_path / "version"))
+    manifest = json.loads((version / "bundle.json").read_text())
+    (version / "bundle.json").write_text(json.dumps({**manifest, "format_version": "1"}))
+    for path, message in (
+        (tmp_path / "none", "bundle folder not found"),
+        (tmp_path / "afile", "is a file, not a bundle folder"),
+        (tmp_path / "dir-manifest", "bundle.json is not a file"),
+        (version, "format_version '1' is not supported"),
+        (tmp_path / ("a" * 300), "File name too long"),
+    ):
+        result = runner.invoke(app, ["info", str(path)])
+        assert result.exit_code == 2 and message in result.output and result.exception is None or isinstance(result.exception, SystemExit), (path, result.output)
+        assert message in result.output, (path, result.output)
+
+
+def test_evaluate_outputs_never_damage_inputs_or_stored_files(tmp_path: Path) -> None:
+    """helper-30 P4/P5/P8/P9/P14: outputs that would replace the bundle's manifest or the metadata,
+    a looping or dangling link, a too-long name: refused before evaluating, nothing replaced;
+    eval.v2 and eval.v1 no longer share one PNG."""
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=10, image_size=40, seed=5)
+    bundle = Path(shutil.copytree(TINY, tmp_path / "b"))
+    manifest = (bundle / "bundle.json").read_bytes()
+    metadata = clinic.metadata.read_bytes()
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    (tmp_path / "res").symlink_to(tmp_path / "nowhere" / "dir")
+    (tmp_path / "kept.json").write_text('{"earlier": "results"}')
+    evaluate = ["evaluate", "--data", str(clinic.root), "--model", str(bundle)]
+    for outputs, message in (
+        (["--json", bundle / "bundle.json"], "is inside the bundle folder"),
+        (["--json", bundle / "m.json"], "is inside the bundle folder"),
+        (["--json", clinic.metadata], "data folder's own files (HAM10000_metadata.csv)"),
+        (["--json", tmp_path / "loop.json"], "Too many levels of symbolic links"),
+        (["--json", tmp_path / "res" / "m.json"], "res is a link to"),
+        (["--json", tmp_path / "kept.json", "--plot", tmp_path / "res" / "p.png"], "res is a link to"),
+        (["--json", tmp_path / ("a" * 300 + ".json")], "File name too long"),
+    ):
+        result = runner.invoke(app, [*evaluate, *map(str, outputs)])
+        assert result.exit_code == 2 and message in result.output and "top1" not in result.output, (outputs, result.output)
+        assert "Traceback" not in result.output
+    assert (bundle / "bundle.json").read_bytes() == manifest and clinic.metadata.read_bytes() == metadata
+    assert (tmp_path / "kept.json").read_text() == '{"earlier": "results"}'
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in TINY.iterdir())
+    for name in ("eval.v2", "eval.v1"):
+        result = runner.invoke(app, [*evaluate, "--json", str(tmp_path / name)])
+        assert result.exit_code == 0 and f"confusion matrix: {tmp_path / name}.png" in result.output, result.output
+    assert (tmp_path / "eval.v2.png").is_file() and (tmp_path / "eval.v1.png").is_file()
+    assert (tmp_path / "eval.v2").read_text().endswith("}\n")
+
+
+def test_evaluate_json_to_stdout_is_json_alone() -> None:
+    """helper-30 P12: the report was printed into the JSON on stdout."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clinic = make_synthetic_ham(Path(tmp) / "ham", n_images=8, image_size=40, seed=6)
+        done = subprocess.run(
+            [sys.executable, "-m", "qana.cli", "evaluate", "--data", str(clinic.root), "--model", str(TINY), "--json", "/dev/stdout"],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 8
+    assert "top1" in done.stderr and "metrics: /dev/stdout" in done.stderr
+
+
+def test_a_bundle_folder_akida_cannot_open_is_named_for_its_name(tmp_path: Path) -> None:
+    """helper-30 P10: an intact bundle under a non-UTF-8 folder name was "not a readable Akida model"."""
+    import os
+    import subprocess
+
+    odd = os.fsencode(str(tmp_path)) + b"/b-\xff"
+    shutil.copytree(TINY, os.fsdecode(odd))
+    done = subprocess.run([sys.executable, "-m", "qana.cli", "info", odd], capture_output=True, timeout=300)
+    assert done.returncode == 2 and b"akida can only open files whose path is valid UTF-8" in done.stderr, done.stderr

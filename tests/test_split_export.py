@@ -64,7 +64,9 @@ def test_refusals_are_one_line_errors_and_keep_what_is_stored(clinic, private_ca
     result = runner.invoke(app, ["split", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "data folder not found" in result.output
     result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "d"), "--seed", "-1"])
-    assert result.exit_code == 2 and "--seed must be 0 or more" in result.output
+    assert result.exit_code == 2 and "--seed must be from 0 to 4294967295" in result.output
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "d"), "--seed", str(2**32)])
+    assert result.exit_code == 2 and "--seed must be from 0 to 4294967295" in result.output  # helper-30 P16
     assert not (tmp_path / "d").exists()
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")
@@ -137,3 +139,21 @@ def test_an_empty_part_is_refused_not_written(private_cache, tmp_path: Path) -> 
     result = runner.invoke(app, ["split", "--data", str(data), "--out", str(out), "--part", "val", "--val-fraction", "0.05"])
     assert result.exit_code == 2 and "the val part of this split is empty" in result.output, result.output
     assert not out.exists()
+
+
+def test_a_link_to_an_empty_folder_and_a_name_that_is_not_utf8(clinic, private_cache, tmp_path: Path) -> None:
+    """helper-30 P6/P7: both copied every image, then failed (a traceback for the second)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(tmp_path / "link")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / METADATA_FILE).is_file()
+    odd = os.fsencode(str(tmp_path)) + b"/part-\xff"  # as a shell passes it: bytes, not text
+    done = subprocess.run([sys.executable, "-m", "qana.cli", "split", "--data", str(clinic.root), "--out", odd], capture_output=True, timeout=300)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    odd = Path(os.fsdecode(odd))
+    assert (odd / METADATA_FILE).is_file() and "Made by" in (odd / "README.md").read_text(encoding="utf-8")
