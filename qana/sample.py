@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from qana.atomic import replace_directory
+from qana.cli_errors import EXIT_ERROR, script_main
 from qana.data import METADATA_FILE, decode_image, find_images, read_metadata
 
 SAMPLE_DIR = Path(__file__).parent / "samples" / "ham10000-sample"
@@ -36,11 +40,26 @@ source centre). Made by: `{command}`.
 """
 
 
+class SampleError(ValueError):
+    """The inputs cannot make a sample; the message names the file and the problem."""
+
+
+def test_part_ids(split_file: Path) -> set[str]:
+    """The image ids of the test part a training run recorded in its split.npz."""
+    try:
+        with np.load(split_file) as z:
+            return set(str(i) for i in z["image_ids"][z["test"]])
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile, EOFError) as exc:
+        raise SampleError(f"{split_file}: not a readable split of a `qana train` run ({exc})") from None
+
+
 def make_sample(data: Path, split_file: Path, out: Path, per_centre: int = 200, seed: int = 0, command: str = "") -> int:
-    """Write the sample folder; returns the number of images."""
-    with np.load(split_file) as z:
-        image_ids = z["image_ids"]
-        test_ids = set(str(i) for i in image_ids[z["test"]])
+    """Write the sample folder; returns the number of images. The folder is replaced whole
+    (qana.atomic.replace_directory): a rerun with fewer images leaves none of the old ones behind,
+    and a failure half-way leaves the previous sample as it was."""
+    if per_centre < 1:
+        raise SampleError(f"--per-centre must be at least 1, not {per_centre}")
+    test_ids = test_part_ids(split_file)
     rows = {}
     with (data / METADATA_FILE).open(newline="") as handle:
         reader = csv.DictReader(handle)
@@ -55,22 +74,28 @@ def make_sample(data: Path, split_file: Path, out: Path, per_centre: int = 200, 
         members = [r for r in records if r.centre == centre and r.image_id in files]
         take = rng.permutation(len(members))[: min(per_centre, len(members))]
         chosen.extend(members[i] for i in sorted(take))
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for record in chosen:
-        pixels = decode_image(files[record.image_id].read_bytes(), 64)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
-        (out / "images" / f"{record.image_id}.jpg").write_bytes(buf.getvalue())
-    with (out / METADATA_FILE).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header)
-        writer.writeheader()
+    if not chosen:
+        raise SampleError(f"none of the {len(test_ids)} test images of {split_file} is in {data}: is it that run's data?")
+
+    def build(folder: Path) -> None:
+        (folder / "images").mkdir()
         for record in chosen:
-            writer.writerow(rows[record.image_id])
-    (out / "README.md").write_text(SAMPLE_README.format(n=len(chosen), seed=seed, command=command))
+            pixels = decode_image(files[record.image_id].read_bytes(), 64)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+            (folder / "images" / f"{record.image_id}.jpg").write_bytes(buf.getvalue())
+        with (folder / METADATA_FILE).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            for record in chosen:
+                writer.writerow(rows[record.image_id])
+        (folder / "README.md").write_text(SAMPLE_README.format(n=len(chosen), seed=seed, command=command))
+
+    replace_directory(out, build)
     return len(chosen)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--split", type=Path, required=True, help="split.npz of the shipped model's training run")
@@ -82,9 +107,14 @@ def main() -> None:
         f"python -m qana.sample --data {args.data} --split {args.split} --out {args.out} "
         f"--per-centre {args.per_centre} --seed {args.seed}"
     )
-    n = make_sample(args.data, args.split, args.out, args.per_centre, args.seed, command)
+    try:
+        n = make_sample(args.data, args.split, args.out, args.per_centre, args.seed, command)
+    except SampleError as exc:  # run as __main__, this module's class is not qana.sample's: named here
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"{n} images written to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)
