@@ -440,8 +440,8 @@ def info(bundle_path: Annotated[Optional[Path], typer.Argument(help="Bundle dire
     typer.echo("preprocess " + "; ".join(f"{k.replace('_', ' ')} {steps[k]}" for k in named))
     prior = m.get("clinical_prior")
     if prior:
-        present = "" if (bundle.path / prior["file"]).is_file() else " (file not in this copy)"
-        typer.echo(f"clinical   prior from {', '.join(prior['inputs'])}, weight {prior['weight']:g}, in {prior['file']}{present}")
+        missing = "" if (bundle.path / prior["file"]).is_file() else " (file not in this copy)"
+        typer.echo(f"clinical   prior from {', '.join(prior['inputs'])}, weight {prior['weight']:g}, in {prior['file']}{missing}")
     present = [name for name in m["files"] if (bundle.path / name).is_file()]  # load_bundle checked these
     for name, digest in m["files"].items():
         typer.echo(f"file       {name}  sha256 {digest}" + ("" if name in present else "  (not in this copy)"))
