@@ -93,14 +93,9 @@ def _recorded(run: Path) -> tuple[dict, dict]:
     bundle, options = run / "bundle.json", run / "options.json"
     if not bundle.is_file():
         sys.exit(f"error: {bundle} not found: {run} is neither a `qana train` run whose bundle stage has finished nor a bundle")
-    try:
-        recorded = json.loads(bundle.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        sys.exit(f"error: {bundle} is not valid JSON ({exc})")
-    if not isinstance(recorded, dict):
-        sys.exit(f"error: {bundle} is not a bundle record (expected a JSON object)")
+    recorded = _json_object(bundle, "a bundle record")
     if options.is_file():
-        settings = json.loads(options.read_text())
+        settings = _json_object(options, "a run's settings")
     else:
         training = recorded.get("training", {})
         if "command" not in training:
@@ -113,6 +108,18 @@ def _recorded(run: Path) -> tuple[dict, dict]:
         if missing:
             sys.exit(f"error: {bundle} records no {part} metrics of {', '.join(missing)}: not the bundle stage's record of a finished run")
     return settings, metrics
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; exits naming the file when it is damaged or holds something else
+    (a cut-off write), as a record must never end the comparison with a traceback."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        sys.exit(f"error: {path} is not valid JSON ({exc})")
+    if not isinstance(recorded, dict):
+        sys.exit(f"error: {path} is not {what} (expected a JSON object)")
+    return recorded
 
 
 def recipe_command(command: str) -> list[str]:

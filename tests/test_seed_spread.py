@@ -155,3 +155,13 @@ def test_a_damaged_or_partial_record_is_named(tmp_path: Path) -> None:
     for run, message in ((bad, "is not valid JSON"), (partial, "records no test metrics of quantized")):
         done = _spread(run)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_damaged_options_json_is_named_not_a_traceback(tmp_path: Path) -> None:
+    cut = _run_dir(tmp_path, "cut", 0, 0.70)
+    (cut / "options.json").write_text('{"seed": 0, "wid')
+    listed = _run_dir(tmp_path, "listed", 1, 0.70)
+    (listed / "options.json").write_text("[1, 2]")
+    for run, message in ((cut, "options.json is not valid JSON"), (listed, "options.json is not a run's settings")):
+        done = _spread(run)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
