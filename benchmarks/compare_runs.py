@@ -23,8 +23,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from record_run import RecordError, read_split_indices  # noqa: E402  (no TensorFlow)
 
 
 def main() -> None:
@@ -55,8 +57,10 @@ def main() -> None:
     for run in args.runs:  # all splits first, before any model is loaded
         if not (run / "split.npz").is_file():
             sys.exit(f"error: {run / 'split.npz'} not found: {run} is not a `qana train` run whose split stage has finished")
-        with np.load(run / "split.npz") as z:
-            split = {name: z[name].copy() for name in ("train", "val", "test")}
+        try:
+            split = read_split_indices(run / "split.npz")
+        except RecordError as exc:
+            sys.exit(f"error: {exc}")
         if reference is None:
             reference = split
         elif any(not np.array_equal(reference[name], split[name]) for name in split):
