@@ -61,6 +61,24 @@ def split_fingerprint(split_npz: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_split_fingerprint(folder: Path) -> str | None:
+    """The split fingerprint of a record (its split-indices.sha256) or of a run directory (computed
+    from its split.npz, which every run has but only a record's fingerprint used to be compared);
+    None for a folder holding neither (a shipped bundle), whose split only its seed tells."""
+    recorded = folder / SPLIT_FINGERPRINT
+    if recorded.is_file():
+        try:
+            words = recorded.read_text().split()
+        except UnicodeDecodeError:
+            words = []
+        if not words or len(words[0]) != 64:
+            raise RecordError(f"{recorded} holds no split fingerprint (expected a sha256 in hex)")
+        return words[0]
+    if (folder / "split.npz").is_file():
+        return split_fingerprint(folder / "split.npz")
+    return None
+
+
 def record_contents(run: Path) -> dict[str, bytes]:
     """The files a record of `run` holds, by name; refuses a run whose bundle stage has not finished."""
     missing = [name for name in (*RECORDED_FILES, "split.npz") if not (run / name).is_file()]

@@ -17,7 +17,8 @@ A shipped bundle directory (e.g. qana/bundles/v2) may stand in for its training 
 directory a new machine no longer has: its bundle.json records the same metrics and the
 `qana train` command, which is compared with the other runs' commands instead of their options.
 So may a folder holding only a run's `bundle.json` and `options.json` (`benchmarks/records/`: the
-records of runs whose directories are gone). Two runs with the same seed are one split and are
+records of runs whose directories are gone). Two runs with the same seed, or with the same split
+indices (a run directory's split.npz, a record's split-indices.sha256), are one split and are
 refused, so no split counts twice in the spread.
 """
 
@@ -31,8 +32,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qana.metrics import ACCURACY_BAR, FAITHFUL, FIDELITY_PAIRS, fidelity_line, mean_interval  # noqa: E402  (no TensorFlow)
+from record_run import RecordError, folder_split_fingerprint  # noqa: E402
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
@@ -189,15 +192,36 @@ def main() -> None:
         print(f"{k:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (issue's bar for v2: {bar:.2f})")
 
 
+def split_of(run: Path) -> str | None:
+    """The fingerprint of `run`'s split (record_run.folder_split_fingerprint: a record's
+    split-indices.sha256 or a run directory's split.npz), None for a shipped bundle; exits
+    naming a damaged file."""
+    try:
+        return folder_split_fingerprint(run)
+    except RecordError as exc:
+        sys.exit(f"error: {exc}")
+
+
 def check_one_run_per_split(runs: list[tuple[Path, dict, dict]]) -> None:
-    """Exit when two runs have the same seed: the seed chooses the split, so they are one split
-    (e.g. a shipped bundle and its own run dir) and would count twice in the sd and t-interval."""
+    """Exit when two runs are one split, so that none counts twice in the sd and t-interval:
+    the same seed (the seed chooses the split: e.g. a shipped bundle and its own run dir), or the
+    same split indices whatever the seeds (a run made with `--reuse-from` another seed's run
+    keeps that run's split: `qana train` does not compare seeds for a reused split)."""
     seen: dict[object, Path] = {}
+    splits: dict[str, tuple[Path, object]] = {}
     for run, options, _ in runs:
         seed = options.get("seed", "?")
         if seed != "?" and seed in seen:
             sys.exit(f"error: {seen[seed]} and {run} both have seed {seed}, i.e. the same split: give each split once")
         seen[seed] = run
+        split = split_of(run)
+        if split is None:
+            continue
+        if split in splits:
+            other, other_seed = splits[split]
+            sys.exit(f"error: {other} and {run} hold the same split (the same split indices, though seeds {other_seed} "
+                     f"and {seed}; e.g. one reused the other's split): give each split once")
+        splits[split] = (run, seed)
 
 
 def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread.py"
 
 
@@ -165,3 +167,26 @@ def test_a_damaged_options_json_is_named_not_a_traceback(tmp_path: Path) -> None
     for run, message in ((cut, "options.json is not valid JSON"), (listed, "options.json is not a run's settings")):
         done = _spread(run)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_one_split_under_two_seeds_is_refused(tmp_path: Path) -> None:
+    """A run made with --reuse-from another seed's run has that run's split.npz whatever its own
+    seed; it used to count as a second split."""
+    runs = [_run_dir(tmp_path, name, seed, 0.70) for name, seed in (("a", 20), ("b", 19), ("c", 21))]
+    for run, test in zip(runs, ([4], [4], [5]), strict=True):
+        np.savez(run / "split.npz", train=np.array([0, 1, 2]), val=np.array([3]), test=np.array(test), image_ids=np.arange(9).astype(str))
+    done = _spread(runs[0], runs[2])
+    assert done.returncode == 0, done.stderr
+    done = _spread(*runs)
+    assert done.returncode == 2 and f"{runs[0]} and {runs[1]} hold the same split" in done.stderr, done.stderr
+    assert "seeds 20 and 19" in done.stderr
+    (runs[1] / "split.npz").unlink()  # a record of the same split: its fingerprint file
+    import hashlib
+
+    digest = hashlib.sha256(np.array([0, 1, 2, 3, 4], np.int64).tobytes()).hexdigest()
+    (runs[1] / "split-indices.sha256").write_text(digest + "  train+val+test indices\n")
+    done = _spread(*runs)
+    assert done.returncode == 2 and "hold the same split" in done.stderr, done.stderr
+    (runs[1] / "split-indices.sha256").write_text("")
+    done = _spread(*runs)
+    assert done.returncode == 2 and "holds no split fingerprint" in done.stderr and "Traceback" not in done.stderr, done.stderr
