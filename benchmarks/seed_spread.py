@@ -15,7 +15,8 @@ deviation over runs. Warns when the runs differ in anything but the seed.
 
 A shipped bundle directory (e.g. qana/bundles/v2) may stand in for its training run, whose
 directory a new machine no longer has: its bundle.json records the same metrics and the
-`qana train` command, which is compared with the other runs' commands instead of their options.
+`qana train` command, whose settings (read by `qana train`'s own option parser) are compared with
+those of the other runs' recorded commands instead of their options.
 So may a folder holding only a run's `bundle.json` and `options.json` (`benchmarks/records/`: the
 records of runs whose directories are gone). Two runs with the same seed, or with the same split
 indices (a run directory's split.npz, a record's split-indices.sha256), are one split and are
@@ -140,11 +141,56 @@ def recipe_command(command: str) -> list[str]:
     return kept
 
 
+def command_settings(command: str) -> dict[str, object] | None:
+    """The recipe settings a recorded `qana train` command gives, read by `qana train`'s own option
+    parser (qana.cli, no TensorFlow), so that the order of the flags, `--flag=value` and a default
+    spelt out make no difference; a setting left out reads as the parser's default (None where
+    `qana train` fills it in later). None when that parser does not read the command (another
+    program, an option since removed, unbalanced quotes)."""
+    import click
+    import typer
+
+    from qana.cli import app
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if words[:2] != ["qana", "train"]:
+        return None
+    train = typer.main.get_command(app).commands["train"]
+    try:
+        params = train.make_context("train", words[2:]).params
+    except (click.ClickException, click.exceptions.Exit):
+        return None
+    ignored = IGNORED_OPTIONS | {"fresh"}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in params.items() if name not in ignored}
+
+
+def command_differences(first: str, other: str) -> list[str]:
+    """Recipe settings in which two recorded `qana train` commands differ, as `command --flag`.
+    A setting one command leaves out (None) counts as the value a new run takes for it; when
+    either command cannot be parsed, they are compared as text, and the difference says so."""
+    settings = command_settings(first), command_settings(other)
+    if settings[0] is None or settings[1] is None:
+        words = " ".join(recipe_command(first)), " ".join(recipe_command(other))
+        return [] if words[0] == words[1] else [f"command (compared as text, not read as `qana train` options: {words[0]!r} vs {words[1]!r})"]
+    a, b = settings
+    differs = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if any(a.get(k) is None or b.get(k) is None for k in differs):
+        from qana.train import default_settings  # imports TensorFlow: only when one command spells out what the other leaves out
+
+        defaults = default_settings()
+        a, b = ({k: defaults.get(k) if v is None else v for k, v in s.items()} for s in (a, b))
+        differs = [k for k in differs if a.get(k) != b.get(k)]
+    return [f"command --{k.replace('_', '-')}" for k in differs]
+
+
 def differences(first: dict, other: dict) -> list[str]:
-    """Settings in which two runs differ beyond the seed: option names, or the command when either is a bundle."""
+    """Settings in which two runs differ beyond the seed: option names, or the settings their
+    recorded commands give when either is a shipped bundle (which records no options.json)."""
     if first.get("shipped_bundle") or other.get("shipped_bundle"):
-        same = recipe_command(first.get("command", "")) == recipe_command(other.get("command", ""))
-        return [] if same else ["command"]
+        return command_differences(first.get("command", ""), other.get("command", ""))
     return sorted(k for k in set(first) | set(other) if k not in IGNORED_OPTIONS and first.get(k) != other.get(k))
 
 

@@ -190,3 +190,22 @@ def test_one_split_under_two_seeds_is_refused(tmp_path: Path) -> None:
     (runs[1] / "split-indices.sha256").write_text("")
     done = _spread(*runs)
     assert done.returncode == 2 and "holds no split fingerprint" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_bundles_command_is_compared_by_its_settings_not_its_words(tmp_path: Path) -> None:
+    """The order of the flags, `--flag=value` and a default spelt out used to make another recipe."""
+    run = _run_dir(tmp_path, "run1", 1, 0.80)
+    options = json.loads((run / "options.json").read_text())
+    options["command"] = "qana train --data d --run-dir runs/r1 --epochs 40 --class-weighting none --seed 1"
+    (run / "options.json").write_text(json.dumps(options))
+    same = ("qana train --class-weighting none --data d --epochs 40 --seed 0",
+            "qana train --data d --epochs=40 --class-weighting=none --seed=0",
+            "qana train --data d --epochs 40 --class-weighting none --width 32 --seed 0",  # --width's default
+            "qana train --data d --epochs 40 --class-weighting none --weight-bits 8 --seed 0")  # filled in by qana train: 8
+    for i, command in enumerate(same):
+        done = _spread(_bundle_dir(tmp_path, f"same{i}", 0, 0.70, command), run)
+        assert done.returncode == 0 and "warning" not in done.stdout, (command, done.stdout, done.stderr)
+    other = _spread(_bundle_dir(tmp_path, "other", 0, 0.70, "qana train --data d --epochs 40 --class-weighting sqrt --mixup=0.2"), run)
+    assert "differs from" in other.stdout and "command --class-weighting, command --mixup" in other.stdout, other.stdout
+    unread = _spread(_bundle_dir(tmp_path, "unread", 0, 0.70, "qana train --data d --no-such-flag 1"), run)
+    assert "compared as text, not read as `qana train` options" in unread.stdout, unread.stdout
