@@ -202,11 +202,7 @@ def main() -> None:
     runs = [(run, *load_run(run)) for run in args.runs]
     check_one_run_per_split(runs)
     count_runs_without_a_prior(runs)
-    first = runs[0][1]
-    for run, options, _ in runs[1:]:
-        differs = differences(first, options)
-        if differs:
-            print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
+    warn_on_other_recipes(runs)
 
     models = MODELS + tuple(m for m in OPTIONAL_MODELS if all(m in metrics["test"] for _, _, metrics in runs))
     header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{m + ' top-1/mF1/bal':>26}" for m in models)
@@ -246,6 +242,16 @@ def split_of(run: Path) -> str | None:
         return folder_split_fingerprint(run)
     except RecordError as exc:
         sys.exit(f"error: {exc}")
+
+
+def warn_on_other_recipes(runs: list[tuple[Path, dict, dict]]) -> None:
+    """A warning for each run whose settings differ from the first run's in more than the seed:
+    a spread over such runs mixes recipes. Printed, not refused: a reader may mean to mix them."""
+    first = runs[0][1]
+    for run, options, _ in runs[1:]:
+        differs = differences(first, options)
+        if differs:
+            print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
 
 
 def check_one_run_per_split(runs: list[tuple[Path, dict, dict]]) -> None:
