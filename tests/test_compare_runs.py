@@ -33,3 +33,14 @@ def test_a_cut_off_split_is_named_not_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(run)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cut/split.npz: not a readable split" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_run_whose_float_stage_has_not_finished_is_named(tmp_path: Path) -> None:
+    """It used to be left out of the table silently, and --ensemble over it alone raised an AxisError."""
+    done_run, unfinished = _run(tmp_path, "done", [3]), _run(tmp_path, "training", [3])
+    (done_run / "float.h5").write_bytes(b"")
+    for runs in ([unfinished], [done_run, unfinished]):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--ensemble", *map(str, runs)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"{unfinished / 'float.h5'} not found" in done.stderr, done.stderr
+        assert "float stage has not finished" in done.stderr and "Traceback" not in done.stderr
