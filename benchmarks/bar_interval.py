@@ -18,7 +18,8 @@ and balanced accuracy of each model; how often Akida + prior clears the accuracy
 interval of the chip minus float (images only and with the prior) with how often the chip falls
 more than the 1-point bar below. With two runs or more (the same recipe on other seeds), it also
 prints the recipe's mean over runs with a 95 % t-interval: that one includes the training
-randomness and the split, which one run's bootstrap cannot see.
+randomness and the split, which one run's bootstrap cannot see. As in `benchmarks/seed_spread.py`,
+two runs of one split are refused and runs that differ in more than the seed are warned about.
 
 Nothing here chooses a model: it measures how far one test part can be trusted.
 """
@@ -98,6 +99,17 @@ def report_recipe(points: list[dict]) -> None:
         print(f"{LABELS[k]:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (bar {bar:.2f})")
 
 
+def check_recipe_runs(runs: list[Path]) -> None:
+    """Exit when two runs are one split, and warn when they differ in more than the seed, as
+    benchmarks/seed_spread.py does: the recipe's t-interval counts each run as one split of one
+    recipe (one split given twice made a zero-width "interval")."""
+    from seed_spread import check_one_run_per_split, load_run, warn_on_other_recipes
+
+    loaded = [(run, *load_run(run)) for run in runs]
+    check_one_run_per_split(loaded)
+    warn_on_other_recipes(loaded)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="finished `qana train` run directories")
@@ -110,6 +122,7 @@ def main() -> None:
     import chip_ensemble
 
     chip_ensemble.require_finished_runs(args.runs)
+    check_recipe_runs(args.runs)
 
     datasets: dict = {}
     points = []

@@ -14,8 +14,10 @@ deploy. The float counterpart averages the float models' logits over the same vi
 clinical prior is fitted on the group's training part and weighted on its validation part by
 the clinical stage's rule on the Akida ensemble; the float ensemble gets the same prior, as in
 `qana train`. Prints each group's validation and test figures, the chip-vs-float fidelity on
-test (the issue's 1-point bar), and the mean and sample standard deviation over groups. The
-cost is not hidden: every image goes through every backbone.
+test (the issue's 1-point bar), and the mean and sample standard deviation over groups. As in
+`benchmarks/seed_spread.py`, two groups of one split are refused, and a group whose runs differ
+from the first group's in more than the seed is warned about. The cost is not hidden: every
+image goes through every backbone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
@@ -40,6 +43,21 @@ def require_finished_runs(runs: list[Path]) -> None:
     for run in runs:
         if not (run / "bundle.json").is_file():
             sys.exit(f"error: {run / 'bundle.json'} not found: {run} is not a `qana train` run whose bundle stage has finished")
+
+
+def check_groups_are_splits(groups: list[list[Path]]) -> None:
+    """Exit when two groups are one split, and warn when a group's runs differ from the first
+    group's (run by run, in the order given) in more than the seed, as benchmarks/seed_spread.py
+    does for runs: the sd over groups counts each group as one split of one ensemble recipe."""
+    from seed_spread import check_one_run_per_split, load_run, warn_on_other_recipes
+
+    loaded = [[(run, *load_run(run)) for run in group] for group in groups]
+    check_one_run_per_split([group[0] for group in loaded])  # a group's runs share one split (group_logits checks)
+    for i in range(max(map(len, loaded))):
+        warn_on_other_recipes([group[i] for group in loaded if i < len(group)])
+    for group in loaded[1:]:
+        if len(group) != len(loaded[0]):
+            print(f"warning: the group of {group[0][0]} has {len(group)} runs, the first group {len(loaded[0])}: not one ensemble recipe")
 
 
 def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, dict, dict]:
@@ -116,6 +134,7 @@ def main() -> None:
     if not all(groups):
         parser.error(f"a group names no run: {' '.join(args.groups)} (give comma-separated run directories)")
     require_finished_runs([run for group in groups for run in group])
+    check_groups_are_splits(groups)
     datasets: dict = {}
     results = []
     print(f"{'group':40s} {'part':5s} " + " ".join(f"{m + ' top-1/mF1/bal':>26s}" for m in MODELS) + "  prior weight")

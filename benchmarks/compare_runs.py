@@ -23,8 +23,20 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+from record_run import RecordError, read_split_indices  # noqa: E402  (no TensorFlow)
+
+
+def require_float_models(runs: list[Path]) -> None:
+    """Exit naming the first run without float.h5: its float stage has not finished. Such a run
+    used to be left out of the table without a word (a comparison with one side missing), and
+    `--ensemble` over no float model ended in an AxisError. A run without quantized.h5 (e.g.
+    `--stop-after float`) is still compared on its float model."""
+    for run in runs:
+        if not (run / "float.h5").is_file():
+            sys.exit(f"error: {run / 'float.h5'} not found: {run}'s float stage has not finished")
 
 
 def main() -> None:
@@ -55,13 +67,16 @@ def main() -> None:
     for run in args.runs:  # all splits first, before any model is loaded
         if not (run / "split.npz").is_file():
             sys.exit(f"error: {run / 'split.npz'} not found: {run} is not a `qana train` run whose split stage has finished")
-        with np.load(run / "split.npz") as z:
-            split = {name: z[name].copy() for name in ("train", "val", "test")}
+        try:
+            split = read_split_indices(run / "split.npz")
+        except RecordError as exc:
+            sys.exit(f"error: {exc}")
         if reference is None:
             reference = split
         elif any(not np.array_equal(reference[name], split[name]) for name in split):
             # every part: validation rows of runs with another --val-fraction would be other images
             sys.exit(f"error: {run} was split differently from {args.runs[0]}; compare runs with the same data, seed and --val-fraction")
+    require_float_models(args.runs)
     for run in args.runs:
         opts = recorded_options(run, args.data)
         key = (opts.image_size, opts.colour_constancy)
@@ -94,7 +109,7 @@ def main() -> None:
             labels[part_name] = part.labels
             for model_name, loader in (("float", load_float), ("quantized", load_quantized)):
                 if not (run / f"{model_name}.h5").exists():
-                    continue
+                    continue  # only quantized.h5 can be missing here (require_float_models)
                 logits = keras_logits(loader(opts), part.images, args.views)
                 if model_name == "float":
                     ensemble[part_name].append(softmax(logits))

@@ -23,8 +23,10 @@ the arms' test accuracies are for `benchmarks/seed_spread.py`, after the decisio
 A run whose clinical prior got weight 0 on validation counts with its images-only figures,
 as in seed_spread (`count_runs_without_a_prior`, over both arms). Settings missing from an
 older run's options.json count as their defaults (as `qana train` reads them); the runs of
-one seed must also agree on the split's other settings, and on the split itself where their
-records hold its fingerprint (`split-indices.sha256`, benchmarks/record_run.py). Exit status
+one seed must also agree on the split's other settings, and on the split itself wherever both
+folders tell it: a run directory's `split.npz`, a record's `split-indices.sha256`
+(benchmarks/record_run.py); a run made with `--reuse-from` another seed's run has that run's
+split whatever its own seed. Exit status
 0 whatever the verdict; an `error:` line and a non-zero status on unusable input (unfinished
 runs, other splits, an arm that is not one recipe).
 """
@@ -40,8 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qana.metrics import FAITHFUL, FIDELITY_PAIRS, shortfall  # noqa: E402  (no TensorFlow)
-from record_run import SPLIT_FINGERPRINT  # noqa: E402
-from seed_spread import check_one_run_per_split, count_runs_without_a_prior, differences, load_run  # noqa: E402
+from seed_spread import check_one_run_per_split, count_runs_without_a_prior, differences, load_run, split_of  # noqa: E402
 
 SCORED = "akida+prior"  # what `qana evaluate` scores with a bundle that has the clinical prior
 MEASURES = ("top1", "macro_f1")
@@ -80,7 +81,8 @@ def check_arm(name: str, runs: list[Run], defaults: dict) -> None:
 
 def check_same_splits(baseline: list[Run], variant: list[Run], defaults: dict) -> None:
     """Exit unless each seed of one arm has a run of the same split in the other: the same seed,
-    the same split settings and, where both records hold one, the same split fingerprint."""
+    the same split settings and, where both folders tell it, the same split indices (a record's
+    split-indices.sha256, a run directory's split.npz: a run can reuse another seed's split)."""
     by_seed = {str(options.get("seed")): (path, completed(options, defaults)) for path, options, _ in baseline}
     seeds = sorted(by_seed), sorted(str(options.get("seed")) for _, options, _ in variant)
     if seeds[0] != seeds[1]:
@@ -92,9 +94,9 @@ def check_same_splits(baseline: list[Run], variant: list[Run], defaults: dict) -
         other = [k for k in SPLIT_SETTINGS if base.get(k) != options.get(k)]
         if other:
             sys.exit(f"error: {base_path} and {path} have the same seed but other split settings ({', '.join(other)})")
-        prints = [p / SPLIT_FINGERPRINT for p in (base_path, path)]
-        if all(p.is_file() for p in prints) and len({p.read_text().split()[0] for p in prints}) > 1:
-            sys.exit(f"error: {base_path} and {path} have the same seed but other splits ({SPLIT_FINGERPRINT} differs)")
+        prints = split_of(base_path), split_of(path)
+        if None not in prints and prints[0] != prints[1]:
+            sys.exit(f"error: {base_path} and {path} have the same seed but other splits (their split indices differ)")
 
 
 def with_prior_figures(baseline: list[Run], variant: list[Run]) -> None:

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qana.head import NPZ_ERRORS  # noqa: E402  (numpy only: what reading a damaged .npz raises)
+
 RECORDS = Path(__file__).resolve().parent / "records"
 RECORDED_FILES = ("bundle.json", "options.json", "quantized.json", "split.json")
 SPLIT_FINGERPRINT = "split-indices.sha256"
@@ -32,16 +36,47 @@ class RecordError(Exception):
     """A run that cannot be recorded, or a record that would be overwritten."""
 
 
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def read_split_indices(split_npz: Path) -> dict[str, np.ndarray]:
+    """The train, validation and test indices of a run's split.npz. A damaged file (a cut-off
+    copy raises BadZipFile or EOFError, not only OSError) is a RecordError naming it, so no
+    script that reads a split ends with a traceback."""
+    try:
+        with np.load(split_npz) as z:
+            return {part: np.asarray(z[part]).copy() for part in SPLIT_PARTS}
+    except NPZ_ERRORS as exc:  # zipfile raises a bare EOFError(): name the type then
+        raise RecordError(f"{split_npz}: not a readable split ({str(exc) or type(exc).__name__})") from None
+
+
 def split_fingerprint(split_npz: Path) -> str:
     """sha256 of the train, validation and test indices of a run's split.npz, as int64."""
     digest = hashlib.sha256()
-    try:
-        with np.load(split_npz) as z:
-            for part in ("train", "val", "test"):
-                digest.update(np.ascontiguousarray(z[part], dtype=np.int64).tobytes())
-    except (OSError, ValueError, KeyError) as exc:
-        raise RecordError(f"{split_npz}: not a readable split ({exc})") from None
+    for indices in read_split_indices(split_npz).values():
+        try:
+            digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+        except (TypeError, ValueError) as exc:  # e.g. names where indices belong
+            raise RecordError(f"{split_npz}: not a readable split ({exc})") from None
     return digest.hexdigest()
+
+
+def folder_split_fingerprint(folder: Path) -> str | None:
+    """The split fingerprint of a record (its split-indices.sha256) or of a run directory (computed
+    from its split.npz, which every run has but only a record's fingerprint used to be compared);
+    None for a folder holding neither (a shipped bundle), whose split only its seed tells."""
+    recorded = folder / SPLIT_FINGERPRINT
+    if recorded.is_file():
+        try:
+            words = recorded.read_text().split()
+        except UnicodeDecodeError:
+            words = []
+        if not words or len(words[0]) != 64:
+            raise RecordError(f"{recorded} holds no split fingerprint (expected a sha256 in hex)")
+        return words[0]
+    if (folder / "split.npz").is_file():
+        return split_fingerprint(folder / "split.npz")
+    return None
 
 
 def record_contents(run: Path) -> dict[str, bytes]:

@@ -15,9 +15,11 @@ deviation over runs. Warns when the runs differ in anything but the seed.
 
 A shipped bundle directory (e.g. qana/bundles/v2) may stand in for its training run, whose
 directory a new machine no longer has: its bundle.json records the same metrics and the
-`qana train` command, which is compared with the other runs' commands instead of their options.
+`qana train` command, whose settings (read by `qana train`'s own option parser) are compared with
+those of the other runs' recorded commands instead of their options.
 So may a folder holding only a run's `bundle.json` and `options.json` (`benchmarks/records/`: the
-records of runs whose directories are gone). Two runs with the same seed are one split and are
+records of runs whose directories are gone). Two runs with the same seed, or with the same split
+indices (a run directory's split.npz, a record's split-indices.sha256), are one split and are
 refused, so no split counts twice in the spread.
 """
 
@@ -31,8 +33,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qana.metrics import ACCURACY_BAR, FAITHFUL, FIDELITY_PAIRS, fidelity_line, mean_interval  # noqa: E402  (no TensorFlow)
+from record_run import RecordError, folder_split_fingerprint  # noqa: E402
 
 MODELS = ("float", "quantized", "akida")
 # Shown when every run recorded it (runs whose bundle stage ran with the clinical prior, qana.clinical).
@@ -93,14 +97,9 @@ def _recorded(run: Path) -> tuple[dict, dict]:
     bundle, options = run / "bundle.json", run / "options.json"
     if not bundle.is_file():
         sys.exit(f"error: {bundle} not found: {run} is neither a `qana train` run whose bundle stage has finished nor a bundle")
-    try:
-        recorded = json.loads(bundle.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        sys.exit(f"error: {bundle} is not valid JSON ({exc})")
-    if not isinstance(recorded, dict):
-        sys.exit(f"error: {bundle} is not a bundle record (expected a JSON object)")
+    recorded = _json_object(bundle, "a bundle record")
     if options.is_file():
-        settings = json.loads(options.read_text())
+        settings = _json_object(options, "a run's settings")
     else:
         training = recorded.get("training", {})
         if "command" not in training:
@@ -113,6 +112,18 @@ def _recorded(run: Path) -> tuple[dict, dict]:
         if missing:
             sys.exit(f"error: {bundle} records no {part} metrics of {', '.join(missing)}: not the bundle stage's record of a finished run")
     return settings, metrics
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; exits naming the file when it is damaged or holds something else
+    (a cut-off write), as a record must never end the comparison with a traceback."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        sys.exit(f"error: {path} is not valid JSON ({exc})")
+    if not isinstance(recorded, dict):
+        sys.exit(f"error: {path} is not {what} (expected a JSON object)")
+    return recorded
 
 
 def recipe_command(command: str) -> list[str]:
@@ -130,11 +141,56 @@ def recipe_command(command: str) -> list[str]:
     return kept
 
 
+def command_settings(command: str) -> dict[str, object] | None:
+    """The recipe settings a recorded `qana train` command gives, read by `qana train`'s own option
+    parser (qana.cli, no TensorFlow), so that the order of the flags, `--flag=value` and a default
+    spelt out make no difference; a setting left out reads as the parser's default (None where
+    `qana train` fills it in later). None when that parser does not read the command (another
+    program, an option since removed, unbalanced quotes)."""
+    import click
+    import typer
+
+    from qana.cli import app
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if words[:2] != ["qana", "train"]:
+        return None
+    train = typer.main.get_command(app).commands["train"]
+    try:
+        params = train.make_context("train", words[2:]).params
+    except (click.ClickException, click.exceptions.Exit):
+        return None
+    ignored = IGNORED_OPTIONS | {"fresh"}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in params.items() if name not in ignored}
+
+
+def command_differences(first: str, other: str) -> list[str]:
+    """Recipe settings in which two recorded `qana train` commands differ, as `command --flag`.
+    A setting one command leaves out (None) counts as the value a new run takes for it; when
+    either command cannot be parsed, they are compared as text, and the difference says so."""
+    settings = command_settings(first), command_settings(other)
+    if settings[0] is None or settings[1] is None:
+        words = " ".join(recipe_command(first)), " ".join(recipe_command(other))
+        return [] if words[0] == words[1] else [f"command (compared as text, not read as `qana train` options: {words[0]!r} vs {words[1]!r})"]
+    a, b = settings
+    differs = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if any(a.get(k) is None or b.get(k) is None for k in differs):
+        from qana.train import default_settings  # imports TensorFlow: only when one command spells out what the other leaves out
+
+        defaults = default_settings()
+        a, b = ({k: defaults.get(k) if v is None else v for k, v in s.items()} for s in (a, b))
+        differs = [k for k in differs if a.get(k) != b.get(k)]
+    return [f"command --{k.replace('_', '-')}" for k in differs]
+
+
 def differences(first: dict, other: dict) -> list[str]:
-    """Settings in which two runs differ beyond the seed: option names, or the command when either is a bundle."""
+    """Settings in which two runs differ beyond the seed: option names, or the settings their
+    recorded commands give when either is a shipped bundle (which records no options.json)."""
     if first.get("shipped_bundle") or other.get("shipped_bundle"):
-        same = recipe_command(first.get("command", "")) == recipe_command(other.get("command", ""))
-        return [] if same else ["command"]
+        return command_differences(first.get("command", ""), other.get("command", ""))
     return sorted(k for k in set(first) | set(other) if k not in IGNORED_OPTIONS and first.get(k) != other.get(k))
 
 
@@ -146,11 +202,7 @@ def main() -> None:
     runs = [(run, *load_run(run)) for run in args.runs]
     check_one_run_per_split(runs)
     count_runs_without_a_prior(runs)
-    first = runs[0][1]
-    for run, options, _ in runs[1:]:
-        differs = differences(first, options)
-        if differs:
-            print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
+    warn_on_other_recipes(runs)
 
     models = MODELS + tuple(m for m in OPTIONAL_MODELS if all(m in metrics["test"] for _, _, metrics in runs))
     header = f"{'run':<22} {'seed':>4} {'part':<5} " + " ".join(f"{m + ' top-1/mF1/bal':>26}" for m in models)
@@ -182,15 +234,46 @@ def main() -> None:
         print(f"{k:<9} {mean:.3f} [{low:.3f}, {high:.3f}]  (issue's bar for v2: {bar:.2f})")
 
 
+def split_of(run: Path) -> str | None:
+    """The fingerprint of `run`'s split (record_run.folder_split_fingerprint: a record's
+    split-indices.sha256 or a run directory's split.npz), None for a shipped bundle; exits
+    naming a damaged file."""
+    try:
+        return folder_split_fingerprint(run)
+    except RecordError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def warn_on_other_recipes(runs: list[tuple[Path, dict, dict]]) -> None:
+    """A warning for each run whose settings differ from the first run's in more than the seed:
+    a spread over such runs mixes recipes. Printed, not refused: a reader may mean to mix them."""
+    first = runs[0][1]
+    for run, options, _ in runs[1:]:
+        differs = differences(first, options)
+        if differs:
+            print(f"warning: {run} differs from {runs[0][0]} in more than the seed: {', '.join(differs)}")
+
+
 def check_one_run_per_split(runs: list[tuple[Path, dict, dict]]) -> None:
-    """Exit when two runs have the same seed: the seed chooses the split, so they are one split
-    (e.g. a shipped bundle and its own run dir) and would count twice in the sd and t-interval."""
+    """Exit when two runs are one split, so that none counts twice in the sd and t-interval:
+    the same seed (the seed chooses the split: e.g. a shipped bundle and its own run dir), or the
+    same split indices whatever the seeds (a run made with `--reuse-from` another seed's run
+    keeps that run's split: `qana train` does not compare seeds for a reused split)."""
     seen: dict[object, Path] = {}
+    splits: dict[str, tuple[Path, object]] = {}
     for run, options, _ in runs:
         seed = options.get("seed", "?")
         if seed != "?" and seed in seen:
             sys.exit(f"error: {seen[seed]} and {run} both have seed {seed}, i.e. the same split: give each split once")
         seen[seed] = run
+        split = split_of(run)
+        if split is None:
+            continue
+        if split in splits:
+            other, other_seed = splits[split]
+            sys.exit(f"error: {other} and {run} hold the same split (the same split indices, though seeds {other_seed} "
+                     f"and {seed}; e.g. one reused the other's split): give each split once")
+        splits[split] = (run, seed)
 
 
 def print_fidelity(runs: list[tuple[Path, dict, dict]]) -> None:

@@ -13,7 +13,8 @@ Measured, not estimated:
 
 * wall time of the whole run and of its parts: the federation (simulation process start to
   end, including Ray start-up), Ray start-up alone, round 0 (hello, bundle deployment to every
-  clinic, first evaluation), the mean of rounds 1..R, the baselines;
+  clinic, first evaluation), the median of rounds 1..R (one slow round, a GC or a Ray hiccup,
+  would move a mean), the baselines;
 * peak memory: the largest sum of proportional set sizes (PSS: shared pages such as Ray's
   object store counted once) over this process and all its descendants (the simulation
   process, Ray's GCS/raylet and its ClientApp workers), sampled every 0.25 s from /proc, and

@@ -75,11 +75,20 @@ def _expected(exc: BaseException) -> bool:
 
 def script_main(main: Callable[[], int | None]) -> NoReturn:
     """Run a benchmark script's `main`: the project's expected failures and any OSError end with
-    one `error:` line and EXIT_ERROR, as in the CLIs; anything else is a bug and keeps its traceback."""
+    one `error:` line and EXIT_ERROR, as in the CLIs; anything else is a bug and keeps its traceback.
+
+    A script's own checks end with ``sys.exit("error: ...")``, which Python turns into status 1;
+    here they end with EXIT_ERROR too, so a caller tells bad input from a crash the same way for
+    every script without each check spelling out its status."""
     import sys
 
     try:
         code = main()
+    except SystemExit as exc:
+        if not (isinstance(exc.code, str) and exc.code.startswith("error:")):
+            raise
+        print(exc.code, file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     except OSError as exc:
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -1,6 +1,7 @@
 """benchmarks/bar_interval.py: per-run intervals, the share of resamples over the bar, the
 chip-vs-float fidelity share, and the recipe's t-interval over runs."""
 
+import json
 import statistics
 import subprocess
 import sys
@@ -62,3 +63,25 @@ def test_unfinished_run_and_bad_resamples_are_clear_errors(tmp_path: Path) -> No
         done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), *args], check=False, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0
         assert message in done.stderr
+
+
+def _finished(root: Path, name: str, seed: int, **settings: object) -> Path:
+    """The records of a finished run that check_recipe_runs reads: options.json and bundle.json."""
+    run = root / name
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"seed": seed, "mixup": 0.0, **settings}))
+    m = {"top1": 0.8, "macro_f1": 0.6, "balanced_accuracy": 0.6}
+    (run / "bundle.json").write_text(json.dumps({"metrics": {part: {k: m for k in ("float", "quantized", "akida")} for part in ("val", "test")}}))
+    return run
+
+
+def test_one_split_twice_is_refused_and_another_recipe_warned_about(tmp_path: Path, capsys) -> None:
+    """As in seed_spread: one split given twice made a zero-width "interval" and two recipes were
+    averaged, without a word."""
+    a, b = _finished(tmp_path, "a-seed19", 19), _finished(tmp_path, "b-seed19", 19, mixup=0.2)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(a), str(b)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "both have seed 19, i.e. the same split" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(a), str(a)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the same split" in done.stderr, done.stderr
+    load_benchmark("bar_interval").check_recipe_runs([a, _finished(tmp_path, "b-seed20", 20, mixup=0.2)])
+    assert "b-seed20 differs from" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """benchmarks/chip_ensemble.py: a group's logits are the mean of its runs', runs split differently
 are refused, and the clinical prior is weighted on the Akida ensemble and shared with float."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,26 @@ def test_unfinished_run_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "half" in done.stderr and "bundle stage has finished" in done.stderr
+
+
+def _finished(root: Path, name: str, seed: int, **settings: object) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"seed": seed, "colour_constancy": "none", **settings}))
+    m = {"top1": 0.8, "macro_f1": 0.6, "balanced_accuracy": 0.6}
+    (run / "bundle.json").write_text(json.dumps({"metrics": {part: {k: m for k in ("float", "quantized", "akida")} for part in ("val", "test")}}))
+    return run
+
+
+def test_two_groups_of_one_split_are_refused_and_other_recipes_warned_about(tmp_path: Path, capsys) -> None:
+    """One group per split, one recipe: two groups on one split counted twice in the sd, silently."""
+    a, b = _finished(tmp_path, "fixaug-seed19", 19), _finished(tmp_path, "mixlate-seed19", 19, mixup=0.2)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(a), str(b)], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "both have seed 19, i.e. the same split" in done.stderr, done.stderr
+    sog19 = _finished(tmp_path, "sog-seed19", 19, colour_constancy="shades-of-gray")
+    fix20, mix20 = _finished(tmp_path, "fixaug-seed20", 20), _finished(tmp_path, "mix-seed20", 20, colour_constancy="shades-of-gray", mixup=0.2)
+    _module().check_groups_are_splits([[a, sog19], [fix20, mix20]])  # run by run: fixaug with fixaug, sog with sog
+    out = capsys.readouterr().out
+    assert "mix-seed20 differs from" in out and "mixup" in out and "fixaug-seed20" not in out, out
+    _module().check_groups_are_splits([[a, sog19], [fix20]])
+    assert "has 1 runs, the first group 2" in capsys.readouterr().out

@@ -71,3 +71,24 @@ def test_scripts_end_expected_failures_with_one_line_and_exit_2(capsys, tmp_path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "federation.py"
     run = subprocess.run([sys.executable, str(script), "--bundle", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert run.returncode == EXIT_ERROR and "bundle folder not found" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_scripts_own_error_exit_has_status_2(capsys, tmp_path):
+    """`sys.exit("error: ...")` in a benchmark script used to end with Python's status 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qana.cli_errors import script_main
+
+    with pytest.raises(SystemExit) as done:
+        script_main(lambda: sys.exit("error: no such run"))
+    assert done.value.code == EXIT_ERROR and capsys.readouterr().err == "error: no such run\n"
+    for other in (0, 3, "a message without the prefix"):  # other exits are left as they are
+        with pytest.raises(SystemExit) as done:
+            script_main(lambda other=other: sys.exit(other))
+        assert done.value.code == other
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == EXIT_ERROR and run.stderr.startswith("error: ") and "bundle.json not found" in run.stderr

@@ -25,3 +25,22 @@ def test_runs_split_with_another_validation_share_are_refused(tmp_path: Path) ->
     assert done.returncode != 0 and "was split differently" in done.stderr, done.stderr
     missing = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "split.npz not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_cut_off_split_is_named_not_a_traceback(tmp_path: Path) -> None:
+    run = _run(tmp_path, "cut", [3])
+    (run / "split.npz").write_bytes((run / "split.npz").read_bytes()[:100])
+    done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), str(run)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cut/split.npz: not a readable split" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_run_whose_float_stage_has_not_finished_is_named(tmp_path: Path) -> None:
+    """It used to be left out of the table silently, and --ensemble over it alone raised an AxisError."""
+    done_run, unfinished = _run(tmp_path, "done", [3]), _run(tmp_path, "training", [3])
+    (done_run / "float.h5").write_bytes(b"")
+    for runs in ([unfinished], [done_run, unfinished]):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--ensemble", *map(str, runs)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"{unfinished / 'float.h5'} not found" in done.stderr, done.stderr
+        assert "float stage has not finished" in done.stderr and "Traceback" not in done.stderr

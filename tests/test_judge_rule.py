@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "judge_rule.py"
 
 
@@ -98,7 +100,7 @@ def test_arms_on_other_splits_or_mixed_recipes_are_refused(tmp_path: Path) -> No
     for run, digest in ((base[1], "a" * 64), (var[1], "b" * 64)):
         (run / "split-indices.sha256").write_text(digest + "  indices\n")
     done = _judge(base, var)
-    assert done.returncode != 0 and "other splits (split-indices.sha256 differs)" in done.stderr, done.stderr
+    assert done.returncode != 0 and "other splits (their split indices differ)" in done.stderr, done.stderr
     done = _judge(base, [var[0], var[0]])
     assert done.returncode != 0 and "same split" in done.stderr
     unfinished = tmp_path / "unfinished"
@@ -123,3 +125,33 @@ def test_a_prior_with_weight_zero_is_filled_in_across_both_arms(tmp_path: Path) 
     var = [_run(tmp_path, "var1", 1, (0.81, 0.61), mixup=0.2, prior=False)]
     done = _judge(base, var)
     assert done.returncode == 0 and "note: var1 has no clinical prior" in done.stdout, done.stderr
+
+
+def _split(run: Path, test: list[int]) -> None:
+    """A run directory's split.npz (no split-indices.sha256: only records have that)."""
+    np.savez(run / "split.npz", train=np.array([0, 1, 2]), val=np.array([3]), test=np.array(test), image_ids=np.arange(9).astype(str))
+
+
+def test_run_directories_of_one_seed_on_other_splits_are_refused(tmp_path: Path) -> None:
+    """e.g. the variant of seed 1 made with --reuse-from seed 2's run: its split.npz is seed 2's.
+    Run directories used to be paired by seed alone (only records' fingerprints were compared)."""
+    base, var = _arms(tmp_path, (0.81, 0.61))
+    for run, test in ((base[0], [4]), (base[1], [5]), (var[0], [4]), (var[1], [5])):
+        _split(run, test)
+    done = _judge(base, var)
+    assert done.returncode == 0 and "RULE PASSES" in done.stdout, done.stderr  # the same splits
+    _split(var[0], [6])
+    done = _judge(base, var)
+    assert done.returncode == 2 and f"{base[0]} and {var[0]} have the same seed but other splits" in done.stderr, done.stderr
+    _split(var[0], [5])  # seed 2's split under seed 1: one split twice in the arm
+    done = _judge(base, var)
+    assert done.returncode == 2 and f"{var[0]} and {var[1]} hold the same split" in done.stderr, done.stderr
+    _split(var[0], [4])
+    # a run directory beside its own record: the split.npz and the fingerprint are compared
+    record = tmp_path / "record1"
+    record.mkdir()
+    for name in ("options.json", "bundle.json"):
+        (record / name).write_bytes((base[0] / name).read_bytes())
+    (record / "split-indices.sha256").write_text("0" * 64 + "  indices\n")
+    done = _judge([record, base[1]], var)
+    assert done.returncode == 2 and "other splits (their split indices differ)" in done.stderr, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,59 @@ def test_both_bars_are_extrapolated() -> None:
     lines = learning_curve.bar_extrapolations(6068, last, {"top1": 0.017, "macro_f1": 0.037, "balanced_accuracy": 0.048})
     assert lines[0].startswith("top1 0.80 at this slope: about 2.5 more doublings (~35,")
     assert lines[1].startswith("macro_f1 0.60 at this slope: about 1.9 more doublings (~23,")
+
+
+def test_the_recipe_settings_are_passed_to_training_recorded_and_compared_on_reuse(tmp_path: Path, monkeypatch) -> None:
+    """The script trained with the library defaults (val 0.15, sqrt weights) whatever the README
+    said, and could not do otherwise; the defaults stay those, so the README's command reproduces its curve."""
+    from types import SimpleNamespace
+
+    import qana.train
+    import qana.views
+
+    trained = []
+    labels = np.arange(14) % 7
+
+    class Part(SimpleNamespace):
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def subset(self, rows: np.ndarray) -> Part:
+            return self
+
+    part = Part(labels=labels, lesion_ids=np.arange(14).astype(str), images=np.zeros((14, 4, 4, 3)))
+    monkeypatch.setattr(qana.train, "stage_split", lambda opts, dataset: None)
+    monkeypatch.setattr(qana.train, "load_split", lambda opts, dataset: (part, part, part))
+    monkeypatch.setattr(qana.train, "stage_float", lambda opts, train, val: trained.append(opts) or {"seconds": 1.0})
+    monkeypatch.setattr(qana.train, "load_float", lambda opts: None)
+    monkeypatch.setattr(qana.views, "keras_logits", lambda model, images, views: np.eye(7)[labels])
+    images = SimpleNamespace(content_hashes=np.array(["a", "b"]))
+
+    shipped = learning_curve.train_and_score(tmp_path, tmp_path / "shipped", 1.0, 40, 0, images, 64, 0.05, "none")
+    assert (trained[-1].val_fraction, trained[-1].class_weighting) == (0.05, "none")
+    assert (shipped["val_fraction"], shipped["class_weighting"]) == (0.05, "none")
+    stored = json.loads((tmp_path / "shipped" / "fraction-1" / "result.json").read_text())
+    assert (stored["val_fraction"], stored["class_weighting"]) == (0.05, "none")
+    with pytest.raises(ValueError, match="'val_fraction': 0.05, 'class_weighting': 'none'.*not.*'val_fraction': 0.15"):
+        learning_curve.train_and_score(tmp_path, tmp_path / "shipped", 1.0, 40, 0, images)
+    learning_curve.train_and_score(tmp_path, tmp_path / "measured", 1.0, 40, 0, images)
+    assert (trained[-1].val_fraction, trained[-1].class_weighting) == (0.15, "sqrt")  # what the README's curve used
+    # a result stored before the options existed was made with 0.15 and sqrt: reused for those only
+    old = tmp_path / "old" / "fraction-1"
+    old.mkdir(parents=True)
+    (old / "result.json").write_text('{"fraction": 1.0, "epochs": 40, "seed": 0, "image_size": 64}')
+    assert learning_curve.train_and_score(tmp_path, tmp_path / "old", 1.0, 40, 0, images)["epochs"] == 40
+    with pytest.raises(ValueError, match="'class_weighting': 'sqrt'.*not.*'class_weighting': 'none'"):
+        learning_curve.train_and_score(tmp_path, tmp_path / "old", 1.0, 40, 0, images, 64, 0.15, "none")
+
+
+def test_bad_recipe_settings_are_refused_before_training(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--out", str(tmp_path / "out"), *args],
+                              check=False, capture_output=True, text=True, timeout=120)
+
+    result = run("--val-fraction", "0.9")
+    assert result.returncode == 2 and "--val-fraction must be from 0.02 to 0.5, not 0.9" in result.stderr, result.stderr
+    result = run("--class-weighting", "cube")
+    assert result.returncode == 2 and "--class-weighting must be one of sqrt, balanced, none, not 'cube'" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

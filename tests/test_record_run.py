@@ -56,3 +56,15 @@ def test_unfinished_runs_and_other_records_are_refused_and_nothing_is_lost(tmp_p
     done = _record(tmp_path / "b", "--records", records)
     assert done.returncode != 0 and "not a readable split" in done.stderr, done.stderr
     assert not (records / "b").exists()
+
+
+def test_a_cut_off_or_empty_split_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """np.load raises BadZipFile for a truncated .npz and EOFError for an empty one; both ended
+    with a traceback."""
+    records = tmp_path / "records"
+    for name, cut in (("half", lambda data: data[: len(data) // 2]), ("empty", lambda data: b"")):
+        run = _finished_run(tmp_path, name, [4])
+        (run / "split.npz").write_bytes(cut((run / "split.npz").read_bytes()))
+        done = _record(run, "--records", records)
+        assert done.returncode == 2 and "split.npz: not a readable split" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and not (records / name).exists()

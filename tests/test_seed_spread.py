@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_spread.py"
 
 
@@ -155,3 +157,55 @@ def test_a_damaged_or_partial_record_is_named(tmp_path: Path) -> None:
     for run, message in ((bad, "is not valid JSON"), (partial, "records no test metrics of quantized")):
         done = _spread(run)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_damaged_options_json_is_named_not_a_traceback(tmp_path: Path) -> None:
+    cut = _run_dir(tmp_path, "cut", 0, 0.70)
+    (cut / "options.json").write_text('{"seed": 0, "wid')
+    listed = _run_dir(tmp_path, "listed", 1, 0.70)
+    (listed / "options.json").write_text("[1, 2]")
+    for run, message in ((cut, "options.json is not valid JSON"), (listed, "options.json is not a run's settings")):
+        done = _spread(run)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_one_split_under_two_seeds_is_refused(tmp_path: Path) -> None:
+    """A run made with --reuse-from another seed's run has that run's split.npz whatever its own
+    seed; it used to count as a second split."""
+    runs = [_run_dir(tmp_path, name, seed, 0.70) for name, seed in (("a", 20), ("b", 19), ("c", 21))]
+    for run, test in zip(runs, ([4], [4], [5]), strict=True):
+        np.savez(run / "split.npz", train=np.array([0, 1, 2]), val=np.array([3]), test=np.array(test), image_ids=np.arange(9).astype(str))
+    done = _spread(runs[0], runs[2])
+    assert done.returncode == 0, done.stderr
+    done = _spread(*runs)
+    assert done.returncode == 2 and f"{runs[0]} and {runs[1]} hold the same split" in done.stderr, done.stderr
+    assert "seeds 20 and 19" in done.stderr
+    (runs[1] / "split.npz").unlink()  # a record of the same split: its fingerprint file
+    import hashlib
+
+    digest = hashlib.sha256(np.array([0, 1, 2, 3, 4], np.int64).tobytes()).hexdigest()
+    (runs[1] / "split-indices.sha256").write_text(digest + "  train+val+test indices\n")
+    done = _spread(*runs)
+    assert done.returncode == 2 and "hold the same split" in done.stderr, done.stderr
+    (runs[1] / "split-indices.sha256").write_text("")
+    done = _spread(*runs)
+    assert done.returncode == 2 and "holds no split fingerprint" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_bundles_command_is_compared_by_its_settings_not_its_words(tmp_path: Path) -> None:
+    """The order of the flags, `--flag=value` and a default spelt out used to make another recipe."""
+    run = _run_dir(tmp_path, "run1", 1, 0.80)
+    options = json.loads((run / "options.json").read_text())
+    options["command"] = "qana train --data d --run-dir runs/r1 --epochs 40 --class-weighting none --seed 1"
+    (run / "options.json").write_text(json.dumps(options))
+    same = ("qana train --class-weighting none --data d --epochs 40 --seed 0",
+            "qana train --data d --epochs=40 --class-weighting=none --seed=0",
+            "qana train --data d --epochs 40 --class-weighting none --width 32 --seed 0",  # --width's default
+            "qana train --data d --epochs 40 --class-weighting none --weight-bits 8 --seed 0")  # filled in by qana train: 8
+    for i, command in enumerate(same):
+        done = _spread(_bundle_dir(tmp_path, f"same{i}", 0, 0.70, command), run)
+        assert done.returncode == 0 and "warning" not in done.stdout, (command, done.stdout, done.stderr)
+    other = _spread(_bundle_dir(tmp_path, "other", 0, 0.70, "qana train --data d --epochs 40 --class-weighting sqrt --mixup=0.2"), run)
+    assert "differs from" in other.stdout and "command --class-weighting, command --mixup" in other.stdout, other.stdout
+    unread = _spread(_bundle_dir(tmp_path, "unread", 0, 0.70, "qana train --data d --no-such-flag 1"), run)
+    assert "compared as text, not read as `qana train` options" in unread.stdout, unread.stdout
