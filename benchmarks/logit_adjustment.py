@@ -59,11 +59,11 @@ def main() -> None:
     options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once
         if not (run / "final" / clinical.PRIOR_FILE).is_file():
-            sys.exit(f"{run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
+            sys.exit(f"error: {run}: no final/{clinical.PRIOR_FILE} (the run is not finished, or validation left the clinical prior off)")
         options[run] = recorded_options(run, args.data)
     inputs = {(o.image_size, o.colour_constancy) for o in options.values()}
     if len(inputs) != 1:
-        sys.exit(f"the runs see different inputs (image size, colour constancy: {sorted(inputs)}); compare runs of one kind")
+        sys.exit(f"error: the runs see different inputs (image size, colour constancy: {sorted(inputs)}); compare runs of one kind")
     dataset = run_dataset(next(iter(options.values())))
     results = []
     for run in args.runs:

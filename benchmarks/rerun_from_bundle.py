@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qana.cli_errors import EXIT_ERROR  # noqa: E402  (after the path insert: this checkout's qana)
+
 SHARED_HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 KERAS_MODELS = ("float.h5", "quantized.h5")
 # Options whose stages' outputs a bundle does not carry.
@@ -84,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
 
     split = [sys.executable, "-m", "qana.cli", *command[1:], "--stop-after", "split"]
     if subprocess.run(split).returncode != 0:
-        print(f"the split step failed: {shlex.join(split)}", file=sys.stderr)
-        return 1
+        print(f"error: the split step failed: {shlex.join(split)}", file=sys.stderr)
+        return EXIT_ERROR
     recorded = bundle.manifest["training"]["split"]
     made = json.loads((args.run_dir / "split.json").read_text())
     differs = {k: (recorded[k], made.get(k)) for k in ("n_images", "n_lesions", "train", "val", "test") if recorded.get(k) != made.get(k)}
     if differs:
-        print(f"the split differs from the bundle's (recorded, now): {differs}; is --data the data it was trained on?", file=sys.stderr)
-        return 1
+        print(f"error: the split differs from the bundle's (recorded, now): {differs}; is --data the data it was trained on?", file=sys.stderr)
+        return EXIT_ERROR
     for name in KERAS_MODELS:
         shutil.copy2(bundle.path / name, args.run_dir / name)
     origin = f"copied from {bundle.path} (bundle {bundle.bundle_id[:8]}) by benchmarks/rerun_from_bundle.py"

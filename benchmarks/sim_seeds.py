@@ -27,14 +27,14 @@ def read_rounds(run: Path) -> dict[tuple[int, str], dict[str, float]]:
     """{(round, method): {metric: value}} of one run's rounds.csv; exits with a message if it is not one."""
     path = run / "rounds.csv"
     if not path.is_file():
-        sys.exit(f"{run}: no rounds.csv (not a finished `qana-sim run` output folder)")
+        sys.exit(f"error: {run}: no rounds.csv (not a finished `qana-sim run` output folder)")
     out: dict[tuple[int, str], dict[str, float]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             try:
                 out[(int(row["round"]), row["method"])] = {m: float(row[m]) for m in METRICS}
             except (KeyError, ValueError) as exc:
-                sys.exit(f"{path}: unreadable row {row} ({exc})")
+                sys.exit(f"error: {path}: unreadable row {row} ({exc})")
     return out
 
 
@@ -46,7 +46,7 @@ def summarise(runs: list[dict[tuple[int, str], dict[str, float]]], metric: str, 
         for r in rounds:
             values = [run[(r, method)][metric] for run in runs if (r, method) in run]
             if len(values) != len(runs):
-                sys.exit(f"round {r} of {method} is missing in {len(runs) - len(values)} of the runs")
+                sys.exit(f"error: round {r} of {method} is missing in {len(runs) - len(values)} of the runs")
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"round {r} {statistics.mean(values):.3f} ± {sd:.3f}")
         falling = sum(run[(rounds[-1], method)][metric] < run[(rounds[0], method)][metric] for run in runs)
@@ -67,4 +67,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from qana.cli_errors import script_main
+
+    script_main(main)

@@ -43,5 +43,5 @@ def test_a_run_without_a_clinical_prior_is_named_before_any_image_is_read(tmp_pa
         [sys.executable, str(SCRIPT), "--data", str(tmp_path / "no-such-data"), str(tmp_path / "run")],
         check=False, capture_output=True, text=True, timeout=120,
     )
-    assert done.returncode != 0
-    assert "run: no final/clinical.npz" in done.stderr
+    assert done.returncode == 2
+    assert "error: " in done.stderr and "run: no final/clinical.npz" in done.stderr

@@ -56,8 +56,8 @@ def test_the_run_is_split_as_recorded_and_resumes_after_the_quantized_stage(tmp_
     wrong = {"n_images": 60, "n_lesions": 1, "train": 1, "val": 1, "test": 1}
     bundle = _bundle_with_keras_models(tmp_path / "b1", clinic.root, wrong)
     # A split that does not match the bundle's record: refused, nothing copied.
-    assert rerun.main([str(bundle), str(tmp_path / "run1"), "--data", str(clinic.root)]) == 1
-    assert "split differs" in capsys.readouterr().err
+    assert rerun.main([str(bundle), str(tmp_path / "run1"), "--data", str(clinic.root)]) == 2
+    assert "error: the split differs" in capsys.readouterr().err
     assert not (tmp_path / "run1" / "quantized.h5").exists()
     made = json.loads((tmp_path / "run1" / "split.json").read_text())
 

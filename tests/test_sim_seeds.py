@@ -35,7 +35,7 @@ def test_mean_sd_and_falling_curves(tmp_path, capsys) -> None:
 def test_a_folder_without_rounds_or_with_a_missing_round_is_named(tmp_path) -> None:
     sim_seeds = load_benchmark("sim_seeds")
     a = _run(tmp_path / "a", (0.6, 0.4), 0.5)
-    with pytest.raises(SystemExit, match="no rounds.csv"):
+    with pytest.raises(SystemExit, match="error: .*no rounds.csv"):
         sim_seeds.main([str(a), str(tmp_path)])
     with pytest.raises(SystemExit, match="round 3 of federated is missing"):
         sim_seeds.main([str(a), "--rounds", "1", "3"])
