@@ -58,13 +58,31 @@ class Teacher:
         return preprocess(images, self.colour_constancy)
 
 
+def float_stage_finished(run_dir: Path) -> bool:
+    """Whether `run_dir` records its float stage as finished (its stage marker, float.json).
+
+    Why the marker and not float.h5: a rerun with --fresh or other settings removes the markers
+    first but overwrites float.h5 only when its own float stage ends, so until then float.h5 is the
+    earlier model, trained on a split the new split.npz no longer describes."""
+    from qana.train import _marker  # the one place stage markers are named
+
+    return _marker(Path(run_dir), "float").is_file()
+
+
 def check_teacher_files(teacher_run: Path) -> Path:
-    """A teacher run's float.h5, refused if it or the run's split.npz is missing: checked before
-    a run changes anything, so a mistyped --teacher costs no stage."""
+    """A teacher run's float.h5, refused if the run is not there, its float stage is not recorded
+    as finished, or its split.npz is missing: checked before a run changes anything, so a
+    mistyped --teacher costs no stage."""
     teacher_run = Path(teacher_run)
     model = teacher_run / "float.h5"
+    if not float_stage_finished(teacher_run):
+        raise TeacherError(
+            f"teacher {teacher_run}: its float stage has not finished (no float.json; e.g. the run is still "
+            "going or being redone), so a float.h5 there may be an earlier model trained on another split; "
+            "let that run finish its float stage first"
+        )
     if not model.is_file():
-        raise TeacherError(f"teacher {teacher_run}: no float.h5 (the run's float stage has not finished)")
+        raise TeacherError(f"teacher {teacher_run}: no float.h5, although its float stage is recorded as finished")
     if not (teacher_run / "split.npz").is_file():
         raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
     return model

@@ -510,6 +510,24 @@ def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, 
         raise RunRecordError(f"{path}: unreadable ({exc}); add --fresh to split again and redo the run") from None
 
 
+def check_saliency_teacher_finished(spec: str) -> None:
+    """Refuse an earlier run's model file as saliency teacher while that run's float stage is not
+    recorded as finished (qana.distill.float_stage_finished says why the marker is what counts);
+    a file outside a run (no split.npz beside it) or ImageNet weights are not a run's."""
+    from qana.distill import float_stage_finished
+    from qana.saliency import RESNET_PREFIX, SaliencyError
+
+    if spec.startswith(RESNET_PREFIX):
+        return
+    teacher_run = Path(spec).expanduser().parent
+    if (teacher_run / "split.npz").is_file() and not float_stage_finished(teacher_run):
+        raise SaliencyError(
+            f"saliency teacher {spec}: the float stage of its run {teacher_run} has not finished (no float.json; "
+            "e.g. the run is still going or being redone), so the file may be an earlier model trained on another "
+            "split; let that run finish its float stage first"
+        )
+
+
 def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
     """Refuse a saliency teacher that is an earlier run's float.h5 trained on another split (it
     saw this run's validation or test lesions, and would choose the crops with that knowledge);
@@ -522,6 +540,7 @@ def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
     teacher_run = Path(opts.saliency_teacher).expanduser().parent
     if not (teacher_run / "split.npz").is_file():
         return False
+    check_saliency_teacher_finished(opts.saliency_teacher)
     if not same_split(teacher_run, opts.run_dir):
         raise SaliencyError(
             f"{opts.saliency_teacher} was trained on another split than {opts.run_dir}: it has seen validation or "
@@ -1502,6 +1521,7 @@ def check_teacher_paths(opts: TrainOptions) -> None:
         from qana.saliency import check_teacher_file
 
         check_teacher_file(opts.saliency_teacher)
+        check_saliency_teacher_finished(opts.saliency_teacher)
     if opts.teachers:
         from qana.distill import check_teacher_files
 

@@ -14,6 +14,7 @@ import tf_keras as keras  # noqa: E402
 from qana.distill import (  # noqa: E402
     TeacherError,
     check_teacher,
+    check_teacher_files,
     mixed_targets,
     teacher_probabilities,
 )
@@ -35,6 +36,7 @@ def _run(path: Path, split: dict[str, np.ndarray], model: keras.Model | None) ->
     np.savez(path / "split.npz", **split)
     if model is not None:
         model.save(path / "float.h5")
+        (path / "float.json").write_text("{}")  # the float stage's marker: the run finished it
     return path
 
 
@@ -46,12 +48,23 @@ def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Pa
     other = dict(SPLIT, train=np.arange(1, 11), val=np.r_[0, np.arange(11, 14)])
     with pytest.raises(TeacherError, match="another split"):
         check_teacher(_run(tmp_path / "leaky", other, _corner_model()), student)
-    with pytest.raises(TeacherError, match="no float.h5"):
+    with pytest.raises(TeacherError, match="float stage has not finished"):
         check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
     assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).model.name == "float.h5"
     (tmp_path / "good" / "options.json").write_text('{"image_size": 64}')
     with pytest.raises(TeacherError, match="takes 64x64 images, this run 80x80"):
         check_teacher(tmp_path / "good", student, image_size=80)
+
+
+def test_a_teacher_whose_float_stage_is_being_redone_is_refused(tmp_path: Path) -> None:
+    """A rerun (--fresh, other settings) removes float.json first but replaces float.h5 only at its
+    float stage: the float.h5 left there was trained on the old split and must not teach."""
+    student = _run(tmp_path / "student", SPLIT, None)
+    redone = _run(tmp_path / "redone", SPLIT, _corner_model())
+    (redone / "float.json").unlink()
+    for check in (check_teacher_files, lambda run: check_teacher(run, student)):
+        with pytest.raises(TeacherError, match=r"teacher .*redone: its float stage has not finished"):
+            check(redone)
 
 
 def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path: Path) -> None:

@@ -105,3 +105,34 @@ def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None
     off = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", command="test")
     assert stage_saliency(off, dataset, train) == {"enabled": False}
     assert with_saliency_crops(off, train) is train
+
+
+def _teacher_run(path: Path, split: dict[str, np.ndarray], finished: bool = True) -> Path:
+    """An earlier run's folder holding its split.npz, its float.h5 (the red teacher) and, when its
+    float stage finished, that stage's marker float.json."""
+    path.mkdir(parents=True)
+    np.savez(path / "split.npz", **split)
+    _red_teacher(32).save(path / "float.h5")
+    if finished:
+        (path / "float.json").write_text("{}")
+    return path
+
+
+SPLIT = {"train": np.arange(10), "val": np.arange(10, 14), "test": np.arange(14, 18), "image_ids": np.array([f"i{i}" for i in range(18)])}
+
+
+def test_a_saliency_teacher_whose_run_is_being_redone_is_refused(tmp_path: Path) -> None:
+    """A rerun (--fresh, other settings) removes float.json first but replaces float.h5 only at its
+    float stage: that float.h5 was trained on the old split, so it must not choose the crops."""
+    from qana.train import TrainOptions, check_teacher_paths, saliency_teacher_split_checked
+
+    student = tmp_path / "student"
+    student.mkdir()
+    np.savez(student / "split.npz", **SPLIT)
+    redone = _teacher_run(tmp_path / "redone", SPLIT, finished=False)
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=32, saliency_teacher=str(redone / "float.h5"))
+    for check in (check_teacher_paths, saliency_teacher_split_checked):
+        with pytest.raises(SaliencyError, match=r"float stage of its run .*redone has not finished"):
+            check(opts)
+    (redone / "float.json").write_text("{}")
+    assert saliency_teacher_split_checked(opts) is True
