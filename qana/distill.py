@@ -74,6 +74,10 @@ def check_teacher_files(teacher_run: Path) -> Path:
     as finished, or its split.npz is missing: checked before a run changes anything, so a
     mistyped --teacher costs no stage."""
     teacher_run = Path(teacher_run)
+    if teacher_run.is_file():  # the form --saliency-teacher takes, an easy mix-up
+        raise TeacherError(f"--teacher takes a run directory, not a model file: use {teacher_run.parent}, not {teacher_run}")
+    if not teacher_run.is_dir():
+        raise TeacherError(f"teacher run directory not found: {teacher_run}")
     model = teacher_run / "float.h5"
     if not float_stage_finished(teacher_run):
         raise TeacherError(

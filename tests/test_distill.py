@@ -67,6 +67,16 @@ def test_a_teacher_whose_float_stage_is_being_redone_is_refused(tmp_path: Path) 
             check(redone)
 
 
+def test_a_mistyped_teacher_or_its_model_file_is_named_as_such(tmp_path: Path) -> None:
+    """A typo or the float.h5 itself (what --saliency-teacher takes) is not "an unfinished run"."""
+    good = _run(tmp_path / "runs" / "v2-main", SPLIT, _corner_model())
+    with pytest.raises(TeacherError, match=r"teacher run directory not found: .*v2-mian"):
+        check_teacher_files(tmp_path / "runs" / "v2-mian")
+    with pytest.raises(TeacherError, match=r"--teacher takes a run directory, not a model file: use .*v2-main,"):
+        check_teacher_files(good / "float.h5")
+    assert check_teacher_files(good) == good / "float.h5"
+
+
 def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     teachers = [_corner_model(), _corner_model()]

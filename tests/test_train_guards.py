@@ -81,7 +81,7 @@ def test_a_mistyped_teacher_is_refused_before_the_run_changes(tmp_path: Path, fr
         run(replace(opts, saliency_teacher=str(tmp_path / "typo" / "float.h5")))
     with pytest.raises(SaliencyError, match="ResNet-50 weights file not found"):
         run(replace(opts, saliency_teacher=f"resnet50:{tmp_path / 'none.h5'}"))
-    with pytest.raises(TeacherError, match="float stage has not finished"):
+    with pytest.raises(TeacherError, match="teacher run directory not found"):
         run(replace(opts, teachers=(str(tmp_path / "typo"),)))
     assert _unchanged(opts, files)  # with --fresh the finished run used to be gone by now
 
