@@ -19,13 +19,14 @@ preprocessing can be served only when the student's is "none" (the decoded pixel
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qana.head import softmax
-from qana.preprocess import preprocess
+from qana.preprocess import check_colour_constancy, preprocess
 from qana.views import check_view_count, dihedral_view
 
 
@@ -92,10 +93,77 @@ def check_teacher_files(teacher_run: Path) -> Path:
     return model
 
 
+SPLIT_KEYS = ("train", "val", "test", "image_ids")
+
+
+def read_split(run_dir: Path) -> dict[str, np.ndarray]:
+    """A run's split.npz (the four arrays the leakage check compares), refused with the file named
+    when it cannot be read: a damaged record must stop the check, not pass it or give a traceback."""
+    path = Path(run_dir) / "split.npz"
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in SPLIT_KEYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise TeacherError(f"{path}: unreadable split record ({exc}), so the teacher cannot be checked for leakage") from None
+
+
 def same_split(teacher_run: Path, student_run: Path) -> bool:
     """Whether two run directories hold the same split of the same images (split.npz)."""
-    with np.load(Path(teacher_run) / "split.npz") as t, np.load(Path(student_run) / "split.npz") as s:
-        return all(np.array_equal(t[k], s[k]) for k in ("train", "val", "test", "image_ids"))
+    t, s = read_split(teacher_run), read_split(student_run)
+    return all(np.array_equal(t[k], s[k]) for k in SPLIT_KEYS)
+
+
+def read_run_options(teacher_run: Path) -> dict:
+    """The teacher run's options.json ({} if it has none: runs older than the file), refused
+    with the file named when it cannot be read."""
+    path = Path(teacher_run) / "options.json"
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"{path}: unreadable run settings ({exc})") from None
+    if not isinstance(options, dict):
+        raise TeacherError(f"{path}: not a run's settings (a JSON object was expected)")
+    return options
+
+
+def model_input_side(model_file: Path) -> int:
+    """The side of the square RGB images a teacher model file takes, refused with the file named
+    when it is not a loadable tf_keras model of fixed square RGB input."""
+    import tf_keras as keras
+
+    try:
+        model = keras.models.load_model(model_file, compile=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, zipfile.BadZipFile) as exc:
+        raise TeacherError(f"teacher model {model_file} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[3] == 3):
+        raise TeacherError(f"teacher model {model_file} takes input {shape}, not square RGB images of a fixed size")
+    return shape[1]
+
+
+def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_constancy: str = "none") -> Teacher:
+    """Everything about a teacher run that can be checked before this run has a split: the float
+    stage finished, its model loads and takes this run's image size (the model itself says, not
+    its options.json), its records are readable and its images can be made from this run's.
+    `qana train` calls it before any stage, so an unusable --teacher costs no stage."""
+    teacher_run = Path(teacher_run)
+    model = check_teacher_files(teacher_run)
+    options = read_run_options(teacher_run)
+    read_split(teacher_run)
+    if image_size is not None:
+        side = model_input_side(model)
+        if side != image_size:
+            raise TeacherError(f"teacher {teacher_run} takes {side}x{side} images, this run {image_size}x{image_size}")
+    teacher_colour_constancy = options.get("colour_constancy", "none")
+    try:
+        check_colour_constancy(teacher_colour_constancy)
+    except ValueError as exc:
+        raise TeacherError(f"teacher {teacher_run}: {exc} in its options.json") from None
+    teacher = Teacher(model, teacher_colour_constancy)
+    teacher.check_serves(colour_constancy)  # refused before any training, not half-way
+    return teacher
 
 
 def check_teacher(
@@ -103,21 +171,12 @@ def check_teacher(
 ) -> Teacher:
     """The teacher's float model and preprocessing, after checking its run used the student's split
     and images the student's can be turned into."""
-    teacher_run = Path(teacher_run)
-    model = check_teacher_files(teacher_run)
-    options_file = teacher_run / "options.json"
-    options = json.loads(options_file.read_text()) if options_file.is_file() else {}
-    if image_size is not None:
-        teacher_size = options.get("image_size", image_size)
-        if teacher_size != image_size:
-            raise TeacherError(f"teacher {teacher_run} takes {teacher_size}x{teacher_size} images, this run {image_size}x{image_size}")
+    teacher = check_teacher_run(teacher_run, image_size, colour_constancy)
     if not same_split(teacher_run, student_run):
         raise TeacherError(
             f"teacher {teacher_run} was trained on another split than {student_run}: it has seen validation or "
             "test lesions of this run; use runs with the same data and seed"
         )
-    teacher = Teacher(model, options.get("colour_constancy", "none"))
-    teacher.check_serves(colour_constancy)  # refused before any training, not half-way
     return teacher
 
 

@@ -1514,19 +1514,20 @@ def check_bundle_out(opts: TrainOptions) -> None:
 
 
 def check_teacher_paths(opts: TrainOptions) -> None:
-    """Refuse a --saliency-teacher or --teacher that is not there before the run changes
-    anything: found only in their own stages, a typo would cost the stages before them (and,
-    with --fresh, the finished run)."""
+    """Refuse a --saliency-teacher or --teacher that is not there or not usable (unfinished,
+    unreadable, another image size or colour constancy) before the run changes anything: found
+    only in their own stages, it would cost the stages before them (and, with --fresh, the
+    finished run). The split is compared in those stages, once this run has one."""
     if opts.saliency_teacher:
         from qana.saliency import check_teacher_file
 
         check_teacher_file(opts.saliency_teacher)
         check_saliency_teacher_finished(opts.saliency_teacher)
     if opts.teachers:
-        from qana.distill import check_teacher_files
+        from qana.distill import check_teacher_run
 
         for teacher in opts.teachers:
-            check_teacher_files(Path(teacher))
+            check_teacher_run(Path(teacher), opts.image_size, opts.colour_constancy)
 
 
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:

@@ -51,8 +51,8 @@ def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Pa
     with pytest.raises(TeacherError, match="float stage has not finished"):
         check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
     assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).model.name == "float.h5"
-    (tmp_path / "good" / "options.json").write_text('{"image_size": 64}')
-    with pytest.raises(TeacherError, match="takes 64x64 images, this run 80x80"):
+    (tmp_path / "good" / "options.json").write_text('{"image_size": 80}')  # the model, not its options, says
+    with pytest.raises(TeacherError, match="takes 8x8 images, this run 80x80"):
         check_teacher(tmp_path / "good", student, image_size=80)
 
 
@@ -65,6 +65,44 @@ def test_a_teacher_whose_float_stage_is_being_redone_is_refused(tmp_path: Path) 
     for check in (check_teacher_files, lambda run: check_teacher(run, student)):
         with pytest.raises(TeacherError, match=r"teacher .*redone: its float stage has not finished"):
             check(redone)
+
+
+def _damage(run: Path, case: str) -> None:
+    if case == "truncated float.h5":
+        (run / "float.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    elif case == "float.h5 not HDF5":
+        (run / "float.h5").write_bytes(b"not a model")
+    elif case == "options.json unreadable":
+        (run / "options.json").write_text("{")
+    elif case == "split.npz unreadable":
+        (run / "split.npz").write_bytes(b"garbage")
+    elif case == "split.npz without image_ids":
+        np.savez(run / "split.npz", train=SPLIT["train"], val=SPLIT["val"], test=SPLIT["test"])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("truncated float.h5", r"teacher model .*float.h5 cannot be loaded"),
+        ("float.h5 not HDF5", r"teacher model .*float.h5 cannot be loaded"),
+        ("options.json unreadable", r"options.json: unreadable run settings"),
+        ("split.npz unreadable", r"split.npz: unreadable split record"),
+        ("split.npz without image_ids", r"split.npz: unreadable split record .*image_ids"),
+        ("16x16 teacher", r"takes 16x16 images, this run 8x8"),
+    ],
+)
+def test_an_unusable_teacher_run_is_refused_before_any_stage(tmp_path: Path, case: str, message: str) -> None:
+    """Damaged records or a model of another size: a TeacherError naming the file and the problem,
+    from the check `qana train` runs before any stage (not a raw error at the float stage)."""
+    from qana.train import check_teacher_paths
+
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, keras.layers.Dense(7)(keras.layers.Flatten()(inputs))) if case == "16x16 teacher" else _corner_model()
+    teacher = _run(tmp_path / "teacher", SPLIT, model)
+    _damage(teacher, case)
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path / "student", image_size=8, teachers=(str(teacher),))
+    with pytest.raises(TeacherError, match=message):
+        check_teacher_paths(opts)
 
 
 def test_a_mistyped_teacher_or_its_model_file_is_named_as_such(tmp_path: Path) -> None:
@@ -106,7 +144,7 @@ def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
     split = {"train": np.arange(21), "val": np.arange(21, 35), "test": np.arange(35, 36), "image_ids": np.array([f"i{i}" for i in range(36)])}
     student = _run(tmp_path / "student", split, None)
     teacher = _run(tmp_path / "teacher", split, _corner_model())
-    opts = TrainOptions(data=tmp_path, run_dir=student, batch_size=8, teachers=(str(teacher),), label_weight=0.5)
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=8, batch_size=8, teachers=(str(teacher),), label_weight=0.5)
     targets = distillation_targets(opts, train)
     assert targets.shape == (21, 7) and np.all(targets[np.arange(21), train.labels] >= 0.5)
     assert distillation_targets(TrainOptions(data=tmp_path, run_dir=student), train) is None
