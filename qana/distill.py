@@ -47,8 +47,8 @@ class Teacher:
         if self.colour_constancy != student_colour_constancy and student_colour_constancy != "none":
             raise TeacherError(
                 f"teacher {self.model.parent} was trained with colour constancy {self.colour_constancy!r} and this run "
-                f"with {student_colour_constancy!r}: its images cannot be recovered from this run's, so use teachers "
-                "with the same --colour-constancy, or distil into a run without it"
+                f"with {student_colour_constancy!r}: its images cannot be recovered from this run's, so use a teacher "
+                "trained with the same --colour-constancy, or teach a run without it"
             )
 
     def inputs(self, images: np.ndarray, student_colour_constancy: str = "none") -> np.ndarray:
@@ -156,13 +156,20 @@ def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_c
         side = model_input_side(model)
         if side != image_size:
             raise TeacherError(f"teacher {teacher_run} takes {side}x{side} images, this run {image_size}x{image_size}")
-    teacher_colour_constancy = options.get("colour_constancy", "none")
+    return run_teacher(model, options, colour_constancy)
+
+
+def run_teacher(model: Path, options: dict, student_colour_constancy: str = "none") -> Teacher:
+    """An earlier run's model as a Teacher that sees images the way that run trained (the colour
+    constancy in its `options`), refused if this run's images cannot be turned into those. Used
+    for --teacher and for a --saliency-teacher that is a run's float.h5 alike."""
+    colour_constancy = options.get("colour_constancy", "none")
     try:
-        check_colour_constancy(teacher_colour_constancy)
+        check_colour_constancy(colour_constancy)
     except ValueError as exc:
-        raise TeacherError(f"teacher {teacher_run}: {exc} in its options.json") from None
-    teacher = Teacher(model, teacher_colour_constancy)
-    teacher.check_serves(colour_constancy)  # refused before any training, not half-way
+        raise TeacherError(f"teacher {Path(model).parent}: {exc} in its options.json") from None
+    teacher = Teacher(Path(model), colour_constancy)
+    teacher.check_serves(student_colour_constancy)  # refused before any training, not half-way
     return teacher
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from qana.model import ModelSpec
 from qana.preprocess import check_colour_constancy, preprocess
 from qana.splits import TEST_FRACTION, VAL_FRACTION, train_val_test
 from qana.views import check_view_count, keras_logits
+
+if TYPE_CHECKING:
+    from qana.distill import Teacher as RunTeacher
 
 log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
@@ -528,6 +531,28 @@ def check_saliency_teacher_finished(spec: str) -> None:
         )
 
 
+def saliency_run_teacher(opts: TrainOptions) -> RunTeacher | None:
+    """The saliency teacher as an earlier run's model (a qana.distill.Teacher: the file and the
+    colour constancy its run trained with, so Grad-CAM sees images as that model learnt them, the
+    same rule as --teacher), or None for ImageNet weights or a model file outside a run, which
+    are fed this run's images as they are. Refuses an unfinished run, unreadable run settings and
+    a colour constancy this run's images cannot be turned into; cheap, so checked before any stage."""
+    from qana.distill import TeacherError, read_run_options, run_teacher
+    from qana.saliency import RESNET_PREFIX, SaliencyError
+
+    spec = opts.saliency_teacher
+    if not spec or spec.startswith(RESNET_PREFIX):
+        return None
+    model = Path(spec).expanduser()
+    if not (model.parent / "split.npz").is_file():
+        return None
+    check_saliency_teacher_finished(spec)
+    try:
+        return run_teacher(model, read_run_options(model.parent), opts.colour_constancy)
+    except TeacherError as exc:
+        raise SaliencyError(f"saliency teacher {spec}: {exc}") from None
+
+
 def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
     """Refuse a saliency teacher that is an earlier run's float.h5 trained on another split (it
     saw this run's validation or test lesions, and would choose the crops with that knowledge);
@@ -553,13 +578,15 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     """Grad-CAM crops of the training images from a frozen teacher (qana.saliency), saved for training.
 
     Crops are cut from the images decoded at twice the model's input size (or the teacher's,
-    if larger), so a crop keeps detail. Only training images are cropped: validation, test
+    if larger), so a crop keeps detail. A teacher from an earlier run sees the images with that
+    run's colour constancy (`saliency_run_teacher`), as it was trained. Only training images are cropped: validation, test
     and deployment see the uncropped preprocessing (see qana.saliency for why).
     """
     if not opts.saliency_teacher:
         return {"enabled": False}
     from qana.saliency import crop_images, gradcam, load_teacher, saliency_boxes
 
+    run_teacher = saliency_run_teacher(opts)
     split_checked = saliency_teacher_split_checked(opts)
     teacher = load_teacher(opts.saliency_teacher)
     source_size = max(teacher.size, 2 * opts.image_size)
@@ -568,6 +595,8 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     rows = np.array([by_id[i] for i in train.image_ids.tolist()])
     src = sources.images[rows]
     teacher_input = train.images if teacher.size == opts.image_size else crop_images(src, np.tile([0.0, 0.0, 1.0], (len(src), 1)), teacher.size)
+    if run_teacher is not None:  # with its own run's colour constancy, as it was trained
+        teacher_input = run_teacher.inputs(teacher_input, opts.colour_constancy)
     t0 = time.time()
     cams = gradcam(teacher, teacher_input)
     boxes = saliency_boxes(cams)
@@ -577,6 +606,8 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
         "enabled": True,
         "teacher": teacher.description,
         "teacher_split_checked": split_checked,
+        # what the teacher was fed: its run's colour constancy, or (outside a run) this run's images as they are
+        "teacher_colour_constancy": run_teacher.colour_constancy if run_teacher is not None else opts.colour_constancy,
         "layer": teacher.layer,
         "images": int(len(crops)),
         "mean_crop_side": float(boxes[:, 2].mean()),
@@ -1522,7 +1553,7 @@ def check_teacher_paths(opts: TrainOptions) -> None:
         from qana.saliency import check_teacher_file
 
         check_teacher_file(opts.saliency_teacher)
-        check_saliency_teacher_finished(opts.saliency_teacher)
+        saliency_run_teacher(opts)
     if opts.teachers:
         from qana.distill import check_teacher_run
 

@@ -136,3 +136,39 @@ def test_a_saliency_teacher_whose_run_is_being_redone_is_refused(tmp_path: Path)
             check(opts)
     (redone / "float.json").write_text("{}")
     assert saliency_teacher_split_checked(opts) is True
+
+
+def test_a_saliency_teacher_from_a_run_sees_images_with_its_runs_colour_constancy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shades-of-gray run's float.h5 gets corrected pixels in a plain run (as qana.distill's
+    --teacher does); a plain teacher for a shades-of-gray run is refused before any stage."""
+    import qana.saliency
+    from qana.data import load_dataset
+    from qana.preprocess import shades_of_gray
+    from qana.train import TrainOptions, check_teacher_paths, stage_saliency
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=3)
+    dataset = load_dataset(clinic.root, size=32, cache_dir=tmp_path / "cache")
+    split = {"train": np.arange(8), "val": np.arange(8, 10), "test": np.arange(10, 12), "image_ids": dataset.image_ids}
+    teacher = _teacher_run(tmp_path / "teacher", split)
+    (teacher / "options.json").write_text('{"image_size": 32, "colour_constancy": "shades-of-gray"}')
+    opts = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, cache_dir=tmp_path / "cache",
+                        saliency_teacher=str(teacher / "float.h5"), command="test")
+    opts.run_dir.mkdir()
+    np.savez(opts.run_dir / "split.npz", **split)
+    train = dataset.subset(split["train"])
+    seen: list[np.ndarray] = []
+    real = qana.saliency.gradcam
+    monkeypatch.setattr(qana.saliency, "gradcam", lambda t, images, batch_size=64: seen.append(np.array(images)) or real(t, images))
+    info = stage_saliency(opts, dataset, train)
+    assert not np.array_equal(train.images, shades_of_gray(train.images))  # the correction changes these pixels
+    np.testing.assert_array_equal(seen[0], shades_of_gray(train.images))
+    assert info["teacher_colour_constancy"] == "shades-of-gray"
+
+    (teacher / "options.json").write_text('{"image_size": 32, "colour_constancy": "none"}')
+    from dataclasses import replace
+
+    with pytest.raises(SaliencyError, match="colour constancy 'none' and this run with 'shades-of-gray'"):
+        check_teacher_paths(replace(opts, colour_constancy="shades-of-gray"))
