@@ -25,6 +25,7 @@ on; the README's ablation reports the effect.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,13 @@ def load_teacher(spec: str) -> Teacher:
     path = check_teacher_file(spec)
     try:
         model = keras.models.load_model(path, compile=False)
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, KeyError, zipfile.BadZipFile) as exc:  # KeyError: a zip without a model
         raise SaliencyError(f"{path}: cannot load a tf_keras model ({exc})") from None
     shape = model.input_shape
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+    if not isinstance(shape, tuple) or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise SaliencyError(f"{path}: teacher input {shape} is not a square RGB image")
+    if not isinstance(shape[1], int):
+        raise SaliencyError(f"{path}: teacher input size is not fixed: {shape[1:]} (the crops need a known size)")
     return Teacher(model, int(shape[1]), _last_spatial_layer(model), "none", f"float model {path}")
 
 

@@ -83,6 +83,22 @@ def test_teacher_files_are_local_and_errors_name_the_problem(tmp_path: Path) -> 
     assert teacher.size == 32 and teacher.layer == "fmap"
 
 
+def test_unusable_teacher_files_are_saliency_errors_naming_the_file(tmp_path: Path) -> None:
+    """A zip that holds no model and a teacher of unfixed input size: SaliencyError, not KeyError/TypeError."""
+    import zipfile
+
+    keras = tf_keras
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
+        z.writestr("x.txt", "not a model")
+    with pytest.raises(SaliencyError, match=r"empty.keras: cannot load a tf_keras model"):
+        load_teacher(str(tmp_path / "empty.keras"))
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, name="c")(inputs)
+    keras.Model(inputs, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(x))).save(tmp_path / "fcn.h5")
+    with pytest.raises(SaliencyError, match=r"fcn.h5: teacher input size is not fixed"):
+        load_teacher(str(tmp_path / "fcn.h5"))
+
+
 def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None:
     from qana.data import load_dataset
     from qana.train import TrainOptions, stage_saliency, with_saliency_crops
