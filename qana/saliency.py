@@ -128,6 +128,9 @@ def saliency_boxes(cams: np.ndarray, threshold: float = 0.5, margin: float = 0.1
     """
     if not 0 < threshold <= 1 or margin < 0 or not 0 < min_side <= 1:
         raise SaliencyError("threshold must be in (0, 1], margin >= 0, min_side in (0, 1]")
+    cams = np.asarray(cams)
+    if cams.ndim != 3 or 0 in cams.shape[1:]:
+        raise SaliencyError(f"saliency maps must be a batch of 2-D maps (N, h, w), not of shape {cams.shape}")
     boxes = np.zeros((len(cams), 3), np.float64)
     for i, cam in enumerate(cams):
         h, w = cam.shape
@@ -144,9 +147,13 @@ def saliency_boxes(cams: np.ndarray, threshold: float = 0.5, margin: float = 0.1
 
 
 def crop_images(sources: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Cut each box from its source image (N, S, S, 3 uint8) and resize to size x size (area)."""
+    """Cut each box from its source image (N, S, S, 3 uint8) and resize to size x size (area).
+
+    Sources and boxes that do not fit are refused rather than cropped wrongly: a missing box
+    would leave a black training image, a non-square source a stretched one."""
     from PIL import Image
 
+    check_crop_inputs(sources, boxes, size)
     out = np.zeros((len(sources), size, size, 3), np.uint8)
     for i, (img, (top, left, side)) in enumerate(zip(sources, boxes)):
         s = img.shape[0]
@@ -156,3 +163,18 @@ def crop_images(sources: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray
         patch = Image.fromarray(np.ascontiguousarray(img[y0 : y0 + n, x0 : x0 + n]))
         out[i] = np.asarray(patch.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
     return out
+
+
+def check_crop_inputs(sources: np.ndarray, boxes: np.ndarray, size: int) -> None:
+    """Refuse crop inputs `crop_images` would turn into wrong pixels, naming the shapes."""
+    if not isinstance(sources, np.ndarray) or sources.dtype != np.uint8:
+        raise SaliencyError(f"source images must be a uint8 array, not {getattr(sources, 'dtype', type(sources).__name__)}")
+    if sources.ndim != 4 or sources.shape[1] != sources.shape[2] or sources.shape[3] != 3:
+        raise SaliencyError(f"source images must be square RGB (N, S, S, 3), not of shape {sources.shape}")
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 3:
+        raise SaliencyError(f"boxes must be (N, 3) rows of (top, left, side), not of shape {boxes.shape}")
+    if len(boxes) != len(sources):
+        raise SaliencyError(f"{len(sources)} source images but {len(boxes)} boxes: one box per image")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise SaliencyError(f"the crop size must be a positive whole number of pixels, not {size!r}")

@@ -72,6 +72,21 @@ def test_boxes_stay_inside_the_image_and_bad_settings_are_refused() -> None:
         saliency_boxes(cam, threshold=0)
 
 
+def test_crops_and_boxes_refuse_inputs_that_do_not_fit() -> None:
+    """Fewer boxes than images (black crops), non-square or float sources, a map without rows."""
+    src = np.zeros((5, 32, 32, 3), np.uint8)
+    box = np.array([[0.25, 0.25, 0.5]])
+    with pytest.raises(SaliencyError, match="5 source images but 3 boxes"):
+        crop_images(src, box.repeat(3, 0), 16)
+    with pytest.raises(SaliencyError, match=r"square RGB \(N, S, S, 3\), not of shape \(1, 32, 48, 3\)"):
+        crop_images(np.zeros((1, 32, 48, 3), np.uint8), box, 16)
+    with pytest.raises(SaliencyError, match="uint8 array, not float32"):
+        crop_images(src.astype(np.float32), box.repeat(5, 0), 16)
+    with pytest.raises(SaliencyError, match=r"\(N, h, w\), not of shape \(4, 4\)"):
+        saliency_boxes(np.zeros((4, 4)))
+    assert crop_images(src, box.repeat(5, 0), 16).shape == (5, 16, 16, 3)
+
+
 def test_teacher_files_are_local_and_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SaliencyError, match="not found"):
         load_teacher(str(tmp_path / "missing.h5"))
