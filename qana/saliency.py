@@ -79,7 +79,12 @@ def load_teacher(spec: str) -> Teacher:
     if spec.startswith(RESNET_PREFIX):
         weights = check_teacher_file(spec)
         try:
-            model = keras.applications.ResNet50(weights=str(weights), include_top=True, input_shape=(224, 224, 3))
+            # classifier_activation=None: the same weights, but the output is the class score (logit).
+            # Grad-CAM of the softmax probability vanishes once the teacher is sure (d p / d logit =
+            # p (1 - p) rounds to 0), leaving a flat map and a whole-image "crop".
+            model = keras.applications.ResNet50(
+                weights=str(weights), include_top=True, input_shape=(224, 224, 3), classifier_activation=None
+            )
         except (ValueError, OSError) as exc:
             raise SaliencyError(f"{weights}: not ImageNet ResNet-50 weights ({exc})") from None
         return Teacher(model, 224, "conv5_block3_out", "resnet50", f"ImageNet ResNet-50 ({weights})")

@@ -72,6 +72,23 @@ def test_boxes_stay_inside_the_image_and_bad_settings_are_refused() -> None:
         saliency_boxes(cam, threshold=0)
 
 
+def test_the_resnet50_teacher_outputs_class_scores_not_probabilities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grad-CAM must differentiate the predicted class's score: a softmax output's gradient is 0
+    for a sure teacher. (A stand-in replaces ResNet-50: building it takes minutes here.)"""
+    asked: dict = {}
+
+    def stand_in(**kwargs):
+        asked.update(kwargs)
+        return _red_teacher(32)
+
+    monkeypatch.setattr(tf_keras.applications, "ResNet50", stand_in)
+    (tmp_path / "r50.h5").write_bytes(b"weights")
+    teacher = load_teacher(f"resnet50:{tmp_path / 'r50.h5'}")
+    assert teacher.preprocess == "resnet50"
+    assert "classifier_activation" in asked and asked["classifier_activation"] is None
+    assert asked["weights"] == str(tmp_path / "r50.h5") and asked["include_top"] is True
+
+
 def test_crops_and_boxes_refuse_inputs_that_do_not_fit() -> None:
     """Fewer boxes than images (black crops), non-square or float sources, a map without rows."""
     src = np.zeros((5, 32, 32, 3), np.uint8)
