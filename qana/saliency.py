@@ -11,8 +11,9 @@ The paper crops every image to the region a frozen CNN's Grad-CAM marks as salie
    nothing is downloaded.
 2. the map is thresholded at `threshold` x its maximum; the tightest square around the
    salient pixels, widened by `margin` and at least `min_side` of the image, is the crop;
-3. the crop is cut from the decoded centre square at the teacher's resolution (more pixels
-   than 64x64, so a crop is not just an upscaled thumbnail) and resized to the model input.
+3. the crop is cut from the decoded centre square at twice the model input size, or at the
+   teacher's input size if that is larger (more pixels than the model input, so a crop is not
+   just an upscaled thumbnail), and resized to the model input.
 
 Why only for training: the cropping needs the float teacher (TensorFlow) at inference time,
 and a clinic runs only the Akida model (no TensorFlow, everything on the chip). Cropping the

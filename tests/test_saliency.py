@@ -131,7 +131,8 @@ def test_unusable_teacher_files_are_saliency_errors_naming_the_file(tmp_path: Pa
         load_teacher(str(tmp_path / "fcn.h5"))
 
 
-def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None:
+def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qana.saliency
     from qana.data import load_dataset
     from qana.train import TrainOptions, stage_saliency, with_saliency_crops
     from tests.synthetic import make_synthetic_ham
@@ -143,8 +144,13 @@ def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None
     opts.run_dir.mkdir()
     dataset = load_dataset(clinic.root, size=32, cache_dir=opts.cache_dir)
     train = dataset.subset(np.arange(16))
+    sides: list[int] = []
+    real_crop = qana.saliency.crop_images
+    monkeypatch.setattr(qana.saliency, "crop_images", lambda src, boxes, size: sides.append(src.shape[1]) or real_crop(src, boxes, size))
     info = stage_saliency(opts, dataset, train)
     assert info["enabled"] and info["images"] == 16
+    # crops are cut at twice the input size (the teacher's 32 is smaller), as the module says
+    assert sides == [64] and "at twice the model input size, or at the\n   teacher's input size if that is larger" in qana.saliency.__doc__
     augmented = with_saliency_crops(opts, train)
     assert len(augmented) == 32
     np.testing.assert_array_equal(augmented.images[:16], train.images)
