@@ -138,6 +138,19 @@ def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path:
         mixed_targets(labels, probs, 1.5)
 
 
+def test_mixed_targets_refuse_labels_and_rows_they_cannot_mean() -> None:
+    probs = np.full((3, 7), 1 / 7, np.float32)
+    with pytest.raises(ValueError, match=r"class numbers 0..6, found -1..1"):
+        mixed_targets(np.array([-1, 0, 1]), probs, 0.5)  # -1 used to become the last class
+    with pytest.raises(ValueError, match=r"1-D array of class numbers, not int64 of shape \(3, 1\)"):
+        mixed_targets(np.array([[0], [1], [2]], np.int64), probs, 0.5)
+    with pytest.raises(ValueError, match="1-D array of class numbers, not float"):
+        mixed_targets(np.array([0.0, 1.0, 2.0]), probs, 0.5)
+    with pytest.raises(ValueError, match="probabilities .* not logits"):
+        mixed_targets(np.array([0, 1, 2]), np.full((3, 7), 0.5, np.float32), 0.5)
+    assert mixed_targets(np.array([0, 1, 2]), probs, 0.5).shape == (3, 7)
+
+
 def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     train, val = _data(21, 0), _data(14, 1)
