@@ -9,7 +9,8 @@ one bilinear resampling per image (not a chain of them, which would blur the ima
 any rotation angle (a dermoscopic image has no "up"), a mild shear, a zoom and a shift (the
 random crop). Borders uncovered by the warp are filled by reflection, which continues the skin
 texture rather than adding black corners the test images never have. No colour is touched here
-(hue is diagnostic; `qana.train.make_dataset` keeps its luminance/contrast jitter).
+(hue is diagnostic; `qana.train.make_dataset` keeps its luminance/contrast jitter, whose slight
+effect on hue it describes).
 
 Training images only: validation, test and every clinic see the plain preprocessing.
 """

@@ -208,7 +208,10 @@ def make_dataset(
 ):
     """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
     back: lesions vary in size and position), optional random affine warp (qana.augment) and
-    luminance/contrast jitter (no hue shifts: colour is diagnostic); with `mixup` > 0 each
+    luminance/contrast jitter. No hue-rotation augmentation is used (colour is diagnostic); the
+    brightness shift is the same on all three channels, but tf.image's contrast works per channel
+    (about each channel's mean) and the clip at 255 follows, so a pixel's hue moves slightly: a
+    blue-grey region by up to 16 degrees at 0.8-1.2 (see qana.pretrain). With `mixup` > 0 each
     augmented batch is blended with a shuffled copy of itself (qana.augment.mix_batch), so
     `labels` must then be per-class targets (N, C), not class numbers."""
     import tensorflow as tf
