@@ -537,9 +537,10 @@ def check_saliency_teacher_finished(spec: str) -> None:
 def saliency_run_teacher(opts: TrainOptions) -> RunTeacher | None:
     """The saliency teacher as an earlier run's model (a qana.distill.Teacher: the file and the
     colour constancy its run trained with, so Grad-CAM sees images as that model learnt them, the
-    same rule as --teacher), or None for ImageNet weights or a model file outside a run, which
-    are fed this run's images as they are. Refuses an unfinished run, unreadable run settings and
-    a colour constancy this run's images cannot be turned into; cheap, so checked before any stage."""
+    same rule as --teacher), or None for ImageNet weights or a model file outside a run (no
+    options.json or split.npz beside it), which are fed this run's images as they are. Refuses
+    an unfinished run, unreadable run settings and a colour constancy this run's images cannot
+    be turned into; cheap, so checked before any stage."""
     from qana.distill import TeacherError, read_run_options, run_teacher
     from qana.saliency import RESNET_PREFIX, SaliencyError
 
@@ -547,8 +548,8 @@ def saliency_run_teacher(opts: TrainOptions) -> RunTeacher | None:
     if not spec or spec.startswith(RESNET_PREFIX):
         return None
     model = Path(spec).expanduser()
-    if not (model.parent / "split.npz").is_file():
-        return None
+    if not any((model.parent / record).is_file() for record in ("options.json", "split.npz")):
+        return None  # not a run's folder: nothing says how the model saw its images
     check_saliency_teacher_finished(spec)
     try:
         return run_teacher(model, read_run_options(model.parent), opts.colour_constancy)

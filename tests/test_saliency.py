@@ -221,6 +221,11 @@ def test_a_saliency_teacher_from_a_run_sees_images_with_its_runs_colour_constanc
     np.testing.assert_array_equal(seen[0], shades_of_gray(train.images))
     assert info["teacher_colour_constancy"] == "shades-of-gray"
 
+    (teacher / "split.npz").unlink()  # a model copied with only its run's settings: still seen its way
+    seen.clear()
+    stage_saliency(opts, dataset, train)
+    np.testing.assert_array_equal(seen[0], shades_of_gray(train.images))
+
     (teacher / "options.json").write_text('{"image_size": 32, "colour_constancy": "none"}')
     from dataclasses import replace
 
