@@ -9,7 +9,8 @@ one bilinear resampling per image (not a chain of them, which would blur the ima
 any rotation angle (a dermoscopic image has no "up"), a mild shear, a zoom and a shift (the
 random crop). Borders uncovered by the warp are filled by reflection, which continues the skin
 texture rather than adding black corners the test images never have. No colour is touched here
-(hue is diagnostic; `qana.train.make_dataset` keeps its luminance/contrast jitter).
+(hue is diagnostic; `qana.train.make_dataset` keeps its luminance/contrast jitter, whose slight
+effect on hue it describes).
 
 Training images only: validation, test and every clinic see the plain preprocessing.
 """
@@ -120,8 +121,9 @@ def mix_batch(images, targets, *weights, alpha: float, seed: int | None = None):
 
     Each image i is blended with image perm[i] of the same batch (a shuffled copy) with its own
     weight lam_i ~ Beta(alpha, alpha): x = lam x_i + (1 - lam) x_perm, the same for the (N, C)
-    `targets` and for sample `weights` if given. Pixels stay in range (a convex blend of two
-    in-range images). Training batches only: validation, test and clinics see plain images.
+    `targets` and for sample `weights` if given. Pixels stay in [0, 255]: a convex blend of two
+    in-range images, clipped because in float32 it can round one step past 255. Training batches
+    only: validation, test and clinics see plain images.
 
     Off by default: screened in session 28 it raised the chip's test accuracy but failed its
     rule, on validation top-1 and on float-to-chip fidelity (README, ablations, "Mixup").
@@ -138,4 +140,5 @@ def mix_batch(images, targets, *weights, alpha: float, seed: int | None = None):
         w = tf.reshape(lam, shape)
         return w * a + (1.0 - w) * tf.gather(a, perm)
 
-    return (blend(images), blend(targets), *(blend(w) for w in weights))
+    # images only: targets and weights are blended exactly as the images' shares, unclipped
+    return (tf.clip_by_value(blend(images), 0.0, 255.0), blend(targets), *(blend(w) for w in weights))

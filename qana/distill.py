@@ -19,13 +19,14 @@ preprocessing can be served only when the student's is "none" (the decoded pixel
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qana.head import softmax
-from qana.preprocess import preprocess
+from qana.preprocess import check_colour_constancy, preprocess
 from qana.views import check_view_count, dihedral_view
 
 
@@ -46,8 +47,8 @@ class Teacher:
         if self.colour_constancy != student_colour_constancy and student_colour_constancy != "none":
             raise TeacherError(
                 f"teacher {self.model.parent} was trained with colour constancy {self.colour_constancy!r} and this run "
-                f"with {student_colour_constancy!r}: its images cannot be recovered from this run's, so use teachers "
-                "with the same --colour-constancy, or distil into a run without it"
+                f"with {student_colour_constancy!r}: its images cannot be recovered from this run's, so use a teacher "
+                "trained with the same --colour-constancy, or teach a run without it"
             )
 
     def inputs(self, images: np.ndarray, student_colour_constancy: str = "none") -> np.ndarray:
@@ -58,22 +59,118 @@ class Teacher:
         return preprocess(images, self.colour_constancy)
 
 
+def float_stage_finished(run_dir: Path) -> bool:
+    """Whether `run_dir` records its float stage as finished (its stage marker, float.json).
+
+    Why the marker and not float.h5: a rerun with --fresh or other settings removes the markers
+    first but overwrites float.h5 only when its own float stage ends, so until then float.h5 is the
+    earlier model, trained on a split the new split.npz no longer describes."""
+    from qana.train import _marker  # the one place stage markers are named
+
+    return _marker(Path(run_dir), "float").is_file()
+
+
 def check_teacher_files(teacher_run: Path) -> Path:
-    """A teacher run's float.h5, refused if it or the run's split.npz is missing: checked before
-    a run changes anything, so a mistyped --teacher costs no stage."""
+    """A teacher run's float.h5, refused if the run is not there, its float stage is not recorded
+    as finished, or its split.npz is missing: checked before a run changes anything, so a
+    mistyped --teacher costs no stage."""
     teacher_run = Path(teacher_run)
+    if teacher_run.is_file():  # the form --saliency-teacher takes, an easy mix-up
+        raise TeacherError(f"--teacher takes a run directory, not a model file: use {teacher_run.parent}, not {teacher_run}")
+    if not teacher_run.is_dir():
+        raise TeacherError(f"teacher run directory not found: {teacher_run}")
     model = teacher_run / "float.h5"
+    if not float_stage_finished(teacher_run):
+        raise TeacherError(
+            f"teacher {teacher_run}: its float stage has not finished (no float.json; e.g. the run is still "
+            "going or being redone), so a float.h5 there may be an earlier model trained on another split; "
+            "let that run finish its float stage first"
+        )
     if not model.is_file():
-        raise TeacherError(f"teacher {teacher_run}: no float.h5 (the run's float stage has not finished)")
+        raise TeacherError(f"teacher {teacher_run}: no float.h5, although its float stage is recorded as finished")
     if not (teacher_run / "split.npz").is_file():
         raise TeacherError(f"teacher {teacher_run}: no split.npz, so it cannot be checked for leakage")
     return model
 
 
+SPLIT_KEYS = ("train", "val", "test", "image_ids")
+
+
+def read_split(run_dir: Path) -> dict[str, np.ndarray]:
+    """A run's split.npz (the four arrays the leakage check compares), refused with the file named
+    when it cannot be read: a damaged record must stop the check, not pass it or give a traceback."""
+    path = Path(run_dir) / "split.npz"
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in SPLIT_KEYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise TeacherError(f"{path}: unreadable split record ({exc}), so the teacher cannot be checked for leakage") from None
+
+
 def same_split(teacher_run: Path, student_run: Path) -> bool:
     """Whether two run directories hold the same split of the same images (split.npz)."""
-    with np.load(Path(teacher_run) / "split.npz") as t, np.load(Path(student_run) / "split.npz") as s:
-        return all(np.array_equal(t[k], s[k]) for k in ("train", "val", "test", "image_ids"))
+    t, s = read_split(teacher_run), read_split(student_run)
+    return all(np.array_equal(t[k], s[k]) for k in SPLIT_KEYS)
+
+
+def read_run_options(teacher_run: Path) -> dict:
+    """The teacher run's options.json ({} if it has none: runs older than the file), refused
+    with the file named when it cannot be read."""
+    path = Path(teacher_run) / "options.json"
+    if not path.is_file():
+        return {}
+    try:
+        options = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"{path}: unreadable run settings ({exc})") from None
+    if not isinstance(options, dict):
+        raise TeacherError(f"{path}: not a run's settings (a JSON object was expected)")
+    return options
+
+
+def model_input_side(model_file: Path) -> int:
+    """The side of the square RGB images a teacher model file takes, refused with the file named
+    when it is not a loadable tf_keras model of fixed square RGB input."""
+    import tf_keras as keras
+
+    try:
+        model = keras.models.load_model(model_file, compile=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, zipfile.BadZipFile) as exc:
+        raise TeacherError(f"teacher model {model_file} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[3] == 3):
+        raise TeacherError(f"teacher model {model_file} takes input {shape}, not square RGB images of a fixed size")
+    return shape[1]
+
+
+def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_constancy: str = "none") -> Teacher:
+    """Everything about a teacher run that can be checked before this run has a split: the float
+    stage finished, its model loads and takes this run's image size (the model itself says, not
+    its options.json), its records are readable and its images can be made from this run's.
+    `qana train` calls it before any stage, so an unusable --teacher costs no stage."""
+    teacher_run = Path(teacher_run)
+    model = check_teacher_files(teacher_run)
+    options = read_run_options(teacher_run)
+    read_split(teacher_run)
+    if image_size is not None:
+        side = model_input_side(model)
+        if side != image_size:
+            raise TeacherError(f"teacher {teacher_run} takes {side}x{side} images, this run {image_size}x{image_size}")
+    return run_teacher(model, options, colour_constancy)
+
+
+def run_teacher(model: Path, options: dict, student_colour_constancy: str = "none") -> Teacher:
+    """An earlier run's model as a Teacher that sees images the way that run trained (the colour
+    constancy in its `options`), refused if this run's images cannot be turned into those. Used
+    for --teacher and for a --saliency-teacher that is a run's float.h5 alike."""
+    colour_constancy = options.get("colour_constancy", "none")
+    try:
+        check_colour_constancy(colour_constancy)
+    except ValueError as exc:
+        raise TeacherError(f"teacher {Path(model).parent}: {exc} in its options.json") from None
+    teacher = Teacher(Path(model), colour_constancy)
+    teacher.check_serves(student_colour_constancy)  # refused before any training, not half-way
+    return teacher
 
 
 def check_teacher(
@@ -81,21 +178,12 @@ def check_teacher(
 ) -> Teacher:
     """The teacher's float model and preprocessing, after checking its run used the student's split
     and images the student's can be turned into."""
-    teacher_run = Path(teacher_run)
-    model = check_teacher_files(teacher_run)
-    options_file = teacher_run / "options.json"
-    options = json.loads(options_file.read_text()) if options_file.is_file() else {}
-    if image_size is not None:
-        teacher_size = options.get("image_size", image_size)
-        if teacher_size != image_size:
-            raise TeacherError(f"teacher {teacher_run} takes {teacher_size}x{teacher_size} images, this run {image_size}x{image_size}")
+    teacher = check_teacher_run(teacher_run, image_size, colour_constancy)
     if not same_split(teacher_run, student_run):
         raise TeacherError(
             f"teacher {teacher_run} was trained on another split than {student_run}: it has seen validation or "
             "test lesions of this run; use runs with the same data and seed"
         )
-    teacher = Teacher(model, options.get("colour_constancy", "none"))
-    teacher.check_serves(colour_constancy)  # refused before any training, not half-way
     return teacher
 
 
@@ -131,10 +219,23 @@ def ensemble_probabilities(teachers: list[Teacher], images: np.ndarray, student_
 
 
 def mixed_targets(labels: np.ndarray, teacher: np.ndarray, label_weight: float) -> np.ndarray:
-    """label_weight x one-hot(labels) + (1 - label_weight) x teacher probabilities, per image."""
+    """label_weight x one-hot(labels) + (1 - label_weight) x teacher probabilities, per image.
+
+    Inputs it cannot mean are refused, not turned into wrong targets: a label -1 would index the
+    last class, (N, 1) labels would give (N, N, C) targets, logits would give rows not summing to 1."""
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"the label weight must be in [0, 1], not {label_weight}")
+    labels, teacher = np.asarray(labels), np.asarray(teacher)
+    if teacher.ndim != 2:
+        raise ValueError(f"teacher probabilities must be (images, classes), not of shape {teacher.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D array of class numbers, not {labels.dtype} of shape {labels.shape}")
     if teacher.shape[0] != len(labels):
         raise ValueError(f"{len(labels)} labels but {teacher.shape[0]} teacher rows")
+    classes = teacher.shape[1]
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must be class numbers 0..{classes - 1}, found {labels.min()}..{labels.max()}")
+    if len(teacher) and (teacher.min() < 0 or not np.allclose(teacher.sum(axis=1), 1.0, atol=1e-4)):
+        raise ValueError("teacher rows must be probabilities (non-negative, summing to 1), e.g. not logits")
     onehot = np.eye(teacher.shape[1], dtype=np.float32)[labels]
     return (label_weight * onehot + (1.0 - label_weight) * teacher).astype(np.float32)

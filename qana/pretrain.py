@@ -15,8 +15,14 @@ are used, so validation and test lesions stay unseen, labels or not.
 
 The two views of an image differ by a random square crop (35-100 % of the area, resized back),
 flips and quarter turns, luminance and contrast, and with probability 0.2 a grey version of the
-image. No hue is ever shifted (colour is diagnostic); the grey view removes colour from one of
-the two views so that "same colour histogram" alone cannot match them.
+image. No hue-rotation augmentation is used (no tf.image.random_hue: colour is diagnostic).
+Brightness adds the same amount to all three channels. Contrast is tf.image's per-channel
+contrast, about each channel's own mean, so it moves a pixel's hue: on a pink image
+with a blue-grey region, that region's hue moves by up to 80 degrees (towards a purplish grey)
+at the factors 0.6-1.4 used here and by up to 16 degrees at the float stage's 0.8-1.2 (skin by
+about 1 degree). Clipping at 255 can move a hue too (+40 on (240, 200, 180): 20 -> 34 degrees).
+The shipped runs were trained with these ops, so they stay. The grey view removes colour from
+one of the two views so that "same colour histogram" alone cannot match them.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ The paper crops every image to the region a frozen CNN's Grad-CAM marks as salie
    nothing is downloaded.
 2. the map is thresholded at `threshold` x its maximum; the tightest square around the
    salient pixels, widened by `margin` and at least `min_side` of the image, is the crop;
-3. the crop is cut from the decoded centre square at the teacher's resolution (more pixels
-   than 64x64, so a crop is not just an upscaled thumbnail) and resized to the model input.
+3. the crop is cut from the decoded centre square at twice the model input size, or at the
+   teacher's input size if that is larger (more pixels than the model input, so a crop is not
+   just an upscaled thumbnail), and resized to the model input.
 
 Why only for training: the cropping needs the float teacher (TensorFlow) at inference time,
 and a clinic runs only the Akida model (no TensorFlow, everything on the chip). Cropping the
@@ -25,6 +26,7 @@ on; the README's ablation reports the effect.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,18 +80,25 @@ def load_teacher(spec: str) -> Teacher:
     if spec.startswith(RESNET_PREFIX):
         weights = check_teacher_file(spec)
         try:
-            model = keras.applications.ResNet50(weights=str(weights), include_top=True, input_shape=(224, 224, 3))
+            # classifier_activation=None: the same weights, but the output is the class score (logit).
+            # Grad-CAM of the softmax probability vanishes once the teacher is sure (d p / d logit =
+            # p (1 - p) rounds to 0), leaving a flat map and a whole-image "crop".
+            model = keras.applications.ResNet50(
+                weights=str(weights), include_top=True, input_shape=(224, 224, 3), classifier_activation=None
+            )
         except (ValueError, OSError) as exc:
             raise SaliencyError(f"{weights}: not ImageNet ResNet-50 weights ({exc})") from None
         return Teacher(model, 224, "conv5_block3_out", "resnet50", f"ImageNet ResNet-50 ({weights})")
     path = check_teacher_file(spec)
     try:
         model = keras.models.load_model(path, compile=False)
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, KeyError, zipfile.BadZipFile) as exc:  # KeyError: a zip without a model
         raise SaliencyError(f"{path}: cannot load a tf_keras model ({exc})") from None
     shape = model.input_shape
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+    if not isinstance(shape, tuple) or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
         raise SaliencyError(f"{path}: teacher input {shape} is not a square RGB image")
+    if not isinstance(shape[1], int):
+        raise SaliencyError(f"{path}: teacher input size is not fixed: {shape[1:]} (the crops need a known size)")
     return Teacher(model, int(shape[1]), _last_spatial_layer(model), "none", f"float model {path}")
 
 
@@ -125,6 +134,9 @@ def saliency_boxes(cams: np.ndarray, threshold: float = 0.5, margin: float = 0.1
     """
     if not 0 < threshold <= 1 or margin < 0 or not 0 < min_side <= 1:
         raise SaliencyError("threshold must be in (0, 1], margin >= 0, min_side in (0, 1]")
+    cams = np.asarray(cams)
+    if cams.ndim != 3 or 0 in cams.shape[1:]:
+        raise SaliencyError(f"saliency maps must be a batch of 2-D maps (N, h, w), not of shape {cams.shape}")
     boxes = np.zeros((len(cams), 3), np.float64)
     for i, cam in enumerate(cams):
         h, w = cam.shape
@@ -141,9 +153,13 @@ def saliency_boxes(cams: np.ndarray, threshold: float = 0.5, margin: float = 0.1
 
 
 def crop_images(sources: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Cut each box from its source image (N, S, S, 3 uint8) and resize to size x size (area)."""
+    """Cut each box from its source image (N, S, S, 3 uint8) and resize to size x size (area).
+
+    Sources and boxes that do not fit are refused rather than cropped wrongly: a missing box
+    would leave a black training image, a non-square source a stretched one."""
     from PIL import Image
 
+    check_crop_inputs(sources, boxes, size)
     out = np.zeros((len(sources), size, size, 3), np.uint8)
     for i, (img, (top, left, side)) in enumerate(zip(sources, boxes)):
         s = img.shape[0]
@@ -153,3 +169,18 @@ def crop_images(sources: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray
         patch = Image.fromarray(np.ascontiguousarray(img[y0 : y0 + n, x0 : x0 + n]))
         out[i] = np.asarray(patch.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
     return out
+
+
+def check_crop_inputs(sources: np.ndarray, boxes: np.ndarray, size: int) -> None:
+    """Refuse crop inputs `crop_images` would turn into wrong pixels, naming the shapes."""
+    if not isinstance(sources, np.ndarray) or sources.dtype != np.uint8:
+        raise SaliencyError(f"source images must be a uint8 array, not {getattr(sources, 'dtype', type(sources).__name__)}")
+    if sources.ndim != 4 or sources.shape[1] != sources.shape[2] or sources.shape[3] != 3:
+        raise SaliencyError(f"source images must be square RGB (N, S, S, 3), not of shape {sources.shape}")
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 3:
+        raise SaliencyError(f"boxes must be (N, 3) rows of (top, left, side), not of shape {boxes.shape}")
+    if len(boxes) != len(sources):
+        raise SaliencyError(f"{len(sources)} source images but {len(boxes)} boxes: one box per image")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise SaliencyError(f"the crop size must be a positive whole number of pixels, not {size!r}")

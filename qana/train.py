@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from qana.model import ModelSpec
 from qana.preprocess import check_colour_constancy, preprocess
 from qana.splits import TEST_FRACTION, VAL_FRACTION, train_val_test
 from qana.views import check_view_count, keras_logits
+
+if TYPE_CHECKING:
+    from qana.distill import Teacher as RunTeacher
 
 log = logging.getLogger("qana.train")
 STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
@@ -205,7 +208,10 @@ def make_dataset(
 ):
     """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
     back: lesions vary in size and position), optional random affine warp (qana.augment) and
-    luminance/contrast jitter (no hue shifts: colour is diagnostic); with `mixup` > 0 each
+    luminance/contrast jitter. No hue-rotation augmentation is used (colour is diagnostic); the
+    brightness shift is the same on all three channels, but tf.image's contrast works per channel
+    (about each channel's mean) and the clip at 255 follows, so a pixel's hue moves slightly: a
+    blue-grey region by up to 16 degrees at 0.8-1.2 (see qana.pretrain). With `mixup` > 0 each
     augmented batch is blended with a shuffled copy of itself (qana.augment.mix_batch), so
     `labels` must then be per-class targets (N, C), not class numbers."""
     import tensorflow as tf
@@ -510,6 +516,47 @@ def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, 
         raise RunRecordError(f"{path}: unreadable ({exc}); add --fresh to split again and redo the run") from None
 
 
+def check_saliency_teacher_finished(spec: str) -> None:
+    """Refuse an earlier run's model file as saliency teacher while that run's float stage is not
+    recorded as finished (qana.distill.float_stage_finished says why the marker is what counts);
+    a file outside a run (no split.npz beside it) or ImageNet weights are not a run's."""
+    from qana.distill import float_stage_finished
+    from qana.saliency import RESNET_PREFIX, SaliencyError
+
+    if spec.startswith(RESNET_PREFIX):
+        return
+    teacher_run = Path(spec).expanduser().parent
+    if (teacher_run / "split.npz").is_file() and not float_stage_finished(teacher_run):
+        raise SaliencyError(
+            f"saliency teacher {spec}: the float stage of its run {teacher_run} has not finished (no float.json; "
+            "e.g. the run is still going or being redone), so the file may be an earlier model trained on another "
+            "split; let that run finish its float stage first"
+        )
+
+
+def saliency_run_teacher(opts: TrainOptions) -> RunTeacher | None:
+    """The saliency teacher as an earlier run's model (a qana.distill.Teacher: the file and the
+    colour constancy its run trained with, so Grad-CAM sees images as that model learnt them, the
+    same rule as --teacher), or None for ImageNet weights or a model file outside a run (no
+    options.json or split.npz beside it), which are fed this run's images as they are. Refuses
+    an unfinished run, unreadable run settings and a colour constancy this run's images cannot
+    be turned into; cheap, so checked before any stage."""
+    from qana.distill import TeacherError, read_run_options, run_teacher
+    from qana.saliency import RESNET_PREFIX, SaliencyError
+
+    spec = opts.saliency_teacher
+    if not spec or spec.startswith(RESNET_PREFIX):
+        return None
+    model = Path(spec).expanduser()
+    if not any((model.parent / record).is_file() for record in ("options.json", "split.npz")):
+        return None  # not a run's folder: nothing says how the model saw its images
+    check_saliency_teacher_finished(spec)
+    try:
+        return run_teacher(model, read_run_options(model.parent), opts.colour_constancy)
+    except TeacherError as exc:
+        raise SaliencyError(f"saliency teacher {spec}: {exc}") from None
+
+
 def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
     """Refuse a saliency teacher that is an earlier run's float.h5 trained on another split (it
     saw this run's validation or test lesions, and would choose the crops with that knowledge);
@@ -522,6 +569,7 @@ def saliency_teacher_split_checked(opts: TrainOptions) -> bool:
     teacher_run = Path(opts.saliency_teacher).expanduser().parent
     if not (teacher_run / "split.npz").is_file():
         return False
+    check_saliency_teacher_finished(opts.saliency_teacher)
     if not same_split(teacher_run, opts.run_dir):
         raise SaliencyError(
             f"{opts.saliency_teacher} was trained on another split than {opts.run_dir}: it has seen validation or "
@@ -534,13 +582,15 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     """Grad-CAM crops of the training images from a frozen teacher (qana.saliency), saved for training.
 
     Crops are cut from the images decoded at twice the model's input size (or the teacher's,
-    if larger), so a crop keeps detail. Only training images are cropped: validation, test
+    if larger), so a crop keeps detail. A teacher from an earlier run sees the images with that
+    run's colour constancy (`saliency_run_teacher`), as it was trained. Only training images are cropped: validation, test
     and deployment see the uncropped preprocessing (see qana.saliency for why).
     """
     if not opts.saliency_teacher:
         return {"enabled": False}
     from qana.saliency import crop_images, gradcam, load_teacher, saliency_boxes
 
+    run_teacher = saliency_run_teacher(opts)
     split_checked = saliency_teacher_split_checked(opts)
     teacher = load_teacher(opts.saliency_teacher)
     source_size = max(teacher.size, 2 * opts.image_size)
@@ -549,6 +599,8 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
     rows = np.array([by_id[i] for i in train.image_ids.tolist()])
     src = sources.images[rows]
     teacher_input = train.images if teacher.size == opts.image_size else crop_images(src, np.tile([0.0, 0.0, 1.0], (len(src), 1)), teacher.size)
+    if run_teacher is not None:  # with its own run's colour constancy, as it was trained
+        teacher_input = run_teacher.inputs(teacher_input, opts.colour_constancy)
     t0 = time.time()
     cams = gradcam(teacher, teacher_input)
     boxes = saliency_boxes(cams)
@@ -558,6 +610,8 @@ def stage_saliency(opts: TrainOptions, dataset: Dataset, train: Dataset) -> dict
         "enabled": True,
         "teacher": teacher.description,
         "teacher_split_checked": split_checked,
+        # what the teacher was fed: its run's colour constancy, or (outside a run) this run's images as they are
+        "teacher_colour_constancy": run_teacher.colour_constancy if run_teacher is not None else opts.colour_constancy,
         "layer": teacher.layer,
         "images": int(len(crops)),
         "mean_crop_side": float(boxes[:, 2].mean()),
@@ -1495,18 +1549,20 @@ def check_bundle_out(opts: TrainOptions) -> None:
 
 
 def check_teacher_paths(opts: TrainOptions) -> None:
-    """Refuse a --saliency-teacher or --teacher that is not there before the run changes
-    anything: found only in their own stages, a typo would cost the stages before them (and,
-    with --fresh, the finished run)."""
+    """Refuse a --saliency-teacher or --teacher that is not there or not usable (unfinished,
+    unreadable, another image size or colour constancy) before the run changes anything: found
+    only in their own stages, it would cost the stages before them (and, with --fresh, the
+    finished run). The split is compared in those stages, once this run has one."""
     if opts.saliency_teacher:
         from qana.saliency import check_teacher_file
 
         check_teacher_file(opts.saliency_teacher)
+        saliency_run_teacher(opts)
     if opts.teachers:
-        from qana.distill import check_teacher_files
+        from qana.distill import check_teacher_run
 
         for teacher in opts.teachers:
-            check_teacher_files(Path(teacher))
+            check_teacher_run(Path(teacher), opts.image_size, opts.colour_constancy)
 
 
 def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str, dict]:

@@ -14,6 +14,7 @@ import tf_keras as keras  # noqa: E402
 from qana.distill import (  # noqa: E402
     TeacherError,
     check_teacher,
+    check_teacher_files,
     mixed_targets,
     teacher_probabilities,
 )
@@ -35,6 +36,7 @@ def _run(path: Path, split: dict[str, np.ndarray], model: keras.Model | None) ->
     np.savez(path / "split.npz", **split)
     if model is not None:
         model.save(path / "float.h5")
+        (path / "float.json").write_text("{}")  # the float stage's marker: the run finished it
     return path
 
 
@@ -46,12 +48,71 @@ def test_a_teacher_from_another_split_or_without_a_model_is_refused(tmp_path: Pa
     other = dict(SPLIT, train=np.arange(1, 11), val=np.r_[0, np.arange(11, 14)])
     with pytest.raises(TeacherError, match="another split"):
         check_teacher(_run(tmp_path / "leaky", other, _corner_model()), student)
-    with pytest.raises(TeacherError, match="no float.h5"):
+    with pytest.raises(TeacherError, match="float stage has not finished"):
         check_teacher(_run(tmp_path / "unfinished", SPLIT, None), student)
     assert check_teacher(_run(tmp_path / "good", SPLIT, _corner_model()), student).model.name == "float.h5"
-    (tmp_path / "good" / "options.json").write_text('{"image_size": 64}')
-    with pytest.raises(TeacherError, match="takes 64x64 images, this run 80x80"):
+    (tmp_path / "good" / "options.json").write_text('{"image_size": 80}')  # the model, not its options, says
+    with pytest.raises(TeacherError, match="takes 8x8 images, this run 80x80"):
         check_teacher(tmp_path / "good", student, image_size=80)
+
+
+def test_a_teacher_whose_float_stage_is_being_redone_is_refused(tmp_path: Path) -> None:
+    """A rerun (--fresh, other settings) removes float.json first but replaces float.h5 only at its
+    float stage: the float.h5 left there was trained on the old split and must not teach."""
+    student = _run(tmp_path / "student", SPLIT, None)
+    redone = _run(tmp_path / "redone", SPLIT, _corner_model())
+    (redone / "float.json").unlink()
+    for check in (check_teacher_files, lambda run: check_teacher(run, student)):
+        with pytest.raises(TeacherError, match=r"teacher .*redone: its float stage has not finished"):
+            check(redone)
+
+
+def _damage(run: Path, case: str) -> None:
+    if case == "truncated float.h5":
+        (run / "float.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    elif case == "float.h5 not HDF5":
+        (run / "float.h5").write_bytes(b"not a model")
+    elif case == "options.json unreadable":
+        (run / "options.json").write_text("{")
+    elif case == "split.npz unreadable":
+        (run / "split.npz").write_bytes(b"garbage")
+    elif case == "split.npz without image_ids":
+        np.savez(run / "split.npz", train=SPLIT["train"], val=SPLIT["val"], test=SPLIT["test"])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("truncated float.h5", r"teacher model .*float.h5 cannot be loaded"),
+        ("float.h5 not HDF5", r"teacher model .*float.h5 cannot be loaded"),
+        ("options.json unreadable", r"options.json: unreadable run settings"),
+        ("split.npz unreadable", r"split.npz: unreadable split record"),
+        ("split.npz without image_ids", r"split.npz: unreadable split record .*image_ids"),
+        ("16x16 teacher", r"takes 16x16 images, this run 8x8"),
+    ],
+)
+def test_an_unusable_teacher_run_is_refused_before_any_stage(tmp_path: Path, case: str, message: str) -> None:
+    """Damaged records or a model of another size: a TeacherError naming the file and the problem,
+    from the check `qana train` runs before any stage (not a raw error at the float stage)."""
+    from qana.train import check_teacher_paths
+
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, keras.layers.Dense(7)(keras.layers.Flatten()(inputs))) if case == "16x16 teacher" else _corner_model()
+    teacher = _run(tmp_path / "teacher", SPLIT, model)
+    _damage(teacher, case)
+    opts = TrainOptions(data=tmp_path, run_dir=tmp_path / "student", image_size=8, teachers=(str(teacher),))
+    with pytest.raises(TeacherError, match=message):
+        check_teacher_paths(opts)
+
+
+def test_a_mistyped_teacher_or_its_model_file_is_named_as_such(tmp_path: Path) -> None:
+    """A typo or the float.h5 itself (what --saliency-teacher takes) is not "an unfinished run"."""
+    good = _run(tmp_path / "runs" / "v2-main", SPLIT, _corner_model())
+    with pytest.raises(TeacherError, match=r"teacher run directory not found: .*v2-mian"):
+        check_teacher_files(tmp_path / "runs" / "v2-mian")
+    with pytest.raises(TeacherError, match=r"--teacher takes a run directory, not a model file: use .*v2-main,"):
+        check_teacher_files(good / "float.h5")
+    assert check_teacher_files(good) == good / "float.h5"
 
 
 def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path: Path) -> None:
@@ -77,13 +138,26 @@ def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path:
         mixed_targets(labels, probs, 1.5)
 
 
+def test_mixed_targets_refuse_labels_and_rows_they_cannot_mean() -> None:
+    probs = np.full((3, 7), 1 / 7, np.float32)
+    with pytest.raises(ValueError, match=r"class numbers 0..6, found -1..1"):
+        mixed_targets(np.array([-1, 0, 1]), probs, 0.5)  # -1 used to become the last class
+    with pytest.raises(ValueError, match=r"1-D array of class numbers, not int64 of shape \(3, 1\)"):
+        mixed_targets(np.array([[0], [1], [2]], np.int64), probs, 0.5)
+    with pytest.raises(ValueError, match="1-D array of class numbers, not float"):
+        mixed_targets(np.array([0.0, 1.0, 2.0]), probs, 0.5)
+    with pytest.raises(ValueError, match="probabilities .* not logits"):
+        mixed_targets(np.array([0, 1, 2]), np.full((3, 7), 0.5, np.float32), 0.5)
+    assert mixed_targets(np.array([0, 1, 2]), probs, 0.5).shape == (3, 7)
+
+
 def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     train, val = _data(21, 0), _data(14, 1)
     split = {"train": np.arange(21), "val": np.arange(21, 35), "test": np.arange(35, 36), "image_ids": np.array([f"i{i}" for i in range(36)])}
     student = _run(tmp_path / "student", split, None)
     teacher = _run(tmp_path / "teacher", split, _corner_model())
-    opts = TrainOptions(data=tmp_path, run_dir=student, batch_size=8, teachers=(str(teacher),), label_weight=0.5)
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=8, batch_size=8, teachers=(str(teacher),), label_weight=0.5)
     targets = distillation_targets(opts, train)
     assert targets.shape == (21, 7) and np.all(targets[np.arange(21), train.labels] >= 0.5)
     assert distillation_targets(TrainOptions(data=tmp_path, run_dir=student), train) is None

@@ -45,6 +45,15 @@ def test_each_image_is_the_same_blend_of_two_batch_images_as_its_target_and_weig
     assert x.min() >= 0.0 and x.max() <= 255.0
 
 
+def test_blended_pixels_stay_in_0_to_255() -> None:
+    """w x 255 + (1 - w) x 255 in float32 can round to 255.00002: the blend is clipped (images only)."""
+    images = np.full((256, 8, 8, 3), 255, np.uint8)
+    images[:, :4] = 0
+    x, y = (a.numpy() for a in mix_batch(tf.constant(images), tf.constant(np.eye(256, dtype=np.float32)), alpha=0.4, seed=0))
+    assert x.max() <= 255.0 and x.min() >= 0.0
+    np.testing.assert_allclose(y.sum(1), 1.0, rtol=1e-5)
+
+
 def test_blend_weights_follow_beta_and_never_become_nan() -> None:
     lam = mixup_weights(20000, 0.2, seed=1).numpy()
     assert np.isfinite(lam).all() and lam.min() >= 0.0 and lam.max() <= 1.0

@@ -172,3 +172,31 @@ def test_the_probe_script_scores_random_and_pretrained_backbones(tmp_path: Path,
     run(plain, progress=lambda m: None)
     with pytest.raises(SystemExit, match="no finished pretrain stage"):
         probe.main(["--data", str(plain.data), str(plain.run_dir)])
+
+
+def test_the_docs_say_what_the_colour_jitter_does_to_hue() -> None:
+    """No hue rotation is used, and no docstring or README sentence claims hue is never shifted:
+    tf.image's per-channel contrast moves a blue-grey region's hue by the degrees the docs quote."""
+    import colorsys
+    import inspect
+
+    import tensorflow as tf
+
+    import qana.augment
+    from qana.train import make_dataset
+
+    for source in (inspect.getsource(pretrain.random_view), inspect.getsource(make_dataset)):
+        assert "random_hue" not in source and "adjust_hue" not in source
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (pretrain.__doc__, qana.augment.__doc__, make_dataset.__doc__, readme):
+        assert "no hue shift" not in text.lower() and "no hue is ever shifted" not in text.lower()
+
+    def hue(rgb: np.ndarray) -> float:
+        return 360.0 * colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255.0))[0]
+
+    image = np.zeros((16, 16, 3), np.float32)
+    image[:] = (200, 150, 130)  # pink skin
+    image[:8, :8] = (110, 120, 140)  # a blue-grey, veil-like region
+    for factor, quoted, text in ((0.8, 16, make_dataset.__doc__), (0.6, 80, pretrain.__doc__)):
+        veil = tf.clip_by_value(tf.image.adjust_contrast(tf.constant(image), factor), 0, 255).numpy()[0, 0]
+        assert round(abs(hue(veil) - hue(image[0, 0]))) == quoted and f"up to {quoted} degrees" in text

@@ -72,6 +72,38 @@ def test_boxes_stay_inside_the_image_and_bad_settings_are_refused() -> None:
         saliency_boxes(cam, threshold=0)
 
 
+def test_the_resnet50_teacher_outputs_class_scores_not_probabilities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grad-CAM must differentiate the predicted class's score: a softmax output's gradient is 0
+    for a sure teacher. (A stand-in replaces ResNet-50: building it takes minutes here.)"""
+    asked: dict = {}
+
+    def stand_in(**kwargs):
+        asked.update(kwargs)
+        return _red_teacher(32)
+
+    monkeypatch.setattr(tf_keras.applications, "ResNet50", stand_in)
+    (tmp_path / "r50.h5").write_bytes(b"weights")
+    teacher = load_teacher(f"resnet50:{tmp_path / 'r50.h5'}")
+    assert teacher.preprocess == "resnet50"
+    assert "classifier_activation" in asked and asked["classifier_activation"] is None
+    assert asked["weights"] == str(tmp_path / "r50.h5") and asked["include_top"] is True
+
+
+def test_crops_and_boxes_refuse_inputs_that_do_not_fit() -> None:
+    """Fewer boxes than images (black crops), non-square or float sources, a map without rows."""
+    src = np.zeros((5, 32, 32, 3), np.uint8)
+    box = np.array([[0.25, 0.25, 0.5]])
+    with pytest.raises(SaliencyError, match="5 source images but 3 boxes"):
+        crop_images(src, box.repeat(3, 0), 16)
+    with pytest.raises(SaliencyError, match=r"square RGB \(N, S, S, 3\), not of shape \(1, 32, 48, 3\)"):
+        crop_images(np.zeros((1, 32, 48, 3), np.uint8), box, 16)
+    with pytest.raises(SaliencyError, match="uint8 array, not float32"):
+        crop_images(src.astype(np.float32), box.repeat(5, 0), 16)
+    with pytest.raises(SaliencyError, match=r"\(N, h, w\), not of shape \(4, 4\)"):
+        saliency_boxes(np.zeros((4, 4)))
+    assert crop_images(src, box.repeat(5, 0), 16).shape == (5, 16, 16, 3)
+
+
 def test_teacher_files_are_local_and_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SaliencyError, match="not found"):
         load_teacher(str(tmp_path / "missing.h5"))
@@ -83,7 +115,24 @@ def test_teacher_files_are_local_and_errors_name_the_problem(tmp_path: Path) -> 
     assert teacher.size == 32 and teacher.layer == "fmap"
 
 
-def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None:
+def test_unusable_teacher_files_are_saliency_errors_naming_the_file(tmp_path: Path) -> None:
+    """A zip that holds no model and a teacher of unfixed input size: SaliencyError, not KeyError/TypeError."""
+    import zipfile
+
+    keras = tf_keras
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
+        z.writestr("x.txt", "not a model")
+    with pytest.raises(SaliencyError, match=r"empty.keras: cannot load a tf_keras model"):
+        load_teacher(str(tmp_path / "empty.keras"))
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, name="c")(inputs)
+    keras.Model(inputs, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(x))).save(tmp_path / "fcn.h5")
+    with pytest.raises(SaliencyError, match=r"fcn.h5: teacher input size is not fixed"):
+        load_teacher(str(tmp_path / "fcn.h5"))
+
+
+def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qana.saliency
     from qana.data import load_dataset
     from qana.train import TrainOptions, stage_saliency, with_saliency_crops
     from tests.synthetic import make_synthetic_ham
@@ -95,8 +144,13 @@ def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None
     opts.run_dir.mkdir()
     dataset = load_dataset(clinic.root, size=32, cache_dir=opts.cache_dir)
     train = dataset.subset(np.arange(16))
+    sides: list[int] = []
+    real_crop = qana.saliency.crop_images
+    monkeypatch.setattr(qana.saliency, "crop_images", lambda src, boxes, size: sides.append(src.shape[1]) or real_crop(src, boxes, size))
     info = stage_saliency(opts, dataset, train)
     assert info["enabled"] and info["images"] == 16
+    # crops are cut at twice the input size (the teacher's 32 is smaller), as the module says
+    assert sides == [64] and "at twice the model input size, or at the\n   teacher's input size if that is larger" in qana.saliency.__doc__
     augmented = with_saliency_crops(opts, train)
     assert len(augmented) == 32
     np.testing.assert_array_equal(augmented.images[:16], train.images)
@@ -105,3 +159,75 @@ def test_training_stage_adds_one_crop_per_training_image(tmp_path: Path) -> None
     off = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", command="test")
     assert stage_saliency(off, dataset, train) == {"enabled": False}
     assert with_saliency_crops(off, train) is train
+
+
+def _teacher_run(path: Path, split: dict[str, np.ndarray], finished: bool = True) -> Path:
+    """An earlier run's folder holding its split.npz, its float.h5 (the red teacher) and, when its
+    float stage finished, that stage's marker float.json."""
+    path.mkdir(parents=True)
+    np.savez(path / "split.npz", **split)
+    _red_teacher(32).save(path / "float.h5")
+    if finished:
+        (path / "float.json").write_text("{}")
+    return path
+
+
+SPLIT = {"train": np.arange(10), "val": np.arange(10, 14), "test": np.arange(14, 18), "image_ids": np.array([f"i{i}" for i in range(18)])}
+
+
+def test_a_saliency_teacher_whose_run_is_being_redone_is_refused(tmp_path: Path) -> None:
+    """A rerun (--fresh, other settings) removes float.json first but replaces float.h5 only at its
+    float stage: that float.h5 was trained on the old split, so it must not choose the crops."""
+    from qana.train import TrainOptions, check_teacher_paths, saliency_teacher_split_checked
+
+    student = tmp_path / "student"
+    student.mkdir()
+    np.savez(student / "split.npz", **SPLIT)
+    redone = _teacher_run(tmp_path / "redone", SPLIT, finished=False)
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=32, saliency_teacher=str(redone / "float.h5"))
+    for check in (check_teacher_paths, saliency_teacher_split_checked):
+        with pytest.raises(SaliencyError, match=r"float stage of its run .*redone has not finished"):
+            check(opts)
+    (redone / "float.json").write_text("{}")
+    assert saliency_teacher_split_checked(opts) is True
+
+
+def test_a_saliency_teacher_from_a_run_sees_images_with_its_runs_colour_constancy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shades-of-gray run's float.h5 gets corrected pixels in a plain run (as qana.distill's
+    --teacher does); a plain teacher for a shades-of-gray run is refused before any stage."""
+    import qana.saliency
+    from qana.data import load_dataset
+    from qana.preprocess import shades_of_gray
+    from qana.train import TrainOptions, check_teacher_paths, stage_saliency
+    from tests.synthetic import make_synthetic_ham
+
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=12, image_size=40, seed=3)
+    dataset = load_dataset(clinic.root, size=32, cache_dir=tmp_path / "cache")
+    split = {"train": np.arange(8), "val": np.arange(8, 10), "test": np.arange(10, 12), "image_ids": dataset.image_ids}
+    teacher = _teacher_run(tmp_path / "teacher", split)
+    (teacher / "options.json").write_text('{"image_size": 32, "colour_constancy": "shades-of-gray"}')
+    opts = TrainOptions(data=clinic.root, run_dir=tmp_path / "run", image_size=32, cache_dir=tmp_path / "cache",
+                        saliency_teacher=str(teacher / "float.h5"), command="test")
+    opts.run_dir.mkdir()
+    np.savez(opts.run_dir / "split.npz", **split)
+    train = dataset.subset(split["train"])
+    seen: list[np.ndarray] = []
+    real = qana.saliency.gradcam
+    monkeypatch.setattr(qana.saliency, "gradcam", lambda t, images, batch_size=64: seen.append(np.array(images)) or real(t, images))
+    info = stage_saliency(opts, dataset, train)
+    assert not np.array_equal(train.images, shades_of_gray(train.images))  # the correction changes these pixels
+    np.testing.assert_array_equal(seen[0], shades_of_gray(train.images))
+    assert info["teacher_colour_constancy"] == "shades-of-gray"
+
+    (teacher / "split.npz").unlink()  # a model copied with only its run's settings: still seen its way
+    seen.clear()
+    stage_saliency(opts, dataset, train)
+    np.testing.assert_array_equal(seen[0], shades_of_gray(train.images))
+
+    (teacher / "options.json").write_text('{"image_size": 32, "colour_constancy": "none"}')
+    from dataclasses import replace
+
+    with pytest.raises(SaliencyError, match="colour constancy 'none' and this run with 'shades-of-gray'"):
+        check_teacher_paths(replace(opts, colour_constancy="shades-of-gray"))

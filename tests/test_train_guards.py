@@ -81,7 +81,7 @@ def test_a_mistyped_teacher_is_refused_before_the_run_changes(tmp_path: Path, fr
         run(replace(opts, saliency_teacher=str(tmp_path / "typo" / "float.h5")))
     with pytest.raises(SaliencyError, match="ResNet-50 weights file not found"):
         run(replace(opts, saliency_teacher=f"resnet50:{tmp_path / 'none.h5'}"))
-    with pytest.raises(TeacherError, match="no float.h5"):
+    with pytest.raises(TeacherError, match="teacher run directory not found"):
         run(replace(opts, teachers=(str(tmp_path / "typo"),)))
     assert _unchanged(opts, files)  # with --fresh the finished run used to be gone by now
 
@@ -151,6 +151,7 @@ def test_a_saliency_teacher_trained_on_another_split_is_refused(tmp_path: Path) 
     teacher = replace(opts, run_dir=tmp_path / "teacher", seed=3, stop_after="split")
     run(teacher, progress=lambda m: None)
     (teacher.run_dir / "float.h5").write_bytes(b"stands in for a model: the split is checked first")
+    (teacher.run_dir / "float.json").write_text("{}")  # stands in for its finished float stage
     with pytest.raises(SaliencyError, match="trained on another split"):
         run(replace(opts, saliency_teacher=str(teacher.run_dir / "float.h5"), stop_after="saliency"), progress=lambda m: None)
 
