@@ -125,16 +125,24 @@ def convert_checked(qmodel, target: str):
     with warnings.catch_warnings(record=True) as caught, set_akida_version(_akida_version(target)):
         warnings.simplefilter("always")
         akida_model = convert(qmodel)
-    suspicious = [str(w.message) for w in caught if "convert" in str(w.message).lower() or "not supported" in str(w.message).lower()]
+    # "Conversion stops at layer X ... The end of the model is ignored" is how cnn2snn says it
+    # dropped layers: "conver" catches it as well as "cannot convert"
+    suspicious = [str(w.message) for w in caught if any(word in str(w.message).lower() for word in ("conver", "ignored", "not supported"))]
     if suspicious:
         raise ConversionError("cnn2snn warned during conversion: " + " | ".join(suspicious))
     keras_out = tuple(int(d) for d in qmodel.output_shape[1:])
     akida_out = tuple(int(d) for d in akida_model.output_shape)
     if int(np.prod(keras_out)) != int(np.prod(akida_out)):
         raise ConversionError(f"conversion stopped early: Akida output {akida_out} vs Keras output {keras_out}")
-    layer_names = [layer.name for layer in akida_model.layers]
-    if HEAD_LAYER not in layer_names:
-        raise ConversionError(f"the head layer {HEAD_LAYER!r} is missing from the Akida model: {layer_names}")
+    # the head must END both models (a trailing dequantizer only turns integers back into floats):
+    # a layer after it that cnn2snn dropped can leave the output size unchanged
+    keras_last = [layer.name for layer in qmodel.layers if type(layer).__name__ != "Dequantizer"][-1:]
+    akida_last = [layer.name for layer in akida_model.layers if not str(layer.parameters.layer_type).endswith("Dequantizer")][-1:]
+    if keras_last != [HEAD_LAYER] or akida_last != [HEAD_LAYER]:
+        raise ConversionError(
+            f"the head layer {HEAD_LAYER!r} must be the last layer of both models: the quantized model ends with "
+            f"{keras_last}, the Akida model with {akida_last}"
+        )
     keep_output_headroom(akida_model)
     check_hardware_mapping(akida_model, target)
     return akida_model
