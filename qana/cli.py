@@ -46,7 +46,7 @@ def train(
     image_size: Annotated[int, typer.Option(help="Input side in pixels (the paper: 64). A multiple of 8 up to 88: the last map (side/8)^2 must stay under Akida's 144-position global-pooling limit.")] = 64,
     colour_constancy: Annotated[str, typer.Option(help="Pixel preprocessing after decoding, recorded in the bundle and applied by every clinic's runtime: none | shades-of-gray (Shades of Gray, p = 6: evens out the illumination of different centres' cameras). v2 only.")] = "none",
     feature_dim: Annotated[int, typer.Option(help="Features before the head.")] = 256,
-    attention: Annotated[str, typer.Option(help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation).")] = "both",
+    attention: Annotated[str, typer.Option(help="v2 attention: both (SECA + SE) | seca | se | none (for the ablation); both-signed | seca-signed | se-signed: the same with a gate that can also lower a channel's rate (qana.blocks).")] = "both",
     blocks: Annotated[int, typer.Option(help="v2: QANA blocks (Ghost + attention + residual) per stage.")] = 1,
     zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
     affine: Annotated[bool, typer.Option("--affine", help="Random affine warp of each training image: any rotation, shear up to 11 degrees, zoom 0.9-1.25, shift up to 10 % (Perez et al. 2018's geometric augmentations, qana.augment).")] = False,
@@ -111,7 +111,7 @@ def train(
     if not 0 < learning_rate <= 1:  # also refuses nan and inf; larger rates diverge (and used to be marked finished)
         raise fail(f"--learning-rate must be above 0 and at most 1, not {learning_rate}")
     if target == "v2" and width % 2:
-        raise fail(f"--width must be even on v2 (a Ghost module makes half its channels cheaply and adds them to its input), not {width}")
+        raise fail(f"--width must be even on v2 (a Ghost module makes half its channels cheaply and concatenates them), not {width}")
     if attention not in ATTENTION_CHOICES:
         raise fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if head_smote not in ("auto", "on", "off"):
@@ -120,6 +120,8 @@ def train(
         raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
         raise fail(f"--image-size must be a multiple of 8 from 16 to 88 (Akida pools at most 143 positions; the last map is side/8), not {image_size}")
+    if target == "v1" and image_size < 24:  # qana.model.check_spec says why; here before TensorFlow loads
+        raise fail(f"--image-size must be at least 24 for --target v1 (AKD1000 pools only a last map of 3 rows or more), not {image_size}")
     if test_time_views not in VIEW_COUNTS:
         raise fail(f"--test-time-views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {test_time_views}")
     if not 0.0 <= label_weight <= 1.0:

@@ -53,17 +53,23 @@ class QuantSpec:
         }
 
 
+def _check_target(target: str) -> str:
+    if target not in ("v2", "v1"):
+        raise ValueError(f"unknown target {target!r}: expected 'v2' or 'v1'")
+    return target
+
+
 def _akida_version(target: str):
     from cnn2snn import AkidaVersion
 
-    return {"v2": AkidaVersion.v2, "v1": AkidaVersion.v1}[target]
+    return {"v2": AkidaVersion.v2, "v1": AkidaVersion.v1}[_check_target(target)]
 
 
 def virtual_device(target: str):
     """A virtual device of the target IP for hw_only mapping checks."""
     import akida
 
-    return akida.SixNodesIPv2() if target == "v2" else akida.AKD1000()
+    return akida.SixNodesIPv2() if _check_target(target) == "v2" else akida.AKD1000()
 
 
 def quantize_model(model, spec: QuantSpec, samples: np.ndarray):

@@ -34,19 +34,20 @@ class ModelSpec:
     num_classes: int = 7
     width: int = 32  # channels of the first stage; later stages double
     feature_dim: int = 256
-    attention: str = "both"  # v2: "both" (SECA in stages 1-2, SE in stage 3) | "seca" | "se" | "none"
+    # v2: "both" (SECA in stages 1-2, SE in stage 3) | "seca" | "se" | "none"; "...-signed": the
+    # same with a gate that can also lower a channel's rate (qana.blocks)
+    attention: str = "both"
     dropout: float = 0.2
     blocks: int = 1  # v2: QANA blocks per stage (the first sets the width, the rest are residual)
 
 
-ATTENTION_CHOICES = ("both", "seca", "se", "none")
+ATTENTION_CHOICES = ("both", "seca", "se", "none", "both-signed", "seca-signed", "se-signed")
 
 
 def _attention_for_stage(spec: ModelSpec, stage: int) -> str:
-    if spec.attention == "none":
-        return "none"
-    if spec.attention == "both":
-        return "se" if stage == 2 else "seca"
+    kind, _, sign = spec.attention.partition("-")
+    if kind == "both":
+        return ("se" if stage == 2 else "seca") + ("-signed" if sign else "")
     return spec.attention
 
 
@@ -95,11 +96,23 @@ def backbone(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output, name="backbone")
 
 
-def build_model(spec: ModelSpec) -> keras.Model:
+def check_spec(spec: ModelSpec) -> None:
+    """ValueError naming the setting a network cannot be built (or mapped onto its Akida) with,
+    for every caller, not only `qana train`: otherwise Keras fails on mismatched shapes deep in
+    the build, or the v1 network trains for hours and then fails at the hardware mapping."""
+    if spec.target not in ("v2", "v1"):
+        raise ValueError(f"unknown target {spec.target!r}: expected 'v2' or 'v1'")
     if spec.blocks < 1:
         raise ValueError(f"blocks per stage must be at least 1, got {spec.blocks}")
-    if spec.target == "v2":
-        return build_v2(spec)
-    if spec.target == "v1":
-        return build_v1(spec)
-    raise ValueError(f"unknown target {spec.target!r}: expected 'v2' or 'v1'")
+    if spec.attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention {spec.attention!r} (one of {', '.join(ATTENTION_CHOICES)})")
+    if spec.target == "v2" and spec.width % 2:
+        raise ValueError(f"width must be even on v2 (a Ghost module makes half its channels cheaply and concatenates them), not {spec.width}")
+    if spec.target == "v1" and spec.input_size // 8 < 3:
+        # AKD1000 pools globally only after a convolution with at least 3 output rows
+        raise ValueError(f"the v1 network needs an input of at least 24 pixels (its last map, side/8, must have 3 rows), not {spec.input_size}")
+
+
+def build_model(spec: ModelSpec) -> keras.Model:
+    check_spec(spec)
+    return build_v2(spec) if spec.target == "v2" else build_v1(spec)

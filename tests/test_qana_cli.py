@@ -140,13 +140,15 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--mixup", "0.2", "--mixup-epochs", "10", "--weight-ema", "0.99"], "--mixup-epochs cannot be combined with --weight-ema"),
         (["--stop-after", "floats"], "--stop-after must be one of split, saliency, pretrain, float"),
         (["--seed", str(2**32)], "--seed must be from 0 to 4294967295, not 4294967296"),  # helper-30 P16: crashed in the float stage
+        (["--target", "v1", "--weight-bits", "4", "--image-size", "16"], "--image-size must be at least 24 for --target v1"),  # helper-35 P4
+        (["--attention", "both-unsigned"], "--attention must be one of both, seca, se, none, both-signed"),
         (["--pretrain-epochs", "-1"], "--pretrain-epochs must be 0 (off) or more, not -1"),
         (["--epochs", "0"], "--epochs must be at least 1, not 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
         (["--limit", "-1"], "--limit must be at least 0, not -1 (0 = all images)"),
         (["--seed", "-1"], "--seed must be at least 0, not -1"),
         (["--learning-rate", "-1"], "--learning-rate must be above 0 and at most 1, not -1.0"),
-        (["--attention", "bogus"], "--attention must be one of both, seca, se, none, not 'bogus'"),
+        (["--attention", "bogus"], "--attention must be one of both, seca, se, none, both-signed, seca-signed, se-signed, not 'bogus'"),
         (["--head-smote", "bogus"], "--head-smote must be auto, on or off, not 'bogus'"),
         (["--clinical-prior", "on"], "--clinical-prior must be auto or off, not 'on'"),
         (["--colour-constancy", "retinex"], "--colour-constancy must be one of none, shades-of-gray, not 'retinex'"),
