@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qana.head import softmax
+from qana.head import class_indices, softmax
 from qana.preprocess import check_colour_constancy, preprocess
 from qana.views import check_view_count, dihedral_view
 
@@ -225,16 +225,10 @@ def mixed_targets(labels: np.ndarray, teacher: np.ndarray, label_weight: float) 
     last class, (N, 1) labels would give (N, N, C) targets, logits would give rows not summing to 1."""
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"the label weight must be in [0, 1], not {label_weight}")
-    labels, teacher = np.asarray(labels), np.asarray(teacher)
+    teacher = np.asarray(teacher)
     if teacher.ndim != 2:
         raise ValueError(f"teacher probabilities must be (images, classes), not of shape {teacher.shape}")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D array of class numbers, not {labels.dtype} of shape {labels.shape}")
-    if teacher.shape[0] != len(labels):
-        raise ValueError(f"{len(labels)} labels but {teacher.shape[0]} teacher rows")
-    classes = teacher.shape[1]
-    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"labels must be class numbers 0..{classes - 1}, found {labels.min()}..{labels.max()}")
+    labels = class_indices(labels, teacher.shape[0], teacher.shape[1])  # the check every learner uses
     if len(teacher) and (teacher.min() < 0 or not np.allclose(teacher.sum(axis=1), 1.0, atol=1e-4)):
         raise ValueError("teacher rows must be probabilities (non-negative, summing to 1), e.g. not logits")
     onehot = np.eye(teacher.shape[1], dtype=np.float32)[labels]

@@ -140,11 +140,11 @@ def test_targets_are_the_label_mixed_with_the_teachers_mean_over_views(tmp_path:
 
 def test_mixed_targets_refuse_labels_and_rows_they_cannot_mean() -> None:
     probs = np.full((3, 7), 1 / 7, np.float32)
-    with pytest.raises(ValueError, match=r"class numbers 0..6, found -1..1"):
+    with pytest.raises(ValueError, match=r"class indices in \[0, 7\); got -1..1"):
         mixed_targets(np.array([-1, 0, 1]), probs, 0.5)  # -1 used to become the last class
-    with pytest.raises(ValueError, match=r"1-D array of class numbers, not int64 of shape \(3, 1\)"):
+    with pytest.raises(ValueError, match=r"1-D array of class indices, not shape \(3, 1\)"):
         mixed_targets(np.array([[0], [1], [2]], np.int64), probs, 0.5)
-    with pytest.raises(ValueError, match="1-D array of class numbers, not float"):
+    with pytest.raises(ValueError, match="integer class indices, not float"):
         mixed_targets(np.array([0.0, 1.0, 2.0]), probs, 0.5)
     with pytest.raises(ValueError, match="probabilities .* not logits"):
         mixed_targets(np.array([0, 1, 2]), np.full((3, 7), 0.5, np.float32), 0.5)
