@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qana.head import class_indices, softmax
+from qana.head import NPZ_ERRORS, class_indices, softmax
 from qana.preprocess import check_colour_constancy, preprocess
 from qana.views import check_view_count, dihedral_view
 
@@ -103,8 +103,8 @@ def read_split(run_dir: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as z:
             return {k: z[k] for k in SPLIT_KEYS}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise TeacherError(f"{path}: unreadable split record ({exc}), so the teacher cannot be checked for leakage") from None
+    except NPZ_ERRORS as exc:  # what reading a damaged .npz raises (a cut-off copy: EOFError too)
+        raise TeacherError(f"{path}: unreadable split record ({str(exc) or type(exc).__name__}), so the teacher cannot be checked for leakage") from None
 
 
 def same_split(teacher_run: Path, student_run: Path) -> bool:

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -510,10 +509,10 @@ def load_split(opts: TrainOptions, dataset: Dataset) -> tuple[Dataset, Dataset, 
             if "data_fingerprint" in z.files and str(z["data_fingerprint"]) != data_fingerprint(dataset):
                 raise changed
             return dataset.subset(z["train"]), dataset.subset(z["val"]), dataset.subset(z["test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except head_math.NPZ_ERRORS as exc:  # what reading a damaged .npz raises (a cut-off copy: EOFError too)
         if isinstance(exc, RunSettingsError):
             raise
-        raise RunRecordError(f"{path}: unreadable ({exc}); add --fresh to split again and redo the run") from None
+        raise RunRecordError(f"{path}: unreadable ({str(exc) or type(exc).__name__}); add --fresh to split again and redo the run") from None
 
 
 def check_saliency_teacher_finished(spec: str) -> None:

@@ -134,6 +134,9 @@ def test_changed_labels_or_a_damaged_split_are_caught_on_resume(tmp_path: Path) 
     (opts.run_dir / "split.npz").write_bytes(b"not a zip")
     with pytest.raises(RunRecordError, match="split.npz: unreadable"):
         run(replace(opts, stop_after="saliency"), progress=lambda m: None)
+    (opts.run_dir / "split.npz").write_bytes(b"")  # emptied by a full disk: numpy raises EOFError
+    with pytest.raises(RunRecordError, match="split.npz: unreadable"):
+        run(replace(opts, stop_after="saliency"), progress=lambda m: None)
 
 
 def test_a_stage_whose_output_is_gone_is_redone(tmp_path: Path) -> None:
