@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ STALE_AFTER = 3600.0
 writer's leftover. Writing a state file or building a bundle folder takes seconds."""
 
 # mkstemp and mkdtemp add 8 characters from this alphabet to the prefix.
+_RANDOM_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _RANDOM = "[a-z0-9_]{8}"
 
 
@@ -75,6 +77,9 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
     """Write several files (path -> (data, mode)) so that a failure while writing (a full disk)
     replaces none of them: every new file is written and flushed under a temporary name first,
     and only then are they renamed into place. For files that belong together, like a key pair.
+    Should a rename itself fail part-way, the files already renamed are put back as they were
+    (the old file from a hard-link backup, a file that did not exist removed again), so the set
+    is never half new; on a file system without hard links that last step is not possible.
 
     A replaced file keeps what its owner set: its permissions (never wider than `mode`) and, where
     this process may, its owner; a new file gets `mode` less the umask, as open() would give it.
@@ -86,6 +91,8 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
         if path.is_dir():
             raise IsADirectoryError(f"cannot write {path}: it is a folder")
     written: list[tuple[str, Path]] = []
+    backups: dict[Path, str | None] = {}
+    existed = {path for path in targets if path.exists()}
     try:
         for path, (data, mode) in targets.items():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,17 +106,59 @@ def write_together(files: dict[Path, tuple[bytes, int]]) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-        for tmp, path in written:
-            os.replace(tmp, path)
+        if len(written) > 1:
+            backups = {path: _hard_link_backup(path) for path in existed}
+        _rename_all_or_none(written, existed, backups)
     except BaseException:
         for tmp, _ in written:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                with suppress(FileNotFoundError):
+                    os.unlink(backup)
     for folder in {path.parent for path in targets}:
         sync_directory(folder)
     for path in targets:
         remove_stale_leftovers(path)
+
+
+def _rename_all_or_none(written: list[tuple[str, Path]], existed: set[Path], backups: dict[Path, str | None]) -> None:
+    """Rename each temporary file over its target; if one rename fails, undo the ones before it:
+    a target that did not exist is removed again, one that did gets its backup back."""
+    done: list[Path] = []
+    try:
+        for tmp, path in written:
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for path in reversed(done):
+            backup = backups.get(path)
+            with suppress(OSError):
+                if path not in existed:
+                    os.unlink(path)
+                elif backup is not None:
+                    os.replace(backup, path)
+        raise
+
+
+def _hard_link_backup(path: Path) -> str | None:
+    """A second name for the file at `path`, to put it back if a later rename of the set fails;
+    None where the file system has no hard links. The name has the shape of a temporary file of
+    `path`, so one a crash leaves behind is cleared by `remove_stale_leftovers`."""
+    for _ in range(100):
+        random_part = "".join(secrets.choice(_RANDOM_LETTERS) for _ in range(8))
+        backup = os.path.join(path.parent, f"{_temporary_prefix(path)}{random_part}.tmp")
+        try:
+            os.link(path, backup)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+    return None
 
 
 def remove_stale_leftovers(target: Path, now: float | None = None) -> list[Path]:

@@ -196,3 +196,40 @@ def test_a_killed_builds_staging_folder_goes_with_the_next_swap_once_stale(tmp_p
     replace_directory(target, lambda staging: (staging / "model.fbz").write_bytes(b"v2"))
     assert (target / "model.fbz").read_bytes() == b"v2"
     assert sorted(p.name for p in target.parent.iterdir()) == [busy.name, "bundle"]
+
+
+@pytest.mark.parametrize("second_existed", [True, False])
+def test_a_failed_rename_part_way_leaves_the_set_as_it_was(tmp_path: Path, monkeypatch, second_existed: bool) -> None:
+    """A rename that failed after the first had been done left a new key beside an old one."""
+    first, second = tmp_path / "node.key", tmp_path / "node.pub"
+    if second_existed:
+        second.write_bytes(b"old pub")
+    first_existed = not second_existed
+    if first_existed:
+        first.write_bytes(b"old key")
+    real_replace = os.replace
+    calls: list[str] = []
+
+    def second_rename_fails(src, dst):
+        calls.append(str(dst))
+        if len(calls) == 2 and str(src).endswith(".tmp") and Path(dst) == second:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic.write_together({first: (b"new key", 0o600), second: (b"new pub", 0o644)})
+    assert (first.read_bytes() == b"old key") if first_existed else not first.exists()
+    assert (second.read_bytes() == b"old pub") if second_existed else not second.exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(p.name for p in (first, second) if p.exists())  # no temporary files or backups
+
+
+def test_files_written_together_leave_no_backups(tmp_path: Path) -> None:
+    first, second = tmp_path / "node.key", tmp_path / "node.pub"
+    first.write_bytes(b"old key")
+    second.write_bytes(b"old pub")
+    atomic.write_together({first: (b"new key", 0o600), second: (b"new pub", 0o644)})
+    assert (first.read_bytes(), second.read_bytes()) == (b"new key", b"new pub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.pub"]
+    assert first.stat().st_nlink == 1
