@@ -98,9 +98,10 @@ def create_node_keys(private_path: Path | str, overwrite: bool = False) -> tuple
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     # Both written to temporary files beside the targets before either replaces anything: a full
     # disk leaves the old pair as it was, and no temporary file behind. They are then renamed in
-    # this order, the private key last: a crash between the two renames keeps the old private key,
-    # the identity the coordinator registered and the one half that cannot be made again, beside
-    # a new .pub (which `load_private_key(...).public_key()` can rewrite). The other order would
+    # this order, the private key last: a failed rename of the private key puts the old .pub back,
+    # and a crash (no chance to undo) between the two renames keeps the old private key, the
+    # identity the coordinator registered and the one half that cannot be made again, beside a
+    # new .pub (which `load_private_key(...).public_key()` can rewrite). The other order would
     # lose the old private key and leave a new one that no coordinator knows.
     write_together({public_path: (public + b"\n", 0o644), private_path: (private, 0o600)})
     return private_path, public_path

@@ -76,10 +76,11 @@ def test_a_full_disk_while_writing_the_second_file_keeps_the_old_pair(tmp_path, 
 
 
 def test_a_failure_between_the_two_renames_keeps_the_old_private_key(tmp_path, monkeypatch) -> None:
-    """The private key is renamed last, so the registered identity survives a crash between the renames."""
+    """The private key is renamed last, so the registered identity survives a crash between the
+    renames; the public key already renamed is put back too, so the pair still matches."""
     key = tmp_path / "node.key"
     create_node_keys(key)
-    old_private = key.read_bytes()
+    old_private, old_public = key.read_bytes(), (tmp_path / "node.key.pub").read_bytes()
     real_replace, renamed = os.replace, []
 
     def crash_on_second_rename(src, dst) -> None:
@@ -92,6 +93,7 @@ def test_a_failure_between_the_two_renames_keeps_the_old_private_key(tmp_path, m
     with pytest.raises(OSError, match="Input/output error"):
         create_node_keys(key, overwrite=True)
     monkeypatch.undo()
-    assert renamed == ["node.key.pub", "node.key"]
+    assert renamed == ["node.key.pub", "node.key", "node.key.pub"]  # the third puts the old one back
     assert key.read_bytes() == old_private and load_private_key(key)
+    assert (tmp_path / "node.key.pub").read_bytes() == old_public
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key.pub"]  # no temporary file left
