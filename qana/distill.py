@@ -19,7 +19,6 @@ preprocessing can be served only when the student's is "none" (the decoded pixel
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,16 +130,12 @@ def read_run_options(teacher_run: Path) -> dict:
 def model_input_side(model_file: Path) -> int:
     """The side of the square RGB images a teacher model file takes, refused with the file named
     when it is not a loadable tf_keras model of fixed square RGB input."""
-    import tf_keras as keras
+    from qana.model import ModelFileError, load_square_rgb_model
 
     try:
-        model = keras.models.load_model(model_file, compile=False)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, zipfile.BadZipFile) as exc:
-        raise TeacherError(f"teacher model {model_file} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    shape = model.input_shape
-    if not (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[3] == 3):
-        raise TeacherError(f"teacher model {model_file} takes input {shape}, not square RGB images of a fixed size")
-    return shape[1]
+        return load_square_rgb_model(model_file)[1]
+    except ModelFileError as exc:
+        raise TeacherError(f"teacher model {model_file} {exc}") from None
 
 
 def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_constancy: str = "none") -> Teacher:

@@ -13,7 +13,9 @@ on-chip with Akida's edge learning.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import tf_keras as keras
 from tf_keras import layers
@@ -116,3 +118,26 @@ def check_spec(spec: ModelSpec) -> None:
 def build_model(spec: ModelSpec) -> keras.Model:
     check_spec(spec)
     return build_v2(spec) if spec.target == "v2" else build_v1(spec)
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot serve as an image model; the message says why (callers add the path)."""
+
+
+def load_square_rgb_model(path: Path) -> tuple[keras.Model, int]:
+    """A tf_keras model file and the side of the fixed-size square RGB images it takes.
+
+    The one loader of every teacher (a --teacher run's float.h5, a --saliency-teacher file), so
+    both refuse the same files for the same reasons: not loadable, not square RGB, no fixed size
+    (the crops and the student's images need one known size)."""
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, zipfile.BadZipFile) as exc:  # KeyError: a zip without a model
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelFileError(f"cannot be loaded as a tf_keras model ({reason})") from None
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] == shape[2] and shape[3] == 3):
+        raise ModelFileError(f"takes input {shape}, not square RGB images")
+    if not isinstance(shape[1], int):
+        raise ModelFileError(f"takes input {shape}: its image size is not fixed")
+    return model, shape[1]

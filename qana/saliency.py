@@ -26,7 +26,6 @@ on; the README's ablation reports the effect.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +88,14 @@ def load_teacher(spec: str) -> Teacher:
         except (ValueError, OSError) as exc:
             raise SaliencyError(f"{weights}: not ImageNet ResNet-50 weights ({exc})") from None
         return Teacher(model, 224, "conv5_block3_out", "resnet50", f"ImageNet ResNet-50 ({weights})")
+    from qana.model import ModelFileError, load_square_rgb_model
+
     path = check_teacher_file(spec)
     try:
-        model = keras.models.load_model(path, compile=False)
-    except (ValueError, OSError, ImportError, KeyError, zipfile.BadZipFile) as exc:  # KeyError: a zip without a model
-        raise SaliencyError(f"{path}: cannot load a tf_keras model ({exc})") from None
-    shape = model.input_shape
-    if not isinstance(shape, tuple) or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-        raise SaliencyError(f"{path}: teacher input {shape} is not a square RGB image")
-    if not isinstance(shape[1], int):
-        raise SaliencyError(f"{path}: teacher input size is not fixed: {shape[1:]} (the crops need a known size)")
-    return Teacher(model, int(shape[1]), _last_spatial_layer(model), "none", f"float model {path}")
+        model, side = load_square_rgb_model(path)
+    except ModelFileError as exc:
+        raise SaliencyError(f"{path}: teacher model {exc}") from None
+    return Teacher(model, side, _last_spatial_layer(model), "none", f"float model {path}")
 
 
 def gradcam(teacher: Teacher, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

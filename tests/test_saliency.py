@@ -122,12 +122,12 @@ def test_unusable_teacher_files_are_saliency_errors_naming_the_file(tmp_path: Pa
     keras = tf_keras
     with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
         z.writestr("x.txt", "not a model")
-    with pytest.raises(SaliencyError, match=r"empty.keras: cannot load a tf_keras model"):
+    with pytest.raises(SaliencyError, match=r"empty.keras: teacher model cannot be loaded as a tf_keras model"):
         load_teacher(str(tmp_path / "empty.keras"))
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Conv2D(4, 3, name="c")(inputs)
     keras.Model(inputs, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(x))).save(tmp_path / "fcn.h5")
-    with pytest.raises(SaliencyError, match=r"fcn.h5: teacher input size is not fixed"):
+    with pytest.raises(SaliencyError, match=r"fcn.h5: teacher model takes input \(None, None, None, 3\): its image size is not fixed"):
         load_teacher(str(tmp_path / "fcn.h5"))
 
 
@@ -231,3 +231,30 @@ def test_a_saliency_teacher_from_a_run_sees_images_with_its_runs_colour_constanc
 
     with pytest.raises(SaliencyError, match="colour constancy 'none' and this run with 'shades-of-gray'"):
         check_teacher_paths(replace(opts, colour_constancy="shades-of-gray"))
+
+
+def test_both_kinds_of_teacher_refuse_the_same_files_for_the_same_reason(tmp_path: Path) -> None:
+    """--teacher (qana.distill) and --saliency-teacher loaded model files with two copies of the
+    checks and said different things (an unfixed size was "not square RGB" for one of them)."""
+    import zipfile
+
+    from qana.distill import TeacherError, model_input_side
+
+    keras = tf_keras
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
+        z.writestr("x.txt", "not a model")
+    inputs = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    keras.Model(inputs, keras.layers.Dense(7)(pooled)).save(tmp_path / "fcn.h5")
+    inputs = keras.Input((32, 48, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    keras.Model(inputs, keras.layers.Dense(7)(pooled)).save(tmp_path / "wide.h5")
+    for name, reason in [
+        ("empty.keras", "cannot be loaded as a tf_keras model"),
+        ("fcn.h5", "its image size is not fixed"),
+        ("wide.h5", r"takes input \(None, 32, 48, 3\), not square RGB images"),
+    ]:
+        with pytest.raises(SaliencyError, match=reason):
+            load_teacher(str(tmp_path / name))
+        with pytest.raises(TeacherError, match=reason):
+            model_input_side(tmp_path / name)
