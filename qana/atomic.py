@@ -34,9 +34,10 @@ STALE_AFTER = 3600.0
 """Seconds without a change after which a temporary file or staging folder of a target is a dead
 writer's leftover. Writing a state file or building a bundle folder takes seconds."""
 
-# mkstemp and mkdtemp add 8 characters from this alphabet to the prefix.
+# mkstemp and mkdtemp add 8 characters from this alphabet to the prefix (and so does
+# _hard_link_backup, so that its leftovers match the same pattern).
 _RANDOM_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
-_RANDOM = "[a-z0-9_]{8}"
+_RANDOM = f"[{_RANDOM_LETTERS}]{{8}}"
 
 
 def file_in_the_way(folder: Path) -> Path | None:
