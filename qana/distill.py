@@ -127,15 +127,19 @@ def read_run_options(teacher_run: Path) -> dict:
     return options
 
 
-def model_input_side(model_file: Path) -> int:
-    """The side of the square RGB images a teacher model file takes, refused with the file named
-    when it is not a loadable tf_keras model of fixed square RGB input."""
+def load_teacher_model(model_file: Path, image_size: int | None = None):
+    """A teacher's tf_keras model, refused with the file named when it is not a loadable model of
+    fixed square RGB input or (given `image_size`) takes another image size than this run's.
+    One load both checks and serves: the float stage predicts with the model it checked."""
     from qana.model import ModelFileError, load_square_rgb_model
 
     try:
-        return load_square_rgb_model(model_file)[1]
+        model, side = load_square_rgb_model(model_file)
     except ModelFileError as exc:
         raise TeacherError(f"teacher model {model_file} {exc}") from None
+    if image_size is not None and side != image_size:
+        raise TeacherError(f"teacher {Path(model_file).parent} takes {side}x{side} images, this run {image_size}x{image_size}")
+    return model
 
 
 def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_constancy: str = "none") -> Teacher:
@@ -148,9 +152,7 @@ def check_teacher_run(teacher_run: Path, image_size: int | None = None, colour_c
     options = read_run_options(teacher_run)
     read_split(teacher_run)
     if image_size is not None:
-        side = model_input_side(model)
-        if side != image_size:
-            raise TeacherError(f"teacher {teacher_run} takes {side}x{side} images, this run {image_size}x{image_size}")
+        load_teacher_model(model, image_size)
     return run_teacher(model, options, colour_constancy)
 
 
@@ -199,14 +201,13 @@ def teacher_probabilities(models: list, images: np.ndarray, views: int = 8) -> n
 
 def ensemble_probabilities(teachers: list[Teacher], images: np.ndarray, student_colour_constancy: str = "none", views: int = 8) -> np.ndarray:
     """Mean over `teachers` of each one's class probabilities over `views` orientations, each
-    teacher seeing the student's images with its own preprocessing (`Teacher.inputs`)."""
-    import tf_keras as keras
-
+    teacher seeing the student's images with its own preprocessing (`Teacher.inputs`). Each model
+    is loaded once, here, and refused if it does not take the images' size."""
     if not teachers:
         raise TeacherError("no teacher models given")
     return np.mean(
         [
-            teacher_probabilities([keras.models.load_model(t.model, compile=False)], t.inputs(images, student_colour_constancy), views)
+            teacher_probabilities([load_teacher_model(t.model, images.shape[1])], t.inputs(images, student_colour_constancy), views)
             for t in teachers
         ],
         axis=0,

@@ -719,7 +719,9 @@ def distillation_targets(opts: TrainOptions, train: Dataset) -> np.ndarray | Non
         return None
     from qana.distill import check_teacher, ensemble_probabilities, mixed_targets
 
-    teachers = [check_teacher(Path(t), opts.run_dir, opts.image_size, opts.colour_constancy) for t in opts.teachers]
+    # the image size is checked where each model is loaded to predict (ensemble_probabilities), so
+    # a teacher is loaded once here, not once to check and again to predict
+    teachers = [check_teacher(Path(t), opts.run_dir, colour_constancy=opts.colour_constancy) for t in opts.teachers]
     probs = ensemble_probabilities(teachers, train.images, opts.colour_constancy, views=8)
     return mixed_targets(train.labels, probs, opts.label_weight)
 

@@ -219,3 +219,22 @@ def test_each_teacher_sees_images_with_its_own_colour_constancy(tmp_path: Path) 
     assert check_teacher(corrected, student, colour_constancy="shades-of-gray").inputs(train.images, "shades-of-gray") is train.images
     with pytest.raises(TeacherError, match="colour constancy 'none' and this run with 'shades-of-gray'"):
         check_teacher(plain, student, colour_constancy="shades-of-gray")
+
+
+def test_the_float_stage_loads_each_teacher_once_and_still_refuses_another_size(tmp_path: Path, monkeypatch) -> None:
+    """distillation_targets loaded every teacher twice (once to read its size, once to predict);
+    now the load that predicts is the one that checks, so a wrong size is still a clear error."""
+    train = _data(12, 0)
+    train.images = np.random.default_rng(4).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    student = _run(tmp_path / "student", SPLIT, None)
+    teacher = _run(tmp_path / "teacher", SPLIT, _corner_model())
+    loads: list[Path] = []
+    real = keras.models.load_model
+    monkeypatch.setattr(keras.models, "load_model", lambda path, **kw: loads.append(Path(path)) or real(path, **kw))
+    opts = TrainOptions(data=tmp_path, run_dir=student, image_size=8, teachers=(str(teacher),), label_weight=0.0)
+    assert distillation_targets(opts, train).shape == (12, 7)
+    assert loads == [teacher / "float.h5"]
+
+    train.images = np.zeros((12, 16, 16, 3), dtype=np.uint8)  # e.g. the file replaced by a 16x16 run's
+    with pytest.raises(TeacherError, match="takes 8x8 images, this run 16x16"):
+        distillation_targets(TrainOptions(data=tmp_path, run_dir=student, image_size=16, teachers=(str(teacher),)), train)

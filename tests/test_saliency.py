@@ -238,7 +238,7 @@ def test_both_kinds_of_teacher_refuse_the_same_files_for_the_same_reason(tmp_pat
     checks and said different things (an unfixed size was "not square RGB" for one of them)."""
     import zipfile
 
-    from qana.distill import TeacherError, model_input_side
+    from qana.distill import TeacherError, load_teacher_model
 
     keras = tf_keras
     with zipfile.ZipFile(tmp_path / "empty.keras", "w") as z:
@@ -257,4 +257,4 @@ def test_both_kinds_of_teacher_refuse_the_same_files_for_the_same_reason(tmp_pat
         with pytest.raises(SaliencyError, match=reason):
             load_teacher(str(tmp_path / name))
         with pytest.raises(TeacherError, match=reason):
-            model_input_side(tmp_path / name)
+            load_teacher_model(tmp_path / name)
