@@ -35,10 +35,16 @@ def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
     "target, bits, attention",
     [("v2", 8, "both"), ("v2", 8, "none"), ("v1", 4, "none")],
 )
-def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: str) -> None:
-    spec = ModelSpec(target=target, input_size=32, width=8, feature_dim=32, attention=attention)
-    qmodel = quantize_model(build_model(spec), QuantSpec(target, bits), _images(32, 32))
-    akida_model = convert_checked(qmodel, target)
+def test_tiny_model_runs_entirely_on_akida(target: str, bits: int, attention: str, request: pytest.FixtureRequest) -> None:
+    if (target, bits, attention) == ("v2", 8, "both"):  # the module's full-QANA model, converted once (tiny_v2)
+        import akida
+
+        qmodel, path = request.getfixturevalue("tiny_v2")
+        akida_model = akida.Model(str(path))
+    else:
+        spec = ModelSpec(target=target, input_size=32, width=8, feature_dim=32, attention=attention)
+        qmodel = quantize_model(build_model(spec), QuantSpec(target, bits), _images(32, 32))
+        akida_model = convert_checked(qmodel, target)
     backends = check_hardware_mapping(akida_model, target)
     assert backends and all("Hardware" in b for b in backends)
     x = _images(16, 32, seed=1)
@@ -149,6 +155,7 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
     opts = TrainOptions(
         data=clinic.root, run_dir=tmp_path / "run", image_size=32, width=8, feature_dim=32,
         epochs=1, qat_epochs=1, batch_size=32, cache_dir=tmp_path / "cache", command="test",
+        attention="none",  # the stages are what is tested; the full QANA net converts in tiny_v2 (half the time)
     )
     infos = run(opts, progress=lambda m: None)
     bundle = load_bundle(infos["bundle"]["bundle"])
@@ -203,16 +210,7 @@ def test_pipeline_trains_converts_and_resumes(tmp_path: Path, monkeypatch: pytes
         k: kept["bundle"]["metrics"]["val"]["akida"][k] for k in ("top1", "macro_f1", "balanced_accuracy")
     }
     monkeypatch.undo()
-    # When QAT is the less faithful one, the calibrated model is what gets saved and converted.
-
-    (opts.run_dir / "quantized.json").unlink()
-    monkeypatch.setattr(qana.train, "keep_fine_tuned", lambda *scores: False)
-    redone = run(replace(opts, test_time_views=2), progress=lambda m: None)
-    assert redone["quantized"]["kept"] == "calibrated"
-    _, val, _ = qana.train.load_split(opts, qana.train.load_dataset(opts.data, size=32, cache_dir=opts.cache_dir))
-    saved = qana.train._val_scores(qana.train.load_quantized(opts), val.images, val.labels)
-    assert saved == pytest.approx(redone["quantized"]["val_calibrated"])
-    assert redone["head"]["chip_vs_reference_agreement"] == 1.0
+    # (that the calibrated model is saved when QAT is the less faithful one: tests/test_quantized_choice.py)
     # --bundle-out on a finished run writes the bundle there (before: ignored, exit 0), redoing
     # only the bundle stage; a folder of other files is refused, and kept.
     messages = []

@@ -183,6 +183,16 @@ def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
     opts = TrainOptions(data=tmp_path, run_dir=tmp_path, image_size=32, qat_epochs=1, qat_distill=distill)
     seen: list = []
     monkeypatch.setattr(qana.train, "_fit", lambda *args, targets=None, **kw: seen.append(targets) or [])
+    # What QAT is taught does not depend on how the model was quantized: a copy of the float
+    # model stands in for quantizeml's (which takes a minute to build even this small).
+    import qana.convert
+
+    def float_copy(model, spec, samples):
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        return copy
+
+    monkeypatch.setattr(qana.convert, "quantize_model", float_copy)
     info = qana.train.stage_quantized(opts, train, val)
     assert len(seen) == 1 and info["val_fine_tuned"]
     if distill:

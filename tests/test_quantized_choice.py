@@ -113,6 +113,18 @@ def test_the_quantized_stage_keeps_the_model_its_rule_chooses_and_records_both_a
         return []
 
     monkeypatch.setattr(qana.train, "_fit", fake_qat)
+    if not qat_moves_weights:
+        # Which model is kept does not depend on how it was quantized: a copy of the float model
+        # stands in for quantizeml's (a minute to build); the case that puts the calibrated
+        # weights back and saves them uses the real quantizer.
+        import qana.convert
+
+        def float_copy(model, spec, samples):
+            copy = keras.models.clone_model(model)
+            copy.set_weights(model.get_weights())
+            return copy
+
+        monkeypatch.setattr(qana.convert, "quantize_model", float_copy)
     info = qana.train.stage_quantized(opts, train, val)
     assert info["kept"] == kept and info["keep_quantized"] == mode
     assert info["agreement_images"] == 14  # 40 training images: calibration takes them all
@@ -122,6 +134,8 @@ def test_the_quantized_stage_keeps_the_model_its_rule_chooses_and_records_both_a
         assert info["agreement_fine_tuned"]["macro_f1"] < info["agreement_calibrated"]["macro_f1"]
         saved = qana.train.load_quantized(opts)
         assert any(np.any(w != 0) for w in saved.get_weights())  # the calibrated weights were put back
+        # and the saved file is the calibrated model the stage scored, not a mix
+        assert qana.train._val_scores(saved, val.images, val.labels) == pytest.approx(info["val_calibrated"])
 
 
 def test_an_unknown_keep_quantized_is_refused_before_any_stage_runs(tmp_path: Path) -> None:

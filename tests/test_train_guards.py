@@ -38,7 +38,8 @@ def _opts(tmp_path: Path, n_images: int = 48, **kw) -> TrainOptions:
     root = tmp_path / "ham"
     if not root.exists():
         make_synthetic_ham(root, n_images=n_images, image_size=40, seed=4)
-    kw = {"image_size": 32, "width": 8, "feature_dim": 16, "batch_size": 8, "epochs": 1, "command": "test", **kw}
+    # no attention blocks: these tests are about stages and settings, and the plain net quantizes in half the time
+    kw = {"image_size": 32, "width": 8, "feature_dim": 16, "batch_size": 8, "epochs": 1, "command": "test", "attention": "none", **kw}
     return TrainOptions(data=root, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", **kw)
 
 
