@@ -168,7 +168,7 @@ def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, distill: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, distill: bool
 ) -> None:
     import qana.train
     from qana.model import ModelSpec, build_model
@@ -183,16 +183,7 @@ def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
     opts = TrainOptions(data=tmp_path, run_dir=tmp_path, image_size=32, qat_epochs=1, qat_distill=distill)
     seen: list = []
     monkeypatch.setattr(qana.train, "_fit", lambda *args, targets=None, **kw: seen.append(targets) or [])
-    # What QAT is taught does not depend on how the model was quantized: a copy of the float
-    # model stands in for quantizeml's (which takes a minute to build even this small).
-    import qana.convert
-
-    def float_copy(model, spec, samples):
-        copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
-        return copy
-
-    monkeypatch.setattr(qana.convert, "quantize_model", float_copy)
+    request.getfixturevalue("float_copy_quantizer")  # what QAT is taught does not depend on quantizeml
     info = qana.train.stage_quantized(opts, train, val)
     assert len(seen) == 1 and info["val_fine_tuned"]
     if distill:

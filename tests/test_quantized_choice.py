@@ -90,7 +90,7 @@ def test_agreement_images_are_all_of_validation_and_training_images_calibration_
     ("agreement", True, "calibrated"),  # QAT that wrecked the model disagrees with float
 ])
 def test_the_quantized_stage_keeps_the_model_its_rule_chooses_and_records_both_agreements(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, qat_moves_weights: bool, kept: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, mode: str, qat_moves_weights: bool, kept: str
 ) -> None:
     pytest.importorskip("tensorflow")
     import tf_keras as keras
@@ -114,17 +114,9 @@ def test_the_quantized_stage_keeps_the_model_its_rule_chooses_and_records_both_a
 
     monkeypatch.setattr(qana.train, "_fit", fake_qat)
     if not qat_moves_weights:
-        # Which model is kept does not depend on how it was quantized: a copy of the float model
-        # stands in for quantizeml's (a minute to build); the case that puts the calibrated
-        # weights back and saves them uses the real quantizer.
-        import qana.convert
-
-        def float_copy(model, spec, samples):
-            copy = keras.models.clone_model(model)
-            copy.set_weights(model.get_weights())
-            return copy
-
-        monkeypatch.setattr(qana.convert, "quantize_model", float_copy)
+        # which model is kept does not depend on how it was quantized; the case that puts the
+        # calibrated weights back and saves them uses the real quantizer
+        request.getfixturevalue("float_copy_quantizer")
     info = qana.train.stage_quantized(opts, train, val)
     assert info["kept"] == kept and info["keep_quantized"] == mode
     assert info["agreement_images"] == 14  # 40 training images: calibration takes them all
