@@ -88,6 +88,8 @@ def main() -> None:
             described += f" blk={opts.blocks} zoom={opts.zoom}"
         if opts.affine:
             described += " +affine"
+        if opts.contrast != "per-channel":
+            described += f" contrast={opts.contrast}"
         if opts.mixup:
             described += f" mixup={opts.mixup}" + (f" for {opts.mixup_epochs} epochs" if opts.mixup_epochs is not None else "")
         if opts.saliency_teacher:

@@ -1,4 +1,5 @@
-"""Random affine warps of training images (`qana train --affine`).
+"""Random affine warps (`qana train --affine`) and hue-keeping contrast jitter
+(`--contrast grey`) of training images.
 
 Why: the float stage's augmentation is flips, quarter turns and luminance/contrast jitter, so
 the network only ever sees a lesion at 8 orientations and one scale. Perez et al. 2018 ("Data
@@ -142,3 +143,30 @@ def mix_batch(images, targets, *weights, alpha: float, seed: int | None = None):
 
     # images only: targets and weights are blended exactly as the images' shares, unclipped
     return (tf.clip_by_value(blend(images), 0.0, 255.0), blend(targets), *(blend(w) for w in weights))
+
+
+CONTRASTS = ("per-channel", "grey")  # `qana train --contrast`: tf.image's (the default) or about one grey level
+
+
+def check_contrast(name: str) -> str:
+    """A clear error for an unknown `--contrast` before any stage runs."""
+    if name not in CONTRASTS:
+        raise ValueError(f"--contrast must be one of {', '.join(CONTRASTS)}, not {name!r}")
+    return name
+
+
+def random_grey_contrast(image, lower: float, upper: float, seed: int | None = None):
+    """Contrast jitter that keeps every pixel's hue: (x - m) f + m with one grey level m (the
+    image's mean over all pixels and channels) and f uniform in [lower, upper].
+
+    Why: tf.image.random_contrast moves each channel about its own mean, which adds
+    (1 - f)(m_r - m_g) to a pixel's red-green difference: on a pink skin image a blue-grey
+    region turns by up to 16 degrees of hue at 0.8-1.2 (session 35, qana.pretrain's docstring),
+    and hue is diagnostic. About one grey level every channel difference is scaled by the same f,
+    so hue is unchanged (until the clip at 255 that follows) and only saturation and contrast move.
+    """
+    import tensorflow as tf
+
+    factor = tf.random.uniform([], lower, upper, seed=seed)
+    mean = tf.reduce_mean(image)
+    return (image - mean) * factor + mean

@@ -50,6 +50,7 @@ def train(
     blocks: Annotated[int, typer.Option(help="v2: QANA blocks (Ghost + attention + residual) per stage.")] = 1,
     zoom: Annotated[float, typer.Option(help="Random-zoom augmentation: crop a random square of (1-ZOOM..1) x the side, e.g. 0.25.")] = 0.0,
     affine: Annotated[bool, typer.Option("--affine", help="Random affine warp of each training image: any rotation, shear up to 11 degrees, zoom 0.9-1.25, shift up to 10 % (Perez et al. 2018's geometric augmentations, qana.augment).")] = False,
+    contrast: Annotated[str, typer.Option(help="Contrast jitter (0.8-1.2) of training images: per-channel (tf.image's, each channel about its own mean: moves hue slightly) | grey (about one grey level: keeps each pixel's hue; qana.augment).")] = "per-channel",
     mixup: Annotated[float, typer.Option(help="Mixup: train the backbone (float and QAT stages) on blends of two training images and their labels, blend weight ~ Beta(MIXUP, MIXUP), e.g. 0.2; 0 = off (qana.augment.mix_batch).")] = 0.0,
     mixup_epochs: Annotated[Optional[int], typer.Option(help="With --mixup: blend only in the first MIXUP_EPOCHS float epochs; the later float epochs and the QAT epochs train on plain images, which sharpens the margins before quantization, and the float model kept is the best of the plain epochs (with MIXUP_EPOCHS = --epochs only QAT is plain). Default: mixup in every epoch of both stages.")] = None,
     test_time_views: Annotated[Optional[int], typer.Option(help="Orientations (1, 2, 4 or 8 flips/turns) the backbone sees per image at test time, features averaged; recorded in the bundle. Default: the run's own count when resuming (another count redoes the head, clinical and bundle stages), else 1.")] = None,
@@ -80,6 +81,7 @@ def train(
     if not found:  # before TensorFlow loads: a typo should not cost its start-up time
         raise fail(f"data folder not found: {data}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from qana.augment import check_contrast
     from qana.convert import ConversionError
     from qana.data import DataError
     from qana.distill import TeacherError
@@ -116,6 +118,10 @@ def train(
         raise fail(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if head_smote not in ("auto", "on", "off"):
         raise fail(f"--head-smote must be auto, on or off, not {head_smote!r}")
+    try:
+        check_contrast(contrast)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     if not 0.0 <= zoom < 1.0:
         raise fail(f"--zoom must be in [0, 1), not {zoom}")
     if image_size % 8 or not 16 <= image_size <= 88:
@@ -166,7 +172,7 @@ def train(
     opts = TrainOptions(
         data=data, run_dir=run_dir, target=target, weight_bits=weight_bits, epochs=epochs, qat_epochs=qat_epochs, qat_distill=qat_distill, keep_quantized=keep_quantized,
         batch_size=batch_size, learning_rate=learning_rate, width=width, feature_dim=feature_dim, attention=attention,
-        blocks=blocks, zoom=zoom, affine=affine, mixup=mixup, mixup_epochs=mixup_epochs, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
+        blocks=blocks, zoom=zoom, affine=affine, contrast=contrast, mixup=mixup, mixup_epochs=mixup_epochs, weight_ema=weight_ema, pretrain_epochs=pretrain_epochs, test_time_views=test_time_views, image_size=image_size, colour_constancy=colour_constancy, teachers=tuple(str(t) for t in teacher or ()), label_weight=label_weight, saliency_teacher=saliency_teacher, class_weighting=class_weighting, loss=loss, focal_gamma=focal_gamma, head_smote=head_smote, clinical_prior=clinical_prior, seed=seed, val_fraction=val_fraction, limit=limit, bundle_out=bundle_out,
         reuse_from=reuse_from, reuse_through=reuse_through, resume=not fresh, stop_after=stop_after,
     )
     inert = settings_without_effect(opts)

@@ -25,7 +25,7 @@ import numpy as np
 from qana import clinical
 from qana import head as head_math
 from qana.atomic import file_in_the_way, replace_atomic, try_lock, write_atomic
-from qana.augment import mix_batch, op_seed, random_affine
+from qana.augment import check_contrast, mix_batch, op_seed, random_affine, random_grey_contrast
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
@@ -66,6 +66,7 @@ class TrainOptions:
     blocks: int = 1
     zoom: float = 0.0  # random-zoom augmentation: crop a random square of (1 - zoom..1) x the side
     affine: bool = False  # random affine warp of training images: any rotation, shear, zoom, shift (qana.augment)
+    contrast: str = "per-channel"  # contrast jitter of training images: tf.image's per channel, or "grey" (keeps hue; qana.augment)
     mixup: float = 0.0  # mixup (qana.augment.mix_batch): Beta(mixup, mixup) blends of training images and their labels; 0 = off
     mixup_epochs: int | None = None  # with mixup: blend only in the first N float epochs, the rest and QAT on plain images; None = all
     test_time_views: int = 1  # orientations averaged per image at test time (qana.views), recorded in the bundle
@@ -203,14 +204,15 @@ def backbone_loss(opts: TrainOptions, soft_targets: bool):
 
 def make_dataset(
     images: np.ndarray, labels: np.ndarray, batch: int, augment: bool, seed: int, weights=None, zoom: float = 0.0,
-    affine: bool = False, mixup: float = 0.0,
+    affine: bool = False, mixup: float = 0.0, contrast: str = "per-channel",
 ):
     """tf.data pipeline: flips, quarter turns, optional random zoom (a random square crop resized
     back: lesions vary in size and position), optional random affine warp (qana.augment) and
     luminance/contrast jitter. No hue-rotation augmentation is used (colour is diagnostic); the
     brightness shift is the same on all three channels, but tf.image's contrast works per channel
     (about each channel's mean) and the clip at 255 follows, so a pixel's hue moves slightly: a
-    blue-grey region by up to 16 degrees at 0.8-1.2 (see qana.pretrain). With `mixup` > 0 each
+    blue-grey region by up to 16 degrees at 0.8-1.2 (see qana.pretrain); `contrast="grey"` jitters
+    contrast about one grey level instead, which keeps hue (qana.augment). With `mixup` > 0 each
     augmented batch is blended with a shuffled copy of itself (qana.augment.mix_batch), so
     `labels` must then be per-class targets (N, C), not class numbers."""
     import tensorflow as tf
@@ -235,7 +237,10 @@ def make_dataset(
             if affine:
                 x = random_affine(x, seed)
             x = tf.image.random_brightness(x, 20.0, seed=op_seed(seed, 6))
-            x = tf.image.random_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
+            if contrast == "grey":
+                x = random_grey_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
+            else:
+                x = tf.image.random_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
             x = tf.clip_by_value(x, 0.0, 255.0)
             return (x, y, *w)
 
@@ -419,7 +424,7 @@ def _fit(
         # A phase's fit continues the epoch count, the optimizer and its learning-rate schedule;
         # resumed, BackupAndRestore starts it at the epoch after its checkpoint's (a phase
         # already past runs no epoch).
-        ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine, alpha)
+        ds = make_dataset(train.images, y, opts.batch_size, True, opts.seed, cw[train.labels], opts.zoom, opts.affine, alpha, contrast=opts.contrast)
         model.fit(ds, initial_epoch=start, epochs=end, verbose=2, callbacks=[*callbacks, stop_on_nan])
         if model.stop_training:  # TerminateOnNaN: the weights are checked below
             break
@@ -1341,7 +1346,7 @@ REUSED_STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "split": (),
     "saliency": ("saliency_teacher", "image_size", "colour_constancy"),
     "pretrain": _PRETRAIN_SETTINGS,
-    "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine",
+    "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine", "contrast",
               "mixup", "mixup_epochs", "teachers", "label_weight", "weight_ema", "class_weighting", "loss", "focal_gamma"),
 }
 
@@ -1570,6 +1575,7 @@ def run(opts: TrainOptions, progress: Callable[[str], None] = print) -> dict[str
     """Run every stage not yet finished (up to `opts.stop_after`); returns each stage's recorded info."""
     check_view_count(opts.test_time_views)
     check_colour_constancy(opts.colour_constancy)
+    check_contrast(opts.contrast)
     check_keep_quantized(opts.keep_quantized)
     if opts.colour_constancy != "none" and opts.target != "v2":
         raise ValueError(

@@ -1,4 +1,4 @@
-"""The random affine warp (qana.augment): its matrix does what its docstring says."""
+"""The random affine warp (qana.augment): its matrix does what its docstring says; the grey contrast keeps hue."""
 
 import math
 
@@ -91,3 +91,50 @@ def test_training_pipeline_shows_all_eight_orientations():
     for x in batch:
         seen[int(np.argmax([np.corrcoef(x.ravel(), c)[0, 1] for c in candidates]))] += 1
     assert seen.min() >= 25, f"orientation counts {seen.tolist()} (expected about 50 each)"
+
+
+def _hues(images: np.ndarray) -> np.ndarray:
+    """Every pixel's hue (0..1), sorted: flips and quarter turns only reorder pixels."""
+    return np.sort(tf.image.rgb_to_hsv(np.asarray(images, np.float32) / 255.0).numpy()[..., 0].ravel())
+
+
+def _pink(n: int, side: int = 8) -> np.ndarray:
+    """Skin-like images with a colour cast (no grey pixel, whose hue would be undefined), in a
+    range the brightness and contrast jitter never clip."""
+    rng = np.random.default_rng(5)
+    return np.stack([rng.integers(lo, lo + 40, (n, side, side)) for lo in (150, 60, 100)], axis=-1).astype(np.uint8)
+
+
+def test_grey_contrast_keeps_every_pixels_hue_and_tf_images_per_channel_contrast_does_not():
+    from qana.augment import random_grey_contrast
+
+    image = tf.constant(_pink(1)[0], tf.float32)
+    for factor in (0.8, 1.2):
+        grey = random_grey_contrast(image, factor, factor, seed=0).numpy()
+        np.testing.assert_allclose(_hues(grey), _hues(image.numpy()), atol=1e-5)
+        assert np.abs(grey - image.numpy()).max() > 5  # the contrast did change
+        per_channel = tf.image.adjust_contrast(image, factor).numpy()
+        assert np.abs(_hues(per_channel) - _hues(image.numpy())).max() > 0.005  # about 2 degrees and more
+
+
+def test_the_training_pipeline_with_grey_contrast_changes_no_hue():
+    """Flips, quarter turns, brightness (the same on all channels) and grey contrast: every
+    augmented image has its original's hues; with the default per-channel contrast it does not."""
+    images = _pink(16)
+    labels = np.arange(16) % 7
+    grey = next(iter(make_dataset(images, labels, 16, True, 0, contrast="grey")))[0].numpy()
+    plain = next(iter(make_dataset(images, labels, 16, True, 0)))[0].numpy()
+
+    def has_an_originals_hues(x: np.ndarray) -> bool:  # the batch is shuffled: any original will do
+        return any(np.allclose(_hues(x), _hues(o), atol=1e-4) for o in images)
+
+    assert all(has_an_originals_hues(x) for x in grey)
+    assert not any(has_an_originals_hues(x) for x in plain)
+
+
+def test_an_unknown_contrast_is_refused_before_anything_runs(tmp_path):
+    from qana.train import TrainOptions, run
+
+    with pytest.raises(ValueError, match="--contrast must be one of per-channel, grey, not 'gray'"):
+        run(TrainOptions(data=tmp_path, run_dir=tmp_path / "run", contrast="gray"))
+    assert not (tmp_path / "run").exists()

@@ -150,6 +150,7 @@ def test_train_bad_inputs_are_one_line_errors_before_anything_runs(tmp_path: Pat
         (["--learning-rate", "-1"], "--learning-rate must be above 0 and at most 1, not -1.0"),
         (["--attention", "bogus"], "--attention must be one of both, seca, se, none, both-signed, seca-signed, se-signed, not 'bogus'"),
         (["--head-smote", "bogus"], "--head-smote must be auto, on or off, not 'bogus'"),
+        (["--contrast", "gray"], "--contrast must be one of per-channel, grey, not 'gray'"),
         (["--clinical-prior", "on"], "--clinical-prior must be auto or off, not 'on'"),
         (["--colour-constancy", "retinex"], "--colour-constancy must be one of none, shades-of-gray, not 'retinex'"),
         (["--colour-constancy", "shades-of-gray", "--target", "v1", "--weight-bits", "4"], "applied by the Akida 2.0 runtime only"),
