@@ -217,6 +217,7 @@ def make_dataset(
     `labels` must then be per-class targets (N, C), not class numbers."""
     import tensorflow as tf
 
+    check_contrast(contrast)  # an unknown name must not fall back to per-channel unnoticed
     ds = tf.data.Dataset.from_tensor_slices((images, labels) if weights is None else (images, labels, weights))
     if augment:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)

@@ -138,3 +138,5 @@ def test_an_unknown_contrast_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="--contrast must be one of per-channel, grey, not 'gray'"):
         run(TrainOptions(data=tmp_path, run_dir=tmp_path / "run", contrast="gray"))
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="--contrast must be one of"):
+        make_dataset(_pink(2), np.arange(2), 2, True, 0, contrast="gray")
