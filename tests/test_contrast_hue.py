@@ -11,18 +11,14 @@ from synthetic import make_synthetic_ham
 
 pytest.importorskip("tensorflow")
 
+from tests.test_augment import _pink  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "contrast_hue.py"
-
-
-def _cast(n: int) -> np.ndarray:
-    """Images with a colour cast, unclipped by +-20 % contrast."""
-    rng = np.random.default_rng(1)
-    return np.stack([rng.integers(lo, lo + 40, (n, 8, 8)) for lo in (150, 60, 100)], axis=-1).astype(np.uint8)
 
 
 def test_grey_contrast_turns_no_hue_and_per_channel_contrast_does():
     bench = load_benchmark("contrast_hue")
-    images = _cast(3)
+    images = _pink(3)  # a colour cast the +-20 % contrast never clips
     for factor in bench.FACTORS:
         assert bench.hue_turns(images, "grey", factor).max() < 0.01
         per_channel = bench.hue_turns(images, "per-channel", factor)
