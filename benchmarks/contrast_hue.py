@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from qana.augment import CONTRASTS  # noqa: E402
 from qana.data import load_dataset  # noqa: E402
 
 FACTORS = (0.8, 1.2)  # the ends of make_dataset's contrast range
@@ -66,7 +67,7 @@ def main() -> None:
         images = images[: args.limit]
     print(f"{len(images)} images at {args.image_size}x{args.image_size}; hue turn in degrees of pixels with saturation and value >= {MEANINGFUL}")
     print(f"{'contrast':12s} {'factor':>6s}  " + "  ".join(f"{'p' + str(p):>6s}" for p in PERCENTILES) + f"  {'> 5 deg':>8s}")
-    for contrast in ("per-channel", "grey"):
+    for contrast in CONTRASTS:
         for factor in FACTORS:
             turns = hue_turns(images, contrast, factor)
             if not turns.size:

@@ -168,8 +168,9 @@ def test_the_float_stage_trains_on_mixed_targets(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, distill: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, float_copy_quantizer: None, distill: bool
 ) -> None:
+    """(float_copy_quantizer: what QAT is taught does not depend on quantizeml.)"""
     import qana.train
     from qana.model import ModelSpec, build_model
 
@@ -183,7 +184,6 @@ def test_qat_learns_the_float_models_probabilities_only_with_qat_distill(
     opts = TrainOptions(data=tmp_path, run_dir=tmp_path, image_size=32, qat_epochs=1, qat_distill=distill)
     seen: list = []
     monkeypatch.setattr(qana.train, "_fit", lambda *args, targets=None, **kw: seen.append(targets) or [])
-    request.getfixturevalue("float_copy_quantizer")  # what QAT is taught does not depend on quantizeml
     info = qana.train.stage_quantized(opts, train, val)
     assert len(seen) == 1 and info["val_fine_tuned"]
     if distill:
