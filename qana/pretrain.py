@@ -16,20 +16,23 @@ are used, so validation and test lesions stay unseen, labels or not.
 The two views of an image differ by a random square crop (35-100 % of the area, resized back),
 flips and quarter turns, luminance and contrast, and with probability 0.2 a grey version of the
 image. No hue-rotation augmentation is used (no tf.image.random_hue: colour is diagnostic).
-Brightness adds the same amount to all three channels. Contrast is tf.image's per-channel
-contrast, about each channel's own mean, so it moves a pixel's hue: on a pink image
-with a blue-grey region, that region's hue moves by up to 80 degrees (towards a purplish grey)
-at the factors 0.6-1.4 used here and by up to 16 degrees at the float stage's 0.8-1.2 (skin by
-about 1 degree). Clipping at 255 can move a hue too (+40 on (240, 200, 180): 20 -> 34 degrees).
-The shipped runs were trained with these ops, so they stay. The grey view removes colour from
-one of the two views so that "same colour histogram" alone cannot match them.
+Brightness adds the same amount to all three channels. Contrast (factors 0.6-1.4) follows
+`qana train --contrast`, as in the float stage. The default is tf.image's per-channel contrast,
+about each channel's own mean, so it moves a pixel's hue: on a pink image with a blue-grey
+region, that region's hue moves by up to 80 degrees (towards a purplish grey) at the factors used
+here and by up to 16 degrees at the float stage's 0.8-1.2 (skin by about 1 degree). The shipped
+runs were trained with these ops, so they stay the default. `--contrast grey` jitters about one
+grey level instead (qana.augment.random_grey_contrast), which keeps every pixel's hue; the crop's
+resize still blends neighbouring pixels, as any resampling does. Clipping at 255 can move a hue
+too (+40 on (240, 200, 180): 20 -> 34 degrees). The grey view removes colour from one of the two
+views so that "same colour histogram" alone cannot match them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qana.augment import op_seed
+from qana.augment import check_contrast, op_seed, random_grey_contrast
 from qana.model import backbone
 
 # VICReg's loss weights (the paper's defaults): invariance, variance, covariance.
@@ -38,6 +41,7 @@ VARIANCE_WEIGHT = 25.0
 COVARIANCE_WEIGHT = 1.0
 EXPANDER_UNITS = 1024  # the paper uses 8192 for ResNet-50's 2048 features; 4 x our 256 features
 MIN_CROP_AREA = 0.35
+CONTRAST_RANGE = (0.6, 1.4)  # the factors of VICReg's own views (ColorJitter contrast 0.4); the float stage uses 0.8-1.2
 GREY_PROBABILITY = 0.2
 
 
@@ -78,10 +82,11 @@ def vicreg_loss(z1, z2):
     return weighted_loss(*vicreg_terms(z1, z2))
 
 
-def random_view(x, seed: int | None, stream: int):
+def random_view(x, seed: int | None, stream: int, contrast: str = "per-channel"):
     """One random view of a float image (H, W, 3) in 0..255 (see the module docstring).
 
     `stream` separates the op seeds of the two views of a pair, so they are drawn independently.
+    `contrast` is `qana train --contrast`: "per-channel" (tf.image's) or "grey" (keeps hue).
     """
     import tensorflow as tf
 
@@ -97,25 +102,30 @@ def random_view(x, seed: int | None, stream: int):
     x = tf.image.random_flip_up_down(x, seed=s(3))
     x = tf.image.rot90(x, tf.random.uniform([], 0, 4, dtype=tf.int32, seed=s(4)))
     x = tf.image.random_brightness(x, 40.0, seed=s(5))
-    x = tf.image.random_contrast(x, 0.6, 1.4, seed=s(6))
+    if contrast == "grey":
+        x = random_grey_contrast(x, *CONTRAST_RANGE, seed=s(6))
+    else:
+        x = tf.image.random_contrast(x, *CONTRAST_RANGE, seed=s(6))
     grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
     x = tf.where(tf.random.uniform([], seed=s(7)) < GREY_PROBABILITY, grey, x)
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
-def view_pairs(images: np.ndarray, batch: int, seed: int):
+def view_pairs(images: np.ndarray, batch: int, seed: int, contrast: str = "per-channel"):
     """tf.data of (view 1, view 2) batches of the uint8 images, reshuffled every epoch.
 
     The last partial batch is dropped: VICReg's variance and covariance need a full batch.
     """
     import tensorflow as tf
 
+    check_contrast(contrast)  # an unknown name must not fall back to per-channel unnoticed
+
     ds = tf.data.Dataset.from_tensor_slices(images)
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
 
     def pair(x):
         x = tf.cast(x, tf.float32)
-        return random_view(x, seed, 0), random_view(x, seed, 1)
+        return random_view(x, seed, 0, contrast), random_view(x, seed, 1, contrast)
 
     # one call at a time: parallel calls would hand the stateful draws out in scheduling order
     return ds.map(pair).batch(batch, drop_remainder=True).prefetch(2)

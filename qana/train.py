@@ -667,7 +667,7 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
     schedule = keras.optimizers.schedules.CosineDecay(PRETRAIN_LEARNING_RATE, decay_steps=steps, alpha=0.05)
     pretrainer.compile(optimizer=keras.optimizers.Adam(schedule))
     fit = pretrainer.fit(
-        view_pairs(train.images, batch, opts.seed), epochs=opts.pretrain_epochs, verbose=2,
+        view_pairs(train.images, batch, opts.seed, opts.contrast), epochs=opts.pretrain_epochs, verbose=2,
         callbacks=[epoch_backup(opts, stage_backup_dir(opts, "pretrain"))],
     )
     model.save_weights(str(opts.run_dir / "pretrain.weights.h5"))
@@ -677,7 +677,7 @@ def stage_pretrain(opts: TrainOptions, train: Dataset) -> dict:
         {"epoch": first + i, **{k: round(float(v[i]), 5) for k, v in fit.history.items()}} for i in range(ran)
     ]
     info = {
-        "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)),
+        "enabled": True, "epochs": opts.pretrain_epochs, "batch": batch, "images": int(len(train)), "contrast": opts.contrast,
         "seconds": round(time.time() - t0, 1), "history": history,
     }
     if ran == 0:
@@ -1342,12 +1342,12 @@ SHAPE_SETTINGS = ("target", "image_size", "width", "feature_dim", "attention", "
 # the same ones, or its options.json would record settings that stage never ran with; every other
 # setting may differ (a run reusing only the split may change the whole recipe: that is the point).
 # An optional stage that was off needs only its switch (the first name) to agree.
-_PRETRAIN_SETTINGS = ("pretrain_epochs", "colour_constancy", "seed", *SHAPE_SETTINGS)
+_PRETRAIN_SETTINGS = ("pretrain_epochs", "colour_constancy", "contrast", "seed", *SHAPE_SETTINGS)
 REUSED_STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "split": (),
     "saliency": ("saliency_teacher", "image_size", "colour_constancy"),
     "pretrain": _PRETRAIN_SETTINGS,
-    "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine", "contrast",
+    "float": (*_PRETRAIN_SETTINGS, "saliency_teacher", "epochs", "learning_rate", "batch_size", "zoom", "affine",
               "mixup", "mixup_epochs", "teachers", "label_weight", "weight_ema", "class_weighting", "loss", "focal_gamma"),
 }
 

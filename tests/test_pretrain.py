@@ -15,7 +15,7 @@ pytest.importorskip("tensorflow")
 import tf_keras as keras  # noqa: E402
 
 from qana import pretrain  # noqa: E402
-from qana.train import RunRecordError, TrainOptions, initial_float_model, run  # noqa: E402
+from qana.train import RunRecordError, RunSettingsError, TrainOptions, initial_float_model, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
 
 
@@ -74,6 +74,33 @@ def test_views_are_independent_random_crops_in_range_and_grey_keeps_no_colour(mo
     assert not np.allclose(colour[..., 0], colour[..., 1])
 
 
+def _sorted_hues(image: np.ndarray) -> np.ndarray:
+    """Every pixel's hue (0..1), sorted: flips and quarter turns only reorder pixels."""
+    import tensorflow as tf
+
+    return np.sort(tf.image.rgb_to_hsv(np.asarray(image, np.float32) / 255.0).numpy()[..., 0].ravel())
+
+
+def test_grey_contrast_views_keep_every_pixels_hue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--contrast grey` reaches the pretraining views: with the whole image as the crop and no
+    grey view, a view is the image turned, flipped, brightened and contrasted about one grey
+    level, so it has exactly the image's hues; tf.image's per-channel contrast moves them."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(pretrain, "MIN_CROP_AREA", 1.0)
+    monkeypatch.setattr(pretrain, "GREY_PROBABILITY", 0.0)
+    rng = np.random.default_rng(3)  # a skin-like colour cast that brightness and contrast never clip
+    image = np.stack([rng.integers(lo, lo + 20, (16, 16)) for lo in (130, 70, 100)], axis=-1).astype(np.float32)
+    for seed in range(4):
+        grey = pretrain.random_view(tf.constant(image), seed=seed, stream=0, contrast="grey").numpy()
+        assert np.abs(np.sort(grey.ravel()) - np.sort(image.ravel())).max() > 1  # the view did change
+        np.testing.assert_allclose(_sorted_hues(grey), _sorted_hues(image), atol=1e-5)
+        per_channel = pretrain.random_view(tf.constant(image), seed=seed, stream=0).numpy()
+        assert np.abs(_sorted_hues(per_channel) - _sorted_hues(image)).max() > 0.005
+    with pytest.raises(ValueError, match="--contrast must be one of per-channel, grey, not 'gray'"):
+        pretrain.view_pairs(image[None].astype(np.uint8), batch=1, seed=0, contrast="gray")
+
+
 def test_a_partial_last_batch_is_dropped() -> None:
     images = np.zeros((20, 8, 8, 3), dtype=np.uint8)
     sizes = [int(v1.shape[0]) for v1, _ in pretrain.view_pairs(images, batch=8, seed=0)]
@@ -115,6 +142,25 @@ def test_the_float_stage_starts_from_the_pretrained_backbone(tmp_path: Path) -> 
     saved.unlink()
     with pytest.raises(RunRecordError, match="pretrain.weights.h5 is missing"):
         initial_float_model(opts)
+
+
+def test_the_pretrain_stage_uses_the_runs_contrast_and_reusing_it_needs_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    original = pretrain.view_pairs
+
+    def view_pairs(images, batch, seed, contrast="per-channel"):
+        asked.append(contrast)
+        return original(images, batch, seed, contrast)
+
+    monkeypatch.setattr(pretrain, "view_pairs", view_pairs)
+    opts = _opts(tmp_path, pretrain_epochs=1, contrast="grey", stop_after="pretrain")
+    infos = run(opts, progress=lambda m: None)
+    assert asked == ["grey"] and infos["pretrain"]["contrast"] == "grey"
+    # the pretrained weights were made with grey contrast: a run asking for per-channel cannot reuse them
+    other = replace(opts, run_dir=tmp_path / "other", contrast="per-channel", reuse_from=opts.run_dir, reuse_through="pretrain")
+    with pytest.raises(RunSettingsError, match="its pretrain stage was made with other settings \\(--contrast 'grey' there, 'per-channel' here\\)"):
+        run(other, progress=lambda m: None)
+    assert not (tmp_path / "other" / "pretrain.weights.h5").exists()
 
 
 def test_runs_made_before_the_pretrain_stage_resume_without_redoing_their_float_stage(tmp_path: Path) -> None:
