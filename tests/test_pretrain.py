@@ -17,6 +17,7 @@ import tf_keras as keras  # noqa: E402
 from qana import pretrain  # noqa: E402
 from qana.train import RunRecordError, RunSettingsError, TrainOptions, initial_float_model, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
+from tests.test_augment import _hues  # noqa: E402
 
 
 def _reference_terms(z1: np.ndarray, z2: np.ndarray) -> tuple[float, float, float]:
@@ -74,13 +75,6 @@ def test_views_are_independent_random_crops_in_range_and_grey_keeps_no_colour(mo
     assert not np.allclose(colour[..., 0], colour[..., 1])
 
 
-def _sorted_hues(image: np.ndarray) -> np.ndarray:
-    """Every pixel's hue (0..1), sorted: flips and quarter turns only reorder pixels."""
-    import tensorflow as tf
-
-    return np.sort(tf.image.rgb_to_hsv(np.asarray(image, np.float32) / 255.0).numpy()[..., 0].ravel())
-
-
 def test_grey_contrast_views_keep_every_pixels_hue(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--contrast grey` reaches the pretraining views: with the whole image as the crop and no
     grey view, a view is the image turned, flipped, brightened and contrasted about one grey
@@ -97,9 +91,9 @@ def test_grey_contrast_views_keep_every_pixels_hue(monkeypatch: pytest.MonkeyPat
     for seed in range(4):
         grey = pretrain.random_view(tf.constant(image), seed=seed, stream=0, contrast="grey").numpy()
         assert np.abs(np.sort(grey.ravel()) - np.sort(image.ravel())).max() > 1  # the view did change
-        np.testing.assert_allclose(_sorted_hues(grey), _sorted_hues(image), atol=1e-5)
+        np.testing.assert_allclose(_hues(grey), _hues(image), atol=1e-5)
         per_channel = pretrain.random_view(tf.constant(image), seed=seed, stream=0).numpy()
-        assert np.abs(_sorted_hues(per_channel) - _sorted_hues(image)).max() > 0.005
+        assert np.abs(_hues(per_channel) - _hues(image)).max() > 0.005
     with pytest.raises(ValueError, match="--contrast must be one of per-channel, grey, not 'gray'"):
         pretrain.view_pairs(image[None].astype(np.uint8), batch=1, seed=0, contrast="gray")
 
