@@ -155,6 +155,17 @@ def check_contrast(name: str) -> str:
     return name
 
 
+def random_contrast(image, contrast: str, lower: float, upper: float, seed: int | None = None):
+    """Contrast jitter by the `--contrast` name: the one place both the float/QAT pipeline
+    (qana.train.make_dataset) and the pretraining views (qana.pretrain) pick the op, so the two
+    cannot drift apart. "per-channel" is tf.image.random_contrast, "grey" random_grey_contrast."""
+    import tensorflow as tf
+
+    if check_contrast(contrast) == "grey":
+        return random_grey_contrast(image, lower, upper, seed=seed)
+    return tf.image.random_contrast(image, lower, upper, seed=seed)
+
+
 def random_grey_contrast(image, lower: float, upper: float, seed: int | None = None):
     """Contrast jitter that keeps every pixel's hue: (x - m) f + m with one grey level m (the
     image's mean over all pixels and channels) and f uniform in [lower, upper].

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qana.augment import check_contrast, op_seed, random_grey_contrast
+from qana.augment import check_contrast, op_seed, random_contrast
 from qana.model import backbone
 
 # VICReg's loss weights (the paper's defaults): invariance, variance, covariance.
@@ -102,10 +102,7 @@ def random_view(x, seed: int | None, stream: int, contrast: str = "per-channel")
     x = tf.image.random_flip_up_down(x, seed=s(3))
     x = tf.image.rot90(x, tf.random.uniform([], 0, 4, dtype=tf.int32, seed=s(4)))
     x = tf.image.random_brightness(x, 40.0, seed=s(5))
-    if contrast == "grey":
-        x = random_grey_contrast(x, *CONTRAST_RANGE, seed=s(6))
-    else:
-        x = tf.image.random_contrast(x, *CONTRAST_RANGE, seed=s(6))
+    x = random_contrast(x, contrast, *CONTRAST_RANGE, seed=s(6))
     grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
     x = tf.where(tf.random.uniform([], seed=s(7)) < GREY_PROBABILITY, grey, x)
     return tf.clip_by_value(x, 0.0, 255.0)

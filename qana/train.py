@@ -25,7 +25,7 @@ import numpy as np
 from qana import clinical
 from qana import head as head_math
 from qana.atomic import file_in_the_way, replace_atomic, try_lock, write_atomic
-from qana.augment import check_contrast, mix_batch, op_seed, random_affine, random_grey_contrast
+from qana.augment import check_contrast, mix_batch, op_seed, random_affine, random_contrast
 from qana.bundle import sha256_file, write_bundle
 from qana.classes import CLASS_NAMES
 from qana.convert import QuantSpec
@@ -238,10 +238,7 @@ def make_dataset(
             if affine:
                 x = random_affine(x, seed)
             x = tf.image.random_brightness(x, 20.0, seed=op_seed(seed, 6))
-            if contrast == "grey":
-                x = random_grey_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
-            else:
-                x = tf.image.random_contrast(x, 0.8, 1.2, seed=op_seed(seed, 7))
+            x = random_contrast(x, contrast, 0.8, 1.2, seed=op_seed(seed, 7))
             x = tf.clip_by_value(x, 0.0, 255.0)
             return (x, y, *w)
 
