@@ -1,0 +1,195 @@
+"""How much does an image-level split inflate our figures? The same float model, trained twice.
+
+    python benchmarks/leaky_split.py --data ../shared/data/ham10000 --out runs/leaky-split
+
+HAM10000 has several images of many lesions (7,470 lesions, 10,015 images in the full set). A
+split that deals out images rather than lesions puts pictures of one lesion on both sides, and
+the test part then partly measures recognising a lesion already seen in training. The QANA paper
+reports 0.916 top-1 / 0.824 macro-F1 with such a split; every figure of ours is on a split by
+`lesion_id` (qana.splits). This script measures what the choice of split alone is worth for our
+recipe, on the same images and with the same training:
+
+- arm `grouped`: `qana train`'s split for `--seed` (whole lesions, stratified by diagnosis);
+- arm `leaky`: the same train / validation / test shares and the same seed, drawn over images
+  (each image its own group, stratified by diagnosis), as a random image-level split does.
+
+Each arm trains the float stage of the shipped command (`qana train --epochs 40 --val-fraction
+0.05 --class-weighting none`, its defaults otherwise; checkpoint chosen on the arm's own
+validation part, leaky in the leaky arm as it would be in such a study) and is scored on its own
+test part with 1 and 8 test-time views (the shipped bundles use 8). The leaky arm's test part is
+also scored in two halves: images whose lesion has another image in its training part, and
+images whose lesion does not. Float only: the quantized and Akida models stay within about a
+point of float (README model card), and the float stage is the expensive part (about 40 min per
+arm on two cores, two arms at once about as long as one after the other).
+
+Each arm's model and scores are kept in OUT/<arm>/ and reused on a rerun with the same settings
+(delete the folder to retrain); one made with other settings is refused, not reused. Run the
+arms as two processes at once with `--arms grouped` and `--arms leaky`, then once more with no
+`--arms` to print the comparison from the stored scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qana.atomic import write_atomic  # noqa: E402
+from qana.splits import TEST_FRACTION, VAL_FRACTION_RANGE, grouped_split, train_val_test  # noqa: E402
+
+ARMS = ("grouped", "leaky")
+METRICS = ("top1", "macro_f1", "balanced_accuracy")
+VIEWS = (1, 8)
+PAPER = {"top1": 0.916, "macro_f1": 0.824}  # Wang et al. 2025, HAM10000 at 64x64, image-level split
+SHIPPED_VAL_FRACTION = 0.05  # the shipped command's --val-fraction
+SHIPPED_CLASS_WEIGHTING = "none"  # the shipped command's --class-weighting
+
+
+def arm_split(arm: str, labels: np.ndarray, lesions: np.ndarray, val: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Train / validation / test row indices of one arm: by lesion (`qana train`'s split) or by image.
+
+    The leaky split is `grouped_split` with every image its own group: the same shares, the
+    same stratification by diagnosis and the same seed, and nothing else changed.
+    """
+    if arm == "grouped":
+        return train_val_test(labels, lesions, val, TEST_FRACTION, seed)
+    if arm == "leaky":
+        return tuple(grouped_split(labels, np.arange(len(labels)), (1.0 - val - TEST_FRACTION, val, TEST_FRACTION), seed))
+    raise ValueError(f"unknown arm {arm!r}: one of {', '.join(ARMS)}")
+
+
+def lesion_seen_in_training(train_lesions: np.ndarray, test_lesions: np.ndarray) -> np.ndarray:
+    """For each test image: does its lesion have an image in the training part?"""
+    return np.isin(np.asarray(test_lesions), np.asarray(train_lesions))
+
+
+def _scores(labels: np.ndarray, logits: np.ndarray) -> dict:
+    from qana.classes import CLASS_NAMES
+    from qana.metrics import classification_metrics
+
+    m = classification_metrics(labels, logits.argmax(1), CLASS_NAMES)
+    return {k: m[k] for k in (*METRICS, "n")}
+
+
+def stored_result(result_path: Path, wanted: dict) -> dict | None:
+    """The arm's stored scores if made with `wanted` settings; None if there are none; refused otherwise."""
+    if not result_path.is_file():
+        return None
+    try:
+        stored = json.loads(result_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{result_path} is not valid JSON ({exc}): delete it to train that arm again") from None
+    found = {k: stored.get(k) for k in wanted}
+    if found != wanted:
+        if found["images"] != wanted["images"]:
+            raise ValueError(f"{result_path.parent} holds a model trained on other data: delete it or choose another --out")
+        differ = [k for k in wanted if found[k] != wanted[k]]
+        raise ValueError(f"{result_path.parent} holds a model trained with "
+                         + ", ".join(f"{k} {found[k]!r}" for k in differ) + ", not "
+                         + ", ".join(f"{k} {wanted[k]!r}" for k in differ) + ": delete it or choose another --out")
+    return stored
+
+
+def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val_fraction: float, dataset) -> dict:
+    """Float stage of the shipped command on one arm's split; scores on its test part (and the leaky halves)."""
+    from qana.train import TrainOptions, data_fingerprint, load_float, stage_float
+    from qana.views import keras_logits
+
+    run_dir = out / arm
+    result_path = run_dir / "result.json"
+    wanted = {"arm": arm, "epochs": epochs, "seed": seed, "val_fraction": val_fraction, "images": data_fingerprint(dataset)}
+    stored = stored_result(result_path, wanted)
+    if stored is not None:
+        return stored
+
+    train_idx, val_idx, test_idx = arm_split(arm, dataset.labels, dataset.lesion_ids, val_fraction, seed)
+    train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
+    opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed, val_fraction=val_fraction,
+                        class_weighting=SHIPPED_CLASS_WEIGHTING)
+    info = stage_float(opts, train, val)
+    model = load_float(opts)
+    seen = lesion_seen_in_training(train.lesion_ids, test.lesion_ids)
+    result = {**wanted, "seconds": info["seconds"], "train_images": len(train), "val_images": len(val),
+              "test_images": len(test), "test_images_lesion_in_training": int(seen.sum())}
+    for views in VIEWS:
+        logits = keras_logits(model, test.images, views)
+        result[f"test_{views}v"] = _scores(test.labels, logits)
+        for name, mask in (("lesion_in_training", seen), ("lesion_not_in_training", ~seen)):
+            if mask.any():
+                result[f"test_{views}v_{name}"] = _scores(test.labels[mask], logits[mask])
+    write_atomic(result_path, json.dumps(result, indent=2).encode())  # a killed run leaves no half-written result
+    return result
+
+
+def _triple(scores: dict) -> str:
+    return "/".join(f"{scores[k]:.3f}" for k in METRICS)
+
+
+def report(results: dict[str, dict]) -> list[str]:
+    """The comparison table: each arm's test scores, the leaky arm's halves, and leaky minus grouped."""
+    lines = [f"{'arm':<8} {'train':>6} {'val':>5} {'test':>5} {'lesion in train':>15} "
+             + " ".join(f"{f'test {v} view(s) top-1/mF1/bal':>32}" for v in VIEWS)]
+    for arm, r in results.items():
+        seen = r["test_images_lesion_in_training"]
+        share = f"{seen} ({seen / r['test_images']:.0%})"
+        lines.append(f"{arm:<8} {r['train_images']:>6} {r['val_images']:>5} {r['test_images']:>5} {share:>15} "
+                     + " ".join(f"{_triple(r[f'test_{v}v']):>32}" for v in VIEWS))
+    leaky = results.get("leaky")
+    if leaky:
+        for name, label in (("lesion_in_training", "lesion in training"), ("lesion_not_in_training", "lesion not in training")):
+            key = f"test_8v_{name}"
+            if key in leaky:
+                lines.append(f"  leaky test, {label} ({leaky[key]['n']} images), 8 views: {_triple(leaky[key])}")
+    if len(results) == 2:
+        g, k = results["grouped"]["test_8v"], results["leaky"]["test_8v"]
+        lines.append("leaky minus grouped, 8 views: " + ", ".join(f"{m} {100 * (k[m] - g[m]):+.1f} points" for m in METRICS))
+        lines.append("the paper (image-level split): " + ", ".join(f"{m} {v:.3f}" for m, v in PAPER.items())
+                     + "; minus our grouped arm: " + ", ".join(f"{m} {100 * (v - g[m]):+.1f} points" for m, v in PAPER.items()))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="HAM10000-style folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for each arm's model and scores")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="which arms to train/score: grouped, leaky (default both)")
+    parser.add_argument("--epochs", type=int, default=40, help="float epochs per arm (the shipped command: 40)")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed (0 = the shipped model's split)")
+    parser.add_argument("--val-fraction", type=float, default=SHIPPED_VAL_FRACTION,
+                        help="share held out for validation (the shipped command: 0.05)")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"error: data folder not found: {args.data}")
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"error: --arms takes {' and '.join(ARMS)}, not {', '.join(unknown)}")
+    if args.epochs < 1:
+        sys.exit(f"error: --epochs must be at least 1, not {args.epochs}")
+    if not VAL_FRACTION_RANGE[0] <= args.val_fraction <= VAL_FRACTION_RANGE[1]:
+        sys.exit(f"error: --val-fraction must be from {VAL_FRACTION_RANGE[0]:g} to {VAL_FRACTION_RANGE[1]:g}, not {args.val_fraction}")
+
+    from qana.data import load_dataset
+
+    dataset = load_dataset(args.data, size=64)
+    try:
+        results = {arm: train_and_score(args.data, args.out, arm, args.epochs, args.seed, args.val_fraction, dataset)
+                   for arm in ARMS if arm in args.arms}
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"{len(dataset)} images of {len(np.unique(dataset.lesion_ids))} lesions, {args.epochs} float epochs, seed {args.seed}, "
+          f"validation share {args.val_fraction:g}, test share {TEST_FRACTION:g}")
+    for line in report(results):
+        print(line)
+
+
+if __name__ == "__main__":
+    from qana.cli_errors import script_main
+
+    script_main(main)

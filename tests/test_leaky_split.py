@@ -1,0 +1,96 @@
+"""benchmarks/leaky_split.py: the two arms' splits, the seen-lesion halves, stored scores, the table, input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from benchmark_scripts import load_benchmark
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaky_split.py"
+leaky_split = load_benchmark("leaky_split")
+
+
+def _lesions(n_lesions: int = 900, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """HAM10000-like: class shares of the real set, 1-3 images per lesion."""
+    rng = np.random.default_rng(seed)
+    lesion_label = rng.choice(7, n_lesions, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    reps = rng.integers(1, 4, n_lesions)
+    return np.repeat(lesion_label, reps), np.repeat(np.arange(n_lesions), reps).astype(str)
+
+
+def test_the_grouped_arm_keeps_lesions_whole_and_the_leaky_arm_cuts_them_at_the_same_shares() -> None:
+    labels, lesions = _lesions()
+    grouped = leaky_split.arm_split("grouped", labels, lesions, 0.05, seed=3)
+    leaky = leaky_split.arm_split("leaky", labels, lesions, 0.05, seed=3)
+    for parts in (grouped, leaky):  # every image in exactly one part
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    g_train, _, g_test = grouped
+    k_train, _, k_test = leaky
+    assert not set(lesions[g_train]) & set(lesions[g_test])
+    cut = leaky_split.lesion_seen_in_training(lesions[k_train], lesions[k_test])
+    assert cut.sum() > 0.3 * len(k_test), "an image-level split must put many test lesions in training too"
+    assert not leaky_split.lesion_seen_in_training(lesions[g_train], lesions[g_test]).any()
+    for (a, b) in zip(grouped, leaky):  # the same shares, up to whole lesions
+        assert abs(len(a) - len(b)) <= 0.02 * len(labels)
+    for cls in range(7):  # both stratified by diagnosis
+        if (labels == cls).sum() >= 40:
+            for _, _, test in (grouped, leaky):
+                assert 0.10 < (labels[test] == cls).sum() / (labels == cls).sum() < 0.20
+    with pytest.raises(ValueError, match="unknown arm 'random'"):
+        leaky_split.arm_split("random", labels, lesions, 0.05, seed=3)
+
+
+def test_seen_lesions_are_those_with_an_image_in_training() -> None:
+    seen = leaky_split.lesion_seen_in_training(np.array(["a", "b", "b"]), np.array(["b", "c", "a", "d"]))
+    assert seen.tolist() == [True, False, True, False]
+
+
+def test_stored_scores_are_reused_only_for_the_same_settings_and_data(tmp_path: Path) -> None:
+    wanted = {"arm": "leaky", "epochs": 40, "seed": 0, "val_fraction": 0.05, "images": "abc"}
+    path = tmp_path / "leaky" / "result.json"
+    assert leaky_split.stored_result(path, wanted) is None
+    path.parent.mkdir()
+    path.write_text(json.dumps({**wanted, "test_8v": {"top1": 0.9}}))
+    assert leaky_split.stored_result(path, wanted)["test_8v"]["top1"] == 0.9
+    with pytest.raises(ValueError, match="trained with epochs 40, not epochs 20: delete it"):
+        leaky_split.stored_result(path, {**wanted, "epochs": 20})
+    with pytest.raises(ValueError, match="trained on other data"):
+        leaky_split.stored_result(path, {**wanted, "images": "xyz"})
+    path.write_text('{"arm": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        leaky_split.stored_result(path, wanted)
+    assert path.read_text() == '{"arm": ', "a refused result is left as it was"
+
+
+def _result(top1: float, macro_f1: float, seen: int) -> dict:
+    scores = {"top1": top1, "macro_f1": macro_f1, "balanced_accuracy": 0.5, "n": 100}
+    return {"train_images": 800, "val_images": 50, "test_images": 100, "test_images_lesion_in_training": seen,
+            "test_1v": scores, "test_8v": scores}
+
+
+def test_the_report_gives_leaky_minus_grouped_and_the_gap_to_the_paper() -> None:
+    leaky = {**_result(0.86, 0.72, 40), "test_8v_lesion_in_training": {"top1": 0.95, "macro_f1": 0.9, "balanced_accuracy": 0.9, "n": 40}}
+    lines = leaky_split.report({"grouped": _result(0.80, 0.60, 0), "leaky": leaky})
+    text = "\n".join(lines)
+    assert "40 (40%)" in text and "lesion in training (40 images), 8 views: 0.950/0.900/0.900" in text
+    assert "leaky minus grouped, 8 views: top1 +6.0 points, macro_f1 +12.0 points" in text
+    assert "minus our grouped arm: top1 +11.6 points, macro_f1 +22.4 points" in text
+    assert not any("minus" in line for line in leaky_split.report({"leaky": leaky})), "one arm: no difference"
+
+
+def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True, timeout=60)
+
+    result = run("--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "data folder not found" in result.stderr
+    result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "grouped", "random")
+    assert result.returncode != 0 and "--arms takes grouped and leaky, not random" in result.stderr
+    result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--val-fraction", "0.9")
+    assert result.returncode != 0 and "--val-fraction must be from" in result.stderr
+    assert not (tmp_path / "out").exists()
