@@ -10,21 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
+from test_learning_curve import _lesions  # HAM10000-like class shares, 1-3 images per lesion
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaky_split.py"
 leaky_split = load_benchmark("leaky_split")
 
 
-def _lesions(n_lesions: int = 900, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """HAM10000-like: class shares of the real set, 1-3 images per lesion."""
-    rng = np.random.default_rng(seed)
-    lesion_label = rng.choice(7, n_lesions, p=[0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
-    reps = rng.integers(1, 4, n_lesions)
-    return np.repeat(lesion_label, reps), np.repeat(np.arange(n_lesions), reps).astype(str)
-
-
 def test_the_grouped_arm_keeps_lesions_whole_and_the_leaky_arm_cuts_them_at_the_same_shares() -> None:
-    labels, lesions = _lesions()
+    labels, lesions = _lesions(900)
     grouped = leaky_split.arm_split("grouped", labels, lesions, 0.05, seed=3)
     leaky = leaky_split.arm_split("leaky", labels, lesions, 0.05, seed=3)
     for parts in (grouped, leaky):  # every image in exactly one part
