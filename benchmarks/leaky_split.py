@@ -18,12 +18,16 @@ Each arm trains the float stage of the shipped command (`qana train --epochs 40 
 validation part, leaky in the leaky arm as it would be in such a study) and is scored on its own
 test part with 1 and 8 test-time views (the shipped bundles use 8). The leaky arm's test part is
 also scored in two halves: images whose lesion has another image in its training part, and
-images whose lesion does not. Float only: the quantized and Akida models stay within about a
+images whose lesion does not. The halves differ in class mix (lesions photographed several times
+are more often melanoma or keratosis than naevus), so their top-1 compares class mixes too; the
+class-matched line compares recall within each class instead. Float only: the quantized and Akida models stay within about a
 point of float (README model card), and the float stage is the expensive part (about 40 min per
 arm on two cores, two arms at once about as long as one after the other).
 
 Each arm's model and scores are kept in OUT/<arm>/ and reused on a rerun with the same settings
-(delete the folder to retrain); one made with other settings is refused, not reused. Run the
+(delete the folder to retrain; delete only its result.json to score the kept model again); one
+made with other settings is refused, not reused. An interrupted float stage continues from its
+last finished epoch. Run the
 arms as two processes at once with `--arms grouped` and `--arms leaky`, then once more with no
 `--arms` to print the comparison from the stored scores.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +50,7 @@ from qana.splits import TEST_FRACTION, VAL_FRACTION_RANGE, grouped_split, train_
 ARMS = ("grouped", "leaky")
 METRICS = ("top1", "macro_f1", "balanced_accuracy")
 VIEWS = (1, 8)
+MIN_SUPPORT = 5  # test images a class needs in both leaky halves to enter the class-matched comparison
 PAPER = {"top1": 0.916, "macro_f1": 0.824}  # Wang et al. 2025, HAM10000 at 64x64, image-level split
 SHIPPED_VAL_FRACTION = 0.05  # the shipped command's --val-fraction
 SHIPPED_CLASS_WEIGHTING = "none"  # the shipped command's --class-weighting
@@ -69,11 +75,29 @@ def lesion_seen_in_training(train_lesions: np.ndarray, test_lesions: np.ndarray)
 
 
 def _scores(labels: np.ndarray, logits: np.ndarray) -> dict:
+    """Top-1, macro-F1, balanced accuracy, n, and each class's recall and support (for class-matched comparisons)."""
     from qana.classes import CLASS_NAMES
     from qana.metrics import classification_metrics
 
     m = classification_metrics(labels, logits.argmax(1), CLASS_NAMES)
-    return {k: m[k] for k in (*METRICS, "n")}
+    by_class = {c: {"recall": v["recall"], "support": v["support"]} for c, v in m["per_class"].items()}
+    return {**{k: m[k] for k in (*METRICS, "n")}, "by_class": by_class}
+
+
+def class_matched_gap(seen: dict, unseen: dict, min_support: int = MIN_SUPPORT) -> tuple[float, list[str]] | None:
+    """Mean over classes of (recall, lesion in training) minus (recall, lesion not in training).
+
+    The two halves of the leaky test part differ in class mix (lesions with several images are
+    more often melanoma or keratosis than naevus), so their top-1 compares class mixes as much as
+    memory; within a class the mix is the same. Only classes with `min_support` images in both
+    halves count; None if none does. Returns the mean gap and the classes used.
+    """
+    classes = [c for c in seen["by_class"]
+               if min(seen["by_class"][c]["support"], unseen["by_class"][c]["support"]) >= min_support]
+    if not classes:
+        return None
+    gaps = [seen["by_class"][c]["recall"] - unseen["by_class"][c]["recall"] for c in classes]
+    return float(np.mean(gaps)), classes
 
 
 def stored_result(result_path: Path, wanted: dict) -> dict | None:
@@ -97,7 +121,7 @@ def stored_result(result_path: Path, wanted: dict) -> dict | None:
 
 def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val_fraction: float, dataset) -> dict:
     """Float stage of the shipped command on one arm's split; scores on its test part (and the leaky halves)."""
-    from qana.train import TrainOptions, data_fingerprint, load_float, stage_float
+    from qana.train import TrainOptions, data_fingerprint, load_float, stage_backup_dir, stage_float
     from qana.views import keras_logits
 
     run_dir = out / arm
@@ -109,21 +133,27 @@ def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val
 
     train_idx, val_idx, test_idx = arm_split(arm, dataset.labels, dataset.lesion_ids, val_fraction, seed)
     train, val, test = dataset.subset(train_idx), dataset.subset(val_idx), dataset.subset(test_idx)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
     opts = TrainOptions(data=data, run_dir=run_dir, epochs=epochs, seed=seed, val_fraction=val_fraction,
                         class_weighting=SHIPPED_CLASS_WEIGHTING)
-    info = stage_float(opts, train, val)
+    trained_path = run_dir / "float-trained.json"  # the float stage finished with these settings: score, do not retrain
+    trained = stored_result(trained_path, wanted)
+    if trained is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
+        info = stage_float(opts, train, val)
+        trained = {**wanted, "seconds": info["seconds"]}
+        write_atomic(trained_path, json.dumps(trained, indent=2).encode())
+        shutil.rmtree(stage_backup_dir(opts, "float"), ignore_errors=True)  # as `qana train` does once the stage is finished
     model = load_float(opts)
     seen = lesion_seen_in_training(train.lesion_ids, test.lesion_ids)
-    result = {**wanted, "seconds": info["seconds"], "train_images": len(train), "val_images": len(val),
+    result = {**wanted, "seconds": trained["seconds"], "train_images": len(train), "val_images": len(val),
               "test_images": len(test), "test_images_lesion_in_training": int(seen.sum())}
     for views in VIEWS:
         logits = keras_logits(model, test.images, views)
         result[f"test_{views}v"] = _scores(test.labels, logits)
-        for name, mask in (("lesion_in_training", seen), ("lesion_not_in_training", ~seen)):
-            if mask.any():
-                result[f"test_{views}v_{name}"] = _scores(test.labels[mask], logits[mask])
+        if seen.any():  # the leaky arm: its test part in two halves
+            result[f"test_{views}v_lesion_in_training"] = _scores(test.labels[seen], logits[seen])
+            result[f"test_{views}v_lesion_not_in_training"] = _scores(test.labels[~seen], logits[~seen])
     write_atomic(result_path, json.dumps(result, indent=2).encode())  # a killed run leaves no half-written result
     return result
 
@@ -142,11 +172,17 @@ def report(results: dict[str, dict]) -> list[str]:
         lines.append(f"{arm:<8} {r['train_images']:>6} {r['val_images']:>5} {r['test_images']:>5} {share:>15} "
                      + " ".join(f"{_triple(r[f'test_{v}v']):>32}" for v in VIEWS))
     leaky = results.get("leaky")
-    if leaky:
-        for name, label in (("lesion_in_training", "lesion in training"), ("lesion_not_in_training", "lesion not in training")):
-            key = f"test_8v_{name}"
-            if key in leaky:
-                lines.append(f"  leaky test, {label} ({leaky[key]['n']} images), 8 views: {_triple(leaky[key])}")
+    if leaky and "test_8v_lesion_in_training" in leaky:
+        halves = {"lesion in training": leaky["test_8v_lesion_in_training"],
+                  "lesion not in training": leaky["test_8v_lesion_not_in_training"]}
+        for label, scores in halves.items():
+            recalls = ", ".join(f"{c} {v['recall']:.2f} ({v['support']})" for c, v in scores["by_class"].items())
+            lines.append(f"  leaky test, {label} ({scores['n']} images), 8 views: {_triple(scores)}; recall (images) {recalls}")
+        matched = class_matched_gap(*halves.values())
+        if matched is not None:
+            gap, classes = matched
+            lines.append(f"  class-matched, 8 views: recall with the lesion in training minus without, mean over "
+                         f"{', '.join(classes)}: {100 * gap:+.1f} points")
     if len(results) == 2:
         g, k = results["grouped"]["test_8v"], results["leaky"]["test_8v"]
         lines.append("leaky minus grouped, 8 views: " + ", ".join(f"{m} {100 * (k[m] - g[m]):+.1f} points" for m in METRICS))
