@@ -18,18 +18,17 @@ Each arm trains the float stage of the shipped command (`qana train --epochs 40 
 validation part, leaky in the leaky arm as it would be in such a study) and is scored on its own
 test part with 1 and 8 test-time views (the shipped bundles use 8). The leaky arm's test part is
 also scored in two halves: images whose lesion has another image in its training part, and
-images whose lesion does not. The halves differ in class mix (lesions photographed several times
-are more often melanoma or keratosis than naevus), so their top-1 compares class mixes too; the
-class-matched line compares recall within each class instead. Float only: the quantized and Akida models stay within about a
-point of float (README model card), and the float stage is the expensive part (about 40 min per
-arm on two cores, two arms at once about as long as one after the other).
+images whose lesion does not. The halves differ in class mix (lesions photographed several
+times are more often melanoma or keratosis than naevus), so their top-1 compares class mixes
+too; the class-matched line compares recall within each class instead. Float only: the quantized
+and Akida models stay within about a point of float (README model card), and the float stage is
+the expensive part (session 40, two cores, both arms at once: 64 and 73 min).
 
 Each arm's model and scores are kept in OUT/<arm>/ and reused on a rerun with the same settings
 (delete the folder to retrain; delete only its result.json to score the kept model again); one
 made with other settings is refused, not reused. An interrupted float stage continues from its
-last finished epoch. Run the
-arms as two processes at once with `--arms grouped` and `--arms leaky`, then once more with no
-`--arms` to print the comparison from the stored scores.
+last finished epoch. Run the arms as two processes at once with `--arms grouped` and `--arms
+leaky`, then once more with no `--arms` to print the comparison from the stored scores.
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ def stored_result(result_path: Path, wanted: dict) -> dict | None:
     try:
         stored = json.loads(result_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{result_path} is not valid JSON ({exc}): delete it to train that arm again") from None
+        raise ValueError(f"{result_path} is not valid JSON ({exc}): delete it and run again") from None
     found = {k: stored.get(k) for k in wanted}
     if found != wanted:
         if found["images"] != wanted["images"]:
