@@ -27,7 +27,7 @@ the expensive part (session 40, two cores, both arms at once: 64 and 73 min).
 Each arm's model and scores are kept in OUT/<arm>/ and reused on a rerun with the same settings
 (delete the folder to retrain; delete only its result.json to score the kept model again); one
 made with other settings is refused, not reused. An interrupted float stage continues from its
-last finished epoch. Run the arms as two processes at once with `--arms grouped` and `--arms
+last finished epoch when rerun with the same settings, and is refused with others. Run the arms as two processes at once with `--arms grouped` and `--arms
 leaky`, then once more with no `--arms` to print the comparison from the stored scores.
 """
 
@@ -118,6 +118,24 @@ def stored_result(result_path: Path, wanted: dict) -> dict | None:
     return stored
 
 
+def claim_float_stage(run_dir: Path, wanted: dict, backup_dir: Path) -> None:
+    """Record the settings a float stage starts with, or refuse to continue one started with others.
+
+    The float stage continues from its epoch backup whatever fit was stopped in `run_dir`; without
+    this record a rerun with another --epochs would finish the first fit and label its scores with
+    the second run's settings. A backup without a record (left by an older version of this script)
+    is refused too, and kept: only the user knows which settings made it.
+    """
+    started = run_dir / "float-started.json"
+    if stored_result(started, wanted) is not None:
+        return  # the same settings: continue from the last finished epoch
+    if backup_dir.exists():
+        raise ValueError(f"{run_dir} holds a float stage stopped mid-way whose settings are not recorded: "
+                         "delete it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(started, json.dumps(wanted, indent=2).encode())
+
+
 def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val_fraction: float, dataset) -> dict:
     """Float stage of the shipped command on one arm's split; scores on its test part (and the leaky halves)."""
     from qana.train import TrainOptions, data_fingerprint, load_float, stage_backup_dir, stage_float
@@ -137,7 +155,7 @@ def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val
     trained_path = run_dir / "float-trained.json"  # the float stage finished with these settings: score, do not retrain
     trained = stored_result(trained_path, wanted)
     if trained is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_float_stage(run_dir, wanted, stage_backup_dir(opts, "float"))
         np.savez(run_dir / "split.npz", train=train_idx, val=val_idx, test=test_idx, image_ids=dataset.image_ids)
         info = stage_float(opts, train, val)
         trained = {**wanted, "seconds": info["seconds"]}

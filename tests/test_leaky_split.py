@@ -104,3 +104,18 @@ def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
     result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--val-fraction", "0.9")
     assert result.returncode != 0 and "--val-fraction must be from" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_float_stage_is_continued_only_with_the_settings_it_started_with(tmp_path: Path) -> None:
+    wanted = {"arm": "leaky", "epochs": 40, "seed": 0, "val_fraction": 0.05, "images": "abc"}
+    run_dir, backup = tmp_path / "leaky", tmp_path / "leaky" / "float.backup"
+    leaky_split.claim_float_stage(run_dir, wanted, backup)
+    assert json.loads((run_dir / "float-started.json").read_text()) == wanted
+    backup.mkdir()  # the stage was stopped after some epochs
+    leaky_split.claim_float_stage(run_dir, wanted, backup)  # the same settings continue
+    with pytest.raises(ValueError, match="trained with epochs 40, not epochs 20: delete it"):
+        leaky_split.claim_float_stage(run_dir, {**wanted, "epochs": 20}, backup)
+    (run_dir / "float-started.json").unlink()  # a backup left by the script before it kept this record
+    with pytest.raises(ValueError, match="stopped mid-way whose settings are not recorded"):
+        leaky_split.claim_float_stage(run_dir, wanted, backup)
+    assert backup.is_dir() and not (run_dir / "float-started.json").exists(), "a refused backup is kept as it was"
