@@ -27,8 +27,14 @@ the expensive part (session 40, two cores, both arms at once: 64 and 73 min).
 Each arm's model and scores are kept in OUT/<arm>/ and reused on a rerun with the same settings
 (delete the folder to retrain; delete only its result.json to score the kept model again); one
 made with other settings is refused, not reused. An interrupted float stage continues from its
-last finished epoch when rerun with the same settings, and is refused with others. Run the arms as two processes at once with `--arms grouped` and `--arms
-leaky`, then once more with no `--arms` to print the comparison from the stored scores.
+last finished epoch when rerun with the same settings, and is refused with others. Run the arms
+as two processes at once with `--arms grouped` and `--arms leaky`, then once more with no
+`--arms` to print the comparison from the stored scores.
+
+The grouped arm is the shipped command's float stage, so a finished run of that command with the
+same --seed can stand in for it (`--grouped-from runs/fixaug-seed19`, or its record
+`benchmarks/records/fixaug-seed19` on a machine without the run): only the leaky arm is trained,
+and the run is used only if its command and its split indices are the grouped arm's.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qana.atomic import write_atomic  # noqa: E402
 from qana.splits import TEST_FRACTION, VAL_FRACTION_RANGE, grouped_split, train_val_test  # noqa: E402
@@ -53,6 +60,9 @@ MIN_SUPPORT = 5  # test images a class needs in both leaky halves to enter the c
 PAPER = {"top1": 0.916, "macro_f1": 0.824}  # Wang et al. 2025, HAM10000 at 64x64, image-level split
 SHIPPED_VAL_FRACTION = 0.05  # the shipped command's --val-fraction
 SHIPPED_CLASS_WEIGHTING = "none"  # the shipped command's --class-weighting
+# The shipped v2 command (README model card); a run of it on the grouped split may stand in for the grouped arm.
+SHIPPED_COMMAND = ("qana train --data DATA --run-dir RUN --target v2 --epochs {epochs} --qat-epochs 2 --test-time-views 8 "
+                   "--val-fraction {val_fraction} --class-weighting " + SHIPPED_CLASS_WEIGHTING + " --seed {seed}")
 
 
 def arm_split(arm: str, labels: np.ndarray, lesions: np.ndarray, val: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -175,6 +185,43 @@ def train_and_score(data: Path, out: Path, arm: str, epochs: int, seed: int, val
     return result
 
 
+def recorded_grouped_arm(run: Path, labels: np.ndarray, lesions: np.ndarray, epochs: int, seed: int, val_fraction: float) -> dict:
+    """The grouped arm's scores read from a finished `qana train` run instead of training it again.
+
+    The run (a run directory, or its record in benchmarks/records once the directory is gone) is
+    accepted only if its recorded command is the shipped command with these --epochs,
+    --val-fraction and --seed (compared as `qana train` reads its options) and its train,
+    validation and test indices are this arm's, index for index. Its bundle stage recorded the
+    float model's test scores with its 8 test-time views, so the 1-view column stays empty.
+    """
+    from record_run import RecordError, folder_split_fingerprint, indices_fingerprint
+    from seed_spread import command_differences, load_run
+
+    options, metrics = load_run(run)  # exits naming the file when it is no finished run
+    wanted = SHIPPED_COMMAND.format(epochs=epochs, val_fraction=val_fraction, seed=seed)
+    differ = command_differences(wanted, options.get("command", ""))
+    if options.get("seed") != seed:
+        differ.append(f"its seed is {options.get('seed')!r}")
+    if differ:
+        raise ValueError(f"{run} is not a run of the shipped command with --epochs {epochs} --val-fraction {val_fraction:g} "
+                         f"--seed {seed}: " + ", ".join(differ))
+    parts = arm_split("grouped", labels, lesions, val_fraction, seed)
+    try:
+        recorded = folder_split_fingerprint(run)
+    except RecordError as exc:
+        raise ValueError(str(exc)) from None
+    if recorded is None:
+        raise ValueError(f"{run} holds no split indices (split.npz or split-indices.sha256): cannot show it used the grouped arm's split")
+    if recorded != indices_fingerprint(parts):
+        raise ValueError(f"{run} was trained on another split than the grouped arm's for seed {seed} (other data, or another version of the split)")
+    scores = metrics["test"]["float"]
+    if scores.get("n") != len(parts[2]):
+        raise ValueError(f"{run} records float test scores on {scores.get('n')} images, not the grouped arm's {len(parts[2])}")
+    return {"arm": "grouped", "from_run": str(run), "epochs": epochs, "seed": seed, "val_fraction": val_fraction,
+            "train_images": len(parts[0]), "val_images": len(parts[1]), "test_images": len(parts[2]),
+            "test_images_lesion_in_training": 0, "test_8v": {m: scores[m] for m in (*METRICS, "n")}}
+
+
 def _triple(scores: dict) -> str:
     return "/".join(f"{scores[k]:.3f}" for k in METRICS)
 
@@ -187,7 +234,9 @@ def report(results: dict[str, dict]) -> list[str]:
         seen = r["test_images_lesion_in_training"]
         share = f"{seen} ({seen / r['test_images']:.0%})"
         lines.append(f"{arm:<8} {r['train_images']:>6} {r['val_images']:>5} {r['test_images']:>5} {share:>15} "
-                     + " ".join(f"{_triple(r[f'test_{v}v']):>32}" for v in VIEWS))
+                     + " ".join(f"{_triple(r[f'test_{v}v']) if f'test_{v}v' in r else '-':>32}" for v in VIEWS))
+        if "from_run" in r:
+            lines.append(f"  {arm}: the float model of {r['from_run']} (its bundle stage's test scores; the same split, index for index)")
     leaky = results.get("leaky")
     if leaky and "test_8v_lesion_in_training" in leaky:
         halves = {"lesion in training": leaky["test_8v_lesion_in_training"],
@@ -212,7 +261,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="HAM10000-style folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for each arm's model and scores")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="which arms to train/score: grouped, leaky (default both)")
+    parser.add_argument("--arms", nargs="+", help="which arms to train/score: grouped, leaky (default both)")
+    parser.add_argument("--grouped-from", type=Path, metavar="RUN",
+                        help="read the grouped arm from a finished run of the shipped command with this --seed (a run "
+                             "directory or its benchmarks/records copy) instead of training it")
     parser.add_argument("--epochs", type=int, default=40, help="float epochs per arm (the shipped command: 40)")
     parser.add_argument("--seed", type=int, default=0, help="split and training seed (0 = the shipped model's split)")
     parser.add_argument("--val-fraction", type=float, default=SHIPPED_VAL_FRACTION,
@@ -220,6 +272,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"error: data folder not found: {args.data}")
+    if args.grouped_from is not None and args.arms and "grouped" in args.arms:
+        sys.exit("error: --grouped-from reads the grouped arm from a run: give --arms leaky (or no --arms), not grouped")
+    args.arms = args.arms or (["leaky"] if args.grouped_from is not None else list(ARMS))
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         sys.exit(f"error: --arms takes {' and '.join(ARMS)}, not {', '.join(unknown)}")
@@ -232,8 +287,12 @@ def main() -> None:
 
     dataset = load_dataset(args.data, size=64)
     try:
-        results = {arm: train_and_score(args.data, args.out, arm, args.epochs, args.seed, args.val_fraction, dataset)
-                   for arm in ARMS if arm in args.arms}
+        results = {}
+        if args.grouped_from is not None:  # checked before any training, so a wrong run costs no hour of it
+            results["grouped"] = recorded_grouped_arm(args.grouped_from, dataset.labels, dataset.lesion_ids, args.epochs,
+                                                      args.seed, args.val_fraction)
+        results.update({arm: train_and_score(args.data, args.out, arm, args.epochs, args.seed, args.val_fraction, dataset)
+                        for arm in ARMS if arm in args.arms})
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     print(f"{len(dataset)} images of {len(np.unique(dataset.lesion_ids))} lesions, {args.epochs} float epochs, seed {args.seed}, "

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +53,18 @@ def read_split_indices(split_npz: Path) -> dict[str, np.ndarray]:
 
 def split_fingerprint(split_npz: Path) -> str:
     """sha256 of the train, validation and test indices of a run's split.npz, as int64."""
+    try:
+        return indices_fingerprint(read_split_indices(split_npz).values())
+    except (TypeError, ValueError) as exc:  # e.g. names where indices belong
+        raise RecordError(f"{split_npz}: not a readable split ({exc})") from None
+
+
+def indices_fingerprint(parts: Iterable[np.ndarray]) -> str:
+    """sha256 of a split's train, validation and test indices (in that order), as int64: what
+    split-indices.sha256 holds, so a split made in memory can be matched with a record's."""
     digest = hashlib.sha256()
-    for indices in read_split_indices(split_npz).values():
-        try:
-            digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
-        except (TypeError, ValueError) as exc:  # e.g. names where indices belong
-            raise RecordError(f"{split_npz}: not a readable split ({exc})") from None
+    for indices in parts:
+        digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 

@@ -101,6 +101,8 @@ def test_bad_arguments_are_refused_before_training(tmp_path: Path) -> None:
     assert result.returncode != 0 and "data folder not found" in result.stderr
     result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "grouped", "random")
     assert result.returncode != 0 and "--arms takes grouped and leaky, not random" in result.stderr
+    result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "grouped", "--grouped-from", str(tmp_path))
+    assert result.returncode != 0 and "--grouped-from reads the grouped arm from a run: give --arms leaky" in result.stderr
     result = run("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--val-fraction", "0.9")
     assert result.returncode != 0 and "--val-fraction must be from" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -119,3 +121,43 @@ def test_a_stopped_float_stage_is_continued_only_with_the_settings_it_started_wi
     with pytest.raises(ValueError, match="stopped mid-way whose settings are not recorded"):
         leaky_split.claim_float_stage(run_dir, wanted, backup)
     assert backup.is_dir() and not (run_dir / "float-started.json").exists(), "a refused backup is kept as it was"
+
+
+def _shipped_run(folder: Path, parts: tuple[np.ndarray, ...], seed: int = 3, extra: str = "") -> Path:
+    """A record of a finished run of the shipped command (what benchmarks/record_run.py keeps)."""
+    from record_run import indices_fingerprint
+
+    command = (f"qana train --data ../shared/data/ham10000 --run-dir runs/fixaug-seed{seed} --target v2 --epochs 40 "
+               f"--qat-epochs 2 --test-time-views 8 --val-fraction 0.05 --class-weighting none --seed {seed}{extra}")
+    scores = {"top1": 0.8, "macro_f1": 0.6, "balanced_accuracy": 0.55, "n": len(parts[2])}
+    metrics = {part: {m: dict(scores) for m in ("float", "quantized", "akida")} for part in ("val", "test")}
+    folder.mkdir()
+    (folder / "bundle.json").write_text(json.dumps({"metrics": metrics}))
+    (folder / "options.json").write_text(json.dumps({"seed": seed, "command": command}))
+    (folder / "split-indices.sha256").write_text(indices_fingerprint(parts) + "  train+val+test indices (int64) of split.npz\n")
+    return folder
+
+
+def test_a_run_of_the_shipped_command_on_the_same_split_stands_in_for_the_grouped_arm(tmp_path: Path) -> None:
+    labels, lesions = _lesions(900)
+    parts = leaky_split.arm_split("grouped", labels, lesions, 0.05, seed=3)
+    run = _shipped_run(tmp_path / "fixaug-seed3", parts)
+    grouped = leaky_split.recorded_grouped_arm(run, labels, lesions, 40, 3, 0.05)
+    assert grouped["test_8v"] == {"top1": 0.8, "macro_f1": 0.6, "balanced_accuracy": 0.55, "n": len(parts[2])}
+    assert (grouped["train_images"], grouped["test_images"], grouped["test_images_lesion_in_training"]) == (len(parts[0]), len(parts[2]), 0)
+    row = leaky_split.report({"grouped": grouped})[1].split()
+    assert "test_1v" not in grouped and row[-2:] == ["-", "0.800/0.600/0.550"], "no 1-view figure is made up"
+    with pytest.raises(ValueError, match="not a run of the shipped command with --epochs 20 .*: command --epochs"):
+        leaky_split.recorded_grouped_arm(run, labels, lesions, 20, 3, 0.05)
+    with pytest.raises(ValueError, match="its seed is 3"):
+        leaky_split.recorded_grouped_arm(run, labels, lesions, 40, 4, 0.05)
+    mixup = _shipped_run(tmp_path / "mixup-seed3", parts, extra=" --mixup 0.2")
+    with pytest.raises(ValueError, match="command --mixup"):
+        leaky_split.recorded_grouped_arm(mixup, labels, lesions, 40, 3, 0.05)
+    leaky = leaky_split.arm_split("leaky", labels, lesions, 0.05, seed=3)
+    other = _shipped_run(tmp_path / "other-split", leaky)
+    with pytest.raises(ValueError, match="trained on another split than the grouped arm's for seed 3"):
+        leaky_split.recorded_grouped_arm(other, labels, lesions, 40, 3, 0.05)
+    (run / "split-indices.sha256").unlink()
+    with pytest.raises(ValueError, match="holds no split indices"):
+        leaky_split.recorded_grouped_arm(run, labels, lesions, 40, 3, 0.05)
