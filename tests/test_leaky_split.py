@@ -158,6 +158,11 @@ def test_a_run_of_the_shipped_command_on_the_same_split_stands_in_for_the_groupe
     other = _shipped_run(tmp_path / "other-split", leaky)
     with pytest.raises(ValueError, match="trained on another split than the grouped arm's for seed 3"):
         leaky_split.recorded_grouped_arm(other, labels, lesions, 40, 3, 0.05)
+    recorded = json.loads((run / "bundle.json").read_text())
+    recorded["metrics"]["test"]["float"]["n"] += 1
+    (run / "bundle.json").write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=f"float test scores on {len(parts[2]) + 1} images, not the grouped arm's {len(parts[2])}"):
+        leaky_split.recorded_grouped_arm(run, labels, lesions, 40, 3, 0.05)
     (run / "split-indices.sha256").unlink()
     with pytest.raises(ValueError, match="holds no split indices"):
         leaky_split.recorded_grouped_arm(run, labels, lesions, 40, 3, 0.05)
