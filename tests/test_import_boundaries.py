@@ -1,5 +1,5 @@
-"""A clinic never needs TensorFlow, its install has everything its code imports, and lower
-layers never import higher ones."""
+"""A clinic never needs TensorFlow, each side's install has everything its code imports, and
+lower layers never import higher ones."""
 
 from __future__ import annotations
 
@@ -33,9 +33,15 @@ def test_client_path_never_imports_tensorflow(modules: str) -> None:
     assert result.returncode == 0, f"{modules} pulled in: {result.stdout.strip()} {result.stderr[-500:]}"
 
 
-# What `qana-client` runs: its commands and the ClientApp that Flower starts in a child process.
+# What each side runs, and the install the README gives it: a clinic `pip install -e .` (its
+# commands and the ClientApp Flower starts in a child process), the coordinator `-e ".[server]"`.
 CLIENT_ENTRY_POINTS = ("client.cli", "client.app")
+INSTALLS = {
+    "clinic": (CLIENT_ENTRY_POINTS, ()),
+    "coordinator": (("server.cli", "server.app"), ("server",)),
+}
 PROJECT_PACKAGES = frozenset(ORDER)
+TRAINING_STACK = frozenset({"tensorflow", "tf_keras", "keras", "quantizeml", "cnn2snn"})
 
 
 def _module_file(name: str) -> Path | None:
@@ -51,8 +57,8 @@ def _module_file(name: str) -> Path | None:
 
 
 def _imported_names(path: Path, module: str) -> set[str]:
-    """Every module `path` imports anywhere, functions included (lazy imports count: a clinic
-    reaches them too), with relative imports resolved against `module`."""
+    """Every module `path` imports anywhere, functions included (lazy imports count: the
+    program reaches them too), with relative imports resolved against `module`."""
     names: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -68,16 +74,16 @@ def _imported_names(path: Path, module: str) -> set[str]:
     return names
 
 
-def client_third_party_imports() -> dict[str, set[str]]:
-    """Top-level third-party modules imported anywhere in the client's import closure, each with
-    the project modules that import it."""
+def third_party_imports(entry_points: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level third-party modules imported anywhere in the import closure of `entry_points`
+    (project modules are followed, the standard library left out), each with the names imported."""
     found: dict[str, set[str]] = {}
     seen: set[Path] = set()
-    todo = list(CLIENT_ENTRY_POINTS)
+    todo = list(entry_points)
     while todo:
         name = todo.pop()
-        path = _module_file(name)
         if name.split(".")[0] in PROJECT_PACKAGES:
+            path = _module_file(name)
             if path is None or path in seen:
                 continue
             seen.add(path)
@@ -90,57 +96,67 @@ def client_third_party_imports() -> dict[str, set[str]]:
     return found
 
 
-def base_install_distributions() -> set[str]:
-    """Distributions a clinic's `pip install -e .` brings: qana-fl's requirements without extras,
-    and theirs, recursively (names normalised as pip does)."""
-    def norm(name: str) -> str:
-        return name.lower().replace("_", "-").replace(".", "-")
+def _distribution_name(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
 
-    wanted, todo = set(), ["qana-fl"]
+
+def installed_distributions(extras: tuple[str, ...]) -> set[str]:
+    """Distributions `pip install -e ".[extras]"` brings: qana-fl's requirements for those
+    extras, and theirs with the extras they ask for, recursively."""
+    wanted: set[str] = set()
+    todo = [("qana-fl", frozenset(extras))]
+    done: set[tuple[str, frozenset[str]]] = set()
     while todo:
-        dist = todo.pop()
+        dist, dist_extras = todo.pop()
+        if (dist, dist_extras) in done:
+            continue
+        done.add((dist, dist_extras))
         try:
             requirements = metadata.requires(dist) or []
         except metadata.PackageNotFoundError:  # a dependency for another platform
             continue
         for text in requirements:
             req = Requirement(text)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *dist_extras)):
                 continue
-            name = norm(req.name)
-            if name not in wanted:
-                wanted.add(name)
-                todo.append(name)
+            name = _distribution_name(req.name)
+            wanted.add(name)
+            todo.append((name, frozenset(req.extras)))
     return wanted
 
 
-def test_clinic_install_has_every_module_the_client_imports() -> None:
-    """`pip install -e .` (no extras) is the whole clinic install (README): a module the client
-    path imports that only an extra brings (matplotlib, sqlalchemy, ray, ...) would pass every
-    other test here, in CI's full install, and crash at the clinic."""
-    base = base_install_distributions()
+@pytest.mark.parametrize("side", sorted(INSTALLS))
+def test_each_install_has_every_module_its_code_imports(side: str) -> None:
+    """The README's install for each side is all that side has: a module its code imports that
+    only another extra brings (matplotlib, ray, psycopg2, TensorFlow ...) passes every other
+    test here, in CI's full install, and fails on the clinic's or coordinator's machine."""
+    entry_points, extras = INSTALLS[side]
+    installed = installed_distributions(extras)
     distributions = metadata.packages_distributions()
     missing = []
-    for top, importers in sorted(client_third_party_imports().items()):
-        dists = {d.lower().replace("_", "-").replace(".", "-") for d in distributions.get(top, [])}
-        if not dists & base:
-            missing.append(f"{top} ({', '.join(sorted(dists)) or 'not installed'}; via {', '.join(sorted(importers))})")
-    assert not missing, f"the client imports modules a clinic's install lacks: {missing}"
+    for top, names in sorted(third_party_imports(entry_points).items()):
+        dists = {_distribution_name(d) for d in distributions.get(top, [])}
+        if not dists & installed:
+            missing.append(f"{top} ({', '.join(sorted(dists)) or 'not installed'}; {', '.join(sorted(names))})")
+    assert not missing, f"the {side}'s code imports modules its install lacks: {missing}"
 
 
-def test_the_client_closure_is_walked() -> None:
-    """The walk reaches the modules the client is known to use, some only imported inside
-    functions (else the test above would pass by checking nothing)."""
-    found = client_third_party_imports()
-    assert {"akida", "flwr", "numpy", "imblearn", "PIL", "typer", "cryptography"} <= set(found), sorted(found)
+def test_the_import_closures_are_walked() -> None:
+    """The walk reaches modules each side is known to use, some only imported inside functions
+    (else the test above would pass by checking nothing)."""
+    client = third_party_imports(CLIENT_ENTRY_POINTS)
+    assert {"akida", "flwr", "numpy", "imblearn", "PIL", "typer", "cryptography"} <= set(client), sorted(client)
+    coordinator = third_party_imports(INSTALLS["coordinator"][0])
+    assert {"sqlalchemy", "alembic", "tomli_w", "flwr"} <= set(coordinator), sorted(coordinator)
+    assert "psycopg2-binary" in installed_distributions(("server",)) and "ray" not in installed_distributions(("server",))
 
 
-def test_no_client_code_path_imports_tensorflow_even_lazily() -> None:
-    """The import-time check above misses an `import tensorflow` inside a function the client
-    calls later; the whole closure must not name the training stack at all."""
-    training_stack = {"tensorflow", "tf_keras", "keras", "quantizeml", "cnn2snn"}
-    found = client_third_party_imports()
-    assert not training_stack & set(found), {name: sorted(found[name]) for name in training_stack & set(found)}
+@pytest.mark.parametrize("side", sorted(INSTALLS))
+def test_no_code_path_imports_the_training_stack_even_lazily(side: str) -> None:
+    """The import-time check above misses an `import tensorflow` inside a function called later;
+    neither side's closure may name the training stack at all."""
+    found = third_party_imports(INSTALLS[side][0])
+    assert not TRAINING_STACK & set(found), {name: sorted(found[name]) for name in TRAINING_STACK & set(found)}
 
 
 def _imports(path: Path) -> set[str]:
