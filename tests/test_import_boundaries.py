@@ -56,6 +56,11 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _module_name(path: Path) -> str:
+    """`client/clinic.py` -> `client.clinic`, `qana/__init__.py` -> `qana`."""
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
 def _imported_names(path: Path, module: str) -> set[str]:
     """Every module `path` imports anywhere, functions included (lazy imports count: the
     program reaches them too), with relative imports resolved against `module`."""
@@ -70,7 +75,7 @@ def _imported_names(path: Path, module: str) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            names.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
     return names
 
 
@@ -87,8 +92,7 @@ def third_party_imports(entry_points: tuple[str, ...]) -> dict[str, set[str]]:
             if path is None or path in seen:
                 continue
             seen.add(path)
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            todo.extend(_imported_names(path, module))
+            todo.extend(_imported_names(path, _module_name(path)))
             continue
         top = name.split(".")[0]
         if top and top not in sys.stdlib_module_names:
@@ -142,8 +146,8 @@ def test_each_install_has_every_module_its_code_imports(side: str) -> None:
 
 
 def test_the_import_closures_are_walked() -> None:
-    """The walk reaches modules each side is known to use, some only imported inside functions
-    (else the test above would pass by checking nothing)."""
+    """The walk reaches modules each side is known to use (akida, imblearn and cryptography only
+    inside functions), else the test above would pass by checking nothing."""
     client = third_party_imports(CLIENT_ENTRY_POINTS)
     assert {"akida", "flwr", "numpy", "imblearn", "PIL", "typer", "cryptography"} <= set(client), sorted(client)
     coordinator = third_party_imports(INSTALLS["coordinator"][0])
@@ -159,22 +163,11 @@ def test_no_code_path_imports_the_training_stack_even_lazily(side: str) -> None:
     assert not TRAINING_STACK & set(found), {name: sorted(found[name]) for name in TRAINING_STACK & set(found)}
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
 @pytest.mark.parametrize("package", sorted(ORDER))
 def test_lower_layers_never_import_higher_ones(package: str) -> None:
     offenders = []
     for path in (ROOT / package).rglob("*.py"):
-        for name in _imports(path) & set(ORDER):
+        for name in {n.split(".")[0] for n in _imported_names(path, _module_name(path))} & set(ORDER):
             higher = ORDER[name] > ORDER[package]
             sideways = ORDER[name] == ORDER[package] and name != package
             if higher or sideways:
