@@ -139,8 +139,8 @@ def test_a_layer_akida_cannot_run_is_a_conversion_error() -> None:
 
 
 def test_v2_4bit_is_refused_by_the_hardware_check_not_silently_accepted() -> None:
-    # Refused at an identity convolution quantizeml inserts (README, "4-bit weights on Akida 2.0":
-    # stem_relu_identity_conv), which the net has with or without attention; without attention
+    # Refused at an identity convolution quantizeml inserts (stem_relu_identity_conv; README, "4-bit
+    # weights on Akida 2.0"), which the net has with or without attention; without attention
     # quantizeml takes about half the time.
     spec = ModelSpec(target="v2", input_size=32, width=8, feature_dim=32, attention="none")
     qmodel = quantize_model(build_model(spec), QuantSpec("v2", 4), _images(32, 32))

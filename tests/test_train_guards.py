@@ -295,7 +295,7 @@ def test_a_changed_late_setting_redoes_only_the_stages_that_read_it(tmp_path: Pa
     """helper-19's F10: settings read only after the float stage (LATE_SETTINGS) no longer need
     --fresh; the float model is kept and the quantized stage onwards is redone with them.
     (float_copy_quantizer: which stages are redone does not depend on quantizeml, which took
-    four of this test's four minutes in CI.)"""
+    most of this test's four minutes in CI.)"""
     opts = _opts(tmp_path, qat_epochs=0, stop_after="quantized")
     run(opts, progress=lambda m: None)
     float_model = (opts.run_dir / "float.h5").read_bytes()
