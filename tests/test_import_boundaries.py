@@ -14,6 +14,8 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = {"qana": 0, "protocols": 1, "client": 2, "server": 2, "simulations": 3}
+PROJECT_PACKAGES = frozenset(ORDER)
+TRAINING_STACK = frozenset({"tensorflow", "tf_keras", "keras", "quantizeml", "cnn2snn"})
 
 
 @pytest.mark.parametrize(
@@ -26,7 +28,7 @@ ORDER = {"qana": 0, "protocols": 1, "client": 2, "server": 2, "simulations": 3}
 def test_client_path_never_imports_tensorflow(modules: str) -> None:
     code = (
         f"import sys; import {modules}; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras', 'quantizeml', 'cnn2snn')); "
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(TRAINING_STACK)!r}); "
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -40,8 +42,6 @@ INSTALLS = {
     "clinic": (CLIENT_ENTRY_POINTS, ()),
     "coordinator": (("server.cli", "server.app"), ("server",)),
 }
-PROJECT_PACKAGES = frozenset(ORDER)
-TRAINING_STACK = frozenset({"tensorflow", "tf_keras", "keras", "quantizeml", "cnn2snn"})
 
 
 def _module_file(name: str) -> Path | None:
@@ -87,15 +87,14 @@ def third_party_imports(entry_points: tuple[str, ...]) -> dict[str, set[str]]:
     todo = list(entry_points)
     while todo:
         name = todo.pop()
-        if name.split(".")[0] in PROJECT_PACKAGES:
+        top = name.split(".")[0]
+        if top in PROJECT_PACKAGES:
             path = _module_file(name)
             if path is None or path in seen:
                 continue
             seen.add(path)
             todo.extend(_imported_names(path, _module_name(path)))
-            continue
-        top = name.split(".")[0]
-        if top and top not in sys.stdlib_module_names:
+        elif top and top not in sys.stdlib_module_names:
             found.setdefault(top, set()).add(name)
     return found
 
@@ -167,7 +166,7 @@ def test_no_code_path_imports_the_training_stack_even_lazily(side: str) -> None:
 def test_lower_layers_never_import_higher_ones(package: str) -> None:
     offenders = []
     for path in (ROOT / package).rglob("*.py"):
-        for name in {n.split(".")[0] for n in _imported_names(path, _module_name(path))} & set(ORDER):
+        for name in {n.split(".")[0] for n in _imported_names(path, _module_name(path))} & PROJECT_PACKAGES:
             higher = ORDER[name] > ORDER[package]
             sideways = ORDER[name] == ORDER[package] and name != package
             if higher or sideways:
