@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = {"qana": 0, "protocols": 1, "client": 2, "server": 2, "simulations": 3}
@@ -72,7 +73,8 @@ def _imported_names(path: Path, module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                parts = package.split(".")
+                anchor = parts[: len(parts) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             names.add(base)
             names.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
@@ -99,10 +101,6 @@ def third_party_imports(entry_points: tuple[str, ...]) -> dict[str, set[str]]:
     return found
 
 
-def _distribution_name(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def installed_distributions(extras: tuple[str, ...]) -> set[str]:
     """Distributions `pip install -e ".[extras]"` brings: qana-fl's requirements for those
     extras, and theirs with the extras they ask for, recursively."""
@@ -122,7 +120,7 @@ def installed_distributions(extras: tuple[str, ...]) -> set[str]:
             req = Requirement(text)
             if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in ("", *dist_extras)):
                 continue
-            name = _distribution_name(req.name)
+            name = canonicalize_name(req.name)
             wanted.add(name)
             todo.append((name, frozenset(req.extras)))
     return wanted
@@ -138,7 +136,7 @@ def test_each_install_has_every_module_its_code_imports(side: str) -> None:
     distributions = metadata.packages_distributions()
     missing = []
     for top, names in sorted(third_party_imports(entry_points).items()):
-        dists = {_distribution_name(d) for d in distributions.get(top, [])}
+        dists = {canonicalize_name(d) for d in distributions.get(top, [])}
         if not dists & installed:
             missing.append(f"{top} ({', '.join(sorted(dists)) or 'not installed'}; {', '.join(sorted(names))})")
     assert not missing, f"the {side}'s code imports modules its install lacks: {missing}"
@@ -151,7 +149,8 @@ def test_the_import_closures_are_walked() -> None:
     assert {"akida", "flwr", "numpy", "imblearn", "PIL", "typer", "cryptography"} <= set(client), sorted(client)
     coordinator = third_party_imports(INSTALLS["coordinator"][0])
     assert {"sqlalchemy", "alembic", "tomli_w", "flwr"} <= set(coordinator), sorted(coordinator)
-    assert "psycopg2-binary" in installed_distributions(("server",)) and "ray" not in installed_distributions(("server",))
+    server = installed_distributions(("server",))
+    assert "psycopg2-binary" in server and "ray" not in server
 
 
 @pytest.mark.parametrize("side", sorted(INSTALLS))
