@@ -102,7 +102,7 @@ def supernode_command(
 @app.command("start")
 def start(
     server: Annotated[str, typer.Option("--server", metavar="HOST:PORT", help="The coordinator's SuperLink address.")],
-    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg.")],
+    data: Annotated[Path, typer.Option("--data", metavar="DIR", help="HAM10000-style folder: HAM10000_metadata.csv (or Dataverse's tab-separated .tab) + ISIC_*.jpg.")],
     clinic_id: Annotated[str, typer.Option("--clinic-id", metavar="NAME", help="This clinic's id (as registered by the coordinator).")],
     root_certificates: Annotated[Path | None, typer.Option("--root-certificates", metavar="CA", help="The federation's CA certificate (ca.pem from the coordinator).")] = None,
     auth_key: Annotated[Path | None, typer.Option("--auth-key", metavar="KEY", help="This clinic's SuperNode private key (from `qana-client keygen`).")] = None,
@@ -116,7 +116,7 @@ def start(
     """Run a Flower SuperNode for this clinic until stopped (Ctrl-C)."""
     from client.clinic import ClinicConfig, ClinicError
     from protocols.auth import check_certificate_file, check_clinic_name, check_server_address, load_private_key
-    from qana.data import CLASS_NAMES, METADATA_FILE, find_images, read_metadata
+    from qana.data import CLASS_NAMES, find_images, find_metadata, read_metadata
     from qana.runtime import RuntimeErrorQana, choose_device
 
     with _reported_errors():
@@ -125,15 +125,16 @@ def start(
         data = data.expanduser().resolve()
         if not data.is_dir():
             raise fail(f"data folder not found: {data}")
-        records = read_metadata(data / METADATA_FILE, class_names=tuple(dict.fromkeys((*CLASS_NAMES, *(new_class or [])))))
+        metadata = find_metadata(data)
+        records = read_metadata(metadata, class_names=tuple(dict.fromkeys((*CLASS_NAMES, *(new_class or [])))))
         found = find_images(data)
         listed = sum(r.image_id in found for r in records)
         if not listed:
-            raise fail(f"none of the {len(records)} images listed in {data / METADATA_FILE} is in {data} (ISIC_*.jpg below it)")
+            raise fail(f"none of the {len(records)} images listed in {metadata} is in {data} (ISIC_*.jpg below it)")
         present = {r.dx for r in records}
         for name in new_class or []:
             if name not in present:
-                raise fail(f"--new-class {name}: no image in {data / METADATA_FILE} has that diagnosis (dx)")
+                raise fail(f"--new-class {name}: no image in {metadata} has that diagnosis (dx)")
         if root_certificates is not None:
             root_certificates = root_certificates.expanduser().resolve()
             if not root_certificates.is_file():

@@ -32,7 +32,7 @@ app = typer.Typer(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="HAM10000-style folder: HAM10000_metadata.csv + ISIC_*.jpg below it.")],
+    data: Annotated[Path, typer.Option(help="HAM10000-style folder: HAM10000_metadata.csv (or Dataverse's tab-separated .tab) + ISIC_*.jpg below it.")],
     run_dir: Annotated[Path, typer.Option(help="Where every stage's output goes; rerun to resume (an interrupted training stage continues from its last epoch).")] = Path("runs/qana-v2"),
     target: Annotated[str, typer.Option(help="v2 = Akida 2.0 (full QANA); v1 = Akida 1.0 / AKD1000 (sequential, 1-bit features).")] = "v2",
     weight_bits: Annotated[Optional[int], typer.Option(help="Backbone weight bits: 8 or 4 (v1 needs 4). Default 8; left out on a resumed run: the run's own.")] = None,
@@ -212,7 +212,7 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="akida (the converted model) | quantized | float (Keras models in the bundle).")] = "akida",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG (default: beside --json, m.json -> m.png, other names with .png added). Needs matplotlib (the \\[train] extra).")] = None,
-    clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata CSV) when it has one; --no-clinical-prior scores the images alone.")] = True,
+    clinical_prior: Annotated[bool, typer.Option(help="Use the bundle's clinical prior (age, sex, body site from the metadata) when it has one; --no-clinical-prior scores the images alone.")] = True,
     lesion_fusion: Annotated[bool, typer.Option(help="One decision per lesion: images with the same lesion_id in the metadata share the mean of their logits (qana.fusion). Metrics are still counted per image.")] = False,
 ) -> None:
     """Top-1, macro-F1, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
@@ -287,14 +287,14 @@ def _overwrites_input(path: Path, bundle_dir: Path, data: Path) -> str | None:
     """Why writing `path` would damage what this run reads (None if it would not): anything inside
     the bundle folder (its bundle.json holds every file's sha256), the data folder's metadata file
     or one of its images."""
-    from qana.data import METADATA_FILE
+    from qana.data import METADATA_NAMES
 
     target = Path(os.path.realpath(path))
     if target.is_relative_to(os.path.realpath(bundle_dir)):
         return f"is inside the bundle folder {bundle_dir}; write the results elsewhere"
     root = Path(os.path.realpath(data))
     if target.is_relative_to(root) and target.is_file():
-        if target == root / METADATA_FILE or target.suffix.lower() in (".jpg", ".jpeg"):
+        if any(target == root / name for name in METADATA_NAMES) or target.suffix.lower() in (".jpg", ".jpeg"):
             return f"is one of the data folder's own files ({target.name}); write the results elsewhere"
     return None
 

@@ -1,7 +1,9 @@
 """Reading a HAM10000-style folder: metadata, image discovery, decoding, and the on-disk cache.
 
-A folder is valid when it holds `HAM10000_metadata.csv` (the Harvard Dataverse columns) and
-`ISIC_*.jpg` files anywhere below it (`images/`, or the official `HAM10000_images_part_1/2`);
+A folder is valid when it holds the HAM10000 metadata (the Harvard Dataverse columns) as
+`HAM10000_metadata.csv`, or as Dataverse's tab-separated `HAM10000_metadata.tab` (what its
+download button and API give unless the original format is asked for), and `ISIC_*.jpg` files
+anywhere below it (`images/`, or the official `HAM10000_images_part_1/2`);
 a clinic's own images may keep other names, `<image_id>.jpg`, where the metadata lists them.
 Images that are missing, unreadable or corrupt are skipped and reported by name, so one bad
 file never stops a clinic's run half-way. A missing or malformed metadata file is a
@@ -20,7 +22,7 @@ import io
 import logging
 import os
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,11 @@ from PIL import Image, UnidentifiedImageError
 
 from qana.classes import CLASS_NAMES
 
-METADATA_FILE = "HAM10000_metadata.csv"
+METADATA_FILE = "HAM10000_metadata.csv"  # the name this project writes (qana split, samples, simulated clinics)
+# The names a metadata file is looked for under, in this order: the original CSV; Harvard
+# Dataverse's ingested form, which its download button and API serve by default (tab-separated,
+# text in double quotes); the same saved without an extension, as some download scripts do.
+METADATA_NAMES = (METADATA_FILE, "HAM10000_metadata.tab", "HAM10000_metadata")
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 CLINICAL_COLUMNS = ("age", "sex", "localization")  # optional; read for the clinical prior (qana.clinical)
 DEFAULT_IMAGE_SIZE = 64
@@ -104,8 +110,48 @@ class Dataset:
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
 
+def find_metadata(root: Path) -> Path:
+    """The data folder's metadata file: the first of METADATA_NAMES that exists.
+
+    A CSV beside a .tab (someone converted it) wins, as it did before .tab files were read."""
+    for name in METADATA_NAMES:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(
+        f"metadata file not found in {root}: expected {METADATA_FILE} "
+        f"(or Harvard Dataverse's tab-separated {METADATA_NAMES[1]})"
+    )
+
+
+@contextlib.contextmanager
+def open_metadata(path: Path) -> Iterator[csv.DictReader]:
+    """A DictReader over a metadata file, comma- or tab-separated.
+
+    The delimiter is read off the header line: a tab there means Dataverse's .tab form (column
+    names never hold a tab or a comma, so the header decides it unambiguously). A spreadsheet
+    program may start the file with a byte-order mark; it is dropped."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header_line = handle.readline()
+        handle.seek(0)
+        yield csv.DictReader(handle, delimiter="\t" if "\t" in header_line else ",")
+
+
+def metadata_rows(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The header and every row by image_id, as written, for copying rows into a new folder's
+    CSV (qana split, the sample, simulated clinics). Call after read_metadata has checked the file.
+
+    Empty fields past the header's columns (a spreadsheet's trailing comma, which read_metadata
+    accepts; it refuses non-empty ones) are left out, so the rows fit the header."""
+    with open_metadata(path) as reader:
+        rows = {
+            (row.get("image_id") or "").strip(): {k: v for k, v in row.items() if k is not None}
+            for row in reader
+        }
+        return list(reader.fieldnames or []), rows
+
+
 def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[Record]:
-    """Parse the metadata CSV; raise DataError naming the line or column that is wrong.
+    """Parse a metadata file (CSV or Dataverse .tab); raise DataError naming the line or column that is wrong.
 
     The clinical columns (age, sex, localization) are optional; their values are kept as written
     and checked only where they are used (qana.clinical), so an odd body-site name never stops
@@ -114,8 +160,7 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
     if not path.is_file():
         raise DataError(f"metadata file not found: {path} (expected {METADATA_FILE} in the data folder)")
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet program may add a byte-order mark
-            reader = csv.DictReader(handle)
+        with open_metadata(path) as reader:
             header = reader.fieldnames or []
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:
@@ -126,13 +171,14 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
             records = []
             seen: set[str] = set()
             clinical = [c in header for c in CLINICAL_COLUMNS]
+            separator = "tab" if reader.reader.dialect.delimiter == "\t" else "comma"
             for row in reader:
                 line_no = reader.line_num  # the physical line the row ends on (blank lines and multi-line fields count)
                 surplus = row.get(None) or []  # fields beyond the header's columns
                 if any((v or "").strip() for v in surplus):
                     raise DataError(
                         f"{path}:{line_no}: {len(surplus)} more field(s) than the header's {len(header)} columns "
-                        f"({', '.join(repr(v) for v in surplus[:3])}): is a comma inside a value not quoted?"
+                        f"({', '.join(repr(v) for v in surplus[:3])}): is a {separator} inside a value not quoted?"
                     )
                 image_id = (row.get("image_id") or "").strip()
                 lesion_id = (row.get("lesion_id") or "").strip()
@@ -148,9 +194,9 @@ def read_metadata(path: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> lis
                 age, sex, site = ((row.get(c) or "").strip() if present else None for c, present in zip(CLINICAL_COLUMNS, clinical))
                 records.append(Record(image_id, lesion_id, dx, centre, age, sex, site))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 CSV file ({exc})") from None
+        raise DataError(f"{path}: not a UTF-8 text file ({exc})") from None
     except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
+        raise DataError(f"{path}: malformed metadata table ({exc})") from None
     except OSError as exc:  # permission denied, a failing disk
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not records:
@@ -375,7 +421,8 @@ def load_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    records = read_metadata(root / METADATA_FILE, class_names)
+    metadata = find_metadata(root)
+    records = read_metadata(metadata, class_names)
     listed = frozenset(r.image_id for r in records)
     scan = scan_images(root, listed)
     files = scan.found
@@ -391,7 +438,7 @@ def load_dataset(
         raise DataError(f"{root}: none of the {len(records)} images listed in the metadata could be read ({describe_skipped(skipped, limit=3)}){hint}")
     # ISIC images the metadata does not list have no label: not used, but named, so a folder whose
     # metadata lacks rows does not quietly give a smaller `n`.
-    skipped.update({k: f"not in {METADATA_FILE}: no label, not used" for k in sorted(files) if k not in listed})
+    skipped.update({k: f"not in {metadata.name}: no label, not used" for k in sorted(files) if k not in listed})
     index = {name: i for i, name in enumerate(class_names)}
     has_clinical = all(r.age is not None and r.sex is not None and r.site is not None for r in kept)
     return Dataset(

@@ -22,7 +22,7 @@ from PIL import Image
 
 from qana.atomic import replace_directory
 from qana.cli_errors import EXIT_ERROR, script_main
-from qana.data import METADATA_FILE, decode_image, find_images, read_metadata
+from qana.data import METADATA_FILE, decode_image, find_images, find_metadata, metadata_rows, read_metadata
 from qana.head import NPZ_ERRORS
 
 SAMPLE_DIR = Path(__file__).parent / "samples" / "ham10000-sample"
@@ -60,13 +60,9 @@ def make_sample(data: Path, split_file: Path, out: Path, per_centre: int = 200, 
     if per_centre < 1:
         raise SampleError(f"--per-centre must be at least 1, not {per_centre}")
     test_ids = test_part_ids(split_file)
-    rows = {}
-    with (data / METADATA_FILE).open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames
-        for row in reader:
-            rows[row["image_id"]] = row
-    records = [r for r in read_metadata(data / METADATA_FILE) if r.image_id in test_ids]
+    metadata = find_metadata(data)
+    records = [r for r in read_metadata(metadata) if r.image_id in test_ids]
+    header, rows = metadata_rows(metadata)
     files = find_images(data)
     rng = np.random.default_rng(seed)
     chosen = []

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qana.atomic import file_in_the_way
-from qana.data import METADATA_FILE, Dataset, find_images
+from qana.data import METADATA_FILE, Dataset, find_images, find_metadata, metadata_rows
 from qana.imbalance import SEED_LIMIT
 from qana.splits import VAL_FRACTION_RANGE, train_val_test
 
@@ -109,10 +109,7 @@ def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> 
     copy (disk full, an image removed meanwhile) never leaves a part that looks complete."""
     check_new_folder(out)
     out = Path(os.path.realpath(out))  # a link to an empty folder: the part goes where it points
-    with (data / METADATA_FILE).open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = list(reader.fieldnames or [])
-        rows = {row["image_id"].strip(): row for row in reader}
+    header, rows = metadata_rows(find_metadata(data))
     files = find_images(data)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -122,9 +119,7 @@ def write_part(data: Path, image_ids: Sequence[str], out: Path, readme: str) -> 
         for image_id in image_ids:
             shutil.copyfile(files[image_id], tmp / "images" / files[image_id].name)
         with (tmp / METADATA_FILE).open("w", newline="", encoding="utf-8") as handle:
-            # extrasaction: a row's empty trailing fields (a spreadsheet's trailing comma, which
-            # read_metadata accepts; it refuses non-empty ones) are not copied
-            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows[image_id] for image_id in image_ids)
         # a path that is not valid UTF-8 (in the command or the source) is written as \x escapes

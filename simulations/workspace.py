@@ -28,7 +28,7 @@ import qana
 from client.clinic import HELD_OUT, SPLIT_FILE, TRAIN, write_split
 from client.features import FeatureCache
 from qana.bundle import Bundle, BundleError, default_bundle_path, load_bundle
-from qana.data import METADATA_FILE, Dataset, ImageCache, describe_skipped, find_images, load_dataset
+from qana.data import METADATA_FILE, Dataset, ImageCache, describe_skipped, find_images, find_metadata, load_dataset, metadata_rows
 from simulations.config import SimConfig
 from simulations.partition import Partition
 
@@ -180,19 +180,12 @@ class ClinicSite:
         return config
 
 
-def _metadata_rows(data_dir: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    with (data_dir / METADATA_FILE).open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        rows = {row["image_id"].strip(): row for row in reader}
-        return list(reader.fieldnames or []), rows
-
-
 def build_clinics(
     source: Source, partition: Partition, features: np.ndarray, work: Path, cache_root: Path,
     eval_fraction: float = 0.2, seed: int = 0,
 ) -> list[ClinicSite]:
     """Write each clinic's folder and cache (features and the partition's local split pre-filled) under `work`."""
-    columns, meta = _metadata_rows(source.data_dir)
+    columns, meta = metadata_rows(find_metadata(source.data_dir))
     files = find_images(source.data_dir)
     size = source.bundle.input_shape[0]
     shared_images = ImageCache(cache_root, size).root

@@ -154,3 +154,17 @@ def _row(lesion_id: str, image_id: str, dx: str, centre: str, rng: np.random.Gen
         "localization": CLASS_SITE.get(dx, "unknown"),
         "dataset": centre,
     }
+
+
+def as_dataverse_tab(clinic: SyntheticClinic, name: str = "HAM10000_metadata.tab") -> Path:
+    """Replace the folder's CSV by the form Harvard Dataverse serves by default: tab-separated,
+    text in double quotes, numbers (age) bare, an empty field where a value is missing."""
+    with clinic.metadata.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    numeric = {rows[0].index("age")} if "age" in rows[0] else set()
+    lines = ["\t".join(rows[0])]
+    lines += ["\t".join(v if i in numeric or not v else f'"{v}"' for i, v in enumerate(row)) for row in rows[1:]]
+    path = clinic.root / name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    clinic.metadata.unlink()
+    return path

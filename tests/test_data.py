@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qana.data import DataError, load_dataset, read_metadata
-from tests.synthetic import make_synthetic_ham
+from qana.data import DataError, find_metadata, load_dataset, metadata_rows, read_metadata
+from tests.synthetic import as_dataverse_tab, make_synthetic_ham
 
 
 def test_reads_images_anywhere_below_the_folder(tmp_path: Path) -> None:
@@ -78,10 +78,48 @@ def test_labels_lesions_and_centres_are_kept(tmp_path: Path) -> None:
 
 def test_missing_metadata_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="metadata file not found"):
+    with pytest.raises(DataError, match="metadata file not found.*HAM10000_metadata.csv .*HAM10000_metadata.tab"):
         load_dataset(tmp_path / "empty")
     with pytest.raises(DataError, match="data folder not found"):
         load_dataset(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["HAM10000_metadata.tab", "HAM10000_metadata"])
+def test_dataverse_s_tab_separated_metadata_reads_like_the_csv(tmp_path: Path, name: str) -> None:
+    """Harvard Dataverse's download button and API give the metadata as a tab-separated .tab
+    (some scripts save it without an extension); before, only the CSV was looked for."""
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=14, image_size=32, seed=6, centres=("a", "b"), n_corrupt=1)
+    lines = clinic.metadata.read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[4] = ""  # a missing age, as 57 of HAM10000's rows have
+    clinic.metadata.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
+    from_csv = load_dataset(clinic.root, cache_dir=None)
+    header, rows = metadata_rows(clinic.metadata)
+    tab = as_dataverse_tab(clinic, name)
+    assert '"' in tab.read_text() and "," not in tab.read_text().splitlines()[1]
+    assert find_metadata(clinic.root) == tab
+    from_tab = load_dataset(clinic.root, cache_dir=None)
+    for column in ("image_ids", "labels", "lesion_ids", "centres", "ages", "sexes", "sites", "images"):
+        assert np.array_equal(getattr(from_tab, column), getattr(from_csv, column)), column
+    assert from_tab.skipped == from_csv.skipped and len(from_tab.skipped) == 1
+    assert metadata_rows(tab) == (header, rows)
+    assert from_tab.ages is not None and from_tab.ages[list(from_tab.image_ids).index(lines[1].split(",")[1])] == ""
+
+
+def test_a_csv_beside_a_tab_is_the_one_read(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=8, image_size=32, seed=7)
+    csv_text = clinic.metadata.read_text()
+    as_dataverse_tab(clinic)
+    clinic.metadata.write_text("\n".join(csv_text.splitlines()[:4]) + "\n")  # a CSV of three rows beside the full .tab
+    assert find_metadata(clinic.root) == clinic.metadata
+    assert len(load_dataset(clinic.root, cache_dir=None)) == 3
+
+
+def test_a_shifted_row_in_a_tab_file_names_the_tab(tmp_path: Path) -> None:
+    path = tmp_path / "HAM10000_metadata.tab"
+    path.write_text('lesion_id\timage_id\tdx\n"L1"\t"ISIC_1"\t"nv"\t"extra"\n')
+    with pytest.raises(DataError, match="HAM10000_metadata.tab:2: 1 more field.*'extra'.*is a tab inside a value"):
+        read_metadata(path)
 
 
 @pytest.mark.parametrize(

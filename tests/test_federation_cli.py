@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
-from synthetic import make_synthetic_ham
+from synthetic import as_dataverse_tab, make_synthetic_ham
 from typer.testing import CliRunner
 
 from client.cli import app as client_cli
@@ -369,6 +369,9 @@ def test_client_start_checks_before_connecting(tmp_path) -> None:
     assert bad_port.exit_code == 2 and "70000" in bad_port.output
     typo = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", data, "--clinic-id", "c", "--new-class", "melanoma")
     assert typo.exit_code == 2 and "--new-class melanoma: no image in" in typo.output, typo.output
+    tab = as_dataverse_tab(make_synthetic_ham(tmp_path / "dataverse", n_images=4, image_size=16, seed=1))
+    typo_tab = run(client_cli, "start", "--server", "127.0.0.1:1", "--data", tmp_path / "dataverse", "--clinic-id", "c", "--new-class", "melanoma")
+    assert typo_tab.exit_code == 2 and f"no image in {tab} has that diagnosis" in typo_tab.output.replace("\n", ""), typo_tab.output
     import socket
 
     with socket.socket() as busy:  # another clinic's SuperNode on this machine

@@ -11,7 +11,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from qana.cli import app
-from tests.synthetic import make_synthetic_ham
+from tests.synthetic import as_dataverse_tab, make_synthetic_ham
 
 TINY = Path(__file__).parent / "fixtures" / "bundles" / "tiny-v2"
 runner = CliRunner()
@@ -417,6 +417,11 @@ def test_evaluate_outputs_never_damage_inputs_or_stored_files(tmp_path: Path) ->
         assert result.exit_code == 0 and f"confusion matrix: {tmp_path / name}.png" in result.output, result.output
     assert (tmp_path / "eval.v2.png").is_file() and (tmp_path / "eval.v1.png").is_file()
     assert (tmp_path / "eval.v2").read_text().endswith("}\n")
+    tab = as_dataverse_tab(clinic)  # Dataverse's form of the metadata is as much the data's own
+    tab_bytes = tab.read_bytes()
+    result = runner.invoke(app, [*evaluate, "--json", str(tab)])
+    assert result.exit_code == 2 and "data folder's own files (HAM10000_metadata.tab)" in result.output, result.output
+    assert tab.read_bytes() == tab_bytes
 
 
 def test_evaluate_json_to_stdout_is_json_alone() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qana.sample import SampleError, make_sample
-from tests.synthetic import make_synthetic_ham
+from tests.synthetic import as_dataverse_tab, make_synthetic_ham
 
 
 def _split(path: Path, image_ids: list[str], test: list[int]) -> Path:
@@ -33,6 +33,17 @@ def test_a_rerun_replaces_the_sample_whole(tmp_path: Path) -> None:
     assert len(kept) == 4 and len(first) == 10  # before: the six others stayed, unlisted in the metadata
     assert len((out / "HAM10000_metadata.csv").read_text().splitlines()) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ham", "sample", "split.npz"]
+
+
+def test_a_dataverse_tab_source_gives_the_same_sample(tmp_path: Path) -> None:
+    clinic = make_synthetic_ham(tmp_path / "ham", n_images=20, image_size=40, seed=3, centres=("a", "b"))
+    ids = sorted(p.stem for p in (clinic.root / "images").glob("ISIC_*.jpg"))
+    split = _split(tmp_path / "split.npz", ids, list(range(12)))
+    assert make_sample(clinic.root, split, tmp_path / "from-csv", per_centre=4) == 8
+    as_dataverse_tab(clinic)
+    assert make_sample(clinic.root, split, tmp_path / "from-tab", per_centre=4) == 8
+    for name in ("HAM10000_metadata.csv", "README.md"):
+        assert (tmp_path / "from-tab" / name).read_bytes() == (tmp_path / "from-csv" / name).read_bytes()
 
 
 def test_unusable_inputs_are_named(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import make_synthetic_ham
+from synthetic import as_dataverse_tab, make_synthetic_ham
 from typer.testing import CliRunner
 
 from qana.cli import app
@@ -131,6 +131,19 @@ def test_a_trailing_comma_is_copied_without_it_and_a_misaligned_row_is_refused(p
     metadata.write_text("\n".join(lines) + "\n")
     result = runner.invoke(app, ["split", "--data", str(data), "--out", str(tmp_path / "again")])
     assert result.exit_code == 2 and f"{METADATA_FILE}:4: 1 more field(s)" in result.output and "'shifted'" in result.output
+
+
+def test_a_part_of_a_dataverse_tab_folder_is_written_as_csv(private_cache, tmp_path: Path) -> None:
+    """Rows copied from Dataverse's tab-separated metadata land in the part's CSV as they were."""
+    clinic = make_synthetic_ham(tmp_path / "data", n_images=40, image_size=32, seed=9)
+    original = _rows(clinic.root)
+    as_dataverse_tab(clinic)
+    out = tmp_path / "part"
+    result = runner.invoke(app, ["split", "--data", str(clinic.root), "--out", str(out), "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    written = _rows(out)
+    assert written and all(row == original[image_id] for image_id, row in written.items())
+    assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(written)
 
 
 def test_an_empty_part_is_refused_not_written(private_cache, tmp_path: Path) -> None:
