@@ -127,7 +127,7 @@ def mix_batch(images, targets, *weights, alpha: float, seed: int | None = None):
     only: validation, test and clinics see plain images.
 
     Off by default: screened in session 28 it raised the chip's test accuracy but failed its
-    rule, on validation top-1 and on float-to-chip fidelity (README, ablations, "Mixup").
+    rule, on validation top-1 and on float-to-chip fidelity (benchmarks/EXPERIMENTS.md, "Mixup").
     """
     import tensorflow as tf
 

@@ -451,7 +451,7 @@ def mixup_phases(mixup: float, epochs: int, mixup_epochs: int | None) -> list[tu
 
     Why plain images at the end: a model trained on blends learns soft margins between
     classes, and quantizing it flips more decisions than quantizing one trained on plain
-    images (README, Mixup ablation); the last epochs at a low learning rate sharpen them again.
+    images (benchmarks/EXPERIMENTS.md, "Mixup"); the last epochs at a low learning rate sharpen them again.
     """
     if mixup <= 0 or mixup_epochs is None or mixup_epochs >= epochs:
         return [(epochs, mixup)]
