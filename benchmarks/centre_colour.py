@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from qana.data import load_dataset  # noqa: E402
 from qana.preprocess import COLOUR_CONSTANCY, preprocess  # noqa: E402

@@ -33,7 +33,6 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 from flwr.serverapp.strategy import Strategy
 
 from protocols.messages import (
-    M_NUM_EXAMPLES,
     MAX_BATCH_SIZE,
     MAX_LEARNING_RATE,
     MAX_LOCAL_EPOCHS,
@@ -567,7 +566,7 @@ class Coordinator:
         """
         registered = self._registered_name(node)
         if registered is not None and registered != clinic_id:
-            self._refuse_once(node, f"Node %s says it is clinic %r, but its key is registered for %r: left out of this run",
+            self._refuse_once(node, "Node %s says it is clinic %r, but its key is registered for %r: left out of this run",
                               node, clinic_id, registered)
             return False
         holder = next((n for n, state in self.clinics.items() if state.clinic_id == clinic_id and n != node), None)
