@@ -66,7 +66,8 @@ def group_logits(runs: list[Path], data: Path, datasets: dict) -> tuple[dict, di
     lesion ids (benchmarks/bar_interval.py resamples lesions). Exits if the runs were split
     differently."""
     from qana import clinical
-    from qana.train import akida_features, akida_head_logits, load_float, load_split, recorded_options, run_dataset
+    from qana.run_record import recorded_options
+    from qana.train import akida_features, akida_head_logits, load_float, load_split, run_dataset
     from qana.views import keras_logits
 
     logits: dict[tuple[str, str], list[np.ndarray]] = {}

@@ -52,7 +52,8 @@ def main() -> None:
     from qana.classes import CLASS_NAMES
     from qana.head import softmax
     from qana.metrics import classification_metrics
-    from qana.train import load_float, load_quantized, load_split, recorded_options, run_dataset, selection_score
+    from qana.run_record import recorded_options
+    from qana.train import load_float, load_quantized, load_split, run_dataset, selection_score
     from qana.views import keras_logits
 
     def row(name: str, described: str, part_name: str, model_name: str, labels: np.ndarray, pred: np.ndarray) -> None:

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images must be at least 1")
 
     from qana.data import load_dataset
-    from qana.train import _akida_runtime, akida_head_logits, load_quantized, load_split, recorded_options
+    from qana.run_record import recorded_options
+    from qana.train import _akida_runtime, akida_head_logits, load_quantized, load_split
 
     opts = recorded_options(args.run, args.data)
     if opts.target != "v2":

@@ -52,12 +52,12 @@ Run = tuple[Path, dict, dict]
 
 def training_defaults(runs: list[Run]) -> dict:
     """`qana train`'s settings as options.json records them, for runs recorded before a setting
-    existed; {} when every run records the same settings (no TensorFlow import needed then)."""
+    existed; {} when every run records the same settings."""
     recorded = [set(options) for _, options, _ in runs if not options.get("shipped_bundle")]
     if all(keys == recorded[0] for keys in recorded):
         return {}
 
-    from qana.train import default_settings  # imports TensorFlow; the judge runs where training does
+    from qana.run_record import default_settings
 
     return default_settings()
 

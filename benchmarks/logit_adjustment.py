@@ -54,7 +54,8 @@ def main() -> None:
     from qana import clinical
     from qana.classes import CLASS_NAMES
     from qana.metrics import classification_metrics
-    from qana.train import akida_features, akida_head_logits, load_split, recorded_options, run_dataset, selection_score
+    from qana.run_record import recorded_options
+    from qana.train import akida_features, akida_head_logits, load_split, run_dataset, selection_score
 
     options = {}
     for run in args.runs:  # before decoding any image: a wrong run directory is named at once

@@ -54,7 +54,8 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
 def probe_run(run_dir: Path, data: Path) -> dict[str, dict]:
     """{"random": scores, "pretrained": scores} for one run directory with a finished pretrain stage."""
     from qana.model import build_model
-    from qana.train import load_split, recorded_options, run_dataset, set_seeds
+    from qana.run_record import recorded_options
+    from qana.train import load_split, run_dataset, set_seeds
 
     opts = recorded_options(run_dir, data)
     weights = run_dir / "pretrain.weights.h5"

@@ -61,7 +61,8 @@ def main() -> None:
 
     require_finished_runs(args.runs)
 
-    from qana.train import load_prior, recorded_options
+    from qana.run_record import recorded_options
+    from qana.train import load_prior
 
     datasets: dict = {}
     for run in args.runs:

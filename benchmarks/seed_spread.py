@@ -178,7 +178,7 @@ def command_differences(first: str, other: str) -> list[str]:
     a, b = settings
     differs = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if any(a.get(k) is None or b.get(k) is None for k in differs):
-        from qana.train import default_settings  # imports TensorFlow: only when one command spells out what the other leaves out
+        from qana.run_record import default_settings  # only when one command spells out what the other leaves out
 
         defaults = default_settings()
         a, b = ({k: defaults.get(k) if v is None else v for k, v in s.items()} for s in (a, b))

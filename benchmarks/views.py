@@ -30,7 +30,8 @@ def main() -> None:
 
     from qana.classes import CLASS_NAMES
     from qana.metrics import classification_metrics
-    from qana.train import _akida_runtime, akida_head_logits, load_split, recorded_options, run_dataset
+    from qana.run_record import recorded_options
+    from qana.train import _akida_runtime, akida_head_logits, load_split, run_dataset
     from qana.views import VIEW_COUNTS, dihedral_view, rounded_mean
 
     opts = recorded_options(args.run, args.data)

@@ -89,10 +89,11 @@ def train(
     from qana.clinical import ClinicalDataError
     from qana.model import ATTENTION_CHOICES
     from qana.preprocess import COLOUR_CONSTANCY
-    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, MIXUP_EPOCHS_WITH_EMA, REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, run, settings_left_out, settings_without_effect
+    from qana.run_record import REUSABLE_STAGES, STAGES, RunRecordError, RunSettingsError, TrainOptions, settings_left_out, settings_without_effect
+    from qana.train import CLASS_WEIGHTINGS, CLINICAL_PRIOR_MODES, KEEP_QUANTIZED, LOSSES, MIXUP_EPOCHS_WITH_EMA, run
     from qana.views import VIEW_COUNTS
 
-    # left out on a resumed run: the run's own values (qana.train.KEPT_WHEN_LEFT_OUT)
+    # left out on a resumed run: the run's own values (qana.run_record.KEPT_WHEN_LEFT_OUT)
     kept = settings_left_out(run_dir, resume=not fresh, given={
         "weight_bits": weight_bits, "qat_epochs": qat_epochs, "qat_distill": qat_distill, "keep_quantized": keep_quantized,
         "clinical_prior": clinical_prior, "head_smote": head_smote, "test_time_views": test_time_views})

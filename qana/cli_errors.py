@@ -52,7 +52,7 @@ def reported_errors(*expected: type[Exception]) -> Iterator[None]:
 EXPECTED_ERRORS = {
     "qana.data": ("DataError",),
     "qana.bundle": ("BundleError",),
-    "qana.train": ("RunSettingsError", "RunRecordError"),
+    "qana.run_record": ("RunSettingsError", "RunRecordError"),
     "qana.clinical": ("ClinicalDataError",),
     "qana.fusion": ("FusionError",),
     "qana.split_export": ("SplitExportError",),

@@ -26,6 +26,7 @@ import numpy as np
 
 from qana.head import NPZ_ERRORS, class_indices, softmax
 from qana.preprocess import check_colour_constancy, preprocess
+from qana.run_record import stage_marker
 from qana.views import check_view_count, dihedral_view
 
 
@@ -64,9 +65,7 @@ def float_stage_finished(run_dir: Path) -> bool:
     Why the marker and not float.h5: a rerun with --fresh or other settings removes the markers
     first but overwrites float.h5 only when its own float stage ends, so until then float.h5 is the
     earlier model, trained on a split the new split.npz no longer describes."""
-    from qana.train import _marker  # the one place stage markers are named
-
-    return _marker(Path(run_dir), "float").is_file()
+    return stage_marker(Path(run_dir), "float").is_file()
 
 
 def check_teacher_files(teacher_run: Path) -> Path:

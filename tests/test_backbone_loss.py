@@ -14,7 +14,8 @@ pytest.importorskip("tensorflow")
 
 import tf_keras as keras  # noqa: E402
 
-from qana.train import RunRecordError, RunSettingsError, TrainOptions, _fit, backbone_loss, recorded_options, run  # noqa: E402
+from qana.run_record import RunRecordError, RunSettingsError, TrainOptions, recorded_options  # noqa: E402
+from qana.train import _fit, backbone_loss, run  # noqa: E402
 from tests.synthetic import make_synthetic_ham  # noqa: E402
 from tests.test_weight_ema import _data, _tiny_model  # noqa: E402
 

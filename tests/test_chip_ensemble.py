@@ -35,7 +35,9 @@ def _part(ids: list[str], labels: list[int]) -> SimpleNamespace:
 
 
 def _fake_runs(monkeypatch, akida: dict[str, np.ndarray], test_ids: dict[str, list[str]]) -> None:
-    """qana.train's loaders replaced by fakes: run name -> its Akida logits on every part."""
+    """qana.train's loaders and qana.run_record's settings reader replaced by fakes: run name ->
+    its Akida logits on every part."""
+    import qana.run_record
     import qana.train
     import qana.views
 
@@ -46,7 +48,7 @@ def _fake_runs(monkeypatch, akida: dict[str, np.ndarray], test_ids: dict[str, li
         ids = test_ids[opts.run_dir.name]
         return _part(["t0", "t1"], [0, 1]), _part(ids, list(range(len(ids)))), _part(ids, list(range(len(ids))))
 
-    monkeypatch.setattr(qana.train, "recorded_options", options)
+    monkeypatch.setattr(qana.run_record, "recorded_options", options)
     monkeypatch.setattr(qana.train, "run_dataset", lambda opts: None)
     monkeypatch.setattr(qana.train, "load_split", split)
     monkeypatch.setattr(qana.train, "load_float", lambda opts: opts.run_dir.name)
