@@ -141,6 +141,16 @@ def test_recipe_mean_has_a_t_interval_against_the_bar(tmp_path: Path) -> None:
     assert "top1      0.810 [0.785, 0.835]  (issue's bar for v2: 0.80)" in done.stdout
 
 
+
+def test_how_many_runs_reach_the_bar_on_their_own_test_part(tmp_path: Path) -> None:
+    """A mean at the bar says little about one model: the count says how often one passes."""
+    # akida+prior top-1 0.79 / 0.805 / 0.83, macro-F1 0.69 / 0.705 / 0.73 (top-1 - 0.1 in _run_dir)
+    runs = [_run_dir(tmp_path, f"r{s}", s, 0.75, prior=p) for s, p in enumerate((0.79, 0.805, 0.83))]
+    done = _spread(*runs)
+    assert done.returncode == 0, done.stderr
+    assert "runs whose test part reaches the bar: top1 on 2, macro_f1 on 3, both on 2 of 3" in done.stdout
+
+
 def test_one_split_given_twice_is_refused(tmp_path: Path) -> None:
     # e.g. the shipped bundle beside its own run dir: the same lesions would count as two splits
     done = _spread(_run_dir(tmp_path, "a", 3, 0.70), _run_dir(tmp_path, "b", 3, 0.80))
