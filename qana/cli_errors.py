@@ -48,7 +48,7 @@ def reported_errors(*expected: type[Exception]) -> Iterator[None]:
 
 # The project's expected-failure types, by module. When a script fails, only the modules it has
 # already imported can have raised one, so they are looked up in sys.modules rather than imported
-# here (importing qana.train would start TensorFlow in every script).
+# here (importing them all would load TensorFlow, through qana.convert, in every script).
 EXPECTED_ERRORS = {
     "qana.data": ("DataError",),
     "qana.bundle": ("BundleError",),
