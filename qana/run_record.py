@@ -7,9 +7,9 @@ themselves (`TrainOptions`), reading the records back (`recorded_options`, for b
 score a finished run), refusing a resume with other settings (`check_resume_settings`), and
 starting a run from another run's finished stages (`stages_to_reuse`, `adopt_stages`).
 
-Kept apart from the stages (qana.train) because none of it needs TensorFlow: the `qana` CLI,
-the teacher checks of qana.distill and the benchmarks that only read records use it without
-loading the training stack.
+Kept apart from the stages (qana.train), and free of TensorFlow, so that what only reads a run's
+records (qana.distill's teacher checks, benchmarks/seed_spread.py and judge_rule.py) does not
+load the training stack.
 """
 
 from __future__ import annotations
