@@ -141,7 +141,6 @@ def test_recipe_mean_has_a_t_interval_against_the_bar(tmp_path: Path) -> None:
     assert "top1      0.810 [0.785, 0.835]  (issue's bar for v2: 0.80)" in done.stdout
 
 
-
 def test_how_many_runs_reach_the_bar_on_their_own_test_part(tmp_path: Path) -> None:
     """A mean at the bar says little about one model: the count says how often one passes."""
     # akida+prior top-1 0.79 / 0.805 / 0.83, macro-F1 0.69 / 0.705 / 0.73 (top-1 - 0.1 in _run_dir)
