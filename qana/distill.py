@@ -26,7 +26,7 @@ import numpy as np
 
 from qana.head import NPZ_ERRORS, class_indices, softmax
 from qana.preprocess import check_colour_constancy, preprocess
-from qana.run_record import stage_marker
+from qana.run_record import OPTIONS_FILE, stage_marker
 from qana.views import check_view_count, dihedral_view
 
 
@@ -114,7 +114,7 @@ def same_split(teacher_run: Path, student_run: Path) -> bool:
 def read_run_options(teacher_run: Path) -> dict:
     """The teacher run's options.json ({} if it has none: runs older than the file), refused
     with the file named when it cannot be read."""
-    path = Path(teacher_run) / "options.json"
+    path = Path(teacher_run) / OPTIONS_FILE
     if not path.is_file():
         return {}
     try:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 STAGES = ("split", "saliency", "pretrain", "float", "quantized", "akida", "head", "clinical", "bundle")
 VIEW_STAGES = ("head", "clinical", "bundle")  # stages whose output depends on the number of test-time views
 OPTIONAL_STAGES = ("saliency", "pretrain")  # off by default: a stage that did nothing leaves later stages valid
+OPTIONS_FILE = "options.json"  # the settings every finished stage of the run was made with
 
 
 @dataclass
@@ -144,6 +145,12 @@ def read_stage_record(run_dir: Path, stage: str) -> dict | None:
     return read_record(path) if path.is_file() else None
 
 
+def record_options(opts: TrainOptions) -> None:
+    """Write the run's settings (atomically); `run` does it once the markers of stages made with
+    other settings are gone, so options.json describes every stage marked finished."""
+    write_atomic(opts.run_dir / OPTIONS_FILE, json.dumps(asdict(opts), indent=2, default=str).encode())
+
+
 def finished_stage(opts: TrainOptions, stage: str) -> dict | None:
     """This run's record of `stage` when resuming and the stage has finished, else None."""
     return read_stage_record(opts.run_dir, stage) if opts.resume else None
@@ -210,7 +217,7 @@ def settings_left_out(run_dir: Path, resume: bool, given: dict[str, Any]) -> dic
     (a new run, --fresh, or a recorded value of the wrong type)."""
     defaults = default_settings()
     recorded: dict[str, Any] = {}
-    path = Path(run_dir) / "options.json"
+    path = Path(run_dir) / OPTIONS_FILE
     if resume and path.is_file() and any(stage_marker(Path(run_dir), s).is_file() for s in STAGES):
         try:
             recorded = _read_options_json(path)
@@ -240,7 +247,7 @@ def check_resume_settings(opts: TrainOptions) -> tuple[str, str] | None:
     of how it was trained). Settings missing from an older run's options.json count as their
     defaults.
     """
-    recorded_path = opts.run_dir / "options.json"
+    recorded_path = opts.run_dir / OPTIONS_FILE
     finished = [s for s in STAGES if stage_marker(opts.run_dir, s).is_file()]
     if not (opts.resume and finished):
         return None
@@ -399,7 +406,7 @@ def recorded_options(run_dir: Path, data: Path) -> TrainOptions:
     ignored.
     """
     run_dir, data = Path(run_dir), Path(data)
-    path = run_dir / "options.json"
+    path = run_dir / OPTIONS_FILE
     if not path.is_file():
         raise RunRecordError(f"{run_dir}: no options.json (not a `qana train` run directory, or it never started)")
     recorded = _read_options_json(path)

@@ -34,6 +34,7 @@ from qana.metrics import FAITHFUL, classification_metrics, shortfall
 from qana.preprocess import check_colour_constancy, preprocess
 from qana.run_record import (
     OPTIONAL_STAGES,
+    OPTIONS_FILE,
     STAGES,
     VIEW_STAGES,
     RunRecordError,
@@ -43,6 +44,7 @@ from qana.run_record import (
     check_bundle_out,
     check_resume_settings,
     finished_stage,
+    record_options,
     record_stage,
     same_path,
     stage_marker,
@@ -456,7 +458,7 @@ def saliency_run_teacher(opts: TrainOptions) -> RunTeacher | None:
     if not spec or spec.startswith(RESNET_PREFIX):
         return None
     model = Path(spec).expanduser()
-    if not any((model.parent / record).is_file() for record in ("options.json", "split.npz")):
+    if not any((model.parent / record).is_file() for record in (OPTIONS_FILE, "split.npz")):
         return None  # not a run's folder: nothing says how the model saw its images
     check_saliency_teacher_finished(spec)
     try:
@@ -1225,7 +1227,7 @@ def _run_stages(opts: TrainOptions, dataset: Dataset, progress: Callable[[str], 
         for stage in STAGES[STAGES.index(first_redone):]:
             stage_marker(opts.run_dir, stage).unlink(missing_ok=True)
             shutil.rmtree(stage_backup_dir(opts, stage), ignore_errors=True)
-    write_atomic(opts.run_dir / "options.json", json.dumps(asdict(opts), indent=2, default=str).encode())
+    record_options(opts)
     progress(f"{len(dataset)} images; {describe_skipped(dataset.skipped)}")
     dataset = limited(opts, dataset)
     if source is not None:
