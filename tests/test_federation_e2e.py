@@ -32,9 +32,10 @@ TINY_V2 = Path(os.environ.get("QANA_TEST_BUNDLE_V2", REPO / "tests" / "fixtures"
 CLINICS = ("clinic-a", "clinic-b", "clinic-c")
 ROUND_TIMEOUT_SECONDS = 30
 # Liveness guards, not speed targets: each phase gets its own budget, so a slow start under CI
-# load (five processes importing Flower and Akida on 2 cores beside another test worker) cannot
-# eat the time the server needs after the kill. Alone, on an idle machine, the kill comes
-# about 75 s after the start and the server finishes about 40 s later.
+# load (the coordinator and three clinics, each several processes importing Flower and Akida, on
+# 2 cores beside another test worker) cannot eat the time the server needs after the kill.
+# Alone on an idle machine the kill comes about 75 s after the start, and the server finishes
+# about 40 s after it.
 REACH_ROUND_2_SECONDS = 200
 # After the kill the server waits out the round timeout for clinic-c's reply, aggregates the
 # survivors' heads and runs one evaluation round on cached features.
