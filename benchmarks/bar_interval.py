@@ -62,7 +62,7 @@ def share(condition: np.ndarray) -> str:
 def report_run(name: str, predictions: dict, labels: np.ndarray, lesions: np.ndarray, weight: float, resamples: int, seed: int) -> dict:
     """Print one run's intervals; return its point figures (model -> metrics) for the recipe summary."""
     from qana.classes import CLASS_NAMES
-    from qana.metrics import BOOTSTRAP_METRICS, FAITHFUL, classification_metrics, clears_bar, grouped_bootstrap, interval
+    from qana.metrics import BOOTSTRAP_METRICS, FAITHFUL, classification_metrics, clears_bar, grouped_bootstrap, interval, reaches_bar
 
     point = {m: classification_metrics(labels, predictions[m], CLASS_NAMES) for m in MODELS}
     boot = grouped_bootstrap(labels, predictions, lesions, CLASS_NAMES, resamples=resamples, seed=seed)
@@ -73,7 +73,7 @@ def report_run(name: str, predictions: dict, labels: np.ndarray, lesions: np.nda
         cells = [f"{point[m][k]:.3f} [{interval(boot[m][k])[0]:.3f}, {interval(boot[m][k])[1]:.3f}]" for k in BOOTSTRAP_METRICS]
         print(f"{m:<13} " + " ".join(f"{c:<22}" for c in cells))
 
-    over = {k: boot[SHIPPED][k] >= bar for k, bar in BAR.items()}
+    over = reaches_bar(boot[SHIPPED])
     print(f"{SHIPPED} clears top-1 >= {BAR['top1']:.2f} and macro-F1 >= {BAR['macro_f1']:.2f} in "
           f"{share(clears_bar(boot[SHIPPED]))} of resamples (top-1 alone {share(over['top1'])}, "
           f"macro-F1 alone {share(over['macro_f1'])})")
