@@ -148,7 +148,7 @@ def read_stage_record(run_dir: Path, stage: str) -> dict | None:
 def record_options(opts: TrainOptions) -> None:
     """Write the run's settings (atomically); `run` does it once the markers of stages made with
     other settings are gone, so options.json describes every stage marked finished."""
-    write_atomic(opts.run_dir / OPTIONS_FILE, json.dumps(asdict(opts), indent=2, default=str).encode())
+    write_atomic(opts.run_dir / OPTIONS_FILE, json.dumps(recorded_settings(opts), indent=2).encode())
 
 
 def finished_stage(opts: TrainOptions, stage: str) -> dict | None:
